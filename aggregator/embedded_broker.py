@@ -1,0 +1,248 @@
+"""An MQTT broker that runs inside the aggregator's own process.
+
+Why an embedded broker
+----------------------
+A user who runs the aggregator on a laptop should not have to install, configure and start a
+separate broker first. ``amqtt`` is a pure-Python MQTT broker, so ``pip install
+fedprune[aggregator]`` is all that is needed; :class:`EmbeddedBroker` runs it on its own thread
+and event loop so that the rest of the aggregator can stay synchronous (paho-mqtt clients).
+For a real fleet, point devices and aggregator at Mosquitto instead: it is faster, and it is
+what the tests also run against.
+
+What it does and does not do
+----------------------------
+* MQTT 3.1.1 only: amqtt 0.12.1 refuses MQTT 5 clients, so every fedprune client speaks 3.1.1.
+* No limit on packet size and no limit on queued messages: amqtt keeps unbounded queues. The
+  application must bound its payloads (and chunk anything larger) itself; nothing here will
+  refuse an oversize message, and a slow subscriber can make the broker's memory grow.
+* It binds only the address it is given (127.0.0.1 by default) and loads exactly one plugin,
+  anonymous authentication. amqtt's defaults would bind 0.0.0.0:1883 and load event/packet
+  logging and ``$SYS`` plugins, so listeners and plugins are always passed explicitly.
+  Access control comes later, as a plugin.
+* Known amqtt 0.12.1 behaviours to design around (checked against its source and tests):
+  - the broker never closes a connection whose keep-alive has expired (its read-timeout
+    handler is a no-op), so a client that goes silent without closing its socket (power loss,
+    network cut) does *not* trigger its last will here; a closed or reset socket does;
+  - because every client is anonymous, it keeps no offline messages for ``clean_session=False``
+    clients, and drops a disconnected session within about a second;
+  - a subscriber receives a message at its subscription QoS, not ``min(publish, subscription)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from typing import Any
+
+__all__ = ["EmbeddedBroker"]
+
+logger = logging.getLogger(__name__)
+
+# amqtt logs every connection, packet and state transition at INFO/DEBUG; "transitions" is the
+# state-machine library it uses. Quiet them unless the user already chose a level.
+_NOISY_LOGGERS = ("amqtt", "transitions")
+
+_ANONYMOUS_AUTH_PLUGIN = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+
+
+def _quiet_noisy_loggers() -> None:
+    for name in _NOISY_LOGGERS:
+        noisy = logging.getLogger(name)
+        if noisy.level == logging.NOTSET:
+            noisy.setLevel(logging.WARNING)
+
+
+class EmbeddedBroker:
+    """amqtt broker running on its own thread and event loop.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with EmbeddedBroker() as broker:          # port 0: a free port is picked
+            client.connect("127.0.0.1", broker.port)
+
+    A stopped broker can be started again; with ``port=0`` it may get a different port.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {port}")
+        self._host = host
+        self._requested_port = int(port)
+        self._bound_port: int | None = None
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        """The port the broker listens on (the real one when constructed with port 0)."""
+        if self._bound_port is None:
+            raise RuntimeError("EmbeddedBroker is not running: call start() first")
+        return self._bound_port
+
+    @property
+    def url(self) -> str:
+        """``mqtt://HOST:PORT`` of the running broker."""
+        return f"mqtt://{self._host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._bound_port is not None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedBroker:
+        """Start the broker; return once its listening socket is open.
+
+        Raises RuntimeError if it cannot listen (address in use, bad host) or does not come up
+        within ``timeout`` seconds.
+        """
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                raise RuntimeError(f"EmbeddedBroker already running on {self.url}")
+            _quiet_noisy_loggers()
+            self._started.clear()
+            self._start_error = None
+            self._bound_port = None
+            self._thread = threading.Thread(
+                target=self._thread_main,
+                name=f"embedded-mqtt-broker-{self._host}:{self._requested_port}",
+                daemon=True,
+            )
+            self._thread.start()
+
+            where = f"{self._host}:{self._requested_port}"
+            if not self._started.wait(timeout):
+                self._request_stop()
+                self._thread.join(timeout)
+                self._thread = None
+                raise RuntimeError(f"embedded MQTT broker did not start on {where} within {timeout} s")
+            if self._start_error is not None:
+                err = self._start_error
+                self._thread.join(timeout)
+                self._thread = None
+                cause = err.__cause__ or err
+                raise RuntimeError(f"embedded MQTT broker could not listen on {where}: {cause}") from err
+            logger.info("embedded MQTT broker listening on %s", self.url)
+            return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the broker down and join its thread. Safe to call more than once."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._request_stop()
+            thread.join(timeout)
+            if thread.is_alive():
+                raise RuntimeError(f"embedded MQTT broker on {self._host} did not stop within {timeout} s")
+            self._thread = None
+            if self._bound_port is not None:
+                logger.info("embedded MQTT broker on %s:%d stopped", self._host, self._bound_port)
+            self._bound_port = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"listening on {self._host}:{self._bound_port}" if self.running else "stopped"
+        return f"<EmbeddedBroker {state}>"
+
+    # ------------------------------------------------------------------ broker thread
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "listeners": {
+                "default": {
+                    "type": "tcp",
+                    "bind": f"{self._host}:{self._requested_port}",
+                },
+            },
+            # Exactly one plugin: with an explicit plugin dict amqtt enables auth filtering, and
+            # with no auth plugin at all every client would be refused.
+            "plugins": {_ANONYMOUS_AUTH_PLUGIN: {"allow_anonymous": True}},
+        }
+
+    def _request_stop(self) -> None:
+        loop, stop_event = self._loop, self._stop_event
+        if loop is None or stop_event is None:
+            return
+        with contextlib.suppress(RuntimeError):  # loop already closed: the thread is ending
+            loop.call_soon_threadsafe(stop_event.set)
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - report, never kill the thread silently
+            if not self._started.is_set():
+                self._start_error = exc
+            else:
+                logger.exception("embedded MQTT broker failed")
+        finally:
+            try:
+                _cancel_remaining_tasks(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                self._loop = None
+                self._stop_event = None
+                asyncio.set_event_loop(None)
+                loop.close()
+                self._started.set()  # never leave start() waiting
+
+    async def _serve(self) -> None:
+        from amqtt.broker import Broker  # imported here: amqtt is an optional dependency
+
+        self._stop_event = asyncio.Event()
+        broker = Broker(self._config(), loop=asyncio.get_running_loop())
+        try:
+            await broker.start()
+        except BaseException as exc:
+            self._start_error = exc
+            self._started.set()
+            return
+        try:
+            self._bound_port = _listening_port(broker) or self._requested_port
+            self._started.set()
+            await self._stop_event.wait()
+        finally:
+            try:
+                await broker.shutdown()
+            except Exception:  # noqa: BLE001
+                logger.exception("embedded MQTT broker did not shut down cleanly")
+
+
+def _listening_port(broker: Any) -> int | None:
+    """The port amqtt's TCP listener actually bound (amqtt has no public API for it)."""
+    server = getattr(broker, "_servers", {}).get("default")
+    instance = getattr(server, "instance", None)
+    for sock in getattr(instance, "sockets", None) or ():
+        return int(sock.getsockname()[1])
+    return None
+
+
+def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what amqtt leaves behind (client handlers of connections still open) and wait."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("embedded broker task ended with %r", task.exception())

@@ -1,0 +1,53 @@
+"""Which devices are known and online, from their retained presence messages."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class DeviceInfo:
+    device_id: str
+    online: bool
+    num_samples: int
+    last_seen: float
+
+
+class DeviceRegistry:
+    """Thread-safe: presence arrives on the MQTT thread, the round loop reads it."""
+
+    def __init__(self) -> None:
+        self._devices: dict[str, DeviceInfo] = {}
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def update(self, device_id: str, online: bool, num_samples: int) -> None:
+        with self._lock:
+            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time())
+            self._changed.notify_all()
+
+    def online(self) -> list[str]:
+        with self._lock:
+            return sorted(d.device_id for d in self._devices.values() if d.online)
+
+    def is_online(self, device_id: str) -> bool:
+        with self._lock:
+            info = self._devices.get(device_id)
+            return bool(info and info.online)
+
+    def known(self, device_id: str) -> bool:
+        with self._lock:
+            return device_id in self._devices
+
+    def wait_for(self, count: int, timeout_s: float) -> int:
+        """Wait until ``count`` devices are online or the timeout passes; returns how many are."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                n = sum(d.online for d in self._devices.values())
+                left = deadline - time.monotonic()
+                if n >= count or left <= 0:
+                    return n
+                self._changed.wait(min(left, 1.0))

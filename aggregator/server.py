@@ -1,0 +1,394 @@
+"""The round loop: select devices, send them the global model, collect their updates until a
+quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from aggregator.checkpoint import FederationState, atomic_write_bytes, load_latest_checkpoint, save_checkpoint
+from aggregator.registry import DeviceRegistry
+from aggregator.strategy import ClientResult, FedAvg
+from converters.codec import CodecError
+from converters.protocol import (
+    Ack,
+    Architecture,
+    Presence,
+    RoundAnnouncement,
+    Topics,
+    TrainTask,
+    decode_update,
+    encode_task,
+    peek_update,
+)
+from fedprune.data import Dataset
+from fedprune.pruning.masks import layer_sparsities, prune_to_sparsity, sparsity
+from fedprune.task import Task
+from fedprune.transport import MqttSession
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (no devices, a round failed all its retries)."""
+
+
+@dataclass
+class RoundRecord:
+    """What one completed round did; one line of metrics.jsonl."""
+
+    round: int
+    attempts: int
+    selected: int
+    reported: int
+    rejected: int
+    accuracy: float
+    loss: float
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    pruned_this_round: bool
+    bytes_down: int
+    bytes_up: int
+    wall_s: float
+    train_loss: float
+    rejections: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds: list[RoundRecord]
+    final_accuracy: float
+    final_sparsity: float
+    exports: list[dict] = field(default_factory=list)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        task: Task,
+        dataset: Dataset,
+        broker_url: str,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        export_tflite: bool = True,
+    ) -> None:
+        from fedprune.keras_setup import keras  # TensorFlow only once an aggregator is built
+        from fedprune.models import build_model, full_masks, get_layer_weights, weight_names
+
+        self.task = task
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.on_round = on_round
+        self.export_tflite = export_tflite
+        self.topics = Topics(task.federation.id)
+        self.registry = DeviceRegistry()
+        self.strategy = FedAvg()
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+
+        keras.utils.set_random_seed(task.seed)
+        self.model = build_model(task.model.factory, dataset.input_shape, dataset.num_classes)
+        self.model.compile(
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+        )
+        model_json = self.model.to_json()
+        weights = get_layer_weights(self.model)
+        self.architecture = Architecture(
+            model_json=model_json,
+            digest=hashlib.sha256(model_json.encode()).hexdigest()[:32],
+            shapes=[list(w.shape) for w in weights],
+            names=weight_names(self.model),
+        )
+        self.shapes = [tuple(s) for s in self.architecture.shapes]
+        self.schedule = task.pruning.schedule() if task.pruning.enabled else None
+        masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
+        self.state = FederationState(0, weights, masks, np.random.default_rng(task.seed).bit_generator.state,
+                                     {"bytes_down": 0, "bytes_up": 0})
+        self.history: list[RoundRecord] = []
+        if resume:
+            restored = load_latest_checkpoint(self.run_dir / "checkpoints")
+            if restored is None:
+                raise FederationError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            if [tuple(w.shape) for w in restored.weights] != self.shapes:
+                raise FederationError("--resume: the checkpoint was made for another model architecture")
+            self.state = restored
+            self.history = _read_metrics(self.run_dir / "metrics.jsonl", restored.completed_rounds)
+            log.info("resuming after round %d from %s", restored.completed_rounds, self.run_dir)
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = self.state.rng_state
+
+        fed = task.federation
+        self.session = MqttSession(
+            broker_url,
+            client_id=f"fedprune-aggregator-{fed.id}",
+            subscriptions=[self.topics.all_presence, self.topics.all_updates],
+            on_message=self._on_message,
+            on_connected=self._publish_architecture,
+            max_payload_bytes=task.transport.max_payload_bytes,
+            clean_session=False,  # the broker keeps updates that arrive while we reconnect
+        )
+
+    # --- MQTT side (network thread) ---
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if "/presence/" in topic:
+            try:
+                device_id = self.topics.device_from_topic(topic)
+                if not payload:  # a cleared retained presence
+                    self.registry.update(device_id, False, 0)
+                    return
+                p = Presence.decode(payload)
+                if p.device_id != device_id:
+                    log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
+                    return
+                self.registry.update(device_id, p.online, p.num_samples)
+            except (CodecError, ValueError) as e:
+                log.warning("ignored bad presence message on %s: %s", topic, e)
+        else:
+            self._inbox.put((topic, payload))
+
+    def _publish_architecture(self) -> None:
+        self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
+
+    # --- the run ---
+    def run(self) -> RunResult:
+        fed = self.task.federation
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
+        self.session.start()
+        try:
+            n = self.registry.wait_for(fed.devices_per_round, fed.wait_for_devices_s)
+            if n < fed.min_devices:
+                raise FederationError(
+                    f"only {n} device(s) online after {fed.wait_for_devices_s:.0f} s; need at least "
+                    f"federation.min_devices = {fed.min_devices}. Start more agents or lower min_devices."
+                )
+            for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
+                record = self._run_round(r)
+                self.history.append(record)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(asdict(record)) + "\n")
+                self.state.rng_state = self.rng.bit_generator.state
+                save_checkpoint(self.run_dir / "checkpoints", self.state)
+                if self.on_round:
+                    self.on_round(record)
+            self.session.publish(
+                self.topics.round,
+                RoundAnnouncement(fed.rounds, 0, [], time.time(), state="finished").encode(),
+                retain=True,
+            ).wait_for_publish(5)
+        finally:
+            self.session.stop()
+        exports = self._export() if self.export_tflite else []
+        result = RunResult(
+            run_dir=self.run_dir,
+            rounds=self.history,
+            final_accuracy=self.history[-1].accuracy if self.history else float("nan"),
+            final_sparsity=sparsity(self.state.masks),
+            exports=exports,
+        )
+        summary = {
+            "final_accuracy": result.final_accuracy,
+            "final_sparsity": result.final_sparsity,
+            "rounds": len(self.history),
+            **self.state.totals,
+            "exports": exports,
+        }
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        return result
+
+    def _run_round(self, r: int) -> RoundRecord:
+        fed = self.task.federation
+        start = time.monotonic()
+        rejections: dict[str, int] = {}
+        bytes_down = bytes_up = 0
+        for attempt in range(1, fed.max_round_retries + 2):
+            online = self.registry.online()
+            if len(online) < fed.min_devices:
+                self.registry.wait_for(fed.min_devices, fed.wait_for_devices_s)
+                online = self.registry.online()
+            k = min(fed.devices_per_round, len(online))
+            selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
+            results, down, up = self._collect(r, attempt, selected, rejections)
+            bytes_down += down
+            bytes_up += up
+            if len(results) >= fed.min_devices:
+                break
+            log.warning(
+                "round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
+                r, attempt, len(results), len(selected), fed.min_devices,
+            )
+        else:
+            raise FederationError(
+                f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
+                f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
+            )
+
+        weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
+        masks = self.state.masks
+        pruned = False
+        if self.schedule is not None:
+            prune_now, target = self.schedule(r)
+            if prune_now:
+                weights, masks = prune_to_sparsity(weights, masks, target)
+                pruned = True
+        loss, acc = self.evaluate(weights)
+        self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
+        self.state.totals["bytes_down"] += bytes_down
+        self.state.totals["bytes_up"] += bytes_up
+        train_losses = [res.metrics.get("loss", float("nan")) for res in results]
+        return RoundRecord(
+            round=r,
+            attempts=attempt,
+            selected=len(selected),
+            reported=len(results),
+            rejected=sum(rejections.values()),
+            accuracy=acc,
+            loss=loss,
+            sparsity=sparsity(masks),
+            layer_sparsity=layer_sparsities(masks, self.architecture.names),
+            pruned_this_round=pruned,
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
+            wall_s=time.monotonic() - start,
+            train_loss=float(np.mean(train_losses)),
+            rejections=rejections,
+        )
+
+    def _collect(
+        self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]
+    ) -> tuple[list[ClientResult], int, int]:
+        """Send the task to the selected devices and gather valid updates until all or the deadline."""
+        fed, transport = self.task.federation, self.task.transport
+        deadline = time.monotonic() + fed.round_timeout_s
+        task = TrainTask(
+            round=r,
+            attempt=attempt,
+            architecture_digest=self.architecture.digest,
+            weights=self.state.weights,
+            masks=self.state.masks,
+            training=asdict(self.task.training),
+            uplink_precision=transport.uplink_precision,
+            deadline_s=fed.round_timeout_s,
+            downlink_precision=transport.downlink_precision,
+        )
+        payload = encode_task(task)
+        for device_id in selected:
+            self.session.publish(self.topics.task(device_id), payload, retain=True)
+        self.session.publish(
+            self.topics.round,
+            RoundAnnouncement(r, attempt, selected, time.time() + fed.round_timeout_s).encode(),
+            retain=True,
+        )
+        bytes_down = len(payload) * len(selected)
+        bytes_up = 0
+        results: dict[str, ClientResult] = {}
+        waiting = set(selected)
+        while waiting and time.monotonic() < deadline:
+            if not any(self.registry.is_online(d) for d in waiting):
+                log.warning("round %d: every device still due (%s) is offline; closing early", r, sorted(waiting))
+                break
+            try:
+                topic, data = self._inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            bytes_up += len(data)
+            result, reason, device_id = self._check_update(topic, data, r, attempt, selected, results)
+            if result is None:
+                key = reason.split(":")[0]
+                rejections[key] = rejections.get(key, 0) + 1
+                log.warning("round %d: rejected update on %s: %s", r, topic, reason)
+                if device_id:
+                    self._ack(Ack(r, device_id, False, reason))
+                continue
+            results[result.device_id] = result
+            waiting.discard(result.device_id)
+            self._ack(Ack(r, result.device_id, True))
+        for device_id in selected:  # clear the retained tasks: the round is closed
+            self.session.publish(self.topics.task(device_id), b"", retain=True)
+        return list(results.values()), bytes_down, bytes_up
+
+    def _check_update(self, topic, data, r, attempt, selected, results) -> tuple[ClientResult | None, str, str]:
+        try:
+            device_id = self.topics.device_from_topic(topic)
+        except ValueError:
+            return None, f"bad topic: {topic}", ""
+        limit = self.task.transport.max_payload_bytes
+        try:
+            header, _ = peek_update(data, limit)
+        except CodecError as e:
+            return None, f"undecodable: {e.reason}", device_id
+        if header["device"] != device_id:
+            return None, f"device mismatch: header says {header['device']!r}, topic says {device_id!r}", device_id
+        if not self.registry.known(device_id):
+            return None, f"unknown device: {device_id}", device_id
+        if (header["round"], header["attempt"]) != (r, attempt):
+            return None, f"wrong round: update is for round {header['round']} attempt {header['attempt']}, open is {r} attempt {attempt}", device_id
+        if device_id not in selected:
+            return None, f"not selected: {device_id} was not selected for round {r}", device_id
+        if device_id in results:
+            return None, f"duplicate: {device_id} already reported round {r}", device_id
+        if header["error"]:
+            return None, f"device error: {header['error']}", device_id
+        try:
+            update = decode_update(data, self.shapes, self.state.masks, limit)
+        except CodecError as e:
+            return None, f"undecodable: {e.reason}", device_id
+        return ClientResult(device_id, update.num_samples, update.delta, update.metrics), "", device_id
+
+    def _ack(self, ack: Ack) -> None:
+        self.session.publish(self.topics.ack(ack.device_id), ack.encode())
+
+    # --- evaluation and export ---
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[float, float]:
+        from fedprune.models import set_layer_weights
+
+        set_layer_weights(self.model, weights)
+        loss, acc = self.model.evaluate(self.dataset.x_test, self.dataset.y_test, verbose=0, batch_size=256)
+        return float(loss), float(acc)
+
+    def _export(self) -> list[dict]:
+        from converters.tflite_export import export_sparse_tflite
+        from fedprune.models import set_layer_weights
+
+        set_layer_weights(self.model, self.state.weights)
+        out = []
+        for precision in ("float32", "int8"):
+            result = export_sparse_tflite(
+                self.model,
+                self.run_dir / f"model-{precision}.tflite",
+                precision=precision,
+                representative_x=self.dataset.x_test,
+                eval_x=self.dataset.x_test,
+                eval_y=self.dataset.y_test,
+            )
+            out.append({"path": str(result.path), "precision": precision, "size_bytes": result.size_bytes,
+                        "accuracy": result.accuracy, "runtime": result.runtime})
+            log.info("wrote %s (%d bytes, TFLite accuracy %.4f on %s)", result.path, result.size_bytes,
+                     result.accuracy or float("nan"), result.runtime)
+        return out
+
+
+def _read_metrics(path: Path, up_to_round: int) -> list[RoundRecord]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = RoundRecord(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if rec.round <= up_to_round:
+            records.append(rec)
+    # A crash between writing metrics and the checkpoint leaves a line for an unsaved round: drop it.
+    atomic_write_bytes(path, "".join(json.dumps(asdict(r)) + "\n" for r in records).encode())
+    return records

@@ -1,0 +1,42 @@
+"""Aggregation strategies. One class per algorithm, as in Flower's ``flwr.server.strategy``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from fedprune.pruning.masks import Masks, apply_masks
+
+
+@dataclass(frozen=True)
+class ClientResult:
+    device_id: str
+    num_samples: int
+    delta: list[np.ndarray]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class FedAvg:
+    """Federated Averaging over the unpruned positions.
+
+    McMahan, Moore, Ramage, Hampson, Agüera y Arcas, "Communication-Efficient Learning of Deep
+    Networks from Decentralized Data", AISTATS 2017. The new global model is the old one plus the
+    sample-weighted mean of the devices' deltas; every device trained under the same mask, so the
+    pruned positions stay exactly zero.
+    """
+
+    def aggregate(
+        self, global_weights: Sequence[np.ndarray], results: Sequence[ClientResult], masks: Masks
+    ) -> list[np.ndarray]:
+        if not results:
+            raise ValueError("FedAvg needs at least one result")
+        total = float(sum(r.num_samples for r in results))
+        if total <= 0:
+            raise ValueError("FedAvg needs a positive total sample count")
+        new = []
+        for i, w in enumerate(global_weights):
+            mean_delta = sum(r.delta[i].astype(np.float64) * (r.num_samples / total) for r in results)
+            new.append((w.astype(np.float64) + mean_delta).astype(np.float32))
+        return apply_masks(new, masks)

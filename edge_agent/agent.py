@@ -1,0 +1,162 @@
+"""The agent's MQTT side: presence, the architecture, tasks in, updates out.
+
+Network callbacks only enqueue; training runs on a worker thread so the MQTT keepalive never
+stalls behind a long ``fit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Protocol
+
+import numpy as np
+
+from converters.codec import CodecError, unpack_frame
+from converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, Update, decode_task, encode_update
+from fedprune import __version__
+from fedprune.transport import MqttSession, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class Trainer(Protocol):
+    def train(
+        self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray
+    ) -> tuple[list[np.ndarray], dict[str, float]]: ...
+
+
+class EdgeAgent:
+    """One device's session with the federation."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        device_id: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        trainer: Trainer,
+        *,
+        federation: str = "default",
+        max_payload_bytes: int = 4_000_000,
+        executor: Executor | None = None,
+    ) -> None:
+        from converters.protocol import valid_device_id
+
+        if not valid_device_id(device_id):
+            raise ValueError(f"device id {device_id!r} must be 1-128 printable characters without '/', '+', '#'")
+        self.device_id = device_id
+        self.x, self.y = x, y
+        self.trainer = trainer
+        self.topics = Topics(federation)
+        self.max_payload_bytes = max_payload_bytes
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
+        self._own_executor = executor is None
+        self._lock = threading.Lock()
+        self._architecture: Architecture | None = None
+        self._pending_task: bytes | None = None
+        self._seen: set[tuple[int, int]] = set()  # (round, attempt) already taken on
+        self.completed_rounds: list[int] = []
+        self.acks: list[Ack] = []
+        self.round_done = threading.Event()
+
+        offline = Presence(device_id, online=False).encode()
+        self.session = MqttSession(
+            broker_url,
+            client_id=f"fedprune-{federation}-{device_id}",
+            subscriptions=[self.topics.architecture, self.topics.task(device_id), self.topics.ack(device_id)],
+            on_message=self._on_message,
+            on_connected=self._announce,
+            will=(self.topics.presence(device_id), offline, True),
+            max_payload_bytes=max_payload_bytes,
+        )
+
+    def start(self, timeout_s: float = 30.0) -> "EdgeAgent":
+        self.session.start(timeout_s)
+        return self
+
+    def stop(self) -> None:
+        offline = Presence(self.device_id, online=False).encode()
+        self.session.stop(publish_first=(self.topics.presence(self.device_id), offline, True))
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    def _announce(self) -> None:
+        presence = Presence(self.device_id, True, int(len(self.x)), __version__)
+        self.session.publish(self.topics.presence(self.device_id), presence.encode(), retain=True)
+
+    # --- network thread ---
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.architecture:
+            try:
+                arch = Architecture.decode(payload)
+            except CodecError as e:
+                log.error("%s: ignored bad architecture message: %s", self.device_id, e)
+                return
+            with self._lock:
+                self._architecture = arch
+                pending, self._pending_task = self._pending_task, None
+            if pending:
+                self._accept_task(pending)
+        elif topic == self.topics.task(self.device_id):
+            if payload:  # an empty retained message clears the task after its round
+                self._accept_task(payload)
+        elif topic == self.topics.ack(self.device_id):
+            try:
+                ack = Ack.decode(payload)
+            except CodecError as e:
+                log.warning("%s: ignored bad ack: %s", self.device_id, e)
+                return
+            self.acks.append(ack)
+            if not ack.accepted:
+                log.warning("%s: aggregator rejected the update for round %d: %s", self.device_id, ack.round, ack.reason)
+
+    def _accept_task(self, payload: bytes) -> None:
+        with self._lock:
+            if self._architecture is None:
+                self._pending_task = payload  # the retained architecture will follow
+                return
+            try:
+                _, header, _ = unpack_frame(payload, self.max_payload_bytes)
+                key = (int(header["round"]), int(header["attempt"]))
+            except (CodecError, KeyError, TypeError, ValueError) as e:
+                log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                return
+            if key in self._seen:
+                return  # a redelivery of a task already taken on
+            self._seen.add(key)
+            arch = self._architecture
+        self._executor.submit(self._run_task, arch, payload)
+
+    # --- worker thread ---
+    def _run_task(self, arch: Architecture, payload: bytes) -> None:
+        try:
+            task = decode_task(payload, arch.shapes, self.max_payload_bytes)
+        except CodecError as e:
+            log.error("%s: ignored undecodable task: %s", self.device_id, e)
+            return
+        if task.architecture_digest != arch.digest:
+            self._send(Update(task.round, task.attempt, self.device_id, len(self.x),
+                              error="task names another architecture than the one received"), task)
+            return
+        try:
+            delta, metrics = self.trainer.train(arch, task, self.x, self.y)
+            update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), metrics, delta,
+                            precision=task.uplink_precision)
+        except Exception as e:  # any training failure goes back to the aggregator, not into a log only
+            log.exception("%s: training for round %d failed", self.device_id, task.round)
+            update = Update(task.round, task.attempt, self.device_id, int(len(self.x)),
+                            error=f"{type(e).__name__}: {e}"[:500])
+        self._send(update, task)
+
+    def _send(self, update: Update, task: TrainTask) -> None:
+        try:
+            payload = encode_update(update, task.masks)
+            self.session.publish(self.topics.update(self.device_id), payload)
+        except (PayloadTooLarge, ValueError) as e:
+            log.error("%s: cannot send the update for round %d: %s", self.device_id, task.round, e)
+            return
+        log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(payload))
+        self.completed_rounds.append(task.round)
+        self.round_done.set()

@@ -1,0 +1,144 @@
+"""Local training with Keras under tfmot pruning wrappers, with the aggregator's mask imposed.
+
+The aggregator owns the mask. Each masked kernel is wrapped in tfmot's ``PruneLowMagnitude`` with
+a schedule that never prunes by itself, and the wrapper's mask variable is set to the
+aggregator's mask, so every training step multiplies the kernel by it: pruned weights stay exactly
+zero in the forward pass, and the result is masked once more before it leaves (as
+``strip_pruning`` does).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from converters.protocol import Architecture, TrainTask
+from fedprune.keras_setup import keras, tf
+from fedprune.models import PRUNABLE_LAYER_TYPES, get_layer_weights, kernel_positions, set_layer_weights
+from fedprune.pruning.masks import apply_masks
+
+import tensorflow_model_optimization as tfmot  # noqa: E402  (after keras_setup, on purpose)
+from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (  # noqa: E402
+    PruneLowMagnitude,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Local training could not run; the message goes back to the aggregator."""
+
+
+class ImposedMask(tfmot.sparsity.keras.PruningSchedule):
+    """A schedule that never prunes: the mask comes from the aggregator, not from this device."""
+
+    def __call__(self, step):  # noqa: D102 - tfmot interface
+        return tf.constant(False), tf.constant(0.0, dtype=tf.float32)
+
+    def get_config(self):  # noqa: D102
+        return {"class_name": type(self).__name__, "config": {}}
+
+
+@dataclass
+class _Compiled:
+    model: keras.Model
+    wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
+
+
+class KerasTrainer:
+    """Trains task after task; caches one wrapped model per architecture and mask layout.
+
+    Thread-safe: one trainer can serve many simulated devices in one process, one at a time.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, tuple[int, ...]], _Compiled] = {}
+        self._lock = threading.Lock()
+
+    def train(
+        self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray
+    ) -> tuple[list[np.ndarray], dict[str, float]]:
+        """Train on ``(x, y)`` from the task's global weights; returns the weight delta and metrics."""
+        with self._lock:
+            start = time.perf_counter()
+            compiled = self._compiled(architecture, task)
+            expected = tuple(compiled.model.input_shape[1:])
+            if tuple(x.shape[1:]) != expected:
+                raise TrainingError(
+                    f"local data has sample shape {tuple(x.shape[1:])}, the model expects {expected}"
+                )
+            n_out = compiled.model.output_shape[-1]
+            if int(y.max()) >= n_out:
+                raise TrainingError(f"local labels go up to {int(y.max())}, the model has {n_out} classes")
+            set_layer_weights(compiled.model, task.weights)
+            for idx, wrapper in compiled.wrappers.items():
+                mask = task.masks[idx].astype(np.float32)
+                kernel, mask_var, _ = wrapper.pruning_vars[0]
+                mask_var.assign(mask)
+                kernel.assign(kernel * mask)
+            cfg = task.training
+            compiled.model.compile(
+                optimizer=_optimizer(cfg.get("optimizer", "adam"), float(cfg.get("learning_rate", 0.005))),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+            )
+            history = compiled.model.fit(
+                x,
+                y,
+                epochs=int(cfg.get("local_epochs", 1)),
+                batch_size=int(cfg.get("batch_size", 16)),
+                shuffle=True,
+                verbose=0,
+                callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
+            )
+            new = apply_masks(get_layer_weights(compiled.model), task.masks)
+            delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
+            metrics = {
+                "loss": float(history.history["loss"][-1]),
+                "accuracy": float(history.history["accuracy"][-1]),
+                "train_s": time.perf_counter() - start,
+            }
+            return delta, metrics
+
+    def _compiled(self, architecture: Architecture, task: TrainTask) -> _Compiled:
+        masked = tuple(i for i, m in enumerate(task.masks) if m is not None)
+        key = (architecture.digest, masked)
+        if key not in self._cache:
+            self._cache[key] = _wrap(architecture, masked)
+        return self._cache[key]
+
+
+def _wrap(architecture: Architecture, masked: tuple[int, ...]) -> _Compiled:
+    plain = keras.models.model_from_json(architecture.model_json)
+    candidates = [l.name for l in plain.layers if type(l).__name__ in PRUNABLE_LAYER_TYPES]
+    by_index = {idx: name for name, idx in kernel_positions(plain, candidates).items()}
+    unknown = [i for i in masked if i not in by_index]
+    if unknown:
+        raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
+    names = {by_index[i] for i in masked}
+
+    def wrap(layer):
+        if layer.name in names:
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=ImposedMask())
+        return layer
+
+    model = keras.models.clone_model(plain, clone_function=wrap)
+    index_of = {name: i for i, name in by_index.items()}
+    wrappers = {
+        index_of[layer.layer.name]: layer
+        for layer in model.layers
+        if isinstance(layer, PruneLowMagnitude)
+    }
+    return _Compiled(model=model, wrappers=wrappers)
+
+
+def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate)
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate=learning_rate)
+    raise TrainingError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'")

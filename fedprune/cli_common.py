@@ -1,0 +1,33 @@
+"""What the three command-line tools share: logging set-up, run folders, the per-round line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+
+def add_logging_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default WARNING)")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def default_run_dir(task_path: str) -> Path:
+    return Path("runs") / f"{Path(task_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def print_round(record) -> None:
+    print(
+        f"round {record.round:3d}  devices {record.reported:3d}/{record.selected:<3d} "
+        f"accuracy {record.accuracy:.4f}  sparsity {record.sparsity:.3f}  "
+        f"down {record.bytes_down:>10,} B  up {record.bytes_up:>9,} B"
+        + (f"  rejected {record.rejected}" if record.rejected else ""),
+        flush=True,
+    )

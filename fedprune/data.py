@@ -1,0 +1,171 @@
+"""Data sets and their split across devices.
+
+Built-in sets ship inside scikit-learn (no download): ``digits`` (1,797 8x8 images, 10 classes)
+and ``breast_cancer`` (569 tabular medical records, 2 classes). A user's own data is an ``.npz``
+with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (the ``keras.datasets`` layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def load_dataset(name: str, path: str = "", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Load a built-in data set or a user's ``.npz``; split off a held-out test set if needed."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = (d.images / 16.0).astype(np.float32)[..., None]  # (n, 8, 8, 1) in [0, 1]
+        return _split(x, d.target.astype(np.int64), test_fraction, seed)
+    if name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        d = load_breast_cancer()
+        x = d.data.astype(np.float32)
+        # Standardize with statistics any device could be given; raw features span 5 decades.
+        x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
+        return _split(x, d.target.astype(np.int64), test_fraction, seed)
+    if name == "npz":
+        return load_npz(path, test_fraction, seed)
+    raise DataError(f"unknown data set {name!r}; use 'digits', 'breast_cancer' or 'npz'")
+
+
+def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Read a user's ``.npz`` (``x_train``, ``y_train``, optional ``x_test``, ``y_test``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        with np.load(p, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (ValueError, OSError) as e:
+        raise DataError(f"{p}: not a readable .npz file ({e})") from None
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise DataError(f"{p}: missing array {key!r}; found {sorted(arrays)}")
+    x, y = _check_xy(arrays["x_train"], arrays["y_train"], f"{p}: x_train/y_train")
+    if "x_test" in arrays and "y_test" in arrays:
+        xt, yt = _check_xy(arrays["x_test"], arrays["y_test"], f"{p}: x_test/y_test")
+        if xt.shape[1:] != x.shape[1:]:
+            raise DataError(f"{p}: x_test shape {xt.shape[1:]} differs from x_train {x.shape[1:]}")
+        n_classes = int(max(y.max(), yt.max())) + 1
+        return Dataset(x, y, xt, yt, n_classes)
+    return _split(x, y, test_fraction, seed)
+
+
+def load_device_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A device's local training data: ``x_train`` and ``y_train`` of an ``.npz``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    with np.load(p, allow_pickle=False) as f:
+        if "x_train" not in f.files or "y_train" not in f.files:
+            raise DataError(f"{p}: needs arrays 'x_train' and 'y_train'; found {f.files}")
+        return _check_xy(f["x_train"], f["y_train"], f"{p}")
+
+
+def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if x.ndim < 2:
+        raise DataError(f"{what}: x must have a sample axis and features, got shape {x.shape}")
+    y = np.asarray(y).reshape(-1)
+    if len(x) != len(y):
+        raise DataError(f"{what}: {len(x)} samples but {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{what}: no samples")
+    if not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0):
+            y = y.astype(np.int64)
+        else:
+            raise DataError(f"{what}: labels must be integer class ids, got dtype {y.dtype}")
+    if y.min() < 0:
+        raise DataError(f"{what}: labels must be >= 0")
+    x = x.astype(np.float32)
+    if x.ndim == 3:  # grayscale images without a channel axis, as in keras.datasets.mnist
+        x = x[..., None]
+    if not np.all(np.isfinite(x)):
+        raise DataError(f"{what}: x contains NaN or Inf")
+    return x, y.astype(np.int64)
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(x[train], y[train], x[test], y[test], int(y.max()) + 1)
+
+
+def partition(
+    y: np.ndarray,
+    num_devices: int,
+    method: str = "iid",
+    alpha: float = 0.5,
+    shards_per_device: int = 2,
+    seed: int = 0,
+    min_samples: int = 2,
+) -> list[np.ndarray]:
+    """Split sample indices across devices; returns one index array per device.
+
+    - ``iid``: a uniform random split.
+    - ``dirichlet``: each class is spread over devices with proportions drawn from Dir(alpha)
+      (Hsu et al., 2019); resampled until every device holds at least ``min_samples``.
+    - ``shards``: sort by label, cut into ``num_devices * shards_per_device`` shards, deal each
+      device ``shards_per_device`` of them (McMahan et al., 2017).
+    """
+    n = len(y)
+    if num_devices < 1:
+        raise DataError(f"num_devices must be >= 1, got {num_devices}")
+    if n < num_devices * min_samples:
+        raise DataError(
+            f"{n} samples cannot give {num_devices} devices {min_samples} samples each; "
+            "use fewer devices or more data"
+        )
+    rng = np.random.default_rng(seed)
+    if method == "iid":
+        return [np.sort(a) for a in np.array_split(rng.permutation(n), num_devices)]
+    if method == "shards":
+        n_shards = num_devices * shards_per_device
+        if n_shards > n:
+            raise DataError(f"{n_shards} shards requested but only {n} samples")
+        order = np.argsort(y, kind="stable")
+        shards = np.array_split(order, n_shards)
+        deal = rng.permutation(n_shards).reshape(num_devices, shards_per_device)
+        return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+    if method == "dirichlet":
+        classes = np.unique(y)
+        for _ in range(1000):
+            parts: list[list[int]] = [[] for _ in range(num_devices)]
+            for c in classes:
+                idx = rng.permutation(np.flatnonzero(y == c))
+                props = rng.dirichlet(np.full(num_devices, alpha))
+                cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
+                for d, chunk in enumerate(np.split(idx, cuts)):
+                    parts[d].extend(chunk.tolist())
+            if min(len(p) for p in parts) >= min_samples:
+                return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+        raise DataError(
+            f"Dirichlet(alpha={alpha}) left some device with fewer than {min_samples} samples "
+            "after 1000 draws; raise alpha or use fewer devices"
+        )
+    raise DataError(f"unknown partition method {method!r}; use 'iid', 'dirichlet' or 'shards'")

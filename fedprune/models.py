@@ -1,0 +1,142 @@
+"""Built-in model factories for the examples.
+
+A factory is ``f(input_shape, num_classes) -> keras.Model`` (uncompiled, outputs logits); a task
+file names one as ``module:function``, so users plug in their own the same way. Layers are
+Dense/Conv so tfmot can wrap them; names are stable so ``pruning.leave_dense`` can name them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from fedprune.keras_setup import keras
+
+ModelFactory = Callable[[tuple[int, ...], int], "keras.Model"]
+
+
+def digits_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """A small CNN for 8x8 digits, about 150k parameters.
+
+    Wider than 8x8 digits need, on purpose: real models carry the redundancy that pruning removes,
+    and a network sized to the bone would only show pruning hurting.
+    """
+    return keras.Sequential(
+        [
+            keras.layers.Input(shape=input_shape),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv1"),
+            keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="conv2"),
+            keras.layers.MaxPooling2D(2, name="pool"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="dense1"),
+            keras.layers.Dense(num_classes, name="logits"),
+        ],
+        name="digits_cnn",
+    )
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """A two-hidden-layer MLP for tabular data (e.g. breast_cancer)."""
+    return keras.Sequential(
+        [
+            keras.layers.Input(shape=input_shape),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="dense1"),
+            keras.layers.Dense(64, activation="relu", name="dense2"),
+            keras.layers.Dense(num_classes, name="logits"),
+        ],
+        name="mlp",
+    )
+
+
+def load_factory(spec: str) -> ModelFactory:
+    """Import ``module:function``; errors say which part failed."""
+    module_name, _, func_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model.factory {spec!r}: cannot import module {module_name!r} ({e})") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ValueError(f"model.factory {spec!r}: {module_name} has no function {func_name!r}")
+    return factory
+
+
+def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    model = load_factory(spec)(tuple(input_shape), int(num_classes))
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"model.factory {spec!r} returned {type(model).__name__}, not a tf_keras Model; "
+            "build it with `from fedprune.keras_setup import keras`"
+        )
+    return model
+
+
+# --- The weight layout both sides agree on -------------------------------------------------------
+# Weights travel as one flat list: layer by layer in ``model.layers`` order, each layer's own
+# ``get_weights()`` order. (``model.get_weights()`` puts all trainable weights before all
+# non-trainable ones, an order that changes once tfmot wraps a layer.) Masks align with that list.
+
+PRUNABLE_LAYER_TYPES = ("Dense", "Conv1D", "Conv2D", "Conv3D")
+
+
+def _inner(layer: "keras.layers.Layer") -> "keras.layers.Layer":
+    # tfmot's PruneLowMagnitude wrapper keeps the wrapped layer as `.layer`.
+    return getattr(layer, "layer", layer) if type(layer).__name__ == "PruneLowMagnitude" else layer
+
+
+def get_layer_weights(model: "keras.Model") -> list:
+    return [w for layer in model.layers for w in _inner(layer).get_weights()]
+
+
+def set_layer_weights(model: "keras.Model", weights: list) -> None:
+    i = 0
+    for layer in model.layers:
+        inner = _inner(layer)
+        n = len(inner.weights)
+        if n:
+            inner.set_weights(weights[i : i + n])
+        i += n
+    if i != len(weights):
+        raise ValueError(f"model has {i} weight tensors, got {len(weights)}")
+
+
+def weight_names(model: "keras.Model") -> list[str]:
+    return [f"{_inner(l).name}/{w.name.split('/')[-1].split(':')[0]}" for l in model.layers for w in _inner(l).weights]
+
+
+def prunable_layers(model: "keras.Model", leave_dense: tuple[str, ...] = ()) -> list[str]:
+    """Names of the layers whose kernel is pruned: Dense/Conv layers not in ``leave_dense``."""
+    names = [l.name for l in model.layers]
+    unknown = sorted(set(leave_dense) - set(names))
+    if unknown:
+        raise ValueError(f"pruning.leave_dense names no layer of the model: {unknown}; layers: {names}")
+    return [
+        l.name
+        for l in model.layers
+        if type(_inner(l)).__name__ in PRUNABLE_LAYER_TYPES and l.name not in leave_dense
+    ]
+
+
+def kernel_positions(model: "keras.Model", layers: list[str]) -> dict[str, int]:
+    """Index of each named layer's kernel in the flat weight list."""
+    positions: dict[str, int] = {}
+    i = 0
+    for layer in model.layers:
+        inner = _inner(layer)
+        if inner.name in layers:
+            ids = [id(w) for w in inner.weights]
+            positions[inner.name] = i + ids.index(id(inner.kernel))
+        i += len(inner.weights)
+    return positions
+
+
+def full_masks(model: "keras.Model", leave_dense: tuple[str, ...] = ()):
+    """All-kept masks for the prunable kernels, ``None`` elsewhere."""
+    import numpy as np
+
+    weights = get_layer_weights(model)
+    masks: list = [None] * len(weights)
+    for _, idx in kernel_positions(model, prunable_layers(model, leave_dense)).items():
+        masks[idx] = np.ones(weights[idx].shape, dtype=bool)
+    return masks

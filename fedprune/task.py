@@ -1,0 +1,248 @@
+"""The task file: one TOML file that says what the federation trains, on what, and how.
+
+Every section maps to a frozen dataclass; unknown keys and bad values raise ``TaskError`` naming
+the key (``pruning.final_sparsity``), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from fedprune.pruning.schedules import PolynomialDecay
+
+PRECISIONS = ("float32", "float16", "int8")
+
+
+class TaskError(ValueError):
+    """A task file that cannot be used; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    factory: str = "fedprune.models:digits_cnn"  # "module:function" returning an uncompiled model
+
+    def check(self) -> None:
+        module, _, func = self.factory.partition(":")
+        if not module or not func:
+            raise TaskError(f"model.factory must look like 'module:function', got {self.factory!r}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    dataset: Literal["digits", "breast_cancer", "npz"] = "digits"
+    path: str = ""  # for dataset = "npz"
+    test_fraction: float = 0.2
+    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
+    shards_per_device: int = 2
+
+    def check(self) -> None:
+        if self.dataset == "npz" and not self.path:
+            raise TaskError("data.path is required when data.dataset = 'npz'")
+        _in_open_interval("data.test_fraction", self.test_fraction, 0.0, 1.0)
+        if self.alpha <= 0:
+            raise TaskError(f"data.alpha must be > 0, got {self.alpha}")
+        if self.shards_per_device < 1:
+            raise TaskError(f"data.shards_per_device must be >= 1, got {self.shards_per_device}")
+
+
+@dataclass(frozen=True)
+class FederationSection:
+    id: str = "default"  # MQTT topic namespace; agents use the same --federation
+    rounds: int = 10
+    devices_per_round: int = 10
+    min_devices: int = 2  # quorum: a round closes with at least this many updates, else it is retried
+    round_timeout_s: float = 120.0
+    max_round_retries: int = 3
+    wait_for_devices_s: float = 300.0  # how long to wait for devices_per_round devices to be online
+
+    def check(self) -> None:
+        if not self.id or any(c in self.id for c in "/+#"):
+            raise TaskError(f"federation.id must be non-empty without '/', '+', '#': {self.id!r}")
+        for name in ("rounds", "devices_per_round", "min_devices"):
+            if getattr(self, name) < 1:
+                raise TaskError(f"federation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_devices > self.devices_per_round:
+            raise TaskError(
+                f"federation.min_devices ({self.min_devices}) must be <= "
+                f"federation.devices_per_round ({self.devices_per_round})"
+            )
+        if self.round_timeout_s <= 0 or self.wait_for_devices_s <= 0:
+            raise TaskError("federation.round_timeout_s and wait_for_devices_s must be > 0")
+        if self.max_round_retries < 0:
+            raise TaskError("federation.max_round_retries must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    local_epochs: int = 1
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adam"] = "adam"
+    learning_rate: float = 0.005
+
+    def check(self) -> None:
+        if self.local_epochs < 1:
+            raise TaskError(f"training.local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise TaskError(f"training.batch_size must be >= 1, got {self.batch_size}")
+        if self.learning_rate <= 0:
+            raise TaskError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+
+
+@dataclass(frozen=True)
+class PruningSection:
+    initial_sparsity: float = 0.0
+    final_sparsity: float = 0.0  # 0 disables pruning (dense FedAvg)
+    begin_round: int = 1
+    end_round: int = 1
+    frequency: int = 1
+    power: float = 3.0
+    leave_dense: tuple[str, ...] = ()  # layer names never pruned
+
+    def check(self, rounds: int) -> None:
+        try:
+            self.schedule()
+        except ValueError as e:
+            raise TaskError(f"pruning.{e}") from None
+        if self.final_sparsity > 0 and self.end_round > rounds:
+            raise TaskError(
+                f"pruning.end_round ({self.end_round}) is after the last round "
+                f"(federation.rounds = {rounds}); the final sparsity would never be reached"
+            )
+
+    def schedule(self) -> PolynomialDecay:
+        return PolynomialDecay(
+            initial_sparsity=self.initial_sparsity,
+            final_sparsity=self.final_sparsity,
+            begin_round=self.begin_round,
+            end_round=self.end_round,
+            power=self.power,
+            frequency=self.frequency,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.final_sparsity > 0
+
+
+@dataclass(frozen=True)
+class TransportSection:
+    uplink_precision: Literal["float32", "float16", "int8"] = "int8"
+    downlink_precision: Literal["float32", "float16", "int8"] = "float32"
+    max_payload_bytes: int = 4_000_000  # application limit, below any broker's packet limit
+
+    def check(self) -> None:
+        if not 1024 <= self.max_payload_bytes <= 256 * 1024 * 1024:
+            raise TaskError(
+                f"transport.max_payload_bytes must be in [1024, 268435456], got {self.max_payload_bytes}"
+            )
+
+
+@dataclass(frozen=True)
+class Task:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    federation: FederationSection = field(default_factory=FederationSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    pruning: PruningSection = field(default_factory=PruningSection)
+    transport: TransportSection = field(default_factory=TransportSection)
+    seed: int = 0
+    source: str = ""  # the file it came from, for messages
+
+    def check(self) -> "Task":
+        self.model.check()
+        self.data.check()
+        self.federation.check()
+        self.training.check()
+        self.pruning.check(self.federation.rounds)
+        self.transport.check()
+        return self
+
+
+def load_task(path: str | Path) -> Task:
+    """Read and validate a task file. Relative data paths are resolved against the file's folder."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TaskError(f"task file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise TaskError(f"{p}: not valid TOML: {e}") from None
+    try:
+        task = parse_task(raw, source=str(p))
+    except TaskError as e:
+        raise TaskError(f"{p}: {e}") from None
+    if task.data.dataset == "npz" and not Path(task.data.path).is_absolute():
+        task = dataclasses.replace(
+            task, data=dataclasses.replace(task.data, path=str(p.parent / task.data.path))
+        )
+    return task
+
+
+def parse_task(raw: dict[str, Any], source: str = "") -> Task:
+    """Build a ``Task`` from parsed TOML, rejecting unknown keys and wrongly typed values."""
+    top = {f.name: f for f in dataclasses.fields(Task) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in top:
+            raise TaskError(f"unknown key {key!r}; expected one of {sorted(top)}")
+        f = top[key]
+        if dataclasses.is_dataclass(_resolve(Task, f.name)):
+            if not isinstance(value, dict):
+                raise TaskError(f"{key!r} must be a table ([{key}])")
+            kwargs[key] = _build_section(_resolve(Task, f.name), value, key)
+        else:
+            kwargs[key] = _coerce(value, _resolve(Task, f.name), key)
+    return Task(**kwargs, source=source).check()
+
+
+def _build_section(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise TaskError(f"unknown key '{prefix}.{key}'; expected one of {sorted(fields)}")
+        kwargs[key] = _coerce(value, _resolve(cls, key), f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise TaskError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TaskError(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        raise TaskError(f"{key}: unsupported type")  # pragma: no cover - no such fields yet
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TaskError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TaskError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise TaskError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TaskError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _in_open_interval(key: str, v: float, lo: float, hi: float) -> None:
+    if not lo < v < hi:
+        raise TaskError(f"{key} must be in ({lo}, {hi}), got {v}")

@@ -1,0 +1,186 @@
+"""One MQTT session (paho-mqtt 2) with what both sides need: reconnection, resubscription,
+a last will, and an application payload limit.
+
+Why the limit lives here: paho ignores the broker's maximum packet size, so an oversize publish
+"succeeds", the broker drops the connection, and paho resends it forever. We refuse it instead.
+MQTT 3.1.1 is used because the embedded broker (amqtt) speaks nothing newer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class PayloadTooLarge(ValueError):
+    """A payload over the application limit; raise the limit or shrink the model."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://[user[:password]@]host[:port]`` (default 1883) or ``mqtts://...`` (default 8883)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise ValueError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
+    tls = parsed.scheme == "mqtts"
+    try:
+        port = parsed.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ValueError(f"broker URL {url!r} has an invalid port") from None
+    return BrokerAddress(
+        host=parsed.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parsed.username) if parsed.username else None,
+        password=unquote(parsed.password) if parsed.password else None,
+    )
+
+
+class MqttSession:
+    """A paho client that reconnects by itself and resubscribes after every (re)connection.
+
+    ``on_message(topic, payload)`` runs on paho's network thread: it must be quick (enqueue work).
+    ``on_connected()`` runs after each (re)connection, e.g. to republish presence.
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        client_id: str,
+        *,
+        subscriptions: list[str] | None = None,
+        on_message: MessageHandler | None = None,
+        on_connected: Callable[[], None] | None = None,
+        will: tuple[str, bytes, bool] | None = None,
+        max_payload_bytes: int = 4_000_000,
+        clean_session: bool = True,
+        keepalive_s: int = 30,
+        reconnect_max_delay_s: int = 30,
+    ) -> None:
+        self.address = parse_broker_url(broker_url)
+        self.client_id = client_id
+        self.max_payload_bytes = max_payload_bytes
+        self.subscriptions = list(subscriptions or [])
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._keepalive = keepalive_s
+        self.connected = threading.Event()
+        self._stopping = False
+        self.oversize_dropped = 0
+        self.bytes_published = 0
+        self.bytes_received = 0
+        self._lock = threading.Lock()
+
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+        )
+        c.max_inflight_messages_set(100)
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay_s)
+        if self.address.username:
+            c.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            c.tls_set()
+        if will:
+            topic, payload, retain = will
+            c.will_set(topic, payload, qos=1, retain=retain)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        self.client = c
+
+    # -- lifecycle --
+    def start(self, timeout_s: float = 30.0) -> "MqttSession":
+        """Connect and start the network thread; raises ConnectionError if no CONNACK in time."""
+        try:
+            self.client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
+        except (OSError, ValueError) as e:
+            raise ConnectionError(f"cannot reach MQTT broker at {self.address.url}: {e}") from None
+        self.client.loop_start()
+        if not self.connected.wait(timeout_s):
+            self.client.loop_stop()
+            raise ConnectionError(
+                f"no connection to the MQTT broker at {self.address.url} within {timeout_s:.0f} s; "
+                "is it running and reachable (host, port, credentials)?"
+            )
+        return self
+
+    def stop(self, publish_first: tuple[str, bytes, bool] | None = None) -> None:
+        """Disconnect cleanly (the broker then does not send the last will)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if publish_first and self.connected.is_set():
+            try:
+                self.publish(*publish_first).wait_for_publish(5)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- messaging --
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        if len(payload) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload of {len(payload)} bytes for {topic} exceeds the limit of "
+                f"{self.max_payload_bytes} bytes (transport.max_payload_bytes)"
+            )
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        with self._lock:
+            self.bytes_published += len(payload)
+        return info
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused connection: %s", self.address.url, reason_code)
+            return
+        for topic in self.subscriptions:
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+        log.info("connected to %s as %s", self.address.url, self.client_id)
+        if self._on_connected:
+            self._on_connected()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if not self._stopping:
+            log.warning("lost connection to %s (%s); reconnecting", self.address.url, reason_code)
+
+    def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        payload = msg.payload
+        if len(payload) > self.max_payload_bytes:
+            self.oversize_dropped += 1
+            log.warning("dropped %d-byte message on %s: over the %d-byte limit",
+                        len(payload), msg.topic, self.max_payload_bytes)
+            return
+        with self._lock:
+            self.bytes_received += len(payload)
+        if self._on_message:
+            try:
+                self._on_message(msg.topic, payload)
+            except Exception:  # a handler bug must not kill the network thread
+                log.exception("handler failed for a message on %s", msg.topic)

@@ -1,0 +1,281 @@
+"""Real MQTT brokers for tests: a private Mosquitto process, and helpers around it.
+
+Each :class:`MosquittoProcess` runs ``mosquitto -c CONFIG`` with a config generated in its own
+temporary directory, listening on a loopback port only. Nothing is shared with a system-wide
+Mosquitto (none is expected to be running). The embedded amqtt broker lives in
+``aggregator.embedded_broker``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["MosquittoProcess", "free_port", "mosquitto_available", "mosquitto_path"]
+
+_FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS may hand it out again: use it at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def mosquitto_path() -> str | None:
+    """Path of the mosquitto executable (it lives in /usr/sbin, often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in _FALLBACK_PATHS:
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def mosquitto_available() -> bool:
+    return mosquitto_path() is not None
+
+
+def _port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class MosquittoProcess:
+    """A Mosquitto 2 broker in a child process, on 127.0.0.1 and a port of its own.
+
+    Config (see :meth:`config_text`): anonymous clients allowed (Mosquitto 2 refuses them on a
+    configured listener otherwise), no persistence, ``max_queued_messages 10000`` (the default
+    1000 silently drops QoS 1 messages to a slow subscriber during a burst of updates),
+    ``max_inflight_messages 20`` (Mosquitto's default; messages beyond it wait in the queue),
+    no ``$SYS`` updates. Its log goes to ``mosquitto.log`` in the temporary directory, and its
+    stdout/stderr to ``mosquitto.out`` there.
+
+    ``start``/``stop``/``restart``/``kill`` may be called repeatedly; the port and the log file
+    survive a restart, so clients can reconnect to the same URL. Leaving the ``with`` block (or
+    :meth:`close`) also removes the temporary directory.
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", extra_config: str = "") -> None:
+        self.executable = mosquitto_path()
+        self.host = host
+        self._auto_port = port is None
+        self.port = free_port(host) if port is None else int(port)
+        self.extra_config = extra_config
+        self._tmpdir: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_handle = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def workdir(self) -> Path:
+        if self._tmpdir is None:
+            self._tmpdir = Path(tempfile.mkdtemp(prefix="fedprune-mosquitto-"))
+        return self._tmpdir
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "mosquitto.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self.port} {self.host}",
+                "allow_anonymous true",
+                "persistence false",
+                "max_queued_messages 10000",
+                "max_inflight_messages 20",
+                "sys_interval 0",
+                f"log_dest file {self.log_path}",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                "log_type information",
+                "connection_messages true",
+                "log_timestamp true",
+                # Started as root, Mosquitto drops to the `mosquitto` user, which cannot write
+                # the log in this root-only temp dir; stay root (it warns on stderr about it).
+                "user root" if os.geteuid() == 0 else "",
+                self.extra_config,
+                "",
+            ]
+        )
+
+    @property
+    def output_path(self) -> Path:
+        """Its stdout/stderr: what it prints before the log file is open (config errors)."""
+        return self.workdir / "mosquitto.out"
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts = []
+        for path in (self.output_path, self.log_path):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                parts.append(f"[{path.name}]\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts) or "(no log)"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start Mosquitto; return once the port accepts TCP connections."""
+        if self.executable is None:
+            raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+        if self.running:
+            raise RuntimeError(f"mosquitto already running on {self.url} (pid {self.pid})")
+        attempts = 3 if self._auto_port else 1
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except _PortTaken:
+                if attempt == attempts - 1:
+                    raise RuntimeError(
+                        f"mosquitto could not bind {self.host}:{self.port}: address in use\n"
+                        f"--- log tail ---\n{self.log_tail()}"
+                    ) from None
+                self.port = free_port(self.host)  # another process took it; pick again
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> MosquittoProcess:
+        self.config_path.write_text(self.config_text())
+        # Both files are appended to across restarts: only what this start adds counts.
+        offsets = {path: _size(path) for path in (self.output_path, self.log_path)}
+        self._log_handle = open(self.output_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(
+            [self.executable, "-c", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            start_new_session=True,  # a Ctrl-C in the terminal goes to pytest, not to it
+        )
+
+        def new_output() -> str:
+            return "".join(_read_from(path, offset) for path, offset in offsets.items())
+
+        # Wait for its own "running" line before probing the port: a probe alone could reach
+        # another process already listening there while this one fails to bind.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._reap()
+                if "Address already in use" in new_output():
+                    raise _PortTaken
+                raise RuntimeError(
+                    f"mosquitto exited with code {code} while starting on {self.url}\n"
+                    f"--- log tail ---\n{self.log_tail()}"
+                )
+            if " running" in _read_from(self.log_path, offsets[self.log_path]) and _port_open(
+                self.host, self.port
+            ):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(
+            f"mosquitto did not accept connections on {self.url} within {timeout} s\n"
+            f"--- log tail ---\n{self.log_tail()}"
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout``. Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL: the broker vanishes without closing anything cleanly (for fault tests)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5.0)
+        self._reap()
+
+    def restart(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Stop and start again on the same port (clients see their connection drop)."""
+        self.stop()
+        return self.start(timeout)
+
+    def close(self) -> None:
+        """Stop and remove the temporary directory."""
+        self.stop()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def _reap(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+        if self._log_handle is not None and self._proc is None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def __enter__(self) -> MosquittoProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"<MosquittoProcess {self.url} {state}>"
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
