@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 _NOISY_LOGGERS = ("amqtt", "transitions")
 
 _ANONYMOUS_AUTH_PLUGIN = "amqtt.plugins.authentication.AnonymousAuthPlugin"
+_LISTENER = "default"  # amqtt requires a listener named "default"
 
 
 def _quiet_noisy_loggers() -> None:
@@ -165,10 +166,12 @@ class EmbeddedBroker:
     def _config(self) -> dict[str, Any]:
         return {
             "listeners": {
-                "default": {
-                    "type": "tcp",
-                    "bind": f"{self._host}:{self._requested_port}",
-                },
+                # "external": amqtt opens no socket itself; _serve() runs the TCP server and hands
+                # each connection to Broker.external_connected(). That way this class knows the
+                # port it got (port 0), and can close every client socket on shutdown (amqtt's
+                # own TCP listener leaks the transports of connections still open at shutdown).
+                # "bind" is unused for this type but must be present, or amqtt skips the listener.
+                _LISTENER: {"type": "external", "bind": f"{self._host}:{self._requested_port}"},
             },
             # Exactly one plugin: with an explicit plugin dict amqtt enables auth filtering, and
             # with no auth plugin at all every client would be refused.
@@ -205,34 +208,52 @@ class EmbeddedBroker:
                 self._started.set()  # never leave start() waiting
 
     async def _serve(self) -> None:
-        from amqtt.broker import Broker  # imported here: amqtt is an optional dependency
+        # amqtt is imported here, on the broker thread: it is an optional dependency
+        # (fedprune[aggregator]), and importing it is slow.
+        from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+        from amqtt.broker import Broker
 
         self._stop_event = asyncio.Event()
         broker = Broker(self._config(), loop=asyncio.get_running_loop())
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.add(writer)
+            try:
+                await broker.external_connected(
+                    StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name=_LISTENER
+                )
+            except Exception:  # noqa: BLE001 - one bad connection must not end the server task noisily
+                logger.debug("MQTT connection ended with an error", exc_info=True)
+            finally:
+                writers.discard(writer)
+                # amqtt's StreamWriterAdapter.close() drains before closing and so never closes a
+                # socket whose peer vanished; make sure it is closed.
+                writer.close()
+
         try:
             await broker.start()
+            server = await asyncio.start_server(on_connection, self._host, self._requested_port)
         except BaseException as exc:
             self._start_error = exc
             self._started.set()
+            if broker.transitions.state == "started":
+                await broker.shutdown()
             return
         try:
-            self._bound_port = _listening_port(broker) or self._requested_port
+            self._bound_port = int(server.sockets[0].getsockname()[1])
             self._started.set()
             await self._stop_event.wait()
         finally:
+            server.close()  # stop accepting; open connections are closed below
             try:
                 await broker.shutdown()
             except Exception:  # noqa: BLE001
                 logger.exception("embedded MQTT broker did not shut down cleanly")
-
-
-def _listening_port(broker: Any) -> int | None:
-    """The port amqtt's TCP listener actually bound (amqtt has no public API for it)."""
-    server = getattr(broker, "_servers", {}).get("default")
-    instance = getattr(server, "instance", None)
-    for sock in getattr(instance, "sockets", None) or ():
-        return int(sock.getsockname()[1])
-    return None
+            for writer in list(writers):
+                writer.transport.abort()
+            await asyncio.sleep(0)  # let the aborted transports run connection_lost
+            await server.wait_closed()
 
 
 def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:

@@ -91,8 +91,8 @@ def _is_delegate_failure(exc: BaseException) -> bool:
     return "delegate" in str(exc).lower()
 
 
-def _runtime_candidates() -> list[tuple[str, Any, Any]]:
-    """Importable runtimes, best first: ``(label, Interpreter class, OpResolverType enum)``.
+def _find_runtime() -> tuple[str, Any, Any] | None:
+    """The best importable runtime: ``(label, Interpreter class, OpResolverType enum)``.
 
     TensorFlow is imported only when neither LiteRT nor a working ``tflite_runtime`` exists.
     """
@@ -103,7 +103,7 @@ def _runtime_candidates() -> list[tuple[str, Any, Any]]:
     except ImportError as exc:
         logger.debug("ai-edge-litert not importable: %s", exc)
     else:
-        return [(f"ai-edge-litert {litert_version}", LiteRTInterpreter, LiteRTResolver)]
+        return f"ai-edge-litert {litert_version}", LiteRTInterpreter, LiteRTResolver
 
     try:
         # tflite-runtime 2.14 (the last release) fails beside NumPy 2 with errors other than
@@ -113,20 +113,18 @@ def _runtime_candidates() -> list[tuple[str, Any, Any]]:
     except Exception as exc:  # noqa: BLE001 - see comment above
         logger.debug("tflite_runtime not usable: %s", exc)
     else:
-        return [("tflite_runtime", TFLRInterpreter, TFLRResolver)]
+        return "tflite_runtime", TFLRInterpreter, TFLRResolver
 
     try:
         from fedprune.keras_setup import tf
     except ImportError as exc:
         logger.debug("tensorflow not importable: %s", exc)
-        return []
-    return [
-        (
-            f"tensorflow {tf.__version__} tf.lite",
-            tf.lite.Interpreter,
-            tf.lite.experimental.OpResolverType,
-        )
-    ]
+        return None
+    return (
+        f"tensorflow {tf.__version__} tf.lite",
+        tf.lite.Interpreter,
+        tf.lite.experimental.OpResolverType,
+    )
 
 
 def open_interpreter(
@@ -141,7 +139,8 @@ def open_interpreter(
        with a delegate error. LiteRT 2.3.0 fails ``allocate_tensors()`` on sparse models whose
        FULLY_CONNECTED weights are int8 ("failed to delegate FULLY_CONNECTED node ...
        TfLiteXNNPackDelegate failed to prepare", tensorflow#60762); without default delegates
-       the builtin kernels run them. (A sparse int8 Conv2D model did load with the defaults.)
+       the builtin kernels run them. (A sparse int8 Conv2D model did load with the defaults,
+       and so did the sparse int8 MLP in TensorFlow 2.21's own ``tf.lite.Interpreter``.)
     3. ``tflite_runtime`` (same two steps), only when LiteRT is not importable.
     4. ``tf.lite.Interpreter`` (same two steps), only when neither is importable. This is the
        only path that imports TensorFlow.
@@ -161,12 +160,12 @@ def open_interpreter(
         ValueError: The runtime rejected the file (e.g. not a TFLite flatbuffer).
     """
     model_path = str(path)
-    candidates = _runtime_candidates()
-    if not candidates:
+    runtime = _find_runtime()
+    if runtime is None:
         raise RuntimeError(
             "no TFLite runtime importable: install ai-edge-litert (or tflite-runtime/tensorflow)"
         )
-    label, interpreter_cls, resolver = candidates[0]
+    label, interpreter_cls, resolver = runtime
     kwargs: dict[str, Any] = {}
     if num_threads is not None:
         kwargs["num_threads"] = num_threads
@@ -294,6 +293,13 @@ def _read_flatbuffer(path: str | Path) -> Any:
     return flatbuffer_utils.read_model(str(path))
 
 
+def _int_list(value: Any) -> list[int]:
+    """A schema int vector (list, numpy array or None, depending on the reader) as a list."""
+    if value is None:
+        return []
+    return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
 def _index_vector(vec: Any) -> np.ndarray:
     """Values of an Int32Vector/Uint16Vector/Uint8Vector union member as an int64 array."""
     if vec is None or vec.values is None:
@@ -324,9 +330,9 @@ def _densify(
         ``(dense array, number of values addressed)``.
     """
     rank = len(shape)
-    block_map = list(sparsity.blockMap or [])
-    levels = list(sparsity.dimMetadata or [])
-    order = list(sparsity.traversalOrder or range(rank))
+    block_map = _int_list(sparsity.blockMap)
+    levels = list(sparsity.dimMetadata) if sparsity.dimMetadata is not None else []
+    order = _int_list(sparsity.traversalOrder) or list(range(rank))
     n_dims = rank + len(block_map)
     if len(order) != n_dims or len(levels) != n_dims:
         raise ValueError(
@@ -479,10 +485,14 @@ def _check_samples(name: str, x: np.ndarray, model: keras.Model) -> np.ndarray:
     x = np.asarray(x)
     expected = tuple(model.input_shape[1:])
     if x.ndim != len(expected) + 1 or len(x) == 0:
-        raise ValueError(f"{name} must be a non-empty batch of shape (n, *{expected}), got {x.shape}")
+        raise ValueError(
+            f"{name} must be a non-empty batch of shape (n, *{expected}), got {x.shape}"
+        )
     for got, want in zip(x.shape[1:], expected):
         if want is not None and got != want:
-            raise ValueError(f"{name} has sample shape {x.shape[1:]}, the model expects {expected}")
+            raise ValueError(
+                f"{name} has sample shape {x.shape[1:]}, the model expects {expected}"
+            )
     return x.astype(np.float32, copy=False)
 
 

@@ -72,7 +72,8 @@ class EdgeAgent:
             max_payload_bytes=max_payload_bytes,
         )
 
-    def start(self, timeout_s: float = 30.0) -> "EdgeAgent":
+    def start(self, timeout_s: float | None = 30.0) -> "EdgeAgent":
+        """Connect; ``timeout_s=None`` returns at once and keeps retrying in the background."""
         self.session.start(timeout_s)
         return self
 

@@ -114,14 +114,18 @@ class MqttSession:
         self.client = c
 
     # -- lifecycle --
-    def start(self, timeout_s: float = 30.0) -> "MqttSession":
-        """Connect and start the network thread; raises ConnectionError if no CONNACK in time."""
+    def start(self, timeout_s: float | None = 30.0) -> "MqttSession":
+        """Connect and start the network thread.
+
+        Waits for the first CONNACK and raises ConnectionError if none comes within ``timeout_s``;
+        with ``timeout_s=None`` returns at once and paho keeps retrying until the broker is up.
+        """
         try:
             self.client.connect_async(self.address.host, self.address.port, keepalive=self._keepalive)
         except (OSError, ValueError) as e:
             raise ConnectionError(f"cannot reach MQTT broker at {self.address.url}: {e}") from None
         self.client.loop_start()
-        if not self.connected.wait(timeout_s):
+        if timeout_s is not None and not self.connected.wait(timeout_s):
             self.client.loop_stop()
             raise ConnectionError(
                 f"no connection to the MQTT broker at {self.address.url} within {timeout_s:.0f} s; "

@@ -1,0 +1,130 @@
+"""A real federation end to end: aggregator, agents, a real broker (embedded and Mosquitto),
+Keras under tfmot, values-only int8 updates, and the exported sparse TFLite model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from aggregator.checkpoint import load_latest_checkpoint
+from converters.codec import pack_frame
+from converters.protocol import (
+    Architecture,
+    Kind,
+    Topics,
+    decode_task,
+    decode_update,
+    peek_update,
+    update_size_bound,
+)
+from converters.tflite_export import sparse_weight_stats
+from federation_helpers import Spy, small_task
+from fedprune.simulate import run_simulation
+
+HEADER_ALLOWANCE = 512  # frame prefix, JSON header (round, device, metrics, digest) and checksum
+
+
+def test_federation_end_to_end(broker_url, tmp_path):
+    task = small_task()
+    topics = Topics(task.federation.id)
+    spy = Spy(broker_url, [topics.architecture, f"{topics.root}/device/+/update", f"{topics.root}/device/+/task"])
+    try:
+        result = run_simulation(task, 3, tmp_path / "run", broker_url=broker_url)
+    finally:
+        spy.close()
+
+    # Learns: well above chance (10 classes).
+    assert result.final_accuracy > 0.6
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    assert all(r.reported >= 2 for r in result.rounds)
+
+    # The schedule's final sparsity is reached exactly in every pruned layer; pruned weights are 0.
+    state = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert state.completed_rounds == 3
+    masked = [(w, m) for w, m in zip(state.weights, state.masks) if m is not None]
+    assert len(masked) == 3  # conv1, conv2, dense1; logits left dense
+    for w, m in masked:
+        assert (~m).sum() == round(0.8 * m.size)
+        assert np.all(w[~m] == 0.0)
+    assert result.final_sparsity == pytest.approx(0.8, abs=1e-4)
+
+    # Every update on the wire: decodes against the mask of its task, carries zeros at pruned
+    # positions, and is no larger than kept values x 1 byte (+ scales) + a small header.
+    arch = Architecture.decode(spy.on("/model/architecture")[0][1])
+    tasks = {}
+    for topic, payload in spy.on("/task"):
+        if payload:
+            t = decode_task(payload, arch.shapes, 10**8)
+            tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
+    updates = spy.on("/update")
+    assert len(updates) >= 6
+    for topic, payload in updates:
+        device = topic.split("/")[-2]
+        header_round = next(t for (d, r, a), t in tasks.items() if d == device and
+                            _round_of(payload) == (r, a))
+        u = decode_update(payload, arch.shapes, header_round.masks, 10**8)
+        for d, m in zip(u.delta, header_round.masks):
+            if m is not None:
+                assert np.all(d[~m] == 0.0)
+        bound = update_size_bound(arch.shapes, header_round.masks, "int8")
+        assert len(payload) <= bound + HEADER_ALLOWANCE
+    # The last round's updates are values-only at 80 % sparsity: about 5x smaller than round 1's.
+    sizes = {r.round: r.bytes_up / r.reported for r in result.rounds}
+    assert sizes[3] < sizes[1] / 3
+
+    # The exported TFLite models were run by a runtime, and store no pruned weight.
+    assert {e["precision"] for e in result.exports} == {"float32", "int8"}
+    for e in result.exports:
+        assert e["accuracy"] > 0.6
+        assert abs(e["accuracy"] - result.final_accuracy) < 0.05
+    f32 = next(e for e in result.exports if e["precision"] == "float32")
+    stats = {s["elements"]: s for s in sparse_weight_stats(f32["path"])}
+    for w, m in masked:
+        s = stats[m.size]
+        assert s["sparse"], f"kernel of {m.size} weights stored dense"
+        assert s["stored_values"] == int(np.count_nonzero(w))
+
+
+def _round_of(payload: bytes) -> tuple[int, int]:
+    h, _ = peek_update(payload, 10**8)
+    return h["round"], h["attempt"]
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path):
+    task = small_task(federation={"rounds": 3})
+    topics = Topics(task.federation.id)
+    sent = threading.Event()
+
+    def attack(spy: Spy, topic: str, payload: bytes) -> None:
+        # When round 2 opens, replay a round-1 update, and send garbage and a truncated update.
+        if topic != topics.round or sent.is_set() or b'"round":2' not in payload or b'"open"' not in payload:
+            return
+        old = [(t, p) for t, p in spy.on("/update") if p]
+        assert old, "no round-1 update was seen"
+        sent.set()
+        threading.Thread(target=_send_bad, args=(spy, topics, *old[0]), daemon=True).start()
+
+    spy = Spy(embedded_broker_url, [topics.round, f"{topics.root}/device/+/update"], on_message=attack)
+    try:
+        result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    finally:
+        spy.close()
+    assert sent.is_set()
+    assert [r.round for r in result.rounds] == [1, 2, 3]
+    rejected = result.rounds[1].rejections
+    assert rejected.get("undecodable", 0) >= 2, rejected
+    assert rejected.get("wrong round", 0) >= 1, rejected
+    assert rejected.get("unknown device", 0) >= 1, rejected
+    assert result.rounds[1].reported == 3  # the real updates still counted
+    assert result.final_accuracy > 0.6
+
+
+def _send_bad(spy: Spy, topics: Topics, old_topic: str, old_update: bytes) -> None:
+    victim = topics.device_from_topic(old_topic)
+    spy.publish(topics.update(victim), b"\x00garbage" * 10)
+    spy.publish(topics.update(victim), old_update[: len(old_update) // 2])
+    spy.publish(old_topic, old_update)  # its round-1 update replayed in round 2
+    header, body = peek_update(old_update, 10**8)
+    spy.publish(topics.update("ghost"), pack_frame(Kind.UPDATE, {**header, "device": "ghost"}, bytes(body)))
