@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import queue
+import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ class Aggregator:
         self.registry = DeviceRegistry()
         self.strategy = FedAvg()
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.session_id = secrets.token_hex(8)
 
         keras.utils.set_random_seed(task.seed)
         self.model = build_model(task.model.factory, dataset.input_shape, dataset.num_classes)
@@ -280,6 +282,7 @@ class Aggregator:
             uplink_precision=transport.uplink_precision,
             deadline_s=fed.round_timeout_s,
             downlink_precision=transport.downlink_precision,
+            session=self.session_id,
         )
         payload = encode_task(task)
         for device_id in selected:

@@ -203,6 +203,9 @@ class TrainTask:
     uplink_precision: str
     deadline_s: float
     downlink_precision: str = "float32"
+    # Random per aggregator process: a resumed aggregator re-sends a round with a new session, so
+    # devices that already trained it for the crashed process train it again.
+    session: str = ""
 
 
 def encode_task(task: TrainTask) -> bytes:
@@ -215,6 +218,7 @@ def encode_task(task: TrainTask) -> bytes:
         "uplink": task.uplink_precision,
         "downlink": task.downlink_precision,
         "deadline_s": task.deadline_s,
+        "session": task.session,
         "masked": masked,
         "mask_digest": mask_digest(task.masks),
     }
@@ -249,6 +253,7 @@ def decode_task(data: bytes, shapes: Sequence[Sequence[int]], max_bytes: int) ->
             uplink_precision=h["uplink"],
             deadline_s=float(h["deadline_s"]),
             downlink_precision=h["downlink"],
+            session=str(h.get("session", "")),
         )
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CodecError):

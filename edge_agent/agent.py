@@ -56,7 +56,7 @@ class EdgeAgent:
         self._lock = threading.Lock()
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
-        self._seen: set[tuple[int, int]] = set()  # (round, attempt) already taken on
+        self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
         self.completed_rounds: list[int] = []
         self.acks: list[Ack] = []
         self.round_done = threading.Event()
@@ -120,7 +120,7 @@ class EdgeAgent:
                 return
             try:
                 _, header, _ = unpack_frame(payload, self.max_payload_bytes)
-                key = (int(header["round"]), int(header["attempt"]))
+                key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, e)
                 return

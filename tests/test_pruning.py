@@ -19,6 +19,8 @@ from fedprune.pruning.masks import (
 from fedprune.pruning.schedules import ConstantSparsity, PolynomialDecay
 
 PROP = settings(max_examples=200, deadline=None)
+# tfmot imports distutils.version on import; not our concern here.
+pytestmark = pytest.mark.filterwarnings("ignore:distutils Version classes:DeprecationWarning")
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=6)
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

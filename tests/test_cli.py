@@ -1,0 +1,121 @@
+"""The three commands as a user runs them: real processes, a real Mosquitto, Ctrl-C and --resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedprune.data import load_dataset, partition
+
+BIN = Path(sys.executable).parent
+
+
+def _cmd(name: str, module: str) -> list[str]:
+    script = BIN / name
+    return [str(script)] if script.exists() else [sys.executable, "-m", module]
+
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+TASK = """
+seed = 1
+[model]
+factory = "fedprune.models:digits_cnn"
+[data]
+dataset = "digits"
+[federation]
+rounds = 3
+devices_per_round = 2
+min_devices = 2
+round_timeout_s = 60
+wait_for_devices_s = 90
+[training]
+local_epochs = 3
+learning_rate = 0.003
+[pruning]
+final_sparsity = 0.5
+begin_round = 1
+end_round = 2
+leave_dense = ["logits"]
+"""
+
+
+def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TASK.replace("final_sparsity = 0.5", "final_sparsity = 1.5"))
+    proc = subprocess.run(_cmd("fedprune-aggregator", "aggregator.cli") + ["--task", str(bad)],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 2
+    assert "pruning.final_sparsity" in proc.stderr
+    bad.write_text(TASK + "\n[transport]\nuplink = 'int8'\n")
+    proc = subprocess.run(_cmd("fedprune-simulate", "fedprune.simulate") + ["--task", str(bad)],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 2
+    assert "transport.uplink" in proc.stderr
+
+
+def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line.rstrip())
+        if needle in line:
+            return lines
+    raise AssertionError(f"{needle!r} not seen; output so far:\n" + "\n".join(lines))
+
+
+def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url, tmp_path):
+    task_file = tmp_path / "task.toml"
+    task_file.write_text(TASK)
+    ds = load_dataset("digits", seed=1)
+    agents = []
+    for i, idx in enumerate(partition(ds.y_train, 2, "iid", seed=1)):
+        data = tmp_path / f"device{i}.npz"
+        np.savez(data, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
+        agents.append(subprocess.Popen(
+            _cmd("fedprune-agent", "edge_agent.cli")
+            + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
+    run_dir = tmp_path / "run"
+    aggregator_cmd = _cmd("fedprune-aggregator", "aggregator.cli") + [
+        "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir)]
+    try:
+        agg = subprocess.Popen(aggregator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        first = _read_until(agg, "round   1", 240)
+        assert "devices   2/2" in first[-1]
+        agg.send_signal(signal.SIGINT)  # Ctrl-C during round 2
+        out, _ = agg.communicate(timeout=60)
+        assert agg.returncode == 130, out
+        assert "--resume" in out
+        assert (run_dir / "checkpoints" / "round-00001.npz").is_file()
+
+        resumed = subprocess.run(aggregator_cmd + ["--resume"], capture_output=True, text=True,
+                                 timeout=300, env=ENV)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        rounds = [l for l in resumed.stdout.splitlines() if l.startswith("round")]
+        assert [l.split()[1] for l in rounds] == ["2", "3"]  # continued, round 1 not redone
+        assert "sparsity 0.500" in rounds[-1]
+        assert "exported" in resumed.stdout and (run_dir / "model-int8.tflite").is_file()
+        metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+        assert len(metrics) == 3  # each round recorded once
+    finally:
+        for p in agents:
+            p.send_signal(signal.SIGINT)
+        for p in agents:
+            try:
+                out, _ = p.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+            assert p.returncode == 0, out
