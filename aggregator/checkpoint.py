@@ -37,11 +37,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -92,8 +96,8 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
                 n = meta["num_weights"]
                 weights = [f[f"w{i}"] for i in range(n)]
                 masks = [f[f"m{i}"] if f"m{i}" in f.files else None for i in range(n)]
-        except (OSError, ValueError, KeyError) as e:
-            log.warning("skipping unreadable checkpoint %s: %s", path, e)
+        except Exception as e:  # noqa: BLE001 - zip, npy and JSON damage raise many types
+            log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"])
     return None

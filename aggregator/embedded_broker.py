@@ -46,6 +46,8 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 
 _ANONYMOUS_AUTH_PLUGIN = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 _LISTENER = "default"  # amqtt requires a listener named "default"
+_CONNECTION_CLOSE_S = 2.0  # at shutdown: for amqtt to process the closed client connections
+_SHUTDOWN_S = 5.0  # at shutdown: for Broker.shutdown(), after which its tasks are cancelled
 
 
 def _quiet_noisy_loggers() -> None:
@@ -215,10 +217,12 @@ class EmbeddedBroker:
 
         self._stop_event = asyncio.Event()
         broker = Broker(self._config(), loop=asyncio.get_running_loop())
-        writers: set[asyncio.StreamWriter] = set()
+        connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
         async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            writers.add(writer)
+            task = asyncio.current_task()
+            assert task is not None
+            connections[task] = writer
             try:
                 await broker.external_connected(
                     StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name=_LISTENER
@@ -226,9 +230,9 @@ class EmbeddedBroker:
             except Exception:  # noqa: BLE001 - one bad connection must not end the server task noisily
                 logger.debug("MQTT connection ended with an error", exc_info=True)
             finally:
-                writers.discard(writer)
-                # amqtt's StreamWriterAdapter.close() drains before closing and so never closes a
-                # socket whose peer vanished; make sure it is closed.
+                connections.pop(task, None)
+                # amqtt's StreamWriterAdapter.close() drains before closing, so a socket whose
+                # peer vanished may never be closed; make sure it is.
                 writer.close()
 
         try:
@@ -245,15 +249,37 @@ class EmbeddedBroker:
             self._started.set()
             await self._stop_event.wait()
         finally:
-            server.close()  # stop accepting; open connections are closed below
-            try:
-                await broker.shutdown()
-            except Exception:  # noqa: BLE001
-                logger.exception("embedded MQTT broker did not shut down cleanly")
-            for writer in list(writers):
-                writer.transport.abort()
-            await asyncio.sleep(0)  # let the aborted transports run connection_lost
-            await server.wait_closed()
+            await self._shutdown(broker, server, connections)
+
+    async def _shutdown(
+        self,
+        broker: Any,
+        server: asyncio.AbstractServer,
+        connections: dict[asyncio.Task[Any], asyncio.StreamWriter],
+    ) -> None:
+        """Close every client connection first, then shut amqtt down.
+
+        amqtt's own shutdown cancels each connection's reader task while the client may still
+        be sending. On Python < 3.12, asyncio.wait_for() swallows a cancellation that arrives
+        just as its inner read completes (cpython gh-86296); the reader then keeps running and
+        Broker.shutdown() waits for it forever (seen: a subscriber's PUBACK arriving at the
+        moment of shutdown hung it every other run). With the sockets closed first, every
+        reader ends on EOF by itself and amqtt has nothing left to cancel.
+        """
+        server.close()  # accept nothing new
+        for writer in list(connections.values()):
+            writer.transport.abort()
+        if connections:
+            _, pending = await asyncio.wait(list(connections), timeout=_CONNECTION_CLOSE_S)
+            if pending:
+                logger.debug("%d MQTT connection(s) still closing at shutdown", len(pending))
+        try:
+            await asyncio.wait_for(broker.shutdown(), timeout=_SHUTDOWN_S)
+        except asyncio.TimeoutError:
+            logger.warning("amqtt did not shut down within %s s; cancelling its tasks", _SHUTDOWN_S)
+        except Exception:  # noqa: BLE001
+            logger.exception("embedded MQTT broker did not shut down cleanly")
+        await server.wait_closed()
 
 
 def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:

@@ -69,6 +69,7 @@ class RunResult:
     rounds: list[RoundRecord]
     final_accuracy: float
     final_sparsity: float
+    parameters: int
     exports: list[dict] = field(default_factory=list)
 
 
@@ -196,6 +197,7 @@ class Aggregator:
             rounds=self.history,
             final_accuracy=self.history[-1].accuracy if self.history else float("nan"),
             final_sparsity=sparsity(self.state.masks),
+            parameters=sum(int(w.size) for w in self.state.weights),
             exports=exports,
         )
         summary = {

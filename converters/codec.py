@@ -35,6 +35,8 @@ _CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 64 * 1024
 
 PRECISION_BYTES = {"float32": 4, "float16": 2, "int8": 1}
+FLOAT16_MAX = 65504.0
+_MAX_INT8_SCALE = float(np.finfo(np.float32).max) / 127.0
 Masks = Sequence["np.ndarray | None"]
 
 
@@ -76,8 +78,8 @@ def unpack_frame(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], memo
         raise CodecError("checksum mismatch (payload corrupted or truncated)")
     try:
         header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CodecError(f"header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
+        raise CodecError(f"header is not JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise CodecError("header is not a JSON object")
     return kind, header, view[_PREFIX.size + hlen : len(data) - _CRC.size]
@@ -107,13 +109,18 @@ def encode_values(tensors: Sequence[np.ndarray], masks: Masks, precision: str) -
         np.asarray(t, dtype=np.float32).ravel() if m is None else np.asarray(t, np.float32)[m]
         for t, m in zip(tensors, masks, strict=True)
     ]
-    for t, v in zip(tensors, kept):
+    for v in kept:
         if not np.all(np.isfinite(v)):
             raise ValueError("cannot encode NaN or Inf values")
     flat = np.concatenate(kept) if kept else np.zeros(0, np.float32)
     if precision == "float32":
         return flat.astype("<f4").tobytes()
     if precision == "float16":
+        if flat.size and np.abs(flat).max() > FLOAT16_MAX:
+            raise ValueError(
+                f"a value of magnitude {np.abs(flat).max():.3g} does not fit float16 "
+                f"(max {FLOAT16_MAX}); use float32 or int8 transport"
+            )
         return flat.astype("<f2").tobytes()
     scales = np.array([np.abs(v).max() / 127.0 if v.size else 0.0 for v in kept], dtype="<f4")
     q = [
@@ -145,8 +152,8 @@ def decode_values(
     offset = 0
     if precision == "int8":
         scales = np.frombuffer(body, dtype="<f4", count=len(counts))
-        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise CodecError("int8 scale is negative, NaN or Inf")
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0) or np.any(scales > _MAX_INT8_SCALE):
+            raise CodecError("int8 scale is negative, NaN, Inf or so large that values overflow")
         offset = 4 * len(counts)
         values = np.frombuffer(body, dtype=np.int8, offset=offset).astype(np.float32)
     else:

@@ -255,9 +255,9 @@ def decode_task(data: bytes, shapes: Sequence[Sequence[int]], max_bytes: int) ->
             downlink_precision=h["downlink"],
             session=str(h.get("session", "")),
         )
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, CodecError):
-            raise
+    except CodecError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CodecError(f"task header is malformed ({type(e).__name__}: {e})") from None
 
 
@@ -320,12 +320,20 @@ def decode_update(
         if h["precision"] not in PRECISION_BYTES:
             raise CodecError(f"unknown precision {h['precision']!r}")
         delta = decode_values(body, [tuple(s) for s in shapes], masks, h["precision"])
-    metrics = {str(k): float(v) for k, v in h["metrics"].items() if isinstance(v, (int, float))}
+    metrics = {str(k): _finite_float(v) for k, v in h["metrics"].items() if isinstance(v, (int, float))}
     return Update(
         round=h["round"], attempt=h["attempt"], device_id=h["device"], num_samples=h["n"],
         metrics=metrics, delta=delta, mask_digest=h["mask_digest"], precision=h["precision"],
         error=h["error"],
     )
+
+
+def _finite_float(v: float) -> float:
+    try:
+        f = float(v)
+    except OverflowError:
+        return float("nan")
+    return f if np.isfinite(f) else float("nan")
 
 
 def update_size_bound(shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarray | None], precision: str) -> int:

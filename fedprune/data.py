@@ -56,11 +56,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    try:
-        with np.load(p, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (ValueError, OSError) as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from None
+    arrays = _read_npz(p)
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise DataError(f"{p}: missing array {key!r}; found {sorted(arrays)}")
@@ -79,10 +75,24 @@ def load_device_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    with np.load(p, allow_pickle=False) as f:
-        if "x_train" not in f.files or "y_train" not in f.files:
-            raise DataError(f"{p}: needs arrays 'x_train' and 'y_train'; found {f.files}")
-        return _check_xy(f["x_train"], f["y_train"], f"{p}")
+    arrays = _read_npz(p)
+    if "x_train" not in arrays or "y_train" not in arrays:
+        raise DataError(f"{p}: needs arrays 'x_train' and 'y_train'; found {sorted(arrays)}")
+    return _check_xy(arrays["x_train"], arrays["y_train"], f"{p}")
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{p}: not a readable .npz file ({e})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{p}: is a single array (.npy), expected an .npz with x_train and y_train")
+    try:
+        with loaded as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 - a damaged zip member can raise many types
+        raise DataError(f"{p}: damaged .npz file ({type(e).__name__}: {e})") from None
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +110,10 @@ def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.n
             raise DataError(f"{what}: labels must be integer class ids, got dtype {y.dtype}")
     if y.min() < 0:
         raise DataError(f"{what}: labels must be >= 0")
-    x = x.astype(np.float32)
+    try:
+        x = x.astype(np.float32)
+    except (ValueError, TypeError):
+        raise DataError(f"{what}: x must be numeric, got dtype {x.dtype}") from None
     if x.ndim == 3:  # grayscale images without a channel axis, as in keras.datasets.mnist
         x = x[..., None]
     if not np.all(np.isfinite(x)):
@@ -151,7 +164,13 @@ def partition(
         order = np.argsort(y, kind="stable")
         shards = np.array_split(order, n_shards)
         deal = rng.permutation(n_shards).reshape(num_devices, shards_per_device)
-        return [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+        parts = [np.sort(np.concatenate([shards[s] for s in row])) for row in deal]
+        if min(len(p) for p in parts) < min_samples:
+            raise DataError(
+                f"shards of {n} samples leave a device with fewer than {min_samples} samples; "
+                "use fewer devices or shards_per_device"
+            )
+        return parts
     if method == "dirichlet":
         classes = np.unique(y)
         for _ in range(1000):

@@ -7,6 +7,7 @@ the key (``pruning.final_sparsity``), so a typo never silently falls back to a d
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -172,6 +173,8 @@ def load_task(path: str | Path) -> Task:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise TaskError(f"task file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskError(f"cannot read task file {p}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise TaskError(f"{p}: not valid TOML: {e}") from None
     try:
@@ -231,6 +234,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TaskError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise TaskError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

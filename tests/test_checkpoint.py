@@ -91,15 +91,6 @@ def test_newest_with_missing_weight_is_skipped(tmp_path):
     assert load_latest_checkpoint(tmp_path).completed_rounds == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG aggregator/checkpoint.py load_latest_checkpoint: only OSError/ValueError/KeyError are "
-        "skipped; a truncated or bit-flipped .npz raises zipfile.BadZipFile ('File is not a zip "
-        "file' / 'Bad CRC-32') and an empty file raises EOFError, so --resume crashes instead of "
-        "falling back to the previous checkpoint"
-    ),
-)
 @pytest.mark.parametrize("damage", ["truncated", "bit-flip", "empty"])
 def test_damaged_newest_is_skipped(tmp_path, damage):
     save_checkpoint(tmp_path, make_state(1))
@@ -128,13 +119,6 @@ def test_atomic_write_bytes_replaces_and_leaves_no_temp_files(tmp_path):
     assert [p.name for p in (tmp_path / "ck").iterdir()] == ["round-00001.npz"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG aggregator/checkpoint.py atomic_write_bytes: when the write or the rename fails, the "
-        "'.<name>.tmp-<pid>' file is not removed (no try/finally cleanup)"
-    ),
-)
 def test_atomic_write_bytes_failure_leaves_no_temp_file(tmp_path):
     target = tmp_path / "x"
     (target / "occupied").mkdir(parents=True)  # os.replace onto a non-empty directory fails

@@ -148,15 +148,6 @@ def test_partition_errors():
     assert [len(p) for p in partition(y, 5, "iid")] == [2] * 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG fedprune/data.py partition(method='shards'): min_samples is only checked as "
-        "n >= num_devices * min_samples; shards from np.array_split can be smaller, so with "
-        "min_samples=3, shards_per_device=2, 6 samples, 2 devices (seed=1) a device gets 2 samples "
-        "and no DataError is raised"
-    ),
-)
 def test_shards_respect_min_samples():
     try:
         parts = partition(np.arange(6), 2, "shards", shards_per_device=2, seed=1, min_samples=3)
@@ -223,15 +214,6 @@ def test_device_data_float_integer_labels_and_channel_axis(tmp_path):
     assert ds.x_train.shape[1:] == (28, 28, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG fedprune/data.py load_device_data/load_npz: unreadable files escape as non-DataError "
-        "exceptions: load_device_data on a non-.npz file raises ValueError from np.load (load_npz "
-        "wraps that case), a .npy file makes both raise TypeError ('numpy.ndarray' object does not "
-        "support the context manager protocol), and non-numeric x raises ValueError from astype"
-    ),
-)
 @pytest.mark.parametrize("case", ["junk-device", "npy-device", "npy-npz", "strings-device", "strings-npz"])
 def test_unreadable_files_raise_data_error(tmp_path, case):
     junk = tmp_path / "junk.npz"

@@ -123,14 +123,6 @@ def test_prune_along_schedule_masks_nest_and_pruned_are_exact_zeros(w, steps):
         weights, masks = new_w, new_m
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG fedprune/pruning/masks.py prune_to_sparsity/magnitude_mask: already-pruned positions "
-        "(zeroed) tie with kept weights that are exactly 0.0 and the tie is broken by position, so a "
-        "pruned position can be revived (mask not monotone). tfmot's rule |w| > threshold never revives."
-    ),
-)
 def test_prune_never_revives_a_pruned_position_when_kept_weights_are_exactly_zero():
     # position 4 was pruned earlier; positions 0 and 1 are kept but hold exact zeros
     w = [np.array([0.0, 0.0, 0.5, 0.9, 0.0, 0.7])]

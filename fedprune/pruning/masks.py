@@ -15,20 +15,25 @@ import numpy as np
 Masks = list["np.ndarray | None"]
 
 
-def magnitude_mask(weights: np.ndarray, target_sparsity: float) -> np.ndarray:
+def magnitude_mask(
+    weights: np.ndarray, target_sparsity: float, current: np.ndarray | None = None
+) -> np.ndarray:
     """Keep the largest-magnitude weights so that exactly ``round(target_sparsity * n)`` are pruned.
 
-    Ties are broken by position (stable sort), so every party computes the same mask from the
-    same weights.
+    Positions already pruned in ``current`` stay pruned (a kept weight that happens to be exactly
+    0.0 must not trade places with them); if ``current`` is already sparser than the target, it is
+    returned unchanged. Ties are broken by position (stable sort), so every party computes the
+    same mask from the same weights.
     """
     if not 0.0 <= target_sparsity < 1.0:
         raise ValueError(f"target sparsity must be in [0, 1), got {target_sparsity}")
     flat = np.abs(np.asarray(weights, dtype=np.float64)).ravel()
-    n_pruned = int(round(target_sparsity * flat.size))
-    keep = np.ones(flat.size, dtype=bool)
-    if n_pruned:
-        order = np.argsort(flat, kind="stable")
-        keep[order[:n_pruned]] = False
+    keep = np.ones(flat.size, dtype=bool) if current is None else np.asarray(current, bool).ravel().copy()
+    n_more = int(round(target_sparsity * flat.size)) - int((~keep).sum())
+    if n_more > 0:
+        candidates = np.flatnonzero(keep)
+        order = candidates[np.argsort(flat[candidates], kind="stable")]
+        keep[order[:n_more]] = False
     return keep.reshape(np.shape(weights))
 
 
@@ -47,7 +52,7 @@ def prune_to_sparsity(
             new_weights.append(np.asarray(w))
             new_masks.append(None)
             continue
-        keep = magnitude_mask(np.where(m, w, 0.0), target_sparsity)
+        keep = magnitude_mask(w, target_sparsity, current=m)
         new_weights.append(np.where(keep, w, 0.0).astype(np.asarray(w).dtype))
         new_masks.append(keep)
     return new_weights, new_masks

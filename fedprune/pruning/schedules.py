@@ -6,6 +6,7 @@ round number and the aggregator applies them to the global model after aggregati
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,6 +82,8 @@ class PolynomialDecay(PruningSchedule):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if not (math.isfinite(self.power) and self.power > 0):
+            raise ValueError(f"power must be a finite number > 0, got {self.power}")
         if self.final_sparsity < self.initial_sparsity:
             raise ValueError(
                 f"final_sparsity ({self.final_sparsity}) must be >= initial_sparsity "
