@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedprune.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^round-(\d{5})\.npz$")
@@ -31,26 +32,6 @@ class FederationState:
     masks: list[np.ndarray | None]
     rng_state: dict[str, Any]
     totals: dict[str, float] = field(default_factory=dict)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:

@@ -25,13 +25,17 @@ What it does and does not do
     network cut) does *not* trigger its last will here; a closed or reset socket does;
   - because every client is anonymous, it keeps no offline messages for ``clean_session=False``
     clients, and drops a disconnected session within about a second;
-  - a subscriber receives a message at its subscription QoS, not ``min(publish, subscription)``.
+  - a subscriber receives a message at its subscription QoS, not ``min(publish, subscription)``;
+  - ``Broker.shutdown()`` can hang forever on Python < 3.12 if a client packet arrives at that
+    moment (seen); :meth:`EmbeddedBroker.stop` therefore closes every client socket first. To
+    clients, a stop looks like the network dropping (MQTT 3.1.1 has no server DISCONNECT).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import threading
 from typing import Any
@@ -46,6 +50,7 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 
 _ANONYMOUS_AUTH_PLUGIN = "amqtt.plugins.authentication.AnonymousAuthPlugin"
 _LISTENER = "default"  # amqtt requires a listener named "default"
+_SETTLE_ITERATIONS = 10  # at shutdown: loop turns for a just-accepted socket to be registered
 _CONNECTION_CLOSE_S = 2.0  # at shutdown: for amqtt to process the closed client connections
 _SHUTDOWN_S = 5.0  # at shutdown: for Broker.shutdown(), after which its tasks are cancelled
 
@@ -79,6 +84,7 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._started = threading.Event()
+        self._stop_requested = threading.Event()
         self._start_error: BaseException | None = None
 
     # ------------------------------------------------------------------ public API
@@ -97,7 +103,8 @@ class EmbeddedBroker:
     @property
     def url(self) -> str:
         """``mqtt://HOST:PORT`` of the running broker."""
-        return f"mqtt://{self._host}:{self.port}"
+        host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6 literal
+        return f"mqtt://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -112,8 +119,14 @@ class EmbeddedBroker:
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
                 raise RuntimeError(f"EmbeddedBroker already running on {self.url}")
+            if importlib.util.find_spec("amqtt") is None:
+                raise RuntimeError(
+                    "the embedded MQTT broker needs amqtt: pip install 'fedprune[aggregator]' "
+                    "(or amqtt==0.12.1), or use an external broker such as Mosquitto"
+                )
             _quiet_noisy_loggers()
             self._started.clear()
+            self._stop_requested.clear()
             self._start_error = None
             self._bound_port = None
             self._thread = threading.Thread(
@@ -133,8 +146,8 @@ class EmbeddedBroker:
                 err = self._start_error
                 self._thread.join(timeout)
                 self._thread = None
-                cause = err.__cause__ or err
-                raise RuntimeError(f"embedded MQTT broker could not listen on {where}: {cause}") from err
+                verb = "listen on" if isinstance(err, OSError) else "start on"
+                raise RuntimeError(f"embedded MQTT broker could not {verb} {where}: {err}") from err
             logger.info("embedded MQTT broker listening on %s", self.url)
             return self
 
@@ -169,10 +182,11 @@ class EmbeddedBroker:
         return {
             "listeners": {
                 # "external": amqtt opens no socket itself; _serve() runs the TCP server and hands
-                # each connection to Broker.external_connected(). That way this class knows the
-                # port it got (port 0), and can close every client socket on shutdown (amqtt's
-                # own TCP listener leaks the transports of connections still open at shutdown).
-                # "bind" is unused for this type but must be present, or amqtt skips the listener.
+                # each connection to Broker.external_connected() (amqtt's documented hook for
+                # servers it does not own). So this class knows the port it got with port 0,
+                # without amqtt internals, and owns every client socket, which _shutdown() must
+                # close before amqtt shuts down. "bind" is unused for this type but must be
+                # present, or amqtt skips the listener.
                 _LISTENER: {"type": "external", "bind": f"{self._host}:{self._requested_port}"},
             },
             # Exactly one plugin: with an explicit plugin dict amqtt enables auth filtering, and
@@ -181,6 +195,7 @@ class EmbeddedBroker:
         }
 
     def _request_stop(self) -> None:
+        self._stop_requested.set()
         loop, stop_event = self._loop, self._stop_event
         if loop is None or stop_event is None:
             return
@@ -201,6 +216,7 @@ class EmbeddedBroker:
         finally:
             try:
                 _cancel_remaining_tasks(loop)
+                loop.run_until_complete(asyncio.sleep(0))  # pending close callbacks
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 self._loop = None
@@ -210,30 +226,35 @@ class EmbeddedBroker:
                 self._started.set()  # never leave start() waiting
 
     async def _serve(self) -> None:
-        # amqtt is imported here, on the broker thread: it is an optional dependency
-        # (fedprune[aggregator]), and importing it is slow.
+        # amqtt is an optional dependency (fedprune[aggregator]); start() checked it is there.
         from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
         from amqtt.broker import Broker
 
         self._stop_event = asyncio.Event()
         broker = Broker(self._config(), loop=asyncio.get_running_loop())
-        connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        loop = asyncio.get_running_loop()
+        connections: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
 
-        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            connections[task] = writer
+        async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 await broker.external_connected(
                     StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name=_LISTENER
                 )
             except Exception:  # noqa: BLE001 - one bad connection must not end the server task noisily
                 logger.debug("MQTT connection ended with an error", exc_info=True)
-            finally:
-                connections.pop(task, None)
-                # amqtt's StreamWriterAdapter.close() drains before closing, so a socket whose
-                # peer vanished may never be closed; make sure it is.
-                writer.close()
+
+        def connection_done(writer: asyncio.StreamWriter) -> None:
+            connections.pop(writer, None)
+            # amqtt's StreamWriterAdapter.close() drains before closing, so a socket whose peer
+            # vanished may never be closed; and a task cancelled before it ran closes nothing.
+            writer.close()
+
+        def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            # Synchronous on purpose: asyncio calls it inside connection_made, so every accepted
+            # socket is registered here before anything can cancel its task.
+            task = loop.create_task(serve_connection(reader, writer))
+            connections[writer] = task
+            task.add_done_callback(lambda _task: connection_done(writer))
 
         try:
             await broker.start()
@@ -247,7 +268,8 @@ class EmbeddedBroker:
         try:
             self._bound_port = int(server.sockets[0].getsockname()[1])
             self._started.set()
-            await self._stop_event.wait()
+            if not self._stop_requested.is_set():  # stop() may have come before the event existed
+                await self._stop_event.wait()
         finally:
             await self._shutdown(broker, server, connections)
 
@@ -255,7 +277,7 @@ class EmbeddedBroker:
         self,
         broker: Any,
         server: asyncio.AbstractServer,
-        connections: dict[asyncio.Task[Any], asyncio.StreamWriter],
+        connections: dict[asyncio.StreamWriter, asyncio.Task[None]],
     ) -> None:
         """Close every client connection first, then shut amqtt down.
 
@@ -263,14 +285,24 @@ class EmbeddedBroker:
         be sending. On Python < 3.12, asyncio.wait_for() swallows a cancellation that arrives
         just as its inner read completes (cpython gh-86296); the reader then keeps running and
         Broker.shutdown() waits for it forever (seen: a subscriber's PUBACK arriving at the
-        moment of shutdown hung it every other run). With the sockets closed first, every
-        reader ends on EOF by itself and amqtt has nothing left to cancel.
+        moment of shutdown hung it in most runs). With the sockets closed first, every reader
+        ends on EOF by itself and amqtt has nothing left to cancel.
         """
-        server.close()  # accept nothing new
-        for writer in list(connections.values()):
+        # Stop accepting without closing the server yet: on Python 3.11 a socket accepted in
+        # the same loop iteration as Server.close() is leaked (the accept task then fails an
+        # assertion in Server._attach() before the transport owns the socket). Unregistering
+        # the listening socket first, then letting already-accepted sockets reach
+        # on_connection(), leaves close() nothing to race with.
+        loop = asyncio.get_running_loop()
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+        for _ in range(_SETTLE_ITERATIONS):
+            await asyncio.sleep(0)
+        server.close()
+        for writer in list(connections):
             writer.transport.abort()
         if connections:
-            _, pending = await asyncio.wait(list(connections), timeout=_CONNECTION_CLOSE_S)
+            _, pending = await asyncio.wait(list(connections.values()), timeout=_CONNECTION_CLOSE_S)
             if pending:
                 logger.debug("%d MQTT connection(s) still closing at shutdown", len(pending))
         try:
@@ -279,11 +311,14 @@ class EmbeddedBroker:
             logger.warning("amqtt did not shut down within %s s; cancelling its tasks", _SHUTDOWN_S)
         except Exception:  # noqa: BLE001
             logger.exception("embedded MQTT broker did not shut down cleanly")
+        for writer in list(connections):  # stragglers; their tasks are cancelled afterwards
+            writer.transport.abort()
         await server.wait_closed()
+        await asyncio.sleep(0)  # run the aborted transports' connection_lost (closes sockets)
 
 
 def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what amqtt leaves behind (client handlers of connections still open) and wait."""
+    """Cancel whatever is still pending once _serve() returned (normally nothing) and wait."""
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     if not tasks:
         return

@@ -15,10 +15,11 @@ from typing import Callable
 
 import numpy as np
 
-from aggregator.checkpoint import FederationState, atomic_write_bytes, load_latest_checkpoint, save_checkpoint
+from aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
+from fedprune.fileio import atomic_write_bytes
 from aggregator.registry import DeviceRegistry
 from aggregator.strategy import ClientResult, FedAvg
-from converters.codec import CodecError
+from converters.errors import CodecError
 from converters.protocol import (
     Ack,
     Architecture,
@@ -31,7 +32,7 @@ from converters.protocol import (
     peek_update,
 )
 from fedprune.data import Dataset
-from fedprune.pruning.masks import layer_sparsities, prune_to_sparsity, sparsity
+from fedprune.pruning.masks import apply_masks, layer_sparsities, prune_to_sparsity, sparsity
 from fedprune.task import Task
 from fedprune.transport import MqttSession
 
@@ -138,6 +139,7 @@ class Aggregator:
             on_message=self._on_message,
             on_connected=self._publish_architecture,
             max_payload_bytes=task.transport.max_payload_bytes,
+            max_message_bytes=task.transport.max_message_bytes,
             clean_session=False,  # the broker keeps updates that arrive while we reconnect
         )
 
@@ -285,8 +287,12 @@ class Aggregator:
             deadline_s=fed.round_timeout_s,
             downlink_precision=transport.downlink_precision,
             session=self.session_id,
+            update_content=transport.update,
+            error_feedback=transport.error_feedback,
+            stochastic_rounding=transport.stochastic_rounding,
+            compression=transport.compression,
         )
-        payload = encode_task(task)
+        payload = encode_task(task, self.architecture.names, transport.compression)
         for device_id in selected:
             self.session.publish(self.topics.task(device_id), payload, retain=True)
         self.session.publish(
@@ -327,28 +333,32 @@ class Aggregator:
             device_id = self.topics.device_from_topic(topic)
         except ValueError:
             return None, f"bad topic: {topic}", ""
-        limit = self.task.transport.max_payload_bytes
+        limit = self.task.transport.max_message_bytes
         try:
             header, _ = peek_update(data, limit)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
-        if header["device"] != device_id:
-            return None, f"device mismatch: header says {header['device']!r}, topic says {device_id!r}", device_id
+        if header.device_id != device_id:
+            return None, f"device mismatch: header says {header.device_id!r}, topic says {device_id!r}", device_id
         if not self.registry.known(device_id):
             return None, f"unknown device: {device_id}", device_id
-        if (header["round"], header["attempt"]) != (r, attempt):
-            return None, f"wrong round: update is for round {header['round']} attempt {header['attempt']}, open is {r} attempt {attempt}", device_id
+        if (header.round, header.attempt) != (r, attempt):
+            return None, (f"wrong round: update is for round {header.round} attempt {header.attempt}, "
+                          f"open is {r} attempt {attempt}"), device_id
         if device_id not in selected:
             return None, f"not selected: {device_id} was not selected for round {r}", device_id
         if device_id in results:
             return None, f"duplicate: {device_id} already reported round {r}", device_id
-        if header["error"]:
-            return None, f"device error: {header['error']}", device_id
+        if header.error:
+            return None, f"device error: {header.error}", device_id
         try:
-            update = decode_update(data, self.shapes, self.state.masks, limit)
+            update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
-        return ClientResult(device_id, update.num_samples, update.delta, update.metrics), "", device_id
+        tensors = apply_masks(update.tensors, self.state.masks)
+        if update.content == "weights":
+            tensors = [t - w for t, w in zip(tensors, self.state.weights)]
+        return ClientResult(device_id, update.num_samples, tensors, update.metrics), "", device_id
 
     def _ack(self, ack: Ack) -> None:
         self.session.publish(self.topics.ack(ack.device_id), ack.encode())

@@ -1,203 +1,347 @@
-"""The mask-aware tensor codec and the message frame.
+"""The tensor codec: how a list of pruned tensors becomes bytes, and back.
 
-Frame (all integers little-endian)::
+Two encodings of a tensor list (the model's weights in the layout of ``fedprune.models``):
 
-    magic    4 bytes  b"FPRN"
-    version  u8       FRAME_VERSION
-    kind     u8       message kind (see converters.protocol.Kind)
-    hlen     u32      length of the header
-    header   hlen bytes of UTF-8 JSON (an object)
-    body     the rest up to the checksum
-    crc32    u32      zlib.crc32 of every byte before it
+- **values-only**: sender and receiver share the masks, so only the kept values travel, tensor
+  after tensor, each a value section of ``converters.quantize`` (scales, then values). The
+  masks are named elsewhere by their digest; nothing else is sent. This is the default uplink.
+- **self-describing**: a tensor table (name, shape, dtype, precision, whether masked, mask coding,
+  kept count, mask bytes) followed, per tensor, by its coded mask (``converters.mask_coding``,
+  the smallest of bitmap, Rice/Elias gaps or index list) and its value section. Used to broadcast
+  a new mask, and by devices that prune on their own.
 
-Tensor bodies are *values-only*: sender and receiver share the mask, so only the values at kept
-positions travel, tensor by tensor, each in C order. With int8 the body starts with one float32
-scale per tensor. Masks, when they travel, are ``np.packbits`` of each masked tensor (C order,
-padded to whole bytes), concatenated.
+An optional lossless stage (zlib or zstd) is applied to a section only when it makes it smaller.
 
-The decoder trusts nothing: lengths are checked against the header and the expected layout before
-any allocation, and every failure raises ``CodecError``.
+Decoding trusts nothing: every count, shape and length is checked against the table, the
+expected layout and ``DecodeLimits`` before anything is allocated; every failure is a
+``CodecError``.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import struct
 import zlib
-from typing import Any, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Sequence
 
 import numpy as np
 
-MAGIC = b"FPRN"
-FRAME_VERSION = 1
-_PREFIX = struct.Struct("<4sBBI")
-_CRC = struct.Struct("<I")
-MAX_HEADER_BYTES = 64 * 1024
+from converters.errors import CodecError
+from converters.frame import ByteReader
+from converters.mask_coding import MaskMethod, decode_mask, encode_mask
+from converters.quantize import (
+    PRECISION_IDS,
+    Precision,
+    decode_values,
+    encode_values,
+    value_section_size,
+)
 
-PRECISION_BYTES = {"float32": 4, "float16": 2, "int8": 1}
-FLOAT16_MAX = 65504.0
-_MAX_INT8_SCALE = float(np.finfo(np.float32).max) / 127.0
+__all__ = [
+    "CodecError",
+    "Compression",
+    "DecodeLimits",
+    "Precision",
+    "compress",
+    "decode_self_describing",
+    "decode_values_only",
+    "decompress",
+    "encode_self_describing",
+    "encode_values_only",
+    "values_only_size",
+]
+
 Masks = Sequence["np.ndarray | None"]
+_PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
 
 
-class CodecError(ValueError):
-    """Bytes that cannot be decoded; ``reason`` says why in a few words."""
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds a decoder enforces before allocating anything."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-# --- frame ---------------------------------------------------------------------------------------
+    max_tensors: int = 4096
+    max_elements: int = 1 << 26  # dense elements over all tensors (256 MiB of float32)
+    max_ndim: int = 8
 
 
-def pack_frame(kind: int, header: dict[str, Any], body: bytes = b"") -> bytes:
-    head = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
-    if len(head) > MAX_HEADER_BYTES:
-        raise CodecError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
-    data = _PREFIX.pack(MAGIC, FRAME_VERSION, kind, len(head)) + head + body
-    return data + _CRC.pack(zlib.crc32(data))
+DEFAULT_LIMITS = DecodeLimits()
 
 
-def unpack_frame(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], memoryview]:
-    """Check and split a frame; returns ``(kind, header, body)``."""
-    if len(data) > max_bytes:
-        raise CodecError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if len(data) < _PREFIX.size + _CRC.size:
-        raise CodecError(f"payload of {len(data)} bytes is shorter than a frame")
-    magic, version, kind, hlen = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise CodecError("not a fedprune frame (bad magic)")
-    if version != FRAME_VERSION:
-        raise CodecError(f"frame version {version} not supported (this side speaks {FRAME_VERSION})")
-    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen + _CRC.size > len(data):
-        raise CodecError(f"header length {hlen} does not fit a {len(data)}-byte payload")
-    (crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
-    view = memoryview(data)
-    if zlib.crc32(view[: len(data) - _CRC.size]) != crc:
-        raise CodecError("checksum mismatch (payload corrupted or truncated)")
+def precision_of(value: "Precision | str") -> Precision:
     try:
-        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + hlen]))
-    except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
-        raise CodecError(f"header is not JSON ({type(e).__name__})") from None
-    if not isinstance(header, dict):
-        raise CodecError("header is not a JSON object")
-    return kind, header, view[_PREFIX.size + hlen : len(data) - _CRC.size]
+        return Precision(value)
+    except ValueError:
+        raise ValueError(f"unknown precision {value!r}; use one of {[p.value for p in Precision]}") from None
 
 
-# --- values-only tensors -------------------------------------------------------------------------
+def n_channels(shape: Sequence[int]) -> int:
+    """Output channels: the last axis of a kernel (Dense: (in, out); Conv: (..., in, out))."""
+    return int(shape[-1]) if len(shape) >= 2 and int(shape[-1]) > 0 else 1
 
 
-def kept_counts(shapes: Sequence[tuple[int, ...]], masks: Masks) -> list[int]:
-    return [int(np.prod(s)) if m is None else int(m.sum()) for s, m in zip(shapes, masks, strict=True)]
+def _kept_positions(shape: Sequence[int], mask: np.ndarray | None) -> np.ndarray | None:
+    return None if mask is None else np.flatnonzero(mask.ravel())
 
 
-def values_body_size(counts: Sequence[int], precision: str) -> int:
-    scales = 4 * len(counts) if precision == "int8" else 0
-    return scales + PRECISION_BYTES[precision] * sum(counts)
+def _channels(shape: Sequence[int], positions: np.ndarray | None, precision: Precision) -> tuple[np.ndarray | None, int]:
+    if precision is not Precision.INT8_CHANNEL:
+        return None, 1
+    c = n_channels(shape)
+    size = int(np.prod(shape))
+    pos = np.arange(size) if positions is None else positions
+    return (pos % c).astype(np.int64), c
 
 
-def encode_values(tensors: Sequence[np.ndarray], masks: Masks, precision: str) -> bytes:
-    """Values at kept positions of each tensor, quantized to ``precision``.
-
-    int8 is symmetric per tensor, its scale taken from the kept values only (the zeros at pruned
-    positions would otherwise say nothing and the scale would be right only by accident).
-    """
-    if precision not in PRECISION_BYTES:
-        raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISION_BYTES)}")
-    kept = [
-        np.asarray(t, dtype=np.float32).ravel() if m is None else np.asarray(t, np.float32)[m]
-        for t, m in zip(tensors, masks, strict=True)
-    ]
-    for v in kept:
-        if not np.all(np.isfinite(v)):
-            raise ValueError("cannot encode NaN or Inf values")
-    flat = np.concatenate(kept) if kept else np.zeros(0, np.float32)
-    if precision == "float32":
-        return flat.astype("<f4").tobytes()
-    if precision == "float16":
-        if flat.size and np.abs(flat).max() > FLOAT16_MAX:
-            raise ValueError(
-                f"a value of magnitude {np.abs(flat).max():.3g} does not fit float16 "
-                f"(max {FLOAT16_MAX}); use float32 or int8 transport"
-            )
-        return flat.astype("<f2").tobytes()
-    scales = np.array([np.abs(v).max() / 127.0 if v.size else 0.0 for v in kept], dtype="<f4")
-    q = [
-        np.zeros(v.size, np.int8) if s == 0 else np.clip(np.rint(v / s), -127, 127).astype(np.int8)
-        for v, s in zip(kept, scales)
-    ]
-    return scales.tobytes() + (np.concatenate(q) if q else np.zeros(0, np.int8)).tobytes()
+def _kept_values(t: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    flat = np.asarray(t, dtype=np.float32).ravel()
+    return flat if mask is None else flat[mask.ravel()]
 
 
-def decode_values(
-    body: bytes | memoryview,
-    shapes: Sequence[tuple[int, ...]],
+# --- values-only -----------------------------------------------------------------------------------
+
+
+def encode_values_only(
+    tensors: Sequence[np.ndarray],
     masks: Masks,
-    precision: str,
-) -> list[np.ndarray]:
-    """Inverse of ``encode_values``; pruned positions decode to exact zeros."""
-    if precision not in PRECISION_BYTES:
-        raise CodecError(f"unknown precision {precision!r}")
+    precision: "Precision | str",
+    *,
+    stochastic: bool = False,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """The kept values of every tensor, in order, each a value section; no layout, no masks."""
+    p = precision_of(precision)
+    parts = []
+    for t, m in zip(tensors, masks, strict=True):
+        shape = np.shape(t)
+        if m is not None and m.shape != shape:
+            raise ValueError(f"mask shape {m.shape} differs from tensor shape {shape}")
+        channels, c = _channels(shape, _kept_positions(shape, m), p)
+        parts.append(encode_values(_kept_values(t, m), p, channels=channels, n_channels=c,
+                                   stochastic=stochastic, rng=rng))
+    return b"".join(parts)
+
+
+def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str") -> int:
+    """Exact byte length of ``encode_values_only`` for this layout."""
+    p = precision_of(precision)
+    total = 0
     for s, m in zip(shapes, masks, strict=True):
-        if m is not None and tuple(m.shape) != tuple(s):
-            raise CodecError(f"mask shape {m.shape} does not match tensor shape {s}")
-    counts = kept_counts(shapes, masks)
-    expected = values_body_size(counts, precision)
+        count = int(np.prod(s)) if m is None else int(m.sum())
+        total += value_section_size(count, p, n_channels(s) if p is Precision.INT8_CHANNEL else 1)
+    return total
+
+
+def decode_values_only(
+    body: bytes | memoryview, shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str"
+) -> list[np.ndarray]:
+    """Inverse of ``encode_values_only``; pruned positions decode to exact zeros."""
+    try:
+        p = precision_of(precision)
+    except ValueError as e:
+        raise CodecError(str(e)) from None
+    expected = values_only_size(shapes, masks, p)
     if len(body) != expected:
-        raise CodecError(
-            f"values section is {len(body)} bytes, expected {expected} for "
-            f"{sum(counts)} {precision} values"
-        )
-    offset = 0
-    if precision == "int8":
-        scales = np.frombuffer(body, dtype="<f4", count=len(counts))
-        if not np.all(np.isfinite(scales)) or np.any(scales < 0) or np.any(scales > _MAX_INT8_SCALE):
-            raise CodecError("int8 scale is negative, NaN, Inf or so large that values overflow")
-        offset = 4 * len(counts)
-        values = np.frombuffer(body, dtype=np.int8, offset=offset).astype(np.float32)
-    else:
-        values = np.frombuffer(body, dtype="<f4" if precision == "float32" else "<f2").astype(np.float32)
-        if not np.all(np.isfinite(values)):
-            raise CodecError("values contain NaN or Inf")
+        raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.value}")
+    view = memoryview(body)
     out: list[np.ndarray] = []
     pos = 0
-    for i, (shape, mask, n) in enumerate(zip(shapes, masks, counts)):
-        v = values[pos : pos + n]
-        if precision == "int8":
-            v = v * scales[i]
-        pos += n
-        if mask is None:
-            out.append(v.reshape(shape))
-        else:
-            t = np.zeros(shape, dtype=np.float32)
-            t[mask] = v
-            out.append(t)
+    for s, m in zip(shapes, masks):
+        shape = tuple(int(d) for d in s)
+        positions = _kept_positions(shape, m)
+        count = int(np.prod(shape)) if m is None else int(positions.size)
+        channels, c = _channels(shape, positions, p)
+        size = value_section_size(count, p, c)
+        values = decode_values(view[pos : pos + size], count, p, channels=channels, n_channels=c)
+        pos += size
+        out.append(_scatter(shape, positions, values))
     return out
 
 
-# --- masks ---------------------------------------------------------------------------------------
+def _scatter(shape: tuple[int, ...], positions: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    if positions is None:
+        return values.reshape(shape)
+    t = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    t[positions] = values
+    return t.reshape(shape)
 
 
-def encode_masks(masks: Masks) -> bytes:
-    return b"".join(np.packbits(m.ravel()).tobytes() for m in masks if m is not None)
+# --- self-describing -------------------------------------------------------------------------------
+
+_TABLE_HEAD = struct.Struct("<H")  # tensor count
+_ENTRY_FIXED = struct.Struct("<BBBBII")  # dtype, precision id, flags, mask method, kept, mask bytes
+_DTYPE_FLOAT32 = 0
+_FLAG_MASKED = 1
 
 
-def decode_masks(
-    body: bytes | memoryview, shapes: Sequence[tuple[int, ...]], masked: Sequence[int]
-) -> list[np.ndarray | None]:
-    """Masks for the tensors listed in ``masked``; ``None`` for the others."""
-    if len(set(masked)) != len(masked) or any(not 0 <= i < len(shapes) for i in masked):
-        raise CodecError(f"masked tensor indices {list(masked)[:8]} are invalid for {len(shapes)} tensors")
-    sizes = [int(np.prod(shapes[i])) for i in masked]
-    expected = sum((n + 7) // 8 for n in sizes)
-    if len(body) != expected:
-        raise CodecError(f"mask section is {len(body)} bytes, expected {expected}")
-    masks: list[np.ndarray | None] = [None] * len(shapes)
-    pos = 0
-    for i, n in zip(masked, sizes):
-        nbytes = (n + 7) // 8
-        bits = np.unpackbits(np.frombuffer(body, np.uint8, count=nbytes, offset=pos), count=n)
-        masks[i] = bits.astype(bool).reshape(shapes[i])
-        pos += nbytes
-    return masks
+def encode_self_describing(
+    tensors: Sequence[np.ndarray],
+    masks: Masks,
+    names: Sequence[str],
+    precision: "Precision | str",
+    *,
+    stochastic: bool = False,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """Tensor table, then per tensor its coded mask and its value section."""
+    p = precision_of(precision)
+    if not (len(tensors) == len(masks) == len(names)):
+        raise ValueError("tensors, masks and names must have the same length")
+    if len(tensors) > 0xFFFF:
+        raise ValueError("at most 65,535 tensors")
+    table = [_TABLE_HEAD.pack(len(tensors))]
+    data = []
+    for t, m, name in zip(tensors, masks, names):
+        shape = np.shape(t)
+        if m is not None and m.shape != shape:
+            raise ValueError(f"mask shape {m.shape} differs from tensor shape {shape} ({name})")
+        raw_name = name.encode()
+        if len(raw_name) > 255 or len(shape) > 255:
+            raise ValueError(f"tensor name or rank too long: {name!r}")
+        if m is None:
+            method, mask_bytes, kept = MaskMethod.ALL_KEPT, b"", int(np.prod(shape))
+        else:
+            method, mask_bytes = encode_mask(m.ravel())
+            kept = int(m.sum())
+        channels, c = _channels(shape, _kept_positions(shape, m), p)
+        values = encode_values(_kept_values(t, m), p, channels=channels, n_channels=c,
+                               stochastic=stochastic, rng=rng)
+        table.append(bytes([len(raw_name)]) + raw_name + bytes([len(shape)])
+                     + struct.pack(f"<{len(shape)}I", *shape)
+                     + _ENTRY_FIXED.pack(_DTYPE_FLOAT32, PRECISION_IDS[p], _FLAG_MASKED if m is not None else 0,
+                                         int(method), kept, len(mask_bytes)))
+        data.append(mask_bytes)
+        data.append(values)
+    return b"".join(table) + b"".join(data)
+
+
+@dataclass
+class DecodedTensors:
+    names: list[str]
+    tensors: list[np.ndarray]
+    masks: list[np.ndarray | None]
+    precision: Precision | None  # None when tensors use different precisions
+
+
+def decode_self_describing(
+    body: bytes | memoryview,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    expected: Sequence[tuple[str, Sequence[int]]] | None = None,
+) -> DecodedTensors:
+    """Inverse of ``encode_self_describing``.
+
+    ``expected`` (name, shape) pairs, when given, must match the table exactly, so a receiver that
+    knows the architecture never allocates for a layout it did not ask for.
+    """
+    view = memoryview(body)
+    r = ByteReader(view)
+    count = r.unpack(_TABLE_HEAD)[0]
+    if count > limits.max_tensors:
+        raise CodecError(f"{count} tensors exceed the limit of {limits.max_tensors}")
+    if expected is not None and count != len(expected):
+        raise CodecError(f"table lists {count} tensors, expected {len(expected)}")
+    entries = []
+    total_elements = 0
+    for i in range(count):
+        name_len = r.byte()
+        try:
+            name = bytes(r.take(name_len)).decode()
+        except UnicodeDecodeError:
+            raise CodecError(f"tensor {i}: name is not UTF-8") from None
+        ndim = r.byte()
+        if ndim > limits.max_ndim:
+            raise CodecError(f"tensor {name!r}: rank {ndim} exceeds {limits.max_ndim}")
+        shape = tuple(struct.unpack(f"<{ndim}I", r.take(4 * ndim)))
+        dtype, pid, flags, method, kept, mask_len = r.unpack(_ENTRY_FIXED)
+        size = 1
+        for d in shape:
+            size *= d
+        total_elements += size
+        if total_elements > limits.max_elements:
+            raise CodecError(f"tensors hold more than {limits.max_elements} elements")
+        if expected is not None and (name, shape) != (expected[i][0], tuple(int(d) for d in expected[i][1])):
+            raise CodecError(f"tensor {i} is {name!r} {shape}, expected {expected[i][0]!r} {tuple(expected[i][1])}")
+        if dtype != _DTYPE_FLOAT32:
+            raise CodecError(f"tensor {name!r}: unknown dtype id {dtype}")
+        if pid not in _PRECISION_BY_ID:
+            raise CodecError(f"tensor {name!r}: unknown precision id {pid}")
+        if flags & ~_FLAG_MASKED:
+            raise CodecError(f"tensor {name!r}: unknown flags {flags:#x}")
+        if kept > size:
+            raise CodecError(f"tensor {name!r}: {kept} kept of {size} positions")
+        masked = bool(flags & _FLAG_MASKED)
+        if not masked and (method != MaskMethod.ALL_KEPT or kept != size or mask_len):
+            raise CodecError(f"tensor {name!r}: unmasked tensor with a mask")
+        entries.append((name, shape, size, _PRECISION_BY_ID[pid], masked, method, kept, mask_len))
+    names, tensors, masks, precisions = [], [], [], set()
+    for name, shape, size, p, masked, method, kept, mask_len in entries:
+        mask_bytes = r.take(mask_len)
+        if masked:
+            flat = decode_mask(method, mask_bytes, size, kept)  # checks kept and every byte
+            positions = np.flatnonzero(flat)
+        else:
+            flat, positions = None, None
+        channels, c = _channels(shape, positions, p)
+        values = decode_values(r.take(value_section_size(kept, p, c)), kept, p, channels=channels, n_channels=c)
+        names.append(name)
+        tensors.append(_scatter(shape, positions, values))
+        masks.append(None if flat is None else flat.reshape(shape))
+        precisions.add(p)
+    if r.remaining:
+        raise CodecError(f"{r.remaining} bytes left over after the last tensor")
+    return DecodedTensors(names, tensors, masks, precisions.pop() if len(precisions) == 1 else None)
+
+
+# --- lossless stage --------------------------------------------------------------------------------
+
+
+class Compression(IntEnum):
+    NONE = 0
+    ZLIB = 1
+    ZSTD = 2
+
+
+def compress(section: bytes, method: "Compression | str") -> tuple[Compression, bytes]:
+    """Compress when it makes the section smaller; returns what was used and the bytes."""
+    m = Compression[method.upper()] if isinstance(method, str) else Compression(method)
+    if m is Compression.NONE or not section:
+        return Compression.NONE, section
+    if m is Compression.ZLIB:
+        packed = zlib.compress(section, 6)
+    else:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=3).compress(section)
+    return (m, packed) if len(packed) < len(section) else (Compression.NONE, section)
+
+
+def decompress(data: bytes | memoryview, method: int, raw_len: int, max_len: int) -> bytes:
+    """Inverse of ``compress``; refuses to produce more than ``raw_len`` (<= ``max_len``) bytes."""
+    if raw_len > max_len:
+        raise CodecError(f"decompressed size {raw_len} exceeds the limit of {max_len}")
+    try:
+        if method == Compression.NONE:
+            out = bytes(data)
+        elif method == Compression.ZLIB:
+            d = zlib.decompressobj()
+            out = d.decompress(bytes(data), raw_len + 1)
+            if not d.eof or d.unconsumed_tail or d.unused_data:
+                raise CodecError("zlib stream is truncated or has trailing data")
+        elif method == Compression.ZSTD:
+            import zstandard
+
+            # A stream reader with a byte budget: the frame's own content-size field is not trusted.
+            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data)))
+            out = reader.read(raw_len + 1)
+        else:
+            raise CodecError(f"unknown compression {method}")
+    except (zlib.error, MemoryError) as e:
+        raise CodecError(f"cannot decompress: {e}") from None
+    except Exception as e:  # noqa: BLE001 - zstandard raises its own ZstdError
+        if isinstance(e, CodecError):
+            raise
+        raise CodecError(f"cannot decompress: {type(e).__name__}: {e}") from None
+    if len(out) != raw_len:
+        raise CodecError(f"decompressed {len(out)} bytes, header says {raw_len}")
+    return out

@@ -1,13 +1,15 @@
 """The fedprune MQTT protocol, version 1: topics and message envelopes.
 
 See docs/protocol.md for the full description. All messages use QoS 1. Small control messages are
-UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages (task, update) are
-binary frames (``converters.codec``) whose JSON header carries the same fields.
+UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages are binary frames
+(``converters.frame``): a task has a JSON header and a self-describing tensor section, an update
+a compact binary header and (by default) a values-only tensor section.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -15,26 +17,32 @@ from typing import Any, Sequence
 import numpy as np
 
 from converters.codec import (
-    PRECISION_BYTES,
-    CodecError,
-    decode_masks,
-    decode_values,
-    encode_masks,
-    encode_values,
-    kept_counts,
-    pack_frame,
-    unpack_frame,
-    values_body_size,
+    Compression,
+    DecodeLimits,
+    DEFAULT_LIMITS,
+    compress,
+    decode_self_describing,
+    decode_values_only,
+    decompress,
+    encode_self_describing,
+    encode_values_only,
+    precision_of,
+    values_only_size,
 )
+from converters.errors import CodecError
+from converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
+from converters.quantize import PRECISION_IDS, Precision
 from fedprune.pruning.masks import mask_digest
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "fedprune/v1"
+_PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
 
 
 class Kind(IntEnum):
     TASK = 1  # aggregator -> one device: train this global model for this round
     UPDATE = 2  # device -> aggregator: the result of that training
+    CHUNK = 3  # one piece of a message larger than the payload limit (converters.chunking)
 
 
 class Topics:
@@ -89,7 +97,8 @@ class Topics:
 
 
 def valid_device_id(device_id: str) -> bool:
-    return 0 < len(device_id) <= 128 and not any(c in device_id for c in "/+#\x00") and device_id.isprintable()
+    return (0 < len(device_id.encode()) <= 128 and not any(c in device_id for c in "/+#\x00")
+            and device_id.isprintable())
 
 
 # --- JSON control messages -----------------------------------------------------------------------
@@ -104,8 +113,8 @@ def _load(data: bytes, kind: str, max_bytes: int = 1 << 20) -> dict[str, Any]:
         raise CodecError(f"{kind} message of {len(data)} bytes exceeds {max_bytes}")
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CodecError(f"{kind} message is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CodecError(f"{kind} message is not JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("type") != kind:
         raise CodecError(f"not a {kind} message")
     if obj.get("v") != PROTOCOL_VERSION:
@@ -134,8 +143,10 @@ class Presence:
     @classmethod
     def decode(cls, data: bytes) -> "Presence":
         p = _build(cls, _load(data, "presence"), "presence")
-        if not isinstance(p.num_samples, int) or p.num_samples < 0:
+        if not isinstance(p.num_samples, int) or isinstance(p.num_samples, bool) or p.num_samples < 0:
             raise CodecError("presence.num_samples must be a non-negative integer")
+        if not isinstance(p.online, bool) or not isinstance(p.device_id, str):
+            raise CodecError("presence.online must be a boolean and device_id a string")
         return p
 
 
@@ -153,7 +164,12 @@ class Architecture:
 
     @classmethod
     def decode(cls, data: bytes) -> "Architecture":
-        return _build(cls, _load(data, "architecture", max_bytes=16 << 20), "architecture")
+        a = _build(cls, _load(data, "architecture", max_bytes=16 << 20), "architecture")
+        ok = (isinstance(a.shapes, list) and isinstance(a.names, list) and len(a.shapes) == len(a.names)
+              and all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in a.shapes))
+        if not ok:
+            raise CodecError("architecture shapes/names are malformed")
+        return a
 
 
 @dataclass(frozen=True)
@@ -162,7 +178,7 @@ class RoundAnnouncement:
     attempt: int
     selected: list[str]
     deadline_unix: float
-    state: str = "open"  # "open" | "closed" | "finished"
+    state: str = "open"  # "open" | "finished"
 
     def encode(self) -> bytes:
         return _dump("round", self)
@@ -187,12 +203,12 @@ class Ack:
         return _build(cls, _load(data, "ack"), "ack")
 
 
-# --- binary messages -----------------------------------------------------------------------------
+# --- task: aggregator -> device --------------------------------------------------------------------
 
 
 @dataclass
 class TrainTask:
-    """Aggregator to one device: the global model of a round and how to train it."""
+    """Aggregator to one device: the global model of a round and how to train and send it back."""
 
     round: int
     attempt: int
@@ -206,66 +222,74 @@ class TrainTask:
     # Random per aggregator process: a resumed aggregator re-sends a round with a new session, so
     # devices that already trained it for the crashed process train it again.
     session: str = ""
+    update_content: str = "delta"  # "delta" | "weights": what the device sends back
+    error_feedback: bool = True
+    stochastic_rounding: bool = False
+    compression: str = "none"  # lossless stage for the update: "none" | "zlib" | "zstd"
 
 
-def encode_task(task: TrainTask) -> bytes:
-    masked = [i for i, m in enumerate(task.masks) if m is not None]
-    header = {
-        "round": task.round,
-        "attempt": task.attempt,
-        "arch": task.architecture_digest,
-        "training": task.training,
-        "uplink": task.uplink_precision,
-        "downlink": task.downlink_precision,
-        "deadline_s": task.deadline_s,
-        "session": task.session,
-        "masked": masked,
-        "mask_digest": mask_digest(task.masks),
-    }
-    mask_bytes = encode_masks(task.masks)
-    header["mask_bytes"] = len(mask_bytes)
-    body = mask_bytes + encode_values(task.weights, task.masks, task.downlink_precision)
-    return pack_frame(Kind.TASK, header, body)
+_TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
+                "downlink_precision", "session", "update_content", "error_feedback",
+                "stochastic_rounding", "compression")
 
 
-def decode_task(data: bytes, shapes: Sequence[Sequence[int]], max_bytes: int) -> TrainTask:
+def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
+    section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
+    used, packed = compress(section, compression)
+    header = {k: getattr(task, k) for k in _TASK_FIELDS}
+    header.update(mask_digest=mask_digest(task.masks), section_compression=int(used), section_bytes=len(section))
+    return pack_frame(Kind.TASK, header, packed)
+
+
+def decode_task(
+    data: bytes, names: Sequence[str], shapes: Sequence[Sequence[int]], max_bytes: int,
+    limits: DecodeLimits = DEFAULT_LIMITS,
+) -> TrainTask:
+    """Decode a task for the architecture the device holds (names and shapes must match)."""
     kind, h, body = unpack_frame(data, max_bytes)
     if kind != Kind.TASK:
         raise CodecError(f"expected a task frame, got kind {kind}")
     try:
-        shapes_t = [tuple(int(d) for d in s) for s in shapes]
-        mask_len = int(h["mask_bytes"])
-        if not 0 <= mask_len <= len(body):
-            raise CodecError("mask_bytes out of range")
-        masks = decode_masks(body[:mask_len], shapes_t, [int(i) for i in h["masked"]])
-        if mask_digest(masks) != h["mask_digest"]:
-            raise CodecError("mask digest does not match the mask bits")
-        if h["uplink"] not in PRECISION_BYTES or h["downlink"] not in PRECISION_BYTES:
-            raise CodecError("unknown precision")
-        weights = decode_values(body[mask_len:], shapes_t, masks, h["downlink"])
-        return TrainTask(
-            round=int(h["round"]),
-            attempt=int(h["attempt"]),
-            architecture_digest=str(h["arch"]),
-            weights=weights,
-            masks=masks,
-            training=dict(h["training"]),
-            uplink_precision=h["uplink"],
-            deadline_s=float(h["deadline_s"]),
-            downlink_precision=h["downlink"],
-            session=str(h.get("session", "")),
-        )
+        fields = {k: h[k] for k in _TASK_FIELDS}
+        for k in ("round", "attempt"):
+            if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < 2**32:
+                raise CodecError(f"task {k} must be a non-negative integer")
+        if not isinstance(fields["training"], dict):
+            raise CodecError("task training settings must be an object")
+        for k in ("uplink_precision", "downlink_precision"):
+            precision_of(fields[k])
+        if fields["update_content"] not in ("delta", "weights"):
+            raise CodecError("task update_content must be 'delta' or 'weights'")
+        if fields["compression"] not in ("none", "zlib", "zstd"):
+            raise CodecError("task compression must be none, zlib or zstd")
+        fields["deadline_s"] = float(fields["deadline_s"])
+        max_section = limits.max_elements * 5 + 64 * limits.max_tensors + 2
+        section = decompress(body, int(h["section_compression"]), int(h["section_bytes"]), max_section)
     except CodecError:
         raise
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise CodecError(f"task header is malformed ({type(e).__name__}: {e})") from None
+    decoded = decode_self_describing(section, limits, expected=list(zip(names, shapes)))
+    if mask_digest(decoded.masks) != h.get("mask_digest"):
+        raise CodecError("mask digest does not match the mask bits")
+    return TrainTask(weights=decoded.tensors, masks=decoded.masks, **fields)
+
+
+# --- update: device -> aggregator ------------------------------------------------------------------
+
+
+class Encoding(IntEnum):
+    VALUES_ONLY = 0  # the receiver's mask, named by digest, gives the layout
+    SELF_DESCRIBING = 1  # the update carries its own masks (device-side pruning)
 
 
 @dataclass
 class Update:
-    """Device to aggregator: the weight delta of local training against the task's global model.
+    """Device to aggregator: the result of local training.
 
-    ``delta`` is None when the device reports a failure (``error`` says what failed).
+    ``tensors`` is the weight delta against the task's weights (``content == "delta"``) or the
+    trained weights themselves; None when the device reports a failure (``error`` says which).
+    With ``Encoding.SELF_DESCRIBING`` the update carries ``masks`` of its own.
     """
 
     round: int
@@ -273,69 +297,146 @@ class Update:
     device_id: str
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
-    delta: list[np.ndarray] | None = None
-    mask_digest: str = ""
+    tensors: list[np.ndarray] | None = None
+    content: str = "delta"
     precision: str = "int8"
+    encoding: Encoding = Encoding.VALUES_ONLY
+    compression: str = "none"
+    masks: list[np.ndarray | None] | None = None
+    mask_digest: str = ""
     error: str = ""
 
 
-def encode_update(update: Update, masks: Sequence[np.ndarray | None]) -> bytes:
-    header = {
-        "round": update.round,
-        "attempt": update.attempt,
-        "device": update.device_id,
-        "n": update.num_samples,
-        "metrics": update.metrics,
-        "mask_digest": mask_digest(masks),
-        "precision": update.precision,
-        "error": update.error,
-    }
-    body = b"" if update.delta is None else encode_values(update.delta, masks, update.precision)
-    return pack_frame(Kind.UPDATE, header, body)
+# round, attempt, samples, content, encoding, precision, compression, mask digest
+_UPDATE_FIXED = struct.Struct("<IHIBBBB16s")
+_CONTENT = ("delta", "weights")
 
 
-def peek_update(data: bytes, max_bytes: int) -> tuple[dict[str, Any], memoryview]:
-    """Check the frame of an update and return its header and body, before the tensors are decoded."""
-    kind, h, body = unpack_frame(data, max_bytes)
+def encode_update(
+    update: Update,
+    masks: Sequence[np.ndarray | None],
+    *,
+    names: Sequence[str] | None = None,
+    rng: np.random.Generator | None = None,
+    stochastic: bool = False,
+) -> bytes:
+    """Frame an update. ``masks`` are the task's (values-only) or the device's own (self-describing)."""
+    precision = precision_of(update.precision)
+    section = b""
+    if update.tensors is not None:
+        if update.encoding == Encoding.SELF_DESCRIBING:
+            if names is None:
+                raise ValueError("a self-describing update needs the tensor names")
+            section = encode_self_describing(update.tensors, masks, names, precision, stochastic=stochastic, rng=rng)
+        else:
+            section = encode_values_only(update.tensors, masks, precision, stochastic=stochastic, rng=rng)
+    used, packed = compress(section, update.compression)
+    device = update.device_id.encode()
+    metrics = [(k.encode()[:255], float(v)) for k, v in list(update.metrics.items())[:255]]
+    error = update.error.encode()[:65535]
+    parts = [
+        _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
+                           int(update.encoding), PRECISION_IDS[precision], int(used),
+                           bytes.fromhex(mask_digest(masks))),
+        bytes([len(device)]), device, bytes([len(metrics)]),
+        *(bytes([len(k)]) + k + struct.pack("<f", v) for k, v in metrics),
+        struct.pack("<H", len(error)), error,
+    ]
+    if used is not Compression.NONE:
+        parts.append(struct.pack("<I", len(section)))
+    parts.append(packed)
+    return pack_frame(Kind.UPDATE, None, b"".join(parts))
+
+
+@dataclass
+class UpdateHeader:
+    round: int
+    attempt: int
+    device_id: str
+    num_samples: int
+    content: str
+    encoding: Encoding
+    precision: Precision
+    compression: Compression
+    mask_digest: str
+    metrics: dict[str, float]
+    error: str
+    raw_section_bytes: int  # the section's size before the lossless stage
+
+
+def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
+    """Check the frame of an update and read its header; the tensors are not decoded yet."""
+    kind, _, body = unpack_frame(data, max_bytes)
     if kind != Kind.UPDATE:
         raise CodecError(f"expected an update frame, got kind {kind}")
-    for key, typ in (("round", int), ("attempt", int), ("device", str), ("n", int), ("precision", str),
-                     ("mask_digest", str), ("error", str), ("metrics", dict)):
-        if not isinstance(h.get(key), typ) or isinstance(h.get(key), bool):
-            raise CodecError(f"update header field {key!r} is missing or not {typ.__name__}")
-    return h, body
+    r = ByteReader(body)
+    rnd, attempt, n, content, encoding, pid, comp, digest = r.unpack(_UPDATE_FIXED)
+    if content >= len(_CONTENT) or encoding not in (0, 1) or pid not in _PRECISION_BY_ID or comp not in (0, 1, 2):
+        raise CodecError("update header has an unknown content, encoding, precision or compression")
+    try:
+        device = bytes(r.take(r.byte())).decode()
+        metrics = {}
+        for _ in range(r.byte()):
+            key = bytes(r.take(r.byte())).decode()
+            metrics[key] = float(struct.unpack("<f", r.take(4))[0])
+        error = bytes(r.take(struct.unpack("<H", r.take(2))[0])).decode()
+    except UnicodeDecodeError:
+        raise CodecError("update header text is not UTF-8") from None
+    raw = struct.unpack("<I", r.take(4))[0] if comp else r.remaining
+    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), _PRECISION_BY_ID[pid],
+                          Compression(comp), digest.hex(), metrics, error, raw)
+    return header, r.take(r.remaining)
 
 
 def decode_update(
-    data: bytes, shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarray | None], max_bytes: int
+    data: bytes,
+    shapes: Sequence[Sequence[int]],
+    masks: Sequence[np.ndarray | None],
+    max_bytes: int,
+    *,
+    names: Sequence[str] | None = None,
+    limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> Update:
-    """Decode an update against the receiver's mask; a different mask digest is an error."""
-    h, body = peek_update(data, max_bytes)
-    if h["n"] < 1 and not h["error"]:
-        raise CodecError(f"update reports {h['n']} samples; must be >= 1")
-    delta = None
-    if not h["error"]:
-        if h["mask_digest"] != mask_digest(masks):
-            raise CodecError("update was made against another mask (mask digest mismatch)")
-        if h["precision"] not in PRECISION_BYTES:
-            raise CodecError(f"unknown precision {h['precision']!r}")
-        delta = decode_values(body, [tuple(s) for s in shapes], masks, h["precision"])
-    metrics = {str(k): _finite_float(v) for k, v in h["metrics"].items() if isinstance(v, (int, float))}
+    """Decode an update against the receiver's layout.
+
+    Values-only: ``masks`` are the receiver's; a different mask digest is an error, never a silent
+    misalignment. Self-describing: the update's own masks are used, ``names`` and ``shapes`` must
+    match its tensor table.
+    """
+    h, section = peek_update(data, max_bytes)
+    if h.num_samples < 1 and not h.error:
+        raise CodecError(f"update reports {h.num_samples} samples; must be >= 1")
+    tensors, own_masks = None, None
+    if not h.error:
+        if h.encoding == Encoding.VALUES_ONLY:
+            if h.mask_digest != mask_digest(masks):
+                raise CodecError("update was made against another mask (mask digest mismatch)")
+            expected = values_only_size(shapes, masks, h.precision)
+            if h.raw_section_bytes != expected:
+                raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected {expected}")
+            raw = decompress(section, h.compression, h.raw_section_bytes, expected)
+            tensors = decode_values_only(raw, shapes, masks, h.precision)
+        else:
+            if names is None:
+                raise CodecError("self-describing update, but the receiver gave no tensor names")
+            max_section = limits.max_elements * 5 + 64 * limits.max_tensors + 2
+            raw = decompress(section, h.compression, h.raw_section_bytes, max_section)
+            decoded = decode_self_describing(raw, limits, expected=list(zip(names, shapes)))
+            if mask_digest(decoded.masks) != h.mask_digest:
+                raise CodecError("mask digest does not match the update's mask bits")
+            tensors, own_masks = decoded.tensors, decoded.masks
+    elif section:
+        raise CodecError("an update that reports an error carries no tensors")
     return Update(
-        round=h["round"], attempt=h["attempt"], device_id=h["device"], num_samples=h["n"],
-        metrics=metrics, delta=delta, mask_digest=h["mask_digest"], precision=h["precision"],
-        error=h["error"],
+        round=h.round, attempt=h.attempt, device_id=h.device_id, num_samples=h.num_samples, metrics=h.metrics,
+        tensors=tensors, content=h.content, precision=h.precision.value, encoding=h.encoding,
+        compression=h.compression.name.lower(), masks=own_masks, mask_digest=h.mask_digest, error=h.error,
     )
 
 
-def _finite_float(v: float) -> float:
-    try:
-        f = float(v)
-    except OverflowError:
-        return float("nan")
-    return f if np.isfinite(f) else float("nan")
-
-
 def update_size_bound(shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarray | None], precision: str) -> int:
-    """Body bytes of a values-only update: the kept count times the value width (+ int8 scales)."""
-    return values_body_size(kept_counts([tuple(s) for s in shapes], masks), precision)
+    """Bytes of a values-only update's tensors: kept values times the value width, plus scales."""
+    return values_only_size(shapes, masks, precision)
+
+
+UPDATE_OVERHEAD_BYTES = FRAME_OVERHEAD + _UPDATE_FIXED.size  # + device id, metrics, error text

@@ -8,13 +8,26 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
-from converters.codec import CodecError, unpack_frame
-from converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, Update, decode_task, encode_update
+from converters.error_feedback import ErrorFeedback
+from converters.errors import CodecError
+from converters.frame import unpack_frame
+from converters.protocol import (
+    Ack,
+    Architecture,
+    Presence,
+    Topics,
+    TrainTask,
+    Update,
+    decode_task,
+    decode_update,
+    encode_update,
+)
 from fedprune import __version__
 from fedprune.transport import MqttSession, PayloadTooLarge
 
@@ -39,8 +52,11 @@ class EdgeAgent:
         trainer: Trainer,
         *,
         federation: str = "default",
-        max_payload_bytes: int = 4_000_000,
+        max_payload_bytes: int = 1_000_000,
+        max_message_bytes: int = 64_000_000,
         executor: Executor | None = None,
+        state_dir: str | Path | None = None,
+        seed: int | None = None,
     ) -> None:
         from converters.protocol import valid_device_id
 
@@ -50,7 +66,10 @@ class EdgeAgent:
         self.x, self.y = x, y
         self.trainer = trainer
         self.topics = Topics(federation)
-        self.max_payload_bytes = max_payload_bytes
+        self.max_message_bytes = max(max_message_bytes, max_payload_bytes)
+        # Residuals of lossy transport; on disk (atomically) when the agent has a state folder.
+        self.error_feedback = ErrorFeedback(Path(state_dir) / "error_feedback.npz" if state_dir else None)
+        self.rng = np.random.default_rng(seed)  # stochastic rounding
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._own_executor = executor is None
         self._lock = threading.Lock()
@@ -70,6 +89,7 @@ class EdgeAgent:
             on_connected=self._announce,
             will=(self.topics.presence(device_id), offline, True),
             max_payload_bytes=max_payload_bytes,
+            max_message_bytes=self.max_message_bytes,
         )
 
     def start(self, timeout_s: float | None = 30.0) -> "EdgeAgent":
@@ -119,7 +139,7 @@ class EdgeAgent:
                 self._pending_task = payload  # the retained architecture will follow
                 return
             try:
-                _, header, _ = unpack_frame(payload, self.max_payload_bytes)
+                _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, e)
@@ -133,7 +153,7 @@ class EdgeAgent:
     # --- worker thread ---
     def _run_task(self, arch: Architecture, payload: bytes) -> None:
         try:
-            task = decode_task(payload, arch.shapes, self.max_payload_bytes)
+            task = decode_task(payload, arch.names, arch.shapes, self.max_message_bytes)
         except CodecError as e:
             log.error("%s: ignored undecodable task: %s", self.device_id, e)
             return
@@ -143,21 +163,35 @@ class EdgeAgent:
             return
         try:
             delta, metrics = self.trainer.train(arch, task, self.x, self.y)
-            update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), metrics, delta,
-                            precision=task.uplink_precision)
         except Exception as e:  # any training failure goes back to the aggregator, not into a log only
             log.exception("%s: training for round %d failed", self.device_id, task.round)
-            update = Update(task.round, task.attempt, self.device_id, int(len(self.x)),
-                            error=f"{type(e).__name__}: {e}"[:500])
-        self._send(update, task)
+            self._send(Update(task.round, task.attempt, self.device_id, int(len(self.x)),
+                              error=f"{type(e).__name__}: {e}"[:500]), task)
+            return
+        if task.update_content == "weights":
+            tensors = [w + d for w, d in zip(task.weights, delta)]
+        else:
+            tensors = delta
+        lossy = task.uplink_precision != "float32"
+        use_ef = task.error_feedback and lossy and task.update_content == "delta"
+        if use_ef:
+            tensors = self.error_feedback.compensate(tensors, task.masks)
+        update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), metrics, tensors,
+                        content=task.update_content, precision=task.uplink_precision,
+                        compression=task.compression)
+        payload = self._send(update, task)
+        if use_ef and payload is not None:
+            sent = decode_update(payload, arch.shapes, task.masks, self.max_message_bytes)
+            self.error_feedback.record(tensors, sent.tensors)
 
-    def _send(self, update: Update, task: TrainTask) -> None:
+    def _send(self, update: Update, task: TrainTask) -> bytes | None:
         try:
-            payload = encode_update(update, task.masks)
+            payload = encode_update(update, task.masks, rng=self.rng, stochastic=task.stochastic_rounding)
             self.session.publish(self.topics.update(self.device_id), payload)
         except (PayloadTooLarge, ValueError) as e:
             log.error("%s: cannot send the update for round %d: %s", self.device_id, task.round, e)
-            return
+            return None
         log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(payload))
         self.completed_rounds.append(task.round)
         self.round_done.set()
+        return payload

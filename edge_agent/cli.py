@@ -20,8 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-id", required=True, help="this device's id, unique in the federation")
     parser.add_argument("--data", required=True, help=".npz with x_train and y_train (stays on the device)")
     parser.add_argument("--federation", default="default", help="federation id (default 'default')")
-    parser.add_argument("--max-payload-bytes", type=int, default=4_000_000,
-                        help="largest message accepted or sent (default 4,000,000)")
+    parser.add_argument("--max-payload-bytes", type=int, default=1_000_000,
+                        help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
+    parser.add_argument("--max-message-bytes", type=int, default=64_000_000,
+                        help="largest whole message accepted (default 64,000,000)")
+    parser.add_argument("--state-dir", default=None,
+                        help="folder for state kept across restarts (error-feedback residuals); "
+                             "default: fedprune-state/<device id>")
     add_logging_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -33,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         x, y = load_device_data(args.data)
         agent = EdgeAgent(args.broker, args.device_id, x, y, KerasTrainer(), federation=args.federation,
-                          max_payload_bytes=args.max_payload_bytes)
+                          max_payload_bytes=args.max_payload_bytes, max_message_bytes=args.max_message_bytes,
+                          state_dir=args.state_dir or f"fedprune-state/{args.device_id}")
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

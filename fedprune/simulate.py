@@ -48,7 +48,9 @@ def run_simulation(
         for i, idx in enumerate(shards):
             agent = EdgeAgent(broker_url, f"sim-{i:03d}", ds.x_train[idx], ds.y_train[idx], trainer,
                               federation=task.federation.id,
-                              max_payload_bytes=task.transport.max_payload_bytes)
+                              max_payload_bytes=task.transport.max_payload_bytes,
+                              max_message_bytes=task.transport.max_message_bytes,
+                              seed=task.seed * 100_003 + i)
             agent.start()
             stack.callback(agent.stop)
         return aggregator.run()

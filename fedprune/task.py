@@ -17,7 +17,6 @@ from typing import Any, Literal, get_args, get_origin
 
 from fedprune.pruning.schedules import PolynomialDecay
 
-PRECISIONS = ("float32", "float16", "int8")
 
 
 class TaskError(ValueError):
@@ -132,16 +131,29 @@ class PruningSection:
         return self.final_sparsity > 0
 
 
+Precision = Literal["float32", "float16", "int8", "int8-channel", "int4"]
+
+
 @dataclass(frozen=True)
 class TransportSection:
-    uplink_precision: Literal["float32", "float16", "int8"] = "int8"
-    downlink_precision: Literal["float32", "float16", "int8"] = "float32"
-    max_payload_bytes: int = 4_000_000  # application limit, below any broker's packet limit
+    uplink_precision: Precision = "int8"
+    downlink_precision: Precision = "float32"
+    update: Literal["delta", "weights"] = "delta"  # what devices send: weight delta (quantizes better) or weights
+    error_feedback: bool = True  # carry each round's quantization error into the next update
+    stochastic_rounding: bool = False
+    compression: Literal["none", "zlib", "zstd"] = "none"  # lossless stage, used only when it shrinks
+    max_payload_bytes: int = 1_000_000  # one MQTT message; larger ones are sent in chunks
+    max_message_bytes: int = 64_000_000  # a whole (reassembled) message
 
     def check(self) -> None:
         if not 1024 <= self.max_payload_bytes <= 256 * 1024 * 1024:
             raise TaskError(
                 f"transport.max_payload_bytes must be in [1024, 268435456], got {self.max_payload_bytes}"
+            )
+        if self.max_message_bytes < self.max_payload_bytes:
+            raise TaskError(
+                f"transport.max_message_bytes ({self.max_message_bytes}) must be >= "
+                f"transport.max_payload_bytes ({self.max_payload_bytes})"
             )
 
 
@@ -231,6 +243,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return tuple(value)
     if origin in (typing.Union, types.UnionType):
         raise TaskError(f"{key}: unsupported type")  # pragma: no cover - no such fields yet
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TaskError(f"{key} must be true or false, got {value!r}")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TaskError(f"{key} must be a number, got {value!r}")

@@ -16,13 +16,16 @@ from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 
+from converters.chunking import Reassembler, is_chunk, split_message
+from converters.errors import CodecError
+
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
 
 
 class PayloadTooLarge(ValueError):
-    """A payload over the application limit; raise the limit or shrink the model."""
+    """A message over the application limit; raise the limit or shrink the model."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class MqttSession:
         on_message: MessageHandler | None = None,
         on_connected: Callable[[], None] | None = None,
         will: tuple[str, bytes, bool] | None = None,
-        max_payload_bytes: int = 4_000_000,
+        max_payload_bytes: int = 1_000_000,
+        max_message_bytes: int = 64_000_000,
         clean_session: bool = True,
         keepalive_s: int = 30,
         reconnect_max_delay_s: int = 30,
@@ -81,6 +85,9 @@ class MqttSession:
         self.address = parse_broker_url(broker_url)
         self.client_id = client_id
         self.max_payload_bytes = max_payload_bytes
+        self.max_message_bytes = max(max_message_bytes, max_payload_bytes)
+        self.reassembler = Reassembler(self.max_message_bytes, max_pending_messages=16)
+        self.chunk_errors = 0
         self.subscriptions = list(subscriptions or [])
         self._on_message = on_message
         self._on_connected = on_connected
@@ -148,14 +155,20 @@ class MqttSession:
 
     # -- messaging --
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
-        if len(payload) > self.max_payload_bytes:
+        """Publish at QoS 1; a message over ``max_payload_bytes`` goes as chunks (never retained:
+        a broker keeps only the last retained message of a topic). Returns the last publish's info."""
+        if len(payload) > self.max_message_bytes:
             raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes for {topic} exceeds the limit of "
-                f"{self.max_payload_bytes} bytes (transport.max_payload_bytes)"
+                f"message of {len(payload)} bytes for {topic} exceeds the limit of "
+                f"{self.max_message_bytes} bytes (transport.max_message_bytes)"
             )
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        pieces = split_message(payload, self.max_payload_bytes)
+        if len(pieces) > 1 and retain:
+            log.debug("%s: a %d-byte message goes in %d chunks, not retained", topic, len(payload), len(pieces))
+        for piece in pieces:
+            info = self.client.publish(topic, piece, qos=1, retain=retain and len(pieces) == 1)
         with self._lock:
-            self.bytes_published += len(payload)
+            self.bytes_published += sum(len(p) for p in pieces)
         return info
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -183,6 +196,15 @@ class MqttSession:
             return
         with self._lock:
             self.bytes_received += len(payload)
+        if is_chunk(payload):
+            try:
+                payload = self.reassembler.add(msg.topic, payload)
+            except CodecError as e:
+                self.chunk_errors += 1
+                log.warning("dropped a chunk on %s: %s", msg.topic, e.reason)
+                return
+            if payload is None:
+                return  # more chunks to come
         if self._on_message:
             try:
                 self._on_message(msg.topic, payload)

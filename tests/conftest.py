@@ -36,8 +36,8 @@ def mosquitto_broker() -> Iterator[MosquittoProcess]:
             pytest.fail(f"{msg}, and CI is set: install it in the CI image", pytrace=False)
         pytest.skip(msg)
     broker = MosquittoProcess()
-    broker.start()
     try:
+        broker.start()
         yield broker
     finally:
         broker.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import random
+import socket
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ class MqttClient:
             client_id=f"test-{uuid.uuid4().hex[:12]}",
             protocol=mqtt.MQTTv311,
         )
+        self.client.reconnect_delay_set(min_delay=0.1, max_delay=0.5)  # fast loop_stop()
         if will is not None:
             self.client.will_set(will[0], will[1], qos=1, retain=False)
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
@@ -108,8 +110,9 @@ class MqttClient:
     def close(self) -> None:
         # DISCONNECT first: the network thread then ends at once (loop_stop alone waits for
         # its select() timeout, about a second per client).
+        # With no connection (broker gone) disconnect() still ends the reconnect attempts.
         sock = self.client.socket()
-        if sock is not None and sock.fileno() != -1:
+        if sock is None or sock.fileno() != -1:
             self.client.disconnect()
         self.client.loop_stop()
         sock = self.client.socket()
@@ -224,8 +227,6 @@ def test_last_will_sent_when_client_goes_silent(request, broker_url, make_client
 
 
 def _accepts_connections(port: int) -> bool:
-    import socket
-
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
             return True
@@ -264,10 +265,26 @@ def test_second_embedded_broker_on_same_port_fails_and_first_keeps_working(make_
         assert sub.next_message().payload == b"yes"
 
 
+def test_embedded_broker_stops_promptly_while_clients_are_busy(make_client):
+    # amqtt's own shutdown could hang forever when a client's packet arrived at that moment
+    # (Python 3.11 wait_for swallowing the cancellation); EmbeddedBroker closes sockets first.
+    for round_ in range(5):
+        broker = EmbeddedBroker().start()
+        sub = make_client(broker.url).start()
+        sub.subscribe("fedprune/test/busy", qos=1)
+        pub = make_client(broker.url).start()
+        for i in range(50):
+            pub.client.publish("fedprune/test/busy", b"m%d" % i, qos=1)
+        assert sub.next_message().payload == b"m0"  # PUBLISH and PUBACK are flowing
+        port = broker.port
+        started = time.monotonic()
+        broker.stop(timeout=8)  # raises RuntimeError if the broker thread is still alive
+        assert time.monotonic() - started < 8, f"round {round_}"
+        assert not _accepts_connections(port)
+
+
 def test_embedded_broker_binds_only_the_given_host():
     with EmbeddedBroker(host="127.0.0.1", port=free_port()) as broker:
-        import socket
-
         # 127.0.0.2 is loopback too, but not the bound address: a 0.0.0.0 bind would accept it.
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.2", broker.port), timeout=0.5).close()

@@ -5,13 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import (
-    KEEP_LAST,
-    FederationState,
-    atomic_write_bytes,
-    load_latest_checkpoint,
-    save_checkpoint,
-)
+from aggregator.checkpoint import KEEP_LAST, FederationState, load_latest_checkpoint, save_checkpoint
+from fedprune.fileio import atomic_write_bytes
 
 
 def make_state(rounds: int, seed: int = 0) -> FederationState:

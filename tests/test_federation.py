@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from aggregator.checkpoint import load_latest_checkpoint
-from converters.codec import pack_frame
 from converters.protocol import (
     Architecture,
-    Kind,
     Topics,
+    Update,
     decode_task,
     decode_update,
+    encode_update,
     peek_update,
     update_size_bound,
 )
@@ -23,7 +23,7 @@ from converters.tflite_export import sparse_weight_stats
 from federation_helpers import Spy, small_task
 from fedprune.simulate import run_simulation
 
-HEADER_ALLOWANCE = 512  # frame prefix, JSON header (round, device, metrics, digest) and checksum
+HEADER_ALLOWANCE = 128  # frame prefix and checksum, binary update header with device id and 3 metrics
 
 
 def test_federation_end_to_end(broker_url, tmp_path):
@@ -56,7 +56,7 @@ def test_federation_end_to_end(broker_url, tmp_path):
     tasks = {}
     for topic, payload in spy.on("/task"):
         if payload:
-            t = decode_task(payload, arch.shapes, 10**8)
+            t = decode_task(payload, arch.names, arch.shapes, 10**8)
             tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
     updates = spy.on("/update")
     assert len(updates) >= 6
@@ -65,7 +65,7 @@ def test_federation_end_to_end(broker_url, tmp_path):
         header_round = next(t for (d, r, a), t in tasks.items() if d == device and
                             _round_of(payload) == (r, a))
         u = decode_update(payload, arch.shapes, header_round.masks, 10**8)
-        for d, m in zip(u.delta, header_round.masks):
+        for d, m in zip(u.tensors, header_round.masks):
             if m is not None:
                 assert np.all(d[~m] == 0.0)
         bound = update_size_bound(arch.shapes, header_round.masks, "int8")
@@ -89,7 +89,7 @@ def test_federation_end_to_end(broker_url, tmp_path):
 
 def _round_of(payload: bytes) -> tuple[int, int]:
     h, _ = peek_update(payload, 10**8)
-    return h["round"], h["attempt"]
+    return h.round, h.attempt
 
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path):
@@ -126,5 +126,5 @@ def _send_bad(spy: Spy, topics: Topics, old_topic: str, old_update: bytes) -> No
     spy.publish(topics.update(victim), b"\x00garbage" * 10)
     spy.publish(topics.update(victim), old_update[: len(old_update) // 2])
     spy.publish(old_topic, old_update)  # its round-1 update replayed in round 2
-    header, body = peek_update(old_update, 10**8)
-    spy.publish(topics.update("ghost"), pack_frame(Kind.UPDATE, {**header, "device": "ghost"}, bytes(body)))
+    ghost = Update(round=2, attempt=1, device_id="ghost", num_samples=5, error="never announced itself")
+    spy.publish(topics.update("ghost"), encode_update(ghost, []))

@@ -1,0 +1,98 @@
+"""The message frame every binary fedprune message travels in.
+
+Layout (integers little-endian)::
+
+    magic    4 bytes  b"FPRN"
+    version  u8       FRAME_VERSION
+    kind     u8       what the message is (converters.protocol.Kind)
+    hlen     u32      length of the JSON header; 0 for kinds whose body starts with a binary header
+    header   hlen bytes of UTF-8 JSON (an object)
+    body     the rest up to the checksum
+    crc32    u32      zlib.crc32 of every byte before it
+
+The frame is checked (length limit, magic, version, header length, checksum) before anything in
+it is interpreted.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from typing import Any
+
+from converters.errors import CodecError
+
+MAGIC = b"FPRN"
+FRAME_VERSION = 1
+PREFIX = struct.Struct("<4sBBI")
+CRC = struct.Struct("<I")
+FRAME_OVERHEAD = PREFIX.size + CRC.size
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def pack_frame(kind: int, header: dict[str, Any] | None, body: bytes = b"") -> bytes:
+    head = b"" if header is None else json.dumps(header, separators=(",", ":")).encode()
+    if len(head) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    data = PREFIX.pack(MAGIC, FRAME_VERSION, kind, len(head)) + head + body
+    return data + CRC.pack(zlib.crc32(data))
+
+
+def unpack_frame(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], memoryview]:
+    """Check and split a frame; returns ``(kind, header, body)`` (header ``{}`` when absent)."""
+    if len(data) > max_bytes:
+        raise CodecError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if len(data) < FRAME_OVERHEAD:
+        raise CodecError(f"payload of {len(data)} bytes is shorter than a frame")
+    magic, version, kind, hlen = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise CodecError("not a fedprune frame (bad magic)")
+    if version != FRAME_VERSION:
+        raise CodecError(f"frame version {version} not supported (this side speaks {FRAME_VERSION})")
+    if hlen > MAX_HEADER_BYTES or PREFIX.size + hlen + CRC.size > len(data):
+        raise CodecError(f"header length {hlen} does not fit a {len(data)}-byte payload")
+    (crc,) = CRC.unpack_from(data, len(data) - CRC.size)
+    view = memoryview(data)
+    if zlib.crc32(view[: len(data) - CRC.size]) != crc:
+        raise CodecError("checksum mismatch (payload corrupted or truncated)")
+    header: Any = {}
+    if hlen:
+        try:
+            header = json.loads(bytes(view[PREFIX.size : PREFIX.size + hlen]))
+        except (ValueError, RecursionError) as e:  # bad UTF-8/JSON, 5000-digit ints, deep nesting
+            raise CodecError(f"header is not JSON ({type(e).__name__})") from None
+        if not isinstance(header, dict):
+            raise CodecError("header is not a JSON object")
+    return kind, header, view[PREFIX.size + hlen : len(data) - CRC.size]
+
+
+def peek_kind(data: bytes) -> int | None:
+    """The kind byte of something that looks like a frame, else None (no checksum check)."""
+    if len(data) >= FRAME_OVERHEAD and data[:4] == MAGIC:
+        return data[5]
+    return None
+
+
+class ByteReader:
+    """Reads a buffer front to back; asking for more than is left is a CodecError."""
+
+    def __init__(self, view: memoryview) -> None:
+        self.view, self.pos = view, 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.view) - self.pos
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or n > self.remaining:
+            raise CodecError(f"section ends early: {n} bytes needed at offset {self.pos}, {self.remaining} left")
+        out = self.view[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def unpack(self, s: struct.Struct) -> tuple:
+        return s.unpack(self.take(s.size))
