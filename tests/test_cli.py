@@ -85,7 +85,8 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url
         np.savez(data, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
         agents.append(subprocess.Popen(
             _cmd("fedprune-agent", "edge_agent.cli")
-            + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data)],
+            + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data),
+               "--state-dir", str(tmp_path / f"state{i}")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     run_dir = tmp_path / "run"
     aggregator_cmd = _cmd("fedprune-aggregator", "aggregator.cli") + [
@@ -109,6 +110,8 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url
         assert "exported" in resumed.stdout and (run_dir / "model-int8.tflite").is_file()
         metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert len(metrics) == 3  # each round recorded once
+        # int8 uplink: each agent kept its quantization residual on disk for the next round
+        assert all((tmp_path / f"state{i}" / "error_feedback.npz").is_file() for i in range(2))
     finally:
         for p in agents:
             p.send_signal(signal.SIGINT)

@@ -20,14 +20,28 @@ def test_parse_broker_url():
             parse_broker_url(bad)
 
 
-def test_oversize_payload_is_refused_before_it_reaches_the_broker(embedded_broker_url):
-    s = MqttSession(embedded_broker_url, "limit-test", max_payload_bytes=1000).start(10)
+def test_large_messages_travel_in_chunks_and_oversize_ones_are_refused(broker_url):
+    got: list[tuple[str, bytes]] = []
+    done = threading.Event()
+
+    def on_message(topic, payload):
+        got.append((topic, payload))
+        done.set()
+
+    limits = dict(max_payload_bytes=1000, max_message_bytes=5000)
+    sub = MqttSession(broker_url, "chunk-sub", subscriptions=["t/big"], on_message=on_message, **limits).start(10)
+    pub = MqttSession(broker_url, "chunk-pub", **limits).start(10)
     try:
-        with pytest.raises(PayloadTooLarge, match="exceeds the limit of 1000 bytes"):
-            s.publish("t/x", b"x" * 1001)
-        s.publish("t/x", b"x" * 1000).wait_for_publish(5)
+        big = bytes(range(256)) * 19  # 4,864 bytes: 6 chunks of at most 1,000
+        pub.publish("t/big", big).wait_for_publish(5)
+        assert done.wait(10), "the chunked message never arrived whole"
+        assert got == [("t/big", big)]
+        assert pub.bytes_published > len(big)  # chunk headers
+        with pytest.raises(PayloadTooLarge, match="exceeds the limit of 5000 bytes"):
+            pub.publish("t/big", b"x" * 5001)
     finally:
-        s.stop()
+        sub.stop()
+        pub.stop()
 
 
 def test_connection_error_names_the_broker():
