@@ -128,3 +128,18 @@ def _send_bad(spy: Spy, topics: Topics, old_topic: str, old_update: bytes) -> No
     spy.publish(old_topic, old_update)  # its round-1 update replayed in round 2
     ghost = Update(round=2, attempt=1, device_id="ghost", num_samples=5, error="never announced itself")
     spy.publish(topics.update("ghost"), encode_update(ghost, []))
+
+
+def test_federation_with_chunked_tasks_weights_uplink_int4_zstd_and_stochastic_rounding(broker_url, tmp_path):
+    # The task (~600 kB of float32 weights) is far over a 64 kB payload limit: it travels in chunks.
+    task = small_task(
+        federation={"rounds": 2},
+        pruning={"final_sparsity": 0.5, "end_round": 2},
+        transport={"max_payload_bytes": 65536, "uplink_precision": "int4", "update": "weights",
+                   "compression": "zstd", "stochastic_rounding": True, "downlink_precision": "float16"},
+    )
+    result = run_simulation(task, 3, tmp_path / "run", broker_url=broker_url, export_tflite=False)
+    assert [r.reported for r in result.rounds] == [3, 3]
+    assert all(r.rejected == 0 for r in result.rounds)
+    assert result.final_accuracy > 0.5
+    assert result.final_sparsity == pytest.approx(0.5, abs=1e-4)
