@@ -18,7 +18,7 @@ import numpy as np
 from aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
 from fedprune.fileio import atomic_write_bytes
 from aggregator.registry import DeviceRegistry
-from aggregator.strategy import ClientResult, FedAvg
+from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, mask_agreement
 from converters.errors import CodecError
 from converters.protocol import (
     Ack,
@@ -62,6 +62,7 @@ class RoundRecord:
     wall_s: float
     train_loss: float
     rejections: dict[str, int] = field(default_factory=dict)
+    mask_agreement: float | None = None  # device-side masks: mean pairwise Jaccard of the kept sets
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Aggregator:
         self.topics = Topics(task.federation.id)
         self.registry = DeviceRegistry()
         self.strategy = FedAvg()
+        self.device_masks = task.pruning.enabled and task.pruning.mask_owner == "device"
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.session_id = secrets.token_hex(8)
 
@@ -239,14 +241,24 @@ class Aggregator:
                 f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
             )
 
-        weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
-        masks = self.state.masks
-        pruned = False
-        if self.schedule is not None:
-            prune_now, target = self.schedule(r)
-            if prune_now:
-                weights, masks = prune_to_sparsity(weights, masks, target)
-                pruned = True
+        agreement = None
+        if self.device_masks:
+            # Each weight averaged over the devices that kept it; then the global mask, fresh, by
+            # magnitude of that average (positions may come back if the devices kept them).
+            weights = DeviceMaskAveraging().aggregate(results)
+            agreement = mask_agreement(results)
+            fresh = [None if m is None else np.ones(m.shape, bool) for m in self.state.masks]
+            weights, masks = prune_to_sparsity(weights, fresh, self.schedule.sparsity_at(r))
+            pruned = True
+        else:
+            weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
+            masks = self.state.masks
+            pruned = False
+            if self.schedule is not None:
+                prune_now, target = self.schedule(r)
+                if prune_now:
+                    weights, masks = prune_to_sparsity(weights, masks, target)
+                    pruned = True
         loss, acc = self.evaluate(weights)
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += bytes_down
@@ -268,6 +280,7 @@ class Aggregator:
             wall_s=time.monotonic() - start,
             train_loss=float(np.mean(train_losses)),
             rejections=rejections,
+            mask_agreement=agreement,
         )
 
     def _collect(
@@ -291,6 +304,7 @@ class Aggregator:
             error_feedback=transport.error_feedback,
             stochastic_rounding=transport.stochastic_rounding,
             compression=transport.compression,
+            device_sparsity=self.schedule.sparsity_at(r) if self.device_masks else None,
         )
         payload = encode_task(task, self.architecture.names, transport.compression)
         for device_id in selected:
@@ -355,6 +369,10 @@ class Aggregator:
             update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
+        if self.device_masks:
+            if update.masks is None or update.content != "weights":
+                return None, "wrong encoding: device-side pruning needs weights with the device's own masks", device_id
+            return ClientResult(device_id, update.num_samples, update.tensors, update.metrics, update.masks), "", device_id
         tensors = apply_masks(update.tensors, self.state.masks)
         if update.content == "weights":
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]

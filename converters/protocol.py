@@ -226,11 +226,14 @@ class TrainTask:
     error_feedback: bool = True
     stochastic_rounding: bool = False
     compression: str = "none"  # lossless stage for the update: "none" | "zlib" | "zstd"
+    # Device-side pruning: prune locally to this sparsity and send the device's own mask
+    # (a self-describing update); None when the aggregator owns the mask.
+    device_sparsity: float | None = None
 
 
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
-                "stochastic_rounding", "compression")
+                "stochastic_rounding", "compression", "device_sparsity")
 
 
 def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
@@ -263,6 +266,10 @@ def decode_task(
         if fields["compression"] not in ("none", "zlib", "zstd"):
             raise CodecError("task compression must be none, zlib or zstd")
         fields["deadline_s"] = float(fields["deadline_s"])
+        if fields["device_sparsity"] is not None:
+            fields["device_sparsity"] = float(fields["device_sparsity"])
+            if not 0.0 <= fields["device_sparsity"] < 1.0:
+                raise CodecError("task device_sparsity must be in [0, 1)")
         max_section = limits.max_elements * 5 + 64 * limits.max_tensors + 2
         section = decompress(body, int(h["section_compression"]), int(h["section_bytes"]), max_section)
     except CodecError:

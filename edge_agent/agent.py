@@ -19,6 +19,7 @@ from converters.errors import CodecError
 from converters.frame import unpack_frame
 from converters.protocol import (
     Ack,
+    Encoding,
     Architecture,
     Presence,
     Topics,
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 
 
 class Trainer(Protocol):
-    def train(
-        self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray
-    ) -> tuple[list[np.ndarray], dict[str, float]]: ...
+    """What the agent needs of local training (edge_agent.trainer.KerasTrainer is the real one)."""
+
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray): ...
 
 
 class EdgeAgent:
@@ -135,14 +136,14 @@ class EdgeAgent:
 
     def _accept_task(self, payload: bytes) -> None:
         with self._lock:
-            if self._architecture is None:
-                self._pending_task = payload  # the retained architecture will follow
-                return
             try:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                return
+            if self._architecture is None or header.get("architecture_digest") != self._architecture.digest:
+                self._pending_task = payload  # its architecture (retained, or a new one) will follow
                 return
             if key in self._seen:
                 return  # a redelivery of a task already taken on
@@ -162,31 +163,34 @@ class EdgeAgent:
                               error="task names another architecture than the one received"), task)
             return
         try:
-            delta, metrics = self.trainer.train(arch, task, self.x, self.y)
+            result = self.trainer.train(arch, task, self.x, self.y)
         except Exception as e:  # any training failure goes back to the aggregator, not into a log only
             log.exception("%s: training for round %d failed", self.device_id, task.round)
             self._send(Update(task.round, task.attempt, self.device_id, int(len(self.x)),
                               error=f"{type(e).__name__}: {e}"[:500]), task)
             return
-        if task.update_content == "weights":
-            tensors = [w + d for w, d in zip(task.weights, delta)]
+        own_masks = task.device_sparsity is not None  # device-side pruning: send our own mask
+        if task.update_content == "weights" or own_masks:
+            tensors = [w + d for w, d in zip(task.weights, result.delta)]
+            content = "weights"
         else:
-            tensors = delta
+            tensors, content = result.delta, "delta"
         lossy = task.uplink_precision != "float32"
-        use_ef = task.error_feedback and lossy and task.update_content == "delta"
+        use_ef = task.error_feedback and lossy and content == "delta"
         if use_ef:
             tensors = self.error_feedback.compensate(tensors, task.masks)
-        update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), metrics, tensors,
-                        content=task.update_content, precision=task.uplink_precision,
-                        compression=task.compression)
-        payload = self._send(update, task)
+        update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), result.metrics, tensors,
+                        content=content, precision=task.uplink_precision, compression=task.compression,
+                        encoding=Encoding.SELF_DESCRIBING if own_masks else Encoding.VALUES_ONLY)
+        payload = self._send(update, task, result.masks, arch.names)
         if use_ef and payload is not None:
             sent = decode_update(payload, arch.shapes, task.masks, self.max_message_bytes)
             self.error_feedback.record(tensors, sent.tensors)
 
-    def _send(self, update: Update, task: TrainTask) -> bytes | None:
+    def _send(self, update: Update, task: TrainTask, masks=None, names=None) -> bytes | None:
         try:
-            payload = encode_update(update, task.masks, rng=self.rng, stochastic=task.stochastic_rounding)
+            payload = encode_update(update, task.masks if masks is None else masks, names=names, rng=self.rng,
+                                    stochastic=task.stochastic_rounding)
             self.session.publish(self.topics.update(self.device_id), payload)
         except (PayloadTooLarge, ValueError) as e:
             log.error("%s: cannot send the update for round %d: %s", self.device_id, task.round, e)

@@ -1,10 +1,13 @@
-"""Local training with Keras under tfmot pruning wrappers, with the aggregator's mask imposed.
+"""Local training with Keras under tfmot pruning wrappers.
 
-The aggregator owns the mask. Each masked kernel is wrapped in tfmot's ``PruneLowMagnitude`` with
-a schedule that never prunes by itself, and the wrapper's mask variable is set to the
-aggregator's mask, so every training step multiplies the kernel by it: pruned weights stay exactly
-zero in the forward pass, and the result is masked once more before it leaves (as
-``strip_pruning`` does).
+Each masked kernel is wrapped in tfmot's ``PruneLowMagnitude``, and the wrapper's mask variable
+starts as the task's mask. Two modes, set per task:
+
+- aggregator-owned mask (default): the schedule never prunes, so every training step multiplies
+  the kernel by the aggregator's mask: pruned weights stay exactly zero in the forward pass, and
+  the result is masked once more before it leaves (as ``strip_pruning`` does);
+- device-side pruning (``task.device_sparsity`` set): tfmot prunes by magnitude to that sparsity
+  at every step, as in the original method's code, and the device sends its own mask back.
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ class TrainingError(RuntimeError):
     """Local training could not run; the message goes back to the aggregator."""
 
 
-class ImposedMask(tfmot.sparsity.keras.PruningSchedule):
-    """A schedule that never prunes: the mask comes from the aggregator, not from this device."""
+class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
+    """A tfmot schedule driven by variables, set anew for each task without retracing.
+
+    ``prune`` False: the mask is imposed (it comes from the aggregator); True: tfmot prunes to
+    ``target`` by magnitude at every training step.
+    """
+
+    def __init__(self) -> None:
+        self.prune = tf.Variable(False, trainable=False)
+        self.target = tf.Variable(0.0, trainable=False, dtype=tf.float32)
 
     def __call__(self, step):  # noqa: D102 - tfmot interface
-        return tf.constant(False), tf.constant(0.0, dtype=tf.float32)
+        return tf.identity(self.prune), tf.identity(self.target)
 
     def get_config(self):  # noqa: D102
         return {"class_name": type(self).__name__, "config": {}}
@@ -47,7 +58,15 @@ class ImposedMask(tfmot.sparsity.keras.PruningSchedule):
 class _Compiled:
     model: keras.Model
     wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
+    schedule: TaskSchedule
     optimizer_name: str = ""
+
+
+@dataclass
+class TrainResult:
+    delta: list[np.ndarray]  # trained weights minus the task's weights, masked
+    masks: list[np.ndarray | None]  # the masks trained under (the device's own with device-side pruning)
+    metrics: dict[str, float]
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:
@@ -80,10 +99,8 @@ class KerasTrainer:
         self._cache: dict[tuple[str, tuple[int, ...]], _Compiled] = {}
         self._lock = threading.Lock()
 
-    def train(
-        self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray
-    ) -> tuple[list[np.ndarray], dict[str, float]]:
-        """Train on ``(x, y)`` from the task's global weights; returns the weight delta and metrics."""
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
+        """Train on ``(x, y)`` from the task's global weights."""
         with self._lock:
             start = time.perf_counter()
             compiled = self._compiled(architecture, task)
@@ -101,6 +118,9 @@ class KerasTrainer:
                 kernel, mask_var, _ = wrapper.pruning_vars[0]
                 mask_var.assign(mask)
                 kernel.assign(kernel * mask)
+            device_pruning = task.device_sparsity is not None
+            compiled.schedule.prune.assign(device_pruning)
+            compiled.schedule.target.assign(float(task.device_sparsity or 0.0))
             cfg = task.training
             _reset_optimizer(compiled, str(cfg.get("optimizer", "adam")), float(cfg.get("learning_rate", 0.005)))
             history = compiled.model.fit(
@@ -112,14 +132,18 @@ class KerasTrainer:
                 verbose=0,
                 callbacks=[tfmot.sparsity.keras.UpdatePruningStep()],
             )
-            new = apply_masks(get_layer_weights(compiled.model), task.masks)
+            masks = list(task.masks)
+            if device_pruning:
+                for idx, wrapper in compiled.wrappers.items():
+                    masks[idx] = wrapper.pruning_vars[0][1].numpy().astype(bool)
+            new = apply_masks(get_layer_weights(compiled.model), masks)
             delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
             metrics = {
                 "loss": float(history.history["loss"][-1]),
                 "accuracy": float(history.history["accuracy"][-1]),
                 "train_s": time.perf_counter() - start,
             }
-            return delta, metrics
+            return TrainResult(delta, masks, metrics)
 
     def _compiled(self, architecture: Architecture, task: TrainTask) -> _Compiled:
         masked = tuple(i for i, m in enumerate(task.masks) if m is not None)
@@ -137,10 +161,11 @@ def _wrap(architecture: Architecture, masked: tuple[int, ...]) -> _Compiled:
     if unknown:
         raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
     names = {by_index[i] for i in masked}
+    schedule = TaskSchedule()
 
     def wrap(layer):
         if layer.name in names:
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=ImposedMask())
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
         return layer
 
     model = keras.models.clone_model(plain, clone_function=wrap)
@@ -150,7 +175,7 @@ def _wrap(architecture: Architecture, masked: tuple[int, ...]) -> _Compiled:
         for layer in model.layers
         if isinstance(layer, PruneLowMagnitude)
     }
-    return _Compiled(model=model, wrappers=wrappers)
+    return _Compiled(model=model, wrappers=wrappers, schedule=schedule)
 
 
 def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

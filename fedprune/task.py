@@ -104,6 +104,8 @@ class PruningSection:
     frequency: int = 1
     power: float = 3.0
     leave_dense: tuple[str, ...] = ()  # layer names never pruned
+    fine_tune_rounds: int = 0  # rounds of training with the final mask fixed after end_round
+    mask_owner: Literal["aggregator", "device"] = "aggregator"  # who prunes: see docs/pruning.md
 
     def check(self, rounds: int) -> None:
         try:
@@ -114,6 +116,13 @@ class PruningSection:
             raise TaskError(
                 f"pruning.end_round ({self.end_round}) is after the last round "
                 f"(federation.rounds = {rounds}); the final sparsity would never be reached"
+            )
+        if self.fine_tune_rounds < 0:
+            raise TaskError(f"pruning.fine_tune_rounds must be >= 0, got {self.fine_tune_rounds}")
+        if self.final_sparsity > 0 and self.end_round + self.fine_tune_rounds > rounds:
+            raise TaskError(
+                f"pruning.end_round ({self.end_round}) + pruning.fine_tune_rounds ({self.fine_tune_rounds}) "
+                f"exceeds federation.rounds ({rounds}); lower end_round or add rounds"
             )
 
     def schedule(self) -> PolynomialDecay:

@@ -1,439 +1,784 @@
-"""Tests for converters.codec (values-only tensors, frames) and converters.protocol (task/update).
+"""Tests for converters.codec: values-only and self-describing tensor sections, DecodeLimits and
+the lossless stage.
 
-The decoders face bytes from the network: whatever arrives must decode or raise ``CodecError``.
+Value sections (converters.quantize) and mask codings (converters.mask_coding) have their own
+tests; here they are only exercised through the tensor codec. The decoders face bytes from the
+network: whatever arrives must decode or raise ``CodecError``, and a claim of a huge layout must
+be refused before anything of that size is allocated.
 """
 
 from __future__ import annotations
 
-import json
 import struct
-import sys
+import time
+import tracemalloc
 import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+import zstandard
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from converters import codec
 from converters.codec import (
-    FRAME_VERSION,
-    MAGIC,
-    MAX_HEADER_BYTES,
-    CodecError,
-    decode_values,
+    DEFAULT_LIMITS,
+    Compression,
+    DecodeLimits,
+    compress,
+    decode_self_describing,
+    decode_values_only,
+    decompress,
+    encode_self_describing,
+    encode_values_only,
+    n_channels,
+    values_only_size,
+)
+from converters.errors import CodecError
+from converters.mask_coding import MaskMethod, encode_mask
+from converters.quantize import (
+    PRECISION_IDS,
+    Precision,
     encode_values,
-    pack_frame,
-    unpack_frame,
+    quantization_error_bound,
+    value_section_size,
 )
-from converters.protocol import (
-    Kind,
-    TrainTask,
-    Update,
-    decode_task,
-    decode_update,
-    encode_task,
-    encode_update,
-    update_size_bound,
-)
-from fedprune.pruning.masks import mask_digest
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-MAX = 1 << 20
-PREFIX = struct.Struct("<4sBBI")
+ALL = list(Precision)
+MB = 1 << 20
 
-
-def raw_frame(kind: int, head: bytes, body: bytes = b"", magic: bytes = MAGIC,
-              version: int = FRAME_VERSION, hlen: int | None = None) -> bytes:
-    """A frame built by hand with a correct CRC, so each check can be reached on its own."""
-    data = PREFIX.pack(magic, version, kind, len(head) if hlen is None else hlen) + head + body
-    return data + struct.pack("<I", zlib.crc32(data))
-
-
-def recrc(data: bytes) -> bytes:
-    """Replace the trailing CRC of ``data`` (assumed >= 4 bytes) with the correct one."""
-    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
-
-
-# --------------------------------------------------------------------------- fixtures / helpers
-
-SHAPES = [(3, 4), (4,), (2, 2, 3), (5,)]
+SHAPES = [(6, 5), (5,), (2, 3, 2, 4), (4,), (7, 3)]
+NAMES = ["dense/kernel", "dense/bias", "conv/kernel", "conv/bias", "out/kernel"]
 
 
 def example_masks(seed: int = 0) -> list[np.ndarray | None]:
     rng = np.random.default_rng(seed)
-    return [rng.random((3, 4)) > 0.4, None, rng.random((2, 2, 3)) > 0.7, None]
+    return [rng.random(SHAPES[0]) > 0.4, None, rng.random(SHAPES[2]) > 0.8, None, rng.random(SHAPES[4]) > 0.1]
 
 
-def example_tensors(masks, seed: int = 1, scale: float = 1.0) -> list[np.ndarray]:
+def example_tensors(seed: int = 1, scale: float = 1.0) -> list[np.ndarray]:
+    """Dense tensors: nonzero at pruned positions too, which must not travel."""
     rng = np.random.default_rng(seed)
-    ts = [(rng.normal(size=s) * scale).astype(np.float32) for s in SHAPES]
-    return [t if m is None else np.where(m, t, 0.0).astype(np.float32) for t, m in zip(ts, masks)]
+    return [(rng.standard_normal(s) * scale).astype(np.float32) for s in SHAPES]
 
 
-def make_update(precision: str = "int8", error: str = "", seed: int = 0):
-    masks = example_masks(seed)
-    delta = None if error else example_tensors(masks, seed + 1, scale=0.01)
-    u = Update(round=3, attempt=1, device_id="dev-7", num_samples=42,
-               metrics={"loss": 0.25, "accuracy": 0.9}, delta=delta, precision=precision, error=error)
-    return u, masks
+def assert_decoded(orig: np.ndarray, out: np.ndarray, mask: np.ndarray | None, precision: Precision) -> None:
+    """Shape and dtype kept; pruned positions exact +0.0; kept values within the quantization bound."""
+    assert out.shape == orig.shape and out.dtype == np.float32
+    sel = np.ones(orig.shape, bool) if mask is None else mask
+    pruned = out[~sel]
+    assert np.all(pruned == 0.0) and not np.any(np.signbit(pruned))
+    kept = orig[sel].astype(np.float32)
+    ch, c = None, 1
+    if precision is Precision.INT8_CHANNEL:
+        c = n_channels(orig.shape)
+        ch = np.flatnonzero(sel.ravel()) % c
+    bound = quantization_error_bound(kept, precision, ch, c)
+    err = np.abs(out[sel].astype(np.float64) - kept.astype(np.float64))
+    assert float(err.max(initial=0.0)) <= bound
+    if precision is Precision.FLOAT32:
+        assert np.array_equal(out[sel], kept)
 
 
-def make_task(downlink: str = "float32"):
-    masks = example_masks(3)
-    return TrainTask(
-        round=5, attempt=0, architecture_digest="abc123", weights=example_tensors(masks, 4),
-        masks=masks, training={"local_epochs": 2, "batch_size": 16, "optimizer": "adam",
-                               "learning_rate": 0.002},
-        uplink_precision="int8", deadline_s=120.0, downlink_precision=downlink, session="s-1f2e",
-    )
-
-
-# --------------------------------------------------------------------------- values round trips
-
-
-def test_float32_round_trip_is_exact_and_pruned_positions_are_zero():
-    masks = example_masks()
-    ts = [t + 0.5 for t in example_tensors(masks)]  # nonzero at pruned positions too
-    out = decode_values(encode_values(ts, masks, "float32"), SHAPES, masks, "float32")
-    for t, o, m in zip(ts, out, masks):
-        assert o.shape == t.shape and o.dtype == np.float32
-        if m is None:
-            assert np.array_equal(o, t)  # None mask carries all values
-        else:
-            assert np.array_equal(o[m], t[m])
-            assert np.all(o[~m] == 0.0) and not np.any(np.signbit(o[~m]))
-
-
-def test_float16_round_trip_within_fp16_precision():
-    masks = example_masks()
-    ts = example_tensors(masks, scale=30.0)
-    out = decode_values(encode_values(ts, masks, "float16"), SHAPES, masks, "float16")
-    for t, o, m in zip(ts, out, masks):
-        sel = np.ones(t.shape, bool) if m is None else m
-        np.testing.assert_allclose(o[sel], t[sel], rtol=2.0**-11, atol=2.0**-24)
-        assert np.all(o[~sel] == 0.0)
-
-
-def _int8_error_ok(t, o, m) -> None:
-    sel = np.ones(t.shape, bool) if m is None else m
-    if not sel.any():
-        assert np.all(o == 0.0)
-        return
-    scale = np.float32(np.abs(t[sel]).max() / np.float32(127.0))
-    err = np.abs(o[sel].astype(np.float64) - t[sel].astype(np.float64))
-    assert err.max() <= float(scale) / 2 * (1 + 1e-5) + 1e-30
-    assert np.all(o[~sel] == 0.0)
-
-
-def test_int8_round_trip_error_at_most_half_a_step():
-    masks = example_masks()
-    ts = example_tensors(masks, scale=3.0)
-    out = decode_values(encode_values(ts, masks, "int8"), SHAPES, masks, "int8")
-    for t, o, m in zip(ts, out, masks):
-        _int8_error_ok(t, o, m)
-
-
-def test_int8_scale_comes_from_kept_values_only():
-    m = np.array([True, False, True, False, True, False])
-    t = np.array([0.01, 1e6, -0.02, -1e6, 0.005, 1e6], np.float32)  # huge values at pruned slots
-    body = encode_values([t], [m], "int8")
-    (scale,) = struct.unpack_from("<f", body)
-    assert scale == pytest.approx(0.02 / 127, rel=1e-6)
-    (o,) = decode_values(body, [(6,)], [m], "int8")
-    np.testing.assert_allclose(o[m], t[m], atol=0.02 / 127 / 2 * 1.0001)
-    assert np.all(o[~m] == 0.0)
-
-
-def test_int8_all_zero_tensor_and_fully_pruned_tensor():
-    masks = [None, np.zeros(4, bool)]
-    ts = [np.zeros(3, np.float32), np.arange(4, dtype=np.float32)]
-    out = decode_values(encode_values(ts, masks, "int8"), [(3,), (4,)], masks, "int8")
-    assert np.array_equal(out[0], np.zeros(3)) and np.array_equal(out[1], np.zeros(4))
-
-
-@pytest.mark.parametrize("precision,width", [("float32", 4), ("float16", 2), ("int8", 1)])
-def test_values_body_size_is_kept_count_times_width(precision, width):
-    masks = example_masks()
-    body = encode_values(example_tensors(masks), masks, precision)
-    kept = sum(int(np.prod(s)) if m is None else int(m.sum()) for s, m in zip(SHAPES, masks))
-    extra = 4 * len(SHAPES) if precision == "int8" else 0
-    assert len(body) == kept * width + extra
-    assert update_size_bound(SHAPES, masks, precision) == kept * width + extra
-
-
-def test_encode_values_rejects_nan_and_unknown_precision():
-    with pytest.raises(ValueError):
-        encode_values([np.array([1.0, np.nan])], [None], "float32")
-    with pytest.raises(ValueError):
-        encode_values([np.array([1.0, np.inf])], [None], "int8")
-    # NaN at a pruned position does not travel, so it is fine
-    encode_values([np.array([1.0, np.nan])], [np.array([True, False])], "float32")
-    with pytest.raises(ValueError):
-        encode_values([np.ones(2)], [None], "bfloat16")
-
-
-def test_decode_values_rejects_wrong_length_shape_precision_and_nonfinite():
-    masks = example_masks()
-    body = encode_values(example_tensors(masks), masks, "float32")
-    for bad in (body[:-1], body + b"\0", b""):
-        with pytest.raises(CodecError, match="expected"):
-            decode_values(bad, SHAPES, masks, "float32")
-    with pytest.raises(CodecError):
-        decode_values(body, SHAPES, masks, "float64")
-    with pytest.raises(CodecError, match="mask shape"):
-        decode_values(body, [(4, 3)] + SHAPES[1:], masks, "float32")
-    with pytest.raises(CodecError, match="NaN or Inf"):
-        decode_values(np.array([np.nan], "<f4").tobytes(), [(1,)], [None], "float32")
-    with pytest.raises(CodecError, match="NaN or Inf"):
-        decode_values(np.array([np.inf], "<f2").tobytes(), [(1,)], [None], "float16")
-    for bad_scale in (-1.0, np.nan, np.inf):
-        with pytest.raises(CodecError, match="scale"):
-            decode_values(struct.pack("<f", bad_scale) + b"\x01", [(1,)], [None], "int8")
-
-
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_int8_decode_never_yields_non_finite_values():
-    body = struct.pack("<f", 3e38) + bytes([127])
+def expect_codec_error(fn, *args, match: str | None = None, **kwargs) -> CodecError:
     try:
-        (out,) = decode_values(body, [(1,)], [None], "int8")
+        fn(*args, **kwargs)
+    except CodecError as e:
+        if match is not None:
+            assert match in e.reason, e.reason
+        return e
+    except Exception as e:  # noqa: BLE001 - the point of the helper
+        pytest.fail(f"{type(e).__name__} escaped {fn.__name__}: {e}")
+    pytest.fail(f"{fn.__name__} accepted bad input")
+
+
+def decode_or_codec_error(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
     except CodecError:
-        return
-    assert np.all(np.isfinite(out)), out
+        return None
 
 
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_float16_encode_of_out_of_range_value_is_refused_or_round_trips():
-    t = np.array([70000.0, 1.0], np.float32)
+def peak_bytes(fn, *args, **kwargs) -> tuple[int, float, BaseException | None]:
+    """(peak traced allocation, seconds, exception raised) of one call."""
+    tracemalloc.start()
+    t = time.perf_counter()
+    err = None
     try:
-        body = encode_values([t], [None], "float16")
-    except ValueError:
-        return
-    decode_values(body, [(2,)], [None], "float16")
+        fn(*args, **kwargs)
+    except BaseException as e:  # noqa: BLE001
+        err = e
+    dt = time.perf_counter() - t
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, dt, err
 
 
-# --------------------------------------------------------------------------- frame
+# A self-describing section built by hand, so that every table field can be set on its own.
+def table_entry(name: bytes, shape, pid: int, flags: int, method: int, kept: int, mask_len: int,
+                dtype: int = 0) -> bytes:
+    return (bytes([len(name)]) + name + bytes([len(shape)]) + struct.pack(f"<{len(shape)}I", *shape)
+            + struct.pack("<BBBBII", dtype, pid, flags, method, kept, mask_len))
 
 
-def test_pack_unpack_frame_round_trip():
-    header = {"a": 1, "b": [1, 2, "x"], "c": {"d": None}, "e": 0.5}
-    data = pack_frame(7, header, b"\x00\x01body")
-    kind, h, body = unpack_frame(data, len(data))
-    assert kind == 7 and h == header and bytes(body) == b"\x00\x01body"
-    kind, h, body = unpack_frame(pack_frame(2, {}), MAX)
-    assert (kind, h, bytes(body)) == (2, {}, b"")
+def section(entries: list[bytes], data: bytes = b"", count: int | None = None) -> bytes:
+    return struct.pack("<H", len(entries) if count is None else count) + b"".join(entries) + data
 
 
-def test_pack_frame_rejects_oversized_header():
-    with pytest.raises(CodecError):
-        pack_frame(1, {"x": "y" * MAX_HEADER_BYTES})
+# --------------------------------------------------------------------------- values-only
 
 
-VALID = pack_frame(2, {"k": "v"}, b"payload")
+@pytest.mark.parametrize("precision", ALL)
+def test_values_only_round_trip_with_masks(precision):
+    masks, ts = example_masks(), example_tensors(scale=3.0)
+    body = encode_values_only(ts, masks, precision)
+    assert len(body) == values_only_size(SHAPES, masks, precision)
+    out = decode_values_only(body, SHAPES, masks, precision)
+    assert len(out) == len(ts)
+    for t, o, m in zip(ts, out, masks):
+        assert_decoded(t, o, m, precision)
+    # the precision may be given as a name or as the enum
+    assert encode_values_only(ts, masks, precision.value) == body
+    out2 = decode_values_only(memoryview(body), SHAPES, masks, precision.value)
+    assert all(np.array_equal(a, b) for a, b in zip(out, out2))
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_values_only_round_trip_without_masks(precision):
+    ts = example_tensors(seed=5)
+    masks = [None] * len(ts)
+    body = encode_values_only(ts, masks, precision)
+    assert len(body) == values_only_size(SHAPES, masks, precision)
+    for t, o in zip(ts, decode_values_only(body, SHAPES, masks, precision)):
+        assert_decoded(t, o, None, precision)
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_values_only_fully_pruned_and_all_kept_masks(precision):
+    shapes = [(3, 4), (3, 4), (2,)]
+    masks = [np.zeros((3, 4), bool), np.ones((3, 4), bool), np.array([False, True])]
+    ts = [np.full(s, 7.0, np.float32) for s in shapes]
+    body = encode_values_only(ts, masks, precision)
+    out = decode_values_only(body, shapes, masks, precision)
+    assert np.array_equal(out[0], np.zeros((3, 4))) and not np.signbit(out[0]).any()
+    assert_decoded(ts[1], out[1], masks[1], precision)
+    assert out[2][0] == 0.0 and out[2][1] == pytest.approx(7.0, rel=0.1)
+
+
+def test_values_only_empty_list():
+    assert encode_values_only([], [], "int8") == b""
+    assert values_only_size([], [], "int8") == 0
+    assert decode_values_only(b"", [], [], "int8") == []
+
+
+def test_values_only_pruned_positions_never_travel():
+    """Huge or non-finite values at pruned positions neither fail nor spoil the scale."""
+    m = np.array([[True, False, True], [False, True, False]])
+    t = np.array([[0.01, 1e30, -0.02], [np.nan, 0.005, np.inf]], np.float32)
+    for p in ALL:
+        body = encode_values_only([t], [m], p)
+        (o,) = decode_values_only(body, [(2, 3)], [m], p)
+        assert np.all(o[~m] == 0.0)
+        np.testing.assert_allclose(o[m], t[m], atol=0.02 / 7)
+    (o,) = decode_values_only(encode_values_only([t], [m], "int8"), [(2, 3)], [m], "int8")
+    np.testing.assert_allclose(o[m], t[m], atol=0.02 / 127 / 2 * 1.001)
+
+
+def test_values_only_bytes_are_the_value_sections_in_order():
+    masks, ts = example_masks(), example_tensors()
+    p = Precision.INT8_CHANNEL
+    parts = []
+    for t, m in zip(ts, masks):
+        sel = np.ones(t.shape, bool) if m is None else m
+        c = n_channels(t.shape)
+        parts.append(encode_values(t[sel], p, channels=np.flatnonzero(sel.ravel()) % c, n_channels=c))
+    assert encode_values_only(ts, masks, p) == b"".join(parts)
+
+
+def test_values_only_size_exact():
+    shapes = [(4, 3), (5,), (2, 2, 3), (3, 0), ()]
+    masks = [np.array([[1, 0, 1]] * 4, bool), None, np.zeros((2, 2, 3), bool), None, None]
+    kept = [8, 5, 0, 0, 1]
+    expected = {
+        "float32": 4 * sum(kept),
+        "float16": 2 * sum(kept),
+        "int8": sum(4 + k for k in kept),
+        "int4": sum(4 + (k + 1) // 2 for k in kept),
+        # one scale per output channel: last axis of a kernel, else 1
+        "int8-channel": (4 * 3 + 8) + (4 + 5) + (4 * 3 + 0) + (4 + 0) + (4 + 1),
+    }
+    for p, size in expected.items():
+        assert values_only_size(shapes, masks, p) == size, p
+        ts = [np.ones(s, np.float32) for s in shapes]
+        body = encode_values_only(ts, masks, p)
+        assert len(body) == size, p
+        out = decode_values_only(body, shapes, masks, p)
+        assert [o.shape for o in out] == shapes
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_values_only_rejects_wrong_lengths(precision):
+    masks, ts = example_masks(), example_tensors()
+    body = encode_values_only(ts, masks, precision)
+    for bad in (body[:-1], body + b"\0", b"", body[1:]):
+        expect_codec_error(decode_values_only, bad, SHAPES, masks, precision, match="expected")
+
+
+def test_values_only_rejects_unknown_precision_and_bad_values():
+    masks, ts = example_masks(), example_tensors()
+    body = encode_values_only(ts, masks, "float32")
+    expect_codec_error(decode_values_only, body, SHAPES, masks, "float64", match="unknown precision")
+    nan = np.array([np.nan], "<f4").tobytes()
+    expect_codec_error(decode_values_only, nan, [(1,)], [None], "float32", match="NaN")
+    expect_codec_error(decode_values_only, struct.pack("<f", -1.0) + b"\x01", [(1,)], [None], "int8",
+                       match="scale")
+
+
+def test_values_only_against_another_layout_with_the_same_size():
+    """Values-only bytes carry no layout: decoding against another layout of the same byte size is
+    not detectable here (the mask digest guards that in the protocol)."""
+    ts = [np.arange(6, dtype=np.float32)]
+    m1 = [np.array([1, 1, 1, 0, 0, 0], bool)]
+    m2 = [np.array([0, 0, 0, 1, 1, 1], bool)]
+    (o,) = decode_values_only(encode_values_only(ts, m1, "float32"), [(6,)], m2, "float32")
+    assert o.tolist() == [0, 0, 0, 0, 1, 2]
+
+
+def test_encode_values_only_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="mask shape"):
+        encode_values_only([np.ones((2, 3), np.float32)], [np.ones((3, 2), bool)], "int8")
+    with pytest.raises(ValueError):
+        encode_values_only([np.ones(2, np.float32)], [None, None], "int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        encode_values_only([np.ones(2, np.float32)], [None], "bfloat16")
+    with pytest.raises(ValueError):
+        encode_values_only([np.array([1.0, np.nan], np.float32)], [None], "float32")
+    with pytest.raises(ValueError):
+        encode_values_only([np.array([7e4], np.float32)], [None], "float16")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: decode_values_only does not check mask shapes against `shapes`: "
+                   "a mismatch raises IndexError (or silently reshapes) instead of CodecError")
+def test_decode_values_only_rejects_masks_that_do_not_fit_the_shapes():
+    m = [np.ones((3, 4), bool)]
+    body = encode_values_only([np.ones((3, 4), np.float32)], m, "float32")
+    for shapes in ([(2,)], [(4, 3)]):
+        with pytest.raises(CodecError):
+            decode_values_only(body, shapes, m, "float32")
+
+
+def test_values_only_stochastic_rounding_uses_the_rng():
+    masks, ts = example_masks(), example_tensors()
+    a = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(1))
+    b = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(1))
+    c = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(2))
+    assert a == b != c and len(a) == len(c) == values_only_size(SHAPES, masks, "int8")
+    for t, o, m in zip(ts, decode_values_only(a, SHAPES, masks, "int8"), masks):
+        sel = np.ones(t.shape, bool) if m is None else m
+        bound = 2 * quantization_error_bound(t[sel], "int8")  # stochastic: up to a whole step
+        assert np.abs(o[sel] - t[sel]).max() <= bound
+        assert np.all(o[~sel] == 0.0)
+    with pytest.raises(ValueError):
+        encode_values_only(ts, masks, "int8", stochastic=True)
+
+
+# --------------------------------------------------------------------------- self-describing
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_self_describing_round_trip(precision):
+    masks, ts = example_masks(), example_tensors(scale=2.0)
+    body = encode_self_describing(ts, masks, NAMES, precision)
+    d = decode_self_describing(body, expected=list(zip(NAMES, SHAPES)))
+    assert d.names == NAMES and d.precision is precision
+    for t, o, m_in, m_out in zip(ts, d.tensors, masks, d.masks):
+        assert_decoded(t, o, m_in, precision)
+        if m_in is None:
+            assert m_out is None
+        else:
+            assert m_out.dtype == np.bool_ and m_out.shape == m_in.shape and np.array_equal(m_out, m_in)
+    # without an expected layout the table is taken as it is
+    d2 = decode_self_describing(bytes(body))
+    assert d2.names == NAMES and all(np.array_equal(a, b) for a, b in zip(d.tensors, d2.tensors))
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_self_describing_without_masks(precision):
+    ts = example_tensors(seed=9)
+    d = decode_self_describing(encode_self_describing(ts, [None] * 5, NAMES, precision))
+    assert d.masks == [None] * 5
+    for t, o in zip(ts, d.tensors):
+        assert_decoded(t, o, None, precision)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.05, 0.5, 0.97, 1.0])
+def test_self_describing_masks_of_every_density_round_trip(density):
+    rng = np.random.default_rng(int(density * 1000))
+    shape = (40, 50)
+    m = rng.random(shape) < density
+    t = rng.standard_normal(shape).astype(np.float32)
+    body = encode_self_describing([t], [m], ["k"], "int4")
+    d = decode_self_describing(body, expected=[("k", shape)])
+    assert d.masks[0] is not None and np.array_equal(d.masks[0], m)  # all-kept stays a mask, not None
+    assert_decoded(t, d.tensors[0], m, Precision.INT4)
+    method, mask_bytes = encode_mask(m.ravel())
+    assert len(body) == (2 + 1 + 1 + 1 + 8 + 12) + len(mask_bytes) + value_section_size(int(m.sum()), "int4")
+
+
+def test_self_describing_layout_is_the_documented_one():
+    m = np.array([[True, False], [False, True], [True, True]])
+    t = np.arange(6, dtype=np.float32).reshape(3, 2)
+    b = np.array([1.5, -2.0], np.float32)
+    body = encode_self_describing([t, b], [m, None], ["w", "bias"], "float16")
+    method, mask_bytes = encode_mask(m.ravel())
+    want = section(
+        [table_entry(b"w", (3, 2), PRECISION_IDS[Precision.FLOAT16], 1, method, 4, len(mask_bytes)),
+         table_entry(b"bias", (2,), PRECISION_IDS[Precision.FLOAT16], 0, MaskMethod.ALL_KEPT, 2, 0)],
+        mask_bytes + encode_values(t[m], "float16") + encode_values(b, "float16"))
+    assert body == want
+
+
+def test_self_describing_edge_shapes():
+    shapes = [(), (0,), (3, 0), (0, 4), (1, 1, 1, 1, 1, 1, 1, 1)]
+    ts = [np.full(s, 2.5, np.float32) for s in shapes]
+    masks = [None, np.zeros((0,), bool), None, np.zeros((0, 4), bool), np.ones((1,) * 8, bool)]
+    names = ["scalar", "empty", "empty2", "empty3", "rank8"]
+    for p in ALL:
+        d = decode_self_describing(encode_self_describing(ts, masks, names, p), expected=list(zip(names, shapes)))
+        assert [o.shape for o in d.tensors] == shapes
+        assert d.tensors[0] == pytest.approx(2.5, rel=0.1)
+        body = encode_values_only(ts, masks, p)
+        assert [o.shape for o in decode_values_only(body, shapes, masks, p)] == shapes
+
+
+def test_self_describing_names_may_be_unicode_and_255_bytes():
+    names = ["é" * 127, "x" * 255, ""]
+    ts = [np.ones(2, np.float32)] * 3
+    d = decode_self_describing(encode_self_describing(ts, [None] * 3, names, "float32"))
+    assert d.names == names
+    with pytest.raises(ValueError):
+        encode_self_describing(ts[:1], [None], ["x" * 256], "float32")
+
+
+def test_self_describing_mixed_precisions_report_none():
+    v1, v2 = np.array([1.0, 2.0], np.float32), np.array([3.0], np.float32)
+    body = section(
+        [table_entry(b"a", (2,), PRECISION_IDS[Precision.FLOAT32], 0, 0, 2, 0),
+         table_entry(b"b", (1,), PRECISION_IDS[Precision.INT8], 0, 0, 1, 0)],
+        encode_values(v1, "float32") + encode_values(v2, "int8"))
+    d = decode_self_describing(body)
+    assert d.precision is None and d.tensors[0].tolist() == [1.0, 2.0]
+    assert d.tensors[1][0] == pytest.approx(3.0)
+
+
+def test_self_describing_empty_list():
+    body = encode_self_describing([], [], [], "int8")
+    assert body == b"\x00\x00"
+    d = decode_self_describing(body, expected=[])
+    assert (d.names, d.tensors, d.masks) == ([], [], [])
+
+
+def test_encode_self_describing_rejects_bad_arguments():
+    t = [np.ones((2, 2), np.float32)]
+    with pytest.raises(ValueError):
+        encode_self_describing(t, [None], ["a", "b"], "int8")
+    with pytest.raises(ValueError, match="mask shape"):
+        encode_self_describing(t, [np.ones(4, bool)], ["a"], "int8")
+    with pytest.raises(ValueError):
+        encode_self_describing(t, [None], ["a"], "int2")
 
 
 @pytest.mark.parametrize(
-    "data,max_bytes,match",
+    "expected,match",
     [
-        (VALID, len(VALID) - 1, "exceeds"),
-        (VALID[:9], MAX, "shorter"),
-        (b"", MAX, "shorter"),
-        (raw_frame(2, b"{}", magic=b"XPRN"), MAX, "magic"),
-        (raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version"),
-        (raw_frame(2, b"{}", version=0), MAX, "version"),
-        (raw_frame(2, b"{}", hlen=3), MAX, "header length"),
-        (raw_frame(2, b"{}", hlen=MAX_HEADER_BYTES + 1), MAX, "header length"),
-        (raw_frame(2, b"{}", hlen=0xFFFFFFFF), MAX, "header length"),
-        (VALID[:-1] + bytes([VALID[-1] ^ 1]), MAX, "checksum"),
-        (VALID[:12] + bytes([VALID[12] ^ 0x20]) + VALID[13:], MAX, "checksum"),
-        (VALID[:-5] + VALID[-4:], MAX, "checksum"),
-        (raw_frame(2, b"{not json"), MAX, "not JSON"),
-        (raw_frame(2, b"\xff\xfe\x00"), MAX, "not JSON"),
-        (raw_frame(2, b"[1, 2]"), MAX, "not a JSON object"),
-        (raw_frame(2, b'"text"'), MAX, "not a JSON object"),
-        (raw_frame(2, b"null"), MAX, "not a JSON object"),
+        ([("dense/kernel", (6, 5))], "expected 1"),
+        (list(zip(NAMES, SHAPES)) + [("extra", (1,))], "expected 6"),
+        ([("dense/kernelX", (6, 5))] + list(zip(NAMES[1:], SHAPES[1:])), "expected 'dense/kernelX'"),
+        ([("dense/kernel", (5, 6))] + list(zip(NAMES[1:], SHAPES[1:])), "expected 'dense/kernel'"),
+        (list(zip(NAMES, SHAPES[:-1] + [(7, 3, 1)])), "out/kernel"),
+        (list(zip(NAMES[::-1], SHAPES[::-1])), "tensor 0"),
     ],
 )
-def test_unpack_frame_failures_raise_codec_error(data, max_bytes, match):
-    with pytest.raises(CodecError, match=match) as info:
-        unpack_frame(data, max_bytes)
-    assert type(info.value) is CodecError
-    assert info.value.reason == str(info.value)
+def test_self_describing_expected_layout_mismatch_is_rejected(expected, match):
+    body = encode_self_describing(example_tensors(), example_masks(), NAMES, "int8")
+    expect_codec_error(decode_self_describing, body, expected=expected, match=match)
 
 
-def test_unpack_frame_deeply_nested_header_raises_codec_error():
-    with pytest.raises(CodecError):
-        unpack_frame(raw_frame(2, b"[" * 60000), MAX)
+def test_self_describing_expected_accepts_list_shapes():
+    body = encode_self_describing(example_tensors(), example_masks(), NAMES, "int8")
+    d = decode_self_describing(body, expected=[(n, list(s)) for n, s in zip(NAMES, SHAPES)])
+    assert d.names == NAMES
 
 
-def test_unpack_frame_huge_integer_in_header_raises_codec_error():
-    data = raw_frame(2, b'{"round":' + b"9" * 5000 + b"}")
-    try:
-        unpack_frame(data, MAX)
-    except CodecError:
-        pass
-    except Exception as e:  # noqa: BLE001 - the point of the test
-        pytest.fail(f"{type(e).__name__} escaped: {e}")
+def test_self_describing_leftover_and_missing_bytes():
+    body = encode_self_describing(example_tensors(), example_masks(), NAMES, "int8")
+    expect_codec_error(decode_self_describing, body + b"\0", match="left over")
+    expect_codec_error(decode_self_describing, body + b"\0" * 100, match="left over")
+    for cut in (1, 2, 10, len(body) - 2, len(body) - 1):
+        expect_codec_error(decode_self_describing, body[: len(body) - cut])
+    expect_codec_error(decode_self_describing, b"", match="ends early")
+    expect_codec_error(decode_self_describing, b"\x01", match="ends early")
 
 
-# --------------------------------------------------------------------------- protocol
+F32 = PRECISION_IDS[Precision.FLOAT32]
 
 
-@pytest.mark.parametrize("downlink", ["float32", "float16", "int8"])
-def test_task_round_trip(downlink):
-    task = make_task(downlink)
-    data = encode_task(task)
-    got = decode_task(data, SHAPES, MAX)
-    assert (got.round, got.attempt, got.architecture_digest) == (5, 0, "abc123")
-    assert got.training == task.training
-    assert got.session == "s-1f2e"
-    assert (got.uplink_precision, got.downlink_precision, got.deadline_s) == ("int8", downlink, 120.0)
-    assert mask_digest(got.masks) == mask_digest(task.masks)
-    for m_in, m_out in zip(task.masks, got.masks):
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0, dtype=1)], b"\0" * 8), "dtype",
+                     id="dtype"),
+        pytest.param(section([table_entry(b"a", (2,), 5, 0, 0, 2, 0)], b"\0" * 8), "precision id",
+                     id="precision-5"),
+        pytest.param(section([table_entry(b"a", (2,), 255, 0, 0, 2, 0)], b"\0" * 8), "precision id",
+                     id="precision-255"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 2, 0, 2, 0)], b"\0" * 8), "flags", id="flags-2"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0x81, 0, 2, 0)], b"\0" * 8), "flags",
+                     id="flags-81"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 1, MaskMethod.BITMAP, 3, 1)], b"\x80" + b"\0" * 12),
+                     "3 kept of 2", id="kept>size"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, MaskMethod.BITMAP, 2, 0)], b"\0" * 8),
+                     "unmasked tensor with a mask", id="unmasked-method"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 1, 0)], b"\0" * 4),
+                     "unmasked tensor with a mask", id="unmasked-kept"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 1)], b"\0" * 9),
+                     "unmasked tensor with a mask", id="unmasked-mask-bytes"),
+        pytest.param(section([table_entry(b"\xff\xfe", (2,), F32, 0, 0, 2, 0)], b"\0" * 8), "not UTF-8",
+                     id="name-not-utf8"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 1, 9, 1, 0)], b"\0" * 4), "unknown mask method",
+                     id="mask-method-9"),
+        pytest.param(section([table_entry(b"a", (8,), F32, 1, MaskMethod.BITMAP, 1, 1)], b"\x03" + b"\0" * 4),
+                     "BITMAP", id="bitmap-popcount"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 1, MaskMethod.NONE_KEPT, 1, 0)], b"\0" * 4),
+                     "NONE_KEPT", id="none-kept-with-kept"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 1, MaskMethod.BITMAP, 1, 50)], b"\x80" + b"\0" * 4),
+                     "ends early", id="mask-len-past-end"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0)], b"\0" * 7), "ends early",
+                     id="values-short"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0)], b"\0\0\xc0\x7f" + b"\0" * 4), "NaN",
+                     id="values-nan"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0)], b"\0" * 8, count=2), "ends early",
+                     id="count-too-large"),
+        pytest.param(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0)], b"\0" * 8, count=0), "left over",
+                     id="count-too-small"),
+    ],
+)
+def test_self_describing_table_checks(body, match):
+    expect_codec_error(decode_self_describing, body, match=match)
+
+
+def test_hand_built_section_decodes():
+    """Sanity check of the hand-built sections above."""
+    d = decode_self_describing(section([table_entry(b"a", (2,), F32, 0, 0, 2, 0)],
+                                       struct.pack("<2f", 1.0, -2.0)))
+    assert d.names == ["a"] and d.tensors[0].tolist() == [1.0, -2.0] and d.masks == [None]
+    d = decode_self_describing(section([table_entry(b"a", (8,), F32, 1, MaskMethod.BITMAP, 2, 1)],
+                                       b"\x81" + struct.pack("<2f", 1.0, -2.0)))
+    assert d.tensors[0].tolist() == [1.0, 0, 0, 0, 0, 0, 0, -2.0]
+
+
+# --------------------------------------------------------------------------- DecodeLimits
+
+
+def test_default_limits():
+    assert DEFAULT_LIMITS == DecodeLimits()
+    assert (DEFAULT_LIMITS.max_tensors, DEFAULT_LIMITS.max_elements, DEFAULT_LIMITS.max_ndim) == (4096, 1 << 26, 8)
+
+
+def assert_refused_fast(body: bytes, match: str, limits: DecodeLimits = DEFAULT_LIMITS, **kw) -> None:
+    peak, dt, err = peak_bytes(decode_self_describing, body, limits, **kw)
+    assert type(err) is CodecError, repr(err)
+    assert match in err.reason, err.reason
+    assert peak < 2 * MB and dt < 2.0, (peak, dt)
+
+
+@pytest.mark.parametrize("method,kept", [(MaskMethod.NONE_KEPT, 0), (MaskMethod.ALL_KEPT, 2**31),
+                                         (MaskMethod.BITMAP, 5)])
+def test_huge_tensor_claims_are_refused_before_allocation(method, kept):
+    body = section([table_entry(b"w", (2**31,), F32, 1, method, kept, 0)])
+    assert_refused_fast(body, "more than 67108864 elements")
+    body = section([table_entry(b"w", (2**16, 2**16), F32, 0, 0, 2**32 - 1, 0)])
+    assert_refused_fast(body, "more than 67108864 elements")
+    body = section([table_entry(b"w", (2**32 - 1,) * 8, F32, 1, method, 0, 0)])
+    assert_refused_fast(body, "more than 67108864 elements")
+
+
+def test_element_limit_counts_all_tensors():
+    entry = table_entry(b"w", (2**25,), F32, 1, MaskMethod.NONE_KEPT, 0, 0)
+    assert_refused_fast(section([entry] * 3), "more than 67108864 elements")
+    small = DecodeLimits(max_elements=10)
+    ok = section([table_entry(b"a", (5,), F32, 1, MaskMethod.NONE_KEPT, 0, 0)] * 2)
+    assert [t.tolist() for t in decode_self_describing(ok, small).tensors] == [[0.0] * 5] * 2
+    assert_refused_fast(section([table_entry(b"a", (5,), F32, 1, MaskMethod.NONE_KEPT, 0, 0)] * 2
+                                + [table_entry(b"b", (1,), F32, 1, MaskMethod.NONE_KEPT, 0, 0)]),
+                        "more than 10 elements", small)
+
+
+def test_tensor_count_limit():
+    assert_refused_fast(section([], count=4097), "4097 tensors exceed the limit of 4096")
+    assert_refused_fast(section([], count=0xFFFF), "exceed the limit")
+    limits = DecodeLimits(max_tensors=2)
+    t = [np.ones(1, np.float32)] * 3
+    body = encode_self_describing(t, [None] * 3, ["a", "b", "c"], "float32")
+    assert_refused_fast(body, "3 tensors exceed the limit of 2", limits)
+    assert len(decode_self_describing(body, DecodeLimits(max_tensors=3)).tensors) == 3
+
+
+def test_rank_limit():
+    assert_refused_fast(section([table_entry(b"w", (1,) * 9, F32, 0, 0, 1, 0)], b"\0" * 4), "rank 9 exceeds 8")
+    assert_refused_fast(section([table_entry(b"w", (1,) * 255, F32, 0, 0, 1, 0)]), "rank 255")
+    body = encode_self_describing([np.ones((1, 1, 1), np.float32)], [None], ["w"], "int8")
+    assert_refused_fast(body, "rank 3 exceeds 2", DecodeLimits(max_ndim=2))
+
+
+def test_expected_count_is_checked_before_the_table_is_read():
+    assert_refused_fast(section([], count=4000), "expected 1", expected=[("w", (2,))])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: decode_self_describing allocates O(elements) (int8-channel "
+                   "channel indices, masked ALL_KEPT positions) before checking that the value section is "
+                   "there: a ~30-byte table claiming 2**26 elements costs ~1.6 GB and ~2.5 s")
+@pytest.mark.parametrize("entry", [
+    pytest.param(table_entry(b"w", (2**11, 2**11), PRECISION_IDS[Precision.INT8_CHANNEL], 0, 0, 2**22, 0),
+                 id="int8-channel-unmasked"),
+    pytest.param(table_entry(b"w", (2**22,), F32, 1, MaskMethod.ALL_KEPT, 2**22, 0), id="masked-all-kept"),
+])
+def test_table_without_its_data_is_refused_before_allocation(entry):
+    # 2**22 elements: within the limits, but the value bytes the table promises are missing.
+    assert_refused_fast(section([entry]), "ends early")
+
+
+# --------------------------------------------------------------------------- lossless stage
+
+
+def test_compress_only_when_smaller():
+    raw = bytes(1000)
+    for m in (Compression.ZLIB, Compression.ZSTD, "zlib", "ZSTD", "Zlib"):
+        used, packed = compress(raw, m)
+        assert used in (Compression.ZLIB, Compression.ZSTD) and len(packed) < len(raw)
+        assert decompress(packed, used, len(raw), len(raw)) == raw
+    noise = np.random.default_rng(0).bytes(1000)
+    for m in (Compression.ZLIB, Compression.ZSTD):
+        assert compress(noise, m) == (Compression.NONE, noise)
+    assert compress(raw, Compression.NONE) == (Compression.NONE, raw)
+    assert compress(raw, "none") == (Compression.NONE, raw)
+    for m in Compression:
+        assert compress(b"", m) == (Compression.NONE, b"")
+    assert compress(b"a", "zlib") == (Compression.NONE, b"a")
+    assert [int(c) for c in Compression] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method", [Compression.ZLIB, Compression.ZSTD])
+def test_compress_round_trips_a_tensor_section(method):
+    body = encode_self_describing(example_tensors(), example_masks(), NAMES, "int8")
+    body = body + bytes(500)  # make it compressible for sure
+    used, packed = compress(body, method)
+    assert used is method and len(packed) < len(body)
+    assert decompress(packed, int(used), len(body), len(body)) == body
+    assert decompress(memoryview(packed), used, len(body), 10 * len(body)) == body
+
+
+def test_decompress_none_checks_the_length():
+    assert decompress(b"abc", Compression.NONE, 3, 3) == b"abc"
+    expect_codec_error(decompress, b"abc", Compression.NONE, 2, 10, match="header says 2")
+    expect_codec_error(decompress, b"abc", Compression.NONE, 4, 10, match="header says 4")
+    expect_codec_error(decompress, b"abc", Compression.NONE, 3, 2, match="exceeds the limit")
+
+
+@pytest.mark.parametrize("method", [3, 255, -1])
+def test_decompress_unknown_method(method):
+    expect_codec_error(decompress, b"abc", method, 3, 10, match="unknown compression")
+
+
+RAW = b"fedprune " * 200
+ZLIB = zlib.compress(RAW)
+ZSTD = zstandard.ZstdCompressor().compress(RAW)
+
+
+@pytest.mark.parametrize("method,packed", [(Compression.ZLIB, ZLIB), (Compression.ZSTD, ZSTD)])
+def test_decompress_rejects_damaged_streams(method, packed):
+    assert decompress(packed, method, len(RAW), len(RAW)) == RAW
+    for cut in (1, 4, len(packed) // 2, len(packed) - 1):
+        expect_codec_error(decompress, packed[:-cut], method, len(RAW), 10 * len(RAW))
+    expect_codec_error(decompress, b"", method, len(RAW), 10 * len(RAW))
+    expect_codec_error(decompress, b"\x00" * 40, method, len(RAW), 10 * len(RAW))
+    expect_codec_error(decompress, np.random.default_rng(1).bytes(200), method, len(RAW), 10 * len(RAW))
+    # a raw length other than the stream's, either way
+    expect_codec_error(decompress, packed, method, len(RAW) - 1, 10 * len(RAW))
+    expect_codec_error(decompress, packed, method, len(RAW) + 1, 10 * len(RAW))
+    expect_codec_error(decompress, packed, method, 0, 10 * len(RAW))
+    # the limit applies whatever the stream says
+    expect_codec_error(decompress, packed, method, len(RAW), len(RAW) - 1, match="exceeds the limit")
+    # the other method's stream
+    other = ZSTD if method is Compression.ZLIB else ZLIB
+    expect_codec_error(decompress, other, method, len(RAW), 10 * len(RAW))
+
+
+def test_decompress_zlib_rejects_trailing_data():
+    expect_codec_error(decompress, ZLIB + b"\0", Compression.ZLIB, len(RAW), 10 * len(RAW), match="trailing")
+    expect_codec_error(decompress, ZLIB + ZLIB, Compression.ZLIB, len(RAW), 10 * len(RAW), match="trailing")
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: the zstd branch of decompress ignores bytes after the first "
+                   "frame (stream_reader stops at the frame end), unlike zlib, which rejects trailing data")
+@pytest.mark.parametrize("tail", [b"\0", b"garbage", ZSTD], ids=["zero-byte", "garbage", "second-frame"])
+def test_decompress_zstd_rejects_trailing_data(tail):
+    expect_codec_error(decompress, ZSTD + tail, Compression.ZSTD, len(RAW), 10 * len(RAW))
+
+
+BOMB_RAW = 50_000_000
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[Compression, bytes]:
+    """50 MB of zeros, compressed by both methods, built without holding 50 MB at once."""
+    chunk = bytes(1 << 20)
+    z = zlib.compressobj(9)
+    parts = [z.compress(chunk) for _ in range(BOMB_RAW // len(chunk))]
+    parts.append(z.compress(bytes(BOMB_RAW % len(chunk))))
+    parts.append(z.flush())
+    zs = zstandard.ZstdCompressor(level=3).compressobj()
+    zparts = [zs.compress(chunk) for _ in range(BOMB_RAW // len(chunk))]
+    zparts.append(zs.compress(bytes(BOMB_RAW % len(chunk))))
+    zparts.append(zs.flush())
+    out = {Compression.ZLIB: b"".join(parts), Compression.ZSTD: b"".join(zparts)}
+    assert all(len(b) < 100_000 for b in out.values())
+    return out
+
+
+@pytest.mark.parametrize("method", [Compression.ZLIB, Compression.ZSTD])
+@pytest.mark.parametrize("raw_len,max_len,match", [
+    (1000, 1000, ""),  # claimed small: at most raw_len + 1 bytes are produced
+    (0, 1000, ""),
+    (BOMB_RAW, BOMB_RAW - 1, "exceeds the limit"),  # claimed large, over the limit: nothing is decompressed
+    (2**40, 2**20, "exceeds the limit"),
+])
+def test_zip_bombs_are_refused_without_allocating(bombs, method, raw_len, max_len, match):
+    peak, dt, err = peak_bytes(decompress, bombs[method], method, raw_len, max_len)
+    assert type(err) is CodecError, repr(err)
+    assert match in err.reason
+    assert peak < 2 * MB, peak
+    assert dt < 2.0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: decompress(zlib, raw_len=-1) passes max_length=0 to "
+                   "zlib's decompress, which means 'unlimited': the whole bomb is inflated before the length "
+                   "check (decode_task takes raw_len from the JSON header's section_bytes, which may be -1)")
+def test_zip_bomb_with_negative_raw_len_is_refused_without_allocating(bombs):
+    peak, dt, err = peak_bytes(decompress, bombs[Compression.ZLIB], Compression.ZLIB, -1, 1000)
+    assert type(err) is CodecError, repr(err)
+    assert peak < 2 * MB, peak
+
+
+@pytest.mark.parametrize("method", list(Compression))
+@pytest.mark.parametrize("raw_len", [-1, -2, -(2**40)])
+def test_negative_raw_len_is_a_codec_error(method, raw_len):
+    packed = {Compression.NONE: RAW, Compression.ZLIB: ZLIB, Compression.ZSTD: ZSTD}[method]
+    expect_codec_error(decompress, packed, method, raw_len, 10 * len(RAW))
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@st.composite
+def layouts(draw, max_tensors: int = 4):
+    n = draw(st.integers(0, max_tensors))
+    shapes, masks, tensors = [], [], []
+    for _ in range(n):
+        shape = draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+        shapes.append(tuple(shape))
+        if draw(st.booleans()):
+            masks.append(None)
+        else:
+            density = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+            seed = draw(st.integers(0, 2**32 - 1))
+            masks.append(np.random.default_rng(seed).random(shape) < density)
+        tensors.append(draw(hnp.arrays(
+            np.float32, shape,
+            elements=st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=32))))
+    return shapes, masks, tensors
+
+
+@PROP
+@given(layout=layouts(), precision=st.sampled_from(ALL))
+def test_random_layouts_round_trip(layout, precision):
+    shapes, masks, tensors = layout
+    body = encode_values_only(tensors, masks, precision)
+    assert len(body) == values_only_size(shapes, masks, precision)
+    out = decode_values_only(body, shapes, masks, precision)
+    for t, o, m in zip(tensors, out, masks):
+        assert_decoded(t, o, m, precision)
+    names = [f"t{i}" for i in range(len(shapes))]
+    d = decode_self_describing(encode_self_describing(tensors, masks, names, precision),
+                               expected=list(zip(names, shapes)))
+    assert d.names == names
+    for t, o, m_in, m_out in zip(tensors, d.tensors, masks, d.masks):
+        assert_decoded(t, o, m_in, precision)
         assert (m_in is None and m_out is None) or np.array_equal(m_in, m_out)
-    for w, o, m in zip(task.weights, got.weights, task.masks):
-        if downlink == "float32":
-            assert np.array_equal(o, w)
-        elif downlink == "float16":
-            np.testing.assert_allclose(o, w, rtol=2.0**-11, atol=2.0**-24)
-        else:
-            _int8_error_ok(w, o, m)
-    with pytest.raises(CodecError):
-        decode_task(data, SHAPES, len(data) - 1)
+    # both encodings carry the same values
+    assert all(np.array_equal(a, b) for a, b in zip(out, d.tensors))
 
 
-def test_decode_task_rejects_update_frames_and_mask_tampering():
-    u, masks = make_update()
-    with pytest.raises(CodecError, match="task"):
-        decode_task(encode_update(u, masks), SHAPES, MAX)
-    task = make_task()
-    kind, h, body = unpack_frame(encode_task(task), MAX)
-    bad = dict(h, mask_digest="0" * 32)
-    with pytest.raises(CodecError, match="digest"):
-        decode_task(pack_frame(kind, bad, bytes(body)), SHAPES, MAX)
-    for key in ("round", "masked", "training", "mask_bytes"):
-        missing = {k: v for k, v in h.items() if k != key}
-        with pytest.raises(CodecError):
-            decode_task(pack_frame(kind, missing, bytes(body)), SHAPES, MAX)
-    with pytest.raises(CodecError):
-        decode_task(pack_frame(kind, dict(h, mask_bytes=len(body) + 1), bytes(body)), SHAPES, MAX)
-    with pytest.raises(CodecError):
-        decode_task(pack_frame(kind, dict(h, masked=[0, 0]), bytes(body)), SHAPES, MAX)
-    with pytest.raises(CodecError):
-        decode_task(pack_frame(kind, dict(h, downlink="float64"), bytes(body)), SHAPES, MAX)
-
-
-@pytest.mark.parametrize("precision", ["float32", "float16", "int8"])
-def test_update_round_trip(precision):
-    u, masks = make_update(precision)
-    data = encode_update(u, masks)
-    got = decode_update(data, SHAPES, masks, MAX)
-    assert (got.round, got.attempt, got.device_id, got.num_samples) == (3, 1, "dev-7", 42)
-    assert got.metrics == u.metrics and got.precision == precision and got.error == ""
-    assert got.mask_digest == mask_digest(masks)
-    for d, o, m in zip(u.delta, got.delta, masks):
-        if precision == "float32":
-            assert np.array_equal(o, d)
-        elif precision == "float16":
-            np.testing.assert_allclose(o, d, rtol=2.0**-11, atol=2.0**-24)
-        else:
-            _int8_error_ok(d, o, m)
-    _, _, body = unpack_frame(data, MAX)
-    assert len(body) == update_size_bound(SHAPES, masks, precision)
-
-
-def test_error_update_has_no_delta_and_skips_mask_check():
-    u, masks = make_update(error="out of memory")
-    data = encode_update(u, masks)
-    got = decode_update(data, SHAPES, [None] * len(SHAPES), MAX)
-    assert got.delta is None and got.error == "out of memory"
-
-
-def test_decode_update_with_another_mask_names_the_digest():
-    u, masks = make_update()
-    data = encode_update(u, masks)
-    other = [m if m is None else m.copy() for m in masks]
-    other[0].flat[0] = not other[0].flat[0]
-    with pytest.raises(CodecError, match="digest"):
-        decode_update(data, SHAPES, other, MAX)
-
-
-def test_decode_update_rejects_bad_fields():
-    u, masks = make_update("float32")
-    kind, h, body = unpack_frame(encode_update(u, masks), MAX)
-    body = bytes(body)
-    cases = [
-        dict(h, n=0), dict(h, round="3"), dict(h, round=True), dict(h, precision="int4"),
-        dict(h, metrics=[1]), {k: v for k, v in h.items() if k != "device"},
-    ]
-    for bad in cases:
-        with pytest.raises(CodecError):
-            decode_update(pack_frame(kind, bad, body), SHAPES, masks, MAX)
-    with pytest.raises(CodecError, match="update"):
-        decode_update(pack_frame(Kind.TASK, h, body), SHAPES, masks, MAX)
-    with pytest.raises(CodecError, match="expected"):
-        decode_update(pack_frame(kind, h, body[:-1]), SHAPES, masks, MAX)
-    # non-numeric metrics are dropped, numeric ones kept
-    got = decode_update(pack_frame(kind, dict(h, metrics={"a": "x", "b": 2}), body), SHAPES, masks, MAX)
-    assert got.metrics == {"b": 2.0}
-
-
-def test_decode_update_huge_integer_metric_raises_codec_error():
-    u, masks = make_update("float32")
-    kind, h, body = unpack_frame(encode_update(u, masks), MAX)
-    data = pack_frame(kind, dict(h, metrics={"loss": 10**400}), bytes(body))
-    try:
-        decode_update(data, SHAPES, masks, MAX)
-    except CodecError:
-        pass
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"{type(e).__name__} escaped: {e}")
-
-
-@pytest.mark.parametrize("field", ["round", "attempt", "mask_bytes"])
-def test_decode_task_infinite_number_raises_codec_error(field):
-    kind, h, body = unpack_frame(encode_task(make_task()), MAX)
-    data = pack_frame(kind, dict(h, **{field: float("inf")}), bytes(body))
-    try:
-        decode_task(data, SHAPES, MAX)
-    except CodecError:
-        pass
-    except Exception as e:  # noqa: BLE001
-        pytest.fail(f"{type(e).__name__} escaped: {e}")
-
-
-# --------------------------------------------------------------------------- property tests
-
-UPDATE_MASKS = example_masks()
-UPDATE_BYTES = {p: encode_update(make_update(p)[0], UPDATE_MASKS) for p in ("float32", "float16", "int8")}
-TASK_BYTES = encode_task(make_task("int8"))
-
-
-def _decodes_or_codec_error(fn, *args):
-    try:
-        fn(*args)
-    except CodecError:
-        pass
+SMALL = DecodeLimits(max_tensors=16, max_elements=4096, max_ndim=4)
 
 
 @PROP
-@given(data=st.binary(max_size=512))
-def test_random_bytes_decode_or_raise_codec_error(data):
-    _decodes_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX)
-    _decodes_or_codec_error(decode_task, data, SHAPES, MAX)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_self_describing_decode_or_codec_error(data):
+    decode_or_codec_error(decode_self_describing, data, SMALL)
+    decode_or_codec_error(decode_self_describing, data, SMALL, expected=[("a", (3,))])
+
+
+@st.composite
+def random_tables(draw):
+    """Sections that parse as far as the table: random (mostly plausible) entries and random data."""
+    entries = []
+    for _ in range(draw(st.integers(0, 3))):
+        name = draw(st.sampled_from([b"a", b"", b"\xff", b"kernel"]))
+        shape = tuple(draw(st.lists(st.integers(0, 9), max_size=3)))
+        size = int(np.prod(shape))
+        pid = draw(st.integers(0, 5))
+        flags = draw(st.sampled_from([0, 1, 1, 2]))
+        method = draw(st.integers(0, 7))
+        kept = draw(st.integers(0, size + 1) | st.just(size))
+        mask_len = draw(st.integers(0, 4) | st.just((size + 7) // 8))
+        entries.append(table_entry(name, shape, pid, flags, method, kept, mask_len))
+    return section(entries, draw(st.binary(max_size=120)))
 
 
 @PROP
-@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 2]),
-       head=st.binary(max_size=64), body=st.binary(max_size=64), hlen_delta=st.integers(-3, 3))
-def test_random_frames_with_valid_crc_decode_or_raise_codec_error(kind, version, head, body, hlen_delta):
-    data = raw_frame(kind, head, body, version=version, hlen=max(0, len(head) + hlen_delta))
-    _decodes_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX)
-    _decodes_or_codec_error(decode_task, data, SHAPES, MAX)
+@given(body=random_tables())
+def test_random_tables_decode_or_codec_error(body):
+    d = decode_or_codec_error(decode_self_describing, body, SMALL)
+    if d is not None:
+        for t, m in zip(d.tensors, d.masks):
+            assert t.dtype == np.float32 and np.isfinite(t).all()
+            if m is not None:
+                assert m.shape == t.shape and np.all(t[~m] == 0.0)
 
 
-def _mutate(data: bytes, draw) -> bytes:
+@PROP
+@given(layout=layouts(max_tensors=3), precision=st.sampled_from(ALL), data=st.data())
+def test_random_bytes_values_only_decode_or_codec_error(layout, precision, data):
+    shapes, masks, _ = layout
+    size = values_only_size(shapes, masks, precision)
+    n = data.draw(st.sampled_from([size, size, max(0, size - 1), size + 1, 0]))
+    body = data.draw(st.binary(min_size=n, max_size=n))
+    out = decode_or_codec_error(decode_values_only, body, shapes, masks, precision)
+    if out is not None:
+        assert len(body) == size
+        for o, s, m in zip(out, shapes, masks):
+            assert o.shape == s and o.dtype == np.float32 and np.isfinite(o).all()
+            if m is not None:
+                assert np.all(o[~m] == 0.0)
+    elif len(body) == size:
+        pass  # random scales/values may be refused (NaN, negative scale, -128, ...)
+    else:
+        assert out is None
+
+
+def mutate(data: bytes, draw) -> bytes:
     op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "delete"]))
     n = len(data)
     if op == "flip":
@@ -450,101 +795,31 @@ def _mutate(data: bytes, draw) -> bytes:
     return data[:i] + draw(st.binary(max_size=16)) + data[j:]
 
 
-TARGETS = [("update", p) for p in UPDATE_BYTES] + [("task", "int8")]
+SD_BODIES = {
+    p: encode_self_describing(example_tensors(), example_masks(), NAMES, p) for p in ALL
+}
 
 
 @PROP
-@given(target=st.sampled_from(TARGETS), fix_crc=st.booleans(), data=st.data())
-def test_mutated_messages_decode_or_raise_codec_error(target, fix_crc, data):
-    what, precision = target
-    original = UPDATE_BYTES[precision] if what == "update" else TASK_BYTES
-    mutated = _mutate(original, data.draw)
-    if fix_crc and len(mutated) >= 4:
-        mutated = recrc(mutated)  # get past the checksum so header/length checks are reached
-    assume(mutated != original)
-    if what == "update":
-        _decodes_or_codec_error(decode_update, mutated, SHAPES, UPDATE_MASKS, MAX)
-    else:
-        _decodes_or_codec_error(decode_task, mutated, SHAPES, MAX)
-
-
-# JSON values for header fuzzing, non-finite floats and integers beyond 64 bits included.
-json_scalars = (
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.integers() | st.text(max_size=8)
-    | st.floats()
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=10,
-)
-
-
-@PROP
-@given(target=st.sampled_from(TARGETS), data=st.data())
-def test_header_field_fuzz_decodes_or_raises_codec_error(target, data):
-    what, precision = target
-    original = UPDATE_BYTES[precision] if what == "update" else TASK_BYTES
-    kind, h, body = unpack_frame(original, MAX)
-    h = dict(h)
+@given(precision=st.sampled_from(ALL), expect=st.booleans(), data=st.data())
+def test_mutated_self_describing_sections_decode_or_codec_error(precision, expect, data):
+    original = SD_BODIES[precision]
+    mutated = original
     for _ in range(data.draw(st.integers(1, 3))):
-        key = data.draw(st.sampled_from(sorted(h) + ["extra"]))
-        if data.draw(st.booleans()) and key in h:
-            del h[key]
-        else:
-            h[key] = data.draw(json_values)
-    body = bytes(body)
-    if data.draw(st.booleans()):
-        body = _mutate(body, data.draw) if body else body
-    frame = pack_frame(kind, h, body)
-    if what == "update":
-        _decodes_or_codec_error(decode_update, frame, SHAPES, UPDATE_MASKS, MAX)
-    else:
-        _decodes_or_codec_error(decode_task, frame, SHAPES, MAX)
-
-
-@st.composite
-def layouts(draw):
-    n = draw(st.integers(0, 4))
-    shapes, masks, tensors = [], [], []
-    for _ in range(n):
-        shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5))
-        shapes.append(shape)
-        masks.append(draw(st.none() | hnp.arrays(np.bool_, shape)))
-        tensors.append(draw(hnp.arrays(
-            np.float32, shape,
-            elements=st.floats(-1000, 1000, allow_nan=False, allow_infinity=False, width=32))))
-    return shapes, masks, tensors
+        mutated = mutate(mutated, data.draw) if mutated else mutated
+    kw = {"expected": list(zip(NAMES, SHAPES))} if expect else {}
+    d = decode_or_codec_error(decode_self_describing, mutated, SMALL, **kw)
+    if d is not None:
+        assert all(np.isfinite(t).all() for t in d.tensors)
+        if expect:
+            assert [t.shape for t in d.tensors] == SHAPES
 
 
 @PROP
-@given(layout=layouts(), precision=st.sampled_from(["float32", "float16", "int8"]))
-def test_round_trip_random_layouts(layout, precision):
-    shapes, masks, tensors = layout
-    u = Update(round=1, attempt=0, device_id="d", num_samples=5, delta=tensors, precision=precision)
-    data = encode_update(u, masks)
-    got = decode_update(data, shapes, masks, MAX)
-    _, _, body = unpack_frame(data, MAX)
-    assert len(body) == update_size_bound(shapes, masks, precision)
-    for t, o, m in zip(tensors, got.delta, masks):
-        assert o.shape == t.shape
-        sel = np.ones(t.shape, bool) if m is None else m
-        assert np.all(o[~sel] == 0.0)
-        if precision == "float32":
-            assert np.array_equal(o[sel], t[sel])
-        elif precision == "float16":
-            np.testing.assert_allclose(o[sel], t[sel], rtol=2.0**-11, atol=2.0**-24)
-        else:
-            _int8_error_ok(t, o, m)
-    # the same layout as a task (masks travel in the frame)
-    task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks),
-                     training={}, uplink_precision="int8", deadline_s=1.0, downlink_precision=precision)
-    back = decode_task(encode_task(task), shapes, MAX)
-    for m_in, m_out in zip(masks, back.masks):
-        assert (m_in is None and m_out is None) or np.array_equal(m_in, m_out)
-
-
-def test_codec_error_is_a_value_error_with_reason():
-    e = CodecError("why")
-    assert isinstance(e, ValueError) and e.reason == "why"
-    assert codec.PRECISION_BYTES == {"float32": 4, "float16": 2, "int8": 1}
+@given(method=st.sampled_from(list(Compression) + [3]), data=st.binary(max_size=200),
+       raw_len=st.integers(-2, 3000), seed_stream=st.sampled_from([b"", ZLIB, ZSTD]), cut=st.integers(0, 50))
+def test_decompress_random_input_or_codec_error(method, data, raw_len, seed_stream, cut):
+    stream = seed_stream[: max(0, len(seed_stream) - cut)] + data if seed_stream else data
+    out = decode_or_codec_error(decompress, stream, method, raw_len, 2000)
+    if out is not None:
+        assert len(out) == raw_len <= 2000

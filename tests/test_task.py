@@ -39,7 +39,7 @@ def test_example_task_loads():
     assert t.pruning.enabled and t.pruning.leave_dense == ("logits",)
     assert t.pruning.schedule() == PolynomialDecay(0.0, 0.8, 2, 10, 3.0, 2)
     assert t.transport.uplink_precision == "int8"
-    assert t.transport.max_payload_bytes == 4_000_000  # default
+    assert t.transport.max_payload_bytes == 1_000_000  # default
 
 
 def test_empty_task_uses_defaults(tmp_path):
@@ -96,7 +96,7 @@ BAD = [
     ("test_fraction = 0.2", "test_fraction = nan", "data.test_fraction"),
     ("alpha = 1.0", "alpha = 0.0", "data.alpha"),
     ("alpha = 1.0", "alpha = 1.0\nshards_per_device = 0", "data.shards_per_device"),
-    ('uplink_precision = "int8"', 'uplink_precision = "int4"', "transport.uplink_precision"),
+    ('uplink_precision = "int8"', 'uplink_precision = "int3"', "transport.uplink_precision"),
     ('downlink_precision = "float32"', 'downlink_precision = "float32"\nmax_payload_bytes = 100',
      "transport.max_payload_bytes"),
 ]

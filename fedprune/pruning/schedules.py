@@ -105,3 +105,200 @@ class PolynomialDecay(PruningSchedule):
 
     def get_config(self) -> dict[str, Any]:
         return {"class_name": type(self).__name__, **asdict(self)}
+
+
+# --------------------------------------------------------------------------- adaptive
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the aggregator does after aggregating a round (``AdaptiveSparsity.decision``).
+
+    ``backoff``: restore the masks (and, if kept, the weights) from before the last prune; the
+    model is then at sparsity ``target``. ``prune``: prune to ``target``. Never both.
+    """
+
+    prune: bool
+    target: float
+    backoff: bool = False
+
+
+_STATE_KEYS = (
+    "level", "prev_level", "can_undo", "frozen", "best", "latest", "last_observed_round",
+    "observed_since_prune", "last_round", "last_decision",
+)
+
+
+@dataclass(frozen=True)
+class AdaptiveSparsity(PruningSchedule):
+    """Raise sparsity by ``step`` while held-out accuracy holds; undo the last rise when it drops.
+
+    Configuration is frozen (the dataclass fields, ``get_config``); the accuracy history is
+    mutable state, fed by ``observe`` and saved/restored with ``state()`` / ``restore()``.
+
+    Use, once per aggregated round ``r`` (1-based)::
+
+        d = schedule.decision(r)
+        if d.backoff:  masks = masks_before_last_prune            # (and weights, if kept)
+        elif d.prune:  weights, masks = prune_with_rules(..., d.target)   # or prune_to_sparsity
+        schedule.observe(r, evaluate(global_model))              # higher is better
+
+    ``schedule(r)`` returns ``(d.prune, d.target)`` like the other schedules, for callers that
+    cannot restore masks (they then just stop rising after a drop). Levels, on pruning turns
+    (every ``frequency`` rounds from ``begin_round`` and at ``end_round``, as elsewhere):
+
+    * the first turn prunes to ``initial_sparsity``;
+    * each later turn rises by ``step`` (capped at ``final_sparsity``; levels are
+      ``initial + k * step``, not accumulated, so no float drift) if the latest observed accuracy
+      is within ``tolerance`` (absolute) of the best seen, or none was observed yet; otherwise it
+      holds and does not prune (so threshold rules do not bite again while accuracy suffers);
+    * when an accuracy observed after the last prune is below ``best - tolerance`` and that prune
+      raised sparsity, the next decision (turn or not) is a backoff to the level before it (0.0
+      before the first prune). A backoff is final: the schedule never rises again (no
+      prune/undo oscillation). A drop with nothing to undo just holds.
+
+    ``decision`` advances the state; calling it again for the same round returns the same
+    decision, for an earlier round raises ``ValueError``. ``wants_backoff()`` peeks without
+    advancing.
+    """
+
+    initial_sparsity: float
+    final_sparsity: float
+    step: float
+    tolerance: float
+    begin_round: int
+    end_round: int
+    frequency: int = 1
+
+    def __post_init__(self) -> None:
+        _check_range(self.begin_round, self.end_round, self.frequency)
+        for name in ("initial_sparsity", "final_sparsity"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        if self.final_sparsity < self.initial_sparsity:
+            raise ValueError(
+                f"final_sparsity ({self.final_sparsity}) must be >= initial_sparsity "
+                f"({self.initial_sparsity})"
+            )
+        if not (math.isfinite(self.step) and self.step > 0):
+            raise ValueError(f"step must be a finite number > 0, got {self.step}")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance}")
+        object.__setattr__(self, "_st", self._fresh_state())
+
+    # ------------------------------------------------------------------ state
+
+    @staticmethod
+    def _fresh_state() -> dict[str, Any]:
+        return {
+            "level": None,  # steps taken: None = no prune yet, -1 = backed off to before the first
+            "prev_level": None,  # level before the last rise (restore target)
+            "can_undo": False,  # the last prune raised sparsity and was not undone
+            "frozen": False,  # a backoff happened: no more rises
+            "best": None,
+            "latest": None,
+            "last_observed_round": None,
+            "observed_since_prune": False,
+            "last_round": None,  # round of the last decision, and that decision (cache)
+            "last_decision": None,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable snapshot of the mutable state (not the config: see ``get_config``)."""
+        s = dict(self._st)  # type: ignore[attr-defined]
+        if s["last_decision"] is not None:
+            s["last_decision"] = asdict(s["last_decision"])
+        return s
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Load a snapshot taken by ``state()`` (on a schedule built from the same config)."""
+        if set(state) != set(_STATE_KEYS):
+            raise ValueError(
+                f"state keys {sorted(state)} do not match AdaptiveSparsity's {sorted(_STATE_KEYS)}"
+            )
+        s = dict(state)
+        if s["last_decision"] is not None:
+            s["last_decision"] = Decision(**s["last_decision"])
+        object.__setattr__(self, "_st", s)
+
+    # ------------------------------------------------------------------ levels
+
+    def _target(self, level: int | None) -> float:
+        if level is None or level < 0:
+            return 0.0
+        return min(round(self.initial_sparsity + level * self.step, 12), self.final_sparsity)
+
+    @property
+    def sparsity(self) -> float:
+        """Sparsity the schedule believes the model is at (0.0 before the first prune)."""
+        return self._target(self._st["level"])  # type: ignore[attr-defined]
+
+    def _holds(self) -> bool:
+        st = self._st  # type: ignore[attr-defined]
+        return st["latest"] is None or st["latest"] >= st["best"] - self.tolerance
+
+    def wants_backoff(self) -> bool:
+        """Whether the next decision will be a backoff (given what was observed so far)."""
+        st = self._st  # type: ignore[attr-defined]
+        return bool(
+            st["can_undo"] and st["observed_since_prune"] and not self._holds()
+        )
+
+    # ------------------------------------------------------------------ protocol
+
+    def observe(self, round_number: int, accuracy: float) -> None:
+        """Record the held-out accuracy (higher is better) of the global model after ``round``."""
+        accuracy = float(accuracy)
+        if not math.isfinite(accuracy):
+            raise ValueError(f"accuracy must be finite, got {accuracy}")
+        st = self._st  # type: ignore[attr-defined]
+        last = st["last_observed_round"]
+        if last is not None and round_number < last:
+            raise ValueError(f"observed round {round_number} after round {last}")
+        st["latest"] = accuracy
+        st["last_observed_round"] = int(round_number)
+        st["observed_since_prune"] = True
+        if st["best"] is None or accuracy > st["best"]:
+            st["best"] = accuracy
+
+    def decision(self, round_number: int) -> Decision:
+        """The decision for the round just aggregated (advances the state once per round)."""
+        st = self._st  # type: ignore[attr-defined]
+        r = int(round_number)
+        if st["last_round"] is not None:
+            if r < st["last_round"]:
+                raise ValueError(f"decision for round {r} after round {st['last_round']}")
+            if r == st["last_round"]:
+                return st["last_decision"]
+        turn = _is_pruning_turn(r, self.begin_round, self.end_round, self.frequency)
+        if self.wants_backoff():
+            st["level"] = st["prev_level"]
+            st["can_undo"] = False
+            st["frozen"] = True
+            d = Decision(prune=False, target=self._target(st["level"]), backoff=True)
+        elif turn and not st["frozen"] and st["level"] is None:
+            self._rise(st, -1, 0)
+            d = Decision(prune=True, target=self._target(0))
+        elif (
+            turn and not st["frozen"] and self._holds()
+            and self._target(st["level"]) < self.final_sparsity
+        ):
+            self._rise(st, st["level"], st["level"] + 1)
+            d = Decision(prune=True, target=self._target(st["level"]))
+        else:
+            d = Decision(prune=False, target=self._target(st["level"]))
+        st["last_round"], st["last_decision"] = r, d
+        return d
+
+    def _rise(self, st: dict[str, Any], old: int, new: int) -> None:
+        st["prev_level"], st["level"] = old, new
+        st["can_undo"] = self._target(new) > self._target(old)
+        st["observed_since_prune"] = False
+
+    def __call__(self, round_number: int) -> tuple[bool, float]:
+        d = self.decision(round_number)
+        return d.prune, d.target
+
+    def get_config(self) -> dict[str, Any]:
+        return {"class_name": type(self).__name__, **asdict(self)}
