@@ -234,6 +234,7 @@ class TrainTask:
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
                 "stochastic_rounding", "compression", "device_sparsity")
+_TASK_OPTIONAL = {"device_sparsity": None}  # fields a receiver may find missing, with their defaults
 
 
 def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
@@ -253,10 +254,11 @@ def decode_task(
     if kind != Kind.TASK:
         raise CodecError(f"expected a task frame, got kind {kind}")
     try:
-        fields = {k: h[k] for k in _TASK_FIELDS}
-        for k in ("round", "attempt"):
-            if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < 2**32:
-                raise CodecError(f"task {k} must be a non-negative integer")
+        fields = {k: h[k] for k in _TASK_FIELDS if k not in _TASK_OPTIONAL}
+        fields.update({k: h.get(k, default) for k, default in _TASK_OPTIONAL.items()})
+        for k, bound in (("round", 2**32), ("attempt", 2**16)):  # the sizes the update header gives them
+            if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < bound:
+                raise CodecError(f"task {k} must be an integer in [0, {bound})")
         if not isinstance(fields["training"], dict):
             raise CodecError("task training settings must be an object")
         for k in ("uplink_precision", "downlink_precision"):
@@ -339,8 +341,10 @@ def encode_update(
             section = encode_values_only(update.tensors, masks, precision, stochastic=stochastic, rng=rng)
     used, packed = compress(section, update.compression)
     device = update.device_id.encode()
-    metrics = [(k.encode()[:255], float(v)) for k, v in list(update.metrics.items())[:255]]
-    error = update.error.encode()[:65535]
+    if len(device) > 255:
+        raise ValueError(f"device id of {len(device)} bytes is longer than 255")
+    metrics = [(_utf8_prefix(k, 255), float(v)) for k, v in list(update.metrics.items())[:255]]
+    error = _utf8_prefix(update.error, 65535)
     parts = [
         _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
                            int(update.encoding), PRECISION_IDS[precision], int(used),
@@ -353,6 +357,12 @@ def encode_update(
         parts.append(struct.pack("<I", len(section)))
     parts.append(packed)
     return pack_frame(Kind.UPDATE, None, b"".join(parts))
+
+
+def _utf8_prefix(text: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes`` of UTF-8, cut on a character boundary (a cut character would make the
+    receiver reject the whole update)."""
+    return text.encode()[:max_bytes].decode("utf-8", "ignore").encode()
 
 
 @dataclass

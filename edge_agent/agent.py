@@ -158,10 +158,6 @@ class EdgeAgent:
         except CodecError as e:
             log.error("%s: ignored undecodable task: %s", self.device_id, e)
             return
-        if task.architecture_digest != arch.digest:
-            self._send(Update(task.round, task.attempt, self.device_id, len(self.x),
-                              error="task names another architecture than the one received"), task)
-            return
         try:
             result = self.trainer.train(arch, task, self.x, self.y)
         except Exception as e:  # any training failure goes back to the aggregator, not into a log only

@@ -345,12 +345,14 @@ def build_seeds() -> list[bytes]:
     for precision in precisions:
         add("decode_self_describing", codec.encode_self_describing(tensors(), masks, NAMES, precision))
         add("decode_self_describing", codec.encode_self_describing(tensors(), own, NAMES, precision))
+        # other layouts, with edge cases: empty tensors (a zero among other dimensions), rank 0
         odd = [rng.normal(size=(2, 3, 5)).astype(np.float32), rng.normal(size=(0,)).astype(np.float32),
-               rng.normal(size=(40, 4)).astype(np.float32)]
-        odd_masks = [None, None, rng.random((40, 4)) < 0.1]
+               rng.normal(size=(40, 4)).astype(np.float32), np.zeros((3, 0, 7), np.float32),
+               np.float32(rng.normal()).reshape(()), np.zeros((0, 6), np.float32)]
+        odd_masks = [None, None, rng.random((40, 4)) < 0.1, None, None, np.zeros((0, 6), bool)]
         odd[2] *= odd_masks[2]
         add("decode_self_describing",
-            codec.encode_self_describing(odd, odd_masks, ["a", "b\u00e9", "c" * 40], precision))
+            codec.encode_self_describing(odd, odd_masks, ["a", "b\u00e9", "c" * 40, "d", "e", "f"], precision))
     add("decode_self_describing", codec.encode_self_describing([], [], [], "int8"))
 
     # values-only sections: [precision selector][1 = shared masks, 0 = dense][section]
