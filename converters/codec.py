@@ -141,6 +141,9 @@ def decode_values_only(
         p = precision_of(precision)
     except ValueError as e:
         raise CodecError(str(e)) from None
+    for s_, m in zip(shapes, masks, strict=True):
+        if m is not None and tuple(m.shape) != tuple(int(d) for d in s_):
+            raise CodecError(f"mask shape {m.shape} does not match tensor shape {tuple(s_)}")
     expected = values_only_size(shapes, masks, p)
     if len(body) != expected:
         raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.value}")
@@ -243,6 +246,7 @@ def decode_self_describing(
         raise CodecError(f"table lists {count} tensors, expected {len(expected)}")
     entries = []
     total_elements = 0
+    data_bytes = 0
     for i in range(count):
         name_len = r.byte()
         try:
@@ -273,7 +277,15 @@ def decode_self_describing(
         masked = bool(flags & _FLAG_MASKED)
         if not masked and (method != MaskMethod.ALL_KEPT or kept != size or mask_len):
             raise CodecError(f"tensor {name!r}: unmasked tensor with a mask")
-        entries.append((name, shape, size, _PRECISION_BY_ID[pid], masked, method, kept, mask_len))
+        p = _PRECISION_BY_ID[pid]
+        vsize = value_section_size(kept, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
+        entries.append((name, shape, size, p, masked, method, kept, mask_len))
+        data_bytes += mask_len + vsize
+    # Every length is checked before any mask or value is decoded (or allocated).
+    if data_bytes > r.remaining:
+        raise CodecError(f"section ends early: the table promises {data_bytes} bytes of tensor data, {r.remaining} left")
+    if data_bytes < r.remaining:
+        raise CodecError(f"{r.remaining - data_bytes} bytes left over after the {data_bytes} the table promises")
     names, tensors, masks, precisions = [], [], [], set()
     for name, shape, size, p, masked, method, kept, mask_len in entries:
         mask_bytes = r.take(mask_len)
@@ -320,27 +332,36 @@ def decompress(data: bytes | memoryview, method: int, raw_len: int, max_len: int
     """Inverse of ``compress``; refuses to produce more than ``raw_len`` (<= ``max_len``) bytes."""
     if raw_len > max_len:
         raise CodecError(f"decompressed size {raw_len} exceeds the limit of {max_len}")
+    if raw_len < 0:
+        raise CodecError(f"decompressed size {raw_len} is negative")
     try:
         if method == Compression.NONE:
             out = bytes(data)
         elif method == Compression.ZLIB:
+            if raw_len == 0:
+                raise CodecError("a compressed section cannot be empty")
             d = zlib.decompressobj()
-            out = d.decompress(bytes(data), raw_len + 1)
+            out = d.decompress(bytes(data), raw_len + 1)  # never more than one byte past the claim
             if not d.eof or d.unconsumed_tail or d.unused_data:
                 raise CodecError("zlib stream is truncated or has trailing data")
         elif method == Compression.ZSTD:
             import zstandard
 
-            # A stream reader with a byte budget: the frame's own content-size field is not trusted.
-            reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(bytes(data)))
-            out = reader.read(raw_len + 1)
+            # The frame must declare its size, equal to the claim; zstd checks the content against
+            # it, so the output is bounded before anything is decompressed.
+            if zstandard.frame_content_size(bytes(data[:18])) != raw_len:
+                raise CodecError("zstd frame does not declare the claimed size")
+            d = zstandard.ZstdDecompressor().decompressobj()
+            out = d.decompress(bytes(data))
+            if not d.eof or d.unused_data:
+                raise CodecError("zstd stream is truncated or has trailing data")
         else:
             raise CodecError(f"unknown compression {method}")
     except (zlib.error, MemoryError) as e:
         raise CodecError(f"cannot decompress: {e}") from None
+    except CodecError:
+        raise
     except Exception as e:  # noqa: BLE001 - zstandard raises its own ZstdError
-        if isinstance(e, CodecError):
-            raise
         raise CodecError(f"cannot decompress: {type(e).__name__}: {e}") from None
     if len(out) != raw_len:
         raise CodecError(f"decompressed {len(out)} bytes, header says {raw_len}")

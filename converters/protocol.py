@@ -89,10 +89,12 @@ class Topics:
 
     def device_from_topic(self, topic: str) -> str:
         """The device id in a presence or device topic; raises ValueError for other topics."""
-        parts = topic.split("/")
-        root_len = len(self.root.split("/"))
-        if topic.startswith(self.root + "/") and len(parts) > root_len + 1:
-            return parts[root_len + 1]
+        if topic.startswith(self.root + "/"):
+            rest = topic[len(self.root) + 1 :].split("/")
+            if len(rest) == 2 and rest[0] == "presence" and rest[1]:
+                return rest[1]
+            if len(rest) == 3 and rest[0] == "device" and rest[1] and rest[2] in ("task", "update", "ack"):
+                return rest[1]
         raise ValueError(f"topic {topic!r} names no device")
 
 
@@ -350,7 +352,7 @@ def encode_update(
                            int(update.encoding), PRECISION_IDS[precision], int(used),
                            bytes.fromhex(mask_digest(masks))),
         bytes([len(device)]), device, bytes([len(metrics)]),
-        *(bytes([len(k)]) + k + struct.pack("<f", v) for k, v in metrics),
+        *(bytes([len(k)]) + k + np.float32(v).astype("<f4").tobytes() for k, v in metrics),  # 1e39 -> inf
         struct.pack("<H", len(error)), error,
     ]
     if used is not Compression.NONE:

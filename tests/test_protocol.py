@@ -199,8 +199,6 @@ def test_device_from_topic_refuses_other_topics(topic):
         Topics("fed").device_from_topic(topic)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: device_from_topic returns 'architecture' for the model/architecture "
-                   "topic; its docstring says only presence and device topics name a device")
 def test_device_from_topic_refuses_the_architecture_topic():
     t = Topics("fed")
     with pytest.raises(ValueError):
@@ -357,7 +355,7 @@ TASK = encode_task(make_task("int8"), NAMES)
     ({"section_compression": 3}, "unknown compression"), ({"section_compression": "zlib"}, "malformed"),
     ({"section_compression": None}, "malformed"), ({"section_compression": 1}, "cannot decompress"),
     ({"section_bytes": 1}, "header says 1"), ({"section_bytes": 10**12}, "exceeds the limit"),
-    ({"section_bytes": -1}, "header says -1"), ({"section_bytes": float("inf")}, "malformed"),
+    ({"section_bytes": -1}, "negative"), ({"section_bytes": float("inf")}, "malformed"),
     ({"section_bytes": float("nan")}, "malformed"), ({"section_bytes": "12"}, "header says 12"),
     ({"section_bytes": [1]}, "malformed"),
     ({"device_sparsity": None}, None), ({"device_sparsity": 0}, None), ({"device_sparsity": "0.5"}, None),
@@ -385,6 +383,9 @@ def test_decode_task_header_checks(changes, match):
                                    "error_feedback", "stochastic_rounding", "compression", "device_sparsity",
                                    "section_compression", "section_bytes"])
 def test_decode_task_missing_fields(field):
+    if field == "device_sparsity":  # optional: a task from an aggregator that predates it
+        assert decode_task(reframe(TASK, drop=(field,)), NAMES, SHAPES, MAX).device_sparsity is None
+        return
     expect_codec_error(decode_task, reframe(TASK, drop=(field,)), NAMES, SHAPES, MAX)
 
 
@@ -426,8 +427,6 @@ def test_decode_task_zip_bomb_with_small_claim_is_refused_cheaply():
     assert "zlib" in err.reason and peak < 4 << 20
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a task header with section_bytes=-1 and zlib makes decompress call "
-                   "zlib with max_length=0 (unlimited): the whole bomb is inflated (here 20 MB from 20 kB)")
 def test_decode_task_zip_bomb_with_negative_claim_is_refused_cheaply():
     bomb = zlib_bomb(20 << 20)
     data = reframe(TASK, {"section_compression": 1, "section_bytes": -1}, body=bomb)
@@ -627,9 +626,6 @@ def test_update_metrics_and_unicode_ids():
     assert got.metrics["inf"] == float("inf")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: encode_update cuts metric names at 255 bytes and error text at 65535 "
-                   "bytes in the middle of a UTF-8 character; its own decoder then refuses the update "
-                   "('update header text is not UTF-8')")
 @pytest.mark.parametrize("metrics,error", [({"é" * 128: 1.0}, ""), ({}, "é" * 40000)],
                          ids=["metric-name", "error-text"])
 def test_long_non_ascii_texts_still_decode(metrics, error):
