@@ -32,6 +32,7 @@ class FederationState:
     masks: list[np.ndarray | None]
     rng_state: dict[str, Any]
     totals: dict[str, float] = field(default_factory=dict)
+    model_json: str = ""  # the architecture, once structured pruning has changed it
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:
@@ -46,6 +47,7 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
         "num_weights": len(state.weights),
         "rng_state": state.rng_state,
         "totals": state.totals,
+        "model_json": state.model_json,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -80,5 +82,6 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
         except Exception as e:  # noqa: BLE001 - zip, npy and JSON damage raise many types
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
-        return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"])
+        return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
+                               meta.get("model_json", ""))
     return None

@@ -103,28 +103,20 @@ class Aggregator:
         self.session_id = secrets.token_hex(8)
 
         keras.utils.set_random_seed(task.seed)
-        self.model = build_model(task.model.factory, dataset.input_shape, dataset.num_classes)
-        self.model.compile(
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
-        )
-        model_json = self.model.to_json()
+        self._use_model(build_model(task.model.factory, dataset.input_shape, dataset.num_classes))
         weights = get_layer_weights(self.model)
-        self.architecture = Architecture(
-            model_json=model_json,
-            digest=hashlib.sha256(model_json.encode()).hexdigest()[:32],
-            shapes=[list(w.shape) for w in weights],
-            names=weight_names(self.model),
-        )
-        self.shapes = [tuple(s) for s in self.architecture.shapes]
         self.schedule = task.pruning.schedule() if task.pruning.enabled else None
         masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
         self.state = FederationState(0, weights, masks, np.random.default_rng(task.seed).bit_generator.state,
                                      {"bytes_down": 0, "bytes_up": 0})
         self.history: list[RoundRecord] = []
+        self.structured_report: dict | None = None
         if resume:
             restored = load_latest_checkpoint(self.run_dir / "checkpoints")
             if restored is None:
                 raise FederationError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+            if restored.model_json and restored.model_json != self.architecture.model_json:
+                self._use_model(keras.models.model_from_json(restored.model_json))  # structurally pruned
             if [tuple(w.shape) for w in restored.weights] != self.shapes:
                 raise FederationError("--resume: the checkpoint was made for another model architecture")
             self.state = restored
@@ -144,6 +136,22 @@ class Aggregator:
             max_message_bytes=task.transport.max_message_bytes,
             clean_session=False,  # the broker keeps updates that arrive while we reconnect
         )
+
+    def _use_model(self, model) -> None:
+        """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
+        from fedprune.keras_setup import keras
+        from fedprune.models import get_layer_weights, weight_names
+
+        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        model_json = model.to_json()
+        self.model = model
+        self.architecture = Architecture(
+            model_json=model_json,
+            digest=hashlib.sha256(model_json.encode()).hexdigest()[:32],
+            shapes=[list(w.shape) for w in get_layer_weights(model)],
+            names=weight_names(model),
+        )
+        self.shapes = [tuple(s) for s in self.architecture.shapes]
 
     # --- MQTT side (network thread) ---
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -185,6 +193,7 @@ class Aggregator:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(asdict(record)) + "\n")
                 self.state.rng_state = self.rng.bit_generator.state
+                self.state.model_json = self.architecture.model_json
                 save_checkpoint(self.run_dir / "checkpoints", self.state)
                 if self.on_round:
                     self.on_round(record)
@@ -205,6 +214,7 @@ class Aggregator:
             exports=exports,
         )
         summary = {
+            "structured_pruning": self.structured_report,
             "final_accuracy": result.final_accuracy,
             "final_sparsity": result.final_sparsity,
             "rounds": len(self.history),
@@ -259,6 +269,8 @@ class Aggregator:
                 if prune_now:
                     weights, masks = prune_to_sparsity(weights, masks, target)
                     pruned = True
+        if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
+            weights, masks = self._prune_structured(weights, masks)
         loss, acc = self.evaluate(weights)
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += bytes_down
@@ -377,6 +389,46 @@ class Aggregator:
         if update.content == "weights":
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]
         return ClientResult(device_id, update.num_samples, tensors, update.metrics), "", device_id
+
+    def _prune_structured(self, weights: list[np.ndarray], masks: list) -> tuple[list[np.ndarray], list]:
+        """Remove whole units and filters, rebuild the smaller model and announce its architecture."""
+        from fedprune.pruning.structured import apply_structured, count_flops, plan_structured
+
+        p = self.task.pruning
+        plan = plan_structured(self.model, weights, p.structured_fraction, norm=p.structured_norm,
+                               leave=p.leave_dense)
+        before = {"parameters": int(sum(w.size for w in weights)), "flops": count_flops(self.model),
+                  "latency_ms": self._latency_ms(self.model, weights)}
+        old_model = self.model
+        new_model, new_weights = apply_structured(old_model, weights, plan)
+        # Cut the masks exactly as the weights: run them through the same surgery.
+        as_arrays = [np.zeros(w.shape, np.float32) if m is None else m.astype(np.float32)
+                     for w, m in zip(weights, masks)]
+        _, cut = apply_structured(old_model, as_arrays, plan)
+        new_masks = [None if m is None else c > 0.5 for m, c in zip(masks, cut)]
+        new_weights = apply_masks(new_weights, new_masks)
+        self._use_model(new_model)
+        after = {"parameters": int(sum(w.size for w in new_weights)), "flops": count_flops(new_model),
+                 "latency_ms": self._latency_ms(new_model, new_weights)}
+        self.structured_report = {"before": before, "after": after,
+                                  "kept_units": {k: int(v.size) for k, v in plan.keep.items()}}
+        log.warning("structured pruning: %s parameters -> %s, FLOPs %s -> %s, TFLite latency %.3f -> %.3f ms",
+                    f"{before['parameters']:,}", f"{after['parameters']:,}", f"{before['flops']:,}",
+                    f"{after['flops']:,}", before["latency_ms"], after["latency_ms"])
+        self._publish_architecture()  # retained: devices rebuild before they take the next task
+        return new_weights, new_masks
+
+    def _latency_ms(self, model, weights: list[np.ndarray]) -> float:
+        import tempfile
+
+        from converters.tflite_export import export_sparse_tflite
+        from fedprune.models import set_layer_weights
+        from fedprune.pruning.structured import measure_latency_ms
+
+        set_layer_weights(model, weights)
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = export_sparse_tflite(model, Path(tmp) / "m.tflite")
+            return float(measure_latency_ms(exported.path, self.dataset.x_test[:50], runs=200))
 
     def _ack(self, ack: Ack) -> None:
         self.session.publish(self.topics.ack(ack.device_id), ack.encode())

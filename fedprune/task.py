@@ -106,6 +106,11 @@ class PruningSection:
     leave_dense: tuple[str, ...] = ()  # layer names never pruned
     fine_tune_rounds: int = 0  # rounds of training with the final mask fixed after end_round
     mask_owner: Literal["aggregator", "device"] = "aggregator"  # who prunes: see docs/pruning.md
+    # Structured pruning: after round `structured_round`, remove this fraction of the units/filters
+    # of every Dense/Conv layer not in leave_dense (lowest L1/L2 norm), shrinking the model itself.
+    structured_fraction: float = 0.0
+    structured_round: int = 0
+    structured_norm: Literal["l1", "l2"] = "l2"
 
     def check(self, rounds: int) -> None:
         try:
@@ -116,6 +121,13 @@ class PruningSection:
             raise TaskError(
                 f"pruning.end_round ({self.end_round}) is after the last round "
                 f"(federation.rounds = {rounds}); the final sparsity would never be reached"
+            )
+        if not 0.0 <= self.structured_fraction < 1.0:
+            raise TaskError(f"pruning.structured_fraction must be in [0, 1), got {self.structured_fraction}")
+        if self.structured_fraction > 0 and not 1 <= self.structured_round < rounds:
+            raise TaskError(
+                f"pruning.structured_round must be in [1, {rounds - 1}] (a round followed by at least one "
+                f"more to fine-tune the smaller model), got {self.structured_round}"
             )
         if self.fine_tune_rounds < 0:
             raise TaskError(f"pruning.fine_tune_rounds must be >= 0, got {self.fine_tune_rounds}")
@@ -137,6 +149,7 @@ class PruningSection:
 
     @property
     def enabled(self) -> bool:
+        """Unstructured (mask) pruning is on."""
         return self.final_sparsity > 0
 
 

@@ -3,6 +3,7 @@ Keras under tfmot, values-only int8 updates, and the exported sparse TFLite mode
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -143,3 +144,28 @@ def test_federation_with_chunked_tasks_weights_uplink_int4_zstd_and_stochastic_r
     assert all(r.rejected == 0 for r in result.rounds)
     assert result.final_accuracy > 0.5
     assert result.final_sparsity == pytest.approx(0.5, abs=1e-4)
+
+
+def test_structured_pruning_shrinks_the_model_mid_federation(embedded_broker_url, tmp_path):
+    # After round 1 the aggregator removes half the units of conv1, conv2 and dense1; the agents
+    # take the new architecture from its retained message and train the smaller model.
+    task = small_task(federation={"rounds": 3}, pruning={"final_sparsity": 0.0, "structured_fraction": 0.5,
+                                                         "structured_round": 1})
+    result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    assert [r.reported for r in result.rounds] == [3, 3, 3]
+    assert result.parameters == 38_282  # from 151,306
+    assert result.rounds[2].bytes_up < result.rounds[0].bytes_up / 3.5
+    assert result.final_accuracy > 0.6
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["structured_pruning"]
+    assert summary["after"]["flops"] < summary["before"]["flops"] / 3
+    assert summary["kept_units"] == {"conv1": 16, "conv2": 32, "dense1": 64}
+
+
+def test_device_side_masks_are_averaged_and_agreement_reported(embedded_broker_url, tmp_path):
+    task = small_task(pruning={"mask_owner": "device"})
+    result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    assert result.final_sparsity == pytest.approx(0.8, abs=1e-4)
+    agreement = [r.mask_agreement for r in result.rounds]
+    assert agreement[0] == 1.0  # round 1 prunes to 0 %: every device keeps everything
+    assert all(0.3 < a <= 1.0 for a in agreement[1:])
+    assert result.final_accuracy > 0.6
