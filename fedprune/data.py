@@ -1,7 +1,8 @@
 """Data sets and their split across devices.
 
 Built-in sets ship inside scikit-learn (no download): ``digits`` (1,797 8x8 images, 10 classes)
-and ``breast_cancer`` (569 tabular medical records, 2 classes). A user's own data is an ``.npz``
+and ``breast_cancer`` (569 tabular medical records, 2 classes); ``mnist1d`` is generated locally
+by the ``mnist1d`` package (5,000 sequences, 10 classes). A user's own data is an ``.npz``
 with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (the ``keras.datasets`` layout).
 """
 
@@ -46,9 +47,29 @@ def load_dataset(name: str, path: str = "", test_fraction: float = 0.2, seed: in
         # Standardize with statistics any device could be given; raw features span 5 decades.
         x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-8)
         return _split(x, d.target.astype(np.int64), test_fraction, seed)
+    if name == "mnist1d":
+        return load_mnist1d(seed)
     if name == "npz":
         return load_npz(path, test_fraction, seed)
-    raise DataError(f"unknown data set {name!r}; use 'digits', 'breast_cancer' or 'npz'")
+    raise DataError(f"unknown data set {name!r}; use 'digits', 'breast_cancer', 'mnist1d' or 'npz'")
+
+
+def load_mnist1d(seed: int = 0) -> Dataset:
+    """MNIST-1D (Greydanus, 2020), generated locally by the ``mnist1d`` package: 4,000 training and
+    1,000 test sequences of 40 samples, 10 classes; shaped (n, 40, 1) for Conv1D models.
+
+    Its own split is kept. ``get_dataset`` would download a pickle, so the generator is called.
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise DataError("the mnist1d data set needs the 'mnist1d' package: pip install 'fedprune[aggregator]'") from None
+    args = get_dataset_args()
+    args.seed = 42  # the benchmark's canonical data; `seed` only affects partitions and training
+    d = make_dataset(args)
+    x, xt = (np.asarray(a, np.float32)[..., None] for a in (d["x"], d["x_test"]))
+    y, yt = (np.asarray(a, np.int64) for a in (d["y"], d["y_test"]))
+    return Dataset(x, y, xt, yt, 10)
 
 
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:

@@ -35,6 +35,23 @@ def digits_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     )
 
 
+def mnist1d_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """A 1-D CNN for MNIST-1D sequences (40 x 1), about 170k parameters (the data set's paper
+    reports 94 % for a smaller CNN trained centrally, 68 % for an MLP)."""
+    return keras.Sequential(
+        [
+            keras.layers.Input(shape=input_shape),
+            keras.layers.Conv1D(32, 5, padding="same", activation="relu", name="conv1"),
+            keras.layers.Conv1D(64, 5, padding="same", activation="relu", name="conv2"),
+            keras.layers.MaxPooling1D(2, name="pool"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(128, activation="relu", name="dense1"),
+            keras.layers.Dense(num_classes, name="logits"),
+        ],
+        name="mnist1d_cnn",
+    )
+
+
 def mlp(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """A two-hidden-layer MLP for tabular data (e.g. breast_cancer)."""
     return keras.Sequential(

@@ -35,7 +35,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: Literal["digits", "breast_cancer", "npz"] = "digits"
+    dataset: Literal["digits", "breast_cancer", "mnist1d", "npz"] = "digits"
     path: str = ""  # for dataset = "npz"
     test_fraction: float = 0.2
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
