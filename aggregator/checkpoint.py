@@ -33,6 +33,7 @@ class FederationState:
     rng_state: dict[str, Any]
     totals: dict[str, float] = field(default_factory=dict)
     model_json: str = ""  # the architecture, once structured pruning has changed it
+    schedule_state: dict[str, Any] = field(default_factory=dict)  # an adaptive schedule's history
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:
@@ -48,6 +49,7 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
         "rng_state": state.rng_state,
         "totals": state.totals,
         "model_json": state.model_json,
+        "schedule_state": state.schedule_state,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -83,5 +85,5 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
-                               meta.get("model_json", ""))
+                               meta.get("model_json", ""), meta.get("schedule_state", {}))
     return None

@@ -32,7 +32,15 @@ from converters.protocol import (
     peek_update,
 )
 from fedprune.data import Dataset
-from fedprune.pruning.masks import apply_masks, layer_sparsities, prune_to_sparsity, sparsity
+from fedprune.pruning.masks import (
+    apply_masks,
+    layer_sparsities,
+    prune_globally,
+    prune_to_sparsity,
+    prune_with_rules,
+    sparsity,
+)
+from fedprune.pruning.schedules import AdaptiveSparsity
 from fedprune.task import Task
 from fedprune.transport import MqttSession
 
@@ -105,7 +113,8 @@ class Aggregator:
         keras.utils.set_random_seed(task.seed)
         self._use_model(build_model(task.model.factory, dataset.input_shape, dataset.num_classes))
         weights = get_layer_weights(self.model)
-        self.schedule = task.pruning.schedule() if task.pruning.enabled else None
+        self.schedule = task.pruning.schedule_object() if task.pruning.enabled else None
+        self._masks_before_prune: list | None = None  # for the adaptive schedule's backoff
         masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
         self.state = FederationState(0, weights, masks, np.random.default_rng(task.seed).bit_generator.state,
                                      {"bytes_down": 0, "bytes_up": 0})
@@ -120,6 +129,8 @@ class Aggregator:
             if [tuple(w.shape) for w in restored.weights] != self.shapes:
                 raise FederationError("--resume: the checkpoint was made for another model architecture")
             self.state = restored
+            if isinstance(self.schedule, AdaptiveSparsity) and restored.schedule_state:
+                self.schedule.restore(restored.schedule_state)
             self.history = _read_metrics(self.run_dir / "metrics.jsonl", restored.completed_rounds)
             log.info("resuming after round %d from %s", restored.completed_rounds, self.run_dir)
         self.rng = np.random.default_rng()
@@ -140,7 +151,7 @@ class Aggregator:
     def _use_model(self, model) -> None:
         """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
         from fedprune.keras_setup import keras
-        from fedprune.models import get_layer_weights, weight_names
+        from fedprune.models import get_layer_weights, kernel_positions, prunable_layers, weight_names
 
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         model_json = model.to_json()
@@ -152,6 +163,12 @@ class Aggregator:
             names=weight_names(model),
         )
         self.shapes = [tuple(s) for s in self.architecture.shapes]
+        leave = self.task.pruning.leave_dense
+        self.layer_of = {i: name for name, i in kernel_positions(model, prunable_layers(model, leave)).items()}
+        unknown = sorted(set(self.task.pruning.layers) - set(self.layer_of.values()))
+        if unknown:
+            raise ValueError(f"[pruning.layers] names layers that are not prunable here: {unknown}; "
+                             f"prunable: {sorted(self.layer_of.values())}")
 
     # --- MQTT side (network thread) ---
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -265,13 +282,25 @@ class Aggregator:
             masks = self.state.masks
             pruned = False
             if self.schedule is not None:
-                prune_now, target = self.schedule(r)
-                if prune_now:
-                    weights, masks = prune_to_sparsity(weights, masks, target)
+                if isinstance(self.schedule, AdaptiveSparsity):
+                    d = self.schedule.decision(r)
+                    prune_now, target, backoff = d.prune, d.target, d.backoff
+                else:
+                    (prune_now, target), backoff = self.schedule(r), False
+                if backoff and self._masks_before_prune is not None:
+                    # Accuracy fell after the last rise: revive what it pruned (from zero) and retrain.
+                    masks, pruned = self._masks_before_prune, True
+                    log.warning("round %d: accuracy fell after the last pruning step; back to sparsity %.3f", r, target)
+                elif prune_now:
+                    self._masks_before_prune = masks
+                    weights, masks = self._prune(weights, masks, target)
                     pruned = True
         if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
             weights, masks = self._prune_structured(weights, masks)
         loss, acc = self.evaluate(weights)
+        if isinstance(self.schedule, AdaptiveSparsity):
+            self.schedule.observe(r, acc)
+            self.state.schedule_state = self.schedule.state()
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += bytes_down
         self.state.totals["bytes_up"] += bytes_up
@@ -389,6 +418,14 @@ class Aggregator:
         if update.content == "weights":
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]
         return ClientResult(device_id, update.num_samples, tensors, update.metrics), "", device_id
+
+    def _prune(self, weights: list[np.ndarray], masks: list, target: float) -> tuple[list[np.ndarray], list]:
+        """One pruning step on the aggregated model: the task's rule per layer, or global magnitude."""
+        p = self.task.pruning
+        if p.scope == "global":
+            return prune_globally(weights, masks, target)
+        rules = [None if m is None else p.rule_for(self.layer_of[i]) for i, m in enumerate(masks)]
+        return prune_with_rules(weights, masks, rules, target)
 
     def _prune_structured(self, weights: list[np.ndarray], masks: list) -> tuple[list[np.ndarray], list]:
         """Remove whole units and filters, rebuild the smaller model and announce its architecture."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from fedprune.pruning.schedules import PolynomialDecay
+from fedprune.pruning.rules import Rule, rule_from_config
+from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay, PruningSchedule
 
 
 
@@ -98,11 +99,27 @@ class TrainingSection:
 @dataclass(frozen=True)
 class PruningSection:
     initial_sparsity: float = 0.0
-    final_sparsity: float = 0.0  # 0 disables pruning (dense FedAvg)
+    final_sparsity: float = 0.0  # 0 disables mask pruning (dense FedAvg, or structured only)
     begin_round: int = 1
     end_round: int = 1
     frequency: int = 1
     power: float = 3.0
+    # polynomial: tfmot's PolynomialDecay in rounds; constant: final_sparsity at every turn;
+    # adaptive: rise by `step` while held-out accuracy stays within `tolerance` of the best, else back off
+    schedule: Literal["polynomial", "constant", "adaptive"] = "polynomial"
+    step: float = 0.1
+    tolerance: float = 0.01
+    # Which weights a pruning step removes (fedprune.pruning.rules): magnitude (to the scheduled
+    # sparsity, per layer or `scope = "global"`), absolute (|w| <= threshold), max_rate
+    # (|w| <= rate * max|w|), row_mean (|w| <= scale * mean of its row), m_by_n (keep m of n inputs).
+    rule: Literal["magnitude", "absolute", "max_rate", "row_mean", "m_by_n"] = "magnitude"
+    scope: Literal["layer", "global"] = "layer"
+    threshold: float = 0.0
+    rate: float = 0.0
+    scale: float = 1.0
+    m: int = 2
+    n: int = 4
+    layers: dict = field(default_factory=dict)  # [pruning.layers.<name>]: a rule for one layer
     leave_dense: tuple[str, ...] = ()  # layer names never pruned
     fine_tune_rounds: int = 0  # rounds of training with the final mask fixed after end_round
     mask_owner: Literal["aggregator", "device"] = "aggregator"  # who prunes: see docs/pruning.md
@@ -114,7 +131,7 @@ class PruningSection:
 
     def check(self, rounds: int) -> None:
         try:
-            self.schedule()
+            self.schedule_object()
         except ValueError as e:
             raise TaskError(f"pruning.{e}") from None
         if self.final_sparsity > 0 and self.end_round > rounds:
@@ -122,6 +139,23 @@ class PruningSection:
                 f"pruning.end_round ({self.end_round}) is after the last round "
                 f"(federation.rounds = {rounds}); the final sparsity would never be reached"
             )
+        try:
+            self.default_rule()
+        except ValueError as e:
+            raise TaskError(f"pruning: {e}") from None
+        for layer, cfg in self.layers.items():
+            if not isinstance(cfg, dict):
+                raise TaskError(f"pruning.layers.{layer} must be a table with a 'rule' key")
+            try:
+                rule_from_config(cfg)
+            except ValueError as e:
+                raise TaskError(f"pruning.layers.{layer}: {e}") from None
+        if self.scope == "global" and (self.rule != "magnitude" or self.layers):
+            raise TaskError("pruning.scope = 'global' ranks all layers by magnitude: use rule = 'magnitude' "
+                            "and no [pruning.layers] tables")
+        if self.mask_owner == "device" and (self.schedule != "polynomial" or self.rule != "magnitude"):
+            raise TaskError("pruning.mask_owner = 'device' prunes with tfmot by magnitude on a polynomial "
+                            "schedule: use schedule = 'polynomial' and rule = 'magnitude'")
         if not 0.0 <= self.structured_fraction < 1.0:
             raise TaskError(f"pruning.structured_fraction must be in [0, 1), got {self.structured_fraction}")
         if self.structured_fraction > 0 and not 1 <= self.structured_round < rounds:
@@ -137,7 +171,13 @@ class PruningSection:
                 f"exceeds federation.rounds ({rounds}); lower end_round or add rounds"
             )
 
-    def schedule(self) -> PolynomialDecay:
+    def schedule_object(self) -> PruningSchedule:
+        """The schedule this section describes (a fresh one: adaptive schedules carry state)."""
+        if self.schedule == "constant":
+            return ConstantSparsity(self.final_sparsity, self.begin_round, self.end_round, self.frequency)
+        if self.schedule == "adaptive":
+            return AdaptiveSparsity(self.initial_sparsity, self.final_sparsity, self.step, self.tolerance,
+                                    self.begin_round, self.end_round, self.frequency)
         return PolynomialDecay(
             initial_sparsity=self.initial_sparsity,
             final_sparsity=self.final_sparsity,
@@ -147,10 +187,18 @@ class PruningSection:
             frequency=self.frequency,
         )
 
+    def default_rule(self) -> Rule:
+        params = {"absolute": {"threshold": self.threshold}, "max_rate": {"rate": self.rate},
+                  "row_mean": {"scale": self.scale}, "m_by_n": {"m": self.m, "n": self.n}}.get(self.rule, {})
+        return rule_from_config({"rule": self.rule, **params})
+
+    def rule_for(self, layer: str) -> Rule:
+        return rule_from_config(self.layers[layer]) if layer in self.layers else self.default_rule()
+
     @property
     def enabled(self) -> bool:
         """Unstructured (mask) pruning is on."""
-        return self.final_sparsity > 0
+        return self.final_sparsity > 0 or self.rule != "magnitude" or bool(self.layers)
 
 
 Precision = Literal["float32", "float16", "int8", "int8-channel", "int4"]
@@ -258,6 +306,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value not in get_args(tp):
             raise TaskError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TaskError(f"{key} must be a table, got {value!r}")
         return value
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -169,3 +169,16 @@ def test_device_side_masks_are_averaged_and_agreement_reported(embedded_broker_u
     assert agreement[0] == 1.0  # round 1 prunes to 0 %: every device keeps everything
     assert all(0.3 < a <= 1.0 for a in agreement[1:])
     assert result.final_accuracy > 0.6
+
+
+def test_threshold_rules_per_layer_from_the_task_file(embedded_broker_url, tmp_path):
+    # dense1: |w| <= 0.02 pruned; other layers: magnitude to the scheduled 80 %.
+    task = small_task(federation={"rounds": 2}, pruning={"end_round": 2, "layers": {"dense1": {"rule": "absolute",
+                                                                                             "threshold": 0.02}}})
+    result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    layer = result.rounds[-1].layer_sparsity
+    assert layer["conv2/kernel"] == pytest.approx(0.8, abs=1e-4)
+    assert 0.05 < layer["dense1/kernel"] < 0.8  # set by the threshold, not the schedule
+    state = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
+    dense1 = state.weights[4]
+    assert np.all(np.abs(dense1[state.masks[4]]) > 0.02) and np.all(dense1[~state.masks[4]] == 0.0)

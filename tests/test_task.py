@@ -37,7 +37,7 @@ def test_example_task_loads():
     assert isinstance(t.federation.round_timeout_s, float)  # TOML int coerced to float
     assert (t.training.local_epochs, t.training.optimizer, t.training.learning_rate) == (2, "adam", 0.002)
     assert t.pruning.enabled and t.pruning.leave_dense == ("logits",)
-    assert t.pruning.schedule() == PolynomialDecay(0.0, 0.8, 2, 10, 3.0, 2)
+    assert t.pruning.schedule_object() == PolynomialDecay(0.0, 0.8, 2, 10, 3.0, 2)
     assert t.transport.uplink_precision == "int8"
     assert t.transport.max_payload_bytes == 1_000_000  # default
 
