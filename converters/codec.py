@@ -219,6 +219,18 @@ def encode_self_describing(
     return b"".join(table) + b"".join(data)
 
 
+def self_describing_bound(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
+    """Most bytes a self-describing section of this layout can take (any precision, any mask):
+    bounds decompression by the layout the receiver expects, not by the generic limits."""
+    total = _TABLE_HEAD.size
+    for name, shape in zip(names, shapes, strict=True):
+        n = int(np.prod(shape))
+        total += 2 + len(name.encode()) + 4 * len(shape) + _ENTRY_FIXED.size  # table entry
+        total += (n + 7) // 8 + 8  # mask: never larger than the bitmap plus its parameters
+        total += 4 * n + 4 * n_channels(shape)  # values: float32, or int8 with a scale per channel
+    return total
+
+
 @dataclass
 class DecodedTensors:
     names: list[str]
@@ -258,9 +270,12 @@ def decode_self_describing(
             raise CodecError(f"tensor {name!r}: rank {ndim} exceeds {limits.max_ndim}")
         shape = tuple(struct.unpack(f"<{ndim}I", r.take(4 * ndim)))
         dtype, pid, flags, method, kept, mask_len = r.unpack(_ENTRY_FIXED)
-        size = 1
+        size = nonzero = 1
         for d in shape:
             size *= d
+            nonzero *= max(d, 1)
+        if nonzero > limits.max_elements:  # also catches (0, 2**32-1, 2**32-1): size 0, unindexable
+            raise CodecError(f"tensor {name!r}: shape {shape} holds more than {limits.max_elements} elements")
         total_elements += size
         if total_elements > limits.max_elements:
             raise CodecError(f"tensors hold more than {limits.max_elements} elements")

@@ -9,6 +9,7 @@ a compact binary header and (by default) a values-only tensor section.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
@@ -27,6 +28,7 @@ from converters.codec import (
     encode_self_describing,
     encode_values_only,
     precision_of,
+    self_describing_bound,
     values_only_size,
 )
 from converters.errors import CodecError
@@ -168,7 +170,10 @@ class Architecture:
     def decode(cls, data: bytes) -> "Architecture":
         a = _build(cls, _load(data, "architecture", max_bytes=16 << 20), "architecture")
         ok = (isinstance(a.shapes, list) and isinstance(a.names, list) and len(a.shapes) == len(a.names)
-              and all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in a.shapes))
+              and all(isinstance(n, str) for n in a.names)
+              and all(isinstance(s, list) and len(s) <= 8
+                      and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in s)
+                      and math.prod(max(d, 1) for d in s) <= DEFAULT_LIMITS.max_elements for s in a.shapes))
         if not ok:
             raise CodecError("architecture shapes/names are malformed")
         return a
@@ -274,8 +279,8 @@ def decode_task(
             fields["device_sparsity"] = float(fields["device_sparsity"])
             if not 0.0 <= fields["device_sparsity"] < 1.0:
                 raise CodecError("task device_sparsity must be in [0, 1)")
-        max_section = limits.max_elements * 5 + 64 * limits.max_tensors + 2
-        section = decompress(body, int(h["section_compression"]), int(h["section_bytes"]), max_section)
+        section = decompress(body, int(h["section_compression"]), int(h["section_bytes"]),
+                             self_describing_bound(names, shapes))
     except CodecError:
         raise
     except (KeyError, TypeError, ValueError, OverflowError) as e:
@@ -438,8 +443,7 @@ def decode_update(
         else:
             if names is None:
                 raise CodecError("self-describing update, but the receiver gave no tensor names")
-            max_section = limits.max_elements * 5 + 64 * limits.max_tensors + 2
-            raw = decompress(section, h.compression, h.raw_section_bytes, max_section)
+            raw = decompress(section, h.compression, h.raw_section_bytes, self_describing_bound(names, shapes))
             decoded = decode_self_describing(raw, limits, expected=list(zip(names, shapes)))
             if mask_digest(decoded.masks) != h.mask_digest:
                 raise CodecError("mask digest does not match the update's mask bits")

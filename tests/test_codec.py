@@ -813,3 +813,12 @@ def test_decompress_random_input_or_codec_error(method, data, raw_len, seed_stre
     out = decode_or_codec_error(decompress, stream, method, raw_len, 2000)
     if out is not None:
         assert len(out) == raw_len <= 2000
+
+
+@pytest.mark.parametrize("body_hex", [
+    "010001610300000000ffffffffffffffff000000000000000000000000",  # (0, 2**32-1, 2**32-1)
+    "0100016103ffffffffffffffff00000000000000000000000000000000",  # (2**32-1, 2**32-1, 0)
+])
+def test_zero_sized_tensor_with_huge_dimensions_is_refused(body_hex):
+    # Found by scripts/fuzz_codec.py: size 0 passed the element limit, then numpy's reshape failed.
+    expect_codec_error(decode_self_describing, bytes.fromhex(body_hex), match="more than")
