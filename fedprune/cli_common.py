@@ -28,6 +28,10 @@ def print_round(record) -> None:
         f"round {record.round:3d}  devices {record.reported:3d}/{record.selected:<3d} "
         f"accuracy {record.accuracy:.4f}  sparsity {record.sparsity:.3f}  "
         f"down {record.bytes_down:>10,} B  up {record.bytes_up:>9,} B"
-        + (f"  rejected {record.rejected}" if record.rejected else ""),
+        + (f"  rejected {record.rejected}" if record.rejected else "")
+        + (f"  mask agreement {record.mask_agreement:.3f}" if record.mask_agreement is not None else ""),
         flush=True,
     )
+    if record.layer_sparsity:  # the per-layer view: where the zeros are
+        print("          layers: " + "  ".join(f"{name.split('/')[0]} {s:.3f}"
+                                               for name, s in record.layer_sparsity.items()), flush=True)
