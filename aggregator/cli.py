@@ -13,8 +13,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from fedprune.cli_common import add_logging_args, default_run_dir, print_round, setup_logging
-from fedprune.task import TaskError, load_task
+from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
 
 log = logging.getLogger("aggregator.cli")
 
@@ -34,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir: the folder of the run to continue")
-    try:
-        task = load_task(args.task)
-    except TaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    task = load_task_or_exit(args.task)
     run_dir = args.run_dir or default_run_dir(args.task)
 
     from aggregator.server import Aggregator, FederationError

@@ -19,6 +19,19 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def load_task_or_exit(path: str):
+    """The task file, or a one-line error naming the key and exit status 2."""
+    import sys
+
+    from fedprune.task import TaskError, load_task
+
+    try:
+        return load_task(path)
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def default_run_dir(task_path: str) -> Path:
     return Path("runs") / f"{Path(task_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from fedprune.task import Task, TaskError, load_task
+from fedprune.task import Task
 
 log = logging.getLogger("fedprune.simulate")
 
@@ -83,7 +83,7 @@ def write_report(result, task: Task, num_devices: int, wall_s: float) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedprune.cli_common import add_logging_args, default_run_dir, print_round, setup_logging
+    from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
 
     parser = argparse.ArgumentParser(prog="fedprune-simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="task file (TOML)")
@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.devices < 1:
         parser.error("--devices must be >= 1")
-    try:
-        task = load_task(args.task)
-    except TaskError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    task = load_task_or_exit(args.task)
     run_dir = args.run_dir or default_run_dir(args.task)
     print(f"simulating {args.devices} devices; results in {run_dir}", flush=True)
     start = time.monotonic()

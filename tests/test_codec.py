@@ -16,6 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
+from codec_helpers import decode_or_codec_error, expect_codec_error
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -79,25 +80,6 @@ def assert_decoded(orig: np.ndarray, out: np.ndarray, mask: np.ndarray | None, p
     assert float(err.max(initial=0.0)) <= bound
     if precision is Precision.FLOAT32:
         assert np.array_equal(out[sel], kept)
-
-
-def expect_codec_error(fn, *args, match: str | None = None, **kwargs) -> CodecError:
-    try:
-        fn(*args, **kwargs)
-    except CodecError as e:
-        if match is not None:
-            assert match in e.reason, e.reason
-        return e
-    except Exception as e:  # noqa: BLE001 - the point of the helper
-        pytest.fail(f"{type(e).__name__} escaped {fn.__name__}: {e}")
-    pytest.fail(f"{fn.__name__} accepted bad input")
-
-
-def decode_or_codec_error(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except CodecError:
-        return None
 
 
 def peak_bytes(fn, *args, **kwargs) -> tuple[int, float, BaseException | None]:

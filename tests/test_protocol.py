@@ -14,6 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
+from codec_helpers import decode_or_codec_error, expect_codec_error
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -128,25 +129,6 @@ def assert_close(orig, out, mask, precision) -> None:
         ch = np.flatnonzero(sel.ravel()) % c
     bound = quantization_error_bound(orig[sel], p, ch, c)
     assert float(np.abs(out[sel].astype(np.float64) - orig[sel]).max(initial=0.0)) <= bound
-
-
-def expect_codec_error(fn, *args, match: str | None = None, **kwargs) -> CodecError:
-    try:
-        fn(*args, **kwargs)
-    except CodecError as e:
-        if match is not None:
-            assert match in e.reason, e.reason
-        return e
-    except Exception as e:  # noqa: BLE001 - the point of the helper
-        pytest.fail(f"{type(e).__name__} escaped {fn.__name__}: {e}")
-    pytest.fail(f"{fn.__name__} accepted bad input")
-
-
-def decodes_or_codec_error(fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except CodecError:
-        return None
 
 
 def same_masks(a, b) -> bool:
@@ -679,10 +661,10 @@ def test_property_targets_are_valid_and_compressed_where_meant():
 
 def decode_any(data: bytes, what: str) -> None:
     if what == "update":
-        decodes_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX)
-        decodes_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX, names=NAMES)
+        decode_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX)
+        decode_or_codec_error(decode_update, data, SHAPES, UPDATE_MASKS, MAX, names=NAMES)
     else:
-        decodes_or_codec_error(decode_task, data, NAMES, SHAPES, MAX)
+        decode_or_codec_error(decode_task, data, NAMES, SHAPES, MAX)
 
 
 @PROP
@@ -690,7 +672,7 @@ def decode_any(data: bytes, what: str) -> None:
 def test_random_bytes_decode_or_raise_codec_error(data):
     decode_any(data, "update")
     decode_any(data, "task")
-    decodes_or_codec_error(peek_update, data, MAX)
+    decode_or_codec_error(peek_update, data, MAX)
 
 
 def valid_frame(kind: int, head: bytes, body: bytes) -> bytes:

@@ -33,6 +33,14 @@ def _check_range(begin_round: int, end_round: int, frequency: int) -> None:
         raise ValueError(f"frequency must be >= 1, got {frequency}")
 
 
+def _check_sparsities(initial: float, final: float) -> None:
+    for name, v in (("initial_sparsity", initial), ("final_sparsity", final)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if final < initial:
+        raise ValueError(f"final_sparsity ({final}) must be >= initial_sparsity ({initial})")
+
+
 def _is_pruning_turn(r: int, begin: int, end: int, frequency: int) -> bool:
     # tfmot prunes every `frequency` steps from begin to end; we also prune at `end` itself so the
     # final sparsity is always reached even when frequency does not divide the range.
@@ -78,17 +86,9 @@ class PolynomialDecay(PruningSchedule):
 
     def __post_init__(self) -> None:
         _check_range(self.begin_round, self.end_round, self.frequency)
-        for name in ("initial_sparsity", "final_sparsity"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v}")
+        _check_sparsities(self.initial_sparsity, self.final_sparsity)
         if not (math.isfinite(self.power) and self.power > 0):
             raise ValueError(f"power must be a finite number > 0, got {self.power}")
-        if self.final_sparsity < self.initial_sparsity:
-            raise ValueError(
-                f"final_sparsity ({self.final_sparsity}) must be >= initial_sparsity "
-                f"({self.initial_sparsity})"
-            )
 
     def sparsity_at(self, round_number: int) -> float:
         span = self.end_round - self.begin_round
@@ -172,15 +172,7 @@ class AdaptiveSparsity(PruningSchedule):
 
     def __post_init__(self) -> None:
         _check_range(self.begin_round, self.end_round, self.frequency)
-        for name in ("initial_sparsity", "final_sparsity"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v}")
-        if self.final_sparsity < self.initial_sparsity:
-            raise ValueError(
-                f"final_sparsity ({self.final_sparsity}) must be >= initial_sparsity "
-                f"({self.initial_sparsity})"
-            )
+        _check_sparsities(self.initial_sparsity, self.final_sparsity)
         if not (math.isfinite(self.step) and self.step > 0):
             raise ValueError(f"step must be a finite number > 0, got {self.step}")
         if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
