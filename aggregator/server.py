@@ -18,7 +18,7 @@ import numpy as np
 from aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
 from fedprune.fileio import atomic_write_bytes
 from aggregator.registry import DeviceRegistry
-from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, mask_agreement
+from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
 from converters.errors import CodecError
 from converters.protocol import (
     Ack,
@@ -40,6 +40,7 @@ from fedprune.pruning.masks import (
     prune_with_rules,
     sparsity,
 )
+from fedprune.pruning.regrowth import regrow
 from fedprune.pruning.schedules import AdaptiveSparsity
 from fedprune.task import Task
 from fedprune.transport import MqttSession
@@ -295,6 +296,10 @@ class Aggregator:
                     self._masks_before_prune = masks
                     weights, masks = self._prune(weights, masks, target)
                     pruned = True
+                    scores = gradient_scores(results)
+                    if self.task.pruning.regrowth > 0 and scores is not None:
+                        weights, masks, swapped = regrow(weights, masks, scores, self.task.pruning.regrowth)
+                        log.info("round %d: regrowth swapped %d weights", r, swapped)
         if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
             weights, masks = self._prune_structured(weights, masks)
         loss, acc = self.evaluate(weights)
@@ -346,6 +351,7 @@ class Aggregator:
             stochastic_rounding=transport.stochastic_rounding,
             compression=transport.compression,
             device_sparsity=self.schedule.sparsity_at(r) if self.device_masks else None,
+            gradient_fraction=self._gradient_fraction(r),
         )
         payload = encode_task(task, self.architecture.names, transport.compression)
         for device_id in selected:
@@ -417,7 +423,17 @@ class Aggregator:
         tensors = apply_masks(update.tensors, self.state.masks)
         if update.content == "weights":
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]
-        return ClientResult(device_id, update.num_samples, tensors, update.metrics), "", device_id
+        return ClientResult(device_id, update.num_samples, tensors, update.metrics,
+                            gradients=update.gradients), "", device_id
+
+    def _gradient_fraction(self, r: int) -> float | None:
+        """Ask devices for gradients at pruned positions in rounds that end with a pruning turn."""
+        p = self.task.pruning
+        if p.regrowth <= 0 or self.schedule is None or self.device_masks or not any(m is not None for m in self.state.masks):
+            return None
+        # An adaptive schedule caches its decision per round, so asking here does not advance it.
+        turn = self.schedule(r)[0]
+        return min(1.0, 2 * p.regrowth) if turn else None  # candidates for twice the swaps
 
     def _prune(self, weights: list[np.ndarray], masks: list, target: float) -> tuple[list[np.ndarray], list]:
         """One pruning step on the aggregated model: the task's rule per layer, or global magnitude."""

@@ -17,6 +17,7 @@ class ClientResult:
     delta: list[np.ndarray]  # the update's tensors: deltas, or weights for DeviceMaskAveraging
     metrics: dict[str, float] = field(default_factory=dict)
     masks: list[np.ndarray | None] | None = None  # the device's own masks (device-side pruning)
+    gradients: list[np.ndarray] | None = None  # regrowth: gradient at reported pruned positions
 
 
 class FedAvg:
@@ -80,3 +81,11 @@ def mask_agreement(results: Sequence[ClientResult]) -> float:
             union = np.logical_or(kept[a], kept[b]).sum()
             scores.append(1.0 if union == 0 else np.logical_and(kept[a], kept[b]).sum() / union)
     return float(np.mean(scores))
+
+
+def gradient_scores(results: Sequence[ClientResult]) -> list[np.ndarray] | None:
+    """Sample-weighted sum of the gradient magnitudes the devices reported (None if none did)."""
+    reported = [r for r in results if r.gradients is not None]
+    if not reported:
+        return None
+    return [sum(np.abs(r.gradients[i]) * r.num_samples for r in reported) for i in range(len(reported[0].gradients))]

@@ -236,12 +236,15 @@ class TrainTask:
     # Device-side pruning: prune locally to this sparsity and send the device's own mask
     # (a self-describing update); None when the aggregator owns the mask.
     device_sparsity: float | None = None
+    # Regrowth: report the loss gradient at the largest-gradient pruned positions, this fraction of
+    # each masked tensor's kept count (None: do not report).
+    gradient_fraction: float | None = None
 
 
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
-                "stochastic_rounding", "compression", "device_sparsity")
-_TASK_OPTIONAL = {"device_sparsity": None}  # fields a receiver may find missing, with their defaults
+                "stochastic_rounding", "compression", "device_sparsity", "gradient_fraction")
+_TASK_OPTIONAL = {"device_sparsity": None, "gradient_fraction": None}  # fields a receiver may find missing, with their defaults
 
 
 def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
@@ -275,6 +278,10 @@ def decode_task(
         if fields["compression"] not in ("none", "zlib", "zstd"):
             raise CodecError("task compression must be none, zlib or zstd")
         fields["deadline_s"] = float(fields["deadline_s"])
+        if fields["gradient_fraction"] is not None:
+            fields["gradient_fraction"] = float(fields["gradient_fraction"])
+            if not 0.0 < fields["gradient_fraction"] <= 1.0:
+                raise CodecError("task gradient_fraction must be in (0, 1]")
         if fields["device_sparsity"] is not None:
             fields["device_sparsity"] = float(fields["device_sparsity"])
             if not 0.0 <= fields["device_sparsity"] < 1.0:
@@ -321,11 +328,16 @@ class Update:
     masks: list[np.ndarray | None] | None = None
     mask_digest: str = ""
     error: str = ""
+    # Regrowth: the loss gradient at some pruned positions, where the task asked for it (zeros
+    # elsewhere); travels as a float16 self-describing section whose masks mark the reported positions.
+    gradients: list[np.ndarray] | None = None
+    gradient_masks: list[np.ndarray] | None = None
 
 
 # round, attempt, samples, content, encoding, precision, compression, mask digest
 _UPDATE_FIXED = struct.Struct("<IHIBBBB16s")
 _CONTENT = ("delta", "weights")
+_HAS_GRADIENTS = 0x80  # bit of the encoding byte: a gradient section precedes the tensors
 
 
 def encode_update(
@@ -354,7 +366,8 @@ def encode_update(
     error = _utf8_prefix(update.error, 65535)
     parts = [
         _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
-                           int(update.encoding), PRECISION_IDS[precision], int(used),
+                           int(update.encoding) | (_HAS_GRADIENTS if update.gradients is not None else 0),
+                           PRECISION_IDS[precision], int(used),
                            bytes.fromhex(mask_digest(masks))),
         bytes([len(device)]), device, bytes([len(metrics)]),
         *(bytes([len(k)]) + k + np.float32(v).astype("<f4").tobytes() for k, v in metrics),  # 1e39 -> inf
@@ -362,6 +375,11 @@ def encode_update(
     ]
     if used is not Compression.NONE:
         parts.append(struct.pack("<I", len(section)))
+    if update.gradients is not None:
+        if names is None or update.gradient_masks is None:
+            raise ValueError("gradients need the tensor names and the masks of the reported positions")
+        grads = encode_self_describing(update.gradients, update.gradient_masks, names, "float16")
+        parts += [struct.pack("<I", len(grads)), grads]
     parts.append(packed)
     return pack_frame(Kind.UPDATE, None, b"".join(parts))
 
@@ -386,6 +404,7 @@ class UpdateHeader:
     metrics: dict[str, float]
     error: str
     raw_section_bytes: int  # the section's size before the lossless stage
+    gradient_section: memoryview | None = None  # regrowth gradients (self-describing), if any
 
 
 def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
@@ -395,6 +414,7 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
         raise CodecError(f"expected an update frame, got kind {kind}")
     r = ByteReader(body)
     rnd, attempt, n, content, encoding, pid, comp, digest = r.unpack(_UPDATE_FIXED)
+    has_gradients, encoding = bool(encoding & _HAS_GRADIENTS), encoding & ~_HAS_GRADIENTS
     if content >= len(_CONTENT) or encoding not in (0, 1) or pid not in _PRECISION_BY_ID or comp not in (0, 1, 2):
         raise CodecError("update header has an unknown content, encoding, precision or compression")
     try:
@@ -406,9 +426,11 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
         error = bytes(r.take(struct.unpack("<H", r.take(2))[0])).decode()
     except UnicodeDecodeError:
         raise CodecError("update header text is not UTF-8") from None
-    raw = struct.unpack("<I", r.take(4))[0] if comp else r.remaining
+    raw = struct.unpack("<I", r.take(4))[0] if comp else None
+    gradients = r.take(struct.unpack("<I", r.take(4))[0]) if has_gradients else None
     header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), _PRECISION_BY_ID[pid],
-                          Compression(comp), digest.hex(), metrics, error, raw)
+                          Compression(comp), digest.hex(), metrics, error,
+                          r.remaining if raw is None else raw, gradients)
     return header, r.take(r.remaining)
 
 
@@ -448,12 +470,21 @@ def decode_update(
             if mask_digest(decoded.masks) != h.mask_digest:
                 raise CodecError("mask digest does not match the update's mask bits")
             tensors, own_masks = decoded.tensors, decoded.masks
-    elif section:
+    elif section or h.gradient_section is not None:
         raise CodecError("an update that reports an error carries no tensors")
+    gradients = gradient_masks = None
+    if h.gradient_section is not None:
+        if names is None:
+            raise CodecError("update carries gradients, but the receiver gave no tensor names")
+        g = decode_self_describing(h.gradient_section, limits, expected=list(zip(names, shapes)))
+        if any(m is None for m in g.masks):
+            raise CodecError("a gradient section masks every tensor (the reported positions)")
+        gradients, gradient_masks = g.tensors, g.masks
     return Update(
         round=h.round, attempt=h.attempt, device_id=h.device_id, num_samples=h.num_samples, metrics=h.metrics,
         tensors=tensors, content=h.content, precision=h.precision.value, encoding=h.encoding,
         compression=h.compression.name.lower(), masks=own_masks, mask_digest=h.mask_digest, error=h.error,
+        gradients=gradients, gradient_masks=gradient_masks,
     )
 
 

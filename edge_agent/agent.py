@@ -177,10 +177,11 @@ class EdgeAgent:
             tensors = self.error_feedback.compensate(tensors, task.masks)
         update = Update(task.round, task.attempt, self.device_id, int(len(self.x)), result.metrics, tensors,
                         content=content, precision=task.uplink_precision, compression=task.compression,
-                        encoding=Encoding.SELF_DESCRIBING if own_masks else Encoding.VALUES_ONLY)
+                        encoding=Encoding.SELF_DESCRIBING if own_masks else Encoding.VALUES_ONLY,
+                        gradients=result.gradients, gradient_masks=result.gradient_masks)
         payload = self._send(update, task, result.masks, arch.names)
         if use_ef and payload is not None:
-            sent = decode_update(payload, arch.shapes, task.masks, self.max_message_bytes)
+            sent = decode_update(payload, arch.shapes, task.masks, self.max_message_bytes, names=arch.names)
             self.error_feedback.record(tensors, sent.tensors)
 
     def _send(self, update: Update, task: TrainTask, masks=None, names=None) -> bytes | None:

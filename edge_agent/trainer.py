@@ -67,6 +67,8 @@ class TrainResult:
     delta: list[np.ndarray]  # trained weights minus the task's weights, masked
     masks: list[np.ndarray | None]  # the masks trained under (the device's own with device-side pruning)
     metrics: dict[str, float]
+    gradients: list[np.ndarray] | None = None  # regrowth: loss gradient at the reported positions
+    gradient_masks: list[np.ndarray] | None = None  # the reported (pruned) positions of each tensor
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:
@@ -143,7 +145,11 @@ class KerasTrainer:
                 "accuracy": float(history.history["accuracy"][-1]),
                 "train_s": time.perf_counter() - start,
             }
-            return TrainResult(delta, masks, metrics)
+            result = TrainResult(delta, masks, metrics)
+            if task.gradient_fraction:
+                result.gradients, result.gradient_masks = _pruned_gradients(
+                    compiled, task, masks, x, y, task.gradient_fraction)
+            return result
 
     def _compiled(self, architecture: Architecture, task: TrainTask) -> _Compiled:
         masked = tuple(i for i, m in enumerate(task.masks) if m is not None)
@@ -176,6 +182,35 @@ def _wrap(architecture: Architecture, masked: tuple[int, ...]) -> _Compiled:
         if isinstance(layer, PruneLowMagnitude)
     }
     return _Compiled(model=model, wrappers=wrappers, schedule=schedule)
+
+
+def _pruned_gradients(compiled: _Compiled, task: TrainTask, masks, x, y, fraction: float):
+    """The loss gradient at the pruned positions with the largest magnitude (for regrowth).
+
+    A pruned weight is 0, but its gradient (input activation times output error) says how much
+    the loss would fall if it came back: the signal PruneFL and FedDST regrow by.
+    """
+    n = min(len(x), 512)
+    kernels = {idx: w.pruning_vars[0][0] for idx, w in compiled.wrappers.items()}
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y[:n], compiled.model(x[:n], training=False))
+    grads = dict(zip(kernels, tape.gradient(loss, list(kernels.values()))))
+    gradients, reported = [], []
+    for i, w in enumerate(task.weights):
+        g = np.zeros(w.shape, np.float32)
+        chosen = np.zeros(w.shape, bool)
+        m = masks[i]
+        if i in grads and m is not None and (~m).any():
+            gi = np.abs(grads[i].numpy()).ravel()
+            pruned = np.flatnonzero(~m.ravel())
+            k = min(pruned.size, max(1, int(np.ceil(fraction * m.sum()))))
+            top = pruned[np.argsort(-gi[pruned], kind="stable")[:k]]
+            chosen.ravel()[top] = True
+            g.ravel()[top] = grads[i].numpy().ravel()[top]
+        gradients.append(g)
+        reported.append(chosen)
+    return gradients, reported
 
 
 def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

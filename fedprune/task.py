@@ -123,6 +123,9 @@ class PruningSection:
     leave_dense: tuple[str, ...] = ()  # layer names never pruned
     fine_tune_rounds: int = 0  # rounds of training with the final mask fixed after end_round
     mask_owner: Literal["aggregator", "device"] = "aggregator"  # who prunes: see docs/pruning.md
+    # Regrowth (fedprune.pruning.regrowth): at each pruning turn, swap this fraction of the kept
+    # weights (the smallest) for the pruned ones with the largest gradient the devices report.
+    regrowth: float = 0.0
     # Structured pruning: after round `structured_round`, remove this fraction of the units/filters
     # of every Dense/Conv layer not in leave_dense (lowest L1/L2 norm), shrinking the model itself.
     structured_fraction: float = 0.0
@@ -156,6 +159,10 @@ class PruningSection:
         if self.mask_owner == "device" and (self.schedule != "polynomial" or self.rule != "magnitude"):
             raise TaskError("pruning.mask_owner = 'device' prunes with tfmot by magnitude on a polynomial "
                             "schedule: use schedule = 'polynomial' and rule = 'magnitude'")
+        if not 0.0 <= self.regrowth < 0.5:
+            raise TaskError(f"pruning.regrowth must be in [0, 0.5), got {self.regrowth}")
+        if self.regrowth > 0 and self.mask_owner == "device":
+            raise TaskError("pruning.regrowth works with mask_owner = 'aggregator' (device masks regrow by averaging)")
         if not 0.0 <= self.structured_fraction < 1.0:
             raise TaskError(f"pruning.structured_fraction must be in [0, 1), got {self.structured_fraction}")
         if self.structured_fraction > 0 and not 1 <= self.structured_round < rounds:

@@ -182,3 +182,17 @@ def test_threshold_rules_per_layer_from_the_task_file(embedded_broker_url, tmp_p
     state = load_latest_checkpoint(tmp_path / "run" / "checkpoints")
     dense1 = state.weights[4]
     assert np.all(np.abs(dense1[state.masks[4]]) > 0.02) and np.all(dense1[~state.masks[4]] == 0.0)
+
+
+def test_regrowth_from_device_gradients_keeps_the_sparsity(embedded_broker_url, tmp_path):
+    task = small_task(pruning={"regrowth": 0.1})
+    topics = Topics(task.federation.id)
+    spy = Spy(embedded_broker_url, [f"{topics.root}/device/+/update"])
+    try:
+        result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    finally:
+        spy.close()
+    assert result.final_sparsity == pytest.approx(0.8, abs=1e-4)  # swaps keep the count
+    with_gradients = [peek_update(p, 10**8)[0].gradient_section is not None for _, p in spy.on("/update")]
+    assert sum(with_gradients) >= 6  # rounds 2 and 3 (pruning turns with a mask) asked for them
+    assert result.final_accuracy > 0.6
