@@ -7,7 +7,7 @@ For each data set (digits 8x8 with the digits CNN; MNIST-1D, generated locally, 
 20 simulated devices on the embedded broker, a Dirichlet(0.5) split, the same seed, rounds,
 devices per round and local work for every row. Rows: dense FedAvg (float32), magnitude pruning to
 50/80/90/95 % (aggregator-owned masks), each threshold rule, global magnitude, 2:4, the adaptive
-schedule, device-side masks, and structured pruning. For each row: final held-out accuracy
+schedule, regrowth, device-side masks, and structured pruning. For each row: final held-out accuracy
 (Keras), accuracy of the exported int8 TFLite model, total uplink and downlink bytes, and the
 ratio to dense FedAvg. Writes accuracy_vs_sparsity.png into --out. Last line: JSON.
 Target: at 90 %, accuracy within 1 point of dense FedAvg with at least 30x fewer uplink bytes.
@@ -52,6 +52,7 @@ ROWS: dict[str, dict] = {
     "m_by_n-2:4": {"pruning": {**RAMP, "rule": "m_by_n", "m": 2, "n": 4}, "transport": LOSSY},
     "adaptive-to-95": {"pruning": {**RAMP, "schedule": "adaptive", "final_sparsity": 0.95, "step": 0.1,
                                    "tolerance": 0.01, "end_round": 20}, "transport": LOSSY},
+    "regrowth-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "regrowth": 0.05}, "transport": LOSSY},
     "device-masks-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
                         "transport": {"uplink_precision": "int4"}},
     "structured-50": {"pruning": {"final_sparsity": 0.0, "structured_fraction": 0.5, "structured_round": 2,
