@@ -269,6 +269,39 @@ class Aggregator:
                 f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
             )
 
+        weights, masks, pruned, agreement = self._aggregate_and_prune(r, results)
+        if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
+            weights, masks = self._prune_structured(weights, masks)
+        loss, acc = self.evaluate(weights)
+        if isinstance(self.schedule, AdaptiveSparsity):
+            self.schedule.observe(r, acc)
+            self.state.schedule_state = self.schedule.state()
+        self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
+        self.state.totals["bytes_down"] += bytes_down
+        self.state.totals["bytes_up"] += bytes_up
+        train_losses = [res.metrics.get("loss", float("nan")) for res in results]
+        return RoundRecord(
+            round=r,
+            attempts=attempt,
+            selected=len(selected),
+            reported=len(results),
+            rejected=sum(rejections.values()),
+            accuracy=acc,
+            loss=loss,
+            sparsity=sparsity(masks),
+            layer_sparsity=layer_sparsities(masks, self.architecture.names),
+            pruned_this_round=pruned,
+            bytes_down=bytes_down,
+            bytes_up=bytes_up,
+            wall_s=time.monotonic() - start,
+            train_loss=float(np.mean(train_losses)),
+            rejections=rejections,
+            mask_agreement=agreement,
+        )
+
+    def _aggregate_and_prune(self, r: int, results: list[ClientResult]) -> tuple[list, list, bool, float | None]:
+        """The new global weights and masks after round ``r``, whether a pruning step ran, and (with
+        device-side masks) how much the devices' masks agreed."""
         agreement = None
         if self.device_masks:
             # Each weight averaged over the devices that kept it; then the global mask, fresh, by
@@ -300,34 +333,7 @@ class Aggregator:
                     if self.task.pruning.regrowth > 0 and scores is not None:
                         weights, masks, swapped = regrow(weights, masks, scores, self.task.pruning.regrowth)
                         log.info("round %d: regrowth swapped %d weights", r, swapped)
-        if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
-            weights, masks = self._prune_structured(weights, masks)
-        loss, acc = self.evaluate(weights)
-        if isinstance(self.schedule, AdaptiveSparsity):
-            self.schedule.observe(r, acc)
-            self.state.schedule_state = self.schedule.state()
-        self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
-        self.state.totals["bytes_down"] += bytes_down
-        self.state.totals["bytes_up"] += bytes_up
-        train_losses = [res.metrics.get("loss", float("nan")) for res in results]
-        return RoundRecord(
-            round=r,
-            attempts=attempt,
-            selected=len(selected),
-            reported=len(results),
-            rejected=sum(rejections.values()),
-            accuracy=acc,
-            loss=loss,
-            sparsity=sparsity(masks),
-            layer_sparsity=layer_sparsities(masks, self.architecture.names),
-            pruned_this_round=pruned,
-            bytes_down=bytes_down,
-            bytes_up=bytes_up,
-            wall_s=time.monotonic() - start,
-            train_loss=float(np.mean(train_losses)),
-            rejections=rejections,
-            mask_agreement=agreement,
-        )
+        return weights, masks, pruned, agreement
 
     def _collect(
         self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]
