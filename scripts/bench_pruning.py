@@ -46,10 +46,10 @@ ROWS: dict[str, dict] = {
     "magnitude-90-int8": {"pruning": {**RAMP, "final_sparsity": 0.9}, "transport": {"uplink_precision": "int8"}},
     "global-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "scope": "global", "leave_dense": ["logits"]},
                   "transport": LOSSY},
-    "absolute-0.02": {"pruning": {**RAMP, "rule": "absolute", "threshold": 0.02}, "transport": LOSSY},
-    "max_rate-0.1": {"pruning": {**RAMP, "rule": "max_rate", "rate": 0.1}, "transport": LOSSY},
-    "row_mean": {"pruning": {**RAMP, "rule": "row_mean", "scale": 1.0}, "transport": LOSSY},
-    "m_by_n-2:4": {"pruning": {**RAMP, "rule": "m_by_n", "m": 2, "n": 4}, "transport": LOSSY},
+    "absolute-0.02": {"pruning": {**RAMP, "initial_sparsity": 0.0, "rule": "absolute", "threshold": 0.02}, "transport": LOSSY},
+    "max_rate-0.1": {"pruning": {**RAMP, "initial_sparsity": 0.0, "rule": "max_rate", "rate": 0.1}, "transport": LOSSY},
+    "row_mean": {"pruning": {**RAMP, "initial_sparsity": 0.0, "rule": "row_mean", "scale": 1.0}, "transport": LOSSY},
+    "m_by_n-2:4": {"pruning": {**RAMP, "initial_sparsity": 0.0, "rule": "m_by_n", "m": 2, "n": 4}, "transport": LOSSY},
     "adaptive-to-95": {"pruning": {**RAMP, "schedule": "adaptive", "final_sparsity": 0.95, "step": 0.1,
                                    "tolerance": 0.01, "end_round": 20}, "transport": LOSSY},
     "regrowth-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "regrowth": 0.05}, "transport": LOSSY},
@@ -123,13 +123,16 @@ def main() -> None:
     args = parser.parse_args()
     setup_logging("ERROR")
     args.out.mkdir(parents=True, exist_ok=True)
+    ramp = tuple(int(v) for v in args.ramp.split(","))
+    for ds in args.datasets.split(","):  # every task valid before hours of runs start
+        for row in args.rows.split(","):
+            task_for(ds, row, args.rounds, args.seed, ramp)
     results = []
     for ds in args.datasets.split(","):
         dense_params = None
         for row in args.rows.split(","):
             start = time.monotonic()
             with tempfile.TemporaryDirectory() as tmp:
-                ramp = tuple(int(v) for v in args.ramp.split(","))
                 res = run_simulation(task_for(ds, row, args.rounds, args.seed, ramp), args.devices, Path(tmp) / "run")
                 summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
             int8 = next(e for e in res.exports if e["precision"] == "int8")
