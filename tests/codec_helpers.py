@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import strategies as st
 
 from converters.errors import CodecError
 
@@ -26,3 +27,23 @@ def decode_or_codec_error(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except CodecError:
         return None
+
+
+def mutate(data: bytes, draw) -> bytes:
+    """One random edit of ``data``: flip a byte, truncate, extend, splice or delete a run."""
+    op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "delete"]))
+    n = len(data)
+    if op == "flip":
+        i = draw(st.integers(0, n - 1))
+        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+    if op == "truncate":
+        return data[: draw(st.integers(0, n - 1))]
+    if op == "extend":
+        return data + draw(st.binary(min_size=1, max_size=16))
+    i = draw(st.integers(0, n - 1))
+    j = draw(st.integers(i, min(n, i + 16)))
+    if op == "delete":
+        return data[:i] + data[j:]
+    return data[:i] + draw(st.binary(max_size=16)) + data[j:]
+
+

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
-from codec_helpers import decode_or_codec_error, expect_codec_error
+from codec_helpers import decode_or_codec_error, expect_codec_error, mutate
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -748,23 +748,6 @@ def test_random_bytes_values_only_decode_or_codec_error(layout, precision, data)
         pass  # random scales/values may be refused (NaN, negative scale, -128, ...)
     else:
         assert out is None
-
-
-def mutate(data: bytes, draw) -> bytes:
-    op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "delete"]))
-    n = len(data)
-    if op == "flip":
-        i = draw(st.integers(0, n - 1))
-        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
-    if op == "truncate":
-        return data[: draw(st.integers(0, n - 1))]
-    if op == "extend":
-        return data + draw(st.binary(min_size=1, max_size=16))
-    i = draw(st.integers(0, n - 1))
-    j = draw(st.integers(i, min(n, i + 16)))
-    if op == "delete":
-        return data[:i] + data[j:]
-    return data[:i] + draw(st.binary(max_size=16)) + data[j:]
 
 
 SD_BODIES = {

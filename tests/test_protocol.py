@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
-from codec_helpers import decode_or_codec_error, expect_codec_error
+from codec_helpers import decode_or_codec_error, expect_codec_error, mutate
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -715,23 +715,6 @@ def test_task_header_fuzz_decodes_or_raises_codec_error(target, data):
         else:
             h[key] = data.draw(json_values | st.integers(-2, 2 * size))
     decode_any(pack_frame(Kind.TASK, h, bytes(body)), "task")
-
-
-def mutate(data: bytes, draw) -> bytes:
-    op = draw(st.sampled_from(["flip", "truncate", "extend", "splice", "delete"]))
-    n = len(data)
-    if op == "flip":
-        i = draw(st.integers(0, n - 1))
-        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
-    if op == "truncate":
-        return data[: draw(st.integers(0, n - 1))]
-    if op == "extend":
-        return data + draw(st.binary(min_size=1, max_size=16))
-    i = draw(st.integers(0, n - 1))
-    j = draw(st.integers(i, min(n, i + 16)))
-    if op == "delete":
-        return data[:i] + data[j:]
-    return data[:i] + draw(st.binary(max_size=16)) + data[j:]
 
 
 @settings(PROP, max_examples=300)
