@@ -418,6 +418,9 @@ class Aggregator:
             return None, f"duplicate: {device_id} already reported round {r}", device_id
         if header.error:
             return None, f"device error: {header.error}", device_id
+        asked = self.task.transport.uplink_precision
+        if header.precision.value != asked:
+            return None, f"wrong encoding: update is {header.precision.value}, the task asked for {asked}", device_id
         try:
             update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names)
         except CodecError as e:

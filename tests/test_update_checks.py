@@ -1,0 +1,56 @@
+"""The aggregator's checks on an update, before and after decoding (no broker needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregator.server import Aggregator
+from converters.protocol import Update, encode_update
+from federation_helpers import small_task
+from fedprune.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def aggregator(tmp_path_factory):
+    # Built, never started: the checks need the model layout and the registry, not a connection.
+    agg = Aggregator(small_task(), load_dataset("digits"), "mqtt://127.0.0.1:1", tmp_path_factory.mktemp("run"),
+                     export_tflite=False)
+    agg.registry.update("dev-1", True, 50)
+    return agg
+
+
+def _update(agg, **kw):
+    fields = dict(round=2, attempt=1, device_id="dev-1", num_samples=50, metrics={"loss": 0.1},
+                  tensors=[np.zeros(s, np.float32) for s in agg.shapes], precision="int8")
+    fields.update(kw)
+    return encode_update(Update(**fields), agg.state.masks)
+
+
+def test_a_valid_update_is_accepted(aggregator):
+    result, reason, device = aggregator._check_update(aggregator.topics.update("dev-1"), _update(aggregator),
+                                                      2, 1, ["dev-1"], {})
+    assert reason == "" and device == "dev-1" and result.num_samples == 50
+
+
+@pytest.mark.parametrize("kw,topic_device,selected,reason", [
+    ({"precision": "float32"}, "dev-1", ["dev-1"], "wrong encoding"),
+    ({"round": 1}, "dev-1", ["dev-1"], "wrong round"),
+    ({"device_id": "dev-2"}, "dev-1", ["dev-1"], "device mismatch"),
+    ({"device_id": "ghost"}, "ghost", ["ghost"], "unknown device"),
+    ({}, "dev-1", ["other"], "not selected"),
+    ({"tensors": None, "error": "out of memory"}, "dev-1", ["dev-1"], "device error"),
+])
+def test_bad_updates_are_rejected_with_the_reason(aggregator, kw, topic_device, selected, reason):
+    result, why, _ = aggregator._check_update(aggregator.topics.update(topic_device), _update(aggregator, **kw),
+                                              2, 1, selected, {})
+    assert result is None and why.startswith(reason), why
+
+
+def test_a_duplicate_and_garbage_are_rejected(aggregator):
+    topic = aggregator.topics.update("dev-1")
+    first, _, _ = aggregator._check_update(topic, _update(aggregator), 2, 1, ["dev-1"], {})
+    _, why, _ = aggregator._check_update(topic, _update(aggregator), 2, 1, ["dev-1"], {"dev-1": first})
+    assert why.startswith("duplicate")
+    _, why, _ = aggregator._check_update(topic, b"\x00" * 40, 2, 1, ["dev-1"], {})
+    assert why.startswith("undecodable")
