@@ -78,8 +78,6 @@ class EdgeAgent:
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
         self.completed_rounds: list[int] = []
-        self.acks: list[Ack] = []
-        self.round_done = threading.Event()
 
         offline = Presence(device_id, online=False).encode()
         self.session = MqttSession(
@@ -130,7 +128,6 @@ class EdgeAgent:
             except CodecError as e:
                 log.warning("%s: ignored bad ack: %s", self.device_id, e)
                 return
-            self.acks.append(ack)
             if not ack.accepted:
                 log.warning("%s: aggregator rejected the update for round %d: %s", self.device_id, ack.round, ack.reason)
 
@@ -194,5 +191,4 @@ class EdgeAgent:
             return None
         log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(payload))
         self.completed_rounds.append(task.round)
-        self.round_done.set()
         return payload
