@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from converters.protocol import Architecture, TrainTask
+from edge_agent.device import TrainResult
 from fedprune.keras_setup import keras, tf
 from fedprune.models import PRUNABLE_LAYER_TYPES, get_layer_weights, kernel_positions, set_layer_weights
 from fedprune.pruning.masks import apply_masks
@@ -60,15 +61,6 @@ class _Compiled:
     wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
     schedule: TaskSchedule
     optimizer_name: str = ""
-
-
-@dataclass
-class TrainResult:
-    delta: list[np.ndarray]  # trained weights minus the task's weights, masked
-    masks: list[np.ndarray | None]  # the masks trained under (the device's own with device-side pruning)
-    metrics: dict[str, float]
-    gradients: list[np.ndarray] | None = None  # regrowth: loss gradient at the reported positions
-    gradient_masks: list[np.ndarray] | None = None  # the reported (pruned) positions of each tensor
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:

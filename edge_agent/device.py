@@ -1,0 +1,247 @@
+"""One device's side of the protocol, without any I/O: messages in, messages out.
+
+``DeviceSession`` holds what a device knows between messages (the architecture, a task waiting
+for its architecture, the tasks already taken on, error-feedback residuals) and turns incoming
+MQTT messages into training jobs and training results into outgoing messages. It opens no socket,
+starts no thread and imports no TensorFlow, so the same logic drives:
+
+- the real agent (``edge_agent.agent``: a paho session, training in a worker);
+- the fleet simulator (many sessions on asyncio MQTT clients, one shared trainer);
+- a lean agent that trains in a child process.
+
+This is the "sans-IO" pattern (as in h11 or hyper-h2): the transport and the trainer are the
+caller's, so each can be swapped and tested alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from converters.error_feedback import ErrorFeedback
+from converters.errors import CodecError
+from converters.frame import unpack_frame
+from converters.protocol import (
+    Ack,
+    Architecture,
+    Encoding,
+    Presence,
+    Topics,
+    TrainTask,
+    Update,
+    decode_task,
+    decode_update,
+    encode_update,
+    valid_device_id,
+)
+from fedprune import __version__
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What local training hands back to the device session."""
+
+    delta: list[np.ndarray]  # trained weights minus the task's weights, masked
+    masks: list[np.ndarray | None]  # the masks trained under (the device's own with device-side pruning)
+    metrics: dict[str, float]
+    gradients: list[np.ndarray] | None = None  # regrowth: loss gradient at the reported positions
+    gradient_masks: list[np.ndarray] | None = None  # the reported (pruned) positions of each tensor
+
+
+class Trainer(Protocol):
+    """Local training (``edge_agent.trainer.KerasTrainer`` is the real one)."""
+
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to publish."""
+
+    topic: str
+    payload: bytes
+    retain: bool = False
+
+
+@dataclass
+class TrainJob:
+    """A task accepted for training; ``task`` is decoded on the worker, off the network thread."""
+
+    architecture: Architecture
+    payload: bytes
+    task: TrainTask | None = field(default=None, repr=False)
+    # The tensors error feedback compensated, kept until ``sent`` records what actually left.
+    compensated: list[np.ndarray] | None = field(default=None, repr=False)
+
+
+class DeviceSession:
+    """The protocol state of one device. Thread-safe: ``receive`` may run on a network thread
+    while ``finish`` runs on a training worker."""
+
+    def __init__(
+        self,
+        device_id: str,
+        num_samples: int,
+        *,
+        federation: str = "default",
+        max_message_bytes: int = 64_000_000,
+        state_dir: str | Path | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not valid_device_id(device_id):
+            raise ValueError(f"device id {device_id!r} must be 1-128 printable characters without '/', '+', '#'")
+        self.device_id = device_id
+        self.num_samples = int(num_samples)
+        self.topics = Topics(federation)
+        self.max_message_bytes = max_message_bytes
+        # Residuals of lossy transport; on disk (atomically) when the device has a state folder.
+        self.error_feedback = ErrorFeedback(Path(state_dir) / "error_feedback.npz" if state_dir else None)
+        self.rng = np.random.default_rng(seed)  # stochastic rounding
+        self._lock = threading.Lock()
+        self._architecture: Architecture | None = None
+        self._pending_task: bytes | None = None
+        self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
+        self.completed_rounds: list[int] = []
+
+    # --- what to subscribe to and announce ---
+    @property
+    def subscriptions(self) -> list[str]:
+        return [self.topics.architecture, self.topics.task(self.device_id), self.topics.ack(self.device_id)]
+
+    def presence(self, online: bool) -> Outgoing:
+        """The retained presence message; ``online=False`` is also the last will."""
+        body = Presence(self.device_id, True, self.num_samples, __version__) if online else \
+            Presence(self.device_id, online=False)
+        return Outgoing(self.topics.presence(self.device_id), body.encode(), retain=True)
+
+    # --- messages in ---
+    def receive(self, topic: str, payload: bytes) -> TrainJob | None:
+        """Take one incoming message; returns a job when a task is ready to train."""
+        if topic == self.topics.architecture:
+            try:
+                arch = Architecture.decode(payload)
+            except CodecError as e:
+                log.error("%s: ignored bad architecture message: %s", self.device_id, e)
+                return None
+            with self._lock:
+                self._architecture = arch
+                pending, self._pending_task = self._pending_task, None
+            return self._accept_task(pending) if pending else None
+        if topic == self.topics.task(self.device_id):
+            # An empty retained message clears the task after its round.
+            return self._accept_task(payload) if payload else None
+        if topic == self.topics.ack(self.device_id):
+            try:
+                ack = Ack.decode(payload)
+            except CodecError as e:
+                log.warning("%s: ignored bad ack: %s", self.device_id, e)
+                return None
+            if not ack.accepted:
+                log.warning("%s: aggregator rejected the update for round %d: %s", self.device_id, ack.round,
+                            ack.reason)
+        return None
+
+    def _accept_task(self, payload: bytes) -> TrainJob | None:
+        with self._lock:
+            try:
+                _, header, _ = unpack_frame(payload, self.max_message_bytes)
+                key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
+            except (CodecError, KeyError, TypeError, ValueError) as e:
+                log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                return None
+            if self._architecture is None or header.get("architecture_digest") != self._architecture.digest:
+                self._pending_task = payload  # its architecture (retained, or a new one) will follow
+                return None
+            if key in self._seen:
+                return None  # a redelivery of a task already taken on
+            self._seen.add(key)
+            return TrainJob(self._architecture, payload)
+
+    def decode(self, job: TrainJob) -> TrainTask | None:
+        """Decode the job's task (on the worker); None, logged, if it is undecodable."""
+        if job.task is None:
+            arch = job.architecture
+            try:
+                job.task = decode_task(job.payload, arch.names, arch.shapes, self.max_message_bytes)
+            except CodecError as e:
+                log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                return None
+        return job.task
+
+    # --- messages out ---
+    def failure(self, job: TrainJob, error: str) -> Outgoing:
+        """The update that tells the aggregator training failed, and why."""
+        task = self._task(job)
+        update = Update(task.round, task.attempt, self.device_id, self.num_samples, error=error[:500])
+        return Outgoing(self.topics.update(self.device_id), encode_update(update, task.masks))
+
+    def finish(self, job: TrainJob, result: TrainResult) -> Outgoing:
+        """Encode the update for a trained job. Raises ValueError if it cannot be encoded.
+
+        Call ``sent`` once it is published, so error feedback records what actually left.
+        """
+        task = self._task(job)
+        own_masks = task.device_sparsity is not None  # device-side pruning: send our own mask
+        if task.update_content == "weights" or own_masks:
+            tensors = [w + d for w, d in zip(task.weights, result.delta)]
+            content = "weights"
+        else:
+            tensors, content = result.delta, "delta"
+        if self._uses_error_feedback(task, content):
+            tensors = self.error_feedback.compensate(tensors, task.masks)
+        update = Update(task.round, task.attempt, self.device_id, self.num_samples, result.metrics, tensors,
+                        content=content, precision=task.uplink_precision, compression=task.compression,
+                        encoding=Encoding.SELF_DESCRIBING if own_masks else Encoding.VALUES_ONLY,
+                        gradients=result.gradients, gradient_masks=result.gradient_masks)
+        payload = encode_update(update, result.masks if own_masks else task.masks, names=job.architecture.names,
+                                rng=self.rng, stochastic=task.stochastic_rounding)
+        job.compensated = tensors if self._uses_error_feedback(task, content) else None
+        return Outgoing(self.topics.update(self.device_id), payload)
+
+    def sent(self, job: TrainJob, message: Outgoing) -> None:
+        """Record a published update: the round is done, and error feedback keeps what was lost."""
+        task = self._task(job)
+        if job.compensated is not None:
+            arch = job.architecture
+            sent = decode_update(message.payload, arch.shapes, task.masks, self.max_message_bytes, names=arch.names)
+            self.error_feedback.record(job.compensated, sent.tensors)
+        log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(message.payload))
+        self.completed_rounds.append(task.round)
+
+    @staticmethod
+    def _uses_error_feedback(task: TrainTask, content: str) -> bool:
+        return task.error_feedback and task.uplink_precision != "float32" and content == "delta"
+
+    @staticmethod
+    def _task(job: TrainJob) -> TrainTask:
+        if job.task is None:
+            raise RuntimeError("decode(job) must succeed before the job's update is built")
+        return job.task
+
+
+def run_job(session: DeviceSession, job: TrainJob, trainer: Trainer, x: np.ndarray, y: np.ndarray) -> Outgoing | None:
+    """Decode, train and encode one job; a training failure becomes a failure update.
+
+    The one place the job's life is written down, shared by every transport; returns the message
+    to publish (then call ``session.sent``), or None when the task was undecodable.
+    """
+    task = session.decode(job)
+    if task is None:
+        return None
+    try:
+        result = trainer.train(job.architecture, task, x, y)
+    except Exception as e:  # any training failure goes back to the aggregator, not into a log only
+        log.exception("%s: training for round %d failed", session.device_id, task.round)
+        return session.failure(job, f"{type(e).__name__}: {e}")
+    try:
+        return session.finish(job, result)
+    except ValueError as e:
+        log.error("%s: cannot encode the update for round %d: %s", session.device_id, task.round, e)
+        return None

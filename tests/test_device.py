@@ -1,0 +1,114 @@
+"""The device's protocol state without a broker or TensorFlow: messages in, messages out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, decode_update, encode_task
+from edge_agent.device import DeviceSession, TrainResult, run_job
+
+SHAPES = [[6, 4], [4]]
+NAMES = ["dense/kernel", "dense/bias"]
+ARCH = Architecture(model_json="{}", digest="d1", shapes=SHAPES, names=NAMES)
+TOPICS = Topics("fed")
+
+
+def task_payload(round_=1, attempt=1, digest="d1", precision="float32", **kw) -> bytes:
+    rng = np.random.default_rng(round_)
+    mask = rng.random((6, 4)) > 0.5
+    weights = [rng.normal(size=(6, 4)).astype(np.float32) * mask, np.zeros(4, np.float32)]
+    task = TrainTask(round=round_, attempt=attempt, architecture_digest=digest, weights=weights, masks=[mask, None],
+                     training={"local_epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.01},
+                     uplink_precision=precision, deadline_s=60.0, session="s", **kw)
+    return encode_task(task, NAMES)
+
+
+class AddOne:
+    """A trainer that moves every kept weight by +1 (or fails on request)."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.calls = fail, 0
+
+    def train(self, architecture, task, x, y):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("out of memory")
+        delta = [np.ones(s, np.float32) * (m if m is not None else 1) for s, m in zip(architecture.shapes, task.masks)]
+        return TrainResult(delta, task.masks, {"loss": 0.5})
+
+
+def device(**kw) -> DeviceSession:
+    return DeviceSession("dev-1", 10, federation="fed", **kw)
+
+
+def test_presence_and_subscriptions():
+    d = device()
+    online, offline = d.presence(True), d.presence(False)
+    assert online.topic == TOPICS.presence("dev-1") and online.retain and offline.retain
+    assert Presence.decode(online.payload).online and not Presence.decode(offline.payload).online
+    assert Presence.decode(online.payload).num_samples == 10
+    assert set(d.subscriptions) == {TOPICS.architecture, TOPICS.task("dev-1"), TOPICS.ack("dev-1")}
+
+
+def test_task_waits_for_its_architecture_then_runs_once():
+    d = device()
+    payload = task_payload()
+    assert d.receive(TOPICS.task("dev-1"), payload) is None  # no architecture yet: held
+    job = d.receive(TOPICS.architecture, ARCH.encode())
+    assert job is not None and job.payload == payload
+    assert d.receive(TOPICS.task("dev-1"), payload) is None  # QoS-1 redelivery: taken on once
+    assert d.receive(TOPICS.task("dev-1"), task_payload(attempt=2)) is not None  # a retry is new work
+    assert d.receive(TOPICS.task("dev-1"), b"") is None  # cleared retained task
+
+
+def test_garbage_is_ignored_not_raised():
+    d = device()
+    assert d.receive(TOPICS.architecture, b"\x00junk") is None
+    d.receive(TOPICS.architecture, ARCH.encode())
+    assert d.receive(TOPICS.task("dev-1"), b"FPRN\x00garbage") is None
+    assert d.receive(TOPICS.ack("dev-1"), b"nope") is None
+    assert d.receive(TOPICS.ack("dev-1"), Ack(1, "dev-1", False, "stale").encode()) is None
+    assert d.receive("some/other/topic", b"x") is None
+
+
+def test_run_job_encodes_an_update_the_aggregator_decodes():
+    d = device()
+    d.receive(TOPICS.architecture, ARCH.encode())
+    job = d.receive(TOPICS.task("dev-1"), task_payload(round_=3))
+    message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
+    assert message.topic == TOPICS.update("dev-1") and not message.retain
+    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
+    assert (update.round, update.device_id, update.num_samples, update.content) == (3, "dev-1", 10, "delta")
+    np.testing.assert_array_equal(update.tensors[0], job.task.masks[0].astype(np.float32))
+    assert d.completed_rounds == []  # not until it is published
+    d.sent(job, message)
+    assert d.completed_rounds == [3]
+
+
+def test_training_failure_becomes_an_error_update():
+    d = device()
+    d.receive(TOPICS.architecture, ARCH.encode())
+    job = d.receive(TOPICS.task("dev-1"), task_payload())
+    message = run_job(d, job, AddOne(fail=True), np.zeros((10, 6)), np.zeros(10))
+    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
+    assert update.tensors is None and "out of memory" in update.error
+
+
+def test_error_feedback_keeps_what_int4_lost(tmp_path):
+    d = device(state_dir=tmp_path)
+    d.receive(TOPICS.architecture, ARCH.encode())
+    job = d.receive(TOPICS.task("dev-1"), task_payload(precision="int4", error_feedback=True))
+    trainer = AddOne()
+    trainer.train = lambda a, t, x, y: TrainResult(  # values int4 cannot hold exactly
+        [np.linspace(0, 1, 24, dtype=np.float32).reshape(6, 4) * t.masks[0], np.zeros(4, np.float32)], t.masks, {})
+    message = run_job(d, job, trainer, np.zeros((10, 6)), np.zeros(10))
+    d.sent(job, message)
+    assert (tmp_path / "error_feedback.npz").exists()
+    residual = d.error_feedback.compensate([np.zeros((6, 4), np.float32), np.zeros(4, np.float32)], job.task.masks)
+    assert np.abs(residual[0]).max() > 0  # the quantization error is carried to the next round
+
+
+def test_bad_device_id_is_refused():
+    with pytest.raises(ValueError, match="device id"):
+        DeviceSession("a/b", 1)
