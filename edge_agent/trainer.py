@@ -48,6 +48,9 @@ class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
         self.prune = tf.Variable(False, trainable=False)
         self.target = tf.Variable(0.0, trainable=False, dtype=tf.float32)
 
+    # Plain TF ops: autograph has nothing to convert, and converting it from source once picked
+    # the wrong method under load ("tf____init__() takes 1 positional argument but 2 were given").
+    @tf.autograph.experimental.do_not_convert
     def __call__(self, step):  # noqa: D102 - tfmot interface
         return tf.identity(self.prune), tf.identity(self.target)
 
