@@ -48,8 +48,9 @@ class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
         self.prune = tf.Variable(False, trainable=False)
         self.target = tf.Variable(0.0, trainable=False, dtype=tf.float32)
 
-    # Plain TF ops: autograph has nothing to convert, and converting it from source once picked
-    # the wrong method under load ("tf____init__() takes 1 positional argument but 2 were given").
+    # Plain TF ops: nothing for autograph to convert. Converting means re-reading this file from
+    # disk, so a file replaced under a running process (an in-place upgrade) made it convert the
+    # wrong method ("tf____init__() takes 1 positional argument but 2 were given").
     @tf.autograph.experimental.do_not_convert
     def __call__(self, step):  # noqa: D102 - tfmot interface
         return tf.identity(self.prune), tf.identity(self.target)
