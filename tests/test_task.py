@@ -168,3 +168,12 @@ def test_parse_task_without_file():
     assert t.seed == 3 and t.federation.rounds == 4 and t.source == ""
     with pytest.raises(TaskError, match="source"):
         parse_task({"source": "x"})
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_example_task_loads_and_names_a_model_factory(path):
+    from fedprune.models import load_factory
+
+    t = load_task(path)
+    assert t.source == str(path)
+    assert callable(load_factory(t.model.factory))
