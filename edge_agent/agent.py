@@ -30,6 +30,7 @@ from converters.protocol import (
     encode_update,
 )
 from fedprune import __version__
+from fedprune.clipping import clip_to_norm
 from fedprune.transport import MqttSession, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ class EdgeAgent:
             return
         try:
             result = self.trainer.train(arch, task, self.x, self.y)
+            if task.training.get("clip_norm"):  # DP-FedAvg clipping on the device (docs/robustness.md)
+                result.delta = clip_to_norm(result.delta, float(task.training["clip_norm"]))[0]
         except Exception as e:  # any training failure goes back to the aggregator, not into a log only
             log.exception("%s: training for round %d failed", self.device_id, task.round)
             self._send(Update(task.round, task.attempt, self.device_id, int(len(self.x)),
