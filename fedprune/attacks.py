@@ -65,3 +65,17 @@ class SignFlipTrainer:
         result = self.inner.train(architecture, task, x, y)
         flipped = [(-self.scale * d).astype(d.dtype) for d in result.delta]
         return dataclasses.replace(result, delta=flipped)
+
+
+def robust_aggregations(devices_per_round: int, hostile: int, clip_norm: float) -> dict[str, dict[str, Any]]:
+    """The ``[aggregation]`` settings of each robust option, sized for ``hostile`` hostile updates
+    among ``devices_per_round``: what the attack benchmark and tests compare against FedAvg."""
+    if not 0 < hostile < devices_per_round / 2:
+        raise ValueError(f"need 0 < hostile < devices_per_round / 2, got {hostile} of {devices_per_round}")
+    return {
+        "clipping": {"method": "fedavg", "clip_norm": clip_norm},
+        "median": {"method": "median"},
+        "trimmed_mean": {"method": "trimmed_mean", "trim_fraction": hostile / devices_per_round},
+        "krum": {"method": "krum", "byzantine": hostile},
+        "multi_krum": {"method": "multi_krum", "byzantine": hostile},
+    }
