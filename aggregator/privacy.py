@@ -126,6 +126,12 @@ class PrivacyAccountant:
             self.record_round(population, sampled, count)
         return self.epsilon()
 
+    def epsilon_without_sampling(self) -> float:
+        """Epsilon of the same rounds for an observer who knows which devices were drawn (no
+        amplification by sampling: each round is the plain Gaussian mechanism on its k devices)."""
+        known = PrivacyAccountant(self.noise_multiplier, self.delta)
+        return known.replay([ReleasedRound(r.sampled, r.sampled) for r in self.rounds])
+
     def epsilon(self) -> float:
         """Epsilon so far at this accountant's delta (0.0 before any round)."""
         return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0

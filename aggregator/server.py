@@ -297,7 +297,8 @@ class Aggregator:
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += bytes_down
         self.state.totals["bytes_up"] += bytes_up
-        train_losses = [res.metrics.get("loss", float("nan")) for res in results]
+        # Under DP, nothing computed from the devices' data leaves the aggregator un-noised.
+        train_losses = [float("nan")] if self.accountant else [res.metrics.get("loss", float("nan")) for res in results]
         return RoundRecord(
             round=r,
             attempts=attempt,
@@ -469,7 +470,9 @@ class Aggregator:
         agg, privacy = self.task.aggregation, self.task.privacy
         out: dict = {"strategy": type(self.strategy).__name__, "method": agg.method, "clip_norm": agg.clip_norm}
         if self.accountant is not None:
-            out["privacy"] = {"epsilon": self.accountant.epsilon(), "delta": privacy.delta,
+            out["privacy"] = {"epsilon": self.accountant.epsilon(),
+                              "epsilon_if_draw_known": self.accountant.epsilon_without_sampling(),
+                              "delta": privacy.delta,
                               "noise_multiplier": privacy.noise_multiplier, "clip_norm": privacy.clip_norm,
                               "clip_on_device": privacy.clip_on_device, "rounds": len(self.accountant.rounds),
                               "accountant": ACCOUNTANT_DESCRIPTION}

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fedprune.task import AggregationSection, Task
+
 log = logging.getLogger(__name__)
 
 
@@ -79,3 +81,10 @@ def robust_aggregations(devices_per_round: int, hostile: int, clip_norm: float) 
         "krum": {"method": "krum", "byzantine": hostile},
         "multi_krum": {"method": "multi_krum", "byzantine": hostile},
     }
+
+
+def every_device_task(task: Task, devices: int, aggregation: dict[str, Any]) -> Task:
+    """``task`` with all ``devices`` in every round (so each round has exactly the attack's share of
+    hostile updates) and the given ``[aggregation]`` settings; validated."""
+    fed = dataclasses.replace(task.federation, devices_per_round=devices, min_devices=devices)
+    return dataclasses.replace(task, federation=fed, aggregation=AggregationSection(**aggregation)).check()

@@ -328,6 +328,9 @@ class Task:
         if device_masks and not (self.aggregation.plain and not self.privacy.enabled):
             raise TaskError("pruning.mask_owner = 'device' averages each weight over the devices that kept it: "
                             "it works with aggregation.method = 'fedavg', no aggregation.clip_norm and no [privacy]")
+        if self.privacy.enabled and self.pruning.regrowth > 0:
+            raise TaskError("pruning.regrowth chooses the mask from the gradients devices report, which "
+                            "[privacy] does not noise: set pruning.regrowth = 0 with privacy.noise_multiplier > 0")
         if self.privacy.enabled and not self.aggregation.plain:
             raise TaskError("[privacy] runs DP-FedAvg, which clips (privacy.clip_norm) and averages itself: "
                             "leave aggregation.method = 'fedavg' and aggregation.clip_norm = 0")

@@ -10,7 +10,6 @@ device takes part in every round, so each round has exactly that fraction of hos
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -20,16 +19,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedprune.attacks import Attack, robust_aggregations  # noqa: E402
+from fedprune.attacks import Attack, every_device_task, robust_aggregations  # noqa: E402
 from fedprune.cli_common import setup_logging  # noqa: E402
 from fedprune.simulate import run_simulation  # noqa: E402
-from fedprune.task import AggregationSection, Task, load_task  # noqa: E402
-
-
-def with_aggregation(task: Task, devices: int, aggregation: dict[str, Any]) -> Task:
-    """``task`` with every device in every round and the given ``[aggregation]`` settings."""
-    fed = dataclasses.replace(task.federation, devices_per_round=devices, min_devices=devices)
-    return dataclasses.replace(task, federation=fed, aggregation=AggregationSection(**aggregation)).check()
+from fedprune.task import Task, load_task  # noqa: E402
 
 
 def attack_scenarios(task: Task, devices: int, attack: Attack, clip_norm: float,
@@ -45,7 +38,7 @@ def attack_scenarios(task: Task, devices: int, attack: Attack, clip_norm: float,
     for name, scenario_attack, aggregation in runs:
         start = time.monotonic()
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_simulation(with_aggregation(task, devices, aggregation), devices, Path(tmp) / "run",
+            result = run_simulation(every_device_task(task, devices, aggregation), devices, Path(tmp) / "run",
                                     broker_url, export_tflite=False, attack=scenario_attack)
         rows.append({"scenario": name, "aggregation": aggregation, "hostile": hostile if scenario_attack else 0,
                      "rounds": len(result.rounds), "final_accuracy": round(result.final_accuracy, 4),

@@ -37,9 +37,11 @@ def test_dp_federation_clips_on_the_device_and_reports_epsilon_each_round(embedd
     assert eps[-1] == pytest.approx(PrivacyAccountant(1.0, 1e-4).replay(released), rel=1e-9)
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [rec["epsilon"] for rec in logged] == eps
+    assert all(np.isnan(r.train_loss) for r in result.rounds)  # device-reported metrics are not released
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     privacy = summary["aggregation"]["privacy"]
     assert privacy["epsilon"] == pytest.approx(eps[-1]) and privacy["delta"] == 1e-4 and privacy["rounds"] == 3
+    assert privacy["epsilon_if_draw_known"] >= privacy["epsilon"]
     assert summary["aggregation"]["strategy"] == "DPFedAvg"
 
     # The devices clipped before sending: every update on the wire is within the clip norm (plus the

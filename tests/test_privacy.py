@@ -33,6 +33,13 @@ def test_replay_on_resume_gives_the_same_epsilon_as_round_by_round():
     assert resumed.replay(live.rounds) == pytest.approx(live.epsilon(), rel=1e-12)
 
 
+def test_without_sampling_the_figure_is_that_of_every_round_drawing_all_it_could():
+    acc = PrivacyAccountant(1.0, 1e-5)
+    acc.record_round(100, 10, 5)
+    assert acc.epsilon_without_sampling() == pytest.approx(_epsilon(1.0, 5, 10, 10), rel=1e-12)
+    assert acc.epsilon_without_sampling() > 2 * acc.epsilon()
+
+
 def test_agrees_with_dp_accounting_for_a_known_config():
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
@@ -114,10 +121,12 @@ def test_refuses_more_updates_than_devices_sampled_and_bad_settings():
     ({"noise_multiplier": 1.0}, {"method": "median"}, r"\[privacy\]"),
     ({"noise_multiplier": 1.0}, {"clip_norm": 2.0}, "aggregation.clip_norm"),
     ({"epsilon": 1.0}, {}, "privacy.epsilon"),
+    ({"noise_multiplier": 1.0}, {}, "pruning.regrowth"),
 ])
 def test_task_refuses_bad_privacy_settings_naming_the_key(privacy, aggregation, key):
     from federation_helpers import small_task
     from fedprune.task import TaskError
 
+    pruning = {"regrowth": 0.1} if key == "pruning.regrowth" else {}
     with pytest.raises(TaskError, match=key):
-        small_task(privacy=privacy, aggregation=aggregation)
+        small_task(privacy=privacy, aggregation=aggregation, pruning=pruning)
