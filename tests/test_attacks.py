@@ -26,6 +26,29 @@ HOSTILE = len(ATTACK.hostile_devices(DEVICES))
 OPTIONS = robust_aggregations(DEVICES, HOSTILE, clip_norm=5.0)  # honest updates here have norms of 4-6
 
 
+def test_hostile_devices_are_the_fraction_asked_drawn_by_seed():
+    assert ATTACK.hostile_devices(10, seed=3) == ATTACK.hostile_devices(10, seed=3)
+    assert len(ATTACK.hostile_devices(10)) == 2 and ATTACK.hostile_devices(10) <= set(range(10))
+    assert len(Attack(fraction=0.01).hostile_devices(10)) == 1  # at least one
+    for bad in ({"fraction": 0.0}, {"scale": -1.0}, {"kind": "label_flip"}):
+        with pytest.raises(ValueError):
+            Attack(**bad)
+    with pytest.raises(ValueError, match="hostile < devices_per_round / 2"):
+        robust_aggregations(10, 5, clip_norm=1.0)
+
+
+def test_sign_flip_trainer_sends_minus_scale_times_the_trained_delta():
+    from edge_agent.trainer import TrainResult
+
+    class Honest:
+        def train(self, architecture, task, x, y):
+            return TrainResult([np.array([1.0, -2.0], np.float32)], [None], {"loss": 0.5})
+
+    result = ATTACK.wrap(Honest()).train(None, None, None, None)
+    assert result.delta[0].tolist() == [-10.0, 20.0] and result.delta[0].dtype == np.float32
+    assert result.metrics == {"loss": 0.5} and result.masks == [None]
+
+
 def _final_accuracy(tmp_path, aggregation: dict, attack: Attack | None) -> float:
     """Final accuracy of examples/robust.toml (digits, 8 rounds, pruned to 50 %) with these settings."""
     task = every_device_task(load_task(EXAMPLE), DEVICES, aggregation)
