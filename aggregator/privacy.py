@@ -85,7 +85,9 @@ class PrivacyAccountant:
     relative to its sensitivity is z / 2. Composed over rounds with dp_accounting's RDP accountant
     for sampling without replacement (Wang, Balle, Kasiviswanathan, "Subsampled Rényi Differential
     Privacy and Analytical Moments Accountant", AISTATS 2019), then converted to (epsilon, delta).
-    The unit is a device (all of its data), not one sample.
+    The same rounds are also composed without sampling (the plain Gaussian mechanism each round),
+    which bounds the sampled mechanism too and is the tighter bound when most devices are drawn;
+    ``epsilon`` is the smaller of the two. The unit is a device (all of its data), not one sample.
     """
 
     def __init__(self, noise_multiplier: float, delta: float) -> None:
@@ -96,7 +98,8 @@ class PrivacyAccountant:
         self.noise_multiplier = noise_multiplier
         self.delta = delta
         self.rounds: list[ReleasedRound] = []
-        self._accountant = self._new_accountant()
+        self._sampled = self._new_accountant()
+        self._unsampled = self._new_accountant()
 
     @staticmethod
     def _new_accountant():
@@ -114,9 +117,9 @@ class PrivacyAccountant:
             raise ValueError(f"need 1 <= sampled <= population, got sampled {sampled} of {population}")
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
-        event = dp_accounting.SampledWithoutReplacementDpEvent(
-            population, sampled, dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0))
-        self._accountant.compose(event, rounds)
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2.0)
+        self._sampled.compose(dp_accounting.SampledWithoutReplacementDpEvent(population, sampled, gaussian), rounds)
+        self._unsampled.compose(gaussian, rounds)
         self.rounds.extend([ReleasedRound(population, sampled)] * rounds)
         return self.epsilon()
 
@@ -128,10 +131,11 @@ class PrivacyAccountant:
 
     def epsilon_without_sampling(self) -> float:
         """Epsilon of the same rounds for an observer who knows which devices were drawn (no
-        amplification by sampling: each round is the plain Gaussian mechanism on its k devices)."""
-        known = PrivacyAccountant(self.noise_multiplier, self.delta)
-        return known.replay([ReleasedRound(r.sampled, r.sampled) for r in self.rounds])
+        amplification by sampling: each round is the plain Gaussian mechanism)."""
+        return float(self._unsampled.get_epsilon(self.delta)) if self.rounds else 0.0
 
     def epsilon(self) -> float:
         """Epsilon so far at this accountant's delta (0.0 before any round)."""
-        return float(self._accountant.get_epsilon(self.delta)) if self.rounds else 0.0
+        if not self.rounds:
+            return 0.0
+        return min(float(self._sampled.get_epsilon(self.delta)), self.epsilon_without_sampling())
