@@ -10,6 +10,7 @@ device takes part in every round, so each round has exactly that fraction of hos
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -57,10 +58,15 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=10.0, help="sign flip scale (default 10)")
     parser.add_argument("--clip-norm", type=float, default=5.0,
                         help="clip norm of the clipping scenario (default 5: about an honest update's norm)")
+    parser.add_argument("--dirichlet", type=float, metavar="ALPHA",
+                        help="split the data non-IID, Dirichlet(ALPHA), instead of as the task says")
     parser.add_argument("--broker", help="mqtt://host:port (default: the embedded broker)")
     args = parser.parse_args()
     setup_logging("ERROR")
     task = load_task(args.task)
+    if args.dirichlet:
+        task = dataclasses.replace(task, data=dataclasses.replace(task.data, partition="dirichlet",
+                                                                  alpha=args.dirichlet)).check()
     attack = Attack("sign_flip", args.fraction, args.scale)
     rows = attack_scenarios(task, args.devices, attack, args.clip_norm, args.broker)
     print()
@@ -68,7 +74,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scenario']} | {r['final_accuracy']:.4f} | {r['vs_clean_points']:+.2f} | {r['wall_s']:.0f} |")
-    print(json.dumps({"benchmark": "attacks", "task": args.task, "devices": args.devices, "attack": attack.kind,
+    print(json.dumps({"benchmark": "attacks", "task": args.task, "partition": task.data.partition,
+                      "alpha": task.data.alpha if task.data.partition == "dirichlet" else None,
+                      "devices": args.devices, "attack": attack.kind,
                       "fraction": args.fraction, "scale": args.scale, "clip_norm": args.clip_norm, "scenarios": rows}))
 
 
