@@ -3,8 +3,8 @@
 One class per algorithm, as in ``aggregator.strategy``. All of them work on the sparse updates:
 every device trained under the same global mask, so each tensor is reduced over its kept positions
 only, as a (devices x kept) float32 matrix built one tensor at a time; pruned positions stay
-exactly zero. None of them weights by sample count: the count is the device's own claim, and a
-hostile device could inflate it.
+exactly zero. None of the rules here weights by sample count (the count is the device's own
+claim, and a hostile device could inflate it); ``NormClipping`` keeps what its inner strategy does.
 """
 
 from __future__ import annotations
