@@ -143,3 +143,16 @@ def test_task_refuses_bad_privacy_settings_naming_the_key(privacy, aggregation, 
     pruning = {"regrowth": 0.1} if key == "pruning.regrowth" else {}
     with pytest.raises(TaskError, match=key):
         small_task(privacy=privacy, aggregation=aggregation, pruning=pruning)
+
+
+def test_the_example_task_runs_dp_fedavg_with_device_clipping():
+    from pathlib import Path
+
+    from aggregator.server import make_strategy
+    from fedprune.task import load_task
+
+    task = load_task(Path(__file__).resolve().parents[1] / "examples" / "private.toml")
+    assert task.privacy.enabled and task.privacy.clip_on_device
+    strategy = make_strategy(task)
+    assert isinstance(strategy, DPFedAvg) and strategy.sampled == task.federation.devices_per_round
+    assert strategy.noise_std == pytest.approx(task.privacy.noise_multiplier * task.privacy.clip_norm / 5)
