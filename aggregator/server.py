@@ -18,6 +18,8 @@ import numpy as np
 from aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
 from fedprune.fileio import atomic_write_bytes
 from aggregator.registry import DeviceRegistry
+from aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, PrivacyAccountant, ReleasedRound
+from aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
 from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
 from converters.errors import CodecError
 from converters.protocol import (
@@ -72,6 +74,8 @@ class RoundRecord:
     train_loss: float
     rejections: dict[str, int] = field(default_factory=dict)
     mask_agreement: float | None = None  # device-side masks: mean pairwise Jaccard of the kept sets
+    population: int | None = None  # devices online when this round's devices were drawn
+    epsilon: float | None = None  # DP-FedAvg: epsilon so far, at the task's privacy.delta
 
 
 @dataclass
@@ -106,7 +110,9 @@ class Aggregator:
         self.export_tflite = export_tflite
         self.topics = Topics(task.federation.id)
         self.registry = DeviceRegistry()
-        self.strategy = FedAvg()
+        self.strategy = make_strategy(task)
+        privacy = task.privacy
+        self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.device_masks = task.pruning.enabled and task.pruning.mask_owner == "device"
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.session_id = secrets.token_hex(8)
@@ -117,7 +123,9 @@ class Aggregator:
         self.schedule = task.pruning.schedule_object() if task.pruning.enabled else None
         self._masks_before_prune: list | None = None  # for the adaptive schedule's backoff
         masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
-        self.state = FederationState(0, weights, masks, np.random.default_rng(task.seed).bit_generator.state,
+        # Under DP the draw of devices must be secret (privacy amplification by sampling): OS entropy.
+        selection_rng = np.random.default_rng(None if task.privacy.enabled else task.seed)
+        self.state = FederationState(0, weights, masks, selection_rng.bit_generator.state,
                                      {"bytes_down": 0, "bytes_up": 0})
         self.history: list[RoundRecord] = []
         self.structured_report: dict | None = None
@@ -133,6 +141,10 @@ class Aggregator:
             if isinstance(self.schedule, AdaptiveSparsity) and restored.schedule_state:
                 self.schedule.restore(restored.schedule_state)
             self.history = _read_metrics(self.run_dir / "metrics.jsonl", restored.completed_rounds)
+            if self.accountant is not None:
+                # The rounds already released count against the budget.
+                self.accountant.replay([ReleasedRound(rec.population or rec.selected, rec.selected)
+                                        for rec in self.history])
             log.info("resuming after round %d from %s", restored.completed_rounds, self.run_dir)
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state.rng_state
@@ -233,6 +245,7 @@ class Aggregator:
         )
         summary = {
             "structured_pruning": self.structured_report,
+            "aggregation": self._aggregation_summary(),
             "final_accuracy": result.final_accuracy,
             "final_sparsity": result.final_sparsity,
             "rounds": len(self.history),
@@ -254,6 +267,7 @@ class Aggregator:
                 online = self.registry.online()
             k = min(fed.devices_per_round, len(online))
             selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
+            population = len(online)
             results, down, up = self._collect(r, attempt, selected, rejections)
             bytes_down += down
             bytes_up += up
@@ -270,6 +284,10 @@ class Aggregator:
             )
 
         weights, masks, pruned, agreement = self._aggregate_and_prune(r, results)
+        epsilon = None
+        if self.accountant is not None:
+            epsilon = self.accountant.record_round(population, len(selected))
+            log.info("round %d: DP-FedAvg epsilon %.3f at delta %g", r, epsilon, self.task.privacy.delta)
         if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
             weights, masks = self._prune_structured(weights, masks)
         loss, acc = self.evaluate(weights)
@@ -279,7 +297,8 @@ class Aggregator:
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += bytes_down
         self.state.totals["bytes_up"] += bytes_up
-        train_losses = [res.metrics.get("loss", float("nan")) for res in results]
+        # Under DP, nothing computed from the devices' data leaves the aggregator un-noised.
+        train_losses = [float("nan")] if self.accountant else [res.metrics.get("loss", float("nan")) for res in results]
         return RoundRecord(
             round=r,
             attempts=attempt,
@@ -297,6 +316,8 @@ class Aggregator:
             train_loss=float(np.mean(train_losses)),
             rejections=rejections,
             mask_agreement=agreement,
+            population=population,
+            epsilon=epsilon,
         )
 
     def _aggregate_and_prune(self, r: int, results: list[ClientResult]) -> tuple[list, list, bool, float | None]:
@@ -347,7 +368,7 @@ class Aggregator:
             architecture_digest=self.architecture.digest,
             weights=self.state.weights,
             masks=self.state.masks,
-            training=asdict(self.task.training),
+            training=self._training_settings(),
             uplink_precision=transport.uplink_precision,
             deadline_s=fed.round_timeout_s,
             downlink_precision=transport.downlink_precision,
@@ -364,7 +385,9 @@ class Aggregator:
             self.session.publish(self.topics.task(device_id), payload, retain=True)
         self.session.publish(
             self.topics.round,
-            RoundAnnouncement(r, attempt, selected, time.time() + fed.round_timeout_s).encode(),
+            # Under DP the announcement names no device: who was drawn stays between each device and us.
+            RoundAnnouncement(r, attempt, [] if self.accountant else selected,
+                              time.time() + fed.round_timeout_s).encode(),
             retain=True,
         )
         bytes_down = len(payload) * len(selected)
@@ -434,6 +457,26 @@ class Aggregator:
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]
         return ClientResult(device_id, update.num_samples, tensors, update.metrics,
                             gradients=update.gradients), "", device_id
+
+    def _training_settings(self) -> dict:
+        """The task's ``training`` object; with privacy.clip_on_device, the norm devices clip to."""
+        settings = asdict(self.task.training)
+        if self.task.privacy.enabled and self.task.privacy.clip_on_device:
+            settings["clip_norm"] = self.task.privacy.clip_norm
+        return settings
+
+    def _aggregation_summary(self) -> dict:
+        """For summary.json: how updates were combined, and the privacy spent."""
+        agg, privacy = self.task.aggregation, self.task.privacy
+        out: dict = {"strategy": type(self.strategy).__name__, "method": agg.method, "clip_norm": agg.clip_norm}
+        if self.accountant is not None:
+            out["privacy"] = {"epsilon": self.accountant.epsilon(),
+                              "epsilon_if_draw_known": self.accountant.epsilon_without_sampling(),
+                              "delta": privacy.delta,
+                              "noise_multiplier": privacy.noise_multiplier, "clip_norm": privacy.clip_norm,
+                              "clip_on_device": privacy.clip_on_device, "rounds": len(self.accountant.rounds),
+                              "accountant": ACCOUNTANT_DESCRIPTION}
+        return out
 
     def _gradient_fraction(self, r: int) -> float | None:
         """Ask devices for gradients at pruned positions in rounds that end with a pruning turn."""
@@ -523,6 +566,21 @@ class Aggregator:
             log.info("wrote %s (%d bytes, TFLite accuracy %.4f on %s)", result.path, result.size_bytes,
                      result.accuracy or float("nan"), result.runtime)
         return out
+
+
+def make_strategy(task: Task) -> Strategy:
+    """The aggregation strategy the task asks for (device-side masks use DeviceMaskAveraging instead)."""
+    agg, privacy = task.aggregation, task.privacy
+    if privacy.enabled:
+        return DPFedAvg(privacy.clip_norm, privacy.noise_multiplier, task.federation.devices_per_round)
+    strategy: Strategy = {
+        "fedavg": FedAvg,
+        "median": CoordinateMedian,
+        "trimmed_mean": lambda: TrimmedMean(agg.trim_fraction),
+        "krum": lambda: Krum(agg.byzantine),
+        "multi_krum": lambda: MultiKrum(agg.byzantine, agg.multi_krum_keep or None),
+    }[agg.method]()
+    return NormClipping(strategy, agg.clip_norm) if agg.clip_norm > 0 else strategy
 
 
 def _read_metrics(path: Path, up_to_round: int) -> list[RoundRecord]:

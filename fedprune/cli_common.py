@@ -42,7 +42,8 @@ def print_round(record) -> None:
         f"accuracy {record.accuracy:.4f}  sparsity {record.sparsity:.3f}  "
         f"down {record.bytes_down:>10,} B  up {record.bytes_up:>9,} B"
         + (f"  rejected {record.rejected}" if record.rejected else "")
-        + (f"  mask agreement {record.mask_agreement:.3f}" if record.mask_agreement is not None else ""),
+        + (f"  mask agreement {record.mask_agreement:.3f}" if record.mask_agreement is not None else "")
+        + (f"  epsilon {record.epsilon:.3f}" if record.epsilon is not None else ""),
         flush=True,
     )
     if record.layer_sparsity:  # the per-layer view: where the zeros are

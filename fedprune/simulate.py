@@ -14,6 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from fedprune.attacks import Attack
 from fedprune.task import Task
 
 log = logging.getLogger("fedprune.simulate")
@@ -26,8 +27,12 @@ def run_simulation(
     broker_url: str | None = None,
     on_round=None,
     export_tflite: bool = True,
+    attack: Attack | None = None,
 ):
-    """Run a simulated federation and return the aggregator's ``RunResult``."""
+    """Run a simulated federation and return the aggregator's ``RunResult``.
+
+    With ``attack``, that fraction of the devices is hostile (``fedprune.attacks``).
+    """
     from aggregator.server import Aggregator
     from edge_agent.agent import EdgeAgent
     from edge_agent.trainer import KerasTrainer
@@ -45,8 +50,13 @@ def run_simulation(
             log.info("embedded MQTT broker on %s", broker_url)
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, export_tflite=export_tflite)
         trainer = KerasTrainer()
+        hostile = attack.hostile_devices(num_devices, task.seed) if attack else set()
+        if hostile:
+            log.warning("hostile devices (%s x%g): %s", attack.kind, attack.scale,
+                        ", ".join(f"sim-{i:03d}" for i in sorted(hostile)))
         for i, idx in enumerate(shards):
-            agent = EdgeAgent(broker_url, f"sim-{i:03d}", ds.x_train[idx], ds.y_train[idx], trainer,
+            agent = EdgeAgent(broker_url, f"sim-{i:03d}", ds.x_train[idx], ds.y_train[idx],
+                              attack.wrap(trainer) if i in hostile else trainer,
                               federation=task.federation.id,
                               max_payload_bytes=task.transport.max_payload_bytes,
                               max_message_bytes=task.transport.max_message_bytes,
@@ -90,17 +100,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=20, help="number of simulated devices (default 20)")
     parser.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     parser.add_argument("--run-dir", type=Path, help="where to write results (default runs/<task>-<time>)")
+    parser.add_argument("--attack", choices=["sign_flip"],
+                        help="make some devices hostile: sign_flip sends -scale x the trained delta")
+    parser.add_argument("--attack-fraction", type=float, default=0.2, help="fraction of hostile devices (default 0.2)")
+    parser.add_argument("--attack-scale", type=float, default=10.0, help="sign_flip scale (default 10)")
     add_logging_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     if args.devices < 1:
         parser.error("--devices must be >= 1")
+    try:
+        attack = Attack(args.attack, args.attack_fraction, args.attack_scale) if args.attack else None
+    except ValueError as e:
+        parser.error(str(e))
     task = load_task_or_exit(args.task)
     run_dir = args.run_dir or default_run_dir(args.task)
     print(f"simulating {args.devices} devices; results in {run_dir}", flush=True)
     start = time.monotonic()
     try:
-        result = run_simulation(task, args.devices, run_dir, args.broker, on_round=print_round)
+        result = run_simulation(task, args.devices, run_dir, args.broker, on_round=print_round, attack=attack)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed round is checkpointed in {run_dir}", file=sys.stderr)
         return 130

@@ -235,6 +235,70 @@ class TransportSection:
 
 
 @dataclass(frozen=True)
+class AggregationSection:
+    """How the round's updates become one (see docs/robustness.md)."""
+
+    # fedavg: sample-weighted mean; median, trimmed_mean: coordinate-wise (Yin et al. 2018);
+    # krum, multi_krum: the updates closest to their neighbours (Blanchard et al. 2017)
+    method: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    clip_norm: float = 0.0  # > 0: scale every update down to at most this L2 norm first (any method)
+    trim_fraction: float = 0.1  # trimmed_mean: drop this fraction of the largest and of the smallest values
+    byzantine: int = 1  # krum, multi_krum: hostile updates tolerated per round (f)
+    multi_krum_keep: int = 0  # multi_krum: updates averaged (m); 0 = the round's updates minus byzantine
+
+    def check(self, fed: FederationSection) -> None:
+        if self.clip_norm < 0:
+            raise TaskError(f"aggregation.clip_norm must be >= 0 (0 = no clipping), got {self.clip_norm}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise TaskError(f"aggregation.trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.method == "trimmed_mean" and int(self.trim_fraction * fed.devices_per_round) < 1:
+            raise TaskError(
+                f"aggregation.trim_fraction ({self.trim_fraction}) x federation.devices_per_round "
+                f"({fed.devices_per_round}) is below 1: nothing would be trimmed; raise trim_fraction"
+            )
+        if self.byzantine < 0 or self.multi_krum_keep < 0:
+            raise TaskError("aggregation.byzantine and aggregation.multi_krum_keep must be >= 0")
+        if self.method in ("krum", "multi_krum") and fed.min_devices < 2 * self.byzantine + 3:
+            raise TaskError(
+                f"aggregation.method = '{self.method}' with aggregation.byzantine = {self.byzantine} needs "
+                f"at least {2 * self.byzantine + 3} updates per round: raise federation.min_devices "
+                f"(now {fed.min_devices}) or lower byzantine"
+            )
+        if self.method == "multi_krum" and self.multi_krum_keep > fed.min_devices - self.byzantine:
+            raise TaskError(
+                f"aggregation.multi_krum_keep ({self.multi_krum_keep}) must be <= federation.min_devices - "
+                f"aggregation.byzantine ({fed.min_devices - self.byzantine}), or 0 for all but byzantine"
+            )
+
+    @property
+    def plain(self) -> bool:
+        """Plain FedAvg, no clipping."""
+        return self.method == "fedavg" and self.clip_norm == 0
+
+
+@dataclass(frozen=True)
+class PrivacySection:
+    """DP-FedAvg (McMahan et al. 2018): on when noise_multiplier > 0; see docs/robustness.md."""
+
+    noise_multiplier: float = 0.0  # z: noise std is z * clip_norm on the sum of the clipped updates
+    clip_norm: float = 1.0  # C: every update is clipped to this L2 norm by the aggregator
+    clip_on_device: bool = False  # devices clip to clip_norm too, before quantizing
+    delta: float = 1e-5  # epsilon is reported for this delta
+
+    def check(self) -> None:
+        if self.noise_multiplier < 0:
+            raise TaskError(f"privacy.noise_multiplier must be >= 0 (0 = off), got {self.noise_multiplier}")
+        if self.clip_norm <= 0:
+            raise TaskError(f"privacy.clip_norm must be > 0, got {self.clip_norm}")
+        if not 0.0 < self.delta < 1.0:
+            raise TaskError(f"privacy.delta must be in (0, 1), got {self.delta}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
+@dataclass(frozen=True)
 class Task:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -242,6 +306,8 @@ class Task:
     training: TrainingSection = field(default_factory=TrainingSection)
     pruning: PruningSection = field(default_factory=PruningSection)
     transport: TransportSection = field(default_factory=TransportSection)
+    aggregation: AggregationSection = field(default_factory=AggregationSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
     seed: int = 0
     source: str = ""  # the file it came from, for messages
 
@@ -252,7 +318,22 @@ class Task:
         self.training.check()
         self.pruning.check(self.federation.rounds)
         self.transport.check()
+        self.aggregation.check(self.federation)
+        self.privacy.check()
+        self._check_aggregation_combinations()
         return self
+
+    def _check_aggregation_combinations(self) -> None:
+        device_masks = self.pruning.enabled and self.pruning.mask_owner == "device"
+        if device_masks and not (self.aggregation.plain and not self.privacy.enabled):
+            raise TaskError("pruning.mask_owner = 'device' averages each weight over the devices that kept it: "
+                            "it works with aggregation.method = 'fedavg', no aggregation.clip_norm and no [privacy]")
+        if self.privacy.enabled and self.pruning.regrowth > 0:
+            raise TaskError("pruning.regrowth chooses the mask from the gradients devices report, which "
+                            "[privacy] does not noise: set pruning.regrowth = 0 with privacy.noise_multiplier > 0")
+        if self.privacy.enabled and not self.aggregation.plain:
+            raise TaskError("[privacy] runs DP-FedAvg, which clips (privacy.clip_norm) and averages itself: "
+                            "leave aggregation.method = 'fedavg' and aggregation.clip_norm = 0")
 
 
 def load_task(path: str | Path) -> Task:

@@ -80,3 +80,22 @@ def write_device_npz(path: Path, x, y) -> Path:
 
     np.savez(path, x_train=x, y_train=y)
     return path
+
+
+def wire_updates(spy: Spy) -> list[tuple[bytes, object, object]]:
+    """Every update the spy saw (it must watch the architecture, task and update topics), decoded
+    against the task it answers: ``(payload, task, update)`` triples."""
+    from converters.protocol import Architecture, decode_task, decode_update, peek_update
+
+    arch = Architecture.decode(spy.on("/model/architecture")[0][1])
+    tasks = {}
+    for topic, payload in spy.on("/task"):
+        if payload:
+            t = decode_task(payload, arch.names, arch.shapes, 10**8)
+            tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
+    out = []
+    for topic, payload in spy.on("/update"):
+        header, _ = peek_update(payload, 10**8)
+        task = tasks[(topic.split("/")[-2], header.round, header.attempt)]
+        out.append((payload, task, decode_update(payload, arch.shapes, task.masks, 10**8)))
+    return out

@@ -14,14 +14,12 @@ from converters.protocol import (
     Architecture,
     Topics,
     Update,
-    decode_task,
-    decode_update,
     encode_update,
     peek_update,
     update_size_bound,
 )
 from converters.tflite_export import sparse_weight_stats
-from federation_helpers import Spy, small_task
+from federation_helpers import Spy, small_task, wire_updates
 from fedprune.simulate import run_simulation
 
 HEADER_ALLOWANCE = 128  # frame prefix and checksum, binary update header with device id and 3 metrics
@@ -54,22 +52,13 @@ def test_federation_end_to_end(broker_url, tmp_path):
     # Every update on the wire: decodes against the mask of its task, carries zeros at pruned
     # positions, and is no larger than kept values x 1 byte (+ scales) + a small header.
     arch = Architecture.decode(spy.on("/model/architecture")[0][1])
-    tasks = {}
-    for topic, payload in spy.on("/task"):
-        if payload:
-            t = decode_task(payload, arch.names, arch.shapes, 10**8)
-            tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
-    updates = spy.on("/update")
+    updates = wire_updates(spy)
     assert len(updates) >= 6
-    for topic, payload in updates:
-        device = topic.split("/")[-2]
-        header_round = next(t for (d, r, a), t in tasks.items() if d == device and
-                            _round_of(payload) == (r, a))
-        u = decode_update(payload, arch.shapes, header_round.masks, 10**8)
-        for d, m in zip(u.tensors, header_round.masks):
+    for payload, task_of_update, u in updates:
+        for d, m in zip(u.tensors, task_of_update.masks):
             if m is not None:
                 assert np.all(d[~m] == 0.0)
-        bound = update_size_bound(arch.shapes, header_round.masks, "int8")
+        bound = update_size_bound(arch.shapes, task_of_update.masks, "int8")
         assert len(payload) <= bound + HEADER_ALLOWANCE
     # The last round's updates are values-only at 80 % sparsity: about 5x smaller than round 1's.
     sizes = {r.round: r.bytes_up / r.reported for r in result.rounds}
@@ -86,11 +75,6 @@ def test_federation_end_to_end(broker_url, tmp_path):
         s = stats[m.size]
         assert s["sparse"], f"kernel of {m.size} weights stored dense"
         assert s["stored_values"] == int(np.count_nonzero(w))
-
-
-def _round_of(payload: bytes) -> tuple[int, int]:
-    h, _ = peek_update(payload, 10**8)
-    return h.round, h.attempt
 
 
 def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path):
