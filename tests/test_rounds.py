@@ -37,8 +37,8 @@ def _close(agents, silent, topics, silent_ids):
 
 
 def test_silent_device_is_dropped_at_the_deadline_and_the_quorum_closes_the_round(broker_url, tmp_path):
-    task = small_task(federation={"rounds": 2, "devices_per_round": 3, "min_devices": 2, "round_timeout_s": 8},
-                      pruning={"final_sparsity": 0.5, "end_round": 2})
+    task = small_task(federation={"rounds": 2, "devices_per_round": 3, "min_devices": 2, "round_timeout_s": 15},
+                      pruning={"final_sparsity": 0.5, "end_round": 2})  # 15 s: two real trainings fit under load
     agg, agents, silent = _federation(broker_url, tmp_path, task, 2, ["mute"])
     try:
         result = agg.run()
@@ -46,7 +46,7 @@ def test_silent_device_is_dropped_at_the_deadline_and_the_quorum_closes_the_roun
         _close(agents, silent, agg.topics, ["mute"])
     assert [r.reported for r in result.rounds] == [2, 2]
     assert all(r.selected == 3 for r in result.rounds)
-    assert all(r.wall_s >= 8 for r in result.rounds)  # waited for the silent one until the deadline
+    assert all(r.wall_s >= 15 for r in result.rounds)  # waited for the silent one until the deadline
 
 
 def test_round_without_quorum_is_retried_then_fails_clearly(embedded_broker_url, tmp_path):
