@@ -185,6 +185,8 @@ class ChildProcessTrainer:
             result.metrics["child_result_s"] = float(child.report.result_s or 0.0)
             return result
         child.exited.wait()
+        if self._closed:
+            raise TrainingChildFailed("the agent stopped during training")
         if child.report.killed_for:
             raise BudgetExceeded(child.report.killed_for)
         error = jobfiles.read_error(self.work_dir)
@@ -227,7 +229,7 @@ class ChildProcessTrainer:
             self._closed = True
             child = self._child
         if child is not None:
-            child.kill("the agent is stopping")
+            child.kill()
             child.exited.wait(timeout_s)
 
 

@@ -43,7 +43,8 @@ class Predictor:
         self.num_threads = num_threads
         self._store = ModelStore(self.source) if self.source.is_dir() else None
         if self._store is None and not self.source.is_file():
-            raise FileNotFoundError(f"no model folder or .tflite file at {self.source}")
+            raise FileNotFoundError(f"no model folder or .tflite file at {self.source} (the agent creates "
+                                    "<state dir>/model when it installs its first model)")
         self._load()
 
     def _load(self) -> None:

@@ -176,6 +176,9 @@ class ModelStore:
             link.unlink(missing_ok=True)
             os.link(self.current_path, link)
             os.replace(link, self.previous_path)
+            # rename() between two links of one file does nothing (POSIX): after a crash that
+            # left previous.tflite linked to current.tflite already, the new link is still here.
+            link.unlink(missing_ok=True)
         else:
             current = None
         os.replace(self._incoming_path, self.current_path)  # step 4
