@@ -55,12 +55,26 @@ class Budgets:
                 "local epochs or samples on this device")
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident memory of a process in MB (Linux ``/proc``); None where it cannot be read."""
+def rss_mb(pid: int | str = "self") -> float | None:
+    """Resident memory of a process now, in MB (Linux ``/proc``); None where it cannot be read."""
+    return _status_mb(pid, "VmRSS")
+
+
+def peak_rss_mb(pid: int | str = "self") -> float | None:
+    """The most resident memory a process has used since it started (its exec), in MB.
+
+    ``VmHWM`` of ``/proc``, not ``getrusage``: ``ru_maxrss`` of a child carries its parent's high
+    water mark through ``fork`` and ``exec`` (a ``pass`` script started by a process holding
+    800 MB reports 800 MB), so it overstates a small child of a big parent.
+    """
+    return _status_mb(pid, "VmHWM")
+
+
+def _status_mb(pid: int | str, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 import edge_agent
 from converters.protocol import Architecture, TrainTask
 from edge_agent import jobfiles
-from edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, rss_mb
+from edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
 from edge_agent.device import TrainResult
 from edge_agent.model_store import ModelInfo, ModelStore
 
@@ -50,7 +49,7 @@ class ChildReport:
     """How one training child ended."""
 
     exit_code: int | None = None  # negative: killed by that signal
-    peak_rss_mb: float = 0.0  # getrusage of this child alone (os.wait4), its whole life
+    peak_rss_mb: float = 0.0  # its VmHWM, sampled while it ran (see budgets.peak_rss_mb)
     wall_s: float = 0.0
     result_s: float | None = None  # when its result appeared, from its start
     killed_for: str | None = None  # why the agent killed it: the budget message
@@ -95,15 +94,16 @@ class _Child:
         limit_mb = self.budgets.max_train_memory_mb
         deadline = self._start + self.deadline_s
         while True:
-            done, status, usage = os.wait4(pid, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
             now = time.monotonic()
+            used = peak_rss_mb(pid)
+            self.report.peak_rss_mb = max(self.report.peak_rss_mb, used or 0.0)
             if not self.result_ready.is_set() and (self.folder / jobfiles.RESULT).is_file():
                 self.report.result_s = now - self._start
                 self.result_ready.set()
                 deadline = now + self.deadline_s  # the export gets as long again, then it is stopped
-            used = rss_mb(pid)
             if limit_mb is not None and used is not None and used > limit_mb:
                 self.kill(self.budgets.memory_message(used, "reached at least"))
             elif now > deadline:
@@ -112,7 +112,6 @@ class _Child:
             time.sleep(POLL_S)
         self.proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         self.report.exit_code = self.proc.returncode
-        self.report.peak_rss_mb = usage.ru_maxrss / 1024  # kB on Linux
         self.report.wall_s = time.monotonic() - self._start
         if not self.result_ready.is_set() and (self.folder / jobfiles.RESULT).is_file():
             self.report.result_s = self.report.wall_s
@@ -161,7 +160,7 @@ class ChildProcessTrainer:
         with self._lock:
             if self._closed:
                 raise TrainingChildFailed("the agent is stopping")
-            self._finish_previous()
+            self.wait_idle()
             limit = self.budgets.max_train_memory_mb
             known = self.peaks.get(architecture.digest)
             if limit is not None and known is not None and known > limit:
@@ -216,8 +215,8 @@ class ChildProcessTrainer:
             except (OSError, ValueError, TypeError) as e:
                 log.error("round %d: could not install the exported model: %s", round_, e)
 
-    def _finish_previous(self) -> None:
-        """Wait for the last child (exporting the previous model) to exit, and its model installed."""
+    def wait_idle(self) -> None:
+        """Wait for the last child (exporting its model) to exit, and the model to be installed."""
         child = self._child
         if child is not None and not child.settled.is_set():
             log.info("waiting for the previous training child to finish its export")
@@ -239,8 +238,3 @@ def _tail(path: Path, lines: int = 3) -> str:
     except OSError:
         return "(no log)"
     return " | ".join(text[-lines:]) or "(empty log)"
-
-
-def peak_rss_children_mb() -> float:
-    """The largest peak RSS of any reaped child of this process (``RUSAGE_CHILDREN``), in MB."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

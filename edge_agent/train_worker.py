@@ -15,12 +15,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import resource
 import signal
 import sys
 from pathlib import Path
 
 from edge_agent import jobfiles
+from edge_agent.budgets import peak_rss_mb
 
 log = logging.getLogger("edge_agent.train_worker")
 
@@ -40,7 +40,7 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb() or 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
