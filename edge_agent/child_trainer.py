@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -191,8 +192,9 @@ class ChildProcessTrainer:
         error = jobfiles.read_error(self.work_dir)
         if error:
             raise TrainingChildFailed(error)
-        raise TrainingChildFailed(f"the training child exited with code {child.report.exit_code} without a "
-                                  f"result; its log ends: {_tail(self.work_dir / jobfiles.LOG)}")
+        raise TrainingChildFailed(f"the training child {_exit_description(child.report.exit_code)} without a "
+                                  f"result; its log says: {_log_summary(self.work_dir / jobfiles.LOG)} "
+                                  f"(all of it: {self.work_dir / jobfiles.LOG})")
 
     def _after_exit(self, child: _Child, architecture_digest: str, round_: int) -> None:
         child.exited.wait()
@@ -232,9 +234,23 @@ class ChildProcessTrainer:
             child.exited.wait(timeout_s)
 
 
-def _tail(path: Path, lines: int = 3) -> str:
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+_ERROR_WORDS = re.compile(r"error|failed|bad_alloc|terminate|exhausted|cannot|killed", re.IGNORECASE)
+
+
+def _log_summary(path: Path, lines: int = 2) -> str:
+    """The last lines of the child's log that look like an error (else its last lines)."""
     try:
-        text = path.read_text(errors="replace").strip().splitlines()
+        text = path.read_text(errors="replace").strip().splitlines()[-300:]
     except OSError:
         return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+    errors = [line.strip() for line in text if _ERROR_WORDS.search(line)]
+    return " | ".join((errors or text)[-lines:]) or "(empty log)"
