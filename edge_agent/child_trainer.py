@@ -147,7 +147,7 @@ class ChildProcessTrainer:
         self.export_precision = export_precision
         self.command_prefix = list(command_prefix or [])
         self.work_dir = self.state_dir / "work"
-        self.models = ModelStore(self.state_dir / "model")
+        self.models = ModelStore(self.state_dir / "model", writer=True)
         self.peaks = PeakMemory(self.state_dir / "training-peaks.json")
         self.last_report: ChildReport | None = None
         self._child: _Child | None = None

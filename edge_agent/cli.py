@@ -206,7 +206,12 @@ def _model(args: argparse.Namespace) -> int:
 
     from edge_agent.model_store import ModelStore, ModelStoreError
 
-    store = ModelStore(_model_dir(args))
+    folder = _model_dir(args)
+    if not folder.is_dir():
+        print(f"error: no model folder at {folder} (the agent creates it when it installs its first model)",
+              file=sys.stderr)
+        return 1
+    store = ModelStore(folder, writer=args.action == "rollback")
     if args.action == "rollback":
         try:
             store.rollback()

@@ -17,8 +17,10 @@ journal:
    the new one, never a mix);
 5. the manifest moves ``current`` to ``previous``, ``incoming`` to ``current``.
 
-:class:`ModelStore` finishes or drops an interrupted install when it opens the folder, by the
-sha256 of the files, so a restart after a power cut at any step sees a consistent folder.
+A writer (``ModelStore(folder, writer=True)``: the agent, or ``fedprune-agent model rollback``)
+finishes or drops an interrupted install when it opens the folder, by the sha256 of the files,
+so a restart after a power cut at any step sees a consistent folder. Writers take an exclusive
+``flock`` on ``lock`` for each change; readers (inference) take no lock and change nothing.
 Rollback installs the previous model the same way (so a second rollback undoes the first).
 Nothing here imports TensorFlow.
 """
@@ -26,12 +28,15 @@ Nothing here imports TensorFlow.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,10 +83,24 @@ def file_sha256(path: str | Path) -> str:
 class ModelStore:
     """The current and previous TFLite models of a device, swapped atomically."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, writer: bool = False) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        self.writer = writer
+        if writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                self._recover()
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self.writer:
+            raise ModelStoreError(f"{self.directory} was opened read-only; changing it needs writer=True")
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released when the descriptor closes
+            yield
+        finally:
+            os.close(fd)
 
     # --- paths ---
     @property
@@ -144,7 +163,10 @@ class ModelStore:
         The current model becomes the previous one. Returns the info as recorded (size, sha256
         and install time filled in).
         """
-        model_file = Path(model_file)
+        with self._locked():
+            return self._install(Path(model_file), info)
+
+    def _install(self, model_file: Path, info: ModelInfo) -> ModelInfo:
         size = model_file.stat().st_size
         if size == 0:
             raise ModelStoreError(f"{model_file} is empty; not installing it")
@@ -160,13 +182,13 @@ class ModelStore:
 
     def rollback(self) -> ModelInfo:
         """Make the previous model current again (and the current one previous)."""
-        state = self.manifest()
-        previous = state["previous"]
-        if previous is None or not self.previous_path.is_file():
-            raise ModelStoreError(f"no previous model in {self.directory} to roll back to")
-        staged = self.directory / ".rollback.tflite"
-        shutil.copyfile(self.previous_path, staged)
-        info = self.install(staged, previous)
+        with self._locked():
+            previous = self.manifest()["previous"]
+            if previous is None or not self.previous_path.is_file():
+                raise ModelStoreError(f"no previous model in {self.directory} to roll back to")
+            staged = self.directory / ".rollback.tflite"
+            shutil.copyfile(self.previous_path, staged)
+            info = self._install(staged, previous)
         log.warning("rolled back to the model of round %d (sha256 %s)", info.round, info.sha256[:12])
         return info
 

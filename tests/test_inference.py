@@ -64,7 +64,7 @@ def test_runtime_order_falls_back_to_tensorflow(exported):
 
 def test_predictor_follows_the_model_folder_and_reloads_after_a_swap(exported, tmp_path):
     _, files, x = exported
-    store = ModelStore(tmp_path / "model")
+    store = ModelStore(tmp_path / "model", writer=True)
     for round_, precision in ((1, "float32"), (2, "int8")):
         copy = tmp_path / f"{precision}.tflite"
         copy.write_bytes(files[precision].read_bytes())
@@ -101,7 +101,7 @@ def test_inputs_from_npy_npz_and_csv(tmp_path, exported):
 
 def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_path):
     _, files, x = exported
-    store = ModelStore(tmp_path / "state" / "model")
+    store = ModelStore(tmp_path / "state" / "model", writer=True)
     copy = tmp_path / "m.tflite"
     copy.write_bytes(files["int8"].read_bytes())
     store.install(copy, ModelInfo(7, "int8", 0.8))

@@ -42,7 +42,7 @@ def _consistent(store: ModelStore) -> None:
 
 
 def test_install_keeps_the_previous_model_and_rolls_back(tmp_path):
-    store = ModelStore(tmp_path / "model")
+    store = ModelStore(tmp_path / "model", writer=True)
     with pytest.raises(ModelStoreError, match="no model installed"):
         store.read_current()
     with pytest.raises(ModelStoreError, match="no previous model"):
@@ -67,7 +67,7 @@ def test_install_keeps_the_previous_model_and_rolls_back(tmp_path):
 
 
 def test_a_replaced_current_file_is_refused_not_run(tmp_path):
-    store = ModelStore(tmp_path)
+    store = ModelStore(tmp_path, writer=True)
     store.install(_model(tmp_path, "a.tflite", b"model A"), ModelInfo(1, "int8", 0.5))
     store.current_path.write_bytes(b"tampered")
     with pytest.raises(ModelStoreError, match="not the model the manifest names"):
@@ -77,7 +77,7 @@ def test_a_replaced_current_file_is_refused_not_run(tmp_path):
 def _interrupted_at(tmp_path: Path, step: int) -> ModelStore:
     """A store with model A current, whose install of model B stopped after ``step`` (1-4)."""
     folder = tmp_path / f"step{step}"
-    store = ModelStore(folder)
+    store = ModelStore(folder, writer=True)
     store.install(_model(tmp_path, f"a{step}.tflite", b"model A"), ModelInfo(1, "int8", 0.5))
     new = ModelInfo(2, "int8", 0.8, size_bytes=7, sha256=_sha(b"model B"))
     (folder / "incoming.tflite").write_bytes(b"model B")  # step 1
@@ -94,7 +94,7 @@ def _interrupted_at(tmp_path: Path, step: int) -> ModelStore:
 @pytest.mark.parametrize("step,expected_round", [(1, 1), (2, 2), (3, 2), (4, 2)])
 def test_restart_after_a_crash_at_each_step_of_an_install(tmp_path, step, expected_round):
     _interrupted_at(tmp_path, step)
-    reopened = ModelStore(tmp_path / f"step{step}")  # what the agent does when it starts again
+    reopened = ModelStore(tmp_path / f"step{step}", writer=True)  # what the agent does when it starts again
     _consistent(reopened)
     assert reopened.current().round == expected_round
     if expected_round == 2:  # the install was announced: it is finished, A kept for rollback
@@ -103,11 +103,22 @@ def test_restart_after_a_crash_at_each_step_of_an_install(tmp_path, step, expect
         assert reopened.read_current()[0] == b"model A"
 
 
+def test_a_reader_never_repairs_or_changes_the_folder(tmp_path):
+    """Inference opens the folder while the agent may be mid-install: it must not "recover" it."""
+    store = _interrupted_at(tmp_path, 2)
+    before = sorted((p.name, p.read_bytes()) for p in store.directory.iterdir())
+    reader = ModelStore(store.directory)
+    assert reader.read_current()[0] == b"model A" and reader.manifest()["incoming"].round == 2
+    assert sorted((p.name, p.read_bytes()) for p in store.directory.iterdir()) == before
+    with pytest.raises(ModelStoreError, match="read-only"):
+        reader.rollback()
+
+
 _INSTALL_LOOP = """
 import sys, itertools
 sys.path.insert(0, {root!r})
 from edge_agent.model_store import ModelInfo, ModelStore
-store = ModelStore({folder!r})
+store = ModelStore({folder!r}, writer=True)
 print("ready", flush=True)
 for r in itertools.count(1):
     p = store.directory.parent / "new.tflite"
@@ -125,10 +136,30 @@ def test_sigkill_during_installs_leaves_a_consistent_folder(tmp_path):
         time.sleep(0.05 + 0.07 * attempt)  # at a different point of an install each time
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        store = ModelStore(folder)
+        store = ModelStore(folder, writer=True)
         _consistent(store)
         if store.current() is not None:
             data, info = store.read_current()
             assert len(data) == 200_000 + info.round
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["current"]["round"] >= 1
+
+
+def test_model_status_and_rollback_commands(tmp_path):
+    store = ModelStore(tmp_path / "state" / "model", writer=True)
+    for r, content in ((1, b"model A"), (2, b"model B")):
+        store.install(_model(tmp_path, "m.tflite", content), ModelInfo(r, "int8", 0.9))
+
+    def agent(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "model", *args, "--state-dir",
+                               str(tmp_path / "state")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+    status = agent("status")
+    assert status.returncode == 0 and json.loads(status.stdout)["current"]["round"] == 2
+    rolled = agent("rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert json.loads(rolled.stdout)["current"]["round"] == 1
+    assert store.read_current()[0] == b"model A"
+    empty = subprocess.run([sys.executable, "-m", "edge_agent.cli", "model", "rollback", "--state-dir",
+                            str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert empty.returncode == 1 and "no model folder" in empty.stderr
