@@ -167,7 +167,8 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
             out["child_peak_rss_at_result_mb"] = round(update.metrics["train_peak_rss_mb"], 1)
             out["local_epochs"] = epochs
             out["fit_s"] = round(update.metrics["train_s"], 2)
-            out["fit_s_per_epoch"] = round(update.metrics["train_s"] / epochs, 2)
+            out["fit_s_per_epoch"] = round(update.metrics["train_s"] / epochs, 2)  # with the first trace
+            out["steady_epoch_s"] = round(update.metrics["last_epoch_s"], 3)
             out["update_bytes"] = len(spy.on("/update")[0][1])
             installed = _wait(lambda: ModelStore(work / "state" / "model").current(), 120, "the model install")
             out["installed_model"] = {"round": installed.round, "precision": installed.precision,
@@ -256,7 +257,8 @@ def main() -> int:
     tflite = tflite_rows(m, ds, work)
     agent = agent_round(m, ds, profile, work, args.idle_s)
     print(f"agent: idle {agent['idle_agent_rss_mb']} MB; child peak {agent['child_peak_rss_mb']} MB; update after "
-          f"{agent['round_to_update_s']} s ({agent['fit_s_per_epoch']} s per local epoch); predict peak "
+          f"{agent['round_to_update_s']} s (fit {agent['fit_s']} s for {agent['local_epochs']} epochs, the last "
+          f"{agent['steady_epoch_s']} s); predict peak "
           f"{agent['predict']['process_peak_rss_mb']} MB", flush=True)
 
     int8, dense = tflite["sparse_int8"], tflite["dense_float32"]
