@@ -23,18 +23,16 @@ falls back to a default in silence.
 from __future__ import annotations
 
 import dataclasses
-import math
 import stat
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 from urllib.parse import quote
 
 from converters.protocol import valid_device_id
 from edge_agent.budgets import Budgets
+from fedprune.tomlfile import coerce, read_toml
 from fedprune.transport import BrokerAddress, parse_broker_url
 
 
@@ -165,16 +163,7 @@ class AgentConfig:
 
 def load_config(path: str | Path) -> AgentConfig:
     """Read a config file; paths in it are used as written (absolute ones are best)."""
-    p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {p}: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
-    return parse_config(raw, source=str(p))
+    return parse_config(read_toml(path, "config file", ConfigError), source=str(path))
 
 
 def parse_config(raw: dict[str, Any], source: str = "") -> AgentConfig:
@@ -194,29 +183,9 @@ def parse_config(raw: dict[str, Any], source: str = "") -> AgentConfig:
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"{where}unknown key '{name}.{key}'; expected one of {sorted(known)}")
-            section[key] = _coerce(value, hints[key], f"{where}{name}.{key}")
+            section[key] = coerce(value, hints[key], f"{where}{name}.{key}", ConfigError)
         kwargs[name] = cls(**section)
     return AgentConfig(**kwargs, source=source)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    if get_origin(tp) in (typing.Union, types.UnionType):  # "float | None": absent means None
-        tp = next(t for t in get_args(tp) if t is not type(None))
-    if get_origin(tp) is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
 
 
 def _read_password(path: str) -> str:

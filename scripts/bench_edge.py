@@ -116,6 +116,7 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
     from fedprune.data import partition
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from edge_helpers import training_child_pid, wait_for
     from federation_helpers import Spy
 
     idx = partition(ds.y_train, 10, "iid", seed=0)[0]
@@ -135,7 +136,7 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
                                   "--max-round-s", "600", "--log-level", "INFO", *link],
                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait(lambda: spy.on("/presence/bench-pi"), 60, "the agent's presence")
+            wait_for(lambda: spy.on("/presence/bench-pi"), 60, "the agent's presence")
             time.sleep(idle_s)
             out["idle_agent_rss_mb"] = round(rss_mb(agent.pid), 1)
             out["idle_agent_peak_rss_mb"] = round(peak_rss_mb(agent.pid), 1)
@@ -149,8 +150,8 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
             spy.client.publish(topics.task("bench-pi"), encode_task(task, m["arch"].names), qos=1,
                                retain=True).wait_for_publish(5)
             child_peak, update = 0.0, None
-            while update is None or _child_pid(work) is not None:
-                pid = _child_pid(work)
+            while update is None or training_child_pid(work / "state") is not None:
+                pid = training_child_pid(work / "state")
                 if pid is not None:
                     child_peak = max(child_peak, peak_rss_mb(pid) or 0.0)
                 if update is None and spy.on("/update"):
@@ -170,7 +171,7 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
             out["fit_s_per_epoch"] = round(update.metrics["train_s"] / epochs, 2)  # with the first trace
             out["steady_epoch_s"] = round(update.metrics["last_epoch_s"], 3)
             out["update_bytes"] = len(spy.on("/update")[0][1])
-            installed = _wait(lambda: ModelStore(work / "state" / "model").current(), 120, "the model install")
+            installed = wait_for(lambda: ModelStore(work / "state" / "model").current(), 120, "the model install")
             out["installed_model"] = {"round": installed.round, "precision": installed.precision,
                                       "bytes": installed.size_bytes, "sparsity": round(installed.sparsity, 4),
                                       "runtime": installed.runtime}
@@ -207,29 +208,6 @@ def _predict(prefix: list[str], work: Path) -> dict:
     return {"runtime": f"{result['runtime']} ({result['delegates']})", "classes": result["classes"],
             "process_peak_rss_mb": round(process["peak_rss_mb"], 1), "tensorflow_loaded": process["tensorflow_loaded"],
             "process_wall_s": round(time.monotonic() - start, 2)}
-
-
-def _child_pid(work: Path) -> int | None:
-    needle = str(work / "state" / "work").encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"edge_agent.train_worker" in cmdline and needle in cmdline:
-                return int(entry.name)
-    return None
-
-
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def main() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,30 @@ def small_mlp_task(sparsity: float = 0.8, round_: int = 1, seed: int = 0, epochs
                      training={"local_epochs": epochs, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.01},
                      uplink_precision="int8", deadline_s=deadline_s, session="test")
     return arch, task
+
+
+def training_child_pid(state_dir: Path) -> int | None:
+    """The pid of the training child working in ``state_dir``, if one is running."""
+    needle = str(state_dir / "work").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"edge_agent.train_worker" in cmdline and needle in cmdline:
+                return int(entry.name)
+    return None
+
+
+def wait_for(predicate, timeout_s: float, what: str, log: Path | None = None):
+    """Poll ``predicate`` until it returns something true (returned); fail naming ``what``,
+    with the end of ``log``, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tail}")

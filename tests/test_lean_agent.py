@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_helpers import small_mlp_task, write_digits_npz
+from edge_helpers import small_mlp_task, training_child_pid, wait_for, write_digits_npz
 from federation_helpers import Spy
 from converters.protocol import Topics, decode_update, encode_task
 from edge_agent.budgets import rss_mb
@@ -30,17 +30,6 @@ def _start_agent(url: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
         cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_for(predicate, timeout_s: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tail}")
-
-
 def _send_round(spy: Spy, round_: int):
     arch, task = small_mlp_task(sparsity=0.8, round_=round_)
     spy.client.publish(TOPICS.architecture, arch.encode(), qos=1, retain=True).wait_for_publish(5)
@@ -57,7 +46,7 @@ def _update(spy: Spy, arch, task, timeout_s: float, log: Path):
                 return update
         return None
 
-    return _wait_for(arrived, timeout_s, f"the update of round {task.round}", log)
+    return wait_for(arrived, timeout_s, f"the update of round {task.round}", log)
 
 
 def _stop(agent: subprocess.Popen) -> int:
@@ -79,7 +68,7 @@ def test_a_round_on_the_lean_agent(mosquitto_url, tmp_path):
     spy = Spy(mosquitto_url, [f"{TOPICS.root}/#"])
     agent = _start_agent(mosquitto_url, tmp_path, "--max-round-s", "180")
     try:
-        _wait_for(lambda: spy.on("/presence/pi-01"), 30, "the agent's presence", tmp_path / "agent.log")
+        wait_for(lambda: spy.on("/presence/pi-01"), 30, "the agent's presence", tmp_path / "agent.log")
         arch, task = _send_round(spy, 1)
         update = _update(spy, arch, task, 180, tmp_path / "agent.log")
         assert not update.error and update.num_samples == 300 and update.tensors is not None
@@ -88,7 +77,7 @@ def test_a_round_on_the_lean_agent(mosquitto_url, tmp_path):
         assert _mapped_tensorflow(agent.pid) == []
         assert rss_mb(agent.pid) < 60
         store = ModelStore(tmp_path / "state" / "model")
-        installed = _wait_for(store.current, 120, "the round's model to be installed", tmp_path / "agent.log")
+        installed = wait_for(store.current, 120, "the round's model to be installed", tmp_path / "agent.log")
         assert installed.round == 1 and installed.precision == "int8"
         assert _stop(agent) == 0
     finally:
@@ -97,34 +86,20 @@ def test_a_round_on_the_lean_agent(mosquitto_url, tmp_path):
         spy.close()
 
 
-def _training_child(state: Path) -> int | None:
-    """The pid of the training child working in ``state``, if one is running."""
-    needle = str(state / "work").encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"edge_agent.train_worker" in cmdline and needle in cmdline:
-                return int(entry.name)
-    return None
-
-
 def test_sigkill_mid_round_then_restart_finishes_the_round(mosquitto_url, tmp_path):
     write_digits_npz(tmp_path / "local.npz", n=300)
     state = tmp_path / "state"
     spy = Spy(mosquitto_url, [f"{TOPICS.root}/#"])
     agent = _start_agent(mosquitto_url, tmp_path)
     try:
-        _wait_for(lambda: spy.on("/presence/pi-01"), 30, "the agent's presence", tmp_path / "agent.log")
+        wait_for(lambda: spy.on("/presence/pi-01"), 30, "the agent's presence", tmp_path / "agent.log")
         arch, task = _send_round(spy, 1)
-        child = _wait_for(lambda: _training_child(state), 60, "the training child", tmp_path / "agent.log")
+        child = wait_for(lambda: training_child_pid(state), 60, "the training child", tmp_path / "agent.log")
         time.sleep(2.0)  # inside TensorFlow's import or fit
         agent.send_signal(signal.SIGKILL)  # a power cut, as far as the agent can tell
         agent.wait(10)
         # The child dies with its agent (PR_SET_PDEATHSIG), not holding 600 MB for nothing.
-        _wait_for(lambda: not Path(f"/proc/{child}").exists() or
+        wait_for(lambda: not Path(f"/proc/{child}").exists() or
                   (Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"), 10, "the orphaned child to die")
         assert not spy.on("/update")
 
@@ -132,7 +107,7 @@ def test_sigkill_mid_round_then_restart_finishes_the_round(mosquitto_url, tmp_pa
         update = _update(spy, arch, task, 180, tmp_path / "agent.log")
         assert not update.error and update.tensors is not None
         store = ModelStore(state / "model")
-        assert _wait_for(store.current, 120, "the model install", tmp_path / "agent.log").round == 1
+        assert wait_for(store.current, 120, "the model install", tmp_path / "agent.log").round == 1
         assert _stop(agent) == 0
     finally:
         if agent.poll() is None:
