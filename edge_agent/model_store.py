@@ -139,22 +139,31 @@ class ModelStore:
     def previous(self) -> ModelInfo | None:
         return self.manifest()["previous"]
 
-    def read_current(self) -> tuple[bytes, ModelInfo]:
-        """The current model's bytes (read once, checked against the manifest) and its info."""
-        info = self.current()
-        if info is None or not self.current_path.is_file():
-            raise ModelStoreError(
-                f"no model installed in {self.directory} yet: the agent installs one after its first "
-                "round (model export on), or pass a .tflite file"
-            )
-        data = self.current_path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != info.sha256:
-            raise ModelStoreError(
-                f"{self.current_path} (sha256 {digest[:12]}) is not the model the manifest names "
-                f"({info.sha256[:12]}); restart the agent to repair the folder, or roll back"
-            )
-        return data, info
+    def read_current(self, attempts: int = 5) -> tuple[bytes, ModelInfo]:
+        """The current model's bytes (read once, checked against the manifest) and its info.
+
+        A reader may look between an install's rename and its manifest update (the file is the
+        new model, the manifest's ``current`` still the old one): the ``incoming`` entry names
+        that file. Between reading the manifest and the file, a whole install may pass: then it
+        reads both again.
+        """
+        for attempt in range(attempts):
+            manifest = self.manifest()
+            if manifest["current"] is None and manifest["incoming"] is None or not self.current_path.is_file():
+                raise ModelStoreError(
+                    f"no model installed in {self.directory} yet: the agent installs one after its first "
+                    "round (model export on), or pass a .tflite file"
+                )
+            data = self.current_path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            for info in (manifest["current"], manifest["incoming"]):
+                if info is not None and info.sha256 == digest:
+                    return data, info
+            time.sleep(0.05 * (attempt + 1))
+        raise ModelStoreError(
+            f"{self.current_path} (sha256 {digest[:12]}) is not the model the manifest names; restart the "
+            "agent to repair the folder, or roll back"
+        )
 
     # --- writing ---
     def install(self, model_file: str | Path, info: ModelInfo) -> ModelInfo:

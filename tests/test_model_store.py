@@ -71,7 +71,7 @@ def test_a_replaced_current_file_is_refused_not_run(tmp_path):
     store.install(_model(tmp_path, "a.tflite", b"model A"), ModelInfo(1, "int8", 0.5))
     store.current_path.write_bytes(b"tampered")
     with pytest.raises(ModelStoreError, match="not the model the manifest names"):
-        store.read_current()
+        store.read_current(attempts=2)
 
 
 def _interrupted_at(tmp_path: Path, step: int) -> ModelStore:
@@ -112,6 +112,10 @@ def test_a_reader_never_repairs_or_changes_the_folder(tmp_path):
     assert sorted((p.name, p.read_bytes()) for p in store.directory.iterdir()) == before
     with pytest.raises(ModelStoreError, match="read-only"):
         reader.rollback()
+    # Between the rename and the manifest update, the new file is current: the reader says so.
+    late = _interrupted_at(tmp_path / "late", 4)
+    data, info = ModelStore(late.directory).read_current()
+    assert data == b"model B" and info.round == 2
 
 
 _INSTALL_LOOP = """
