@@ -33,7 +33,7 @@ from converters.protocol import Architecture, TrainTask
 from edge_agent import jobfiles
 from edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
 from edge_agent.device import TrainResult
-from edge_agent.model_store import ModelInfo, ModelStore
+from edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class ChildProcessTrainer:
             try:
                 info = ModelInfo.from_json(json.loads(export.read_text()))
                 self.models.install(child.folder / jobfiles.MODEL, info)
-            except (OSError, ValueError, TypeError) as e:
+            except (OSError, ValueError, TypeError, ModelStoreError) as e:  # the previous model stays
                 log.error("round %d: could not install the exported model: %s", round_, e)
 
     def wait_idle(self) -> None:
