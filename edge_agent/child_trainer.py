@@ -54,6 +54,7 @@ class ChildReport:
     wall_s: float = 0.0
     result_s: float | None = None  # when its result appeared, from its start
     killed_for: str | None = None  # why the agent killed it: the budget message
+    over_memory: bool = False  # killed for the memory budget
 
 
 class _Child:
@@ -106,6 +107,7 @@ class _Child:
                 self.result_ready.set()
                 deadline = now + self.deadline_s  # the export gets as long again, then it is stopped
             if limit_mb is not None and used is not None and used > limit_mb:
+                self.report.over_memory = True
                 self.kill(self.budgets.memory_message(used, "reached at least"))
             elif now > deadline:
                 self.kill(self.budgets.time_message(self.deadline_s) if not self.result_ready.is_set()
@@ -208,7 +210,8 @@ class ChildProcessTrainer:
         log.info("round %d: training child exited (code %s) after %.1f s, peak RSS %.0f MB%s", round_,
                  report.exit_code, report.wall_s, report.peak_rss_mb,
                  f"; stopped: {report.killed_for}" if report.killed_for else "")
-        self.peaks.record(architecture_digest, report.peak_rss_mb)
+        if report.exit_code == 0 or report.over_memory:  # a whole run's peak, or at least the budget
+            self.peaks.record(architecture_digest, report.peak_rss_mb)
         export = child.folder / jobfiles.EXPORT
         if report.exit_code == 0 and export.is_file():
             try:

@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     architecture, task, spec = jobfiles.read_job(folder)
     _die_with_parent(spec.parent_pid)
     try:
-        from edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
         from fedprune.data import load_device_data
 
-        x, y = load_device_data(spec.data_path)
+        x, y = load_device_data(spec.data_path)  # before TensorFlow: a bad file fails in a second
+
+        from edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
+
         result = KerasTrainer().train(architecture, task, x, y)
         result.metrics["train_peak_rss_mb"] = _peak_rss_mb()
         jobfiles.write_result(folder, result)
