@@ -139,9 +139,11 @@ def _run(args: argparse.Namespace) -> int:
     budgets = config.budget_limits
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training "
-          f"{'in this process' if args.in_process else 'in a child process'}; budgets: memory "
-          f"{_limit(budgets.max_train_memory_mb, 'MB')}, round {_limit(budgets.max_round_s, 's')}", flush=True)
+    where = ("in this process (no budgets enforced)" if args.in_process else
+             f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
+             f"round {_limit(budgets.max_round_s, 's')}")
+    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}",
+          flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
     try:
