@@ -3,7 +3,6 @@ quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import queue
@@ -24,7 +23,6 @@ from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradi
 from converters.errors import CodecError
 from converters.protocol import (
     Ack,
-    Architecture,
     Presence,
     RoundAnnouncement,
     Topics,
@@ -164,17 +162,11 @@ class Aggregator:
     def _use_model(self, model) -> None:
         """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
         from fedprune.keras_setup import keras
-        from fedprune.models import get_layer_weights, kernel_positions, prunable_layers, weight_names
+        from fedprune.models import architecture_of, kernel_positions, prunable_layers
 
         model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        model_json = model.to_json()
         self.model = model
-        self.architecture = Architecture(
-            model_json=model_json,
-            digest=hashlib.sha256(model_json.encode()).hexdigest()[:32],
-            shapes=[list(w.shape) for w in get_layer_weights(model)],
-            names=weight_names(model),
-        )
+        self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
         leave = self.task.pruning.leave_dense
         self.layer_of = {i: name for name, i in kernel_positions(model, prunable_layers(model, leave)).items()}

@@ -39,6 +39,9 @@ __all__ = [
     "Precision",
     "TFLiteExport",
     "export_sparse_tflite",
+    "LoadedInterpreter",
+    "RUNTIMES",
+    "load_interpreter",
     "open_interpreter",
     "predict_tflite",
     "sparse_weight_stats",
@@ -91,86 +94,119 @@ def _is_delegate_failure(exc: BaseException) -> bool:
     return "delegate" in str(exc).lower()
 
 
-def _find_runtime() -> tuple[str, Any, Any] | None:
-    """The best importable runtime: ``(label, Interpreter class, OpResolverType enum)``.
+#: The runtimes :func:`load_interpreter` knows, in its default order of preference.
+RUNTIMES: tuple[str, ...] = ("litert", "tflite_runtime", "tensorflow")
 
-    TensorFlow is imported only when neither LiteRT nor a working ``tflite_runtime`` exists.
+
+@dataclass(frozen=True)
+class LoadedInterpreter:
+    """An interpreter with its tensors allocated, and what runs it.
+
+    Attributes:
+        interpreter: The allocated interpreter.
+        runtime: The runtime and its version, e.g. ``"ai-edge-litert 2.3.0"``.
+        delegates: ``"default delegates"`` (XNNPACK on CPU) or ``"builtin ops, no default
+            delegates"`` (the fallback for the LiteRT sparse int8 failure).
     """
-    try:
-        from ai_edge_litert import __version__ as litert_version
-        from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
-        from ai_edge_litert.interpreter import OpResolverType as LiteRTResolver
-    except ImportError as exc:
-        logger.debug("ai-edge-litert not importable: %s", exc)
-    else:
-        return f"ai-edge-litert {litert_version}", LiteRTInterpreter, LiteRTResolver
 
-    try:
-        # tflite-runtime 2.14 (the last release) fails beside NumPy 2 with errors other than
-        # ImportError (e.g. AttributeError "_ARRAY_API not found"), hence the broad except.
-        from tflite_runtime.interpreter import Interpreter as TFLRInterpreter
-        from tflite_runtime.interpreter import OpResolverType as TFLRResolver
-    except Exception as exc:  # noqa: BLE001 - see comment above
-        logger.debug("tflite_runtime not usable: %s", exc)
-    else:
-        return "tflite_runtime", TFLRInterpreter, TFLRResolver
+    interpreter: Any
+    runtime: str
+    delegates: str
 
-    try:
-        from fedprune.keras_setup import tf
-    except ImportError as exc:
-        logger.debug("tensorflow not importable: %s", exc)
-        return None
-    return (
-        f"tensorflow {tf.__version__} tf.lite",
-        tf.lite.Interpreter,
-        tf.lite.experimental.OpResolverType,
-    )
+    @property
+    def label(self) -> str:
+        return f"{self.runtime} ({self.delegates})"
 
 
-def open_interpreter(
-    path: str | Path, num_threads: int | None = None
-) -> tuple[Interpreter, str]:
-    """Load a ``.tflite`` file in the best available runtime and allocate its tensors.
+def _find_runtime(order: tuple[str, ...] = RUNTIMES) -> tuple[str, Any, Any] | None:
+    """The first importable runtime of ``order``: ``(label, Interpreter class, OpResolverType)``.
 
-    Order of attempts:
+    TensorFlow is imported only when it is reached: when neither LiteRT nor a working
+    ``tflite_runtime`` exists, or when ``order`` asks for it first.
+    """
+    unknown = [name for name in order if name not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"unknown TFLite runtime(s) {unknown}; choose from {list(RUNTIMES)}")
+    for name in order:
+        if name == "litert":
+            try:
+                from ai_edge_litert import __version__ as litert_version
+                from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+                from ai_edge_litert.interpreter import OpResolverType as LiteRTResolver
+            except ImportError as exc:
+                logger.debug("ai-edge-litert not importable: %s", exc)
+                continue
+            return f"ai-edge-litert {litert_version}", LiteRTInterpreter, LiteRTResolver
+        if name == "tflite_runtime":
+            try:
+                # tflite-runtime 2.14 (the last release) fails beside NumPy 2 with errors other
+                # than ImportError (e.g. AttributeError "_ARRAY_API not found").
+                from tflite_runtime.interpreter import Interpreter as TFLRInterpreter
+                from tflite_runtime.interpreter import OpResolverType as TFLRResolver
+            except Exception as exc:  # noqa: BLE001 - see comment above
+                logger.debug("tflite_runtime not usable: %s", exc)
+                continue
+            return "tflite_runtime", TFLRInterpreter, TFLRResolver
+        try:
+            from fedprune.keras_setup import tf
+        except ImportError as exc:
+            logger.debug("tensorflow not importable: %s", exc)
+            continue
+        return (
+            f"tensorflow {tf.__version__} tf.lite",
+            tf.lite.Interpreter,
+            tf.lite.experimental.OpResolverType,
+        )
+    return None
 
-    1. LiteRT (``ai_edge_litert``) with its default delegates (XNNPACK on CPU).
-    2. LiteRT with ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``, only when step 1 fails
-       with a delegate error. LiteRT 2.3.0 fails ``allocate_tensors()`` on sparse models whose
-       FULLY_CONNECTED weights are int8 ("failed to delegate FULLY_CONNECTED node ...
-       TfLiteXNNPackDelegate failed to prepare", tensorflow#60762); without default delegates
-       the builtin kernels run them. (A sparse int8 Conv2D model did load with the defaults,
-       and so did the sparse int8 MLP in TensorFlow 2.21's own ``tf.lite.Interpreter``.)
-    3. ``tflite_runtime`` (same two steps), only when LiteRT is not importable.
-    4. ``tf.lite.Interpreter`` (same two steps), only when neither is importable. This is the
-       only path that imports TensorFlow.
+
+def load_interpreter(
+    model: str | Path | bytes,
+    num_threads: int | None = None,
+    runtimes: tuple[str, ...] = RUNTIMES,
+) -> LoadedInterpreter:
+    """Load a TFLite model in the first available runtime of ``runtimes``; allocate its tensors.
+
+    Order of attempts, for the first runtime of ``runtimes`` that imports (default: LiteRT
+    (``ai_edge_litert``), then ``tflite_runtime``, then ``tf.lite``, the only one that imports
+    TensorFlow):
+
+    1. The runtime with its default delegates (XNNPACK on CPU).
+    2. The same runtime with ``OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES``, only when
+       step 1 fails with a delegate error. LiteRT 2.3.0 fails ``allocate_tensors()`` on sparse
+       models whose FULLY_CONNECTED weights are int8 ("failed to delegate FULLY_CONNECTED node
+       ... TfLiteXNNPackDelegate failed to prepare", tensorflow#60762); without default
+       delegates the builtin kernels run them. (A sparse int8 Conv2D model did load with the
+       defaults, and so did the sparse int8 MLP in TensorFlow 2.21's own interpreter.)
 
     Args:
-        path: The ``.tflite`` file.
+        model: A ``.tflite`` path, or the model's bytes (read once, so a file replaced while
+            the interpreter loads cannot mix two models).
         num_threads: Passed to the interpreter when not ``None``.
-
-    Returns:
-        ``(interpreter, runtime)``: an interpreter whose tensors are allocated, and a string
-        naming the runtime and delegate choice, e.g. ``"ai-edge-litert 2.3.0 (default
-        delegates)"`` or ``"ai-edge-litert 2.3.0 (builtin ops, no default delegates)"``.
+        runtimes: Which runtimes to try, in order (names from :data:`RUNTIMES`).
 
     Raises:
-        RuntimeError: No runtime is importable, or the runtime could not load the model; the
-            message carries the runtime's own message.
-        ValueError: The runtime rejected the file (e.g. not a TFLite flatbuffer).
+        RuntimeError: No runtime of ``runtimes`` is importable, or it could not load the model;
+            the message carries the runtime's own message.
+        ValueError: The runtime rejected the model (e.g. not a TFLite flatbuffer), or an unknown
+            runtime name.
     """
-    model_path = str(path)
-    runtime = _find_runtime()
+    what = "the model bytes" if isinstance(model, (bytes, bytearray)) else str(model)
+    source: dict[str, Any] = (
+        {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
+    )
+    runtime = _find_runtime(tuple(runtimes))
     if runtime is None:
         raise RuntimeError(
-            "no TFLite runtime importable: install ai-edge-litert (or tflite-runtime/tensorflow)"
+            f"no TFLite runtime of {list(runtimes)} is importable: install ai-edge-litert "
+            "(or tflite-runtime, or tensorflow)"
         )
     label, interpreter_cls, resolver = runtime
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(source)
     if num_threads is not None:
         kwargs["num_threads"] = num_threads
 
-    interpreter = interpreter_cls(model_path=model_path, **kwargs)
+    interpreter = interpreter_cls(**kwargs)
     try:
         interpreter.allocate_tensors()
     except (RuntimeError, ValueError) as exc:
@@ -180,12 +216,11 @@ def open_interpreter(
         logger.info(
             "%s: default delegates failed on %s (%s); retrying without default delegates",
             label,
-            model_path,
+            what,
             first_error,
         )
         del interpreter
         interpreter = interpreter_cls(
-            model_path=model_path,
             experimental_op_resolver_type=resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
             **kwargs,
         )
@@ -193,11 +228,25 @@ def open_interpreter(
             interpreter.allocate_tensors()
         except (RuntimeError, ValueError) as exc2:
             raise RuntimeError(
-                f"{label} could not allocate {model_path}: with default delegates: "
+                f"{label} could not allocate {what}: with default delegates: "
                 f"{first_error}; without default delegates: {exc2}"
             ) from exc2
-        return interpreter, f"{label} ({_RUNTIME_NO_DELEGATES})"
-    return interpreter, f"{label} ({_RUNTIME_DEFAULT})"
+        return LoadedInterpreter(interpreter, label, _RUNTIME_NO_DELEGATES)
+    return LoadedInterpreter(interpreter, label, _RUNTIME_DEFAULT)
+
+
+def open_interpreter(
+    path: str | Path, num_threads: int | None = None
+) -> tuple[Interpreter, str]:
+    """Load a ``.tflite`` file with :func:`load_interpreter` in the default runtime order.
+
+    Returns:
+        ``(interpreter, runtime)``: an interpreter whose tensors are allocated, and a string
+        naming the runtime and delegate choice, e.g. ``"ai-edge-litert 2.3.0 (default
+        delegates)"`` or ``"ai-edge-litert 2.3.0 (builtin ops, no default delegates)"``.
+    """
+    loaded = load_interpreter(path, num_threads)
+    return loaded.interpreter, loaded.label
 
 
 def _quant_params(detail: dict[str, Any]) -> tuple[float, int] | None:

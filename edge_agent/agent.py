@@ -1,7 +1,9 @@
 """The agent's MQTT shell: a paho session around a ``DeviceSession``.
 
 Network callbacks only hand messages to the device session; training runs on a worker thread so
-the MQTT keepalive never stalls behind a long ``fit``.
+the MQTT keepalive never stalls behind a long ``fit``. The trainer is either in this process
+(``KerasTrainer``: the simulator, many devices sharing one TensorFlow) or a child process per
+round (``ChildProcessTrainer``: a real device, whose agent then never loads TensorFlow).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, run_job
+from edge_agent.emulation import SlowLink
 from fedprune.transport import MqttSession, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -25,23 +28,33 @@ class EdgeAgent:
         self,
         broker_url: str,
         device_id: str,
-        x: np.ndarray,
-        y: np.ndarray,
+        x: np.ndarray | None,
+        y: np.ndarray | None,
         trainer: Trainer,
         *,
+        num_samples: int | None = None,
         federation: str = "default",
         max_payload_bytes: int = 1_000_000,
         max_message_bytes: int = 64_000_000,
         executor: Executor | None = None,
         state_dir: str | Path | None = None,
         seed: int | None = None,
+        link: SlowLink | None = None,
     ) -> None:
-        self.device = DeviceSession(device_id, len(x), federation=federation,
+        """``x``, ``y``: the local data, for an in-process trainer; a trainer that reads the data
+        itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``link``: an emulated
+        slow uplink (``edge_agent.emulation``)."""
+        if num_samples is None:
+            if x is None:
+                raise ValueError("give the local data (x, y) or num_samples")
+            num_samples = len(x)
+        self.device = DeviceSession(device_id, num_samples, federation=federation,
                                     max_message_bytes=max(max_message_bytes, max_payload_bytes),
                                     state_dir=state_dir, seed=seed)
         self.device_id = device_id
         self.x, self.y = x, y
         self.trainer = trainer
+        self.link = link
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._own_executor = executor is None
         will = self.device.presence(online=False)
@@ -71,11 +84,16 @@ class EdgeAgent:
 
     def stop(self) -> None:
         offline = self.device.presence(online=False)
+        close = getattr(self.trainer, "close", None)
+        if close is not None:  # a child-process trainer stops its child
+            close()
         self.session.stop(publish_first=(offline.topic, offline.payload, offline.retain))
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
     def _publish(self, message: Outgoing) -> None:
+        if self.link is not None:
+            self.link.wait(len(message.payload))
         self.session.publish(message.topic, message.payload, retain=message.retain)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread

@@ -1,51 +1,149 @@
-"""``fedprune-agent``: join a federation from a device.
+"""``fedprune-agent``: join a federation from a device, and run its model.
 
-Connects to the broker, announces itself, trains when selected, sends its update, and reconnects
-by itself when the broker or the network goes away. Runs until Ctrl-C or SIGTERM.
+    fedprune-agent [run] --config /etc/fedprune/agent.toml      # or --broker, --device-id, --data
+    fedprune-agent predict --config /etc/fedprune/agent.toml --input samples.csv
+    fedprune-agent model status|rollback --config /etc/fedprune/agent.toml
+
+``run`` connects to the broker, announces the device, trains when selected (in a child process
+that exits after each round, within the configured budgets), sends its update, installs each
+round's global model as a sparse TFLite file, and reconnects by itself when the broker or the
+network goes away. Runs until Ctrl-C or SIGTERM. Command-line flags override the config file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
-from fedprune.cli_common import add_logging_args, setup_logging
+from fedprune.cli_common import setup_logging
+
+log = logging.getLogger("edge_agent.cli")
+
+COMMANDS = ("run", "predict", "model")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedprune-agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--broker", required=True, help="MQTT broker URL, e.g. mqtt://laptop:1883")
-    parser.add_argument("--device-id", required=True, help="this device's id, unique in the federation")
-    parser.add_argument("--data", required=True, help=".npz with x_train and y_train (stays on the device)")
-    parser.add_argument("--federation", default="default", help="federation id (default 'default')")
-    parser.add_argument("--max-payload-bytes", type=int, default=1_000_000,
-                        help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
-    parser.add_argument("--max-message-bytes", type=int, default=64_000_000,
-                        help="largest whole message accepted (default 64,000,000)")
-    parser.add_argument("--state-dir", default=None,
-                        help="folder for state kept across restarts (error-feedback residuals); "
-                             "default: fedprune-state/<device id>")
-    add_logging_args(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.trainer import KerasTrainer
-    from fedprune.data import DataError, load_device_data
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "run")  # `fedprune-agent --broker ...` as before subcommands existed
+    args = _parser().parse_args(argv)
+    from edge_agent.config import ConfigError
 
     try:
-        x, y = load_device_data(args.data)
-        agent = EdgeAgent(args.broker, args.device_id, x, y, KerasTrainer(), federation=args.federation,
-                          max_payload_bytes=args.max_payload_bytes, max_message_bytes=args.max_message_bytes,
-                          state_dir=args.state_dir or f"fedprune-state/{args.device_id}")
+        return {"run": _run, "predict": _predict, "model": _model}[args.command](args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedprune-agent", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="join the federation (the default command)")
+    _add_config_args(run)
+    run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://laptop:1883 (config: broker.url)")
+    run.add_argument("--device-id", help="this device's id, unique in the federation (config: device.id)")
+    run.add_argument("--data", help=".npz with x_train and y_train, stays on the device (config: device.data)")
+    run.add_argument("--federation", help="federation id (config: broker.federation, default 'default')")
+    run.add_argument("--max-payload-bytes", type=int,
+                     help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
+    run.add_argument("--max-message-bytes", type=int, help="largest whole message accepted (default 64,000,000)")
+    run.add_argument("--max-train-memory-mb", type=float,
+                     help="memory budget of the training child; above it the round fails (config: budgets)")
+    run.add_argument("--max-round-s", type=float,
+                     help="time budget of one round's training; after it the round fails (config: budgets)")
+    run.add_argument("--model-export", choices=["int8", "float32", "off"],
+                     help="export each round's global model to sparse TFLite (config: model.export, default int8)")
+    run.add_argument("--in-process", action="store_true",
+                     help="train in the agent's own process (loads TensorFlow into it: for development hosts)")
+    run.add_argument("--emulate-uplink-kbps", type=float, help=argparse.SUPPRESS)  # benchmarks: a slow uplink
+    run.add_argument("--emulate-latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+
+    predict = commands.add_parser("predict", help="run the current model on samples from a file")
+    _add_config_args(predict)
+    predict.add_argument("--input", required=True, help="samples: .npy, .npz (--key) or .csv (one per row)")
+    predict.add_argument("--key", help="the array of an .npz (default x, x_test or x_train)")
+    predict.add_argument("--model", help="a model folder or .tflite file (default: the agent's current model)")
+    predict.add_argument("--runtime", action="append", choices=["litert", "tflite_runtime", "tensorflow"],
+                         help="runtimes to try, in order (default litert, tflite_runtime, tensorflow)")
+    predict.add_argument("--threads", type=int, help="interpreter threads (default: the runtime's)")
+    predict.add_argument("--output", help="write the class probabilities here (.npy or .csv)")
+
+    model = commands.add_parser("model", help="show the installed models, or roll back to the previous one")
+    _add_config_args(model)
+    model.add_argument("action", choices=["status", "rollback"])
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="agent config file, e.g. /etc/fedprune/agent.toml")
+    parser.add_argument("--state-dir", help="folder kept across restarts: error-feedback residuals, models "
+                                            "(config: device.state_dir; default fedprune-state/<device id>)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (config: logging.level, default INFO)")
+
+
+def _config(args: argparse.Namespace, require_run: bool):
+    from edge_agent.config import AgentConfig, load_config
+
+    config = load_config(args.config) if args.config else AgentConfig()
+    overrides = {"device.state_dir": args.state_dir, "logging.level": args.log_level}
+    if args.command == "run":
+        overrides.update({
+            "broker.url": args.broker, "device.id": args.device_id, "device.data": args.data,
+            "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
+            "broker.max_message_bytes": args.max_message_bytes,
+            "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
+            "model.export": args.model_export,
+        })
+    config = config.with_overrides(overrides).check(require_run=require_run)
+    setup_logging(config.logging.level)
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _config(args, require_run=True)
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.child_trainer import ChildProcessTrainer
+    from edge_agent.emulation import SlowLink
+    from fedprune.data import DataError, load_device_data
+
+    device_id = config.device.id
+    try:
+        x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
+        if args.in_process:
+            from edge_agent.trainer import KerasTrainer
+
+            trainer, data = KerasTrainer(), (x, y)
+        else:
+            trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
+                                          export_precision=config.model.export)
+            data = (None, None)  # the child reads the file; the agent keeps only the sample count
+        agent = EdgeAgent(config.broker_url(), device_id, *data, trainer, num_samples=len(x),
+                          federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
+                          max_message_bytes=config.broker.max_message_bytes, state_dir=config.state_dir,
+                          link=SlowLink(args.emulate_uplink_kbps, args.emulate_latency_ms)
+                          if args.emulate_uplink_kbps else None)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    n = len(x)
+    del x, y, data
+    budgets = config.budget_limits
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"{args.device_id}: {len(x)} local samples; connecting to {args.broker}", flush=True)
+    where = ("in this process (no budgets enforced)" if args.in_process else
+             f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
+             f"round {_limit(budgets.max_round_s, 's')}")
+    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}",
+          flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
     try:
@@ -54,7 +152,78 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     agent.stop()
-    print(f"{args.device_id}: stopped after rounds {agent.completed_rounds}")
+    print(f"{device_id}: stopped after rounds {agent.completed_rounds}")
+    return 0
+
+
+def _limit(value: float | None, unit: str) -> str:
+    return "none" if value is None else f"{value:g} {unit}"
+
+
+def _model_dir(args: argparse.Namespace) -> Path:
+    if getattr(args, "model", None):
+        setup_logging(args.log_level or "WARNING")
+        return Path(args.model)
+    from edge_agent.config import ConfigError
+
+    config = _config(args, require_run=False)
+    if not (args.state_dir or config.device.state_dir or config.device.id):
+        raise ConfigError("say where the model is: --model, --state-dir, or --config with device.state_dir")
+    return config.state_dir / "model"
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from converters.tflite_export import RUNTIMES
+    from edge_agent.inference import InputError, Predictor, load_inputs
+    from edge_agent.model_store import ModelStoreError
+
+    try:
+        source = _model_dir(args)
+        x = load_inputs(args.input, args.key)
+        predictor = Predictor(source, runtimes=tuple(args.runtime) if args.runtime else RUNTIMES,
+                              num_threads=args.threads)
+        classes, probabilities = predictor.classify(x)
+    except (InputError, ModelStoreError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        out = Path(args.output)
+        if out.suffix == ".csv":
+            np.savetxt(out, probabilities, delimiter=",", fmt="%.6f")
+        else:
+            np.save(out, probabilities)
+    info = predictor.model_info
+    print(json.dumps({
+        "model": str(source), "round": info.round if info else None, "sha256": info.sha256 if info else None,
+        "runtime": predictor.runtime, "delegates": predictor.delegates, "samples": int(len(classes)),
+        "classes": classes.tolist(), "confidence": [round(float(p), 4) for p in probabilities.max(axis=-1)],
+    }))
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from edge_agent.model_store import ModelStore, ModelStoreError
+
+    folder = _model_dir(args)
+    if not folder.is_dir():
+        print(f"error: no model folder at {folder} (the agent creates it when it installs its first model)",
+              file=sys.stderr)
+        return 1
+    store = ModelStore(folder, writer=args.action == "rollback")
+    if args.action == "rollback":
+        try:
+            store.rollback()
+        except ModelStoreError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    manifest = store.manifest()
+    print(json.dumps({"folder": str(store.directory),
+                      **{k: dataclasses.asdict(v) if v else None for k, v in manifest.items() if k != "incoming"}},
+                     indent=2))
     return 0
 
 

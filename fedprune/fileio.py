@@ -29,3 +29,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make renames and deletions in ``directory`` durable (they live in the folder's entry)."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_move(src: str | Path, dst: str | Path) -> None:
+    """Move a complete file onto ``dst`` (same file system) so that readers of ``dst`` see the
+    old file or the new one, and the result survives a power cut: fsync the data, rename, fsync
+    the folder."""
+    with open(src, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(src, dst)
+    fsync_dir(Path(dst).parent)
+
+
+def atomic_write_json(path: str | Path, obj: object) -> None:
+    """:func:`atomic_write_bytes` of ``obj`` as indented UTF-8 JSON."""
+    import json
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())

@@ -126,6 +126,21 @@ def set_layer_weights(model: "keras.Model", weights: list) -> None:
         raise ValueError(f"model has {i} weight tensors, got {len(weights)}")
 
 
+def architecture_of(model: "keras.Model"):
+    """The ``converters.protocol.Architecture`` message that describes ``model`` to the devices."""
+    import hashlib
+
+    from converters.protocol import Architecture
+
+    model_json = model.to_json()
+    return Architecture(
+        model_json=model_json,
+        digest=hashlib.sha256(model_json.encode()).hexdigest()[:32],
+        shapes=[list(w.shape) for w in get_layer_weights(model)],
+        names=weight_names(model),
+    )
+
+
 def weight_names(model: "keras.Model") -> list[str]:
     return [f"{_inner(l).name}/{w.name.split('/')[-1].split(':')[0]}" for l in model.layers for w in _inner(l).weights]
 

@@ -7,16 +7,14 @@ the key (``pruning.final_sparsity``), so a typo never silently falls back to a d
 from __future__ import annotations
 
 import dataclasses
-import math
-import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 from fedprune.pruning.rules import Rule, rule_from_config
 from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay, PruningSchedule
+from fedprune.tomlfile import coerce, read_toml
 
 
 
@@ -339,14 +337,7 @@ class Task:
 def load_task(path: str | Path) -> Task:
     """Read and validate a task file. Relative data paths are resolved against the file's folder."""
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TaskError(f"task file not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"cannot read task file {p}: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise TaskError(f"{p}: not valid TOML: {e}") from None
+    raw = read_toml(p, "task file", TaskError)
     try:
         task = parse_task(raw, source=str(p))
     except TaskError as e:
@@ -390,40 +381,7 @@ def _resolve(cls: type, name: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise TaskError(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise TaskError(f"{key} must be a table, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise TaskError(f"{key} must be a list of strings, got {value!r}")
-        return tuple(value)
-    if origin in (typing.Union, types.UnionType):
-        raise TaskError(f"{key}: unsupported type")  # pragma: no cover - no such fields yet
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TaskError(f"{key} must be true or false, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TaskError(f"{key} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise TaskError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TaskError(f"{key} must be an integer, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise TaskError(f"{key} must be a string, got {value!r}")
-        return value
-    raise TaskError(f"{key}: unsupported type {tp}")  # pragma: no cover
+    return coerce(value, tp, key, TaskError)
 
 
 def _in_open_interval(key: str, v: float, lo: float, hi: float) -> None:

@@ -325,7 +325,7 @@ def test_open_interpreter_falls_back_on_xnnpack_delegate_failure(monkeypatch):
         "failed to delegate FULLY_CONNECTED node #2Node number 6 (TfLiteXNNPackDelegate) "
         "failed to prepare."
     )
-    monkeypatch.setattr(te, "_find_runtime", lambda: runtime)
+    monkeypatch.setattr(te, "_find_runtime", lambda order: runtime)
     _, label = open_interpreter("x.tflite", num_threads=2)
     assert label == "fake-litert 0 (builtin ops, no default delegates)"
     assert [c[1] for c in calls] == ["AUTO", "NO_DEFAULT_DELEGATES"]
@@ -334,7 +334,7 @@ def test_open_interpreter_falls_back_on_xnnpack_delegate_failure(monkeypatch):
 
 def test_open_interpreter_does_not_hide_other_errors(monkeypatch):
     calls, runtime = _fake_runtime("Node number 1 (DENSIFY) failed to prepare.")
-    monkeypatch.setattr(te, "_find_runtime", lambda: runtime)
+    monkeypatch.setattr(te, "_find_runtime", lambda order: runtime)
     with pytest.raises(RuntimeError, match="DENSIFY"):
         open_interpreter("x.tflite")
     assert len(calls) == 1

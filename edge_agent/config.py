@@ -1,0 +1,202 @@
+"""The agent's configuration file (``/etc/fedprune/agent.toml``, see ``deploy/agent.toml``).
+
+Every key has a command-line flag that overrides it. Unknown sections and keys, and values of
+the wrong type or range, are refused with a ``ConfigError`` that names the key, so a typo never
+falls back to a default in silence.
+
+    [broker]
+    url = "mqtt://laptop.local:1883"
+    username = "pi-07"                          # optional
+    password_file = "/etc/fedprune/password"    # optional; the file holds the password only
+    ca_file = "/etc/fedprune/ca.crt"            # optional; with mqtts:// URLs
+
+    [device]
+    id = "pi-07"
+    data = "/var/lib/fedprune/local.npz"
+    state_dir = "/var/lib/fedprune/state"
+
+    [budgets]
+    max_train_memory_mb = 900
+    max_round_s = 300
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+from converters.protocol import valid_device_id
+from edge_agent.budgets import Budgets
+from fedprune.tomlfile import coerce, read_toml
+from fedprune.transport import BrokerAddress, parse_broker_url
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class BrokerSection:
+    url: str = ""  # mqtt://host:1883 or mqtts://host:8883
+    username: str = ""
+    password_file: str = ""  # a file that holds only the password (mode 600)
+    ca_file: str = ""  # the CA that signed the broker's certificate (mqtts:// only)
+    federation: str = "default"
+    max_payload_bytes: int = 1_000_000  # largest MQTT message sent; larger ones go in chunks
+    max_message_bytes: int = 64_000_000  # largest whole message accepted
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str = ""
+    data: str = ""  # .npz with x_train, y_train: stays on the device
+    state_dir: str = ""  # default: fedprune-state/<id>
+
+
+@dataclass(frozen=True)
+class BudgetsSection:
+    max_train_memory_mb: float | None = None  # the training child's resident memory
+    max_round_s: float | None = None  # training time per round; the child is stopped after it
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    export: Literal["int8", "float32", "off"] = "int8"  # each round's global model, as sparse TFLite
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    broker: BrokerSection = field(default_factory=BrokerSection)
+    device: DeviceSection = field(default_factory=DeviceSection)
+    budgets: BudgetsSection = field(default_factory=BudgetsSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    source: str = ""  # the file it came from, for messages
+
+    # --- derived ---
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.device.state_dir or f"fedprune-state/{self.device.id}")
+
+    @property
+    def budget_limits(self) -> Budgets:
+        return Budgets(self.budgets.max_train_memory_mb, self.budgets.max_round_s)
+
+    def broker_url(self) -> str:
+        """The broker URL with the credentials of ``username``/``password_file`` (and ``ca_file``).
+
+        Holds the password: hand it to the MQTT session, never to a log.
+        """
+        url = self.broker.url
+        if self.broker.username:
+            password = _read_password(self.broker.password_file) if self.broker.password_file else None
+            credentials = quote(self.broker.username, safe="") + (f":{quote(password, safe='')}" if password else "")
+            scheme, rest = url.split("://", 1)
+            url = f"{scheme}://{credentials}@{rest}"
+        if self.broker.ca_file:
+            url += ("&" if "?" in url else "?") + "ca=" + quote(self.broker.ca_file, safe="/")
+        return url
+
+    # --- checks ---
+    def check(self, *, require_run: bool = True) -> "AgentConfig":
+        """Validate values; ``require_run`` also demands what running needs (url, id, data)."""
+        where = f"{self.source}: " if self.source else ""
+        if require_run:
+            for key, value in (("broker.url", self.broker.url), ("device.id", self.device.id),
+                               ("device.data", self.device.data)):
+                if not value:
+                    raise ConfigError(f"{where}{key} is required (in the config file or as a flag)")
+        if self.broker.url:
+            try:
+                address = parse_broker_url(self.broker.url)
+            except ValueError as e:
+                raise ConfigError(f"{where}broker.url: {e}") from None
+            if address.username or address.password:
+                raise ConfigError(f"{where}broker.url must not hold credentials: use broker.username and "
+                                  "broker.password_file (a file readable by the agent only)")
+            if self.broker.ca_file and not address.tls:
+                raise ConfigError(f"{where}broker.ca_file needs a TLS URL (mqtts://), got {self.broker.url}")
+        if self.device.id and not valid_device_id(self.device.id):
+            raise ConfigError(f"{where}device.id {self.device.id!r} must be 1-128 printable characters "
+                              "without '/', '+', '#'")
+        if not self.broker.federation or any(c in self.broker.federation for c in "/+#"):
+            raise ConfigError(f"{where}broker.federation must be non-empty without '/', '+', '#'")
+        if self.broker.password_file and not self.broker.username:
+            raise ConfigError(f"{where}broker.password_file is set but broker.username is not")
+        for key, path in (("broker.password_file", self.broker.password_file),
+                          ("broker.ca_file", self.broker.ca_file)):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{where}{key}: no such file {path}")
+        if self.broker.ca_file and "ca_file" not in {f.name for f in dataclasses.fields(BrokerAddress)}:
+            raise ConfigError(f"{where}broker.ca_file: this version's MQTT transport verifies brokers against "
+                              "the system's CAs only; add the CA to the system store and drop ca_file")
+        for key in ("max_payload_bytes", "max_message_bytes"):
+            if getattr(self.broker, key) < 1024:
+                raise ConfigError(f"{where}broker.{key} must be >= 1024, got {getattr(self.broker, key)}")
+        for key in ("max_train_memory_mb", "max_round_s"):
+            value = getattr(self.budgets, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{where}budgets.{key} must be > 0 (leave it out for no limit), got {value}")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "AgentConfig":
+        """A copy with ``{"section.key": value}`` replaced (None values are skipped)."""
+        config = self
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            section, key = dotted.split(".")
+            config = dataclasses.replace(
+                config, **{section: dataclasses.replace(getattr(config, section), **{key: value})})
+        return config
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read a config file; paths in it are used as written (absolute ones are best)."""
+    return parse_config(read_toml(path, "config file", ConfigError), source=str(path))
+
+
+def parse_config(raw: dict[str, Any], source: str = "") -> AgentConfig:
+    """Build an ``AgentConfig`` from parsed TOML, refusing unknown keys and wrong types."""
+    where = f"{source}: " if source else ""
+    sections = {f.name: f for f in dataclasses.fields(AgentConfig) if f.name != "source"}
+    kwargs: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{where}unknown section [{name}]; expected one of {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}{name!r} must be a table ([{name}])")
+        cls = typing.get_type_hints(AgentConfig)[name]
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        section: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{where}unknown key '{name}.{key}'; expected one of {sorted(known)}")
+            section[key] = coerce(value, hints[key], f"{where}{name}.{key}", ConfigError)
+        kwargs[name] = cls(**section)
+    return AgentConfig(**kwargs, source=source)
+
+
+def _read_password(path: str) -> str:
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        password = p.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as e:
+        raise ConfigError(f"broker.password_file: cannot read {p}: {e.strerror or e}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"broker.password_file {p} is readable by other users; chmod 600 {p}")
+    if not password:
+        raise ConfigError(f"broker.password_file {p} is empty")
+    return password

@@ -1,0 +1,66 @@
+"""What the TOML files (the task file, the agent's config) share: reading one, and checking each
+value against the type of its dataclass field, with errors that name the key."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+def read_toml(path: str | Path, kind: str, error: type[Exception]) -> dict[str, Any]:
+    """The parsed file; ``error`` (naming the ``kind`` of file and the path) if it cannot be read."""
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{kind} not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"cannot read {kind} {p}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise error(f"{p}: not valid TOML: {e}") from None
+
+
+def coerce(value: Any, tp: Any, key: str, error: type[Exception]) -> Any:
+    """``value`` as the field type ``tp`` (``Literal``, ``bool``, ``int``, ``float``, ``str``,
+    ``dict``, ``tuple`` of strings, or ``X | None`` where leaving the key out means None)."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [t for t in get_args(tp) if t is not type(None)]
+        if len(options) != 1:
+            raise error(f"{key}: unsupported type {tp}")  # pragma: no cover - no such fields
+        return coerce(value, options[0], key, error)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise error(f"{key} must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise error(f"{key} must be a table, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise error(f"{key} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise error(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise error(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise error(f"{key} must be a string, got {value!r}")
+        return value
+    raise error(f"{key}: unsupported type {tp}")  # pragma: no cover

@@ -1,0 +1,130 @@
+"""Inference on the device: Predictor and ``fedprune-agent predict`` on real sparse TFLite files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_helpers import digits_arrays, small_mlp_task
+from edge_agent.inference import InputError, Predictor, load_inputs
+from edge_agent.model_store import ModelInfo, ModelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The small digits MLP (80 % sparse) as Keras, sparse float32 and sparse int8 TFLite files."""
+    from converters.tflite_export import export_sparse_tflite
+    from fedprune.keras_setup import keras
+    from fedprune.models import set_layer_weights
+
+    arch, task = small_mlp_task(sparsity=0.8)
+    model = keras.models.model_from_json(arch.model_json)
+    set_layer_weights(model, task.weights)
+    x, y = digits_arrays(200)
+    folder = tmp_path_factory.mktemp("tflite")
+    files = {p: export_sparse_tflite(model, folder / f"{p}.tflite", p, representative_x=x).path
+             for p in ("float32", "int8")}
+    return model, files, x
+
+
+def test_predictor_matches_keras_and_says_what_ran(exported):
+    model, files, x = exported
+    keras_logits = model.predict(x, verbose=0)
+    fp32 = Predictor(files["float32"])
+    assert fp32.runtime.startswith("ai-edge-litert") and fp32.delegates == "default delegates"
+    np.testing.assert_allclose(fp32.predict(x), keras_logits, atol=1e-4)
+    assert fp32.model_info is None  # a plain file, no manifest
+
+    int8 = Predictor(files["int8"])  # LiteRT's XNNPACK refuses sparse int8 FULLY_CONNECTED
+    assert int8.delegates == "builtin ops, no default delegates"
+    classes, probabilities = int8.classify(x)
+    assert np.mean(classes == keras_logits.argmax(-1)) > 0.9
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+    assert int8.latency_ms(x, repeats=5) > 0
+
+
+def test_runtime_order_falls_back_to_tensorflow(exported):
+    _, files, x = exported
+    tf_run = Predictor(files["int8"], runtimes=("tflite_runtime", "tensorflow"))  # no tflite-runtime here
+    assert tf_run.runtime.startswith("tensorflow")
+    lite = Predictor(files["int8"])
+    a, b = tf_run.predict(x[:50]), lite.predict(x[:50])  # int8 kernels may round one step apart
+    assert np.abs(a - b).max() < 0.2 * np.abs(b).max() and np.mean(a.argmax(-1) == b.argmax(-1)) >= 0.95
+    with pytest.raises(RuntimeError, match="no TFLite runtime"):
+        Predictor(files["int8"], runtimes=("tflite_runtime",))
+
+
+def test_predictor_follows_the_model_folder_and_reloads_after_a_swap(exported, tmp_path):
+    _, files, x = exported
+    store = ModelStore(tmp_path / "model", writer=True)
+    for round_, precision in ((1, "float32"), (2, "int8")):
+        copy = tmp_path / f"{precision}.tflite"
+        copy.write_bytes(files[precision].read_bytes())
+        if round_ == 1:
+            store.install(copy, ModelInfo(round_, precision, 0.8))
+            p = Predictor(store.directory)
+            assert p.model_info.round == 1 and not p.reload_if_changed()
+        else:
+            store.install(copy, ModelInfo(round_, precision, 0.8))
+    assert p.reload_if_changed() and p.model_info.round == 2
+    assert p.delegates == "builtin ops, no default delegates"
+    store.rollback()
+    assert p.reload_if_changed() and p.model_info.round == 1
+
+
+def test_inputs_from_npy_npz_and_csv(tmp_path, exported):
+    _, files, x = exported
+    flat = x[:5].reshape(5, -1)
+    np.save(tmp_path / "a.npy", x[:5])
+    np.savez(tmp_path / "b.npz", x_test=x[:5], y_test=np.zeros(5))
+    np.savetxt(tmp_path / "c.csv", flat, delimiter=",", header=",".join(f"p{i}" for i in range(64)), comments="")
+    p = Predictor(files["float32"])
+    expected = p.predict(x[:5])
+    for name in ("a.npy", "b.npz", "c.csv"):
+        np.testing.assert_allclose(p.predict(load_inputs(tmp_path / name)), expected, atol=1e-4)
+    with pytest.raises(InputError, match="choose one with --key"):
+        load_inputs(tmp_path / "b.npz", key="nope")
+    with pytest.raises(InputError, match="expects"):
+        p.predict(np.zeros((2, 10), np.float32))
+    (tmp_path / "bad.txt").write_text("1,2")
+    with pytest.raises(InputError, match="unknown input format"):
+        load_inputs(tmp_path / "bad.txt")
+
+
+def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_path):
+    _, files, x = exported
+    store = ModelStore(tmp_path / "state" / "model", writer=True)
+    copy = tmp_path / "m.tflite"
+    copy.write_bytes(files["int8"].read_bytes())
+    store.install(copy, ModelInfo(7, "int8", 0.8))
+    np.savetxt(tmp_path / "in.csv", x[:4].reshape(4, -1), delimiter=",")
+    # The CLI's whole predict path, in a fresh interpreter, with TensorFlow importable but unused.
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from edge_agent.cli import main
+        rc = main(["predict", "--state-dir", {str(tmp_path / 'state')!r}, "--input", {str(tmp_path / 'in.csv')!r},
+                   "--output", {str(tmp_path / 'p.npy')!r}])
+        assert "tensorflow" not in sys.modules, "the predict path imported TensorFlow"
+        sys.exit(rc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["round"] == 7 and out["samples"] == 4 and len(out["classes"]) == 4
+    assert out["runtime"].startswith("ai-edge-litert") and out["delegates"] == "builtin ops, no default delegates"
+    probabilities = np.load(tmp_path / "p.npy")
+    assert probabilities.shape == (4, 10) and list(probabilities.argmax(-1)) == out["classes"]
+
+    missing = subprocess.run([sys.executable, "-m", "edge_agent.cli", "predict", "--state-dir",
+                              str(tmp_path / "none"), "--input", str(tmp_path / "in.csv")],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert missing.returncode == 2 and "no model folder" in missing.stderr
