@@ -112,3 +112,16 @@ def test_error_feedback_keeps_what_int4_lost(tmp_path):
 def test_bad_device_id_is_refused():
     with pytest.raises(ValueError, match="device id"):
         DeviceSession("a/b", 1)
+
+
+def test_clip_norm_in_the_task_bounds_the_update_on_the_device():
+    from fedprune.clipping import global_norm
+
+    d = device()
+    d.receive(TOPICS.architecture, ARCH.encode())
+    payload = task_payload()
+    job = d.receive(TOPICS.task("dev-1"), payload)
+    d.decode(job).training["clip_norm"] = 0.5  # AddOne's delta has a norm of about 3.5
+    message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
+    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
+    assert global_norm(update.tensors) == pytest.approx(0.5, rel=1e-5)
