@@ -15,9 +15,20 @@ def test_parse_broker_url():
     assert (a.host, a.port, a.tls, a.username, a.password) == ("host", 1999, False, "user", "p@ss")
     assert parse_broker_url("mqtts://h").port == 8883
     assert parse_broker_url("mqtt://h").port == 1883
-    for bad in ("http://h:1", "h:1883", "mqtt://", "mqtt://h:notaport"):
+    for bad in ("http://h:1", "h:1883", "mqtt://", "mqtt://h:notaport", "mqtts://h?cafile=x"):
         with pytest.raises(ValueError, match="broker URL"):
             parse_broker_url(bad)
+    with pytest.raises(ValueError, match="needs a TLS broker URL"):
+        parse_broker_url("mqtt://h?ca=/etc/ca.crt")
+
+
+def test_full_url_carries_credentials_and_ca_and_url_hides_them():
+    a = parse_broker_url("mqtts://pi-01:s%2Fp%40ss@laptop:8884?ca=/etc/fed%20prune/ca.crt")
+    assert (a.username, a.password, a.ca_file, a.port) == ("pi-01", "s/p@ss", "/etc/fed prune/ca.crt", 8884)
+    assert parse_broker_url(a.full_url()) == a
+    assert a.url == "mqtts://laptop:8884" and "s/p@ss" not in repr(a)
+    b = parse_broker_url("mqtts://u:p@h", username="v", password="q", ca_file="/ca.pem")
+    assert (b.username, b.password, b.ca_file) == ("v", "q", "/ca.pem")
 
 
 def test_large_messages_travel_in_chunks_and_oversize_ones_are_refused(broker_url):
