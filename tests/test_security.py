@@ -265,3 +265,22 @@ def test_plain_text_and_untrusted_certificates_are_refused_on_the_tls_port(secur
     MqttSession(b.full_url(), "ok").start(WAIT_S).stop()
     with pytest.raises(ConnectionError):
         MqttSession(f"mqtt://pi-01:{b.password}@127.0.0.1:{secured.port}", "plain").start(3)
+
+
+def test_a_last_will_on_another_devices_presence_never_arrives(request, secured, login):
+    # A device that could write pi-02's presence could mark it offline whenever it dropped.
+    t = Topics(secured.federation)
+    aggregator = login(secured, "aggregator")
+    assert aggregator.accepted() and aggregator.subscribe(t.all_presence) == 1
+    forger = login(secured, "pi-01", will_topic=t.presence("pi-02"))
+    accepted = forger.accepted()
+    if request.node.callspec.params["secured"] == "embedded":
+        assert not accepted  # the embedded broker refuses the CONNECT
+    honest = login(secured, "pi-01", will_topic=t.presence("pi-01"))
+    assert honest.accepted()
+    for client in (forger, honest):
+        client.client.loop_stop()
+        sock = client.client.socket()
+        if sock is not None:
+            sock.close()  # vanish without DISCONNECT: the broker sends the will if it may
+    assert aggregator.received() == [(t.presence("pi-01"), b"gone")]  # the honest one's, the control
