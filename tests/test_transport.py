@@ -90,3 +90,28 @@ def test_session_reconnects_and_resubscribes_after_a_broker_restart(mosquitto_br
     finally:
         sub.stop()
         pub.stop()
+
+
+def test_an_incoming_message_over_the_payload_limit_is_dropped_with_a_log_and_the_session_goes_on(
+        broker_url, caplog):
+    got: list[bytes] = []
+    arrived = threading.Event()
+
+    def on_message(topic, payload):
+        got.append(payload)
+        arrived.set()
+
+    sub = MqttSession(broker_url, "limit-sub", subscriptions=["t/limit"], on_message=on_message,
+                      max_payload_bytes=1024).start(10)
+    # A sender that ignores the limit (a raw client, not chunking): 5,000 bytes in one message.
+    pub = MqttSession(broker_url, "limit-pub", max_payload_bytes=10_000).start(10)
+    try:
+        with caplog.at_level("WARNING", logger="fedprune.transport"):
+            pub.publish("t/limit", b"x" * 5000).wait_for_publish(5)
+            pub.publish("t/limit", b"small").wait_for_publish(5)
+            assert arrived.wait(10), "the message after the oversize one never arrived"
+        assert got == [b"small"] and sub.oversize_dropped == 1
+        assert "dropped 5000-byte message on t/limit: over the 1024-byte limit" in caplog.text
+    finally:
+        sub.stop()
+        pub.stop()
