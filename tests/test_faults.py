@@ -6,17 +6,23 @@ scenario over TLS is ``fleet.aggregator_killed``, which scripts/bench_faults.py 
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import pytest
 from brokers import mosquitto_available
 from fleet import Fleet, broker_restarted, device_killed, update_replayed
 
-pytestmark = pytest.mark.skipif(not mosquitto_available(), reason="needs mosquitto")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="needs mosquitto")
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 # Each test runs four TensorFlow processes for about 50 s on 2 cores. The first (which is also the
 # end-to-end check over TLS with per-device logins) runs by default; the others are slow.
 
 
+@needs_mosquitto
 def test_a_device_killed_mid_round_the_round_closes_with_the_quorum(tmp_path):
     with Fleet(tmp_path, DEVICES) as fleet:
         notes = device_killed(fleet)
@@ -28,6 +34,7 @@ def test_a_device_killed_mid_round_the_round_closes_with_the_quorum(tmp_path):
 
 
 @pytest.mark.slow
+@needs_mosquitto
 def test_the_broker_restarted_mid_round_everyone_reconnects_and_finishes(tmp_path):
     with Fleet(tmp_path, DEVICES, round_timeout_s=20) as fleet:
         broker_restarted(fleet)
@@ -39,6 +46,7 @@ def test_the_broker_restarted_mid_round_everyone_reconnects_and_finishes(tmp_pat
 
 
 @pytest.mark.slow
+@needs_mosquitto
 def test_an_update_sent_twice_is_counted_once(tmp_path):
     with Fleet(tmp_path, DEVICES) as fleet:
         notes = update_replayed(fleet)
@@ -49,3 +57,14 @@ def test_an_update_sent_twice_is_counted_once(tmp_path):
     # round may come after the aggregator stopped listening.
     assert rec.rejections.get("duplicate", 0) + rec.rejections.get("wrong round", 0) >= 6
     assert rec.rejections.get("duplicate", 0) >= 1
+
+
+@pytest.mark.slow
+def test_the_aggregator_survives_the_mqtt_fuzzer(capsys):
+    import fuzz_aggregator  # scripts/
+
+    assert fuzz_aggregator.main(["--rounds", "1", "--rate", "100", "--seed", "5"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["sent"] > 100 and figures["survived"] == figures["sent"]
+    assert figures["updates_counted_per_round"] == [3]
+    assert sum(figures["rejected_by_aggregator"].values()) > 0
