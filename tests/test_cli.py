@@ -135,3 +135,12 @@ def test_init_broker_command_and_connection_files_on_both_commands(tmp_path, cap
     assert "not a device's" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         agent_main(["--data", "x.npz"])  # neither --connection nor --broker/--device-id
+
+    # --broker-dir: the embedded broker with TLS, the logins and the policy; the aggregator logs in
+    # with aggregator.toml, then finds no device online within the second it waits.
+    task.write_text(TASK.replace("wait_for_devices_s = 90", 'wait_for_devices_s = 1\nid = "clinic"'))
+    assert aggregator_main(["--task", str(task), "--broker-dir", str(out), "--port", "0",
+                            "--run-dir", str(tmp_path / "run")]) == 1
+    captured = capsys.readouterr()
+    assert "broker mqtts://127.0.0.1:" in captured.out
+    assert "only 0 device(s) online" in captured.err, captured.err
