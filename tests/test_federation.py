@@ -100,7 +100,7 @@ def _round_of(payload: bytes, default: tuple[int, int] | None = None) -> tuple[i
     return h.round, h.attempt
 
 
-def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path):
+def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path, caplog):
     task = small_task(federation={"rounds": 3})
     topics = Topics(task.federation.id)
     sent = threading.Event()
@@ -137,6 +137,9 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp
     assert rejected.get("wrong round", 0) >= 1, rejected
     assert rejected.get("unknown device", 0) >= 1, rejected
     assert result.rounds[1].reported == 3  # the real updates counted, the replayed one once
+    assert result.rounds[2].reported == 3  # the device that got garbage goes on
+    for logged in ("ignored undecodable task", "ignored bad architecture message", "ignored bad ack"):
+        assert logged in caplog.text, logged
     assert result.final_accuracy > 0.6
 
 
@@ -147,6 +150,10 @@ def _send_bad(spy: Spy, topics: Topics, old_topic: str, old_update: bytes) -> No
     spy.publish(old_topic, old_update)  # its round-1 update replayed in round 2
     ghost = Update(round=2, attempt=1, device_id="ghost", num_samples=5, error="never announced itself")
     spy.publish(topics.update("ghost"), encode_update(ghost, []))
+    # And at the device: a garbage task, architecture and ack (not retained: the real ones stay).
+    spy.publish(topics.task(victim), b"FPRN\x01\x01garbage task")
+    spy.publish(topics.architecture, b'{"v": 1, "type": "architecture"}')
+    spy.publish(topics.ack(victim), b"{not json")
 
 
 def test_federation_with_chunked_tasks_weights_uplink_int4_zstd_and_stochastic_rounding(broker_url, tmp_path):
