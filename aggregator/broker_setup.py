@@ -45,6 +45,7 @@ MANIFEST = "fedprune-broker.toml"
 # Mosquitto refuses packets above this; every fedprune message stays below it because the task's
 # transport.max_payload_bytes (default 1,000,000) chunks anything larger.
 MAX_PACKET_BYTES = 2_000_000
+MAX_QUEUED_BYTES = 500_000_000  # per client: a round of 100 devices' 1 MB updates, five times over
 
 
 class BrokerSetupError(ValueError):
@@ -186,8 +187,10 @@ def mosquitto_config(out: Path, port: int, bind: str, persistence: bool) -> str:
         "",
         "# Above every fedprune message: larger ones travel in chunks of transport.max_payload_bytes.",
         f"max_packet_size {MAX_PACKET_BYTES}",
-        "# The default 1000 silently drops QoS 1 messages to a slow subscriber during a burst of updates.",
+        "# The default 1000 silently drops QoS 1 messages to a slow subscriber during a burst of updates;",
+        "# the byte bound keeps a flood for an offline aggregator from filling memory and the saved database.",
         "max_queued_messages 10000",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
         "sys_interval 0",
     ]
     if persistence:

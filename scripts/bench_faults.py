@@ -32,6 +32,9 @@ from fleet import Fleet  # noqa: E402
 
 DEVICES = ["pi-01", "pi-02", "pi-03"]
 ROUNDS = 3
+# Generous: on a loaded 2-core machine one local training can take tens of seconds. A killed device
+# does not make its round wait this long (its last will marks it offline at once).
+ROUND_TIMEOUT_S = 120
 
 
 def fuzzed_updates(fleet: Fleet) -> dict:
@@ -64,7 +67,7 @@ SCENARIOS = {**fleet_harness.SCENARIOS, "fuzzed updates": fuzzed_updates}
 def run_scenario(name: str, workdir: Path) -> dict:
     start = time.monotonic()
     error = None
-    with Fleet(workdir, DEVICES, rounds=ROUNDS, round_timeout_s=20) as fleet:
+    with Fleet(workdir, DEVICES, rounds=ROUNDS, round_timeout_s=ROUND_TIMEOUT_S) as fleet:
         try:
             notes = SCENARIOS[name](fleet)
         except AssertionError as e:  # a process failed: report it in the table

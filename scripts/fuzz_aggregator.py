@@ -66,7 +66,7 @@ class PayloadGenerator:
                 if device not in self.devices:
                     self.devices.append(device)
                 return
-            if len(self.seeds) >= 64 or hashlib.sha256(payload).digest() in self._sent:
+            if hashlib.sha256(payload).digest() in self._sent:
                 return
         try:
             peek_update(payload, 1 << 30)
@@ -85,7 +85,9 @@ class PayloadGenerator:
         r = self.rng
         own = self.topics.update(r.choice(devices))
         if not seeds or r.random() < 0.25:
-            kind = r.choice(["random", "framed random", "chunk", "empty", "oversize", "bad topic", "unknown device"])
+            # Oversize payloads (1 MB each) rarer than the rest: each one crosses the broker whole.
+            kind = r.choices(["random", "framed random", "chunk", "empty", "oversize", "bad topic", "unknown device"],
+                             weights=[1, 1, 1, 1, 0.1, 1, 1])[0]
             return kind, *self._unseeded(kind, own)
         topic, seed = r.choice(seeds)
         kind = r.choice(["bit flip", "bit flip + crc", "truncate", "extend", "header field", "nan values",
@@ -104,8 +106,8 @@ class PayloadGenerator:
             return own, refit_crc(body + b"\0\0\0\0")
         if kind == "empty":
             return own, b""
-        if kind == "oversize":
-            return own, r.randbytes(self.max_payload_bytes + r.randint(1, 4096))
+        if kind == "oversize":  # to a topic the fuzzer does not listen on (see Fuzzer)
+            return self.topics.update(f"ghost-{r.randint(0, 9)}"), r.randbytes(self.max_payload_bytes + r.randint(1, 4096))
         if kind == "bad topic":
             return r.choice([f"{self.topics.root}/device//update", f"{self.topics.root}/device/a/b/update"]), \
                 r.randbytes(64)
@@ -146,7 +148,15 @@ class PayloadGenerator:
 
 
 class Fuzzer:
-    """A paho client that watches presence and updates and sends the generator's payloads."""
+    """A paho client that learns the devices from their presence and seeds from their updates, and
+    sends the generator's payloads.
+
+    It listens on each real device's update topic only until it holds ``SEEDS`` updates: it hears
+    its own payloads there too, and a subscriber that falls behind makes the broker queue (and,
+    with persistence, save) everything it has not read.
+    """
+
+    SEEDS = 16
 
     def __init__(self, broker_url: str, topics: Topics, generator: PayloadGenerator) -> None:
         address = parse_broker_url(broker_url)
@@ -160,9 +170,10 @@ class Fuzzer:
         if address.tls:
             self.client.tls_set(ca_certs=address.ca_file)
         ready = threading.Event()
+        listening: set[str] = set()
 
         def on_connect(client, userdata, flags, rc, props):
-            client.subscribe([(topics.all_presence, 1), (topics.all_updates, 1)])
+            client.subscribe(topics.all_presence, 1)
             ready.set()
 
         def on_message(client, userdata, msg):
@@ -174,8 +185,14 @@ class Fuzzer:
             if "/presence/" in msg.topic:
                 if b'"online":true' in payload:
                     generator.learn(msg.topic, payload, device)
-            elif msg.topic == topics.update(device) and device in generator.devices:
-                generator.learn(msg.topic, payload)
+                    if device not in listening and len(generator.seeds) < self.SEEDS:
+                        listening.add(device)
+                        client.subscribe(topics.update(device), 1)
+                return
+            generator.learn(msg.topic, payload)
+            if len(generator.seeds) >= self.SEEDS and listening:
+                client.unsubscribe([topics.update(d) for d in listening])
+                listening.clear()
 
         self.client.on_connect, self.client.on_message = on_connect, on_message
         self.client.connect(address.host, address.port)

@@ -95,7 +95,7 @@ class Fleet:
     workdir: Path
     devices: list[str]
     rounds: int = 3
-    round_timeout_s: float = 30
+    round_timeout_s: float = 90  # generous: 2 shared cores, 4 TensorFlow processes
     folder: BrokerFolder = field(init=False)
     broker: MosquittoProcess = field(init=False)
     agents: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -111,6 +111,10 @@ class Fleet:
                                   port=free_port(), bind="127.0.0.1")
         self.broker = MosquittoProcess(port=self.folder.port, base_config=self.folder.mosquitto_conf.read_text())
         self.run_dir = self.workdir / "run"
+        self.logs = self.workdir / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self._aggregator_runs = 0
+        self.aggregator_log: Path | None = None
         from fedprune.data import load_dataset, partition
 
         ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
@@ -125,25 +129,48 @@ class Fleet:
         return self
 
     def start_agent(self, device: str) -> subprocess.Popen:
+        log = open(self.logs / f"{device}.log", "ab")  # noqa: SIM115 - the child owns it
         self.agents[device] = subprocess.Popen(
             command("fedprune-agent", "edge_agent.cli")
             + ["--connection", str(self.folder.device_connection(device)), "--data", str(self.workdir / f"{device}.npz"),
                "--state-dir", str(self.workdir / "state" / device)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+            stdout=log, stderr=subprocess.STDOUT, env=ENV)
+        log.close()
         return self.agents[device]
 
     def start_aggregator(self, resume: bool = False) -> subprocess.Popen:
+        """Start ``fedprune-aggregator``; its output goes to a file of its own (a pipe nobody reads
+        would fill with its warnings and block it), read by :meth:`wait_for_line`."""
         cmd = command("fedprune-aggregator", "aggregator.cli") + [
             "--task", str(self.task_path), "--connection", str(self.folder.aggregator_connection),
             "--run-dir", str(self.run_dir)]
-        self.aggregator = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=subprocess.PIPE,
-                                           stderr=subprocess.STDOUT, text=True, env=ENV)
+        self._aggregator_runs += 1
+        self.aggregator_log = self.logs / f"aggregator-{self._aggregator_runs}.log"
+        with open(self.aggregator_log, "wb") as log:
+            self.aggregator = subprocess.Popen(cmd + (["--resume"] if resume else []), stdout=log,
+                                               stderr=subprocess.STDOUT, env=ENV)
         return self.aggregator
+
+    def aggregator_output(self) -> str:
+        return self.aggregator_log.read_text(errors="replace")
+
+    def wait_for_line(self, needle: str, timeout_s: float = 600) -> None:
+        """Wait until the running aggregator's output has a line starting with ``needle``;
+        AssertionError (with its output) if it does not come in time or the aggregator ends first."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(line.startswith(needle) for line in self.aggregator_output().splitlines()):
+                return
+            if self.aggregator.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not seen; aggregator output:\n{self.aggregator_output()[-3000:]}")
 
     def finish_aggregator(self, timeout_s: float = 600) -> str:
         """Wait for the aggregator to end; its whole output. AssertionError if it failed."""
-        out, _ = self.aggregator.communicate(timeout=timeout_s)
-        assert self.aggregator.returncode == 0, out
+        self.aggregator.wait(timeout_s)
+        out = self.aggregator_output()
+        assert self.aggregator.returncode == 0, out[-3000:]
         return out
 
     @staticmethod
@@ -158,10 +185,10 @@ class Fleet:
             p.send_signal(signal.SIGINT)
         for p in procs:
             try:
-                p.communicate(timeout=30)
+                p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
-                p.communicate()
+                p.wait()
         self.broker.close()
 
     def __enter__(self) -> "Fleet":
@@ -199,7 +226,8 @@ def clean_run(fleet: Fleet) -> dict:
 
 def device_killed(fleet: Fleet) -> dict:
     """SIGKILL one device while round 2 trains."""
-    read_until(fleet.start_aggregator(), "round   1", 600)
+    fleet.start_aggregator()
+    fleet.wait_for_line("round   1")
     time.sleep(MID_ROUND_S)
     victim = fleet.devices[0]
     fleet.kill(fleet.agents[victim])
@@ -209,7 +237,8 @@ def device_killed(fleet: Fleet) -> dict:
 
 def aggregator_killed(fleet: Fleet) -> dict:
     """SIGKILL the aggregator while round 2 trains, then start it again with --resume."""
-    read_until(fleet.start_aggregator(), "round   1", 600)
+    fleet.start_aggregator()
+    fleet.wait_for_line("round   1")
     time.sleep(MID_ROUND_S)
     fleet.kill(fleet.aggregator)
     fleet.start_aggregator(resume=True)
@@ -219,7 +248,8 @@ def aggregator_killed(fleet: Fleet) -> dict:
 
 def broker_restarted(fleet: Fleet) -> dict:
     """SIGKILL Mosquitto while round 2 trains and start it again on the same port a second later."""
-    read_until(fleet.start_aggregator(), "round   1", 600)
+    fleet.start_aggregator()
+    fleet.wait_for_line("round   1")
     time.sleep(MID_ROUND_S)
     fleet.broker.kill()
     time.sleep(1.0)
