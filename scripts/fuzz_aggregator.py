@@ -91,7 +91,7 @@ class PayloadGenerator:
             return kind, *self._unseeded(kind, own)
         topic, seed = r.choice(seeds)
         kind = r.choice(["bit flip", "bit flip + crc", "truncate", "extend", "header field", "nan values",
-                         "replay", "replay to another device", "device id swap"])
+                         "replay", "replay to another device", "device id swap", "unknown device update"])
         return kind, *self._mutated(kind, topic, seed, devices)
 
     def _unseeded(self, kind: str, own: str) -> tuple[str, bytes]:
@@ -139,8 +139,12 @@ class PayloadGenerator:
             return topic, seed
         if kind == "replay to another device":
             return self.topics.update(r.choice(devices)), seed
-        # "device id swap": the header names another real device (same length), checksum refitted
         n = data[_DEVICE_LEN]
+        if kind == "unknown device update":  # a well-formed update from a device never announced
+            ghost = "g" * n
+            data[_DEVICE_LEN + 1:_DEVICE_LEN + 1 + n] = ghost.encode()
+            return self.topics.update(ghost), refit_crc(bytes(data))
+        # "device id swap": the header names another real device (same length), checksum refitted
         same_length = [d for d in devices if len(d.encode()) == n]
         if same_length:
             data[_DEVICE_LEN + 1:_DEVICE_LEN + 1 + n] = r.choice(same_length).encode()
