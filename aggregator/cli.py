@@ -1,8 +1,11 @@
 """``fedprune-aggregator``: run a federation from a task file.
 
-Starts an embedded MQTT broker on 127.0.0.1 unless ``--broker`` names one, waits for devices,
-runs the rounds (one line each), and writes checkpoints, metrics and the sparse TFLite model into
-the run folder. Ctrl-C keeps the last checkpoint; ``--resume`` continues from it.
+Starts an embedded MQTT broker on 127.0.0.1 unless ``--broker`` or ``--connection`` names one,
+waits for devices, runs the rounds (one line each), and writes checkpoints, metrics and the sparse
+TFLite model into the run folder. Ctrl-C keeps the last checkpoint; ``--resume`` continues from it.
+
+``fedprune-aggregator init-broker ...`` writes a TLS broker set-up with per-device credentials
+and access control instead (``aggregator.broker_setup``; ``init-broker --help``).
 """
 
 from __future__ import annotations
@@ -11,19 +14,37 @@ import argparse
 import logging
 import sys
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
+from fedprune.transport import parse_broker_url
+
+if TYPE_CHECKING:
+    from aggregator.broker_setup import BrokerFolder
 
 log = logging.getLogger("aggregator.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedprune-aggregator", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["init-broker"]:
+        from aggregator.broker_setup import main as init_broker_main
+
+        return init_broker_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="fedprune-aggregator", description=__doc__.splitlines()[0],
+                                     epilog="To write a secured broker set-up: fedprune-aggregator init-broker --help")
     parser.add_argument("--task", required=True, help="task file (TOML)")
     parser.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://host:1883 (default: embedded broker)")
-    parser.add_argument("--port", type=int, default=1883,
-                        help="port of the embedded broker (default 1883; 0 picks a free one)")
+    parser.add_argument("--connection", type=Path,
+                        help="connection file (aggregator.toml from init-broker): broker URL, credentials and CA")
+    parser.add_argument("--broker-dir", type=Path,
+                        help="folder written by init-broker: the embedded broker enforces its TLS, logins and "
+                             "access policy on --port (default: the folder's port), and the aggregator logs in "
+                             "with its aggregator.toml")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port of the embedded broker (default 1883, or the --broker-dir's; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the embedded broker binds (default 127.0.0.1; 0.0.0.0 for a LAN)")
     parser.add_argument("--run-dir", type=Path, help="results folder (default runs/<task>-<time>)")
@@ -33,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir: the folder of the run to continue")
+    if sum(x is not None for x in (args.broker, args.connection, args.broker_dir)) > 1:
+        parser.error("give at most one of --broker, --connection and --broker-dir")
     task = load_task_or_exit(args.task)
     run_dir = args.run_dir or default_run_dir(args.task)
+    try:
+        broker_url, folder = _broker_choice(args, task.federation.id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     from aggregator.server import Aggregator, FederationError
     from fedprune.data import DataError, load_dataset
@@ -45,17 +73,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with ExitStack() as stack:
-        broker_url = args.broker
-        if broker_url is None:
+        shown_url = parse_broker_url(broker_url).url if broker_url else None
+        if broker_url is None or folder is not None:
             from aggregator.embedded_broker import EmbeddedBroker
 
+            port = args.port if args.port is not None else (folder.port if folder else 1883)
             try:
-                broker = stack.enter_context(EmbeddedBroker(args.host, args.port))
+                broker = stack.enter_context(EmbeddedBroker(args.host, port, folder.security() if folder else None))
             except RuntimeError as e:
                 print(f"error: {e} (another broker on that port? use --port or --broker)", file=sys.stderr)
                 return 1
-            broker_url = broker.url
-        print(f"broker {broker_url}; waiting for devices on federation '{task.federation.id}'; "
+            shown_url = broker.url
+            if folder is None:
+                broker_url = broker.url
+            else:  # the aggregator's own login, to this broker's actual port
+                a = parse_broker_url(broker_url)
+                broker_url = replace(a, host="127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host,
+                                     port=broker.port).full_url()
+        print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}'; "
               f"results in {run_dir}", flush=True)
         try:
             aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round)
@@ -72,6 +107,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "
               f"(Keras {result.final_accuracy:.4f}) via {e['runtime']}")
     return 0
+
+
+def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None]:
+    """The broker URL with credentials (None: a plain embedded broker), and for --broker-dir the
+    set-up the embedded broker enforces. Raises ValueError saying what is wrong."""
+    from aggregator.broker_setup import load_broker_folder
+    from fedprune.connection import load_connection
+
+    if args.broker is not None:
+        parse_broker_url(args.broker)
+        return args.broker, None
+    if args.connection is None and args.broker_dir is None:
+        return None, None
+    folder = None
+    path = args.connection
+    if args.broker_dir is not None:
+        folder = load_broker_folder(args.broker_dir)
+        path = folder.aggregator_connection
+    connection = load_connection(path)
+    if connection.role != "aggregator":
+        raise ValueError(f"{path} is a {connection.role}'s connection file; the aggregator needs aggregator.toml")
+    if connection.federation != federation:
+        raise ValueError(f"{path} is for federation {connection.federation!r}, the task file runs {federation!r}; "
+                         "set [federation] id in the task file to match")
+    return connection.broker.full_url(), folder
 
 
 if __name__ == "__main__":

@@ -15,10 +15,13 @@ What it does and does not do
 * No limit on packet size and no limit on queued messages: amqtt keeps unbounded queues. The
   application must bound its payloads (and chunk anything larger) itself; nothing here will
   refuse an oversize message, and a slow subscriber can make the broker's memory grow.
-* It binds only the address it is given (127.0.0.1 by default) and loads exactly one plugin,
-  anonymous authentication. amqtt's defaults would bind 0.0.0.0:1883 and load event/packet
-  logging and ``$SYS`` plugins, so listeners and plugins are always passed explicitly.
-  Access control comes later, as a plugin.
+* It binds only the address it is given (127.0.0.1 by default) and loads exactly the plugins it
+  needs: anonymous authentication, or with a :class:`BrokerSecurity` (the folder written by
+  ``fedprune-aggregator init-broker``) TLS with that server certificate, logins from that
+  Mosquitto password file and the federation's access policy (``aggregator.broker_auth``), the
+  same rules the generated Mosquitto config enforces. amqtt's defaults would bind 0.0.0.0:1883
+  and load event/packet logging and ``$SYS`` plugins, so listeners and plugins are always passed
+  explicitly.
 * Known amqtt 0.12.1 behaviours to design around (checked against its source and tests):
   - the broker never closes a connection whose keep-alive has expired (its read-timeout
     handler is a no-op), so a client that goes silent without closing its socket (power loss,
@@ -37,10 +40,13 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import ssl
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbeddedBroker"]
+__all__ = ["BrokerSecurity", "EmbeddedBroker"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +59,32 @@ _LISTENER = "default"  # amqtt requires a listener named "default"
 _SETTLE_ITERATIONS = 10  # at shutdown: loop turns for a just-accepted socket to be registered
 _CONNECTION_CLOSE_S = 2.0  # at shutdown: for amqtt to process the closed client connections
 _SHUTDOWN_S = 5.0  # at shutdown: for Broker.shutdown(), after which its tasks are cancelled
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """Logins, access policy and (optionally) TLS for the embedded broker."""
+
+    password_file: Path
+    federation: str
+    aggregator_user: str
+    certfile: Path | None = None  # server certificate (PEM); with keyfile, the broker speaks TLS only
+    keyfile: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.certfile is None or self.keyfile is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        return ctx
+
+    def plugins(self) -> dict[str, dict[str, str]]:
+        policy = {"federation": self.federation, "aggregator_user": self.aggregator_user}
+        return {
+            "aggregator.broker_auth.PasswordFileAuth": {"password_file": str(self.password_file), **policy},
+            "aggregator.broker_auth.FederationTopicAccess": policy,
+        }
 
 
 def _quiet_noisy_loggers() -> None:
@@ -73,10 +105,12 @@ class EmbeddedBroker:
     A stopped broker can be started again; with ``port=0`` it may get a different port.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, security: BrokerSecurity | None = None) -> None:
         if not 0 <= int(port) <= 65535:
             raise ValueError(f"port must be in 0..65535, not {port}")
         self._host = host
+        self._security = security
+        self._ssl = security.ssl_context() if security is not None else None
         self._requested_port = int(port)
         self._bound_port: int | None = None
         self._lock = threading.Lock()
@@ -102,9 +136,9 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        """``mqtt://HOST:PORT`` of the running broker."""
+        """``mqtt://HOST:PORT`` of the running broker (``mqtts://`` with TLS)."""
         host = f"[{self._host}]" if ":" in self._host else self._host  # IPv6 literal
-        return f"mqtt://{host}:{self.port}"
+        return f"{'mqtts' if self._ssl else 'mqtt'}://{host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -189,9 +223,10 @@ class EmbeddedBroker:
                 # present, or amqtt skips the listener.
                 _LISTENER: {"type": "external", "bind": f"{self._host}:{self._requested_port}"},
             },
-            # Exactly one plugin: with an explicit plugin dict amqtt enables auth filtering, and
-            # with no auth plugin at all every client would be refused.
-            "plugins": {_ANONYMOUS_AUTH_PLUGIN: {"allow_anonymous": True}},
+            # Explicit plugins only: with a plugin dict amqtt enables auth filtering, and with no
+            # auth plugin at all every client would be refused.
+            "plugins": (self._security.plugins() if self._security is not None
+                        else {_ANONYMOUS_AUTH_PLUGIN: {"allow_anonymous": True}}),
         }
 
     def _request_stop(self) -> None:
@@ -258,7 +293,7 @@ class EmbeddedBroker:
 
         try:
             await broker.start()
-            server = await asyncio.start_server(on_connection, self._host, self._requested_port)
+            server = await asyncio.start_server(on_connection, self._host, self._requested_port, ssl=self._ssl)
         except BaseException as exc:
             self._start_error = exc
             self._started.set()

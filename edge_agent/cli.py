@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="join the federation (the default command)")
     _add_config_args(run)
+    run.add_argument("--connection", type=Path,
+                     help="connection file from fedprune-aggregator init-broker (devices/<id>/connection.toml): "
+                          "broker URL, this device's id, credentials and CA; replaces --broker and --device-id")
     run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://laptop:1883 (config: broker.url)")
     run.add_argument("--device-id", help="this device's id, unique in the federation (config: device.id)")
     run.add_argument("--data", help=".npz with x_train and y_train, stays on the device (config: device.data)")
@@ -96,6 +99,10 @@ def _config(args: argparse.Namespace, require_run: bool):
     config = load_config(args.config) if args.config else AgentConfig()
     overrides = {"device.state_dir": args.state_dir, "logging.level": args.log_level}
     if args.command == "run":
+        connection = _connection(args)
+        if connection is not None:  # the file names the broker (with credentials), the device and federation
+            overrides.update({"broker.url": connection.broker.url, "device.id": connection.device_id,
+                              "broker.federation": connection.federation})
         overrides.update({
             "broker.url": args.broker, "device.id": args.device_id, "device.data": args.data,
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
@@ -108,8 +115,28 @@ def _config(args: argparse.Namespace, require_run: bool):
     return config
 
 
+def _connection(args: argparse.Namespace):
+    """The device's connection file (None without --connection); ConfigError if it is unusable."""
+    if args.connection is None:
+        return None
+    from edge_agent.config import ConfigError
+    from fedprune.connection import ConnectionFileError, load_connection
+
+    if args.broker or args.device_id:
+        raise ConfigError("--connection already names the broker and the device; drop --broker and --device-id")
+    try:
+        connection = load_connection(args.connection)
+    except ConnectionFileError as e:
+        raise ConfigError(str(e)) from None
+    if connection.role != "device":
+        raise ConfigError(f"{args.connection} is the {connection.role}'s connection file, not a device's")
+    return connection
+
+
 def _run(args: argparse.Namespace) -> int:
     config = _config(args, require_run=True)
+    connection = _connection(args)
+    broker_url = connection.broker.full_url() if connection is not None else config.broker_url()
     from edge_agent.agent import EdgeAgent
     from edge_agent.child_trainer import ChildProcessTrainer
     from edge_agent.emulation import SlowLink
@@ -126,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
                                           export_precision=config.model.export)
             data = (None, None)  # the child reads the file; the agent keeps only the sample count
-        agent = EdgeAgent(config.broker_url(), device_id, *data, trainer, num_samples=len(x),
+        agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
                           max_message_bytes=config.broker.max_message_bytes, state_dir=config.state_dir,
                           link=SlowLink(args.emulate_uplink_kbps, args.emulate_latency_ms)

@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
 
     Write a temporary file in the same folder, fsync it, rename it over ``path`` (atomic on
-    POSIX), then fsync the folder so the rename itself survives a power cut.
+    POSIX), then fsync the folder so the rename itself survives a power cut. ``mode`` (less the
+    umask) is the file's permissions from its creation on: 0o600 for secrets.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover of a crash: create afresh, so ``mode`` applies
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -24,11 +26,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlparse
 
 import paho.mqtt.client as mqtt
 
@@ -30,19 +32,41 @@ class PayloadTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """Where the broker is and how to log in. ``ca_file``: the CA that signed the broker's TLS
+    certificate (None: the system's trusted CAs)."""
+
     host: str
     port: int
     tls: bool = False
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
 
     @property
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        """The address without credentials: safe to log and print."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+    def full_url(self) -> str:
+        """The address with credentials and CA: what :func:`parse_broker_url` reads back. Holds the
+        password: pass it to a session, never to a log or a command line."""
+        cred = ""
+        if self.username is not None:
+            cred = quote(self.username, safe="")
+            if self.password is not None:
+                cred += ":" + quote(self.password, safe="")
+            cred += "@"
+        query = "?" + urlencode({"ca": self.ca_file}) if self.ca_file else ""
+        scheme, rest = self.url.split("://", 1)
+        return f"{scheme}://{cred}{rest}{query}"
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """``mqtt://[user[:password]@]host[:port]`` (default 1883) or ``mqtts://...`` (default 8883)."""
+def parse_broker_url(
+    url: str, *, username: str | None = None, password: str | None = None, ca_file: str | None = None
+) -> BrokerAddress:
+    """``mqtt://[user[:password]@]host[:port]`` (default 1883) or ``mqtts://...[?ca=CA_FILE]``
+    (default 8883, TLS). Explicit ``username``/``password``/``ca_file`` override the URL's."""
     parsed = urlparse(url)
     if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
         raise ValueError(f"broker URL must look like mqtt://host:port or mqtts://host:port, got {url!r}")
@@ -51,12 +75,20 @@ def parse_broker_url(url: str) -> BrokerAddress:
         port = parsed.port or (8883 if tls else 1883)
     except ValueError:
         raise ValueError(f"broker URL {url!r} has an invalid port") from None
+    query = parse_qs(parsed.query)
+    if set(query) - {"ca"}:
+        raise ValueError(f"broker URL {parsed.scheme}://{parsed.hostname}:{port} has unknown options "
+                         f"{sorted(set(query) - {'ca'})}; the only one is ?ca=CA_FILE")
+    ca_file = ca_file or (query["ca"][-1] if "ca" in query else None)
+    if ca_file and not tls:
+        raise ValueError(f"a CA file ({ca_file}) needs a TLS broker URL: mqtts://, not mqtt://")
     return BrokerAddress(
         host=parsed.hostname,
         port=port,
         tls=tls,
-        username=unquote(parsed.username) if parsed.username else None,
-        password=unquote(parsed.password) if parsed.password else None,
+        username=username if username is not None else (unquote(parsed.username) if parsed.username else None),
+        password=password if password is not None else (unquote(parsed.password) if parsed.password else None),
+        ca_file=ca_file,
     )
 
 
@@ -93,6 +125,8 @@ class MqttSession:
         self._on_connected = on_connected
         self._keepalive = keepalive_s
         self.connected = threading.Event()
+        self.refused: str | None = None  # the broker's reason when it refused the last CONNECT
+        self._connect_answered = threading.Event()  # CONNACK (accepted or refused) seen
         self._stopping = False
         self.oversize_dropped = 0
         self.bytes_published = 0
@@ -111,7 +145,9 @@ class MqttSession:
         if self.address.username:
             c.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
-            c.tls_set()
+            if self.address.ca_file and not Path(self.address.ca_file).is_file():
+                raise ValueError(f"CA file {self.address.ca_file} for {self.address.url} does not exist")
+            c.tls_set(ca_certs=self.address.ca_file)  # verifies the broker's certificate and host name
         if will:
             topic, payload, retain = will
             c.will_set(topic, payload, qos=1, retain=retain)
@@ -132,13 +168,28 @@ class MqttSession:
         except (OSError, ValueError) as e:
             raise ConnectionError(f"cannot reach MQTT broker at {self.address.url}: {e}") from None
         self.client.loop_start()
-        if timeout_s is not None and not self.connected.wait(timeout_s):
-            self.client.loop_stop()
+        if timeout_s is None:
+            return self
+        deadline = time.monotonic() + timeout_s
+        while not self.connected.is_set() and self.refused is None and time.monotonic() < deadline:
+            self._connect_answered.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+        if self.connected.is_set():
+            return self
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        if self.refused is not None:
             raise ConnectionError(
-                f"no connection to the MQTT broker at {self.address.url} within {timeout_s:.0f} s; "
-                "is it running and reachable (host, port, credentials)?"
+                f"the MQTT broker at {self.address.url} refused {self.address.username or 'an anonymous client'}: "
+                f"{self.refused}; check the username and password (the connection file written by "
+                "fedprune-aggregator init-broker)"
             )
-        return self
+        hint = (" For mqtts://, is the port the broker's TLS listener, and does the CA file "
+                "sign its certificate for this host name?" if self.address.tls else "")
+        raise ConnectionError(
+            f"no connection to the MQTT broker at {self.address.url} within {timeout_s:.0f} s; "
+            f"is it running and reachable (host, port, credentials)?{hint}"
+        )
 
     def stop(self, publish_first: tuple[str, bytes, bool] | None = None) -> None:
         """Disconnect cleanly (the broker then does not send the last will)."""
@@ -173,11 +224,16 @@ class MqttSession:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker %s refused connection: %s", self.address.url, reason_code)
+            self.refused = str(reason_code)
+            self._connect_answered.set()
+            log.error("broker %s refused the connection of %s: %s", self.address.url,
+                      self.address.username or "an anonymous client", reason_code)
             return
+        self.refused = None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connected.set()
+        self._connect_answered.set()
         log.info("connected to %s as %s", self.address.url, self.client_id)
         if self._on_connected:
             self._on_connected()

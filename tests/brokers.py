@@ -67,8 +67,13 @@ class MosquittoProcess:
     :meth:`close`) also removes the temporary directory.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", extra_config: str = "") -> None:
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", extra_config: str = "", base_config: str | None = None
+    ) -> None:
+        """``base_config``: listeners and security to use instead of one anonymous plain-text
+        listener on ``port`` (e.g. the mosquitto.conf of ``init-broker``, which names its port)."""
         self.executable = mosquitto_path()
+        self.base_config = base_config
         self.host = host
         self._auto_port = port is None
         self.port = free_port(host) if port is None else int(port)
@@ -106,14 +111,14 @@ class MosquittoProcess:
         return self.workdir / "mosquitto.log"
 
     def config_text(self) -> str:
+        if self.base_config is not None:
+            head = [self.base_config]
+        else:
+            head = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
+                    "max_queued_messages 10000", "max_inflight_messages 20", "sys_interval 0"]
         return "\n".join(
             [
-                f"listener {self.port} {self.host}",
-                "allow_anonymous true",
-                "persistence false",
-                "max_queued_messages 10000",
-                "max_inflight_messages 20",
-                "sys_interval 0",
+                *head,
                 f"log_dest file {self.log_path}",
                 "log_type error",
                 "log_type warning",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 from hypothesis import strategies as st
 
@@ -47,3 +50,9 @@ def mutate(data: bytes, draw) -> bytes:
     return data[:i] + draw(st.binary(max_size=16)) + data[j:]
 
 
+
+
+def recrc(data: bytes) -> bytes:
+    """``data`` with its trailing frame CRC recomputed (zlib.crc32 of all but the last 4 bytes, LE),
+    so that an edit reaches the checks behind the checksum."""
+    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4])) if len(data) >= 4 else data

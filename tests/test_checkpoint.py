@@ -120,3 +120,15 @@ def test_atomic_write_bytes_failure_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write_bytes(target, b"data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_atomic_write_bytes_gives_a_secret_its_mode_from_the_start(tmp_path):
+    import os
+
+    target = tmp_path / "passwd"
+    stale = tmp_path / f".passwd.tmp-{os.getpid()}"  # left by a crash, world-readable
+    stale.write_bytes(b"old")
+    stale.chmod(0o644)
+    atomic_write_bytes(target, b"secret", mode=0o600)
+    assert target.read_bytes() == b"secret" and target.stat().st_mode & 0o777 == 0o600
+    assert not stale.exists()

@@ -14,6 +14,7 @@ import threading
 import zlib
 
 import pytest
+from codec_helpers import recrc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -377,10 +378,6 @@ def test_roundtrip_any_order(payload: bytes, slice_size: int, seed: int) -> None
     assert reassemble(chunks) == payload
 
 
-def _recrc(data: bytes) -> bytes:
-    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4])) if len(data) >= 4 else data
-
-
 _VALID = split_message(bytes(range(256)) * 4, 378, message_id=bytes(16))  # 1024 bytes, 4 chunks
 
 
@@ -405,7 +402,7 @@ def mutated_chunk(draw) -> bytes:
             width = 8 if off == 12 + 16 + 8 else 4
             value = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 2 ** (8 * width) - 1, 1023, 1024, 1025, 10**6]))
             data[off : off + width] = value.to_bytes(width, "little")
-    return _recrc(bytes(data)) if draw(st.booleans()) else bytes(data)
+    return recrc(bytes(data)) if draw(st.booleans()) else bytes(data)
 
 
 @PROP

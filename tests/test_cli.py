@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import os
+import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedprune.data import load_dataset, partition
-
-BIN = Path(sys.executable).parent
-
-
-def _cmd(name: str, module: str) -> list[str]:
-    script = BIN / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+from fleet import ENV, command, read_until
 
 TASK = """
 seed = 1
@@ -50,32 +39,18 @@ leave_dense = ["logits"]
 def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(TASK.replace("final_sparsity = 0.5", "final_sparsity = 1.5"))
-    proc = subprocess.run(_cmd("fedprune-aggregator", "aggregator.cli") + ["--task", str(bad)],
+    proc = subprocess.run(command("fedprune-aggregator", "aggregator.cli") + ["--task", str(bad)],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
     assert "pruning.final_sparsity" in proc.stderr
     bad.write_text(TASK + "\n[transport]\nuplink = 'int8'\n")
-    proc = subprocess.run(_cmd("fedprune-simulate", "fedprune.simulate") + ["--task", str(bad)],
+    proc = subprocess.run(command("fedprune-simulate", "fedprune.simulate") + ["--task", str(bad)],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
     assert "transport.uplink" in proc.stderr
 
 
-def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float) -> list[str]:
-    lines, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line.rstrip())
-        if needle in line:
-            return lines
-    raise AssertionError(f"{needle!r} not seen; output so far:\n" + "\n".join(lines))
-
-
-def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url, tmp_path):
+def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosquitto_url, tmp_path):
     task_file = tmp_path / "task.toml"
     task_file.write_text(TASK)
     ds = load_dataset("digits", seed=1)
@@ -84,16 +59,16 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url
         data = tmp_path / f"device{i}.npz"
         np.savez(data, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
         agents.append(subprocess.Popen(
-            _cmd("fedprune-agent", "edge_agent.cli")
+            command("fedprune-agent", "edge_agent.cli")
             + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data),
                "--state-dir", str(tmp_path / f"state{i}")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     run_dir = tmp_path / "run"
-    aggregator_cmd = _cmd("fedprune-aggregator", "aggregator.cli") + [
+    aggregator_cmd = command("fedprune-aggregator", "aggregator.cli") + [
         "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir)]
     try:
         agg = subprocess.Popen(aggregator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-        first = _read_until(agg, "round   1", 240)
+        first = read_until(agg, "round   1", 240)
         assert "devices   2/2" in first[-1]
         agg.send_signal(signal.SIGINT)  # Ctrl-C during round 2
         out, _ = agg.communicate(timeout=60)
@@ -101,15 +76,25 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url
         assert "--resume" in out
         assert (run_dir / "checkpoints" / "round-00001.npz").is_file()
 
+        # Resumed, then SIGKILLed (no handler runs, nothing is flushed) while round 3 trains.
+        agg = subprocess.Popen(aggregator_cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=ENV)
+        lines = read_until(agg, "round   2", 240)
+        assert [l.split()[1] for l in lines if l.startswith("round")] == ["2"]  # continued, round 1 not redone
+        time.sleep(0.5)
+        agg.send_signal(signal.SIGKILL)
+        agg.communicate(timeout=30)
+        assert (run_dir / "checkpoints" / "round-00002.npz").is_file()
+
         resumed = subprocess.run(aggregator_cmd + ["--resume"], capture_output=True, text=True,
                                  timeout=300, env=ENV)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         rounds = [l for l in resumed.stdout.splitlines() if l.startswith("round")]
-        assert [l.split()[1] for l in rounds] == ["2", "3"]  # continued, round 1 not redone
+        assert [l.split()[1] for l in rounds] == ["3"]  # round 2 was checkpointed, round 3 (open at the kill) redone
         assert "sparsity 0.500" in rounds[-1]
         assert "exported" in resumed.stdout and (run_dir / "model-int8.tflite").is_file()
         metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
-        assert len(metrics) == 3  # each round recorded once
+        assert [json.loads(m)["round"] for m in metrics] == [1, 2, 3]  # each round recorded once
         # int8 uplink: each agent kept its quantization residual on disk for the next round
         assert all((tmp_path / f"state{i}" / "error_feedback.npz").is_file() for i in range(2))
     finally:
@@ -122,3 +107,40 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_and_resume(mosquitto_url
                 p.kill()
                 out, _ = p.communicate()
             assert p.returncode == 0, out
+
+
+def test_init_broker_command_and_connection_files_on_both_commands(tmp_path, capsys):
+    from aggregator.cli import main as aggregator_main
+    from brokers import mosquitto_available
+    from edge_agent.cli import main as agent_main
+
+    if not mosquitto_available():
+        pytest.skip("init-broker needs mosquitto_passwd")
+    out = tmp_path / "broker"
+    assert aggregator_main(["init-broker", "--out", str(out), "--federation", "clinic", "--device-count", "2",
+                            "--host", "laptop.local", "--port", "8884"]) == 0
+    assert "mosquitto -c" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "devices").iterdir()) == ["device-01", "device-02"]
+    assert 'url = "mqtts://laptop.local:8884"' in (out / "devices" / "device-01" / "connection.toml").read_text()
+    assert aggregator_main(["init-broker", "--out", str(out), "--devices", "x"]) == 2  # never overwrites
+    assert "already holds a broker set-up" in capsys.readouterr().err
+
+    task = tmp_path / "task.toml"
+    task.write_text(TASK)  # federation 'default', not 'clinic'
+    assert aggregator_main(["--task", str(task), "--connection", str(out / "aggregator.toml")]) == 2
+    assert "federation 'clinic'" in capsys.readouterr().err
+    assert aggregator_main(["--task", str(task), "--connection", str(out / "devices/device-01/connection.toml")]) == 2
+    assert "aggregator needs aggregator.toml" in capsys.readouterr().err
+    assert agent_main(["--connection", str(out / "aggregator.toml"), "--data", "x.npz"]) == 2
+    assert "not a device's" in capsys.readouterr().err
+    assert agent_main(["--data", "x.npz"]) == 2  # neither --connection nor --broker/--device-id
+    assert "broker.url is required" in capsys.readouterr().err
+
+    # --broker-dir: the embedded broker with TLS, the logins and the policy; the aggregator logs in
+    # with aggregator.toml, then finds no device online within the second it waits.
+    task.write_text(TASK.replace("wait_for_devices_s = 90", 'wait_for_devices_s = 1\nid = "clinic"'))
+    assert aggregator_main(["--task", str(task), "--broker-dir", str(out), "--port", "0",
+                            "--run-dir", str(tmp_path / "run")]) == 1
+    captured = capsys.readouterr()
+    assert "broker mqtts://127.0.0.1:" in captured.out
+    assert "only 0 device(s) online" in captured.err, captured.err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from aggregator.checkpoint import load_latest_checkpoint
+from converters.errors import CodecError
 from converters.protocol import (
     Architecture,
     Topics,
@@ -77,12 +78,33 @@ def test_federation_end_to_end(broker_url, tmp_path):
         assert s["stored_values"] == int(np.count_nonzero(w))
 
 
-def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path):
+def _round_of(payload: bytes, default: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(round, attempt) of an update; ``default`` for bytes that are none (else CodecError)."""
+    try:
+        h, _ = peek_update(payload, 10**8)
+    except CodecError:
+        if default is None:
+            raise
+        return default
+    return h.round, h.attempt
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp_path, caplog):
     task = small_task(federation={"rounds": 3})
     topics = Topics(task.federation.id)
     sent = threading.Event()
 
+    replayed = threading.Event()
+
     def attack(spy: Spy, topic: str, payload: bytes) -> None:
+        # The first real update of round 2 comes twice (the agents train one after another, so
+        # the round is still open for the others).
+        if topic.endswith("/update"):
+            real = topics.device_from_topic(topic).startswith("sim-")
+            if real and sent.is_set() and not replayed.is_set() and _round_of(payload, default=(0, 0))[0] == 2:
+                replayed.set()
+                spy.client.publish(topic, payload, qos=1)
+            return
         # When round 2 opens, replay a round-1 update, and send garbage and a truncated update.
         if topic != topics.round or sent.is_set() or b'"round":2' not in payload or b'"open"' not in payload:
             return
@@ -96,13 +118,17 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(embedded_broker_url, tmp
         result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
     finally:
         spy.close()
-    assert sent.is_set()
+    assert sent.is_set() and replayed.is_set()
     assert [r.round for r in result.rounds] == [1, 2, 3]
     rejected = result.rounds[1].rejections
+    assert rejected.get("duplicate", 0) == 1, rejected
     assert rejected.get("undecodable", 0) >= 2, rejected
     assert rejected.get("wrong round", 0) >= 1, rejected
     assert rejected.get("unknown device", 0) >= 1, rejected
-    assert result.rounds[1].reported == 3  # the real updates still counted
+    assert result.rounds[1].reported == 3  # the real updates counted, the replayed one once
+    assert result.rounds[2].reported == 3  # the device that got garbage goes on
+    for logged in ("ignored undecodable task", "ignored bad architecture message", "ignored bad ack"):
+        assert logged in caplog.text, logged
     assert result.final_accuracy > 0.6
 
 
@@ -113,6 +139,10 @@ def _send_bad(spy: Spy, topics: Topics, old_topic: str, old_update: bytes) -> No
     spy.publish(old_topic, old_update)  # its round-1 update replayed in round 2
     ghost = Update(round=2, attempt=1, device_id="ghost", num_samples=5, error="never announced itself")
     spy.publish(topics.update("ghost"), encode_update(ghost, []))
+    # And at the device: a garbage task, architecture and ack (not retained: the real ones stay).
+    spy.publish(topics.task(victim), b"FPRN\x01\x01garbage task")
+    spy.publish(topics.architecture, b'{"v": 1, "type": "architecture"}')
+    spy.publish(topics.ack(victim), b"{not json")
 
 
 def test_federation_with_chunked_tasks_weights_uplink_int4_zstd_and_stochastic_rounding(broker_url, tmp_path):

@@ -14,7 +14,7 @@ import zlib
 
 import numpy as np
 import pytest
-from codec_helpers import decode_or_codec_error, expect_codec_error, mutate
+from codec_helpers import decode_or_codec_error, expect_codec_error, mutate, recrc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -97,11 +97,6 @@ def make_task(downlink="float32", compressible=False, **kw) -> TrainTask:
     )
     fields.update(kw)
     return TrainTask(**fields)
-
-
-def recrc(data: bytes) -> bytes:
-    """``data`` with its trailing CRC recomputed (zlib.crc32 of all but the last 4 bytes, LE)."""
-    return data[:-4] + struct.pack("<I", zlib.crc32(data[:-4]))
 
 
 def patch(data: bytes, offset: int, new: bytes) -> bytes:

@@ -15,9 +15,20 @@ def test_parse_broker_url():
     assert (a.host, a.port, a.tls, a.username, a.password) == ("host", 1999, False, "user", "p@ss")
     assert parse_broker_url("mqtts://h").port == 8883
     assert parse_broker_url("mqtt://h").port == 1883
-    for bad in ("http://h:1", "h:1883", "mqtt://", "mqtt://h:notaport"):
+    for bad in ("http://h:1", "h:1883", "mqtt://", "mqtt://h:notaport", "mqtts://h?cafile=x"):
         with pytest.raises(ValueError, match="broker URL"):
             parse_broker_url(bad)
+    with pytest.raises(ValueError, match="needs a TLS broker URL"):
+        parse_broker_url("mqtt://h?ca=/etc/ca.crt")
+
+
+def test_full_url_carries_credentials_and_ca_and_url_hides_them():
+    a = parse_broker_url("mqtts://pi-01:s%2Fp%40ss@laptop:8884?ca=/etc/fed%20prune/ca.crt")
+    assert (a.username, a.password, a.ca_file, a.port) == ("pi-01", "s/p@ss", "/etc/fed prune/ca.crt", 8884)
+    assert parse_broker_url(a.full_url()) == a
+    assert a.url == "mqtts://laptop:8884" and "s/p@ss" not in repr(a)
+    b = parse_broker_url("mqtts://u:p@h", username="v", password="q", ca_file="/ca.pem")
+    assert (b.username, b.password, b.ca_file) == ("v", "q", "/ca.pem")
 
 
 def test_large_messages_travel_in_chunks_and_oversize_ones_are_refused(broker_url):
@@ -76,6 +87,31 @@ def test_session_reconnects_and_resubscribes_after_a_broker_restart(mosquitto_br
                 break
         assert arrived.is_set(), "no message after the restart: not resubscribed"
         assert set(got) == {b"after"}
+    finally:
+        sub.stop()
+        pub.stop()
+
+
+def test_an_incoming_message_over_the_payload_limit_is_dropped_with_a_log_and_the_session_goes_on(
+        broker_url, caplog):
+    got: list[bytes] = []
+    arrived = threading.Event()
+
+    def on_message(topic, payload):
+        got.append(payload)
+        arrived.set()
+
+    sub = MqttSession(broker_url, "limit-sub", subscriptions=["t/limit"], on_message=on_message,
+                      max_payload_bytes=1024).start(10)
+    # A sender that ignores the limit (a raw client, not chunking): 5,000 bytes in one message.
+    pub = MqttSession(broker_url, "limit-pub", max_payload_bytes=10_000).start(10)
+    try:
+        with caplog.at_level("WARNING", logger="fedprune.transport"):
+            pub.publish("t/limit", b"x" * 5000).wait_for_publish(5)
+            pub.publish("t/limit", b"small").wait_for_publish(5)
+            assert arrived.wait(10), "the message after the oversize one never arrived"
+        assert got == [b"small"] and sub.oversize_dropped == 1
+        assert "dropped 5000-byte message on t/limit: over the 1024-byte limit" in caplog.text
     finally:
         sub.stop()
         pub.stop()

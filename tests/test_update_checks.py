@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from aggregator.server import Aggregator
-from converters.protocol import Update, encode_update
+from codec_helpers import recrc
+from converters.protocol import Encoding, Update, encode_update
 from federation_helpers import small_task
 from fedprune.data import load_dataset
 
@@ -35,7 +36,9 @@ def test_a_valid_update_is_accepted(aggregator):
 
 @pytest.mark.parametrize("kw,topic_device,selected,reason", [
     ({"precision": "float32"}, "dev-1", ["dev-1"], "wrong encoding"),
-    ({"round": 1}, "dev-1", ["dev-1"], "wrong round"),
+    ({"round": 1}, "dev-1", ["dev-1"], "wrong round"),  # a closed round
+    ({"round": 3}, "dev-1", ["dev-1"], "wrong round"),  # a future one
+    ({"attempt": 2}, "dev-1", ["dev-1"], "wrong round"),
     ({"device_id": "dev-2"}, "dev-1", ["dev-1"], "device mismatch"),
     ({"device_id": "ghost"}, "ghost", ["ghost"], "unknown device"),
     ({}, "dev-1", ["other"], "not selected"),
@@ -54,3 +57,45 @@ def test_a_duplicate_and_garbage_are_rejected(aggregator):
     assert why.startswith("duplicate")
     _, why, _ = aggregator._check_update(topic, b"\x00" * 40, 2, 1, ["dev-1"], {})
     assert why.startswith("undecodable")
+
+
+@pytest.fixture(scope="module")
+def float32_aggregator(tmp_path_factory):
+    task = small_task(transport={"uplink_precision": "float32", "max_message_bytes": 1_000_000})
+    agg = Aggregator(task, load_dataset("digits"), "mqtt://127.0.0.1:1", tmp_path_factory.mktemp("run32"),
+                     export_tflite=False)
+    agg.registry.update("dev-1", True, 50)
+    return agg
+
+
+def _check(agg, data: bytes) -> str:
+    result, why, _ = agg._check_update(agg.topics.update("dev-1"), data, 2, 1, ["dev-1"], {})
+    assert (result is None) == bool(why), why
+    return why
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_and_inf_values_are_rejected(float32_aggregator, bad):
+    agg = float32_aggregator
+    tensors = [np.zeros(s, np.float32) for s in agg.shapes]
+    tensors[0].flat[7] = 1.25
+    good = _update(agg, precision="float32", tensors=tensors)
+    assert _check(agg, good) == ""
+    at = good.index(np.float32(1.25).tobytes())
+    poisoned = recrc(good[:at] + np.float32(bad).tobytes() + good[at + 4:])
+    assert _check(agg, poisoned).startswith("undecodable: values contain NaN or Inf")
+
+
+def test_wrong_layouts_and_oversize_updates_are_rejected(float32_aggregator):
+    agg = float32_aggregator
+    tensors = [np.zeros(s, np.float32) for s in agg.shapes]
+    # Values for a model with one tensor less, against the masks it would have.
+    short = encode_update(Update(2, 1, "dev-1", 50, tensors=tensors[:-1], precision="float32"), agg.state.masks[:-1])
+    assert _check(agg, short).startswith("undecodable: values section is 605184 bytes, expected 605224")
+    # Self-describing, with the right shapes under other tensor names.
+    renamed = encode_update(Update(2, 1, "dev-1", 50, tensors=tensors, precision="float32",
+                                   encoding=Encoding.SELF_DESCRIBING),
+                            agg.state.masks, names=[f"other/{n}" for n in agg.architecture.names])
+    assert "expected" in _check(agg, renamed)
+    # Over the task's transport.max_message_bytes (1,000,000 here).
+    assert "exceeds" in _check(agg, _update(agg, precision="float32") + b"\0" * 500_000)

@@ -1,0 +1,286 @@
+"""Access control: the set-up written by init-broker, enforced by a real Mosquitto started with
+that very config and by the embedded broker with the same folder; TLS, logins and the ACL."""
+
+from __future__ import annotations
+
+import queue
+import re
+import socket
+import threading
+import uuid
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import MosquittoProcess, free_port, mosquitto_available
+
+from aggregator.access import Access, AccessPolicy, filter_within
+from aggregator.broker_setup import BrokerFolder, BrokerSetupError, init_broker, load_broker_folder
+from aggregator.embedded_broker import EmbeddedBroker
+from aggregator.passwords import PasswordFileError, read_password_file, verify_password, write_password_file
+from converters.protocol import Topics
+from fedprune.connection import ConnectionFileError, load_connection
+from fedprune.transport import MqttSession
+
+WAIT_S = 10.0
+QUIET_S = 1.0  # how long "never arrives" is watched, after a later message from the same sender did
+
+needs_mosquitto = pytest.mark.skipif(not mosquitto_available(), reason="needs mosquitto and mosquitto_passwd")
+
+
+# ---------------------------------------------------------------------- the policy, no broker
+
+
+def test_filter_within():
+    assert filter_within("a/b/c", "a/#") and filter_within("a", "a/#") and filter_within("a/+/c", "a/#")
+    assert filter_within("a/x/c", "a/+/c") and not filter_within("a/+/c", "a/x/c")
+    assert not filter_within("a/#", "a/b") and not filter_within("a/b", "a/b/c") and not filter_within("b/c", "a/#")
+    assert not filter_within("a/b/#", "a/+/c") and not filter_within("a/b/c/d", "a/+/c")
+
+
+def test_policy_gives_a_device_its_own_topics_only():
+    policy = AccessPolicy("clinic", "agg")
+    t = Topics("clinic")
+    for topic in (t.architecture, t.round, t.task("pi-01"), t.ack("pi-01")):
+        assert policy.allows("pi-01", topic, Access.READ), topic
+        assert not policy.allows("pi-01", topic, Access.WRITE), topic  # no forged model, round or task
+    for topic in (t.update("pi-01"), t.presence("pi-01")):
+        assert policy.allows("pi-01", topic, Access.WRITE) and not policy.allows("pi-01", topic, Access.READ)
+    for topic in (t.task("pi-02"), t.ack("pi-02"), t.update("pi-02"), t.all_updates, t.all_presence,
+                  f"{t.root}/#", "#", "fedprune/v1/other/round"):
+        assert not policy.allows("pi-01", topic, Access.READ), topic
+    assert not policy.allows("pi-01", t.update("pi-02"), Access.WRITE)
+    assert not policy.allows("pi-01", t.update("+"), Access.WRITE)
+    assert policy.allows("agg", t.all_updates, Access.READ) and policy.allows("agg", t.task("x"), Access.WRITE)
+    assert not policy.allows("agg", "fedprune/v1/other/round", Access.WRITE)
+    assert not policy.allows(None, t.round, Access.READ) and not policy.allows("a/b", t.round, Access.READ)
+
+
+@needs_mosquitto
+def test_password_file_is_hashed_by_mosquitto_passwd_and_verified(tmp_path):
+    path = write_password_file(tmp_path / "passwd", {"pi-01": "s3cret-01", "agg": "p@ss word"})
+    text = path.read_text()
+    assert "s3cret-01" not in text and "p@ss word" not in text
+    assert path.stat().st_mode & 0o077 == 0
+    stored = read_password_file(path)
+    assert stored["pi-01"].startswith("$7$")
+    assert verify_password(stored["pi-01"], "s3cret-01") and verify_password(stored["agg"], "p@ss word")
+    assert not verify_password(stored["pi-01"], "s3cret-02") and not verify_password(stored["pi-01"], "")
+    assert not verify_password("$6$abc$def", "s3cret-01") and not verify_password("garbage", "x")
+    # mosquitto_passwd -U would silently cut a password at a second ':'
+    with pytest.raises(PasswordFileError, match="password of 'agg'"):
+        write_password_file(tmp_path / "passwd2", {"agg": "p@ss:word"})
+    assert not (tmp_path / "passwd2").exists()
+
+
+# ---------------------------------------------------------------------- init-broker's folder
+
+
+@pytest.fixture
+def setup_folder(tmp_path) -> BrokerFolder:
+    if not mosquitto_available():
+        pytest.skip("init-broker needs mosquitto_passwd")
+    return init_broker(tmp_path / "broker", "sec", ["pi-01", "pi-02"], ["localhost"], port=free_port(),
+                       bind="127.0.0.1")
+
+
+def test_init_broker_writes_private_files_and_refuses_to_overwrite(setup_folder):
+    folder = load_broker_folder(setup_folder.path)
+    assert (folder.federation, folder.devices) == ("sec", ("pi-01", "pi-02"))
+    for private in ("ca.key", "server.key", "passwd", "aggregator.toml", "devices/pi-01/connection.toml"):
+        assert (folder.path / private).stat().st_mode & 0o077 == 0, private
+    c = load_connection(folder.device_connection("pi-01"))
+    assert (c.role, c.device_id, c.federation, c.broker.username) == ("device", "pi-01", "sec", "pi-01")
+    assert c.broker.tls and c.broker.ca_file == str(folder.path / "devices" / "pi-01" / "ca.crt")
+    assert c.broker.password and c.broker.password != load_connection(folder.device_connection("pi-02")).broker.password
+    assert c.broker.password not in repr(c.broker) and c.broker.password not in c.broker.url
+    with pytest.raises(BrokerSetupError, match="already holds a broker set-up"):
+        init_broker(folder.path, "sec", ["pi-03"], [], port=folder.port)
+    with pytest.raises(BrokerSetupError, match="not usable"):
+        init_broker(folder.path.parent / "other", "sec", ["a/b"], [])
+
+
+@pytest.mark.parametrize("text,match", [
+    ("role = 'device'\n[broker", "not valid TOML"),
+    ("role = 'device'\nfederation = 'f'\n", "[broker] table"),
+    ("role = 'server'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n", "role must be"),
+    ("role = 'device'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n", "device_id"),
+    ("role = 'aggregator'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword=''\n", "broker.password"),
+    ("role = 'aggregator'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\nca_file='ca.crt'\n",
+     "needs a TLS broker URL"),
+    ("role = 'aggregator'\nfederation = 'f'\nextra = 1\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
+     "unknown keys"),
+])
+def test_malformed_connection_files_are_refused_with_the_key_named(tmp_path, text, match):
+    path = tmp_path / "connection.toml"
+    path.write_text(text)
+    with pytest.raises(ConnectionFileError, match=re.escape(match)):
+        load_connection(path)
+
+
+# ---------------------------------------------------------------------- both brokers enforce it
+
+
+@pytest.fixture(params=["embedded", "mosquitto"])
+def secured(request, setup_folder):
+    """The set-up running: Mosquitto with the generated mosquitto.conf, or the embedded broker."""
+    if request.param == "embedded":
+        with EmbeddedBroker("127.0.0.1", setup_folder.port, setup_folder.security()):
+            yield setup_folder
+    else:
+        with MosquittoProcess(port=setup_folder.port, base_config=setup_folder.mosquitto_conf.read_text()):
+            yield setup_folder
+
+
+class Login:
+    """A raw paho client logged in with a connection file's credentials over TLS."""
+
+    def __init__(self, folder: BrokerFolder, who: str, *, password: str | None = None,
+                 will_topic: str | None = None) -> None:
+        path = folder.aggregator_connection if who == "aggregator" else folder.device_connection(who)
+        b = load_connection(path).broker
+        self.topics = Topics(folder.federation)
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{who}-{uuid.uuid4().hex[:6]}",
+                                  protocol=mqtt.MQTTv311)
+        self.client.username_pw_set(b.username, b.password if password is None else password)
+        self.client.tls_set(ca_certs=b.ca_file)
+        if will_topic:
+            self.client.will_set(will_topic, b"gone", qos=1)
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.connack = queue.Queue()
+        self.subacks: dict[int, list] = {}
+        self._cond = threading.Condition()
+        self.client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
+
+        def on_subscribe(c, u, mid, codes, p):
+            with self._cond:
+                self.subacks[mid] = [code.value for code in codes]
+                self._cond.notify_all()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.connect(b.host, b.port)
+        self.client.loop_start()
+
+    def accepted(self) -> bool:
+        """Whether the broker accepted the login (False: refused, or the connection dropped)."""
+        try:
+            rc = self.connack.get(timeout=WAIT_S)
+        except queue.Empty:
+            return False
+        return not rc.is_failure
+
+    def subscribe(self, topic: str) -> int:
+        """The SUBACK code: 1 (granted at QoS 1) or 128 (refused)."""
+        _, mid = self.client.subscribe(topic, qos=1)
+        with self._cond:
+            assert self._cond.wait_for(lambda: mid in self.subacks, WAIT_S), "no SUBACK"
+            return self.subacks[mid][0]
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(WAIT_S)
+        assert info.is_published(), f"no PUBACK for {topic}"
+
+    def received(self) -> list[tuple[str, bytes]]:
+        got = []
+        while True:
+            try:
+                got.append(self.messages.get(timeout=QUIET_S))
+            except queue.Empty:
+                return got
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def login():
+    made: list[Login] = []
+
+    def make(*args, **kwargs) -> Login:
+        made.append(Login(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_wrong_unknown_and_missing_credentials_are_refused(secured, login):
+    assert login(secured, "pi-01").accepted()  # the control: the provisioned login works
+    assert not login(secured, "pi-01", password="wrong").accepted()
+    assert not login(secured, "aggregator", password="").accepted()
+    c = load_connection(secured.device_connection("pi-01")).broker
+    stranger = MqttSession(f"mqtts://nobody:{c.password}@localhost:{c.port}?ca={c.ca_file}", "stranger")
+    with pytest.raises(ConnectionError, match="refused nobody"):
+        stranger.start(timeout_s=WAIT_S)
+
+
+def test_a_device_cannot_write_or_read_what_is_not_its_own(request, secured, login):
+    t = Topics(secured.federation)
+    aggregator = login(secured, "aggregator")
+    assert aggregator.accepted()
+    assert aggregator.subscribe(f"{t.root}/#") == 1
+    device = login(secured, "pi-01")
+    assert device.accepted()
+    assert device.subscribe(t.task("pi-01")) == 1
+    # Forged messages: another device's update, the global model, the round, another's task.
+    for topic in (t.update("pi-02"), t.architecture, t.round, t.task("pi-02"), t.presence("pi-02")):
+        device.publish(topic, b"forged")  # the broker acknowledges and drops it (MQTT 3.1.1)
+    device.publish(t.update("pi-01"), b"own update")  # the control, sent last
+    assert aggregator.received() == [(t.update("pi-01"), b"own update")]
+
+    # Snooping: anyone's updates, another device's task, the whole federation. The embedded
+    # broker refuses the subscription; Mosquitto 2.0 grants it and delivers nothing it may not read.
+    snoop = login(secured, "pi-01")
+    assert snoop.accepted()
+    codes = {topic: snoop.subscribe(topic) for topic in (t.all_updates, t.update("pi-02"), t.task("pi-02"),
+                                                         t.ack("pi-02"), t.all_presence)}
+    if request.node.callspec.params["secured"] == "embedded":
+        assert set(codes.values()) == {128}, codes
+    for topic in (t.update("pi-02"), t.task("pi-02"), t.ack("pi-02"), t.presence("pi-02")):
+        aggregator.publish(topic, b"not for pi-01")
+    aggregator.publish(t.task("pi-01"), b"task for pi-01")
+    assert device.received() == [(t.task("pi-01"), b"task for pi-01")]  # the control
+    assert snoop.received() == []
+
+
+def test_plain_text_and_untrusted_certificates_are_refused_on_the_tls_port(secured, tmp_path):
+    # An MQTT 3.1.1 CONNECT in plain text: the TLS listener answers no CONNACK and closes.
+    connect = bytes([0x10, 14, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 2]) + b"pt"
+    with socket.create_connection(("127.0.0.1", secured.port), timeout=WAIT_S) as sock:
+        sock.sendall(connect)
+        try:
+            answer = sock.recv(64)
+        except (ConnectionResetError, socket.timeout):
+            answer = b""
+    assert not answer.startswith(b"\x20"), f"a CONNACK came back in plain text: {answer!r}"
+    # A client that trusts another CA refuses the broker's certificate before sending a password.
+    other = init_broker(tmp_path / "other", "sec", ["pi-01"], ["localhost"], port=secured.port)
+    b = load_connection(secured.device_connection("pi-01")).broker
+    with pytest.raises(ConnectionError, match="within"):
+        MqttSession(f"mqtts://pi-01:{b.password}@localhost:{secured.port}?ca={other.ca_file}", "mitm").start(5)
+    # And the real CA, with the right host name, works.
+    MqttSession(b.full_url(), "ok").start(WAIT_S).stop()
+    with pytest.raises(ConnectionError):
+        MqttSession(f"mqtt://pi-01:{b.password}@127.0.0.1:{secured.port}", "plain").start(3)
+
+
+def test_a_last_will_on_another_devices_presence_never_arrives(request, secured, login):
+    # A device that could write pi-02's presence could mark it offline whenever it dropped.
+    t = Topics(secured.federation)
+    aggregator = login(secured, "aggregator")
+    assert aggregator.accepted() and aggregator.subscribe(t.all_presence) == 1
+    forger = login(secured, "pi-01", will_topic=t.presence("pi-02"))
+    accepted = forger.accepted()
+    if request.node.callspec.params["secured"] == "embedded":
+        assert not accepted  # the embedded broker refuses the CONNECT
+    honest = login(secured, "pi-01", will_topic=t.presence("pi-01"))
+    assert honest.accepted()
+    for client in (forger, honest):
+        client.client.loop_stop()
+        sock = client.client.socket()
+        if sock is not None:
+            sock.close()  # vanish without DISCONNECT: the broker sends the will if it may
+    assert aggregator.received() == [(t.presence("pi-01"), b"gone")]  # the honest one's, the control
