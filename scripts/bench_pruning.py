@@ -150,13 +150,9 @@ def main() -> None:
                 res = run_simulation(task_for(ds, row, args.rounds, args.seed, ramp), args.devices, Path(tmp) / "run")
                 summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
             int8 = next(e for e in res.exports if e["precision"] == "int8")
-            sparsity = res.final_sparsity
-            if summary.get("structured_pruning"):  # parameters removed instead of masked: that fraction
-                sp = summary["structured_pruning"]
-                sparsity = 1 - sp["after"]["parameters"] / sp["before"]["parameters"]
             r = {
                 "dataset": ds, "row": row, "accuracy": round(res.final_accuracy, 4),
-                "tflite_int8_accuracy": round(int8["accuracy"], 4), "sparsity": round(sparsity, 4),
+                "tflite_int8_accuracy": round(int8["accuracy"], 4), "sparsity": round(res.final_sparsity, 4),
                 "bytes_up": int(sum(x.bytes_up for x in res.rounds)),
                 "bytes_down": int(sum(x.bytes_down for x in res.rounds)),
                 "tflite_int8_bytes": int8["size_bytes"], "wall_s": round(time.monotonic() - start, 1),
@@ -172,6 +168,10 @@ def main() -> None:
 def finish(results: list[dict], out: Path, earlier: list[dict] = ()) -> None:
     """Ratios to each data set's dense row, results.json, the plot (with ``earlier`` rows of data
     sets not in ``results``), and the JSON last line."""
+    for r in results:
+        if r.get("structured"):  # parameters removed instead of masked: report that fraction
+            sp = r["structured"]
+            r["sparsity"] = round(1 - sp["after"]["parameters"] / sp["before"]["parameters"], 4)
     for ds in {r["dataset"] for r in results}:
         dense = next((r for r in results if r["dataset"] == ds and r["row"] == "dense"), None)
         for r in results:
