@@ -429,8 +429,7 @@ class Aggregator:
                 log.warning("round %d: rejected update on %s: %s", r, topic, reason)
                 if device_id:
                     self._ack(Ack(r, device_id, False, reason))
-                if device_id in waiting:  # a selected device answered, if not usefully
-                    waiting.discard(device_id)
+                if device_id in waiting:  # it stays due: a valid update may still come (the bad one may be forged)
                     rejected_due.add(device_id)
                 self._progress(r, attempt, selected, results, rejected_due)
                 continue
@@ -443,15 +442,17 @@ class Aggregator:
             self.session.publish(self.topics.task(device_id), b"", retain=True)
         out.results = list(results.values())
         dropped = {d for d in waiting if self.registry.went_offline_since(d, published)}
-        out.offline, out.lost = len(dropped), len(waiting - dropped)
-        if out.lost:
+        lost = waiting - dropped - rejected_due  # the rejected ones are counted in `rejections`
+        out.offline, out.lost = len(dropped), len(lost)
+        if lost:
             log.warning("round %d attempt %d: %d selected device(s), online all round, sent no update by the "
-                        "deadline: %s", r, attempt, out.lost, sorted(waiting - dropped)[:20])
+                        "deadline: %s", r, attempt, len(lost), sorted(lost)[:20])
         return out
 
     def _progress(self, r: int, attempt: int, selected: list[str], results: dict, rejected: set[str]) -> None:
+        """Tell ``on_update`` how many selected devices have reported, or had an update rejected."""
         if self.on_update:
-            self.on_update(RoundProgress(r, attempt, len(selected), len(results), len(rejected)))
+            self.on_update(RoundProgress(r, attempt, len(selected), len(results), len(rejected - set(results))))
 
     def _check_update(self, topic, data, r, attempt, selected, results) -> tuple[ClientResult | None, str, str]:
         try:

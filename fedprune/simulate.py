@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         device_ids = parse_id_range(args.device_ids, args.devices) if args.device_ids else None
     except ValueError as e:
         parser.error(str(e))
+    missing = [str(p) for p in args.compare if not (p / "metrics.jsonl").is_file()]
+    if missing:
+        parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
     if args.no_aggregator and not args.broker:
         parser.error("--no-aggregator needs --broker: the broker that fedprune-aggregator and the other hosts use")
     task = load_task_or_exit(args.task)
