@@ -50,10 +50,11 @@ class Run:
         return parts
 
     def time_to_accuracy(self, target: float, clock: str = "fleet_s") -> float | None:
-        """Seconds (summed ``clock`` over rounds) until held-out accuracy first reaches ``target``."""
+        """Seconds (``clock`` summed over rounds: ``fleet_s``, ``wall_s``, or a part such as
+        ``transfer_s``) until held-out accuracy first reaches ``target``; None if it never does."""
         elapsed = 0.0
         for r in self.rounds:
-            elapsed += float(r.get(clock) or r.get("wall_s", 0.0))
+            elapsed += float(r.get(clock, r.get("wall_s", 0.0)))
             if r["accuracy"] >= target:
                 return elapsed
         return None
