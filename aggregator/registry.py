@@ -13,6 +13,7 @@ class DeviceInfo:
     online: bool
     num_samples: int
     last_seen: float
+    last_offline: float = float("-inf")  # time.monotonic() of its last offline presence
 
 
 class DeviceRegistry:
@@ -25,7 +26,9 @@ class DeviceRegistry:
 
     def update(self, device_id: str, online: bool, num_samples: int) -> None:
         with self._lock:
-            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time())
+            before = self._devices.get(device_id)
+            last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))
+            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline)
             self._changed.notify_all()
 
     def online(self) -> list[str]:
@@ -36,6 +39,13 @@ class DeviceRegistry:
         with self._lock:
             info = self._devices.get(device_id)
             return bool(info and info.online)
+
+    def went_offline_since(self, device_id: str, since: float) -> bool:
+        """Whether the device is offline, or went offline after ``since`` (``time.monotonic()``),
+        even if it is back: a device that dropped out mid-round."""
+        with self._lock:
+            info = self._devices.get(device_id)
+            return info is None or not info.online or info.last_offline >= since
 
     def known(self, device_id: str) -> bool:
         with self._lock:

@@ -74,6 +74,24 @@ class RoundRecord:
     mask_agreement: float | None = None  # device-side masks: mean pairwise Jaccard of the kept sets
     population: int | None = None  # devices online when this round's devices were drawn
     epsilon: float | None = None  # DP-FedAvg: epsilon so far, at the task's privacy.delta
+    # What became of the selected devices (summed over the round's attempts): every one of them
+    # reported, was rejected, went offline during the round (dropped out, even if back since), or is
+    # counted lost (online all round, but no update by the deadline).
+    received: int = 0  # update messages that arrived, accepted or not
+    offline: int = 0
+    lost: int = 0
+    # Where the round's time went, in seconds. The critical device is the accepted one whose update
+    # arrived last (not counting simulator waiting): its training, and the rest of its
+    # task-to-update time (links, broker, its own decoding and encoding) as transfer.
+    train_s: float = 0.0
+    transfer_s: float = 0.0
+    encode_s: float = 0.0  # encoding the task
+    decode_s: float = 0.0  # checking and decoding the updates
+    aggregate_s: float = 0.0  # aggregation and the pruning step
+    evaluate_s: float = 0.0
+    # The round's time as a fleet with one processor per device would take it: wall time less what
+    # simulated devices report waiting for their process's shared trainer (``sim_wait_s``).
+    fleet_s: float = 0.0
 
 
 @dataclass
@@ -96,6 +114,7 @@ class Aggregator:
         *,
         resume: bool = False,
         on_round: Callable[[RoundRecord], None] | None = None,
+        on_update: Callable[[RoundProgress], None] | None = None,
         export_tflite: bool = True,
     ) -> None:
         from fedprune.keras_setup import keras  # TensorFlow only once an aggregator is built
@@ -105,6 +124,7 @@ class Aggregator:
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.on_round = on_round
+        self.on_update = on_update
         self.export_tflite = export_tflite
         self.topics = Topics(task.federation.id)
         self.registry = DeviceRegistry()
@@ -112,7 +132,7 @@ class Aggregator:
         privacy = task.privacy
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.device_masks = task.pruning.enabled and task.pruning.mask_owner == "device"
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
         self.session_id = secrets.token_hex(8)
 
         keras.utils.set_random_seed(task.seed)
@@ -191,7 +211,7 @@ class Aggregator:
             except (CodecError, ValueError) as e:
                 log.warning("ignored bad presence message on %s: %s", topic, e)
         else:
-            self._inbox.put((topic, payload))
+            self._inbox.put((topic, payload, time.monotonic()))
 
     def _publish_architecture(self) -> None:
         self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
@@ -251,7 +271,7 @@ class Aggregator:
         fed = self.task.federation
         start = time.monotonic()
         rejections: dict[str, int] = {}
-        bytes_down = bytes_up = 0
+        totals = _Collected()
         for attempt in range(1, fed.max_round_retries + 2):
             online = self.registry.online()
             if len(online) < fed.min_devices:
@@ -260,9 +280,9 @@ class Aggregator:
             k = min(fed.devices_per_round, len(online))
             selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
             population = len(online)
-            results, down, up = self._collect(r, attempt, selected, rejections)
-            bytes_down += down
-            bytes_up += up
+            collected = self._collect(r, attempt, selected, rejections)
+            totals.add(collected)
+            results = collected.results
             if len(results) >= fed.min_devices:
                 break
             log.warning(
@@ -275,6 +295,7 @@ class Aggregator:
                 f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
             )
 
+        t = time.perf_counter()
         weights, masks, pruned, agreement = self._aggregate_and_prune(r, results)
         epsilon = None
         if self.accountant is not None:
@@ -282,15 +303,20 @@ class Aggregator:
             log.info("round %d: DP-FedAvg epsilon %.3f at delta %g", r, epsilon, self.task.privacy.delta)
         if self.task.pruning.structured_fraction > 0 and r == self.task.pruning.structured_round:
             weights, masks = self._prune_structured(weights, masks)
+        aggregate_s = time.perf_counter() - t
+        t = time.perf_counter()
         loss, acc = self.evaluate(weights)
+        evaluate_s = time.perf_counter() - t
         if isinstance(self.schedule, AdaptiveSparsity):
             self.schedule.observe(r, acc)
             self.state.schedule_state = self.schedule.state()
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
-        self.state.totals["bytes_down"] += bytes_down
-        self.state.totals["bytes_up"] += bytes_up
+        self.state.totals["bytes_down"] += totals.bytes_down
+        self.state.totals["bytes_up"] += totals.bytes_up
         # Under DP, nothing computed from the devices' data leaves the aggregator un-noised.
         train_losses = [float("nan")] if self.accountant else [res.metrics.get("loss", float("nan")) for res in results]
+        train_s, transfer_s, sim_saved_s = collected.critical_path()
+        wall_s = time.monotonic() - start
         return RoundRecord(
             round=r,
             attempts=attempt,
@@ -302,14 +328,24 @@ class Aggregator:
             sparsity=sparsity(masks),
             layer_sparsity=layer_sparsities(masks, self.architecture.names),
             pruned_this_round=pruned,
-            bytes_down=bytes_down,
-            bytes_up=bytes_up,
-            wall_s=time.monotonic() - start,
+            bytes_down=totals.bytes_down,
+            bytes_up=totals.bytes_up,
+            wall_s=wall_s,
             train_loss=float(np.mean(train_losses)),
             rejections=rejections,
             mask_agreement=agreement,
             population=population,
             epsilon=epsilon,
+            received=totals.received,
+            offline=totals.offline,
+            lost=totals.lost,
+            train_s=train_s,
+            transfer_s=transfer_s,
+            encode_s=totals.encode_s,
+            decode_s=totals.decode_s,
+            aggregate_s=aggregate_s,
+            evaluate_s=evaluate_s,
+            fleet_s=wall_s - sim_saved_s,
         )
 
     def _aggregate_and_prune(self, r: int, results: list[ClientResult]) -> tuple[list, list, bool, float | None]:
@@ -348,12 +384,12 @@ class Aggregator:
                         log.info("round %d: regrowth swapped %d weights", r, swapped)
         return weights, masks, pruned, agreement
 
-    def _collect(
-        self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]
-    ) -> tuple[list[ClientResult], int, int]:
+    def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]) -> "_Collected":
         """Send the task to the selected devices and gather valid updates until all or the deadline."""
         fed, transport = self.task.federation, self.task.transport
         deadline = time.monotonic() + fed.round_timeout_s
+        out = _Collected()
+        t = time.perf_counter()
         task = TrainTask(
             round=r,
             attempt=attempt,
@@ -373,6 +409,7 @@ class Aggregator:
             gradient_fraction=self._gradient_fraction(r),
         )
         payload = encode_task(task, self.architecture.names, transport.compression)
+        out.encode_s = time.perf_counter() - t
         for device_id in selected:
             self.session.publish(self.topics.task(device_id), payload, retain=True)
         self.session.publish(
@@ -382,33 +419,55 @@ class Aggregator:
                               time.time() + fed.round_timeout_s).encode(),
             retain=True,
         )
-        bytes_down = len(payload) * len(selected)
-        bytes_up = 0
+        published = time.monotonic()
+        out.bytes_down = len(payload) * len(selected)
         results: dict[str, ClientResult] = {}
         waiting = set(selected)
+        rejected_due: set[str] = set()
+        self._progress(r, attempt, selected, results, rejected_due)
         while waiting and time.monotonic() < deadline:
             if not any(self.registry.is_online(d) for d in waiting):
                 log.warning("round %d: every device still due (%s) is offline; closing early", r, sorted(waiting))
                 break
             try:
-                topic, data = self._inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                topic, data, arrived = self._inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 continue
-            bytes_up += len(data)
+            out.bytes_up += len(data)
+            out.received += 1
+            t = time.perf_counter()
             result, reason, device_id = self._check_update(topic, data, r, attempt, selected, results)
+            out.decode_s += time.perf_counter() - t
             if result is None:
                 key = reason.split(":")[0]
                 rejections[key] = rejections.get(key, 0) + 1
                 log.warning("round %d: rejected update on %s: %s", r, topic, reason)
                 if device_id:
                     self._ack(Ack(r, device_id, False, reason))
+                if device_id in waiting:  # it stays due: a valid update may still come (the bad one may be forged)
+                    rejected_due.add(device_id)
+                self._progress(r, attempt, selected, results, rejected_due)
                 continue
             results[result.device_id] = result
+            out.paths[result.device_id] = arrived - published
             waiting.discard(result.device_id)
             self._ack(Ack(r, result.device_id, True))
+            self._progress(r, attempt, selected, results, rejected_due)
         for device_id in selected:  # clear the retained tasks: the round is closed
             self.session.publish(self.topics.task(device_id), b"", retain=True)
-        return list(results.values()), bytes_down, bytes_up
+        out.results = list(results.values())
+        dropped = {d for d in waiting if self.registry.went_offline_since(d, published)}
+        lost = waiting - dropped - rejected_due  # the rejected ones are counted in `rejections`
+        out.offline, out.lost = len(dropped), len(lost)
+        if lost:
+            log.warning("round %d attempt %d: %d selected device(s), online all round, sent no update by the "
+                        "deadline: %s", r, attempt, len(lost), sorted(lost)[:20])
+        return out
+
+    def _progress(self, r: int, attempt: int, selected: list[str], results: dict, rejected: set[str]) -> None:
+        """Tell ``on_update`` how many selected devices have reported, or had an update rejected."""
+        if self.on_update:
+            self.on_update(RoundProgress(r, attempt, len(selected), len(results), len(rejected - set(results))))
 
     def _check_update(self, topic, data, r, attempt, selected, results) -> tuple[ClientResult | None, str, str]:
         try:
@@ -573,6 +632,53 @@ def make_strategy(task: Task) -> Strategy:
         "multi_krum": lambda: MultiKrum(agg.byzantine, agg.multi_krum_keep or None),
     }[agg.method]()
     return NormClipping(strategy, agg.clip_norm) if agg.clip_norm > 0 else strategy
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where the open round stands (for progress displays): selected devices that reported or
+    whose update was rejected so far."""
+
+    round: int
+    attempt: int
+    selected: int
+    reported: int
+    rejected: int
+
+
+@dataclass
+class _Collected:
+    """What one attempt of a round gathered, and what it cost."""
+
+    results: list[ClientResult] = field(default_factory=list)
+    paths: dict[str, float] = field(default_factory=dict)  # device -> seconds from task sent to update in
+    bytes_down: int = 0
+    bytes_up: int = 0
+    received: int = 0
+    offline: int = 0
+    lost: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, other: "_Collected") -> None:
+        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def critical_path(self) -> tuple[float, float, float]:
+        """(training, transfer) of the update that arrived last once each device's simulator
+        waiting (``sim_wait_s``) is taken out, which bounds the round; and how much sooner than
+        the real last arrival that is (0 for real devices)."""
+        train = transfer = 0.0
+        longest = last = 0.0
+        for res in self.results:
+            path = self.paths.get(res.device_id, 0.0)
+            own = max(0.0, path - float(res.metrics.get("sim_wait_s", 0.0)))
+            last = max(last, path)
+            if own >= longest:
+                longest = own
+                train = min(own, float(res.metrics.get("compute_s", res.metrics.get("train_s", 0.0))))
+                transfer = own - train
+        return train, transfer, last - longest
 
 
 def _read_metrics(path: Path, up_to_round: int) -> list[RoundRecord]:

@@ -1,18 +1,24 @@
-"""``fedprune-simulate``: a whole federation on one host.
+"""``fedprune-simulate``: a whole federation on one host, or a share of its devices on each of several.
 
-Starts the embedded broker (or uses ``--broker``), the aggregator, and N agents, each with its own
-MQTT client and its own shard of the data set (split as the task file says), then writes a report.
-The agents share one TensorFlow runtime and train one after another.
+Starts the embedded broker (or uses ``--broker``), the aggregator, and N simulated devices, each
+with its own MQTT connection and client id, its own shard of the data set (split as the task file
+says) and its own protocol state, behaving as the task's ``[simulation]`` profiles say. The devices
+of one process share one TensorFlow runtime and train one after another; their connections live
+on one asyncio event loop. With ``--device-ids 0-499 --no-aggregator`` a process runs only those
+devices of an N-device fleet against an external broker: several such processes or hosts and one
+``fedprune-aggregator`` form one federation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 from fedprune.attacks import Attack
 from fedprune.task import Task
@@ -20,27 +26,47 @@ from fedprune.task import Task
 log = logging.getLogger("fedprune.simulate")
 
 
+def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: str, attack: Attack | None = None):
+    """The (not yet started) fleet of this process, and the data set it was split from. With
+    ``attack``, that fraction of the whole fleet is hostile (``fedprune.attacks``)."""
+    from edge_agent.trainer import KerasTrainer
+    from fedprune.data import load_dataset, partition
+    from fedprune.fleet import Fleet, device_id
+
+    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
+                       task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
+    ids = device_ids if device_ids is not None else range(num_devices)
+    trainer = KerasTrainer()
+    hostile = frozenset(attack.hostile_devices(num_devices, task.seed)) if attack else frozenset()
+    if hostile:
+        log.warning("hostile devices (%s x%g): %s", attack.kind, attack.scale,
+                    ", ".join(device_id(i) for i in sorted(hostile)))
+    return Fleet(task, ds.x_train, ds.y_train, shards, ids, broker_url, trainer, hostile=hostile,
+                 hostile_trainer=attack.wrap(trainer) if attack else None), ds
+
+
 def run_simulation(
     task: Task,
     num_devices: int,
     run_dir: Path,
     broker_url: str | None = None,
-    on_round=None,
+    on_round: Callable | None = None,
     export_tflite: bool = True,
     attack: Attack | None = None,
+    *,
+    on_update: Callable | None = None,
+    device_ids: range | None = None,
+    connect_timeout_s: float = 600.0,
 ):
     """Run a simulated federation and return the aggregator's ``RunResult``.
 
-    With ``attack``, that fraction of the devices is hostile (``fedprune.attacks``).
+    ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all); the
+    rest are expected to join from other processes on the same broker. The fleet's counters go to
+    ``fleet.json`` in the run folder.
     """
     from aggregator.server import Aggregator
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.trainer import KerasTrainer
-    from fedprune.data import load_dataset, partition
 
-    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
-    shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
-                       task.data.shards_per_device, seed=task.seed)
     with ExitStack() as stack:
         if broker_url is None:
             from aggregator.embedded_broker import EmbeddedBroker
@@ -48,62 +74,51 @@ def run_simulation(
             broker = stack.enter_context(EmbeddedBroker())
             broker_url = broker.url
             log.info("embedded MQTT broker on %s", broker_url)
-        aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, export_tflite=export_tflite)
-        trainer = KerasTrainer()
-        hostile = attack.hostile_devices(num_devices, task.seed) if attack else set()
-        if hostile:
-            log.warning("hostile devices (%s x%g): %s", attack.kind, attack.scale,
-                        ", ".join(f"sim-{i:03d}" for i in sorted(hostile)))
-        for i, idx in enumerate(shards):
-            agent = EdgeAgent(broker_url, f"sim-{i:03d}", ds.x_train[idx], ds.y_train[idx],
-                              attack.wrap(trainer) if i in hostile else trainer,
-                              federation=task.federation.id,
-                              max_payload_bytes=task.transport.max_payload_bytes,
-                              max_message_bytes=task.transport.max_message_bytes,
-                              seed=task.seed * 100_003 + i)
-            agent.start()
-            stack.callback(agent.stop)
-        return aggregator.run()
+        fleet, ds = _fleet(task, num_devices, device_ids, broker_url, attack)
+        aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
+                                export_tflite=export_tflite)
+        stack.callback(fleet.stop)
+        fleet.start(connect_timeout_s)
+        result = aggregator.run()
+        stats = fleet.stats()
+    (Path(run_dir) / "fleet.json").write_text(json.dumps(stats, indent=2))
+    return result
 
 
-def write_report(result, task: Task, num_devices: int, wall_s: float) -> Path:
-    lines = [
-        f"# fedprune simulation report",
-        "",
-        f"- task: `{task.source}`; {num_devices} devices, data `{task.data.dataset}` split "
-        f"`{task.data.partition}`" + (f" (alpha {task.data.alpha})" if task.data.partition == "dirichlet" else ""),
-        f"- final held-out accuracy (Keras): **{result.final_accuracy:.4f}** at global sparsity "
-        f"**{result.final_sparsity:.3f}**",
-        f"- wall time: {wall_s:.1f} s",
-        "",
-        "| round | reported | accuracy | sparsity | bytes down | bytes up | bytes up per update | rejected |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result.rounds:
-        per = r.bytes_up // max(r.reported, 1)
-        lines.append(f"| {r.round} | {r.reported}/{r.selected} | {r.accuracy:.4f} | {r.sparsity:.3f} | "
-                     f"{r.bytes_down:,} | {r.bytes_up:,} | {per:,} | {r.rejected} |")
-    if result.exports:
-        lines += ["", "| exported model | bytes | TFLite accuracy | runtime |", "|---|---:|---:|---|"]
-        for e in result.exports:
-            lines.append(f"| {Path(e['path']).name} | {e['size_bytes']:,} | {e['accuracy']:.4f} | {e['runtime']} |")
-    path = result.run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str,
+                connect_timeout_s: float = 600.0, timeout_s: float | None = None) -> dict:
+    """Run devices ``device_ids`` of the fleet (no aggregator) until the aggregator announces the
+    end of its run, ``timeout_s`` passes, or Ctrl-C; returns the fleet's counters."""
+    fleet, _ = _fleet(task, num_devices, device_ids, broker_url)
+    try:
+        fleet.start(connect_timeout_s)
+        log.info("%d devices (%s) connected to %s; waiting for the aggregator's rounds",
+                 fleet.online_count, device_ids, broker_url)
+        fleet.wait_finished(timeout_s)
+    finally:
+        fleet.stop()
+    return fleet.stats()
 
 
 def main(argv: list[str] | None = None) -> int:
     from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
+    from fedprune.fleet import parse_id_range
 
     parser = argparse.ArgumentParser(prog="fedprune-simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="task file (TOML)")
-    parser.add_argument("--devices", type=int, default=20, help="number of simulated devices (default 20)")
+    parser.add_argument("--devices", type=int, default=20, help="devices in the whole fleet (default 20)")
+    parser.add_argument("--device-ids", help="the devices this process runs, e.g. 0-499 (default: all)")
+    parser.add_argument("--no-aggregator", action="store_true",
+                        help="run devices only, against --broker, until the aggregator finishes its run")
     parser.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
     parser.add_argument("--run-dir", type=Path, help="where to write results (default runs/<task>-<time>)")
     parser.add_argument("--attack", choices=["sign_flip"],
                         help="make some devices hostile: sign_flip sends -scale x the trained delta")
     parser.add_argument("--attack-fraction", type=float, default=0.2, help="fraction of hostile devices (default 0.2)")
     parser.add_argument("--attack-scale", type=float, default=10.0, help="sign_flip scale (default 10)")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="other run folders (e.g. dense FedAvg) to draw beside this run in the report")
+    parser.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
     add_logging_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -111,22 +126,60 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--devices must be >= 1")
     try:
         attack = Attack(args.attack, args.attack_fraction, args.attack_scale) if args.attack else None
+        device_ids = parse_id_range(args.device_ids, args.devices) if args.device_ids else None
     except ValueError as e:
         parser.error(str(e))
+    missing = [str(p) for p in args.compare if not (p / "metrics.jsonl").is_file()]
+    if missing:
+        parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
+    if args.no_aggregator and not args.broker:
+        parser.error("--no-aggregator needs --broker: the broker that fedprune-aggregator and the other hosts use")
     task = load_task_or_exit(args.task)
+
+    if args.no_aggregator:
+        ids = device_ids or range(args.devices)
+        print(f"running devices {ids.start}-{ids.stop - 1} of {args.devices} against {args.broker}", flush=True)
+        try:
+            stats = run_devices(task, args.devices, ids, args.broker)
+        except KeyboardInterrupt:
+            return 130
+        except (ConnectionError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(stats))
+        return 0
+
     run_dir = args.run_dir or default_run_dir(args.task)
     print(f"simulating {args.devices} devices; results in {run_dir}", flush=True)
     start = time.monotonic()
-    try:
-        result = run_simulation(task, args.devices, run_dir, args.broker, on_round=print_round, attack=attack)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; the last completed round is checkpointed in {run_dir}", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a CLI reports, the traceback is in the log at debug
-        log.debug("simulation failed", exc_info=True)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    report = write_report(result, task, args.devices, time.monotonic() - start)
+    with ExitStack() as stack:
+        callbacks: dict = {"on_round": print_round}
+        if not args.no_progress:
+            from fedprune.progress import FederationProgress
+
+            progress = stack.enter_context(FederationProgress(task.federation.rounds))
+            callbacks = {"on_round": progress.on_round, "on_update": progress.on_update}
+        try:
+            result = run_simulation(task, args.devices, run_dir, args.broker, device_ids=device_ids,
+                                    attack=attack, **callbacks)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; the last completed round is checkpointed in {run_dir}", file=sys.stderr)
+            return 130
+        except Exception as e:  # noqa: BLE001 - a CLI reports, the traceback is in the log at debug
+            log.debug("simulation failed", exc_info=True)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    from fedprune.report import Run, write_report
+
+    notes = [f"task `{task.source}`; {args.devices} devices, data `{task.data.dataset}` split `{task.data.partition}`",
+             f"simulated wall time {time.monotonic() - start:.1f} s"]
+    report = write_report(run_dir, notes=notes, compare=[Run.load(p) for p in args.compare])
+    if not args.no_progress:
+        from rich.console import Console
+
+        from fedprune.progress import summary_table
+
+        Console().print(summary_table(result.rounds))
     for e in result.exports:
         print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "
               f"(Keras {result.final_accuracy:.4f}) via {e['runtime']}")

@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from fedprune.pruning.rules import Rule, rule_from_config
 from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay, PruningSchedule
@@ -40,6 +40,7 @@ class DataSection:
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
     shards_per_device: int = 2
+    min_samples: int = 2  # the fewest training samples a simulated device may hold
 
     def check(self) -> None:
         if self.dataset == "npz" and not self.path:
@@ -49,6 +50,8 @@ class DataSection:
             raise TaskError(f"data.alpha must be > 0, got {self.alpha}")
         if self.shards_per_device < 1:
             raise TaskError(f"data.shards_per_device must be >= 1, got {self.shards_per_device}")
+        if self.min_samples < 1:
+            raise TaskError(f"data.min_samples must be >= 1, got {self.min_samples}")
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,59 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class DeviceProfile:
+    """One tier of simulated devices (``[[simulation.profiles]]``); used by ``fedprune-simulate`` only.
+
+    Link speeds are in kbit/s (0 = not emulated: as fast as the broker moves it); ``speed`` is a
+    multiplier on measured training time (2.0 = a device half as fast as this host).
+    """
+
+    name: str = "default"
+    weight: float = 1.0  # relative share of the fleet in this tier
+    speed: float = 1.0
+    availability: float = 1.0  # probability that the device is online (drawn once per device)
+    dropout: float = 0.0  # probability that a selected device goes offline mid-round
+    uplink_kbps: float = 0.0
+    downlink_kbps: float = 0.0
+    latency_ms: float = 0.0  # one way, added to every message in both directions
+    loss: float = 0.0  # probability that one transmission of a message is lost and sent again
+
+    def check(self, key: str) -> None:
+        if self.weight <= 0:
+            raise TaskError(f"{key}.weight must be > 0, got {self.weight}")
+        if self.speed <= 0:
+            raise TaskError(f"{key}.speed must be > 0 (a multiplier on training time), got {self.speed}")
+        if not 0.0 < self.availability <= 1.0:
+            raise TaskError(f"{key}.availability must be in (0, 1], got {self.availability}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TaskError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("uplink_kbps", "downlink_kbps", "latency_ms"):
+            if getattr(self, name) < 0:
+                raise TaskError(f"{key}.{name} must be >= 0 (0 = not emulated), got {getattr(self, name)}")
+        if not 0.0 <= self.loss < 1.0:
+            raise TaskError(f"{key}.loss must be in [0, 1), got {self.loss}")
+
+
+@dataclass(frozen=True)
+class SimulationSection:
+    """How ``fedprune-simulate`` emulates the fleet; ignored by the aggregator and real agents."""
+
+    profiles: tuple[DeviceProfile, ...] = (DeviceProfile(),)
+    rejoin_s: float = 10.0  # a device that dropped out mid-round comes back online after this
+
+    def check(self) -> None:
+        if not self.profiles:
+            raise TaskError("simulation.profiles must list at least one [[simulation.profiles]] table")
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise TaskError(f"simulation.profiles: names must be unique, got {names}")
+        for i, p in enumerate(self.profiles):
+            p.check(f"simulation.profiles[{i}]")
+        if self.rejoin_s < 0:
+            raise TaskError(f"simulation.rejoin_s must be >= 0, got {self.rejoin_s}")
+
+
+@dataclass(frozen=True)
 class Task:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -306,6 +362,7 @@ class Task:
     transport: TransportSection = field(default_factory=TransportSection)
     aggregation: AggregationSection = field(default_factory=AggregationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    simulation: SimulationSection = field(default_factory=SimulationSection)
     seed: int = 0
     source: str = ""  # the file it came from, for messages
 
@@ -319,6 +376,7 @@ class Task:
         self.aggregation.check(self.federation)
         self.privacy.check()
         self._check_aggregation_combinations()
+        self.simulation.check()
         return self
 
     def _check_aggregation_combinations(self) -> None:
@@ -381,6 +439,11 @@ def _resolve(cls: type, name: str) -> Any:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is tuple and get_args(tp) and dataclasses.is_dataclass(get_args(tp)[0]):  # an array of tables
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise TaskError(f"{key} must be an array of tables ([[{key}]]), got {value!r}")
+        return tuple(_build_section(get_args(tp)[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     return coerce(value, tp, key, TaskError)
 
 

@@ -1,0 +1,175 @@
+"""Many simulated devices on one asyncio event loop, in a thread of their own.
+
+One process holds a range of the fleet's device indices: each device gets its shard of the data
+(the partition of the whole fleet, so several processes or hosts that take different ranges form
+one federation), its own MQTT connection and client id, its own ``DeviceSession`` (error-feedback
+residuals included), and its behaviour from the task's ``[simulation]`` profiles. All share one
+trainer, which trains one device at a time on a single worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from converters.protocol import RoundAnnouncement, Topics
+from converters.errors import CodecError
+from edge_agent.device import DeviceSession, Trainer
+from fedprune.fleet.connection import AsyncConnection, MqttError
+from fedprune.fleet.device import SimulatedDevice
+from fedprune.fleet.profiles import DeviceBehaviour, draw_behaviours
+from fedprune.task import Task
+
+log = logging.getLogger(__name__)
+
+
+def device_id(index: int) -> str:
+    return f"sim-{index:03d}"
+
+
+def device_seed(task_seed: int, index: int) -> int:
+    """The seed of device ``index``'s own randomness (stochastic rounding)."""
+    return task_seed * 100_003 + index
+
+
+class Fleet:
+    """Devices ``indices`` of a fleet, each with ``shards[index]`` of ``(x, y)``.
+
+    ``start()`` connects them (at most ``connect_concurrency`` handshakes at a time) and returns
+    once every device that is online by its profile is connected; ``stop()`` disconnects them
+    cleanly. ``finished`` is set when the aggregator announces the end of a run this fleet saw open.
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        x: np.ndarray,
+        y: np.ndarray,
+        shards: list[np.ndarray],
+        indices: range,
+        broker_url: str,
+        trainer: Trainer,
+        *,
+        connect_concurrency: int = 32,
+        hostile: frozenset[int] = frozenset(),
+        hostile_trainer: Trainer | None = None,
+    ) -> None:
+        """``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.attacks``)."""
+        if hostile and hostile_trainer is None:
+            raise ValueError("hostile devices need a hostile_trainer")
+        self.task = task
+        self.broker_url = broker_url
+        self.trainer = trainer
+        self.hostile, self.hostile_trainer = hostile, hostile_trainer
+        self.connect_concurrency = connect_concurrency
+        self.behaviours: list[DeviceBehaviour] = draw_behaviours(task.simulation, indices, task.seed)
+        self._data = [(x[shards[i]], y[shards[i]]) for i in indices]
+        self.devices: list[SimulatedDevice] = []
+        self.finished = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-train")
+
+    @property
+    def online_count(self) -> int:
+        """How many devices connect at all (by their profile's availability)."""
+        return sum(b.online for b in self.behaviours)
+
+    def connected_count(self) -> int:
+        return sum(d.connected.is_set() for d in self.devices)
+
+    def start(self, timeout_s: float = 300.0) -> "Fleet":
+        self._thread = threading.Thread(target=self._run_loop, name="fleet", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise ConnectionError(f"only {self.connected_count()} of {self.online_count} simulated devices "
+                                  f"connected to {self.broker_url} within {timeout_s:.0f} s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.warning("the fleet did not stop within %.0f s", timeout_s)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def wait_finished(self, timeout_s: float | None = None) -> bool:
+        return self.finished.wait(timeout_s)
+
+    def stats(self) -> dict[str, int | float]:
+        return {
+            "devices": len(self.behaviours),
+            "online": self.online_count,
+            "updates_sent": sum(d.stats.updates_sent for d in self.devices),
+            "dropouts": sum(d.stats.dropouts for d in self.devices),
+            "send_errors": sum(len(d.stats.errors) for d in self.devices),
+            "link_delay_s": sum(d.stats.link_delay_s for d in self.devices),
+        }
+
+    # --- the event loop's side ---
+    def _run_loop(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as e:  # noqa: BLE001 - handed to start()'s caller
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_default_executor(ThreadPoolExecutor(max_workers=2, thread_name_prefix="fleet-codec"))
+        self._stop = asyncio.Event()
+        slots = asyncio.Semaphore(self.connect_concurrency)
+        t = self.task
+        for b, (x, y) in zip(self.behaviours, self._data):
+            session = DeviceSession(device_id(b.index), len(x), federation=t.federation.id,
+                                    max_message_bytes=max(t.transport.max_message_bytes, t.transport.max_payload_bytes),
+                                    seed=device_seed(t.seed, b.index))
+            self.devices.append(SimulatedDevice(
+                session, b, x, y, broker_url=self.broker_url, federation=t.federation.id,
+                trainer=self.hostile_trainer if b.index in self.hostile else self.trainer,
+                executor=self._executor, connect_slots=slots, max_payload_bytes=t.transport.max_payload_bytes,
+                rejoin_s=t.simulation.rejoin_s))
+        online = [d for d, b in zip(self.devices, self.behaviours) if b.online]
+        tasks = [asyncio.ensure_future(d.run(self._stop)) for d in online]
+        watcher = asyncio.ensure_future(self._watch_rounds())
+        started = time.monotonic()
+        await asyncio.wait([asyncio.ensure_future(d.connected.wait()) for d in online] or
+                           [asyncio.ensure_future(asyncio.sleep(0))])
+        log.info("%d simulated devices connected in %.1f s (%d offline by their profile)",
+                 len(online), time.monotonic() - started, len(self.devices) - len(online))
+        self._ready.set()
+        await self._stop.wait()
+        watcher.cancel()
+        await asyncio.gather(watcher, *tasks, return_exceptions=True)
+
+    async def _watch_rounds(self) -> None:
+        """Set ``finished`` when the aggregator, seen running, announces the end of its run."""
+        topics = Topics(self.task.federation.id)
+        name = f"fedprune-{self.task.federation.id}-fleet-{self.behaviours[0].index if self.behaviours else 0}"
+        seen_open = False
+        while True:
+            try:
+                async with AsyncConnection(self.broker_url, name, subscriptions=[topics.round]) as conn:
+                    async for _, payload in conn.messages():
+                        try:
+                            state = RoundAnnouncement.decode(payload).state
+                        except CodecError:
+                            continue
+                        seen_open = seen_open or state == "open"
+                        if seen_open and state == "finished":
+                            self.finished.set()
+            except MqttError as e:
+                log.info("round watcher: %s; reconnecting", e)
+                await asyncio.sleep(1.0)

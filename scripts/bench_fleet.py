@@ -1,0 +1,262 @@
+"""Benchmark: a thousand simulated devices on one host, then time-to-accuracy on a thin link.
+
+1. Idle memory: RSS of a simulator process (TensorFlow and the shared trainer loaded) with 0 and
+   with N connected, idle devices, plus the broker's growth; the difference per device.
+2. Scale: N devices connected, K selected per round, R rounds of the digits example: peak RSS of
+   the whole simulation (simulator process and broker), each round's wall time split into
+   training, encode/decode, broker transfer and aggregation, and updates lost (must be 0).
+3. Thin link: every device's uplink at 256 kbit/s; dense float32 FedAvg against pruned 90 % int8;
+   the emulated fleet time until 90 % held-out accuracy, and the ratio.
+
+Each phase runs in a child process of its own, so that one phase's memory does not count in the
+next one's. Prints one line per phase, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and tests/brokers.py for Mosquitto
+
+from fedprune.task import Task, load_task, parse_task  # noqa: E402
+
+TARGET_ACCURACY = 0.90
+
+
+def _rss_kb(pid: int | str = "self", field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} for process {pid}")
+
+
+def _task(base: Path, **sections) -> Task:
+    """The example task file with some sections' keys replaced."""
+    import tomllib
+
+    raw = tomllib.loads(base.read_text())
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return parse_task(raw, source=str(base))
+
+
+def _scale_task(args) -> Task:
+    # 1,437 training images over 1,000 devices: one or two each, split at random.
+    return _task(args.task, data={"partition": "iid", "min_samples": 1},
+                 federation={"rounds": args.rounds, "devices_per_round": args.per_round,
+                             "min_devices": args.per_round, "round_timeout_s": 600, "wait_for_devices_s": 600},
+                 pruning={"end_round": min(args.rounds, 10)})
+
+
+# --- child phases (run as `bench_fleet.py --phase NAME`) -------------------------------------------
+
+def phase_idle(args) -> dict:
+    from fedprune.simulate import _fleet
+
+    task = _scale_task(args)
+    fleet, _ = _fleet(task, max(args.devices, 1), range(args.devices), args.broker_url)  # loads TF, the trainer
+    started = time.monotonic()
+    fleet.start(900)
+    connect_s = time.monotonic() - started
+    time.sleep(5)  # settle: every subscription and retained message delivered
+    out = {"devices": args.devices, "connected": fleet.connected_count(), "connect_s": connect_s,
+           "rss_kb": _rss_kb()}
+    fleet.stop()
+    return out
+
+
+def phase_scale(args) -> dict:
+    from fedprune.simulate import run_simulation
+
+    task = _scale_task(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.monotonic()
+        result = run_simulation(task, args.devices, Path(tmp) / "run", args.broker_url, export_tflite=False,
+                                on_round=_print_round)
+        wall = time.monotonic() - started
+        fleet = json.loads((Path(tmp) / "run" / "fleet.json").read_text())
+    return {"wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "fleet": fleet,
+            "rounds": [_round_figures(r) for r in result.rounds], "final_accuracy": result.final_accuracy}
+
+
+def phase_thin(args) -> dict:
+    from fedprune.report import Run, write_report
+    from fedprune.simulate import run_simulation
+
+    link = {"profiles": [{"name": "thin", "uplink_kbps": args.uplink_kbps, "latency_ms": 50.0}]}
+    fed = {"rounds": args.thin_rounds, "devices_per_round": args.thin_per_round,
+           "min_devices": args.thin_per_round, "round_timeout_s": 600, "wait_for_devices_s": 600}
+    variants = {
+        "dense float32 FedAvg": _task(args.task, federation=fed, simulation=link,
+                                      pruning={"final_sparsity": 0.0, "initial_sparsity": 0.0},
+                                      transport={"uplink_precision": "float32"}),
+        # The example's own schedule (a ramp from round 2 to 10, a step every other round), to 90 %.
+        "pruned 90 % int8": _task(args.task, federation=fed, simulation=link, pruning={"final_sparsity": 0.9},
+                                  transport={"uplink_precision": "int8"}),
+    }
+    out = {}
+    runs = []
+    report_dir = args.report_dir or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    for label, task in variants.items():
+        run_dir = report_dir / label.split()[0]
+        result = run_simulation(task, args.thin_devices, run_dir, args.broker_url, export_tflite=False,
+                                on_round=_print_round)
+        run = Run.load(run_dir, label)
+        runs.append(run)
+        out[label] = {
+            "time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY),
+            "link_time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY, clock="transfer_s"),
+            "rounds_to_target": next((r.round for r in result.rounds if r.accuracy >= TARGET_ACCURACY), None),
+            "final_accuracy": result.final_accuracy,
+            "uplink_bytes": sum(r.bytes_up for r in result.rounds),
+            "mean_update_bytes": sum(r.bytes_up for r in result.rounds) / max(1, sum(r.received for r in result.rounds)),
+            "fleet_s_per_round": [round(r.fleet_s, 2) for r in result.rounds],
+            "accuracy_per_round": [round(r.accuracy, 4) for r in result.rounds],
+            "lost": sum(r.lost for r in result.rounds),
+        }
+    report = write_report(report_dir / "pruned", label=runs[1].label, compare=[runs[0]],
+                          notes=[f"bench_fleet thin link: {args.thin_devices} devices, {args.thin_per_round} per "
+                                 f"round, uplink {args.uplink_kbps} kbit/s, 50 ms latency"])
+    out["report"] = str(report)
+    return out
+
+
+def _round_figures(r) -> dict:
+    overhead = r.encode_s + r.decode_s + r.transfer_s + r.aggregate_s
+    return {"round": r.round, "selected": r.selected, "reported": r.reported, "received": r.received,
+            "rejected": r.rejected, "offline": r.offline, "lost": r.lost, "accuracy": r.accuracy,
+            "wall_s": r.wall_s, "fleet_s": r.fleet_s, "train_s": r.train_s, "transfer_s": r.transfer_s,
+            "encode_s": r.encode_s, "decode_s": r.decode_s, "aggregate_s": r.aggregate_s,
+            "evaluate_s": r.evaluate_s, "overhead_of_wall": overhead / r.wall_s}
+
+
+def _print_round(r) -> None:
+    print(f"  round {r.round}: {r.reported}/{r.selected} reported, {r.lost} lost, accuracy {r.accuracy:.4f}, "
+          f"wall {r.wall_s:.1f} s, fleet {r.fleet_s:.1f} s (train {r.train_s:.2f}, transfer {r.transfer_s:.2f}, "
+          f"enc/dec {r.encode_s + r.decode_s:.3f}, aggregate {r.aggregate_s:.3f})", file=sys.stderr, flush=True)
+
+
+PHASES = {"idle": phase_idle, "scale": phase_scale, "thin": phase_thin}
+
+
+# --- the parent: brokers, child processes, the summary --------------------------------------------
+
+def _child(phase: str, args, broker_url: str, extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--phase", phase, "--broker-url", broker_url, "--task", str(args.task),
+           "--devices", str(args.devices), "--per-round", str(args.per_round), "--rounds", str(args.rounds),
+           "--thin-devices", str(args.thin_devices), "--thin-per-round", str(args.thin_per_round),
+           "--thin-rounds", str(args.thin_rounds), "--uplink-kbps", str(args.uplink_kbps), *(extra or [])]
+    if args.report_dir:
+        cmd += ["--report-dir", str(args.report_dir)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"phase {phase} failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _broker(stack: ExitStack, kind: str) -> tuple[str, int | None]:
+    """(URL, pid of a broker process or None when it runs in this process)."""
+    if kind == "mosquitto":
+        from brokers import MosquittoProcess
+
+        broker = stack.enter_context(MosquittoProcess())
+        return broker.url, broker.pid
+    from aggregator.embedded_broker import EmbeddedBroker
+
+    return stack.enter_context(EmbeddedBroker()).url, None
+
+
+def _broker_kb(pid: int | None, field: str = "VmRSS") -> int:
+    return _rss_kb(pid if pid is not None else "self", field)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=ROOT / "examples" / "digits.toml")
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--per-round", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--thin-devices", type=int, default=20)
+    parser.add_argument("--thin-per-round", type=int, default=10)
+    parser.add_argument("--thin-rounds", type=int, default=20)
+    parser.add_argument("--uplink-kbps", type=float, default=256.0)
+    parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(PHASES), help="phases to leave out")
+    parser.add_argument("--report-dir", type=Path, help="keep the thin-link runs and their report here")
+    parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
+    parser.add_argument("--broker-url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        print(json.dumps(PHASES[args.phase](args)))
+        return 0
+
+    out: dict = {"broker": args.broker, "devices": args.devices, "per_round": args.per_round,
+                 "rounds": args.rounds}
+    if "idle" not in args.skip:
+        idle = {}
+        for n in (0, args.devices):
+            with ExitStack() as stack:
+                url, pid = _broker(stack, args.broker)
+                before = _broker_kb(pid)
+                child = _child("idle", args, url, ["--devices", str(n)])
+                idle[n] = {**child, "broker_growth_kb": _broker_kb(pid) - before}
+                print(f"idle {n} devices: simulator RSS {child['rss_kb'] / 1024:.0f} MB, broker +"
+                      f"{idle[n]['broker_growth_kb'] / 1024:.1f} MB, connected {child['connected']} in "
+                      f"{child['connect_s']:.1f} s", flush=True)
+        per_device_kb = ((idle[args.devices]["rss_kb"] + idle[args.devices]["broker_growth_kb"])
+                         - (idle[0]["rss_kb"] + idle[0]["broker_growth_kb"])) / args.devices
+        out["idle"] = {"zero": idle[0], "full": idle[args.devices], "per_device_kb": per_device_kb}
+        print(f"memory per idle connected device: {per_device_kb:.0f} kB (simulator + broker)", flush=True)
+    if "scale" not in args.skip:
+        with ExitStack() as stack:
+            url, pid = _broker(stack, args.broker)
+            scale = _child("scale", args, url)
+            broker_peak = _broker_kb(pid, "VmHWM") if pid is not None else 0
+        scale["peak_rss_total_kb"] = scale["peak_rss_kb"] + broker_peak
+        scale["broker_peak_rss_kb"] = broker_peak
+        rounds = scale["rounds"]
+        scale["updates_lost"] = sum(r["lost"] for r in rounds)
+        scale["worst_overhead_of_wall"] = max(r["overhead_of_wall"] for r in rounds)
+        out["scale"] = scale
+        print(f"scale: {args.devices} devices, peak RSS {scale['peak_rss_total_kb'] / 1024:.0f} MB in total, "
+              f"{scale['updates_lost']} updates lost, overhead at most {scale['worst_overhead_of_wall']:.1%} of "
+              f"round wall time", flush=True)
+    if "thin" not in args.skip:
+        with ExitStack() as stack:
+            url, _ = _broker(stack, args.broker)
+            thin = _child("thin", args, url)
+        dense, pruned = thin["dense float32 FedAvg"], thin["pruned 90 % int8"]
+        if dense["time_to_target_s"] and pruned["time_to_target_s"]:
+            thin["speedup"] = dense["time_to_target_s"] / pruned["time_to_target_s"]
+        else:
+            thin["speedup"] = None
+        out["thin"] = thin
+        print(f"thin link: to {TARGET_ACCURACY:.0%} accuracy dense {dense['time_to_target_s']} s, pruned "
+              f"{pruned['time_to_target_s']} s, ratio {thin['speedup']}", flush=True)
+    targets = {}
+    if "idle" in out:
+        targets["per_idle_device_le_1MB"] = out["idle"]["per_device_kb"] <= 1024
+    if "scale" in out:
+        targets["total_ram_le_4GB"] = out["scale"]["peak_rss_total_kb"] <= 4 * 1024 * 1024
+        targets["no_update_lost"] = out["scale"]["updates_lost"] == 0
+        targets["overhead_lt_10pct_of_round"] = out["scale"]["worst_overhead_of_wall"] < 0.10
+    if "thin" in out:
+        targets["pruned_10x_sooner"] = bool(out["thin"]["speedup"] and out["thin"]["speedup"] >= 10)
+    out["targets_met"] = targets
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Benchmark: the same dense FedAvg task in Flower's simulation engine and in fedprune.
+
+Same task file (examples/digits.toml by default) with pruning off and float32 updates: the same
+Keras model (``fedprune.models``), the same Dirichlet partition (``fedprune.data.partition``, same
+seed), the same device selection each round (``numpy.random.default_rng(seed).choice`` over the
+sorted devices, as ``aggregator.server`` draws it), the same local training (epochs, batch,
+optimizer and learning rate, fresh optimizer state each round), FedAvg weighted by sample count,
+evaluation of the global model on the same held-out set after each round.
+
+- Flower: ``flwr.simulation.start_simulation`` (the Ray-backed Virtual Client Engine) with
+  Flower's own ``FedAvg`` strategy and a ``SimpleClientManager`` whose ``sample`` draws the same
+  devices; bytes are the serialized ``Parameters`` tensors Flower hands between server and clients.
+- fedprune: ``fedprune.simulate.run_simulation`` (asyncio devices, embedded MQTT broker); bytes are
+  the MQTT payloads. Then the task file as it is (pruned, int8) for the bytes ratio.
+
+Each framework runs ``--repeats`` times with seeds 0, 1, ... (run-to-run noise). Needs the
+``flower`` extra (``pip install "fedprune[flower]"``: flwr with Ray). Last line JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fedprune.task import Task, load_task  # noqa: E402
+
+
+def dense(task: Task, seed: int) -> Task:
+    return dataclasses.replace(
+        task, seed=seed,
+        pruning=dataclasses.replace(task.pruning, final_sparsity=0.0, initial_sparsity=0.0),
+        transport=dataclasses.replace(task.transport, uplink_precision="float32", downlink_precision="float32"),
+    )
+
+
+# --- Flower ------------------------------------------------------------------------------------
+
+def run_flower(task: Task, num_devices: int) -> list[dict]:
+    """Rounds of dense FedAvg in Flower's simulation engine: accuracy, bytes, wall time."""
+    import flwr
+    from flwr.client import NumPyClient
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.strategy import FedAvg
+
+    from fedprune.data import load_dataset, partition
+    from fedprune.keras_setup import keras
+    from fedprune.models import build_model
+
+    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
+                       task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
+    train = task.training
+    factory, seed = task.model.factory, task.seed
+
+    def compiled(input_shape, classes):
+        model = build_model(factory, input_shape, classes)
+        opt = keras.optimizers.Adam if train.optimizer == "adam" else keras.optimizers.SGD
+        model.compile(optimizer=opt(learning_rate=train.learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        return model
+
+    class DigitsClient(NumPyClient):
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+            self.model = compiled(ds.input_shape, ds.num_classes)
+
+        def fit(self, parameters, config):
+            self.model.set_weights(parameters)
+            self.model.fit(self.x, self.y, epochs=train.local_epochs, batch_size=train.batch_size,
+                           shuffle=True, verbose=0)
+            return self.model.get_weights(), len(self.x), {}
+
+    def client_fn(context):
+        idx = shards[int(context.node_config["partition-id"])]
+        return DigitsClient(ds.x_train[idx], ds.y_train[idx]).to_client()
+
+    class SameSelection(SimpleClientManager):
+        """fedprune's draw: ``rng.choice`` over the devices in id order, one generator per run."""
+
+        rng = np.random.default_rng(seed)
+
+        def sample(self, num_clients, min_num_clients=None, criterion=None):
+            self.wait_for(min_num_clients or num_clients)
+            by_partition = sorted(self.clients.values(), key=lambda c: c.partition_id)
+            chosen = self.rng.choice(len(by_partition), size=min(num_clients, len(by_partition)), replace=False)
+            return [by_partition[i] for i in sorted(chosen.tolist())]
+
+    keras.utils.set_random_seed(seed)
+    server_model = compiled(ds.input_shape, ds.num_classes)
+    rounds: list[dict] = []
+    clock = {"t": time.monotonic()}
+
+    def evaluate_fn(server_round, parameters, config):
+        server_model.set_weights(parameters)
+        loss, acc = server_model.evaluate(ds.x_test, ds.y_test, verbose=0, batch_size=256)
+        now = time.monotonic()
+        if server_round > 0:
+            rounds.append({"round": server_round, "accuracy": float(acc), "wall_s": now - clock["t"]})
+        clock["t"] = now
+        return float(loss), {"accuracy": float(acc)}
+
+    class CountingFedAvg(FedAvg):
+        """Flower's FedAvg, counting the parameter bytes that go down and come back."""
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            out = super().configure_fit(server_round, parameters, client_manager)
+            self._down = sum(len(t) for _, ins in out for t in ins.parameters.tensors)
+            return out
+
+        def aggregate_fit(self, server_round, results, failures):
+            up = sum(len(t) for _, res in results for t in res.parameters.tensors)
+            self._pending = {"bytes_down": self._down, "bytes_up": up, "reported": len(results)}
+            return super().aggregate_fit(server_round, results, failures)
+
+        def evaluate(self, server_round, parameters):
+            out = super().evaluate(server_round, parameters)
+            if server_round > 0:
+                rounds[-1].update(self._pending)
+            return out
+
+    k = task.federation.devices_per_round
+    strategy = CountingFedAvg(
+        fraction_fit=k / num_devices, min_fit_clients=k, min_available_clients=num_devices, fraction_evaluate=0.0,
+        min_evaluate_clients=0, evaluate_fn=evaluate_fn,
+        initial_parameters=ndarrays_to_parameters(server_model.get_weights()),
+    )
+    env = {"PYTHONPATH": str(ROOT), "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    flwr.simulation.start_simulation(
+        client_fn=client_fn, num_clients=num_devices, config=ServerConfig(num_rounds=task.federation.rounds),
+        strategy=strategy, client_manager=SameSelection(),
+        client_resources={"num_cpus": 1, "num_gpus": 0.0},
+        ray_init_args={"num_cpus": os.cpu_count(), "include_dashboard": False, "runtime_env": {"env_vars": env},
+                       "object_store_memory": 200 * 1024 * 1024, "logging_level": logging.WARNING},
+    )
+    return rounds
+
+
+# --- fedprune ------------------------------------------------------------------------------------
+
+def run_ours(task: Task, num_devices: int) -> list[dict]:
+    from fedprune.simulate import run_simulation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_simulation(task, num_devices, Path(tmp) / "run", export_tflite=False)
+    return [{"round": r.round, "accuracy": r.accuracy, "wall_s": r.wall_s, "bytes_down": r.bytes_down,
+             "bytes_up": r.bytes_up, "reported": r.reported} for r in result.rounds]
+
+
+def _print_rounds(name: str, rounds: list[dict]) -> None:
+    print(f"{name}", flush=True)
+    print("  round  accuracy  reported   bytes down     bytes up   wall s", flush=True)
+    for r in rounds:
+        print(f"  {r['round']:5d}  {r['accuracy']:.4f}  {r.get('reported', 0):8d}  {r.get('bytes_down', 0):11,}  "
+              f"{r.get('bytes_up', 0):11,}  {r['wall_s']:7.2f}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", type=Path, default=ROOT / "examples" / "digits.toml")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per framework, seeds 0, 1, ...")
+    parser.add_argument("--skip-flower", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    base = load_task(args.task)
+
+    out: dict = {"task": str(args.task), "devices": args.devices, "rounds": base.federation.rounds,
+                 "devices_per_round": base.federation.devices_per_round}
+    runs: dict[str, list[list[dict]]] = {"fedprune dense": [], "flower dense": []}
+    for seed in range(args.repeats):
+        rounds = run_ours(dense(base, seed), args.devices)
+        _print_rounds(f"fedprune, dense FedAvg float32, seed {seed}", rounds)
+        runs["fedprune dense"].append(rounds)
+        if not args.skip_flower:
+            rounds = run_flower(dense(base, seed), args.devices)
+            _print_rounds(f"Flower {__import__('flwr').__version__} simulation, FedAvg, seed {seed}", rounds)
+            runs["flower dense"].append(rounds)
+    pruned = run_ours(base, args.devices)
+    _print_rounds(f"fedprune, the task as written (pruned to {base.pruning.final_sparsity:.0%}, "
+                  f"{base.transport.uplink_precision} uplink), seed {base.seed}", pruned)
+
+    summary = {}
+    for name, reps in runs.items():
+        if not reps:
+            continue
+        finals = [r[-1]["accuracy"] for r in reps]
+        summary[name] = {
+            "final_accuracy": finals,
+            "mean_final_accuracy": float(np.mean(finals)),
+            "mean_accuracy_last_3": float(np.mean([np.mean([x["accuracy"] for x in r[-3:]]) for r in reps])),
+            "bytes_up_per_round": float(np.mean([x["bytes_up"] for r in reps for x in r])),
+            "bytes_down_per_round": float(np.mean([x["bytes_down"] for r in reps for x in r])),
+            "wall_s_per_round": float(np.mean([x["wall_s"] for r in reps for x in r])),
+            "accuracy_per_round": [[round(x["accuracy"], 4) for x in r] for r in reps],
+        }
+    ours = summary["fedprune dense"]
+    summary["fedprune pruned"] = {
+        "final_accuracy": pruned[-1]["accuracy"],
+        "bytes_up_total": sum(x["bytes_up"] for x in pruned),
+        "uplink_ratio_vs_dense": ours["bytes_up_per_round"] * len(pruned) / sum(x["bytes_up"] for x in pruned),
+        "downlink_ratio_vs_dense": ours["bytes_down_per_round"] * len(pruned) / sum(x["bytes_down"] for x in pruned),
+    }
+    if "flower dense" in summary:
+        flower = summary["flower dense"]
+        spread = max(np.ptp(ours["final_accuracy"]), np.ptp(flower["final_accuracy"]), 0.0)
+        summary["accuracy_gap"] = ours["mean_final_accuracy"] - flower["mean_final_accuracy"]
+        summary["run_to_run_spread"] = float(spread)
+        print(f"dense FedAvg final accuracy: fedprune {ours['final_accuracy']}, Flower {flower['final_accuracy']}; "
+              f"gap {summary['accuracy_gap']:+.4f}, largest spread between repeats {spread:.4f}", flush=True)
+    out["summary"] = summary
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
