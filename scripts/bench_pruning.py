@@ -109,8 +109,8 @@ def plot(results: list[dict], path: Path) -> None:
             ax.scatter(r["sparsity"], r["accuracy"], marker="s")
             ax.annotate(r["row"], (r["sparsity"], r["accuracy"]), fontsize=7, xytext=(3, -8),
                         textcoords="offset points")
-        ax.set_title(f"{ds}: held-out accuracy vs sparsity (20 devices, Dirichlet 0.5)")
-        ax.set_xlabel("final sparsity of the global model (structured: fraction of parameters removed)")
+        ax.set_title(f"{ds}: held-out accuracy vs sparsity\n(20 devices, Dirichlet 0.5)", fontsize=10)
+        ax.set_xlabel("final sparsity (structured: fraction of parameters removed)")
         ax.set_ylabel("held-out accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
