@@ -99,10 +99,6 @@ def _config(args: argparse.Namespace, require_run: bool):
     config = load_config(args.config) if args.config else AgentConfig()
     overrides = {"device.state_dir": args.state_dir, "logging.level": args.log_level}
     if args.command == "run":
-        connection = _connection(args)
-        if connection is not None:  # the file names the broker (with credentials), the device and federation
-            overrides.update({"broker.url": connection.broker.url, "device.id": connection.device_id,
-                              "broker.federation": connection.federation})
         overrides.update({
             "broker.url": args.broker, "device.id": args.device_id, "device.data": args.data,
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
@@ -110,6 +106,10 @@ def _config(args: argparse.Namespace, require_run: bool):
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
             "model.export": args.model_export,
         })
+        connection = _connection(args)
+        if connection is not None:  # the file names the broker (with credentials), the device and federation
+            overrides.update({"broker.url": connection.broker.url, "device.id": connection.device_id,
+                              "broker.federation": args.federation or connection.federation})
     config = config.with_overrides(overrides).check(require_run=require_run)
     setup_logging(config.logging.level)
     return config
