@@ -160,6 +160,9 @@ class PruningSection:
         if self.mask_owner == "device" and (self.schedule != "polynomial" or self.rule != "magnitude"):
             raise TaskError("pruning.mask_owner = 'device' prunes with tfmot by magnitude on a polynomial "
                             "schedule: use schedule = 'polynomial' and rule = 'magnitude'")
+        if self.mask_owner == "device" and self.begin_round == 0:
+            raise TaskError("pruning.begin_round = 0 prunes the initial model on the aggregator; with "
+                            "mask_owner = 'device' the devices prune while they train: use begin_round >= 1")
         if not 0.0 <= self.regrowth < 0.5:
             raise TaskError(f"pruning.regrowth must be in [0, 0.5), got {self.regrowth}")
         if self.regrowth > 0 and self.mask_owner == "device":

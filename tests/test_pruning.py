@@ -16,7 +16,7 @@ from fedprune.pruning.masks import (
     prune_to_sparsity,
     sparsity,
 )
-from fedprune.pruning.schedules import ConstantSparsity, PolynomialDecay
+from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay
 
 PROP = settings(max_examples=200, deadline=None)
 # tfmot imports distutils.version on import; not our concern here.
@@ -250,7 +250,7 @@ def test_polynomial_decay_clips_outside_range_and_is_monotone():
         dict(initial_sparsity=0.5, final_sparsity=0.4, begin_round=1, end_round=5),
         dict(initial_sparsity=0.0, final_sparsity=1.0, begin_round=1, end_round=5),
         dict(initial_sparsity=-0.1, final_sparsity=0.5, begin_round=1, end_round=5),
-        dict(initial_sparsity=0.0, final_sparsity=0.5, begin_round=0, end_round=5),
+        dict(initial_sparsity=0.0, final_sparsity=0.5, begin_round=-1, end_round=5),
         dict(initial_sparsity=0.0, final_sparsity=0.5, begin_round=5, end_round=4),
         dict(initial_sparsity=0.0, final_sparsity=0.5, begin_round=1, end_round=5, frequency=0),
     ],
@@ -260,6 +260,14 @@ def test_polynomial_decay_rejects_bad_parameters(kwargs):
         PolynomialDecay(**kwargs)
 
 
+def test_schedules_may_prune_the_initial_model_at_round_0():
+    assert ConstantSparsity(0.9, begin_round=0, end_round=10, frequency=5)(0) == (True, 0.9)
+    assert [r for r in range(0, 11) if ConstantSparsity(0.9, 0, 10, 5)(r)[0]] == [0, 5, 10]
+    assert PolynomialDecay(0.5, 0.9, begin_round=0, end_round=4)(0) == (True, 0.5)
+    with pytest.raises(ValueError, match="begin_round must be >= 1"):
+        AdaptiveSparsity(0.5, 0.9, 0.1, 0.01, begin_round=0, end_round=5)
+
+
 def test_constant_sparsity_behaviour():
     c = ConstantSparsity(0.5, begin_round=2, end_round=9, frequency=3)
     assert [r for r in range(1, 13) if c(r)[0]] == [2, 5, 8, 9]  # 9 = end_round, see above
@@ -267,7 +275,7 @@ def test_constant_sparsity_behaviour():
     d = ConstantSparsity(0.3)
     assert d(1) == (True, 0.3) and d(2) == (False, 0.3)
     for bad in (dict(target_sparsity=1.0), dict(target_sparsity=-0.2),
-                dict(target_sparsity=0.5, begin_round=0),
+                dict(target_sparsity=0.5, begin_round=-1),
                 dict(target_sparsity=0.5, begin_round=3, end_round=2),
                 dict(target_sparsity=0.5, frequency=0)):
         with pytest.raises(ValueError):

@@ -73,7 +73,7 @@ BAD = [
     ("final_sparsity = 0.8", "final_sparsity = 1.0", "pruning.final_sparsity"),
     ("initial_sparsity = 0.0", "initial_sparsity = -0.1", "pruning.initial_sparsity"),
     ("initial_sparsity = 0.0", "initial_sparsity = 0.9", "pruning.final_sparsity"),
-    ("begin_round = 2", "begin_round = 0", "pruning.begin_round"),
+    ("begin_round = 2", "begin_round = -1", "pruning.begin_round"),
     ("begin_round = 2", "begin_round = 11", "pruning.end_round"),
     ("frequency = 2", "frequency = 0", "pruning.frequency"),
     ("end_round = 10", "end_round = 16", "pruning.end_round"),

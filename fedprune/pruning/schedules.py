@@ -17,16 +17,19 @@ class PruningSchedule(ABC):
 
     @abstractmethod
     def __call__(self, round_number: int) -> tuple[bool, float]:
-        """Return ``(prune_now, target_sparsity)`` for the round just aggregated (1-based)."""
+        """Return ``(prune_now, target_sparsity)`` for the round just aggregated (1-based; 0 is
+        the initial model, before round 1)."""
 
     @abstractmethod
     def get_config(self) -> dict[str, Any]:
         """Parameters that rebuild this schedule."""
 
 
-def _check_range(begin_round: int, end_round: int, frequency: int) -> None:
-    if begin_round < 1:
-        raise ValueError(f"begin_round must be >= 1, got {begin_round}")
+def _check_range(begin_round: int, end_round: int, frequency: int, first: int = 0) -> None:
+    # Round 0 is the initial model, before any training: pruning it (pruning at initialization)
+    # makes every update sparse from round 1, which is what a thin uplink needs.
+    if begin_round < first:
+        raise ValueError(f"begin_round must be >= {first}, got {begin_round}")
     if end_round < begin_round:
         raise ValueError(f"end_round ({end_round}) must be >= begin_round ({begin_round})")
     if frequency < 1:
@@ -171,7 +174,8 @@ class AdaptiveSparsity(PruningSchedule):
     frequency: int = 1
 
     def __post_init__(self) -> None:
-        _check_range(self.begin_round, self.end_round, self.frequency)
+        # It acts on accuracy observed after a round, so it cannot start before round 1.
+        _check_range(self.begin_round, self.end_round, self.frequency, first=1)
         _check_sparsities(self.initial_sparsity, self.final_sparsity)
         if not (math.isfinite(self.step) and self.step > 0):
             raise ValueError(f"step must be a finite number > 0, got {self.step}")
