@@ -38,6 +38,7 @@ from fedprune.pruning.masks import (
     prune_globally,
     prune_to_sparsity,
     prune_with_rules,
+    rescale_units_to_norms,
     sparsity,
 )
 from fedprune.pruning.regrowth import regrow
@@ -143,7 +144,8 @@ class Aggregator:
         masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
         if self.schedule is not None and not self.device_masks and self.schedule(0)[0]:
             # Pruning at initialization (begin_round = 0): every update is sparse from round 1.
-            weights, masks = self._prune(weights, masks, self.schedule(0)[1])
+            pruned, masks = self._prune(weights, masks, self.schedule(0)[1])
+            weights = rescale_units_to_norms(weights, pruned, masks)
             log.info("pruned the initial model to sparsity %.3f before round 1", self.schedule(0)[1])
         # Under DP the draw of devices must be secret (privacy amplification by sampling): OS entropy.
         selection_rng = np.random.default_rng(None if task.privacy.enabled else task.seed)
@@ -227,6 +229,10 @@ class Aggregator:
         (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
         self.session.start()
         try:
+            if self.state.completed_rounds == 0:
+                # Also traces the evaluation, which round 1 would otherwise pay for.
+                _, acc = self.evaluate(self.state.weights)
+                log.info("initial model: held-out accuracy %.4f, sparsity %.3f", acc, sparsity(self.state.masks))
             n = self.registry.wait_for(fed.devices_per_round, fed.wait_for_devices_s)
             if n < fed.min_devices:
                 raise FederationError(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, run_job
+from edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
 from edge_agent.emulation import SlowLink
 from fedprune.transport import MqttSession, PayloadTooLarge
 
@@ -100,6 +100,9 @@ class EdgeAgent:
         job = self.device.receive(topic, payload)
         if job is not None:
             self._executor.submit(self._run, job)
+        elif topic == self.device.topics.architecture and self.device.architecture is not None:
+            # Trace the training step now, on the training thread, not when the first task is due.
+            self._executor.submit(prepare_trainer, self.trainer, self.device.architecture)
 
     def _run(self, job: TrainJob) -> None:  # worker thread
         message = run_job(self.device, job, self.trainer, self.x, self.y)

@@ -57,9 +57,25 @@ class TrainResult:
 
 
 class Trainer(Protocol):
-    """Local training (``edge_agent.trainer.KerasTrainer`` is the real one)."""
+    """Local training (``edge_agent.trainer.KerasTrainer`` is the real one).
+
+    A trainer may also have ``prepare(architecture)``: get ready to train that architecture (build
+    and trace) before its first task; ``prepare_trainer`` calls it where it exists.
+    """
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult: ...
+
+
+def prepare_trainer(trainer: Trainer, architecture: Architecture) -> None:
+    """Let ``trainer`` get ready for ``architecture`` now (while the device is idle), if it can;
+    a failure is logged, and the first task then pays for the set-up instead."""
+    prepare = getattr(trainer, "prepare", None)
+    if prepare is None:
+        return
+    try:
+        prepare(architecture)
+    except Exception as e:  # noqa: BLE001 - a warm-up must not take the device down
+        log.warning("could not prepare the trainer for architecture %s: %s", architecture.digest[:8], e)
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,11 @@ class DeviceSession:
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
         self.completed_rounds: list[int] = []
+
+    @property
+    def architecture(self) -> Architecture | None:
+        """The architecture last announced by the aggregator (None before the first)."""
+        return self._architecture
 
     # --- what to subscribe to and announce ---
     @property

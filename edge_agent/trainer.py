@@ -78,7 +78,7 @@ class _EpochTimer(keras.callbacks.Callback):
 class _Compiled:
     model: keras.Model
     wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
-    schedule: TaskSchedule
+    schedules: dict[int, TaskSchedule]  # weight index of the kernel -> its wrapper's schedule
     optimizer_name: str = ""
 
 
@@ -103,20 +103,45 @@ def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> No
 
 
 class KerasTrainer:
-    """Trains task after task; caches one wrapped model per architecture and mask layout.
+    """Trains task after task; caches one wrapped model per architecture.
+
+    Every Dense/Conv kernel is wrapped, masked or not (an unmasked one trains under a mask of
+    ones), so one traced training step serves every task of an architecture, and ``prepare`` can
+    trace it before the first task arrives.
 
     Thread-safe: one trainer can serve many simulated devices in one process, one at a time.
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[str, tuple[int, ...]], _Compiled] = {}
+        self._cache: dict[str, _Compiled] = {}
         self._lock = threading.Lock()
+
+    def prepare(self, architecture: Architecture) -> None:
+        """Build, compile and trace the training step for ``architecture`` now, so that the first
+        task trains at the steady speed.
+
+        Tracing costs a small device seconds (more than a round of local training); a device
+        calls this when the architecture is announced, long before it is selected.
+        """
+        with self._lock:
+            if architecture.digest in self._cache:
+                return
+            start = time.perf_counter()
+            compiled = self._compiled(architecture)
+            _reset_optimizer(compiled, "adam", 0.001)  # the default optimizer: tasks reuse the trace
+            # A full batch and a partial one: two shapes make tf.function trace a step for any batch
+            # size (reduce_retracing), which then serves every task's batches.
+            shape = (3, *compiled.model.input_shape[1:])
+            compiled.model.fit(np.zeros(shape, np.float32), np.zeros(3, np.int64), epochs=1, batch_size=2,
+                               verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+            log.info("prepared the training step for architecture %s in %.1f s",
+                     architecture.digest[:8], time.perf_counter() - start)
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
         """Train on ``(x, y)`` from the task's global weights."""
         with self._lock:
             start = time.perf_counter()
-            compiled = self._compiled(architecture, task)
+            compiled = self._compiled(architecture)
             expected = tuple(compiled.model.input_shape[1:])
             if tuple(x.shape[1:]) != expected:
                 raise TrainingError(
@@ -125,15 +150,22 @@ class KerasTrainer:
             n_out = compiled.model.output_shape[-1]
             if int(y.max()) >= n_out:
                 raise TrainingError(f"local labels go up to {int(y.max())}, the model has {n_out} classes")
+            unknown = [i for i, m in enumerate(task.masks) if m is not None and i not in compiled.wrappers]
+            if unknown:
+                raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
             set_layer_weights(compiled.model, task.weights)
-            for idx, wrapper in compiled.wrappers.items():
-                mask = task.masks[idx].astype(np.float32)
-                kernel, mask_var, _ = wrapper.pruning_vars[0]
-                mask_var.assign(mask)
-                kernel.assign(kernel * mask)
             device_pruning = task.device_sparsity is not None
-            compiled.schedule.prune.assign(device_pruning)
-            compiled.schedule.target.assign(float(task.device_sparsity or 0.0))
+            for idx, wrapper in compiled.wrappers.items():
+                kernel, mask_var, _ = wrapper.pruning_vars[0]
+                mask = task.masks[idx]
+                if mask is None:  # not pruned: trains under a mask of ones, and tfmot leaves it alone
+                    mask_var.assign(tf.ones_like(mask_var))
+                else:
+                    mask_var.assign(mask.astype(np.float32))
+                    kernel.assign(kernel * mask.astype(np.float32))
+                schedule = compiled.schedules[idx]
+                schedule.prune.assign(device_pruning and mask is not None)
+                schedule.target.assign(float(task.device_sparsity or 0.0))
             cfg = task.training
             _reset_optimizer(compiled, str(cfg.get("optimizer", "adam")), float(cfg.get("learning_rate", 0.005)))
             timer = _EpochTimer()
@@ -149,7 +181,8 @@ class KerasTrainer:
             masks = list(task.masks)
             if device_pruning:
                 for idx, wrapper in compiled.wrappers.items():
-                    masks[idx] = wrapper.pruning_vars[0][1].numpy().astype(bool)
+                    if masks[idx] is not None:
+                        masks[idx] = wrapper.pruning_vars[0][1].numpy().astype(bool)
             new = apply_masks(get_layer_weights(compiled.model), masks)
             delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
             metrics = {
@@ -164,37 +197,32 @@ class KerasTrainer:
                     compiled, task, masks, x, y, task.gradient_fraction)
             return result
 
-    def _compiled(self, architecture: Architecture, task: TrainTask) -> _Compiled:
-        masked = tuple(i for i, m in enumerate(task.masks) if m is not None)
-        key = (architecture.digest, masked)
-        if key not in self._cache:
-            self._cache[key] = _wrap(architecture, masked)
-        return self._cache[key]
+    def _compiled(self, architecture: Architecture) -> _Compiled:
+        if architecture.digest not in self._cache:
+            self._cache[architecture.digest] = _wrap(architecture)
+        return self._cache[architecture.digest]
 
 
-def _wrap(architecture: Architecture, masked: tuple[int, ...]) -> _Compiled:
+def _wrap(architecture: Architecture) -> _Compiled:
+    """The architecture with every Dense/Conv layer in a ``PruneLowMagnitude`` wrapper, each with
+    a schedule of its own (device-side pruning prunes only the layers the task masks)."""
     plain = keras.models.model_from_json(architecture.model_json)
     candidates = [l.name for l in plain.layers if type(l).__name__ in PRUNABLE_LAYER_TYPES]
-    by_index = {idx: name for name, idx in kernel_positions(plain, candidates).items()}
-    unknown = [i for i in masked if i not in by_index]
-    if unknown:
-        raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
-    names = {by_index[i] for i in masked}
-    schedule = TaskSchedule()
+    index_of = kernel_positions(plain, candidates)
+    schedules = {index_of[name]: TaskSchedule() for name in candidates}
 
     def wrap(layer):
-        if layer.name in names:
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedule)
+        if layer.name in index_of:
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedules[index_of[layer.name]])
         return layer
 
     model = keras.models.clone_model(plain, clone_function=wrap)
-    index_of = {name: i for i, name in by_index.items()}
     wrappers = {
         index_of[layer.layer.name]: layer
         for layer in model.layers
         if isinstance(layer, PruneLowMagnitude)
     }
-    return _Compiled(model=model, wrappers=wrappers, schedule=schedule)
+    return _Compiled(model=model, wrappers=wrappers, schedules=schedules)
 
 
 def _pruned_gradients(compiled: _Compiled, task: TrainTask, masks, x, y, fraction: float):

@@ -78,6 +78,7 @@ def run_simulation(
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite)
         stack.callback(fleet.stop)
+        fleet.prepare(aggregator.architecture)
         fleet.start(connect_timeout_s)
         result = aggregator.run()
         stats = fleet.stats()

@@ -89,45 +89,70 @@ def phase_scale(args) -> dict:
             "rounds": [_round_figures(r) for r in result.rounds], "final_accuracy": result.final_accuracy}
 
 
+def _thin_variants(args) -> dict[str, dict]:
+    """The two runs of the thin-link case, as task sections to change."""
+    link = {"profiles": [{"name": "thin", "uplink_kbps": args.uplink_kbps, "latency_ms": 50.0}]}
+    fed = {"rounds": args.thin_rounds, "devices_per_round": args.thin_per_round,
+           "min_devices": args.thin_per_round, "round_timeout_s": 600, "wait_for_devices_s": 600}
+    return {
+        "dense float32 FedAvg": dict(federation=fed, simulation=link,
+                                     pruning={"final_sparsity": 0.0, "initial_sparsity": 0.0},
+                                     transport={"uplink_precision": "float32"}),
+        # Sparse from the start, as a thin link wants: the initial model pruned to 90 % (round 0),
+        # so that no update is ever dense; the first convolution (320 weights) and the output
+        # layer stay dense.
+        "pruned 90 % int8": dict(federation=fed, simulation=link,
+                                 pruning={"schedule": "constant", "final_sparsity": 0.9, "begin_round": 0,
+                                          "end_round": 0, "leave_dense": ["conv1", "logits"]},
+                                 transport={"uplink_precision": "int8"}),
+    }
+
+
 def phase_thin(args) -> dict:
     from fedprune.report import Run, write_report
     from fedprune.simulate import run_simulation
 
-    link = {"profiles": [{"name": "thin", "uplink_kbps": args.uplink_kbps, "latency_ms": 50.0}]}
-    fed = {"rounds": args.thin_rounds, "devices_per_round": args.thin_per_round,
-           "min_devices": args.thin_per_round, "round_timeout_s": 600, "wait_for_devices_s": 600}
-    variants = {
-        "dense float32 FedAvg": _task(args.task, federation=fed, simulation=link,
-                                      pruning={"final_sparsity": 0.0, "initial_sparsity": 0.0},
-                                      transport={"uplink_precision": "float32"}),
-        # The example's own schedule (a ramp from round 2 to 10, a step every other round), to 90 %.
-        "pruned 90 % int8": _task(args.task, federation=fed, simulation=link, pruning={"final_sparsity": 0.9},
-                                  transport={"uplink_precision": "int8"}),
-    }
     out = {}
-    runs = []
+    best_runs = []
     report_dir = args.report_dir or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
-    for label, task in variants.items():
-        run_dir = report_dir / label.split()[0]
-        result = run_simulation(task, args.thin_devices, run_dir, args.broker_url, export_tflite=False,
-                                on_round=_print_round)
-        run = Run.load(run_dir, label)
-        runs.append(run)
-        out[label] = {
-            "time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY),
-            "link_time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY, clock="transfer_s"),
-            "rounds_to_target": next((r.round for r in result.rounds if r.accuracy >= TARGET_ACCURACY), None),
-            "final_accuracy": result.final_accuracy,
-            "uplink_bytes": sum(r.bytes_up for r in result.rounds),
-            "mean_update_bytes": sum(r.bytes_up for r in result.rounds) / max(1, sum(r.received for r in result.rounds)),
-            "fleet_s_per_round": [round(r.fleet_s, 2) for r in result.rounds],
-            "accuracy_per_round": [round(r.accuracy, 4) for r in result.rounds],
-            "lost": sum(r.lost for r in result.rounds),
-        }
-    report = write_report(report_dir / "pruned", label=runs[1].label, compare=[runs[0]],
-                          notes=[f"bench_fleet thin link: {args.thin_devices} devices, {args.thin_per_round} per "
-                                 f"round, uplink {args.uplink_kbps} kbit/s, 50 ms latency"])
-    out["report"] = str(report)
+    for label, sections in _thin_variants(args).items():
+        by_lr = {}
+        for lr in args.learning_rates:
+            task = _task(args.task, training={"learning_rate": lr}, **sections)
+            run_dir = report_dir / f"{label.split()[0]}-lr{lr}"
+            print(f"{label}, learning rate {lr}:", file=sys.stderr, flush=True)
+            result = run_simulation(task, args.thin_devices, run_dir, args.broker_url, export_tflite=False,
+                                    on_round=_print_round)
+            run = Run.load(run_dir, f"{label} (learning rate {lr})")
+            by_lr[lr] = {
+                "run": run,
+                "time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY),
+                "link_time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY, clock="transfer_s"),
+                "train_time_to_target_s": run.time_to_accuracy(TARGET_ACCURACY, clock="train_s"),
+                "rounds_to_target": next((r.round for r in result.rounds if r.accuracy >= TARGET_ACCURACY), None),
+                "final_accuracy": result.final_accuracy,
+                "uplink_bytes": sum(r.bytes_up for r in result.rounds),
+                "mean_update_bytes": sum(r.bytes_up for r in result.rounds) / max(1, sum(r.received for r in result.rounds)),
+                "fleet_s_per_round": [round(r.fleet_s, 2) for r in result.rounds],
+                "accuracy_per_round": [round(r.accuracy, 4) for r in result.rounds],
+                "lost": sum(r.lost for r in result.rounds),
+            }
+        reached = [lr for lr in by_lr if by_lr[lr]["time_to_target_s"] is not None]
+        best = min(reached, key=lambda lr: by_lr[lr]["time_to_target_s"]) if reached else None
+        if best is not None:
+            best_runs.append(by_lr[best]["run"])
+        for figures in by_lr.values():
+            figures.pop("run")
+        out[label] = {"best_learning_rate": best,
+                      "time_to_target_s": by_lr[best]["time_to_target_s"] if best is not None else None,
+                      "by_learning_rate": {str(lr): f for lr, f in by_lr.items()}}
+    if len(best_runs) == 2:
+        pruned_dir = report_dir / f"pruned-lr{out['pruned 90 % int8']['best_learning_rate']}"
+        report = write_report(pruned_dir, label=best_runs[1].label, compare=[best_runs[0]],
+                              notes=[f"bench_fleet thin link: {args.thin_devices} devices, {args.thin_per_round} per "
+                                     f"round, uplink {args.uplink_kbps} kbit/s, 50 ms latency; each run at its "
+                                     f"fastest learning rate of {args.learning_rates}"])
+        out["report"] = str(report)
     return out
 
 
@@ -155,7 +180,8 @@ def _child(phase: str, args, broker_url: str, extra: list[str] | None = None) ->
     cmd = [sys.executable, __file__, "--phase", phase, "--broker-url", broker_url, "--task", str(args.task),
            "--devices", str(args.devices), "--per-round", str(args.per_round), "--rounds", str(args.rounds),
            "--thin-devices", str(args.thin_devices), "--thin-per-round", str(args.thin_per_round),
-           "--thin-rounds", str(args.thin_rounds), "--uplink-kbps", str(args.uplink_kbps), *(extra or [])]
+           "--thin-rounds", str(args.thin_rounds), "--uplink-kbps", str(args.uplink_kbps),
+           "--learning-rates", *map(str, args.learning_rates), *(extra or [])]
     if args.report_dir:
         cmd += ["--report-dir", str(args.report_dir)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -190,6 +216,8 @@ def main() -> int:
     parser.add_argument("--thin-per-round", type=int, default=10)
     parser.add_argument("--thin-rounds", type=int, default=20)
     parser.add_argument("--uplink-kbps", type=float, default=256.0)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[0.002, 0.005, 0.01],
+                        help="thin link: each run at each of these; the fastest to the target counts")
     parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(PHASES), help="phases to leave out")
     parser.add_argument("--report-dir", type=Path, help="keep the thin-link runs and their report here")
@@ -241,8 +269,10 @@ def main() -> int:
         else:
             thin["speedup"] = None
         out["thin"] = thin
-        print(f"thin link: to {TARGET_ACCURACY:.0%} accuracy dense {dense['time_to_target_s']} s, pruned "
-              f"{pruned['time_to_target_s']} s, ratio {thin['speedup']}", flush=True)
+        print(f"thin link: to {TARGET_ACCURACY:.0%} accuracy dense {dense['time_to_target_s']} s (learning rate "
+              f"{dense['best_learning_rate']}), pruned "
+              f"{pruned['time_to_target_s']} s (learning rate {pruned['best_learning_rate']}), ratio {thin['speedup']}",
+              flush=True)
     targets = {}
     if "idle" in out:
         targets["per_idle_device_le_1MB"] = out["idle"]["per_device_kb"] <= 1024

@@ -43,6 +43,7 @@ RAMPS = {"digits": (4, 14), "mnist1d": (15, 25)}
 RAMP = {"begin_round": 4, "end_round": 14, "frequency": 1, "initial_sparsity": 0.5,
         "leave_dense": ["conv1", "logits"]}
 LOSSY = {"uplink_precision": "int4", "error_feedback": True}
+START = {"schedule": "constant", "begin_round": 0, "end_round": 0, "leave_dense": ["conv1", "logits"]}
 ROWS: dict[str, dict] = {
     "dense": {"pruning": {"final_sparsity": 0.0}, "transport": {"uplink_precision": "float32"}},
     **{f"magnitude-{int(s * 100)}": {"pruning": {**RAMP, "final_sparsity": s}, "transport": LOSSY}
@@ -59,6 +60,14 @@ ROWS: dict[str, dict] = {
     "regrowth-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "regrowth": 0.05}, "transport": LOSSY},
     "device-masks-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
                         "transport": {"uplink_precision": "int4"}},
+    # Sparse from the start: the initial model pruned at round 0 (per-layer magnitude of a random
+    # initialisation: a random mask at the same sparsity in every layer), so no update is ever dense.
+    # With regrowth every 5 rounds (FedDST, Bibikar et al. 2022) the mask then follows training.
+    "start-90": {"pruning": {**START, "final_sparsity": 0.9}, "transport": {"uplink_precision": "int8"}},
+    "start-regrowth-90": {"pruning": {**START, "final_sparsity": 0.9, "frequency": 5, "regrowth": 0.1},
+                          "transport": {"uplink_precision": "int8"}},
+    "start-regrowth-90-int4": {"pruning": {**START, "final_sparsity": 0.9, "frequency": 5, "regrowth": 0.1},
+                               "transport": LOSSY},
     "structured-50": {"pruning": {"final_sparsity": 0.0, "structured_fraction": 0.5, "structured_round": 2,
                                   "leave_dense": ["logits"]}, "transport": {"uplink_precision": "int8"}},
 }
@@ -79,6 +88,8 @@ def task_for(dataset: str, row: str, rounds: int, seed: int, ramp: tuple[int, in
     p = raw["pruning"]
     if p.get("schedule") == "adaptive":  # steps up while accuracy holds, for a few rounds past the ramp
         p.update(begin_round=ramp[0], end_round=ramp[1] + 6)
+    elif p.get("begin_round") == 0:  # sparse from the start; regrowth turns until 5 rounds before the end
+        p["end_round"] = rounds - 5 if p.get("frequency", 1) > 1 else 0
     elif "begin_round" in p:
         p.update(begin_round=ramp[0], end_round=ramp[1])
     if p.get("structured_round"):
@@ -157,6 +168,7 @@ def main() -> None:
                 "bytes_down": int(sum(x.bytes_down for x in res.rounds)),
                 "tflite_int8_bytes": int8["size_bytes"], "wall_s": round(time.monotonic() - start, 1),
                 "mask_agreement": res.rounds[-1].mask_agreement, "structured": summary.get("structured_pruning"),
+                "accuracy_per_round": [round(x.accuracy, 4) for x in res.rounds],
             }
             results.append(r)
             print(f"{ds:<8} {row:<18} acc {r['accuracy']:.4f}  int8 tflite {r['tflite_int8_accuracy']:.4f}  "

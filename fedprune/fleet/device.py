@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from converters.protocol import Architecture, TrainTask
-from edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, run_job
+from edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, prepare_trainer, run_job
 from fedprune.fleet.connection import AsyncConnection, MqttError
 from fedprune.fleet.profiles import DeviceBehaviour
 from fedprune.transport import PayloadTooLarge
@@ -153,6 +153,10 @@ class SimulatedDevice:
                 t = asyncio.ensure_future(self._train(job))
                 self._jobs.add(t)
                 t.add_done_callback(self._jobs.discard)
+            elif topic == self.session.topics.architecture and self.session.architecture is not None:
+                # As a real device would, on the training thread (a cache hit for all but the first).
+                asyncio.get_running_loop().run_in_executor(
+                    self.executor, prepare_trainer, self.trainer, self.session.architecture)
 
     async def _train(self, job: TrainJob) -> None:
         loop = asyncio.get_running_loop()

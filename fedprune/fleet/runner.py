@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from converters.protocol import RoundAnnouncement, Topics
+from converters.protocol import Architecture, RoundAnnouncement, Topics
 from converters.errors import CodecError
-from edge_agent.device import DeviceSession, Trainer
+from edge_agent.device import DeviceSession, Trainer, prepare_trainer
 from fedprune.fleet.connection import AsyncConnection, MqttError
 from fedprune.fleet.device import SimulatedDevice
 from fedprune.fleet.profiles import DeviceBehaviour, draw_behaviours
@@ -95,6 +95,13 @@ class Fleet:
         if self._error is not None:
             raise self._error
         return self
+
+    def prepare(self, architecture: Architecture) -> None:
+        """Trace the shared trainers' training step for ``architecture`` before the first round, as
+        devices that have been running for a while have done: round 1 then shows the steady
+        training time, not one simulator-wide warm-up."""
+        for trainer in {id(t): t for t in (self.trainer, self.hostile_trainer) if t is not None}.values():
+            prepare_trainer(trainer, architecture)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None:

@@ -181,3 +181,30 @@ def mask_digest(masks: Masks) -> str:
         h.update(f"{i}:{'x'.join(map(str, m.shape))};".encode())
         h.update(np.packbits(m.ravel()).tobytes())
     return h.hexdigest()[:32]
+
+
+def rescale_units_to_norms(
+    reference: Sequence[np.ndarray], weights: Sequence[np.ndarray], masks: Masks
+) -> list[np.ndarray]:
+    """Scale each output unit's kept weights (the last axis of a Keras kernel) so that its L2 norm
+    equals the unit's norm in ``reference``; tensors without a mask, and units with nothing kept,
+    are left as they are.
+
+    For a model pruned at initialization: a unit left with a tenth of its inputs passes on about a
+    third of the signal, and stacked layers shrink it towards nothing, so the sparse network barely
+    learns at first. Restoring each unit's norm keeps the initializer's signal scale (the sparse
+    initialization of Evci et al., "Gradient Flow in Sparse Neural Networks and How Lottery Tickets
+    Win", AAAI 2022).
+    """
+    out = []
+    for ref, w, m in zip(reference, weights, masks, strict=True):
+        if m is None or w.ndim < 2:
+            out.append(w)
+            continue
+        axes = tuple(range(w.ndim - 1))
+        before = np.sqrt(np.sum(np.square(ref.astype(np.float64)), axis=axes))
+        after = np.sqrt(np.sum(np.square(w.astype(np.float64)), axis=axes))
+        scale = np.divide(before, after, out=np.ones_like(after), where=after > 0)
+        out.append((w * scale).astype(w.dtype))
+    return out
+
