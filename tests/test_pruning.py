@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fedprune.pruning.masks import (
+    rescale_units_to_norms,
     apply_masks,
     layer_sparsities,
     magnitude_mask,
@@ -305,3 +306,18 @@ def test_get_config_round_trip(schedule):
     rebuilt = type(schedule)(**{k: v for k, v in cfg.items() if k != "class_name"})
     assert rebuilt == schedule
     assert [rebuilt(r) for r in range(1, 15)] == [schedule(r) for r in range(1, 15)]
+
+
+def test_rescale_units_to_norms_restores_each_output_units_norm():
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(size=(3, 3, 4, 5)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32),
+           rng.normal(size=(6, 2)).astype(np.float32)]
+    masks = [rng.random(ref[0].shape) < 0.2, None, np.array([[1, 0]] * 6, bool)]
+    pruned = [ref[0] * masks[0], ref[1], ref[2] * masks[2]]
+    out = rescale_units_to_norms(ref, pruned, masks)
+    np.testing.assert_allclose(np.linalg.norm(out[0].reshape(-1, 5), axis=0), np.linalg.norm(ref[0].reshape(-1, 5), axis=0),
+                               rtol=1e-5)
+    assert np.all(out[0][~masks[0]] == 0)  # pruned positions stay pruned
+    assert out[1] is pruned[1]  # no mask: untouched
+    np.testing.assert_allclose(np.linalg.norm(out[2][:, 0]), np.linalg.norm(ref[2][:, 0]), rtol=1e-5)
+    assert np.all(out[2][:, 1] == 0)  # a unit with nothing kept stays zero

@@ -99,3 +99,23 @@ def test_wrong_layouts_and_oversize_updates_are_rejected(float32_aggregator):
     assert "expected" in _check(agg, renamed)
     # Over the task's transport.max_message_bytes (1,000,000 here).
     assert "exceeds" in _check(agg, _update(agg, precision="float32") + b"\0" * 500_000)
+
+
+def test_begin_round_0_prunes_the_initial_model_keeping_each_units_norm(tmp_path):
+    from fedprune.keras_setup import keras
+    from fedprune.models import build_model, get_layer_weights
+
+    task = small_task(pruning={"schedule": "constant", "final_sparsity": 0.9, "begin_round": 0, "end_round": 0,
+                               "leave_dense": ["conv1", "logits"]})
+    ds = load_dataset("digits")
+    agg = Aggregator(task, ds, "mqtt://127.0.0.1:1", tmp_path / "run", export_tflite=False)
+    keras.utils.set_random_seed(task.seed)  # the same initialization the aggregator drew
+    initial = get_layer_weights(build_model(task.model.factory, ds.input_shape, ds.num_classes))
+    masked = [i for i, m in enumerate(agg.state.masks) if m is not None]
+    assert [agg.layer_of[i] for i in masked] == ["conv2", "dense1"]
+    for i in masked:
+        w, m = agg.state.weights[i], agg.state.masks[i]
+        assert abs(1 - m.mean() - 0.9) < 0.001 and np.all(w[~m] == 0)
+        units = w.shape[-1]
+        np.testing.assert_allclose(np.linalg.norm(w.reshape(-1, units), axis=0),
+                                   np.linalg.norm(initial[i].reshape(-1, units), axis=0), rtol=1e-4)

@@ -1,0 +1,61 @@
+"""The Keras trainer on its own (real TensorFlow, no broker): tracing ahead of the first task, and
+which layers device-side pruning may touch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from converters.protocol import TrainTask
+from edge_agent.trainer import KerasTrainer
+from fedprune.keras_setup import keras
+from fedprune.models import architecture_of, digits_cnn, full_masks, get_layer_weights
+
+
+@pytest.fixture(scope="module")
+def model():
+    keras.utils.set_random_seed(0)
+    return digits_cnn((8, 8, 1), 10)
+
+
+def _task(model, masks, **kw) -> TrainTask:
+    return TrainTask(round=1, attempt=1, architecture_digest=architecture_of(model).digest,
+                     weights=get_layer_weights(model), masks=masks, deadline_s=60, uplink_precision="int8",
+                     training={"local_epochs": 2, "batch_size": 16, "learning_rate": 0.002, "optimizer": "adam"},
+                     **kw)
+
+
+def _data(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, n)
+
+
+def test_prepare_traces_the_step_that_every_task_then_reuses(model):
+    arch = architecture_of(model)
+    trainer = KerasTrainer()
+    trainer.prepare(arch)
+    step = trainer._cache[arch.digest].model.train_function
+    traced = step.experimental_get_tracing_count()
+    assert traced >= 1
+    # Dense and masked tasks, shards of different sizes (full and partial batches): no new trace.
+    for masks, n in (([None] * len(arch.shapes), 40), (full_masks(model, ("logits",)), 73), ([None] * len(arch.shapes), 5)):
+        x, y = _data(n)
+        trainer.train(arch, _task(model, masks), x, y)
+    assert trainer._cache[arch.digest].model.train_function is step
+    assert step.experimental_get_tracing_count() == traced
+    trainer.prepare(arch)  # a second announcement of the same architecture: nothing to do
+    assert step.experimental_get_tracing_count() == traced
+
+
+def test_device_side_pruning_leaves_unmasked_layers_dense(model):
+    arch = architecture_of(model)
+    masks = full_masks(model, ("conv1", "logits"))
+    x, y = _data(64, seed=1)
+    result = KerasTrainer().train(arch, _task(model, masks, device_sparsity=0.75), x, y)
+    for i, (m, d) in enumerate(zip(result.masks, result.delta)):
+        if masks[i] is None:
+            assert m is None
+            if d.ndim > 1:  # a kernel left dense trains (nearly) everywhere; pruned to 75 %, a quarter would
+                assert np.count_nonzero(d) > 0.5 * d.size
+        else:
+            assert abs(1 - m.mean() - 0.75) < 0.02
