@@ -249,9 +249,13 @@ class Aggregator:
                 save_checkpoint(self.run_dir / "checkpoints", self.state)
                 if self.on_round:
                     self.on_round(record)
+                if fed.stop_at_accuracy and record.accuracy >= fed.stop_at_accuracy:
+                    log.info("round %d reached held-out accuracy %.4f >= federation.stop_at_accuracy %.4f: "
+                             "the run ends here", r, record.accuracy, fed.stop_at_accuracy)
+                    break
             self.session.publish(
                 self.topics.round,
-                RoundAnnouncement(fed.rounds, 0, [], time.time(), state="finished").encode(),
+                RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode(),
                 retain=True,
             ).wait_for_publish(5)
         finally:

@@ -63,6 +63,7 @@ class FederationSection:
     round_timeout_s: float = 120.0
     max_round_retries: int = 3
     wait_for_devices_s: float = 300.0  # how long to wait for devices_per_round devices to be online
+    stop_at_accuracy: float = 0.0  # end the run after the first round whose held-out accuracy reaches it (0: never)
 
     def check(self) -> None:
         if not self.id or any(c in self.id for c in "/+#"):
@@ -79,6 +80,9 @@ class FederationSection:
             raise TaskError("federation.round_timeout_s and wait_for_devices_s must be > 0")
         if self.max_round_retries < 0:
             raise TaskError("federation.max_round_retries must be >= 0")
+        if not 0.0 <= self.stop_at_accuracy <= 1.0:
+            raise TaskError(f"federation.stop_at_accuracy must be in [0, 1] (0: run every round), got "
+                            f"{self.stop_at_accuracy}")
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,16 @@ def test_round_without_quorum_is_retried_then_fails_clearly(embedded_broker_url,
             agg.run()
     finally:
         _close(agents, silent, agg.topics, ["mute"])
+
+
+def test_the_run_ends_at_the_first_round_that_reaches_stop_at_accuracy(embedded_broker_url, tmp_path):
+    task = small_task(federation={"rounds": 6, "devices_per_round": 2, "min_devices": 2, "stop_at_accuracy": 0.5},
+                      pruning={"final_sparsity": 0.0})
+    agg, agents, silent = _federation(embedded_broker_url, tmp_path, task, 2, [])
+    try:
+        result = agg.run()
+    finally:
+        _close(agents, silent, agg.topics, [])
+    accuracies = [r.accuracy for r in result.rounds]
+    assert len(accuracies) < 6 and accuracies[-1] >= 0.5 and all(a < 0.5 for a in accuracies[:-1])
+    assert agg.state.completed_rounds == len(accuracies)
