@@ -125,3 +125,33 @@ def test_clip_norm_in_the_task_bounds_the_update_on_the_device():
     message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
     update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
     assert global_norm(update.tensors) == pytest.approx(0.5, rel=1e-5)
+
+
+class Preparing(AddOne):
+    """AddOne that also records ``prepare`` calls (or fails them on request)."""
+
+    def __init__(self, fail_prepare: bool = False):
+        super().__init__()
+        self.prepared: list[str] = []
+        self.fail_prepare = fail_prepare
+
+    def prepare(self, architecture):
+        if self.fail_prepare:
+            raise RuntimeError("no memory to trace")
+        self.prepared.append(architecture.digest)
+
+
+def test_the_announced_architecture_is_what_a_trainer_prepares_for():
+    from edge_agent.device import prepare_trainer
+
+    d = device()
+    assert d.architecture is None
+    d.receive(TOPICS.architecture, ARCH.encode())
+    assert d.architecture == ARCH
+    trainer = Preparing()
+    prepare_trainer(trainer, d.architecture)
+    assert trainer.prepared == ["d1"]
+    prepare_trainer(AddOne(), d.architecture)  # a trainer without prepare: nothing to do
+    prepare_trainer(Preparing(fail_prepare=True), d.architecture)  # a failed warm-up is logged, not raised
+    job = d.receive(TOPICS.task("dev-1"), task_payload())
+    assert run_job(d, job, trainer, np.zeros((10, 6)), np.zeros(10)) is not None  # and training still runs
