@@ -410,7 +410,7 @@ class Aggregator:
             architecture_digest=self.architecture.digest,
             weights=self.state.weights,
             masks=self.state.masks,
-            training=self._training_settings(),
+            training=self._training_settings(r),
             uplink_precision=transport.uplink_precision,
             deadline_s=fed.round_timeout_s,
             downlink_precision=transport.downlink_precision,
@@ -523,9 +523,13 @@ class Aggregator:
         return ClientResult(device_id, update.num_samples, tensors, update.metrics,
                             gradients=update.gradients), "", device_id
 
-    def _training_settings(self) -> dict:
-        """The task's ``training`` object; with privacy.clip_on_device, the norm devices clip to."""
-        settings = asdict(self.task.training)
+    def _training_settings(self, r: int) -> dict:
+        """The task's ``training`` object for round ``r`` (its learning rate on the schedule); with
+        privacy.clip_on_device, the norm devices clip to."""
+        training = self.task.training
+        settings = asdict(training)
+        settings.pop("final_learning_rate")
+        settings["learning_rate"] = training.learning_rate_at(r, self.task.federation.rounds)
         if self.task.privacy.enabled and self.task.privacy.clip_on_device:
             settings["clip_norm"] = self.task.privacy.clip_norm
         return settings

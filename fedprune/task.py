@@ -7,6 +7,7 @@ the key (``pruning.final_sparsity``), so a typo never silently falls back to a d
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,17 @@ class TrainingSection:
     batch_size: int = 16
     optimizer: Literal["sgd", "adam"] = "adam"
     learning_rate: float = 0.005
+    # > 0: the devices' learning rate falls from learning_rate in round 1 to this in the last round,
+    # along half a cosine (federation.rounds long); 0: learning_rate in every round.
+    final_learning_rate: float = 0.0
+
+    def learning_rate_at(self, round_number: int, rounds: int) -> float:
+        """The devices' learning rate in round ``round_number`` (1-based) of ``rounds``."""
+        if self.final_learning_rate <= 0 or rounds <= 1:
+            return self.learning_rate
+        progress = min(max(round_number - 1, 0), rounds - 1) / (rounds - 1)
+        return self.final_learning_rate + 0.5 * (self.learning_rate - self.final_learning_rate) * (
+            1.0 + math.cos(math.pi * progress))
 
     def check(self) -> None:
         if self.local_epochs < 1:
@@ -99,6 +111,9 @@ class TrainingSection:
             raise TaskError(f"training.batch_size must be >= 1, got {self.batch_size}")
         if self.learning_rate <= 0:
             raise TaskError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.final_learning_rate <= self.learning_rate:
+            raise TaskError(f"training.final_learning_rate must be in [0, learning_rate = {self.learning_rate}] "
+                            f"(0: no decay), got {self.final_learning_rate}")
 
 
 @dataclass(frozen=True)

@@ -177,3 +177,15 @@ def test_every_example_task_loads_and_names_a_model_factory(path):
     t = load_task(path)
     assert t.source == str(path)
     assert callable(load_factory(t.model.factory))
+
+
+def test_learning_rate_falls_along_half_a_cosine_when_final_learning_rate_is_set():
+    from fedprune.task import TrainingSection
+
+    cosine = TrainingSection(learning_rate=0.01, final_learning_rate=0.001)
+    rates = [cosine.learning_rate_at(r, 5) for r in range(1, 6)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert rates[2] == pytest.approx(0.0055) and all(a > b for a, b in zip(rates, rates[1:]))
+    assert TrainingSection(learning_rate=0.01).learning_rate_at(4, 5) == 0.01  # no decay by default
+    with pytest.raises(TaskError, match="training.final_learning_rate"):
+        TrainingSection(learning_rate=0.01, final_learning_rate=0.02).check()
