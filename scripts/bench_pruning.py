@@ -74,14 +74,14 @@ ROWS: dict[str, dict] = {
 
 
 def task_for(dataset: str, row: str, rounds: int, seed: int, ramp: tuple[int, int] | None = None,
-             learning_rate: float = 0.002, final_learning_rate: float = 0.0):
+             learning_rate: float = 0.002, final_learning_rate: float = 0.0, local_epochs: int = 2):
     ramp = ramp or RAMPS[dataset]
     raw = {
         "seed": seed,
         **copy.deepcopy(DATASETS[dataset]),
         "federation": {"rounds": rounds, "devices_per_round": 10, "min_devices": 8, "round_timeout_s": 300,
                        "wait_for_devices_s": 120},
-        "training": {"local_epochs": 2, "batch_size": 16, "learning_rate": learning_rate,
+        "training": {"local_epochs": local_epochs, "batch_size": 16, "learning_rate": learning_rate,
                      "final_learning_rate": final_learning_rate},
     }
     raw["data"].update({"partition": "dirichlet", "alpha": 0.5})
@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--learning-rate", type=float, default=0.002, help="devices' Adam learning rate, every row")
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round, every row")
     parser.add_argument("--final-learning-rate", type=float, default=0.0,
                         help="> 0: the learning rate falls to this by the last round (half a cosine)")
     parser.add_argument("--ramp", help="first,last pruning round for every data set "
@@ -157,19 +158,21 @@ def main() -> None:
     ramp = tuple(int(v) for v in args.ramp.split(",")) if args.ramp else None
     for ds in args.datasets.split(","):  # every task valid before hours of runs start
         for row in args.rows.split(","):
-            task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate, args.final_learning_rate)
+            task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate, args.final_learning_rate,
+                     args.local_epochs)
     results = []
     for ds in args.datasets.split(","):
         for row in args.rows.split(","):
             start = time.monotonic()
             with tempfile.TemporaryDirectory() as tmp:
-                task = task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate, args.final_learning_rate)
+                task = task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate, args.final_learning_rate,
+                     args.local_epochs)
                 res = run_simulation(task, args.devices, Path(tmp) / "run")
                 summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
             int8 = next(e for e in res.exports if e["precision"] == "int8")
             r = {
                 "dataset": ds, "row": row, "learning_rate": args.learning_rate,
-                "final_learning_rate": args.final_learning_rate, "accuracy": round(res.final_accuracy, 4),
+                "final_learning_rate": args.final_learning_rate, "local_epochs": args.local_epochs, "accuracy": round(res.final_accuracy, 4),
                 "tflite_int8_accuracy": round(int8["accuracy"], 4), "sparsity": round(res.final_sparsity, 4),
                 "bytes_up": int(sum(x.bytes_up for x in res.rounds)),
                 "bytes_down": int(sum(x.bytes_down for x in res.rounds)),
