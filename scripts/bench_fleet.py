@@ -3,8 +3,9 @@
 1. Idle memory: RSS of a simulator process (TensorFlow and the shared trainer loaded) with 0 and
    with N connected, idle devices, plus the broker's growth; the difference per device.
 2. Scale: N devices connected, K selected per round, R rounds of the digits example: peak RSS of
-   the whole simulation (simulator process and broker), each round's wall time split into
-   training, encode/decode, broker transfer and aggregation, and updates lost (must be 0).
+   the whole simulation (the devices' process, the aggregator's and the broker), each round's wall
+   time split into training, encode/decode, broker transfer and aggregation, and updates lost
+   (must be 0).
 3. Thin link: every device's uplink at 256 kbit/s; dense float32 FedAvg against pruned 90 % int8
    (sparse from round 0); the emulated fleet time until 90 % held-out accuracy, each run at its
    fastest learning rate of a small grid, median over seeds, and the ratio.
@@ -79,17 +80,52 @@ def phase_idle(args) -> dict:
     return out
 
 
+def phase_devices(args) -> dict:
+    """The scale phase's 1,000 devices, in a process of their own: says "ready" once connected,
+    then serves rounds until the aggregator (another process) announces the end of its run."""
+    from fedprune.simulate import _fleet
+
+    fleet, _ = _fleet(_scale_task(args), args.devices, range(args.devices), args.broker_url)
+    fleet.start(900)
+    print("ready", flush=True)
+    try:
+        fleet.wait_finished(3600)
+    finally:
+        fleet.stop()
+    return {"fleet": fleet.stats(), "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
 def phase_scale(args) -> dict:
-    from fedprune.simulate import run_simulation
+    """The aggregator here, the devices in a child process: each round's encode/decode and
+    aggregation are then the aggregator's, not slowed by the devices' training in the same
+    interpreter (as they are with everything in one process: session 2's measurement)."""
+    from aggregator.server import Aggregator
+    from fedprune.data import load_dataset
 
     task = _scale_task(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        started = time.monotonic()
-        result = run_simulation(task, args.devices, Path(tmp) / "run", args.broker_url, export_tflite=False,
-                                on_round=_print_round)
-        wall = time.monotonic() - started
-        fleet = json.loads((Path(tmp) / "run" / "fleet.json").read_text())
-    return {"wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "fleet": fleet,
+    cmd = [sys.executable, __file__, "--phase", "devices", "--broker-url", args.broker_url, "--task", str(args.task),
+           "--devices", str(args.devices), "--per-round", str(args.per_round), "--rounds", str(args.rounds)]
+    devices = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        for line in devices.stdout:  # the devices' process says when all are connected
+            if line.strip() == "ready":
+                break
+        else:
+            raise RuntimeError("the devices' process ended before its devices connected")
+        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.monotonic()
+            result = Aggregator(task, ds, args.broker_url, Path(tmp) / "run", on_round=_print_round,
+                                export_tflite=False).run()
+            wall = time.monotonic() - started
+        rest = devices.communicate(timeout=300)[0]
+    finally:
+        if devices.poll() is None:
+            devices.kill()
+    child = json.loads(rest.strip().splitlines()[-1])
+    aggregator_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"wall_s": wall, "peak_rss_kb": aggregator_kb + child["peak_rss_kb"], "aggregator_peak_rss_kb": aggregator_kb,
+            "devices_peak_rss_kb": child["peak_rss_kb"], "fleet": child["fleet"],
             "rounds": [_round_figures(r) for r in result.rounds], "final_accuracy": result.final_accuracy}
 
 
@@ -183,7 +219,7 @@ def _print_round(r) -> None:
           f"enc/dec {r.encode_s + r.decode_s:.3f}, aggregate {r.aggregate_s:.3f})", file=sys.stderr, flush=True)
 
 
-PHASES = {"idle": phase_idle, "scale": phase_scale, "thin": phase_thin}
+PHASES = {"idle": phase_idle, "scale": phase_scale, "devices": phase_devices, "thin": phase_thin}
 
 
 # --- the parent: brokers, child processes, the summary --------------------------------------------
