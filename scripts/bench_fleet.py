@@ -83,9 +83,14 @@ def phase_idle(args) -> dict:
 def phase_devices(args) -> dict:
     """The scale phase's 1,000 devices, in a process of their own: says "ready" once connected,
     then serves rounds until the aggregator (another process) announces the end of its run."""
+    from fedprune.models import architecture_of, build_model
     from fedprune.simulate import _fleet
 
-    fleet, _ = _fleet(_scale_task(args), args.devices, range(args.devices), args.broker_url)
+    task = _scale_task(args)
+    fleet, ds = _fleet(task, args.devices, range(args.devices), args.broker_url)
+    # Agents that have been running a while have traced their training step (as run_simulation
+    # does); the same factory gives the aggregator's architecture, digest included.
+    fleet.prepare(architecture_of(build_model(task.model.factory, ds.input_shape, ds.num_classes)))
     fleet.start(900)
     print("ready", flush=True)
     try:
