@@ -7,7 +7,8 @@ For each data set (digits 8x8 with the digits CNN; MNIST-1D, generated locally, 
 20 simulated devices on the embedded broker, a Dirichlet(0.5) split, the same seed, rounds,
 devices per round and local work for every row. Rows: dense FedAvg (float32), magnitude pruning to
 50/80/90/95 % (aggregator-owned masks), each threshold rule, global magnitude, 2:4, the adaptive
-schedule, regrowth, device-side masks, and structured pruning. For each row: final held-out accuracy
+schedule, regrowth, device-side masks, structured pruning, and pruning the initial model (round
+0, with and without regrowth). For each row: final held-out accuracy
 (Keras), accuracy of the exported int8 TFLite model, total uplink and downlink bytes, and the
 ratio to dense FedAvg. Writes accuracy_vs_sparsity.png into --out. Last line: JSON.
 Target: at 90 %, accuracy within 1 point of dense FedAvg with at least 30x fewer uplink bytes.
@@ -165,8 +166,8 @@ def main() -> None:
         for row in args.rows.split(","):
             start = time.monotonic()
             with tempfile.TemporaryDirectory() as tmp:
-                task = task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate, args.final_learning_rate,
-                     args.local_epochs)
+                task = task_for(ds, row, args.rounds, args.seed, ramp, args.learning_rate,
+                                args.final_learning_rate, args.local_epochs)
                 res = run_simulation(task, args.devices, Path(tmp) / "run")
                 summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
             int8 = next(e for e in res.exports if e["precision"] == "int8")
