@@ -142,11 +142,12 @@ class Aggregator:
         self.schedule = task.pruning.schedule_object() if task.pruning.enabled else None
         self._masks_before_prune: list | None = None  # for the adaptive schedule's backoff
         masks = full_masks(self.model, task.pruning.leave_dense) if task.pruning.enabled else [None] * len(weights)
-        if self.schedule is not None and not self.device_masks and self.schedule(0)[0]:
+        prune_initial, initial_target = self.schedule(0) if self.schedule is not None else (False, 0.0)
+        if prune_initial and not self.device_masks:
             # Pruning at initialization (begin_round = 0): every update is sparse from round 1.
-            pruned, masks = self._prune(weights, masks, self.schedule(0)[1])
+            pruned, masks = self._prune(weights, masks, initial_target)
             weights = rescale_units_to_norms(weights, pruned, masks)
-            log.info("pruned the initial model to sparsity %.3f before round 1", self.schedule(0)[1])
+            log.info("pruned the initial model to sparsity %.3f before round 1", initial_target)
         # Under DP the draw of devices must be secret (privacy amplification by sampling): OS entropy.
         selection_rng = np.random.default_rng(None if task.privacy.enabled else task.seed)
         self.state = FederationState(0, weights, masks, selection_rng.bit_generator.state,

@@ -97,11 +97,10 @@ class Fleet:
         return self
 
     def prepare(self, architecture: Architecture) -> None:
-        """Trace the shared trainers' training step for ``architecture`` before the first round, as
+        """Trace the shared trainer's training step for ``architecture`` before the first round, as
         devices that have been running for a while have done: round 1 then shows the steady
-        training time, not one simulator-wide warm-up."""
-        for trainer in {id(t): t for t in (self.trainer, self.hostile_trainer) if t is not None}.values():
-            prepare_trainer(trainer, architecture)
+        training time, not one simulator-wide warm-up. (A hostile trainer wraps this one.)"""
+        prepare_trainer(self.trainer, architecture)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None:
