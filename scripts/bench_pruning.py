@@ -67,6 +67,10 @@ ROWS: dict[str, dict] = {
     "start-90": {"pruning": {**START, "final_sparsity": 0.9}, "transport": {"uplink_precision": "int8"}},
     "start-regrowth-90": {"pruning": {**START, "final_sparsity": 0.9, "frequency": 5, "regrowth": 0.1},
                           "transport": {"uplink_precision": "int8"}},
+    # The same with one magnitude ranking across layers (of the initial weights, then of the trained
+    # ones at each regrowth turn): the layers' sparsities follow their scale instead of being equal.
+    "start-global-regrowth-90": {"pruning": {**START, "final_sparsity": 0.9, "frequency": 5, "regrowth": 0.1,
+                                             "scope": "global"}, "transport": {"uplink_precision": "int8"}},
     "start-regrowth-90-int4": {"pruning": {**START, "final_sparsity": 0.9, "frequency": 5, "regrowth": 0.1},
                                "transport": LOSSY},
     "structured-50": {"pruning": {"final_sparsity": 0.0, "structured_fraction": 0.5, "structured_round": 2,
