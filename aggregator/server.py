@@ -188,11 +188,11 @@ class Aggregator:
 
     def _use_model(self, model) -> None:
         """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
-        from fedprune.keras_setup import keras
+        from aggregator.evaluation import HeldOutEvaluator
         from fedprune.models import architecture_of, kernel_positions, prunable_layers
 
-        model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         self.model = model
+        self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
         leave = self.task.pruning.leave_dense
@@ -613,8 +613,7 @@ class Aggregator:
         from fedprune.models import set_layer_weights
 
         set_layer_weights(self.model, weights)
-        loss, acc = self.model.evaluate(self.dataset.x_test, self.dataset.y_test, verbose=0, batch_size=256)
-        return float(loss), float(acc)
+        return self._evaluate()
 
     def _export(self) -> list[dict]:
         from converters.tflite_export import export_sparse_tflite

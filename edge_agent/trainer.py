@@ -59,27 +59,13 @@ class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
         return {"class_name": type(self).__name__, "config": {}}
 
 
-class _EpochTimer(keras.callbacks.Callback):
-    """Seconds of the last epoch of a ``fit``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_s = 0.0
-        self._start = 0.0
-
-    def on_epoch_begin(self, epoch, logs=None):  # noqa: D102 - Keras interface
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):  # noqa: D102
-        self.last_s = time.perf_counter() - self._start
-
-
 @dataclass
 class _Compiled:
     model: keras.Model
     wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
     schedules: dict[int, TaskSchedule]  # weight index of the kernel -> its wrapper's schedule
     optimizer_name: str = ""
+    step: object = None  # the traced training step (``_step_function``); None until first needed
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:
@@ -95,6 +81,7 @@ def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> No
             metrics=["accuracy"],
         )
         compiled.optimizer_name = name
+        compiled.step = None  # traced against the old optimizer
         return
     optimizer = compiled.model.optimizer
     for v in optimizer.variables:
@@ -129,11 +116,10 @@ class KerasTrainer:
             start = time.perf_counter()
             compiled = self._compiled(architecture)
             _reset_optimizer(compiled, "adam", 0.001)  # the default optimizer: tasks reuse the trace
-            # A full batch and a partial one: two shapes make tf.function trace a step for any batch
-            # size (reduce_retracing), which then serves every task's batches.
-            shape = (3, *compiled.model.input_shape[1:])
-            compiled.model.fit(np.zeros(shape, np.float32), np.zeros(3, np.int64), epochs=1, batch_size=2,
-                               verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+            # One step on a dummy batch traces it (the batch dimension is left open: one trace
+            # serves every batch size) and creates the optimizer's slots.
+            shape = (2, *compiled.model.input_shape[1:])
+            _fit(compiled, np.zeros(shape, np.float32), np.zeros(2, np.int64), epochs=1, batch_size=2)
             log.info("prepared the training step for architecture %s in %.1f s",
                      architecture.digest[:8], time.perf_counter() - start)
 
@@ -168,16 +154,8 @@ class KerasTrainer:
                 schedule.target.assign(float(task.device_sparsity or 0.0))
             cfg = task.training
             _reset_optimizer(compiled, str(cfg.get("optimizer", "adam")), float(cfg.get("learning_rate", 0.005)))
-            timer = _EpochTimer()
-            history = compiled.model.fit(
-                x,
-                y,
-                epochs=int(cfg.get("local_epochs", 1)),
-                batch_size=int(cfg.get("batch_size", 16)),
-                shuffle=True,
-                verbose=0,
-                callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), timer],
-            )
+            logs, last_epoch_s = _fit(compiled, x, y, epochs=int(cfg.get("local_epochs", 1)),
+                                      batch_size=int(cfg.get("batch_size", 16)))
             masks = list(task.masks)
             if device_pruning:
                 for idx, wrapper in compiled.wrappers.items():
@@ -186,10 +164,10 @@ class KerasTrainer:
             new = apply_masks(get_layer_weights(compiled.model), masks)
             delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
             metrics = {
-                "loss": float(history.history["loss"][-1]),
-                "accuracy": float(history.history["accuracy"][-1]),
+                "loss": logs["loss"],
+                "accuracy": logs["accuracy"],
                 "train_s": time.perf_counter() - start,  # with wrapping, compiling and tracing
-                "last_epoch_s": timer.last_s,  # one local epoch once traced: the steady cost
+                "last_epoch_s": last_epoch_s,  # one local epoch once traced: the steady cost
             }
             result = TrainResult(delta, masks, metrics)
             if task.gradient_fraction:
@@ -201,6 +179,45 @@ class KerasTrainer:
         if architecture.digest not in self._cache:
             self._cache[architecture.digest] = _wrap(architecture)
         return self._cache[architecture.digest]
+
+
+def _fit(compiled: _Compiled, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int) -> tuple[dict, float]:
+    """``epochs`` shuffled passes over ``(x, y)``, one traced step per batch; returns the last
+    epoch's mean loss and accuracy, and its seconds.
+
+    What ``model.fit`` does for in-memory data, without its per-call set-up (a tf.data pipeline,
+    its traced map functions, callbacks): on a shard of a few dozen samples that set-up cost more
+    than the training itself. The pruning wrappers need nothing more: each one counts its steps
+    and applies its mask inside the step, and the result is masked once more before it leaves.
+    """
+    if compiled.step is None:
+        compiled.step = _step_function(compiled.model)
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int64)
+    logs: dict = {}
+    last_epoch_s = 0.0
+    for _ in range(epochs):
+        start = time.perf_counter()
+        compiled.model.reset_metrics()  # the logs are this epoch's means, as fit reports them
+        order = np.random.permutation(len(x))  # seeded by keras.utils.set_random_seed
+        for first in range(0, len(x), batch_size):
+            batch = order[first:first + batch_size]
+            logs = compiled.step(x[batch], y[batch])
+        last_epoch_s = time.perf_counter() - start
+    return {k: float(v) for k, v in logs.items()}, last_epoch_s
+
+
+def _step_function(model: keras.Model):
+    """The model's own ``train_step`` (forward, loss, optimizer step, metrics), traced once for
+    any batch size."""
+    x_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+    y_spec = tf.TensorSpec((None,), tf.int64)
+
+    @tf.function(input_signature=[x_spec, y_spec])
+    def step(x, y):
+        return model.train_step((x, y))
+
+    return step
 
 
 def _wrap(architecture: Architecture) -> _Compiled:
@@ -222,6 +239,8 @@ def _wrap(architecture: Architecture) -> _Compiled:
         for layer in model.layers
         if isinstance(layer, PruneLowMagnitude)
     }
+    for wrapper in wrappers.values():  # what UpdatePruningStep does before the first fit
+        wrapper.pruning_step.assign(0)
     return _Compiled(model=model, wrappers=wrappers, schedules=schedules)
 
 
