@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,16 +29,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and tests/brokers.py for Mosquitto
 
-from fedprune.task import Task, load_task, parse_task  # noqa: E402
+from edge_agent.budgets import peak_rss_mb, rss_mb  # noqa: E402
+from fedprune.task import Task, parse_task  # noqa: E402
 
 TARGET_ACCURACY = 0.90
 
 
-def _rss_kb(pid: int | str = "self", field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} for process {pid}")
+def _rss_kb(pid: int | str = "self", peak: bool = False) -> int:
+    """Resident memory of a process (now, or its peak since exec: VmHWM) in kB, from ``/proc``."""
+    mb = (peak_rss_mb if peak else rss_mb)(pid)
+    if mb is None:
+        raise RuntimeError(f"cannot read the memory of process {pid} from /proc")
+    return round(mb * 1024)
 
 
 def _task(base: Path, **sections) -> Task:
@@ -97,7 +98,7 @@ def phase_devices(args) -> dict:
         fleet.wait_finished(3600)
     finally:
         fleet.stop()
-    return {"fleet": fleet.stats(), "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    return {"fleet": fleet.stats(), "peak_rss_kb": _rss_kb(peak=True)}
 
 
 def phase_scale(args) -> dict:
@@ -128,7 +129,7 @@ def phase_scale(args) -> dict:
         if devices.poll() is None:
             devices.kill()
     child = json.loads(rest.strip().splitlines()[-1])
-    aggregator_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    aggregator_kb = _rss_kb(peak=True)
     return {"wall_s": wall, "peak_rss_kb": aggregator_kb + child["peak_rss_kb"], "aggregator_peak_rss_kb": aggregator_kb,
             "devices_peak_rss_kb": child["peak_rss_kb"], "fleet": child["fleet"],
             "rounds": [_round_figures(r) for r in result.rounds], "final_accuracy": result.final_accuracy}
@@ -255,8 +256,8 @@ def _broker(stack: ExitStack, kind: str) -> tuple[str, int | None]:
     return stack.enter_context(EmbeddedBroker()).url, None
 
 
-def _broker_kb(pid: int | None, field: str = "VmRSS") -> int:
-    return _rss_kb(pid if pid is not None else "self", field)
+def _broker_kb(pid: int | None, peak: bool = False) -> int:
+    return _rss_kb(pid if pid is not None else "self", peak)
 
 
 def main() -> int:
@@ -304,7 +305,7 @@ def main() -> int:
         with ExitStack() as stack:
             url, pid = _broker(stack, args.broker)
             scale = _child("scale", args, url)
-            broker_peak = _broker_kb(pid, "VmHWM") if pid is not None else 0
+            broker_peak = _broker_kb(pid, peak=True) if pid is not None else 0
         scale["peak_rss_total_kb"] = scale["peak_rss_kb"] + broker_peak
         scale["broker_peak_rss_kb"] = broker_peak
         rounds = scale["rounds"]
