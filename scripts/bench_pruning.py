@@ -184,6 +184,7 @@ def main() -> None:
                 "tflite_int8_bytes": int8["size_bytes"], "wall_s": round(time.monotonic() - start, 1),
                 "mask_agreement": res.rounds[-1].mask_agreement, "structured": summary.get("structured_pruning"),
                 "accuracy_per_round": [round(x.accuracy, 4) for x in res.rounds],
+                "layer_sparsity": {k: round(v, 4) for k, v in (res.rounds[-1].layer_sparsity or {}).items()},
             }
             results.append(r)
             print(f"{ds:<8} {row:<18} acc {r['accuracy']:.4f}  int8 tflite {r['tflite_int8_accuracy']:.4f}  "
