@@ -87,3 +87,23 @@ def test_device_id_ranges():
     for bad in ("5-2", "0-1000", "a-b", "-3", ""):
         with pytest.raises(ValueError, match="device ids"):
             parse_id_range(bad, 1000)
+
+
+def test_waiting_for_shared_simulator_resources_counts_as_simulator_time():
+    """A simulated device's wait for a decoding thread and for the shared trainer is the simulator's
+    (sim_wait_s, taken out of fleet time); its own training is not; a slower device computes longer."""
+    import time
+
+    from edge_agent.device import TrainResult
+    from fedprune.fleet.device import _TimedTrainer
+
+    class SleepingTrainer:  # trains for 50 ms and says so, as KerasTrainer reports train_s
+        def train(self, architecture, task, x, y):
+            time.sleep(0.05)
+            return TrainResult([], [], {"train_s": 0.05})
+
+    enqueued = time.perf_counter() - 0.2  # queued 0.2 s for the trainer
+    timed = _TimedTrainer(SleepingTrainer(), speed=2.0, enqueued=enqueued, waited_s=0.3)
+    metrics = timed.train(None, None, None, None).metrics
+    assert metrics["compute_s"] == 0.1 and timed.extra_s == pytest.approx(0.05)
+    assert metrics["sim_wait_s"] == pytest.approx(0.3 + 0.2, abs=0.03)

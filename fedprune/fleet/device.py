@@ -4,8 +4,9 @@ process's shared trainer, with its profile's speed, availability and links.
 Time is real: link delays and the extra training time of a slower device are slept (without
 holding the trainer), so updates reach the aggregator when such a fleet's would. What is an
 artefact of simulating on one host is reported, not hidden: each update's metrics carry
-``sim_wait_s``, the time the device spent waiting for the shared trainer (plus, for a device
-faster than this host, the training time it would not have needed), and ``compute_s``, its
+``sim_wait_s``, the time the device spent waiting for the shared trainer or for a thread of the
+shared pool that decodes tasks (plus, for a device faster than this host, the training time it
+would not have needed), and ``compute_s``, its
 emulated training time (measured ``train_s`` times the profile's ``speed``). The aggregator
 subtracts ``sim_wait_s`` to give the round time of a fleet whose devices each have a processor.
 """
@@ -33,10 +34,11 @@ _RECONNECT_MAX_S = 30.0
 
 class _TimedTrainer:
     """The shared trainer as one device sees it: adds its emulated compute time and the time it
-    waited for the trainer to the result's metrics."""
+    waited for the trainer (and, before, ``waited_s`` for other shared resources) to the result's
+    metrics."""
 
-    def __init__(self, shared: Trainer, speed: float, enqueued: float) -> None:
-        self.shared, self.speed, self.enqueued = shared, speed, enqueued
+    def __init__(self, shared: Trainer, speed: float, enqueued: float, waited_s: float = 0.0) -> None:
+        self.shared, self.speed, self.enqueued, self.waited_s = shared, speed, enqueued, waited_s
         self.extra_s = 0.0  # what to sleep after training: a slower device is not done yet
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
@@ -46,7 +48,7 @@ class _TimedTrainer:
         compute_s = train_s * self.speed
         self.extra_s = max(0.0, compute_s - train_s)
         result.metrics["compute_s"] = compute_s
-        result.metrics["sim_wait_s"] = max(0.0, real - train_s) + max(0.0, train_s - compute_s)
+        result.metrics["sim_wait_s"] = self.waited_s + max(0.0, real - train_s) + max(0.0, train_s - compute_s)
         return result
 
 
@@ -162,7 +164,10 @@ class SimulatedDevice:
         loop = asyncio.get_running_loop()
         try:
             await self._link_sleep(self.behaviour.downlink.delay_s(len(job.payload), self._rng))
-            task = await loop.run_in_executor(None, self.session.decode, job)
+            # A real device decodes its task at once; here a hundred share a few threads, and the
+            # wait for one is the simulator's, as the wait for the shared trainer is.
+            submitted = time.perf_counter()
+            started, task = await loop.run_in_executor(None, _started_and, self.session.decode, job)
             if task is None:
                 return
             if self.behaviour.drops_out(task.round, task.attempt):
@@ -171,7 +176,8 @@ class SimulatedDevice:
                 await self._publish(self.session.presence(online=False))
                 self._drop.set()
                 return
-            timed = _TimedTrainer(self.trainer, self.behaviour.profile.speed, time.perf_counter())
+            timed = _TimedTrainer(self.trainer, self.behaviour.profile.speed, time.perf_counter(),
+                                  waited_s=started - submitted)
             message = await loop.run_in_executor(self.executor, run_job, self.session, job, timed, self.x, self.y)
             if message is None:
                 return
@@ -194,6 +200,11 @@ class SimulatedDevice:
         if self._conn is None:
             raise MqttError(f"{self.device_id}: offline")
         await self._conn.publish(message.topic, message.payload, retain=message.retain)
+
+
+def _started_and(fn, *args):
+    """(when the call started, its result): how long a job waited for its executor's thread."""
+    return time.perf_counter(), fn(*args)
 
 
 async def _first(*events: asyncio.Event) -> None:
