@@ -20,9 +20,11 @@ from aggregator.registry import DeviceRegistry
 from aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, PrivacyAccountant, ReleasedRound
 from aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
 from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
+from converters.codec import MaskLayout
 from converters.errors import CodecError
 from converters.protocol import (
     Ack,
+    Encoding,
     Presence,
     RoundAnnouncement,
     Topics,
@@ -424,6 +426,7 @@ class Aggregator:
             gradient_fraction=self._gradient_fraction(r),
         )
         payload = encode_task(task, self.architecture.names, transport.compression)
+        layout = MaskLayout.of(self.shapes, self.state.masks)  # every update of the round decodes against it
         out.encode_s = time.perf_counter() - t
         for device_id in selected:
             self.session.publish(self.topics.task(device_id), payload, retain=True)
@@ -451,7 +454,7 @@ class Aggregator:
             out.bytes_up += len(data)
             out.received += 1
             t = time.perf_counter()
-            result, reason, device_id = self._check_update(topic, data, r, attempt, selected, results)
+            result, reason, device_id = self._check_update(topic, data, r, attempt, selected, results, layout)
             out.decode_s += time.perf_counter() - t
             if result is None:
                 key = reason.split(":")[0]
@@ -484,7 +487,8 @@ class Aggregator:
         if self.on_update:
             self.on_update(RoundProgress(r, attempt, len(selected), len(results), len(rejected - set(results))))
 
-    def _check_update(self, topic, data, r, attempt, selected, results) -> tuple[ClientResult | None, str, str]:
+    def _check_update(self, topic, data, r, attempt, selected, results,
+                      layout: MaskLayout | None = None) -> tuple[ClientResult | None, str, str]:
         try:
             device_id = self.topics.device_from_topic(topic)
         except ValueError:
@@ -511,14 +515,17 @@ class Aggregator:
         if header.precision.value != asked:
             return None, f"wrong encoding: update is {header.precision.value}, the task asked for {asked}", device_id
         try:
-            update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names)
+            update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names,
+                                   layout=layout)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
         if self.device_masks:
             if update.masks is None or update.content != "weights":
                 return None, "wrong encoding: device-side pruning needs weights with the device's own masks", device_id
             return ClientResult(device_id, update.num_samples, update.tensors, update.metrics, update.masks), "", device_id
-        tensors = apply_masks(update.tensors, self.state.masks)
+        tensors = update.tensors  # values-only: exact zeros at pruned positions already
+        if update.encoding != Encoding.VALUES_ONLY:
+            tensors = apply_masks(tensors, self.state.masks)
         if update.content == "weights":
             tensors = [t - w for t, w in zip(tensors, self.state.weights)]
         return ClientResult(device_id, update.num_samples, tensors, update.metrics,

@@ -38,11 +38,13 @@ from converters.quantize import (
     encode_values,
     value_section_size,
 )
+from fedprune.pruning.masks import mask_digest
 
 __all__ = [
     "CodecError",
     "Compression",
     "DecodeLimits",
+    "MaskLayout",
     "Precision",
     "compress",
     "decode_self_describing",
@@ -123,6 +125,37 @@ def encode_values_only(
     return b"".join(parts)
 
 
+@dataclass(frozen=True, eq=False)
+class MaskLayout:
+    """A receiver's masks, prepared once for decoding many values-only sections against them (the
+    aggregator decodes every update of a round against one mask): each tensor's shape, its kept
+    positions (None: dense) and kept count, and the masks' digest."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    positions: tuple[np.ndarray | None, ...]
+    counts: tuple[int, ...]
+    digest: str
+
+    @classmethod
+    def of(cls, shapes: Sequence[Sequence[int]], masks: Masks) -> "MaskLayout":
+        """Raises CodecError if a mask's shape is not its tensor's."""
+        dims = tuple(tuple(int(d) for d in s) for s in shapes)
+        if len(masks) != len(dims):
+            raise CodecError(f"{len(masks)} masks for {len(dims)} tensors")
+        for shape, m in zip(dims, masks):
+            if m is not None and tuple(m.shape) != shape:
+                raise CodecError(f"mask shape {m.shape} does not match tensor shape {shape}")
+        positions = tuple(_kept_positions(shape, m) for shape, m in zip(dims, masks))
+        counts = tuple(int(np.prod(shape)) if pos is None else int(pos.size) for shape, pos in zip(dims, positions))
+        return cls(dims, positions, counts, mask_digest(masks))
+
+    def section_size(self, precision: "Precision | str") -> int:
+        """Exact byte length of a values-only section at ``precision`` for this layout."""
+        p = precision_of(precision)
+        return sum(value_section_size(count, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
+                   for shape, count in zip(self.shapes, self.counts))
+
+
 def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str") -> int:
     """Exact byte length of ``encode_values_only`` for this layout."""
     p = precision_of(precision)
@@ -134,26 +167,23 @@ def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "
 
 
 def decode_values_only(
-    body: bytes | memoryview, shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str"
+    body: bytes | memoryview, shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str",
+    *, layout: MaskLayout | None = None,
 ) -> list[np.ndarray]:
-    """Inverse of ``encode_values_only``; pruned positions decode to exact zeros."""
+    """Inverse of ``encode_values_only``; pruned positions decode to exact zeros. ``layout``:
+    ``MaskLayout.of(shapes, masks)``, when the caller decodes many sections against these masks."""
     try:
         p = precision_of(precision)
     except ValueError as e:
         raise CodecError(str(e)) from None
-    for s_, m in zip(shapes, masks, strict=True):
-        if m is not None and tuple(m.shape) != tuple(int(d) for d in s_):
-            raise CodecError(f"mask shape {m.shape} does not match tensor shape {tuple(s_)}")
-    expected = values_only_size(shapes, masks, p)
+    layout = layout or MaskLayout.of(shapes, masks)
+    expected = layout.section_size(p)
     if len(body) != expected:
         raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.value}")
     view = memoryview(body)
     out: list[np.ndarray] = []
     pos = 0
-    for s, m in zip(shapes, masks):
-        shape = tuple(int(d) for d in s)
-        positions = _kept_positions(shape, m)
-        count = int(np.prod(shape)) if m is None else int(positions.size)
+    for shape, positions, count in zip(layout.shapes, layout.positions, layout.counts):
         channels, c = _channels(shape, positions, p)
         size = value_section_size(count, p, c)
         values = decode_values(view[pos : pos + size], count, p, channels=channels, n_channels=c)

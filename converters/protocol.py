@@ -21,6 +21,7 @@ from converters.codec import (
     Compression,
     DecodeLimits,
     DEFAULT_LIMITS,
+    MaskLayout,
     compress,
     decode_self_describing,
     decode_values_only,
@@ -442,12 +443,14 @@ def decode_update(
     *,
     names: Sequence[str] | None = None,
     limits: DecodeLimits = DEFAULT_LIMITS,
+    layout: MaskLayout | None = None,
 ) -> Update:
     """Decode an update against the receiver's layout.
 
     Values-only: ``masks`` are the receiver's; a different mask digest is an error, never a silent
     misalignment. Self-describing: the update's own masks are used, ``names`` and ``shapes`` must
-    match its tensor table.
+    match its tensor table. ``layout``: ``MaskLayout.of(shapes, masks)``, for a receiver that
+    decodes many updates against the same masks.
     """
     h, section = peek_update(data, max_bytes)
     if h.num_samples < 1 and not h.error:
@@ -455,13 +458,14 @@ def decode_update(
     tensors, own_masks = None, None
     if not h.error:
         if h.encoding == Encoding.VALUES_ONLY:
-            if h.mask_digest != mask_digest(masks):
+            if h.mask_digest != (layout.digest if layout else mask_digest(masks)):
                 raise CodecError("update was made against another mask (mask digest mismatch)")
-            expected = values_only_size(shapes, masks, h.precision)
+            layout = layout or MaskLayout.of(shapes, masks)
+            expected = layout.section_size(h.precision)
             if h.raw_section_bytes != expected:
                 raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected {expected}")
             raw = decompress(section, h.compression, h.raw_section_bytes, expected)
-            tensors = decode_values_only(raw, shapes, masks, h.precision)
+            tensors = decode_values_only(raw, shapes, masks, h.precision, layout=layout)
         else:
             if names is None:
                 raise CodecError("self-describing update, but the receiver gave no tensor names")

@@ -26,6 +26,7 @@ from converters.codec import (
     DEFAULT_LIMITS,
     Compression,
     DecodeLimits,
+    MaskLayout,
     compress,
     decode_self_describing,
     decode_values_only,
@@ -36,6 +37,7 @@ from converters.codec import (
     values_only_size,
 )
 from converters.errors import CodecError
+from fedprune.pruning.masks import mask_digest
 from converters.mask_coding import MaskMethod, encode_mask
 from converters.quantize import (
     PRECISION_IDS,
@@ -124,6 +126,22 @@ def test_values_only_round_trip_with_masks(precision):
     assert encode_values_only(ts, masks, precision.value) == body
     out2 = decode_values_only(memoryview(body), SHAPES, masks, precision.value)
     assert all(np.array_equal(a, b) for a, b in zip(out, out2))
+
+
+@pytest.mark.parametrize("precision", ALL)
+def test_a_mask_layout_prepared_once_decodes_as_the_masks_do(precision):
+    masks, ts = example_masks(), example_tensors(scale=2.0)
+    layout = MaskLayout.of(SHAPES, masks)
+    body = encode_values_only(ts, masks, precision)
+    assert layout.section_size(precision) == len(body) == values_only_size(SHAPES, masks, precision)
+    assert layout.digest == mask_digest(masks)
+    with_layout = decode_values_only(body, SHAPES, masks, precision, layout=layout)
+    for a, b in zip(with_layout, decode_values_only(body, SHAPES, masks, precision)):
+        assert a.shape == b.shape and np.array_equal(a, b)
+    with pytest.raises(CodecError, match="does not match tensor shape"):
+        MaskLayout.of(SHAPES, [np.ones((5, 6), bool), *masks[1:]])
+    with pytest.raises(CodecError, match="masks for"):
+        MaskLayout.of(SHAPES, masks[:-1])
 
 
 @pytest.mark.parametrize("precision", ALL)
