@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -65,7 +66,7 @@ class _Compiled:
     wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
     schedules: dict[int, TaskSchedule]  # weight index of the kernel -> its wrapper's schedule
     optimizer_name: str = ""
-    step: object = None  # the traced training step (``_step_function``); None until first needed
+    step: Callable[..., dict] | None = None  # the traced training step (``_step_function``), once needed
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:
