@@ -151,19 +151,19 @@ class MaskLayout:
 
     def section_size(self, precision: "Precision | str") -> int:
         """Exact byte length of a values-only section at ``precision`` for this layout."""
-        p = precision_of(precision)
-        return sum(value_section_size(count, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
-                   for shape, count in zip(self.shapes, self.counts))
+        return _section_size(self.shapes, self.counts, precision)
 
 
 def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str") -> int:
     """Exact byte length of ``encode_values_only`` for this layout."""
+    counts = [int(np.prod(s)) if m is None else int(m.sum()) for s, m in zip(shapes, masks, strict=True)]
+    return _section_size(shapes, counts, precision)
+
+
+def _section_size(shapes: Sequence[Sequence[int]], counts: Sequence[int], precision: "Precision | str") -> int:
     p = precision_of(precision)
-    total = 0
-    for s, m in zip(shapes, masks, strict=True):
-        count = int(np.prod(s)) if m is None else int(m.sum())
-        total += value_section_size(count, p, n_channels(s) if p is Precision.INT8_CHANNEL else 1)
-    return total
+    return sum(value_section_size(count, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
+               for shape, count in zip(shapes, counts))
 
 
 def decode_values_only(
