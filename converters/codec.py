@@ -137,8 +137,9 @@ class MaskLayout:
     digest: str
 
     @classmethod
-    def of(cls, shapes: Sequence[Sequence[int]], masks: Masks) -> "MaskLayout":
-        """Raises CodecError if a mask's shape is not its tensor's."""
+    def of(cls, shapes: Sequence[Sequence[int]], masks: Masks, digest: str | None = None) -> "MaskLayout":
+        """Raises CodecError if a mask's shape is not its tensor's. ``digest``: ``mask_digest(masks)``
+        where the caller has it already."""
         dims = tuple(tuple(int(d) for d in s) for s in shapes)
         if len(masks) != len(dims):
             raise CodecError(f"{len(masks)} masks for {len(dims)} tensors")
@@ -147,7 +148,7 @@ class MaskLayout:
                 raise CodecError(f"mask shape {m.shape} does not match tensor shape {shape}")
         positions = tuple(_kept_positions(shape, m) for shape, m in zip(dims, masks))
         counts = tuple(int(np.prod(shape)) if pos is None else int(pos.size) for shape, pos in zip(dims, positions))
-        return cls(dims, positions, counts, mask_digest(masks))
+        return cls(dims, positions, counts, digest or mask_digest(masks))
 
     def section_size(self, precision: "Precision | str") -> int:
         """Exact byte length of a values-only section at ``precision`` for this layout."""

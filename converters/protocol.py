@@ -458,9 +458,10 @@ def decode_update(
     tensors, own_masks = None, None
     if not h.error:
         if h.encoding == Encoding.VALUES_ONLY:
-            if h.mask_digest != (layout.digest if layout else mask_digest(masks)):
+            digest = layout.digest if layout else mask_digest(masks)
+            if h.mask_digest != digest:
                 raise CodecError("update was made against another mask (mask digest mismatch)")
-            layout = layout or MaskLayout.of(shapes, masks)
+            layout = layout or MaskLayout.of(shapes, masks, digest)
             expected = layout.section_size(h.precision)
             if h.raw_section_bytes != expected:
                 raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected {expected}")
