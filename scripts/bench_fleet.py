@@ -109,9 +109,8 @@ def phase_scale(args) -> dict:
     from fedprune.data import load_dataset
 
     task = _scale_task(args)
-    cmd = [sys.executable, __file__, "--phase", "devices", "--broker-url", args.broker_url, "--task", str(args.task),
-           "--devices", str(args.devices), "--per-round", str(args.per_round), "--rounds", str(args.rounds)]
-    devices = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    devices = subprocess.Popen(_child_command("devices", args, args.broker_url), stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT)
     try:
         for line in devices.stdout:  # the devices' process says when all are connected
             if line.strip() == "ready":
@@ -230,7 +229,8 @@ PHASES = {"idle": phase_idle, "scale": phase_scale, "devices": phase_devices, "t
 
 # --- the parent: brokers, child processes, the summary --------------------------------------------
 
-def _child(phase: str, args, broker_url: str, extra: list[str] | None = None) -> dict:
+def _child_command(phase: str, args, broker_url: str, extra: list[str] | None = None) -> list[str]:
+    """This script as a child running ``phase``, with this invocation's settings."""
     cmd = [sys.executable, __file__, "--phase", phase, "--broker-url", broker_url, "--task", str(args.task),
            "--devices", str(args.devices), "--per-round", str(args.per_round), "--rounds", str(args.rounds),
            "--thin-devices", str(args.thin_devices), "--thin-per-round", str(args.thin_per_round),
@@ -238,7 +238,11 @@ def _child(phase: str, args, broker_url: str, extra: list[str] | None = None) ->
            "--learning-rates", *map(str, args.learning_rates), "--seeds", *map(str, args.seeds), *(extra or [])]
     if args.report_dir:
         cmd += ["--report-dir", str(args.report_dir)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    return cmd
+
+
+def _child(phase: str, args, broker_url: str, extra: list[str] | None = None) -> dict:
+    proc = subprocess.run(_child_command(phase, args, broker_url, extra), stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"phase {phase} failed with exit status {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
