@@ -495,7 +495,8 @@ class Aggregator:
             return None, f"bad topic: {topic}", ""
         limit = self.task.transport.max_message_bytes
         try:
-            header, _ = peek_update(data, limit)
+            peeked = peek_update(data, limit)
+            header = peeked[0]
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
         if header.device_id != device_id:
@@ -516,7 +517,7 @@ class Aggregator:
             return None, f"wrong encoding: update is {header.precision.value}, the task asked for {asked}", device_id
         try:
             update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names,
-                                   layout=layout)
+                                   layout=layout, peeked=peeked)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
         if self.device_masks:

@@ -83,8 +83,16 @@ def n_channels(shape: Sequence[int]) -> int:
     return int(shape[-1]) if len(shape) >= 2 and int(shape[-1]) > 0 else 1
 
 
+def _keeps_all(mask: np.ndarray | None) -> bool:
+    """A mask that prunes nothing lays values out as no mask does: every value, in order. (A
+    prunable layer before its first pruning step has such a mask; taking the dense path for it
+    spares an index of every position and a scatter through it.)"""
+    return mask is None or bool(mask.all())
+
+
 def _kept_positions(shape: Sequence[int], mask: np.ndarray | None) -> np.ndarray | None:
-    return None if mask is None else np.flatnonzero(mask.ravel())
+    """Flat indices of the kept positions; None when every position is kept."""
+    return None if _keeps_all(mask) else np.flatnonzero(mask.ravel())
 
 
 def _channels(shape: Sequence[int], positions: np.ndarray | None, precision: Precision) -> tuple[np.ndarray | None, int]:
@@ -98,7 +106,7 @@ def _channels(shape: Sequence[int], positions: np.ndarray | None, precision: Pre
 
 def _kept_values(t: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     flat = np.asarray(t, dtype=np.float32).ravel()
-    return flat if mask is None else flat[mask.ravel()]
+    return flat if _keeps_all(mask) else flat[mask.ravel()]
 
 
 # --- values-only -----------------------------------------------------------------------------------
@@ -337,7 +345,7 @@ def decode_self_describing(
         mask_bytes = r.take(mask_len)
         if masked:
             flat = decode_mask(method, mask_bytes, size, kept)  # checks kept and every byte
-            positions = np.flatnonzero(flat)
+            positions = None if kept == size else np.flatnonzero(flat)
         else:
             flat, positions = None, None
         channels, c = _channels(shape, positions, p)

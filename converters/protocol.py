@@ -444,15 +444,17 @@ def decode_update(
     names: Sequence[str] | None = None,
     limits: DecodeLimits = DEFAULT_LIMITS,
     layout: MaskLayout | None = None,
+    peeked: tuple[UpdateHeader, memoryview] | None = None,
 ) -> Update:
     """Decode an update against the receiver's layout.
 
     Values-only: ``masks`` are the receiver's; a different mask digest is an error, never a silent
     misalignment. Self-describing: the update's own masks are used, ``names`` and ``shapes`` must
     match its tensor table. ``layout``: ``MaskLayout.of(shapes, masks)``, for a receiver that
-    decodes many updates against the same masks.
+    decodes many updates against the same masks. ``peeked``: what ``peek_update(data, max_bytes)``
+    returned, for a receiver that has read the header already (the frame is then not checked twice).
     """
-    h, section = peek_update(data, max_bytes)
+    h, section = peeked or peek_update(data, max_bytes)
     if h.num_samples < 1 and not h.error:
         raise CodecError(f"update reports {h.num_samples} samples; must be >= 1")
     tensors, own_masks = None, None

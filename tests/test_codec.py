@@ -166,6 +166,27 @@ def test_values_only_fully_pruned_and_all_kept_masks(precision):
     assert out[2][0] == 0.0 and out[2][1] == pytest.approx(7.0, rel=0.1)
 
 
+@pytest.mark.parametrize("precision", ALL)
+def test_a_mask_that_keeps_everything_codes_as_no_mask(precision):
+    # A prunable layer before its first pruning step: same bytes as unmasked, decoded through the
+    # dense path (the layout holds no positions to scatter through), self-describing too.
+    ts = example_tensors(seed=3)
+    full = [np.ones(np.shape(t), bool) for t in ts]
+    unmasked = [None] * len(ts)
+    assert encode_values_only(ts, full, precision) == encode_values_only(ts, unmasked, precision)
+    layout = MaskLayout.of(SHAPES, full)
+    assert all(p is None for p in layout.positions) and layout.digest == mask_digest(full) != mask_digest(unmasked)
+    body = encode_values_only(ts, full, precision)
+    for a, b in zip(decode_values_only(body, SHAPES, full, precision, layout=layout),
+                    decode_values_only(body, SHAPES, unmasked, precision)):
+        assert np.array_equal(a, b)
+    names = [f"t{i}" for i in range(len(ts))]
+    decoded = decode_self_describing(encode_self_describing(ts, full, names, precision))
+    assert all(m is not None and m.all() for m in decoded.masks)
+    for t, o in zip(ts, decoded.tensors):
+        assert_decoded(t, o, None, precision)
+
+
 def test_values_only_empty_list():
     assert encode_values_only([], [], "int8") == b""
     assert values_only_size([], [], "int8") == 0

@@ -526,6 +526,11 @@ def test_peek_update():
     assert bytes(section) == compress(raw, "zstd")[1] and data.endswith(bytes(section) + data[-4:])
     expect_codec_error(peek_update, data, len(data) - 1, match="exceeds")
     expect_codec_error(peek_update, TASK, MAX, match="expected an update frame")
+    # a receiver that peeked already hands the header on; the update decodes as without it
+    peeked = decode_update(data, SHAPES, masks, MAX, peeked=(h, section))
+    fresh = decode_update(data, SHAPES, masks, MAX)
+    assert all(np.array_equal(a, b) for a, b in zip(peeked.tensors, fresh.tensors))
+    assert (peeked.device_id, peeked.metrics) == (fresh.device_id, fresh.metrics)
 
 
 def test_update_layout_and_size():

@@ -4,6 +4,7 @@
   from the task's ``[simulation]`` section;
 - ``link``: the emulated link that delays a message by its size and the bandwidth;
 - ``connection``: one asyncio MQTT connection (aiomqtt) with the payload limit and chunking;
+- ``shared_tasks``: the round's task decoded once for all the devices of a process;
 - ``device``: one simulated device: a ``DeviceSession`` on a connection, training on a shared
   trainer;
 - ``runner``: many devices on one event loop, started and stopped together.

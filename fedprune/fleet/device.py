@@ -25,6 +25,7 @@ from converters.protocol import Architecture, TrainTask
 from edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, prepare_trainer, run_job
 from fedprune.fleet.connection import AsyncConnection, MqttError
 from fedprune.fleet.profiles import DeviceBehaviour
+from fedprune.fleet.shared_tasks import SharedTasks
 from fedprune.transport import PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class SimulatedDevice:
         federation: str,
         trainer: Trainer,
         executor: Executor,
+        tasks: SharedTasks,
         connect_slots: asyncio.Semaphore,
         max_payload_bytes: int,
         rejoin_s: float,
@@ -84,6 +86,7 @@ class SimulatedDevice:
         self.x, self.y = x, y
         self.trainer = trainer
         self.executor = executor
+        self.tasks = tasks
         self.connect_slots = connect_slots
         self.rejoin_s = rejoin_s
         self.stats = DeviceStats()
@@ -164,10 +167,11 @@ class SimulatedDevice:
         loop = asyncio.get_running_loop()
         try:
             await self._link_sleep(self.behaviour.downlink.delay_s(len(job.payload), self._rng))
-            # A real device decodes its task at once; here a hundred share a few threads, and the
-            # wait for one is the simulator's, as the wait for the shared trainer is.
+            # A real device decodes its task at once; here a hundred share a few threads (and one
+            # decoding of the bytes they all got), and the wait for a thread is the simulator's,
+            # as the wait for the shared trainer is.
             submitted = time.perf_counter()
-            started, task = await loop.run_in_executor(None, _started_and, self.session.decode, job)
+            started, task = await loop.run_in_executor(None, _started_and, self.tasks.decode, self.session, job)
             if task is None:
                 return
             if self.behaviour.drops_out(task.round, task.attempt):

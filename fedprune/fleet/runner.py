@@ -23,6 +23,7 @@ from edge_agent.device import DeviceSession, Trainer, prepare_trainer
 from fedprune.fleet.connection import AsyncConnection, MqttError
 from fedprune.fleet.device import SimulatedDevice
 from fedprune.fleet.profiles import DeviceBehaviour, draw_behaviours
+from fedprune.fleet.shared_tasks import SharedTasks
 from fedprune.task import Task
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class Fleet:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-train")
+        self.tasks = SharedTasks()  # every selected device gets the same task bytes: decoded once
 
     @property
     def online_count(self) -> int:
@@ -145,7 +147,7 @@ class Fleet:
             self.devices.append(SimulatedDevice(
                 session, b, x, y, broker_url=self.broker_url, federation=t.federation.id,
                 trainer=self.hostile_trainer if b.index in self.hostile else self.trainer,
-                executor=self._executor, connect_slots=slots, max_payload_bytes=t.transport.max_payload_bytes,
+                executor=self._executor, tasks=self.tasks, connect_slots=slots, max_payload_bytes=t.transport.max_payload_bytes,
                 rejoin_s=t.simulation.rejoin_s))
         online = [d for d, b in zip(self.devices, self.behaviours) if b.online]
         tasks = [asyncio.ensure_future(d.run(self._stop)) for d in online]
