@@ -23,12 +23,14 @@ class DeviceRegistry:
         self._devices: dict[str, DeviceInfo] = {}
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        self._last_update = time.monotonic()
 
     def update(self, device_id: str, online: bool, num_samples: int) -> None:
         with self._lock:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))
             self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline)
+            self._last_update = time.monotonic()
             self._changed.notify_all()
 
     def online(self) -> list[str]:
@@ -61,3 +63,20 @@ class DeviceRegistry:
                 if n >= count or left <= 0:
                     return n
                 self._changed.wait(min(left, 1.0))
+
+    def wait_until_quiet(self, quiet_s: float, timeout_s: float) -> int:
+        """Wait until no presence has arrived for ``quiet_s`` (or ``timeout_s`` has passed); returns
+        how many devices are online.
+
+        A large fleet's retained presence messages reach a new aggregator over a second or more
+        (about 1 s for 1,000 devices); a run that drew its first round as soon as enough were in
+        would draw only from the first to arrive, and its first tasks would queue behind the rest.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while True:
+                now = time.monotonic()
+                quiet_for = now - self._last_update
+                if quiet_for >= quiet_s or now >= deadline:
+                    return sum(d.online for d in self._devices.values())
+                self._changed.wait(min(quiet_s - quiet_for, deadline - now))

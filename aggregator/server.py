@@ -50,6 +50,11 @@ from fedprune.transport import MqttSession
 
 log = logging.getLogger(__name__)
 
+# Before round 1: wait until no presence has arrived for this long (retained presences of a large
+# fleet arrive over about a second), but no longer than the second figure.
+PRESENCE_QUIET_S = 0.25
+PRESENCE_SETTLE_MAX_S = 5.0
+
 
 class FederationError(RuntimeError):
     """The federation cannot go on (no devices, a round failed all its retries)."""
@@ -242,6 +247,8 @@ class Aggregator:
                     f"only {n} device(s) online after {fed.wait_for_devices_s:.0f} s; need at least "
                     f"federation.min_devices = {fed.min_devices}. Start more agents or lower min_devices."
                 )
+            # Round 1 is drawn from every device already there, not from the first presences in.
+            self.registry.wait_until_quiet(PRESENCE_QUIET_S, PRESENCE_SETTLE_MAX_S)
             for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
                 record = self._run_round(r)
                 self.history.append(record)

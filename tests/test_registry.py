@@ -1,0 +1,52 @@
+"""The aggregator's device registry: waiting for devices, and for their presences to stop arriving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from aggregator.registry import DeviceRegistry
+
+
+def _presences(registry: DeviceRegistry, count: int, every_s: float, sent: list[float] | None = None) -> threading.Thread:
+    def run() -> None:
+        for i in range(count):
+            registry.update(f"dev-{i}", True, 10)
+            if sent is not None:
+                sent.append(time.monotonic())
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_waits_for_the_last_presence_of_a_burst_then_for_the_quiet_interval():
+    registry = DeviceRegistry()
+    sent: list[float] = []
+    sender = _presences(registry, 20, 0.02, sent)  # a burst of retained presences, 0.4 s long
+    assert registry.wait_for(3, 5.0) >= 3
+    n = registry.wait_until_quiet(0.2, 10.0)
+    done = time.monotonic()
+    sender.join()
+    assert n == 20 == len(registry.online())  # every device of the burst, not only the first few in
+    assert done - sent[-1] >= 0.2 - 0.01  # it waited the quiet interval after the last presence
+
+
+def test_an_endless_stream_of_presences_ends_the_wait_at_the_timeout():
+    registry = DeviceRegistry()
+    sender = _presences(registry, 60, 0.02)  # never quiet for 0.2 s while it lasts (about 1.2 s)
+    started = time.monotonic()
+    n = registry.wait_until_quiet(0.2, 0.5)
+    waited = time.monotonic() - started
+    assert 0.45 <= waited < 1.0 and 0 < n < 60
+    sender.join()
+
+
+def test_a_registry_already_quiet_returns_at_once():
+    registry = DeviceRegistry()
+    registry.update("dev-0", True, 10)
+    time.sleep(0.15)
+    started = time.monotonic()
+    assert registry.wait_until_quiet(0.1, 5.0) == 1
+    assert time.monotonic() - started < 0.05
