@@ -20,6 +20,7 @@ from aggregator.registry import DeviceRegistry
 from aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, PrivacyAccountant, ReleasedRound
 from aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
 from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
+from aggregator.update_buffers import UpdateBuffers
 from converters.codec import MaskLayout
 from converters.errors import CodecError
 from converters.protocol import (
@@ -141,6 +142,7 @@ class Aggregator:
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.device_masks = task.pruning.enabled and task.pruning.mask_owner == "device"
         self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
+        self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
         self.session_id = secrets.token_hex(8)
 
         keras.utils.set_random_seed(task.seed)
@@ -202,6 +204,8 @@ class Aggregator:
         self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
+        if self._buffers is not None:  # structured pruning changed the shapes
+            self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         leave = self.task.pruning.leave_dense
         self.layer_of = {i: name for name, i in kernel_positions(model, prunable_layers(model, leave)).items()}
         unknown = sorted(set(self.task.pruning.layers) - set(self.layer_of.values()))
@@ -235,6 +239,8 @@ class Aggregator:
         fed = self.task.federation
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
+        if not self.device_masks:  # device-side masks: self-describing updates, decoded as they come
+            self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
         self.session.start()
         try:
             if self.state.completed_rounds == 0:
@@ -522,9 +528,11 @@ class Aggregator:
         asked = self.task.transport.uplink_precision
         if header.precision.value != asked:
             return None, f"wrong encoding: update is {header.precision.value}, the task asked for {asked}", device_id
+        # Each accepted update of the round its own row of the reserved buffers.
+        out = self._buffers.row(len(results)) if self._buffers and header.encoding == Encoding.VALUES_ONLY else None
         try:
             update = decode_update(data, self.shapes, self.state.masks, limit, names=self.architecture.names,
-                                   layout=layout, peeked=peeked)
+                                   layout=layout, peeked=peeked, out=out)
         except CodecError as e:
             return None, f"undecodable: {e.reason}", device_id
         if self.device_masks:

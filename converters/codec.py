@@ -177,10 +177,12 @@ def _section_size(shapes: Sequence[Sequence[int]], counts: Sequence[int], precis
 
 def decode_values_only(
     body: bytes | memoryview, shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str",
-    *, layout: MaskLayout | None = None,
+    *, layout: MaskLayout | None = None, out: Sequence[np.ndarray] | None = None,
 ) -> list[np.ndarray]:
     """Inverse of ``encode_values_only``; pruned positions decode to exact zeros. ``layout``:
-    ``MaskLayout.of(shapes, masks)``, when the caller decodes many sections against these masks."""
+    ``MaskLayout.of(shapes, masks)``, when the caller decodes many sections against these masks.
+    ``out``: one C-contiguous float32 array per tensor, of its shape, to decode into (and return)
+    instead of new arrays; on a CodecError their contents are undefined."""
     try:
         p = precision_of(precision)
     except ValueError as e:
@@ -189,16 +191,34 @@ def decode_values_only(
     expected = layout.section_size(p)
     if len(body) != expected:
         raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.value}")
+    if out is not None:
+        if len(out) != len(layout.shapes):
+            raise ValueError(f"out has {len(out)} arrays for {len(layout.shapes)} tensors")
+        for o, shape in zip(out, layout.shapes):
+            if o.dtype != np.float32 or o.shape != shape or not o.flags.c_contiguous:
+                raise ValueError(f"out arrays must be C-contiguous float32 of the tensors' shapes; got "
+                                 f"{o.dtype} {o.shape} for {shape}")
     view = memoryview(body)
-    out: list[np.ndarray] = []
+    tensors: list[np.ndarray] = []
     pos = 0
-    for shape, positions, count in zip(layout.shapes, layout.positions, layout.counts):
+    for i, (shape, positions, count) in enumerate(zip(layout.shapes, layout.positions, layout.counts)):
         channels, c = _channels(shape, positions, p)
         size = value_section_size(count, p, c)
-        values = decode_values(view[pos : pos + size], count, p, channels=channels, n_channels=c)
+        section = view[pos : pos + size]
         pos += size
-        out.append(_scatter(shape, positions, values))
-    return out
+        if out is None:
+            values = decode_values(section, count, p, channels=channels, n_channels=c)
+            tensors.append(_scatter(shape, positions, values))
+        elif positions is None:
+            decode_values(section, count, p, channels=channels, n_channels=c, out=out[i].reshape(-1))
+            tensors.append(out[i])
+        else:
+            values = decode_values(section, count, p, channels=channels, n_channels=c)
+            flat = out[i].reshape(-1)
+            flat.fill(0.0)
+            flat[positions] = values
+            tensors.append(out[i])
+    return tensors
 
 
 def _scatter(shape: tuple[int, ...], positions: np.ndarray | None, values: np.ndarray) -> np.ndarray:

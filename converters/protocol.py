@@ -445,6 +445,7 @@ def decode_update(
     limits: DecodeLimits = DEFAULT_LIMITS,
     layout: MaskLayout | None = None,
     peeked: tuple[UpdateHeader, memoryview] | None = None,
+    out: Sequence[np.ndarray] | None = None,
 ) -> Update:
     """Decode an update against the receiver's layout.
 
@@ -453,6 +454,8 @@ def decode_update(
     match its tensor table. ``layout``: ``MaskLayout.of(shapes, masks)``, for a receiver that
     decodes many updates against the same masks. ``peeked``: what ``peek_update(data, max_bytes)``
     returned, for a receiver that has read the header already (the frame is then not checked twice).
+    ``out``: arrays to decode a values-only update's tensors into (see ``decode_values_only``);
+    a self-describing update ignores them.
     """
     h, section = peeked or peek_update(data, max_bytes)
     if h.num_samples < 1 and not h.error:
@@ -468,7 +471,7 @@ def decode_update(
             if h.raw_section_bytes != expected:
                 raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected {expected}")
             raw = decompress(section, h.compression, h.raw_section_bytes, expected)
-            tensors = decode_values_only(raw, shapes, masks, h.precision, layout=layout)
+            tensors = decode_values_only(raw, shapes, masks, h.precision, layout=layout, out=out)
         else:
             if names is None:
                 raise CodecError("self-describing update, but the receiver gave no tensor names")

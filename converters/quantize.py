@@ -329,8 +329,10 @@ def decode_values(
     *,
     channels: np.ndarray | None = None,
     n_channels: int = 1,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Inverse of ``encode_values`` -> a new 1-D float32 array of length ``count``.
+    """Inverse of ``encode_values`` -> a new 1-D float32 array of length ``count``, or ``out``
+    (1-D float32 of that length, written in place: a receiver that reuses its buffers).
 
     Every argument may come from the network: a bad ``count``, ``precision``, ``n_channels`` or
     ``channels`` (wrong shape, dtype or out of range), a length other than exactly
@@ -365,7 +367,7 @@ def decode_values(
         exp = 0x7F800000 if p is Precision.FLOAT32 else 0x7C00
         if count and int((bits & exp).max()) == exp:
             raise CodecError("values contain NaN or Inf")
-        return raw.astype(np.float32)
+        return _into(raw, out)
 
     qmax = _QMAX[p]
     ch = None
@@ -391,16 +393,28 @@ def decode_values(
         if count % 2 and nib[-1, 1] != 0:
             raise CodecError("int4 padding nibble is not zero")
         q = (nib.reshape(-1)[:count] ^ np.uint8(8)).view(np.int8) - np.int8(8)
-        return q.astype(np.float32) * scales[0]
+        values = _into(q, out)
+        values *= scales[0]
+        return values
 
     q = np.frombuffer(view, dtype=np.int8, offset=off)
     if q.size and q.min() == -128:  # a reduction, not a temporary array of comparisons
         raise CodecError("int8 byte -128 is outside the symmetric range [-127, 127]")
-    out = q.astype(np.float32)
+    values = _into(q, out)
     if p is Precision.INT8:
-        out *= scales[0]
+        values *= scales[0]
     else:
-        out *= _per_value(scales, ch, count)
+        values *= _per_value(scales, ch, count)
+    return values
+
+
+def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``values`` as a new float32 array, or copied into ``out`` (checked: float32, 1-D, same length)."""
+    if out is None:
+        return values.astype(np.float32)
+    if out.dtype != np.float32 or out.shape != values.shape:
+        raise ValueError(f"out must be float32 of shape {values.shape}, got {out.dtype} {out.shape}")
+    np.copyto(out, values, casting="unsafe")  # int8/int4/float16 -> float32 is exact
     return out
 
 

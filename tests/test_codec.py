@@ -167,6 +167,24 @@ def test_values_only_fully_pruned_and_all_kept_masks(precision):
 
 
 @pytest.mark.parametrize("precision", ALL)
+def test_values_only_decodes_into_given_arrays_as_into_new_ones(precision):
+    masks, ts = example_masks(), example_tensors(scale=2.5)
+    body = encode_values_only(ts, masks, precision)
+    fresh = decode_values_only(body, SHAPES, masks, precision)
+    out = [np.full(s, 9.0, np.float32) for s in SHAPES]  # stale contents: pruned positions must be zeroed
+    got = decode_values_only(body, SHAPES, masks, precision, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    for a, b in zip(got, fresh):
+        assert np.array_equal(a, b) and not np.signbit(a[b == 0]).any()
+    with pytest.raises(ValueError, match="arrays for"):
+        decode_values_only(body, SHAPES, masks, precision, out=out[:-1])
+    with pytest.raises(ValueError, match="float32"):
+        decode_values_only(body, SHAPES, masks, precision, out=[o.astype(np.float64) for o in out])
+    with pytest.raises(ValueError, match="C-contiguous"):  # a view that reshape(-1) would copy
+        decode_values_only(body, SHAPES, masks, precision, out=[np.asfortranarray(out[0]), *out[1:]])
+
+
+@pytest.mark.parametrize("precision", ALL)
 def test_a_mask_that_keeps_everything_codes_as_no_mask(precision):
     # A prunable layer before its first pruning step: same bytes as unmasked, decoded through the
     # dense path (the layout holds no positions to scatter through), self-describing too.

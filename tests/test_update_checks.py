@@ -119,3 +119,31 @@ def test_begin_round_0_prunes_the_initial_model_keeping_each_units_norm(tmp_path
         units = w.shape[-1]
         np.testing.assert_allclose(np.linalg.norm(w.reshape(-1, units), axis=0),
                                    np.linalg.norm(initial[i].reshape(-1, units), axis=0), rtol=1e-4)
+
+
+def test_each_accepted_update_of_a_round_decodes_into_its_own_reserved_row(tmp_path):
+    from aggregator.update_buffers import UpdateBuffers
+
+    agg = Aggregator(small_task(), load_dataset("digits"), "mqtt://127.0.0.1:1", tmp_path / "run",
+                     export_tflite=False)
+    agg._buffers = UpdateBuffers(agg.shapes, 2)  # as run() reserves them
+    for d in ("dev-1", "dev-2"):
+        agg.registry.update(d, True, 50)
+    rng = np.random.default_rng(0)
+    sent = {d: [rng.normal(size=s).astype(np.float32) * 0.1 for s in agg.shapes] for d in ("dev-1", "dev-2")}
+    results = {}
+    for d, tensors in sent.items():
+        result, why, _ = agg._check_update(agg.topics.update(d), _update(agg, device_id=d, tensors=tensors),
+                                           2, 1, ["dev-1", "dev-2"], results)
+        assert why == ""
+        results[d] = result
+    for i, d in enumerate(sent):  # row i holds the i-th accepted update, and nothing else does
+        row = agg._buffers.row(i)
+        assert all(np.shares_memory(t, r) for t, r in zip(results[d].delta, row))
+        assert all(np.allclose(t, s, atol=0.1 * 4 / 127) for t, s in zip(results[d].delta, sent[d]))
+    assert not any(np.shares_memory(a, b) for a in results["dev-1"].delta for b in results["dev-2"].delta)
+    # a third accepted update has no row left: it decodes into arrays of its own
+    agg.registry.update("dev-3", True, 50)
+    third, why, _ = agg._check_update(agg.topics.update("dev-3"), _update(agg, device_id="dev-3"), 2, 1,
+                                      ["dev-1", "dev-2", "dev-3"], results)
+    assert why == "" and not any(np.shares_memory(t, agg._buffers._block) for t in third.delta)
