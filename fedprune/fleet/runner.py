@@ -153,8 +153,8 @@ class Fleet:
             self.devices.append(SimulatedDevice(
                 session, b, x, y, broker_url=self.broker_url, federation=t.federation.id,
                 trainer=self.hostile_trainer if b.index in self.hostile else self.trainer,
-                executor=self._executor, tasks=self.tasks, connect_slots=slots, max_payload_bytes=t.transport.max_payload_bytes,
-                rejoin_s=t.simulation.rejoin_s))
+                executor=self._executor, tasks=self.tasks, connect_slots=slots,
+                max_payload_bytes=t.transport.max_payload_bytes, rejoin_s=t.simulation.rejoin_s))
         online = [d for d, b in zip(self.devices, self.behaviours) if b.online]
         tasks = [asyncio.ensure_future(d.run(self._stop)) for d in online]
         watcher = asyncio.ensure_future(self._watch_rounds())
