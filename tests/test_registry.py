@@ -8,7 +8,8 @@ import time
 from aggregator.registry import DeviceRegistry
 
 
-def _presences(registry: DeviceRegistry, count: int, every_s: float, sent: list[float] | None = None) -> threading.Thread:
+def _presences(registry: DeviceRegistry, count: int, every_s: float,
+               sent: list[float] | None = None) -> threading.Thread:
     def run() -> None:
         for i in range(count):
             registry.update(f"dev-{i}", True, 10)
