@@ -58,7 +58,7 @@ class DeviceRegistry:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                n = sum(d.online for d in self._devices.values())
+                n = self._online_count()
                 left = deadline - time.monotonic()
                 if n >= count or left <= 0:
                     return n
@@ -78,5 +78,8 @@ class DeviceRegistry:
                 now = time.monotonic()
                 quiet_for = now - self._last_update
                 if quiet_for >= quiet_s or now >= deadline:
-                    return sum(d.online for d in self._devices.values())
+                    return self._online_count()
                 self._changed.wait(min(quiet_s - quiet_for, deadline - now))
+
+    def _online_count(self) -> int:  # the caller holds the lock
+        return sum(d.online for d in self._devices.values())

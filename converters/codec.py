@@ -206,27 +206,29 @@ def decode_values_only(
         size = value_section_size(count, p, c)
         section = view[pos : pos + size]
         pos += size
-        if out is None:
-            values = decode_values(section, count, p, channels=channels, n_channels=c)
-            tensors.append(_scatter(shape, positions, values))
-        elif positions is None:
-            decode_values(section, count, p, channels=channels, n_channels=c, out=out[i].reshape(-1))
-            tensors.append(out[i])
+        target = None if out is None else out[i]
+        if positions is None and target is not None:  # dense: straight into the caller's array
+            decode_values(section, count, p, channels=channels, n_channels=c, out=target.reshape(-1))
+            tensors.append(target)
         else:
             values = decode_values(section, count, p, channels=channels, n_channels=c)
-            flat = out[i].reshape(-1)
-            flat.fill(0.0)
-            flat[positions] = values
-            tensors.append(out[i])
+            tensors.append(_scatter(shape, positions, values, out=target))
     return tensors
 
 
-def _scatter(shape: tuple[int, ...], positions: np.ndarray | None, values: np.ndarray) -> np.ndarray:
-    if positions is None:
+def _scatter(shape: tuple[int, ...], positions: np.ndarray | None, values: np.ndarray,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` at ``positions`` (None: all, in order) of a zero tensor of ``shape``: a new one,
+    or ``out`` (C-contiguous float32 of that shape), zeroed first."""
+    if positions is None and out is None:
         return values.reshape(shape)
-    t = np.zeros(int(np.prod(shape)), dtype=np.float32)
-    t[positions] = values
-    return t.reshape(shape)
+    if out is None:
+        t = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    else:
+        t = out.reshape(-1)
+        t.fill(0.0)
+    t[slice(None) if positions is None else positions] = values
+    return t.reshape(shape) if out is None else out
 
 
 # --- self-describing -------------------------------------------------------------------------------
