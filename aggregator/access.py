@@ -6,7 +6,7 @@ topics. It cannot read another device's task, see anyone's updates, or forge the
 The aggregator may read and write everything under its federation's root.
 
 :meth:`AccessPolicy.mosquitto_acl` writes the policy as a Mosquitto ``acl_file``; the embedded
-broker asks :meth:`AccessPolicy.allows` (``aggregator.broker_auth``).
+broker asks :meth:`AccessPolicy.allows` (``fedprune.aggregator.broker_auth``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from converters.protocol import Topics, valid_device_id
+from fedprune.converters.protocol import Topics, valid_device_id
 
 
 class Access(Enum):

@@ -1,5 +1,5 @@
 """amqtt plugins that make the embedded broker enforce what Mosquitto's config does: logins from
-the Mosquitto password file, and the federation's access policy (``aggregator.access``).
+the Mosquitto password file, and the federation's access policy (``fedprune.aggregator.access``).
 
 amqtt 0.12.1 asks every auth plugin on CONNECT (all must agree) and every topic plugin on
 SUBSCRIBE (a refusal answers 0x80 in the SUBACK), on PUBLISH (a refused message is dropped
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
-from aggregator.access import Access, AccessPolicy
-from aggregator.passwords import read_password_file, verify_password
+from fedprune.aggregator.access import Access, AccessPolicy
+from fedprune.aggregator.passwords import read_password_file, verify_password
 
 _ACCESS = {Action.SUBSCRIBE: Access.READ, Action.RECEIVE: Access.READ, Action.PUBLISH: Access.WRITE}
 

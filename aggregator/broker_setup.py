@@ -9,7 +9,7 @@ writes (private keys and passwords readable by their owner only):
     server.crt, server.key   the broker's TLS certificate for the --host names and addresses
     passwd                   one credential per device and one for the aggregator, hashed by
                              Mosquitto's own mosquitto_passwd
-    acl                      what each may read and write (aggregator.access)
+    acl                      what each may read and write (fedprune.aggregator.access)
     mosquitto.conf           a TLS-only listener with the files above: mosquitto -c broker/mosquitto.conf
     aggregator.toml          the aggregator's connection file (fedprune-aggregator --connection)
     devices/<id>/            per device: connection.toml and ca.crt, to copy to that device
@@ -30,10 +30,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.access import AccessPolicy
-from aggregator.embedded_broker import BrokerSecurity
-from aggregator.passwords import write_password_file
-from converters.protocol import Topics, valid_device_id
+from fedprune.aggregator.access import AccessPolicy
+from fedprune.aggregator.embedded_broker import BrokerSecurity
+from fedprune.aggregator.passwords import write_password_file
+from fedprune.converters.protocol import Topics, valid_device_id
 from fedprune.connection import Connection, write_connection
 from fedprune.fileio import atomic_write_bytes
 from fedprune.transport import BrokerAddress

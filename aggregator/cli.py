@@ -5,7 +5,7 @@ waits for devices, runs the rounds (one line each), and writes checkpoints, metr
 TFLite model into the run folder. Ctrl-C keeps the last checkpoint; ``--resume`` continues from it.
 
 ``fedprune-aggregator init-broker ...`` writes a TLS broker set-up with per-device credentials
-and access control instead (``aggregator.broker_setup``; ``init-broker --help``).
+and access control instead (``fedprune.aggregator.broker_setup``; ``init-broker --help``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_
 from fedprune.transport import parse_broker_url
 
 if TYPE_CHECKING:
-    from aggregator.broker_setup import BrokerFolder
+    from fedprune.aggregator.broker_setup import BrokerFolder
 
-log = logging.getLogger("aggregator.cli")
+log = logging.getLogger("fedprune.aggregator.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init-broker"]:
-        from aggregator.broker_setup import main as init_broker_main
+        from fedprune.aggregator.broker_setup import main as init_broker_main
 
         return init_broker_main(argv[1:])
     parser = argparse.ArgumentParser(prog="fedprune-aggregator", description=__doc__.splitlines()[0],
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    from aggregator.server import Aggregator, FederationError
+    from fedprune.aggregator.server import Aggregator, FederationError
     from fedprune.data import DataError, load_dataset
 
     try:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         shown_url = parse_broker_url(broker_url).url if broker_url else None
         if broker_url is None or folder is not None:
-            from aggregator.embedded_broker import EmbeddedBroker
+            from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
             port = args.port if args.port is not None else (folder.port if folder else 1883)
             try:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None]:
     """The broker URL with credentials (None: a plain embedded broker), and for --broker-dir the
     set-up the embedded broker enforces. Raises ValueError saying what is wrong."""
-    from aggregator.broker_setup import load_broker_folder
+    from fedprune.aggregator.broker_setup import load_broker_folder
     from fedprune.connection import load_connection
 
     if args.broker is not None:

@@ -18,7 +18,7 @@ What it does and does not do
 * It binds only the address it is given (127.0.0.1 by default) and loads exactly the plugins it
   needs: anonymous authentication, or with a :class:`BrokerSecurity` (the folder written by
   ``fedprune-aggregator init-broker``) TLS with that server certificate, logins from that
-  Mosquitto password file and the federation's access policy (``aggregator.broker_auth``), the
+  Mosquitto password file and the federation's access policy (``fedprune.aggregator.broker_auth``), the
   same rules the generated Mosquitto config enforces. amqtt's defaults would bind 0.0.0.0:1883
   and load event/packet logging and ``$SYS`` plugins, so listeners and plugins are always passed
   explicitly.
@@ -82,8 +82,8 @@ class BrokerSecurity:
     def plugins(self) -> dict[str, dict[str, str]]:
         policy = {"federation": self.federation, "aggregator_user": self.aggregator_user}
         return {
-            "aggregator.broker_auth.PasswordFileAuth": {"password_file": str(self.password_file), **policy},
-            "aggregator.broker_auth.FederationTopicAccess": policy,
+            "fedprune.aggregator.broker_auth.PasswordFileAuth": {"password_file": str(self.password_file), **policy},
+            "fedprune.aggregator.broker_auth.FederationTopicAccess": policy,
         }
 
 

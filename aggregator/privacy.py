@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from aggregator.robust import add_at_kept, clip_results, kept_deltas
-from aggregator.strategy import ClientResult
+from fedprune.aggregator.robust import add_at_kept, clip_results, kept_deltas
+from fedprune.aggregator.strategy import ClientResult
 from fedprune.pruning.masks import Masks
 
 log = logging.getLogger(__name__)

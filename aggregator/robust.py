@@ -1,6 +1,6 @@
 """Robust aggregation: strategies that bound what a few hostile devices can do to the global model.
 
-One class per algorithm, as in ``aggregator.strategy``. All of them work on the sparse updates:
+One class per algorithm, as in ``fedprune.aggregator.strategy``. All of them work on the sparse updates:
 every device trained under the same global mask, so each tensor is reduced over its kept positions
 only, as a (devices x kept) float32 matrix built one tensor at a time; pruned positions stay
 exactly zero. None of the rules here weights by sample count (the count is the device's own
@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from aggregator.strategy import ClientResult
+from fedprune.aggregator.strategy import ClientResult
 from fedprune.clipping import clip_to_norm
 from fedprune.pruning.masks import Masks, apply_masks
 

@@ -14,16 +14,16 @@ from typing import Callable
 
 import numpy as np
 
-from aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
+from fedprune.aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
 from fedprune.fileio import atomic_write_bytes
-from aggregator.registry import DeviceRegistry
-from aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, PrivacyAccountant, ReleasedRound
-from aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
-from aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
-from aggregator.update_buffers import UpdateBuffers
-from converters.codec import MaskLayout
-from converters.errors import CodecError
-from converters.protocol import (
+from fedprune.aggregator.registry import DeviceRegistry
+from fedprune.aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, PrivacyAccountant, ReleasedRound
+from fedprune.aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
+from fedprune.aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
+from fedprune.aggregator.update_buffers import UpdateBuffers
+from fedprune.converters.codec import MaskLayout
+from fedprune.converters.errors import CodecError
+from fedprune.converters.protocol import (
     Ack,
     Encoding,
     Presence,
@@ -197,7 +197,7 @@ class Aggregator:
 
     def _use_model(self, model) -> None:
         """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
-        from aggregator.evaluation import HeldOutEvaluator
+        from fedprune.aggregator.evaluation import HeldOutEvaluator
         from fedprune.models import architecture_of, kernel_positions, prunable_layers
 
         self.model = model
@@ -619,7 +619,7 @@ class Aggregator:
     def _latency_ms(self, model, weights: list[np.ndarray]) -> float:
         import tempfile
 
-        from converters.tflite_export import export_sparse_tflite
+        from fedprune.converters.tflite_export import export_sparse_tflite
         from fedprune.models import set_layer_weights
         from fedprune.pruning.structured import measure_latency_ms
 
@@ -639,7 +639,7 @@ class Aggregator:
         return self._evaluate()
 
     def _export(self) -> list[dict]:
-        from converters.tflite_export import export_sparse_tflite
+        from fedprune.converters.tflite_export import export_sparse_tflite
         from fedprune.models import set_layer_weights
 
         set_layer_weights(self.model, self.state.weights)

@@ -3,7 +3,7 @@
 MQTT brokers cap the packet size (Mosquitto 2.1: 2,000,000 bytes by default) and paho ignores the
 cap, so fedprune bounds every publish to ``max_payload_bytes`` (``fedprune.transport``). A message
 over that bound (a big model's weights) travels as chunks, each a normal fedprune frame
-(``converters.frame``) of kind ``CHUNK_KIND`` with no JSON header, whose body is::
+(``fedprune.converters.frame``) of kind ``CHUNK_KIND`` with no JSON header, whose body is::
 
     message_id  16 bytes  random per message; chunks of one message share it
     index       u32       0 .. count-1
@@ -43,14 +43,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from converters.errors import CodecError
-from converters.frame import CRC as _CRC
-from converters.frame import MAGIC, MAX_HEADER_BYTES, pack_frame, unpack_frame
-from converters.frame import PREFIX as _PREFIX
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import CRC as _CRC
+from fedprune.converters.frame import MAGIC, MAX_HEADER_BYTES, pack_frame, unpack_frame
+from fedprune.converters.frame import PREFIX as _PREFIX
 
 log = logging.getLogger(__name__)
 
-CHUNK_KIND = 3  # frame kind byte of a chunk (converters.protocol.Kind: TASK=1, UPDATE=2)
+CHUNK_KIND = 3  # frame kind byte of a chunk (fedprune.converters.protocol.Kind: TASK=1, UPDATE=2)
 MESSAGE_ID_BYTES = 16
 _CHUNK_HEADER = struct.Struct("<16sIIQ32s")  # message_id, index, count, total, sha256
 CHUNK_OVERHEAD = _PREFIX.size + _CHUNK_HEADER.size + _CRC.size  # 78 bytes

@@ -3,10 +3,10 @@
 Two encodings of a tensor list (the model's weights in the layout of ``fedprune.models``):
 
 - **values-only**: sender and receiver share the masks, so only the kept values travel, tensor
-  after tensor, each a value section of ``converters.quantize`` (scales, then values). The
+  after tensor, each a value section of ``fedprune.converters.quantize`` (scales, then values). The
   masks are named elsewhere by their digest; nothing else is sent. This is the default uplink.
 - **self-describing**: a tensor table (name, shape, dtype, precision, whether masked, mask coding,
-  kept count, mask bytes) followed, per tensor, by its coded mask (``converters.mask_coding``,
+  kept count, mask bytes) followed, per tensor, by its coded mask (``fedprune.converters.mask_coding``,
   the smallest of bitmap, Rice/Elias gaps or index list) and its value section. Used to broadcast
   a new mask, and by devices that prune on their own.
 
@@ -28,17 +28,17 @@ from typing import Sequence
 
 import numpy as np
 
-from converters.errors import CodecError
-from converters.frame import ByteReader
-from converters.mask_coding import MaskMethod, decode_mask, encode_mask
-from converters.quantize import (
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import ByteReader
+from fedprune.converters.mask_coding import MaskMethod, decode_mask, encode_mask
+from fedprune.converters.quantize import (
     PRECISION_IDS,
     Precision,
     decode_values,
     encode_values,
     value_section_size,
 )
-from fedprune.pruning.masks import mask_digest
+from fedprune.converters.mask_coding import mask_digest
 
 __all__ = [
     "CodecError",

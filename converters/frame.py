@@ -4,7 +4,7 @@ Layout (integers little-endian)::
 
     magic    4 bytes  b"FPRN"
     version  u8       FRAME_VERSION
-    kind     u8       what the message is (converters.protocol.Kind)
+    kind     u8       what the message is (fedprune.converters.protocol.Kind)
     hlen     u32      length of the JSON header; 0 for kinds whose body starts with a binary header
     header   hlen bytes of UTF-8 JSON (an object)
     body     the rest up to the checksum
@@ -21,7 +21,7 @@ import struct
 import zlib
 from typing import Any
 
-from converters.errors import CodecError
+from fedprune.converters.errors import CodecError
 
 MAGIC = b"FPRN"
 FRAME_VERSION = 1

@@ -53,13 +53,15 @@ Strictness
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
+from collections.abc import Sequence
 from enum import IntEnum
 
 import numpy as np
 
-from converters.errors import CodecError
+from fedprune.converters.errors import CodecError
 
 __all__ = [
     "MAX_POSITIONS",
@@ -526,3 +528,18 @@ def decode_mask(method: int, data: bytes | memoryview, n: int, kept: int) -> np.
     mask = np.zeros(n, dtype=bool) if coding_kept else np.ones(n, dtype=bool)
     mask[pos] = coding_kept
     return mask
+
+
+def mask_digest(masks: Sequence["np.ndarray | None"]) -> str:
+    """SHA-256 (hex, first 16 bytes) naming a mask list: which tensors are masked, their shapes, bits.
+
+    Devices and the aggregator compare digests so a values-only update can never be aligned
+    against the wrong mask.
+    """
+    h = hashlib.sha256()
+    for i, m in enumerate(masks):
+        if m is None:
+            continue
+        h.update(f"{i}:{'x'.join(map(str, m.shape))};".encode())
+        h.update(np.packbits(m.ravel()).tobytes())
+    return h.hexdigest()[:32]

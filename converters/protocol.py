@@ -2,7 +2,7 @@
 
 See docs/protocol.md for the full description. All messages use QoS 1. Small control messages are
 UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages are binary frames
-(``converters.frame``): a task has a JSON header and a self-describing tensor section, an update
+(``fedprune.converters.frame``): a task has a JSON header and a self-describing tensor section, an update
 a compact binary header and (by default) a values-only tensor section.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from converters.codec import (
+from fedprune.converters.codec import (
     Compression,
     DecodeLimits,
     DEFAULT_LIMITS,
@@ -32,10 +32,10 @@ from converters.codec import (
     self_describing_bound,
     values_only_size,
 )
-from converters.errors import CodecError
-from converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
-from converters.quantize import PRECISION_IDS, Precision
-from fedprune.pruning.masks import mask_digest
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
+from fedprune.converters.quantize import PRECISION_IDS, Precision
+from fedprune.converters.mask_coding import mask_digest
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "fedprune/v1"
@@ -45,7 +45,7 @@ _PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
 class Kind(IntEnum):
     TASK = 1  # aggregator -> one device: train this global model for this round
     UPDATE = 2  # device -> aggregator: the result of that training
-    CHUNK = 3  # one piece of a message larger than the payload limit (converters.chunking)
+    CHUNK = 3  # one piece of a message larger than the payload limit (fedprune.converters.chunking)
 
 
 class Topics:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.errors import CodecError
+from fedprune.converters.errors import CodecError
 
 __all__ = [
     "FLOAT16_MAX",

@@ -8,7 +8,8 @@ converter produced but no runtime can run is worse than no file.
 Import cost matters on the devices, so this module imports neither TensorFlow nor Keras at
 import time. :func:`open_interpreter`, :func:`predict_tflite` and :func:`sparse_weight_stats`
 run without TensorFlow when ``ai-edge-litert`` is installed; only :func:`export_sparse_tflite`
-imports TensorFlow (through :mod:`fedprune.keras_setup`, which selects Keras 2).
+imports TensorFlow, for a model its caller built (with :mod:`fedprune.keras_setup`, which selects
+Keras 2 before TensorFlow loads: this package imports nothing else of fedprune's).
 
 What ``Optimize.EXPERIMENTAL_SPARSITY`` writes (verified on tf 2.21 / ai-edge-litert 2.3.0,
 see :func:`sparse_weight_stats` for the layout): each constant weight tensor with enough zeros
@@ -32,7 +33,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at run time here
     from ai_edge_litert.interpreter import Interpreter
 
-    from fedprune.keras_setup import keras
+    import tf_keras as keras
 
 __all__ = [
     "ExportError",
@@ -148,7 +149,7 @@ def _find_runtime(order: tuple[str, ...] = RUNTIMES) -> tuple[str, Any, Any] | N
                 continue
             return "tflite_runtime", TFLRInterpreter, TFLRResolver
         try:
-            from fedprune.keras_setup import tf
+            import tensorflow as tf  # only tf.lite here: which Keras TF selects does not matter
         except ImportError as exc:
             logger.debug("tensorflow not importable: %s", exc)
             continue
@@ -553,7 +554,7 @@ def _representative_subset(x: np.ndarray) -> np.ndarray:
 
 
 def _convert(model: keras.Model, precision: str, representative: np.ndarray | None) -> bytes:
-    from fedprune.keras_setup import tf
+    import tensorflow as tf  # the model was built, so TensorFlow (and its Keras choice) is loaded
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if precision == "float32":

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
-from edge_agent.emulation import SlowLink
+from fedprune.edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
+from fedprune.edge_agent.emulation import SlowLink
 from fedprune.transport import MqttSession, PayloadTooLarge
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class EdgeAgent:
     ) -> None:
         """``x``, ``y``: the local data, for an in-process trainer; a trainer that reads the data
         itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``link``: an emulated
-        slow uplink (``edge_agent.emulation``)."""
+        slow uplink (``fedprune.edge_agent.emulation``)."""
         if num_samples is None:
             if x is None:
                 raise ValueError("give the local data (x, y) or num_samples")

@@ -2,14 +2,14 @@
 
 TensorFlow costs about 600 MB of resident memory once imported, and gives little of it back. The
 agent (MQTT, scheduling, inference: about 40 MB) therefore runs each round's training, pruning
-and TFLite export in ``python -m edge_agent.train_worker``, a child that exits when the round's
-work is done. They talk through files in ``<state dir>/work/`` (:mod:`edge_agent.jobfiles`).
+and TFLite export in ``python -m fedprune.edge_agent.train_worker``, a child that exits when the round's
+work is done. They talk through files in ``<state dir>/work/`` (:mod:`fedprune.edge_agent.jobfiles`).
 
 The child writes its result first and exports the global model to TFLite after, so the update
 leaves as soon as training ends; the agent installs the exported model (:mod:`edge_agent.
 model_store`) once the child exits, and starts no second child before the first has exited.
 
-Budgets (:mod:`edge_agent.budgets`) are enforced here: a child over the memory budget or past
+Budgets (:mod:`fedprune.edge_agent.budgets`) are enforced here: a child over the memory budget or past
 the round's deadline is killed (its whole process group) and the round reports a failure.
 """
 
@@ -28,12 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import edge_agent
-from converters.protocol import Architecture, TrainTask
-from edge_agent import jobfiles
-from edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
-from edge_agent.device import TrainResult
-from edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
+from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.edge_agent import jobfiles
+from fedprune.edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
+from fedprune.edge_agent.device import TrainResult
+from fedprune.edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +68,10 @@ class _Child:
         self.exited = threading.Event()
         self.settled = threading.Event()  # exited, and its model installed (by the trainer)
         self._start = time.monotonic()
-        package_root = str(Path(edge_agent.__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
         with open(folder / jobfiles.LOG, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [*command_prefix, sys.executable, "-m", "edge_agent.train_worker", str(folder)],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                [*command_prefix, sys.executable, "-m", "fedprune.edge_agent.train_worker", str(folder)],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: a kill takes anything it started
             )
         self._thread = threading.Thread(target=self._watch, name=f"watch-train-{self.proc.pid}", daemon=True)
@@ -124,7 +120,7 @@ class _Child:
 
 
 class ChildProcessTrainer:
-    """A ``Trainer`` (see :mod:`edge_agent.device`) that trains in a child process.
+    """A ``Trainer`` (see :mod:`fedprune.edge_agent.device`) that trains in a child process.
 
     Args:
         state_dir: The agent's state folder; the child works in ``state_dir/work`` and the

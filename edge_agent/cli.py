@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fedprune.cli_common import setup_logging
 
-log = logging.getLogger("edge_agent.cli")
+log = logging.getLogger("fedprune.edge_agent.cli")
 
 COMMANDS = ("run", "predict", "model")
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")  # `fedprune-agent --broker ...` as before subcommands existed
     args = _parser().parse_args(argv)
-    from edge_agent.config import ConfigError
+    from fedprune.edge_agent.config import ConfigError
 
     try:
         return {"run": _run, "predict": _predict, "model": _model}[args.command](args)
@@ -94,7 +94,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, require_run: bool):
-    from edge_agent.config import AgentConfig, load_config
+    from fedprune.edge_agent.config import AgentConfig, load_config
 
     config = load_config(args.config) if args.config else AgentConfig()
     overrides = {"device.state_dir": args.state_dir, "logging.level": args.log_level}
@@ -119,7 +119,7 @@ def _connection(args: argparse.Namespace):
     """The device's connection file (None without --connection); ConfigError if it is unusable."""
     if args.connection is None:
         return None
-    from edge_agent.config import ConfigError
+    from fedprune.edge_agent.config import ConfigError
     from fedprune.connection import ConnectionFileError, load_connection
 
     if args.broker or args.device_id:
@@ -137,16 +137,16 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args, require_run=True)
     connection = _connection(args)
     broker_url = connection.broker.full_url() if connection is not None else config.broker_url()
-    from edge_agent.agent import EdgeAgent
-    from edge_agent.child_trainer import ChildProcessTrainer
-    from edge_agent.emulation import SlowLink
+    from fedprune.edge_agent.agent import EdgeAgent
+    from fedprune.edge_agent.child_trainer import ChildProcessTrainer
+    from fedprune.edge_agent.emulation import SlowLink
     from fedprune.data import DataError, load_device_data
 
     device_id = config.device.id
     try:
         x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
         if args.in_process:
-            from edge_agent.trainer import KerasTrainer
+            from fedprune.edge_agent.trainer import KerasTrainer
 
             trainer, data = KerasTrainer(), (x, y)
         else:
@@ -191,7 +191,7 @@ def _model_dir(args: argparse.Namespace) -> Path:
     if getattr(args, "model", None):
         setup_logging(args.log_level or "WARNING")
         return Path(args.model)
-    from edge_agent.config import ConfigError
+    from fedprune.edge_agent.config import ConfigError
 
     config = _config(args, require_run=False)
     if not (args.state_dir or config.device.state_dir or config.device.id):
@@ -202,9 +202,9 @@ def _model_dir(args: argparse.Namespace) -> Path:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from converters.tflite_export import RUNTIMES
-    from edge_agent.inference import InputError, Predictor, load_inputs
-    from edge_agent.model_store import ModelStoreError
+    from fedprune.converters.tflite_export import RUNTIMES
+    from fedprune.edge_agent.inference import InputError, Predictor, load_inputs
+    from fedprune.edge_agent.model_store import ModelStoreError
 
     try:
         source = _model_dir(args)
@@ -233,7 +233,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _model(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from edge_agent.model_store import ModelStore, ModelStoreError
+    from fedprune.edge_agent.model_store import ModelStore, ModelStoreError
 
     folder = _model_dir(args)
     if not folder.is_dir():

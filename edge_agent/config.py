@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-from converters.protocol import valid_device_id
-from edge_agent.budgets import Budgets
+from fedprune.converters.protocol import valid_device_id
+from fedprune.edge_agent.budgets import Budgets
 from fedprune.tomlfile import coerce, read_toml
 from fedprune.transport import BrokerAddress, parse_broker_url
 

@@ -5,7 +5,7 @@ for its architecture, the tasks already taken on, error-feedback residuals) and 
 MQTT messages into training jobs and training results into outgoing messages. It opens no socket,
 starts no thread and imports no TensorFlow, so the same logic drives:
 
-- the real agent (``edge_agent.agent``: a paho session, training in a worker);
+- the real agent (``fedprune.edge_agent.agent``: a paho session, training in a worker);
 - the fleet simulator (many sessions on asyncio MQTT clients, one shared trainer);
 - a lean agent that trains in a child process.
 
@@ -23,10 +23,10 @@ from typing import Protocol
 
 import numpy as np
 
-from converters.error_feedback import ErrorFeedback
-from converters.errors import CodecError
-from converters.frame import unpack_frame
-from converters.protocol import (
+from fedprune.error_feedback import ErrorFeedback
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import unpack_frame
+from fedprune.converters.protocol import (
     Ack,
     Architecture,
     Encoding,
@@ -57,7 +57,7 @@ class TrainResult:
 
 
 class Trainer(Protocol):
-    """Local training (``edge_agent.trainer.KerasTrainer`` is the real one).
+    """Local training (``fedprune.edge_agent.trainer.KerasTrainer`` is the real one).
 
     A trainer may also have ``prepare(architecture)``: get ready to train that architecture (build
     and trace) before its first task; ``prepare_trainer`` calls it where it exists.

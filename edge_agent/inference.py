@@ -3,7 +3,7 @@
 The runtime is LiteRT (``ai-edge-litert``) where it is installed, else ``tflite-runtime``, else
 TensorFlow's ``tf.lite`` interpreter (the only one that imports TensorFlow). A sparse int8 model
 that LiteRT's default XNNPACK delegate refuses is run by its builtin kernels instead
-(:func:`converters.tflite_export.load_interpreter`); ``Predictor.runtime`` and
+(:func:`fedprune.converters.tflite_export.load_interpreter`); ``Predictor.runtime`` and
 ``Predictor.delegates`` say what ran.
 
     >>> p = Predictor("/var/lib/fedprune/state/model")   # the agent's model folder
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.tflite_export import RUNTIMES, load_interpreter, predict_tflite
-from edge_agent.model_store import ModelInfo, ModelStore
+from fedprune.converters.tflite_export import RUNTIMES, load_interpreter, predict_tflite
+from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from converters.protocol import Architecture, TrainTask, decode_task, encode_task
-from edge_agent.device import TrainResult
+from fedprune.converters.protocol import Architecture, TrainTask, decode_task, encode_task
+from fedprune.edge_agent.device import TrainResult
 from fedprune.fileio import atomic_write_bytes, atomic_write_json
 
 JOB, TASK, RESULT, ERROR = "job.json", "task.bin", "result.npz", "error.json"

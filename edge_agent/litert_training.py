@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.protocol import Architecture, TrainTask
-from edge_agent.device import TrainResult
+from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.edge_agent.device import TrainResult
 
 log = logging.getLogger(__name__)
 

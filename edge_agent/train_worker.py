@@ -1,8 +1,8 @@
-"""The training child: ``python -m edge_agent.train_worker WORK_DIR``.
+"""The training child: ``python -m fedprune.edge_agent.train_worker WORK_DIR``.
 
-Started by :class:`edge_agent.child_trainer.ChildProcessTrainer` for one round, and gone when
+Started by :class:`fedprune.edge_agent.child_trainer.ChildProcessTrainer` for one round, and gone when
 the round's work is done, taking TensorFlow's memory with it. It reads the job from
-``WORK_DIR`` (:mod:`edge_agent.jobfiles`), trains with :class:`edge_agent.trainer.KerasTrainer`,
+``WORK_DIR`` (:mod:`fedprune.edge_agent.jobfiles`), trains with :class:`fedprune.edge_agent.trainer.KerasTrainer`,
 writes the result, then exports the round's global model (the task's weights) to a sparse
 TFLite file that LiteRT has loaded and run, for the agent to install.
 
@@ -19,10 +19,10 @@ import signal
 import sys
 from pathlib import Path
 
-from edge_agent import jobfiles
-from edge_agent.budgets import peak_rss_mb
+from fedprune.edge_agent import jobfiles
+from fedprune.edge_agent.budgets import peak_rss_mb
 
-log = logging.getLogger("edge_agent.train_worker")
+log = logging.getLogger("fedprune.edge_agent.train_worker")
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,7 +46,7 @@ def _peak_rss_mb() -> float:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not (Path(args[0]) / jobfiles.JOB).is_file():
-        print("usage: python -m edge_agent.train_worker WORK_DIR (with job.json and task.bin in it)",
+        print("usage: python -m fedprune.edge_agent.train_worker WORK_DIR (with job.json and task.bin in it)",
               file=sys.stderr)
         return 2
     folder = Path(args[0])
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
         x, y = load_device_data(spec.data_path)  # before TensorFlow: a bad file fails in a second
 
-        from edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
+        from fedprune.edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
 
         result = KerasTrainer().train(architecture, task, x, y)
         result.metrics["train_peak_rss_mb"] = _peak_rss_mb()
@@ -80,7 +80,7 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     """The task's global model as a sparse TFLite file, verified in LiteRT, and its description."""
     import numpy as np
 
-    from converters.tflite_export import export_sparse_tflite
+    from fedprune.converters.tflite_export import export_sparse_tflite
     from fedprune.fileio import atomic_write_json
     from fedprune.keras_setup import keras
     from fedprune.models import set_layer_weights

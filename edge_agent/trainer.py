@@ -20,8 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from converters.protocol import Architecture, TrainTask
-from edge_agent.device import TrainResult
+from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.edge_agent.device import TrainResult
 from fedprune.keras_setup import keras, tf
 from fedprune.models import PRUNABLE_LAYER_TYPES, get_layer_weights, kernel_positions, set_layer_weights
 from fedprune.pruning.masks import apply_masks

@@ -127,10 +127,10 @@ def set_layer_weights(model: "keras.Model", weights: list) -> None:
 
 
 def architecture_of(model: "keras.Model"):
-    """The ``converters.protocol.Architecture`` message that describes ``model`` to the devices."""
+    """The ``fedprune.converters.protocol.Architecture`` message that describes ``model`` to the devices."""
     import hashlib
 
-    from converters.protocol import Architecture
+    from fedprune.converters.protocol import Architecture
 
     model_json = model.to_json()
     return Architecture(

@@ -18,8 +18,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlparse
 
 import paho.mqtt.client as mqtt
 
-from converters.chunking import Reassembler, is_chunk, split_message
-from converters.errors import CodecError
+from fedprune.converters.chunking import Reassembler, is_chunk, split_message
+from fedprune.converters.errors import CodecError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_attacks.py --task examples/robust.toml --devices 10
 
 Runs the task clean (FedAvg), then with a fraction of the devices sending sign-flipped updates
-scaled up (fedprune.attacks), aggregated with FedAvg and with each robust option in turn. Every
+scaled up (fedprune.simulation.attacks), aggregated with FedAvg and with each robust option in turn. Every
 device takes part in every round, so each round has exactly that fraction of hostile updates.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedprune.attacks import Attack, every_device_task, robust_aggregations  # noqa: E402
+from fedprune.simulation.attacks import Attack, every_device_task, robust_aggregations  # noqa: E402
 from fedprune.cli_common import setup_logging  # noqa: E402
-from fedprune.simulate import run_simulation  # noqa: E402
+from fedprune.simulation.cli import run_simulation  # noqa: E402
 from fedprune.task import Task, load_task  # noqa: E402
 
 

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from converters.codec import encode_self_describing, n_channels  # noqa: E402
-from converters.mask_coding import encode_mask, mask_entropy_bits  # noqa: E402
-from converters.protocol import Encoding, Update, decode_update, encode_update  # noqa: E402
-from converters.quantize import Precision, value_bits, value_section_size  # noqa: E402
+from fedprune.converters.codec import encode_self_describing, n_channels  # noqa: E402
+from fedprune.converters.mask_coding import encode_mask, mask_entropy_bits  # noqa: E402
+from fedprune.converters.protocol import Encoding, Update, decode_update, encode_update  # noqa: E402
+from fedprune.converters.quantize import Precision, value_bits, value_section_size  # noqa: E402
 from fedprune.pruning.masks import prune_to_sparsity  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)

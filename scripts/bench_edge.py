@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_edge.py                 # all of it, about 3 minutes on 2 cores
     .venv/bin/python scripts/bench_edge.py --no-profile    # without the CPU/memory/link emulation
 
-Profile (``edge_agent.emulation.PI_PROFILE``): one CPU (taskset), a 4 GB address-space cap
+Profile (``fedprune.edge_agent.emulation.PI_PROFILE``): one CPU (taskset), a 4 GB address-space cap
 (prlimit), a 2 Mbit/s uplink with 50 ms per message; this script itself runs on the same CPU.
 
 1. **The model.** The digits CNN (``fedprune.models:digits_cnn``) trained centrally with Keras,
@@ -17,7 +17,7 @@ Profile (``edge_agent.emulation.PI_PROFILE``): one CPU (taskset), a 4 GB address
    time to the update and per local epoch, the agent's RSS after the round, the model it
    installed, and ``fedprune-agent predict`` on the test set (its peak RSS, no TensorFlow).
 
-3. **Training with LiteRT alone** (``edge_agent.litert_training``, an experiment the agent does
+3. **Training with LiteRT alone** (``fedprune.edge_agent.litert_training``, an experiment the agent does
    not use yet): the digits MLP (``fedprune.models:mlp``, dense1 and dense2 pruned to 90 %), one
    local round of 10 epochs with Adam from the same weights, by ``KerasTrainer`` and by
    ``LiteRTTrainer`` in a process without TensorFlow: held-out accuracy, time, peak RSS.
@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from edge_agent.budgets import peak_rss_mb, rss_mb  # noqa: E402
-from edge_agent.emulation import PI_PROFILE, DeviceProfile  # noqa: E402
+from fedprune.edge_agent.budgets import peak_rss_mb, rss_mb  # noqa: E402
+from fedprune.edge_agent.emulation import PI_PROFILE, DeviceProfile  # noqa: E402
 
 SPARSITY = 0.9
 LEAVE_DENSE = ("conv1", "logits")
@@ -52,8 +52,8 @@ RUNTIMES = ("litert", "tflite_runtime", "tensorflow")
 
 def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
     """Dense Keras model, then pruned to 90 % and fine-tuned under the mask by the device trainer."""
-    from converters.protocol import TrainTask
-    from edge_agent.trainer import KerasTrainer
+    from fedprune.converters.protocol import TrainTask
+    from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.keras_setup import keras, tf
     from fedprune.models import architecture_of, digits_cnn, full_masks, get_layer_weights, set_layer_weights
     from fedprune.pruning.masks import prune_to_sparsity, sparsity
@@ -83,8 +83,8 @@ def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
 
 
 def tflite_rows(m: dict, ds, out: Path) -> dict:
-    from converters.tflite_export import export_sparse_tflite
-    from edge_agent.inference import Predictor
+    from fedprune.converters.tflite_export import export_sparse_tflite
+    from fedprune.edge_agent.inference import Predictor
 
     files = {
         "dense_float32": export_sparse_tflite(m["dense"], out / "dense_float32.tflite", "float32").path,
@@ -115,9 +115,9 @@ def tflite_rows(m: dict, ds, out: Path) -> dict:
 
 
 def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: float) -> dict:
-    from aggregator.embedded_broker import EmbeddedBroker
-    from converters.protocol import Topics, TrainTask, decode_update, encode_task
-    from edge_agent.model_store import ModelStore
+    from fedprune.aggregator.embedded_broker import EmbeddedBroker
+    from fedprune.converters.protocol import Topics, TrainTask, decode_update, encode_task
+    from fedprune.edge_agent.model_store import ModelStore
     from fedprune.data import partition
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -136,7 +136,7 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
     with EmbeddedBroker() as broker:
         spy = Spy(broker.url, [f"{topics.root}/#"])
         log = open(work / "agent.log", "wb")  # noqa: SIM115
-        agent = subprocess.Popen([*prefix, sys.executable, "-m", "edge_agent.cli", "run", "--broker", broker.url,
+        agent = subprocess.Popen([*prefix, sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", broker.url,
                                   "--device-id", "bench-pi", "--data", str(data), "--state-dir", str(work / "state"),
                                   "--max-round-s", "600", "--log-level", "INFO", *link],
                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -196,9 +196,9 @@ _LITERT_TRAIN = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from edge_agent import jobfiles
-from edge_agent.budgets import peak_rss_mb
-from edge_agent.litert_training import LiteRTTrainer
+from fedprune.edge_agent import jobfiles
+from fedprune.edge_agent.budgets import peak_rss_mb
+from fedprune.edge_agent.litert_training import LiteRTTrainer
 folder = Path(sys.argv[1])
 arch, task, spec = jobfiles.read_job(folder)
 data = np.load(spec.data_path)
@@ -212,10 +212,10 @@ print(json.dumps({"accuracy": accuracy, "train_s": result.metrics["train_s"], "p
 
 def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int = 10) -> dict:
     """The digits MLP trained for one local round by Keras and by LiteRT alone, from the same task."""
-    from converters.protocol import TrainTask
-    from edge_agent import jobfiles
-    from edge_agent.litert_training import build_trainable_tflite
-    from edge_agent.trainer import KerasTrainer
+    from fedprune.converters.protocol import TrainTask
+    from fedprune.edge_agent import jobfiles
+    from fedprune.edge_agent.litert_training import build_trainable_tflite
+    from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.keras_setup import keras
     from fedprune.models import architecture_of, full_masks, get_layer_weights, mlp, set_layer_weights
     from fedprune.pruning.masks import prune_to_sparsity
@@ -256,9 +256,9 @@ def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int =
 
 _PREDICT = """
 import json, sys
-from edge_agent.cli import main
+from fedprune.edge_agent.cli import main
 rc = main(sys.argv[1:])
-from edge_agent.budgets import peak_rss_mb
+from fedprune.edge_agent.budgets import peak_rss_mb
 print(json.dumps({"peak_rss_mb": peak_rss_mb(), "tensorflow_loaded": "tensorflow" in sys.modules}))
 sys.exit(rc)
 """

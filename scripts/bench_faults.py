@@ -44,7 +44,7 @@ def fuzzed_updates(fleet: Fleet) -> dict:
 
     from fuzz_aggregator import Fuzzer, PayloadGenerator
 
-    from converters.protocol import Topics
+    from fedprune.converters.protocol import Topics
     from fedprune.connection import load_connection
 
     topics = Topics(fleet.folder.federation)

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedprune.cli_common import print_round, setup_logging  # noqa: E402
-from fedprune.simulate import run_simulation  # noqa: E402
+from fedprune.simulation.cli import run_simulation  # noqa: E402
 from fedprune.task import load_task  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the project, and tests/brokers.py for Mosquitto
 
-from edge_agent.budgets import peak_rss_mb, rss_mb  # noqa: E402
+from fedprune.edge_agent.budgets import peak_rss_mb, rss_mb  # noqa: E402
 from fedprune.task import Task, parse_task  # noqa: E402
 
 TARGET_ACCURACY = 0.90
@@ -67,7 +67,7 @@ def _scale_task(args) -> Task:
 # --- child phases (run as `bench_fleet.py --phase NAME`) -------------------------------------------
 
 def phase_idle(args) -> dict:
-    from fedprune.simulate import _fleet
+    from fedprune.simulation.cli import _fleet
 
     task = _scale_task(args)
     fleet, _ = _fleet(task, max(args.devices, 1), range(args.devices), args.broker_url)  # loads TF, the trainer
@@ -85,7 +85,7 @@ def phase_devices(args) -> dict:
     """The scale phase's 1,000 devices, in a process of their own: says "ready" once connected,
     then serves rounds until the aggregator (another process) announces the end of its run."""
     from fedprune.models import architecture_of, build_model
-    from fedprune.simulate import _fleet
+    from fedprune.simulation.cli import _fleet
 
     task = _scale_task(args)
     fleet, ds = _fleet(task, args.devices, range(args.devices), args.broker_url)
@@ -105,7 +105,7 @@ def phase_scale(args) -> dict:
     """The aggregator here, the devices in a child process: each round's encode/decode and
     aggregation are then the aggregator's, not slowed by the devices' training in the same
     interpreter (as they are with everything in one process: session 2's measurement)."""
-    from aggregator.server import Aggregator
+    from fedprune.aggregator.server import Aggregator
     from fedprune.data import load_dataset
 
     task = _scale_task(args)
@@ -161,8 +161,8 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def phase_thin(args) -> dict:
-    from fedprune.report import Run, write_report
-    from fedprune.simulate import run_simulation
+    from fedprune.simulation.report import Run, write_report
+    from fedprune.simulation.cli import run_simulation
 
     out = {}
     best_dirs = []
@@ -255,7 +255,7 @@ def _broker(stack: ExitStack, kind: str) -> tuple[str, int | None]:
 
         broker = stack.enter_context(MosquittoProcess())
         return broker.url, broker.pid
-    from aggregator.embedded_broker import EmbeddedBroker
+    from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
     return stack.enter_context(EmbeddedBroker()).url, None
 

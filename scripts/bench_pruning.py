@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fedprune.cli_common import setup_logging  # noqa: E402
-from fedprune.simulate import run_simulation  # noqa: E402
+from fedprune.simulation.cli import run_simulation  # noqa: E402
 from fedprune.task import parse_task  # noqa: E402
 
 DATASETS = {

@@ -3,14 +3,14 @@
 Same task file (examples/digits.toml by default) with pruning off and float32 updates: the same
 Keras model (``fedprune.models``), the same Dirichlet partition (``fedprune.data.partition``, same
 seed), the same device selection each round (``numpy.random.default_rng(seed).choice`` over the
-sorted devices, as ``aggregator.server`` draws it), the same local training (epochs, batch,
+sorted devices, as ``fedprune.aggregator.server`` draws it), the same local training (epochs, batch,
 optimizer and learning rate, fresh optimizer state each round), FedAvg weighted by sample count,
 evaluation of the global model on the same held-out set after each round.
 
 - Flower: ``flwr.simulation.start_simulation`` (the Ray-backed Virtual Client Engine) with
   Flower's own ``FedAvg`` strategy and a ``SimpleClientManager`` whose ``sample`` draws the same
   devices; bytes are the serialized ``Parameters`` tensors Flower hands between server and clients.
-- fedprune: ``fedprune.simulate.run_simulation`` (asyncio devices, embedded MQTT broker); bytes are
+- fedprune: ``fedprune.simulation.cli.run_simulation`` (asyncio devices, embedded MQTT broker); bytes are
   the MQTT payloads. Then the task file as it is (pruned, int8) for the bytes ratio.
 
 Each framework runs ``--repeats`` times with seeds 0, 1, ... (run-to-run noise). Needs the
@@ -152,7 +152,7 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
 # --- fedprune ------------------------------------------------------------------------------------
 
 def run_ours(task: Task, num_devices: int) -> list[dict]:
-    from fedprune.simulate import run_simulation
+    from fedprune.simulation.cli import run_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
         result = run_simulation(task, num_devices, Path(tmp) / "run", export_tflite=False)

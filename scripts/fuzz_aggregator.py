@@ -38,13 +38,13 @@ import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
 from codec_helpers import recrc as refit_crc  # noqa: E402  (the frame CRC refitted after an edit)
 
-from converters.chunking import CHUNK_KIND  # noqa: E402
-from converters.frame import FRAME_VERSION, MAGIC, PREFIX  # noqa: E402
-from converters.errors import CodecError  # noqa: E402
-from converters.protocol import Kind, Topics, peek_update  # noqa: E402
+from fedprune.converters.chunking import CHUNK_KIND  # noqa: E402
+from fedprune.converters.frame import FRAME_VERSION, MAGIC, PREFIX  # noqa: E402
+from fedprune.converters.errors import CodecError  # noqa: E402
+from fedprune.converters.protocol import Kind, Topics, peek_update  # noqa: E402
 from fedprune.transport import parse_broker_url  # noqa: E402
 
-# Offsets in an update frame: the frame prefix, then the fixed binary header (converters.protocol).
+# Offsets in an update frame: the frame prefix, then the fixed binary header (fedprune.converters.protocol).
 _ROUND, _ATTEMPT, _SAMPLES, _PRECISION, _DIGEST, _DEVICE_LEN = (PREFIX.size + o for o in (0, 4, 6, 12, 14, 30))
 
 
@@ -220,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
     from contextlib import ExitStack
 
     from fedprune.cli_common import setup_logging
-    from fedprune.simulate import run_simulation
+    from fedprune.simulation.cli import run_simulation
     from fedprune.task import parse_task
 
     setup_logging(args.log_level)
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> dict:
     outcome: dict = {}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         if args.broker == "embedded":
-            from aggregator.embedded_broker import EmbeddedBroker
+            from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
             url = stack.enter_context(EmbeddedBroker()).url
         elif args.broker == "mosquitto":

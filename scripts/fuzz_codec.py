@@ -49,11 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Uninstrumented dependencies first: modules imported before atheris.instrument_imports() are never
-# instrumented, and instrument_imports(include=["converters"]) only touches converters.*.
+# instrumented, and instrument_imports(include=["fedprune.converters"]) only touches fedprune.converters.*.
 import numpy as np  # noqa: E402
 import zstandard  # noqa: E402,F401
 import hashlib  # noqa: E402,F401
-import fedprune.pruning.masks  # noqa: E402,F401  (mask_digest; not a byte format)
 
 ENTRY_POINTS = (
     "decode_update",
@@ -114,8 +113,8 @@ class Harness:
     """Decodes one input on the entry point its first byte names; knows nothing of the fuzzer."""
 
     def __init__(self) -> None:
-        from converters import chunking, codec, mask_coding, protocol, quantize
-        from converters.errors import CodecError
+        from fedprune.converters import chunking, codec, mask_coding, protocol, quantize
+        from fedprune.converters.errors import CodecError
 
         self.chunking, self.codec, self.mask_coding = chunking, codec, mask_coding
         self.protocol, self.quantize, self.CodecError = protocol, quantize, CodecError
@@ -286,7 +285,7 @@ class Harness:
 
 def build_seeds() -> list[bytes]:
     """Valid encodings for every entry point, each prefixed with its entry-point byte."""
-    from converters import chunking, codec, mask_coding, protocol, quantize
+    from fedprune.converters import chunking, codec, mask_coding, protocol, quantize
 
     rng = np.random.default_rng(7)
     masks = make_masks()
@@ -414,7 +413,7 @@ def build_seeds() -> list[bytes]:
 
 
 def pack_frame_chunk(body: bytes) -> bytes:
-    from converters.frame import pack_frame
+    from fedprune.converters.frame import pack_frame
 
     return pack_frame(3, None, body)
 
@@ -427,13 +426,13 @@ def worker(args: argparse.Namespace) -> None:
 
     import atheris
 
-    with atheris.instrument_imports(include=["converters"]):
-        import converters.chunking  # noqa: F401
-        import converters.codec  # noqa: F401
-        import converters.frame  # noqa: F401
-        import converters.mask_coding  # noqa: F401
-        import converters.protocol  # noqa: F401
-        import converters.quantize  # noqa: F401
+    with atheris.instrument_imports(include=["fedprune.converters"]):
+        import fedprune.converters.chunking  # noqa: F401
+        import fedprune.converters.codec  # noqa: F401
+        import fedprune.converters.frame  # noqa: F401
+        import fedprune.converters.mask_coding  # noqa: F401
+        import fedprune.converters.protocol  # noqa: F401
+        import fedprune.converters.quantize  # noqa: F401
 
     work = Path(args.workdir)
     harness = Harness()

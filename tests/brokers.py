@@ -3,7 +3,7 @@
 Each :class:`MosquittoProcess` runs ``mosquitto -c CONFIG`` with a config generated in its own
 temporary directory, listening on a loopback port only. Nothing is shared with a system-wide
 Mosquitto (none is expected to be running). The embedded amqtt broker lives in
-``aggregator.embedded_broker``.
+``fedprune.aggregator.embedded_broker``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import zlib
 import pytest
 from hypothesis import strategies as st
 
-from converters.errors import CodecError
+from fedprune.converters.errors import CodecError
 
 
 def expect_codec_error(fn, *args, match: str | None = None, **kwargs) -> CodecError:

@@ -51,8 +51,8 @@ def mosquitto_url(mosquitto_broker: MosquittoProcess) -> str:
 
 @pytest.fixture
 def embedded_broker_url() -> Iterator[str]:
-    """URL of an in-process amqtt broker (aggregator.embedded_broker) for this test."""
-    from aggregator.embedded_broker import EmbeddedBroker
+    """URL of an in-process amqtt broker (fedprune.aggregator.embedded_broker) for this test."""
+    from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.url

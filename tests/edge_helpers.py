@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.protocol import Architecture, TrainTask
+from fedprune.converters.protocol import Architecture, TrainTask
 
 
 def digits_arrays(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def training_child_pid(state_dir: Path) -> int | None:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"edge_agent.train_worker" in cmdline and needle in cmdline:
+            if b"fedprune.edge_agent.train_worker" in cmdline and needle in cmdline:
                 return int(entry.name)
     return None
 

@@ -85,7 +85,7 @@ def write_device_npz(path: Path, x, y) -> Path:
 def wire_updates(spy: Spy) -> list[tuple[bytes, object, object]]:
     """Every update the spy saw (it must watch the architecture, task and update topics), decoded
     against the task it answers: ``(payload, task, update)`` triples."""
-    from converters.protocol import Architecture, decode_task, decode_update, peek_update
+    from fedprune.converters.protocol import Architecture, decode_task, decode_update, peek_update
 
     arch = Architecture.decode(spy.on("/model/architecture")[0][1])
     tasks = {}

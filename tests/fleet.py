@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from brokers import MosquittoProcess, free_port
 
-from aggregator.broker_setup import BrokerFolder, init_broker
+from fedprune.aggregator.broker_setup import BrokerFolder, init_broker
 from fedprune.task import load_task
 
 BIN = Path(sys.executable).parent
@@ -131,7 +131,7 @@ class Fleet:
     def start_agent(self, device: str) -> subprocess.Popen:
         log = open(self.logs / f"{device}.log", "ab")  # noqa: SIM115 - the child owns it
         self.agents[device] = subprocess.Popen(
-            command("fedprune-agent", "edge_agent.cli")
+            command("fedprune-agent", "fedprune.edge_agent.cli")
             + ["--connection", str(self.folder.device_connection(device)), "--data", str(self.workdir / f"{device}.npz"),
                "--state-dir", str(self.workdir / "state" / device)],
             stdout=log, stderr=subprocess.STDOUT, env=ENV)
@@ -141,7 +141,7 @@ class Fleet:
     def start_aggregator(self, resume: bool = False) -> subprocess.Popen:
         """Start ``fedprune-aggregator``; its output goes to a file of its own (a pipe nobody reads
         would fill with its warnings and block it), read by :meth:`wait_for_line`."""
-        cmd = command("fedprune-aggregator", "aggregator.cli") + [
+        cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + [
             "--task", str(self.task_path), "--connection", str(self.folder.aggregator_connection),
             "--run-dir", str(self.run_dir)]
         self._aggregator_runs += 1
@@ -260,7 +260,7 @@ def broker_restarted(fleet: Fleet) -> dict:
 
 def update_replayed(fleet: Fleet) -> dict:
     """Every update is sent a second time at once (a QoS 1 redelivery or a replay)."""
-    from converters.protocol import Topics
+    from fedprune.converters.protocol import Topics
     from fedprune.connection import load_connection
     from fedprune.transport import MqttSession
 

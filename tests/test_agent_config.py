@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from edge_agent.config import AgentConfig, ConfigError, load_config, parse_config
+from fedprune.edge_agent.config import AgentConfig, ConfigError, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,6 @@ def test_credentials_come_from_a_private_password_file(tmp_path):
 def test_agent_cli_reports_config_errors_with_status_2(tmp_path):
     bad = tmp_path / "agent.toml"
     bad.write_text((ROOT / "deploy" / "agent.toml").read_text().replace("max_round_s = 300", "max_round_sec = 300"))
-    proc = subprocess.run([sys.executable, "-m", "edge_agent.cli", "--config", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "--config", str(bad)],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "budgets.max_round_sec" in proc.stderr

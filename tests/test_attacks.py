@@ -1,7 +1,7 @@
 """Hostile devices in a real federation: real TensorFlow, real agents, the embedded broker.
 
 The task of examples/robust.toml, which scripts/bench_attacks.py runs too. Two of ten devices
-(20 %) send their trained delta sign-flipped and scaled by 10 (fedprune.attacks); every device
+(20 %) send their trained delta sign-flipped and scaled by 10 (fedprune.simulation.attacks); every device
 takes part in every round. Plain FedAvg collapses; the robust rules hold accuracy within 2 points
 of the clean run.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import load_latest_checkpoint
-from fedprune.attacks import Attack, every_device_task, robust_aggregations
-from fedprune.simulate import run_simulation
+from fedprune.aggregator.checkpoint import load_latest_checkpoint
+from fedprune.simulation.attacks import Attack, every_device_task, robust_aggregations
+from fedprune.simulation.cli import run_simulation
 from fedprune.task import load_task
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "robust.toml"
@@ -38,7 +38,7 @@ def test_hostile_devices_are_the_fraction_asked_drawn_by_seed():
 
 
 def test_sign_flip_trainer_sends_minus_scale_times_the_trained_delta():
-    from edge_agent.trainer import TrainResult
+    from fedprune.edge_agent.trainer import TrainResult
 
     class Honest:
         def train(self, architecture, task, x, y):

@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import MosquittoProcess, free_port
 
-from aggregator.embedded_broker import EmbeddedBroker
+from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
 WAIT_S = 10.0  # upper bound for anything that should take milliseconds on loopback
 

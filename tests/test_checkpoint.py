@@ -1,11 +1,11 @@
-"""Tests for aggregator.checkpoint: atomic checkpoints of the federation state."""
+"""Tests for fedprune.aggregator.checkpoint: atomic checkpoints of the federation state."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import KEEP_LAST, FederationState, load_latest_checkpoint, save_checkpoint
+from fedprune.aggregator.checkpoint import KEEP_LAST, FederationState, load_latest_checkpoint, save_checkpoint
 from fedprune.fileio import atomic_write_bytes
 
 

@@ -1,6 +1,6 @@
 """Training in a child process: real TensorFlow in the child, none in this test's agent side.
 
-Every test here starts real ``python -m edge_agent.train_worker`` processes.
+Every test here starts real ``python -m fedprune.edge_agent.train_worker`` processes.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from edge_helpers import small_mlp_task, write_digits_npz
-from edge_agent.budgets import BudgetExceeded, Budgets
-from edge_agent.child_trainer import ChildProcessTrainer, TrainingChildFailed
-from edge_agent.inference import Predictor
+from fedprune.edge_agent.budgets import BudgetExceeded, Budgets
+from fedprune.edge_agent.child_trainer import ChildProcessTrainer, TrainingChildFailed
+from fedprune.edge_agent.inference import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,11 +90,11 @@ def test_the_agent_side_never_imports_tensorflow():
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        import edge_agent.cli, edge_agent.agent, edge_agent.child_trainer, edge_agent.inference
-        import edge_agent.config, edge_agent.model_store, edge_agent.jobfiles
+        import fedprune.edge_agent.cli, fedprune.edge_agent.agent, fedprune.edge_agent.child_trainer, fedprune.edge_agent.inference
+        import fedprune.edge_agent.config, fedprune.edge_agent.model_store, fedprune.edge_agent.jobfiles
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tf_keras", "keras"))
         assert not heavy, heavy
-        from edge_agent.budgets import peak_rss_mb
+        from fedprune.edge_agent.budgets import peak_rss_mb
         print(int(peak_rss_mb()))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,4 +1,4 @@
-"""Tests for converters.chunking: splitting oversize messages into chunk frames and reassembling.
+"""Tests for fedprune.converters.chunking: splitting oversize messages into chunk frames and reassembling.
 
 Chunks come from the network: whatever arrives must reassemble, wait, or raise ``CodecError``.
 """
@@ -18,15 +18,15 @@ from codec_helpers import recrc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converters.chunking import (
+from fedprune.converters.chunking import (
     CHUNK_KIND,
     CHUNK_OVERHEAD,
     Reassembler,
     is_chunk,
     split_message,
 )
-from converters.errors import CodecError
-from converters.frame import pack_frame, unpack_frame
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import pack_frame, unpack_frame
 
 PROP = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CHUNK_HEADER = struct.Struct("<16sIIQ32s")
@@ -316,7 +316,7 @@ def test_eviction_bounds_memory(caplog: pytest.LogCaptureFixture) -> None:
     r = Reassembler(max_message_bytes=1000, max_pending_messages=3)
     ids = [os.urandom(16) for _ in range(10)]
     msgs = [split_message(os.urandom(1000), 378, message_id=m) for m in ids]
-    with caplog.at_level(logging.WARNING, logger="converters.chunking"):
+    with caplog.at_level(logging.WARNING, logger="fedprune.converters.chunking"):
         for chunks in msgs:
             for c in chunks[:-1]:  # never complete
                 assert r.add("dev", c) is None

@@ -39,12 +39,12 @@ leave_dense = ["logits"]
 def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text(TASK.replace("final_sparsity = 0.5", "final_sparsity = 1.5"))
-    proc = subprocess.run(command("fedprune-aggregator", "aggregator.cli") + ["--task", str(bad)],
+    proc = subprocess.run(command("fedprune-aggregator", "fedprune.aggregator.cli") + ["--task", str(bad)],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
     assert "pruning.final_sparsity" in proc.stderr
     bad.write_text(TASK + "\n[transport]\nuplink = 'int8'\n")
-    proc = subprocess.run(command("fedprune-simulate", "fedprune.simulate") + ["--task", str(bad)],
+    proc = subprocess.run(command("fedprune-simulate", "fedprune.simulation.cli") + ["--task", str(bad)],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
     assert "transport.uplink" in proc.stderr
@@ -59,12 +59,12 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
         data = tmp_path / f"device{i}.npz"
         np.savez(data, x_train=ds.x_train[idx], y_train=ds.y_train[idx])
         agents.append(subprocess.Popen(
-            command("fedprune-agent", "edge_agent.cli")
+            command("fedprune-agent", "fedprune.edge_agent.cli")
             + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data),
                "--state-dir", str(tmp_path / f"state{i}")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     run_dir = tmp_path / "run"
-    aggregator_cmd = command("fedprune-aggregator", "aggregator.cli") + [
+    aggregator_cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + [
         "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir)]
     try:
         agg = subprocess.Popen(aggregator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
@@ -110,9 +110,9 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
 
 
 def test_init_broker_command_and_connection_files_on_both_commands(tmp_path, capsys):
-    from aggregator.cli import main as aggregator_main
+    from fedprune.aggregator.cli import main as aggregator_main
     from brokers import mosquitto_available
-    from edge_agent.cli import main as agent_main
+    from fedprune.edge_agent.cli import main as agent_main
 
     if not mosquitto_available():
         pytest.skip("init-broker needs mosquitto_passwd")

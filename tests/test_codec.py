@@ -1,7 +1,7 @@
-"""Tests for converters.codec: values-only and self-describing tensor sections, DecodeLimits and
+"""Tests for fedprune.converters.codec: values-only and self-describing tensor sections, DecodeLimits and
 the lossless stage.
 
-Value sections (converters.quantize) and mask codings (converters.mask_coding) have their own
+Value sections (fedprune.converters.quantize) and mask codings (fedprune.converters.mask_coding) have their own
 tests; here they are only exercised through the tensor codec. The decoders face bytes from the
 network: whatever arrives must decode or raise ``CodecError``, and a claim of a huge layout must
 be refused before anything of that size is allocated.
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from converters.codec import (
+from fedprune.converters.codec import (
     DEFAULT_LIMITS,
     Compression,
     DecodeLimits,
@@ -36,10 +36,10 @@ from converters.codec import (
     n_channels,
     values_only_size,
 )
-from converters.errors import CodecError
-from fedprune.pruning.masks import mask_digest
-from converters.mask_coding import MaskMethod, encode_mask
-from converters.quantize import (
+from fedprune.converters.errors import CodecError
+from fedprune.converters.mask_coding import mask_digest
+from fedprune.converters.mask_coding import MaskMethod, encode_mask
+from fedprune.converters.quantize import (
     PRECISION_IDS,
     Precision,
     encode_values,

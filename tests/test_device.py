@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, decode_update, encode_task
-from edge_agent.device import DeviceSession, TrainResult, run_job
+from fedprune.converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, decode_update, encode_task
+from fedprune.edge_agent.device import DeviceSession, TrainResult, run_job
 
 SHAPES = [[6, 4], [4]]
 NAMES = ["dense/kernel", "dense/bias"]
@@ -142,7 +142,7 @@ class Preparing(AddOne):
 
 
 def test_the_announced_architecture_is_what_a_trainer_prepares_for():
-    from edge_agent.device import prepare_trainer
+    from fedprune.edge_agent.device import prepare_trainer
 
     d = device()
     assert d.architecture is None

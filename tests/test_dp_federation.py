@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import load_latest_checkpoint
-from aggregator.privacy import PrivacyAccountant, ReleasedRound
-from aggregator.server import Aggregator
-from converters.protocol import RoundAnnouncement, Topics
+from fedprune.aggregator.checkpoint import load_latest_checkpoint
+from fedprune.aggregator.privacy import PrivacyAccountant, ReleasedRound
+from fedprune.aggregator.server import Aggregator
+from fedprune.converters.protocol import RoundAnnouncement, Topics
 from federation_helpers import Spy, small_task, wire_updates
 from fedprune.clipping import global_norm
 from fedprune.data import load_dataset
-from fedprune.simulate import run_simulation
+from fedprune.simulation.cli import run_simulation
 
 
 def test_dp_federation_clips_on_the_device_and_reports_epsilon_each_round(embedded_broker_url, tmp_path):

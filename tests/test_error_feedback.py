@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.codec import decode_values_only, encode_values_only
-from converters.error_feedback import ErrorFeedback
+from fedprune.converters.codec import decode_values_only, encode_values_only
+from fedprune.error_feedback import ErrorFeedback
 
 
 def _send(values, masks, precision="int4"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.evaluation import HeldOutEvaluator
+from fedprune.aggregator.evaluation import HeldOutEvaluator
 from fedprune.keras_setup import keras
 from fedprune.models import digits_cnn
 

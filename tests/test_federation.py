@@ -9,9 +9,9 @@ import threading
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import load_latest_checkpoint
-from converters.errors import CodecError
-from converters.protocol import (
+from fedprune.aggregator.checkpoint import load_latest_checkpoint
+from fedprune.converters.errors import CodecError
+from fedprune.converters.protocol import (
     Architecture,
     Topics,
     Update,
@@ -19,9 +19,9 @@ from converters.protocol import (
     peek_update,
     update_size_bound,
 )
-from converters.tflite_export import sparse_weight_stats
+from fedprune.converters.tflite_export import sparse_weight_stats
 from federation_helpers import Spy, small_task, wire_updates
-from fedprune.simulate import run_simulation
+from fedprune.simulation.cli import run_simulation
 
 HEADER_ALLOWANCE = 256  # frame prefix and checksum, binary update header with device id and its metrics
 # (loss, accuracy, train_s, epoch_s, and a simulated device's compute_s and sim_wait_s)

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.protocol import Presence, Topics
+from fedprune.converters.protocol import Presence, Topics
 from federation_helpers import Spy, small_task
-from fedprune.fleet import draw_behaviours
-from fedprune.report import write_report
-from fedprune.simulate import run_simulation
+from fedprune.simulation.fleet import draw_behaviours
+from fedprune.simulation.report import write_report
+from fedprune.simulation.cli import run_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_report_has_figures_tables_and_csv(tmp_path):
     run_simulation(fleet_task(federation=ten), 12, pruned, export_tflite=False)  # each on its own broker
     run_simulation(fleet_task(federation=ten, pruning={"final_sparsity": 0.0},
                               transport={"uplink_precision": "float32"}), 12, dense, export_tflite=False)
-    from fedprune.report import Run
+    from fedprune.simulation.report import Run
 
     report = write_report(pruned, label="pruned", compare=[Run.load(dense, "dense")], notes=["a test"])
     text = report.read_text()
@@ -137,7 +137,7 @@ def test_two_processes_with_device_id_ranges_form_one_federation(mosquitto_url, 
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     other = subprocess.Popen(
-        [sys.executable, "-m", "fedprune.simulate", "--task", str(task_file), "--devices", "16",
+        [sys.executable, "-m", "fedprune.simulation.cli", "--task", str(task_file), "--devices", "16",
          "--device-ids", "8-15", "--no-aggregator", "--broker", mosquitto_url],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     try:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from federation_helpers import small_task
-from fedprune.fleet import draw_behaviours, parse_id_range
-from fedprune.fleet.link import Link
+from fedprune.simulation.fleet import draw_behaviours, parse_id_range
+from fedprune.simulation.fleet.link import Link
 from fedprune.task import TaskError
 
 TIERS = [
@@ -94,8 +94,8 @@ def test_waiting_for_shared_simulator_resources_counts_as_simulator_time():
     (sim_wait_s, taken out of fleet time); its own training is not; a slower device computes longer."""
     import time
 
-    from edge_agent.device import TrainResult
-    from fedprune.fleet.device import _TimedTrainer
+    from fedprune.edge_agent.device import TrainResult
+    from fedprune.simulation.fleet.device import _TimedTrainer
 
     class SleepingTrainer:  # trains for 50 ms and says so, as KerasTrainer reports train_s
         def train(self, architecture, task, x, y):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.protocol import Architecture, TrainTask, encode_task
-from edge_agent.device import DeviceSession, TrainJob
-from fedprune.fleet.shared_tasks import SharedTasks
+from fedprune.converters.protocol import Architecture, TrainTask, encode_task
+from fedprune.edge_agent.device import DeviceSession, TrainJob
+from fedprune.simulation.fleet.shared_tasks import SharedTasks
 
 ARCH = Architecture(model_json="{}", digest="arch-1", shapes=[[4, 3], [3]], names=["dense/kernel", "dense/bias"])
 

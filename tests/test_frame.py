@@ -1,4 +1,4 @@
-"""Tests for converters.frame: the binary message frame and ByteReader.
+"""Tests for fedprune.converters.frame: the binary message frame and ByteReader.
 
 Every byte string handed to ``unpack_frame`` comes from the network: it either unpacks or raises
 ``CodecError`` (and nothing else), whichever check it fails.
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from converters.errors import CodecError
-from converters.frame import (
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import (
     CRC,
     FRAME_OVERHEAD,
     FRAME_VERSION,

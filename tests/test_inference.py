@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from edge_helpers import digits_arrays, small_mlp_task
-from edge_agent.inference import InputError, Predictor, load_inputs
-from edge_agent.model_store import ModelInfo, ModelStore
+from fedprune.edge_agent.inference import InputError, Predictor, load_inputs
+from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The small digits MLP (80 % sparse) as Keras, sparse float32 and sparse int8 TFLite files."""
-    from converters.tflite_export import export_sparse_tflite
+    from fedprune.converters.tflite_export import export_sparse_tflite
     from fedprune.keras_setup import keras
     from fedprune.models import set_layer_weights
 
@@ -110,7 +110,7 @@ def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_pat
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
-        from edge_agent.cli import main
+        from fedprune.edge_agent.cli import main
         rc = main(["predict", "--state-dir", {str(tmp_path / 'state')!r}, "--input", {str(tmp_path / 'in.csv')!r},
                    "--output", {str(tmp_path / 'p.npy')!r}])
         assert "tensorflow" not in sys.modules, "the predict path imported TensorFlow"
@@ -124,7 +124,7 @@ def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_pat
     probabilities = np.load(tmp_path / "p.npy")
     assert probabilities.shape == (4, 10) and list(probabilities.argmax(-1)) == out["classes"]
 
-    missing = subprocess.run([sys.executable, "-m", "edge_agent.cli", "predict", "--state-dir",
+    missing = subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "predict", "--state-dir",
                               str(tmp_path / "none"), "--input", str(tmp_path / "in.csv")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert missing.returncode == 2 and "no model folder" in missing.stderr

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from converters.protocol import TrainTask
-from edge_agent.trainer import KerasTrainer
+from fedprune.converters.protocol import TrainTask
+from fedprune.edge_agent.trainer import KerasTrainer
 from fedprune.keras_setup import keras
 from fedprune.models import architecture_of, digits_cnn, full_masks, get_layer_weights
 

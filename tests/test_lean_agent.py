@@ -12,9 +12,9 @@ from pathlib import Path
 
 from edge_helpers import small_mlp_task, training_child_pid, wait_for, write_digits_npz
 from federation_helpers import Spy
-from converters.protocol import Topics, decode_update, encode_task
-from edge_agent.budgets import rss_mb
-from edge_agent.model_store import ModelStore
+from fedprune.converters.protocol import Topics, decode_update, encode_task
+from fedprune.edge_agent.budgets import rss_mb
+from fedprune.edge_agent.model_store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = Topics("default")
@@ -24,7 +24,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def _start_agent(url: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
     log = open(tmp_path / "agent.log", "ab")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        [sys.executable, "-m", "edge_agent.cli", "run", "--broker", url, "--device-id", "pi-01",
+        [sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", url, "--device-id", "pi-01",
          "--data", str(tmp_path / "local.npz"), "--state-dir", str(tmp_path / "state"), "--log-level", "INFO",
          *extra],
         cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_helpers import digits_arrays, small_mlp_task
-from edge_agent.litert_training import LiteRTTrainer, UnsupportedModel, build_trainable_tflite
+from fedprune.edge_agent.litert_training import LiteRTTrainer, UnsupportedModel, build_trainable_tflite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ def _accuracy(arch, task, delta, x, y) -> float:
 
 
 def test_litert_training_holds_the_mask_and_matches_keras(setup):
-    from edge_agent.trainer import KerasTrainer
+    from fedprune.edge_agent.trainer import KerasTrainer
 
     arch, task, trainable, x, y = setup
     xtr, ytr, xte, yte = x[:1400], y[:1400], x[1400:], y[1400:]
@@ -66,7 +66,7 @@ def test_litert_training_runs_without_tensorflow(setup, tmp_path):
     arch, task, trainable, x, y = setup
     (tmp_path / "trainable.tflite").write_bytes(trainable)
     np.savez(tmp_path / "data.npz", x=x[:400], y=y[:400])
-    from edge_agent import jobfiles
+    from fedprune.edge_agent import jobfiles
 
     jobfiles.write_job(tmp_path, arch, task, jobfiles.JobSpec(str(tmp_path / "data.npz"), "off", "", 0))
     code = textwrap.dedent(f"""
@@ -74,9 +74,9 @@ def test_litert_training_runs_without_tensorflow(setup, tmp_path):
         from pathlib import Path
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np
-        from edge_agent import jobfiles
-        from edge_agent.budgets import peak_rss_mb
-        from edge_agent.litert_training import LiteRTTrainer
+        from fedprune.edge_agent import jobfiles
+        from fedprune.edge_agent.budgets import peak_rss_mb
+        from fedprune.edge_agent.litert_training import LiteRTTrainer
         folder = Path({str(tmp_path)!r})
         arch, task, spec = jobfiles.read_job(folder)
         data = np.load(folder / "data.npz")

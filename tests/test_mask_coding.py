@@ -1,4 +1,4 @@
-"""Tests for converters.mask_coding: lossless, near the entropy bound, safe against any bytes."""
+"""Tests for fedprune.converters.mask_coding: lossless, near the entropy bound, safe against any bytes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converters import mask_coding as mc
-from converters.errors import CodecError
-from converters.mask_coding import (
+from fedprune.converters import mask_coding as mc
+from fedprune.converters.errors import CodecError
+from fedprune.converters.mask_coding import (
     MaskMethod,
     decode_mask,
     encode_mask,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
+from fedprune.edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_a_reader_never_repairs_or_changes_the_folder(tmp_path):
 _INSTALL_LOOP = """
 import sys, itertools
 sys.path.insert(0, {root!r})
-from edge_agent.model_store import ModelInfo, ModelStore
+from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 store = ModelStore({folder!r}, writer=True)
 print("ready", flush=True)
 for r in itertools.count(1):
@@ -155,7 +155,7 @@ def test_model_status_and_rollback_commands(tmp_path):
         store.install(_model(tmp_path, "m.tflite", content), ModelInfo(r, "int8", 0.9))
 
     def agent(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "edge_agent.cli", "model", *args, "--state-dir",
+        return subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "model", *args, "--state-dir",
                                str(tmp_path / "state")], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
     status = agent("status")
@@ -164,6 +164,6 @@ def test_model_status_and_rollback_commands(tmp_path):
     assert rolled.returncode == 0, rolled.stderr
     assert json.loads(rolled.stdout)["current"]["round"] == 1
     assert store.read_current()[0] == b"model A"
-    empty = subprocess.run([sys.executable, "-m", "edge_agent.cli", "model", "rollback", "--state-dir",
+    empty = subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "model", "rollback", "--state-dir",
                             str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert empty.returncode == 1 and "no model folder" in empty.stderr

@@ -1,4 +1,4 @@
-"""DP-FedAvg (aggregator.privacy): the noised average and the privacy accountant."""
+"""DP-FedAvg (fedprune.aggregator.privacy): the noised average and the privacy accountant."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from aggregator.privacy import DPFedAvg, PrivacyAccountant
-from aggregator.strategy import ClientResult
+from fedprune.aggregator.privacy import DPFedAvg, PrivacyAccountant
+from fedprune.aggregator.strategy import ClientResult
 
 
 def _epsilon(z: float, rounds: int, population: int, sampled: int, delta: float = 1e-5) -> float:
@@ -148,7 +148,7 @@ def test_task_refuses_bad_privacy_settings_naming_the_key(privacy, aggregation, 
 def test_the_example_task_runs_dp_fedavg_with_device_clipping():
     from pathlib import Path
 
-    from aggregator.server import make_strategy
+    from fedprune.aggregator.server import make_strategy
     from fedprune.task import load_task
 
     task = load_task(Path(__file__).resolve().parents[1] / "examples" / "private.toml")

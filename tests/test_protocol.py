@@ -1,4 +1,4 @@
-"""Tests for converters.protocol: topics, JSON control messages, tasks and updates.
+"""Tests for fedprune.converters.protocol: topics, JSON control messages, tasks and updates.
 
 Tasks and updates arrive from the network: any byte string either decodes or raises
 ``CodecError``, whatever was flipped, cut, added or spliced, with the frame checksum left stale
@@ -19,10 +19,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from converters.codec import Compression, compress, encode_self_describing, encode_values_only, n_channels
-from converters.errors import CodecError
-from converters.frame import CRC, FRAME_OVERHEAD, PREFIX, pack_frame, unpack_frame
-from converters.protocol import (
+from fedprune.converters.codec import Compression, compress, encode_self_describing, encode_values_only, n_channels
+from fedprune.converters.errors import CodecError
+from fedprune.converters.frame import CRC, FRAME_OVERHEAD, PREFIX, pack_frame, unpack_frame
+from fedprune.converters.protocol import (
     PROTOCOL_VERSION,
     TOPIC_ROOT,
     UPDATE_OVERHEAD_BYTES,
@@ -43,8 +43,8 @@ from converters.protocol import (
     update_size_bound,
     valid_device_id,
 )
-from converters.quantize import Precision, quantization_error_bound
-from fedprune.pruning.masks import mask_digest
+from fedprune.converters.quantize import Precision, quantization_error_bound
+from fedprune.converters.mask_coding import mask_digest
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ALL = list(Precision)

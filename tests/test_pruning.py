@@ -13,10 +13,10 @@ from fedprune.pruning.masks import (
     apply_masks,
     layer_sparsities,
     magnitude_mask,
-    mask_digest,
     prune_to_sparsity,
     sparsity,
 )
+from fedprune.converters.mask_coding import mask_digest
 from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay
 
 PROP = settings(max_examples=200, deadline=None)

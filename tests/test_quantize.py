@@ -1,4 +1,4 @@
-"""Tests for converters.quantize: value sections of the kept values of one tensor.
+"""Tests for fedprune.converters.quantize: value sections of the kept values of one tensor.
 
 Round trips stay within ``quantization_error_bound``; int scales come from the kept values only;
 stochastic rounding is unbiased; the decoder, facing bytes and header fields from the network,
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from converters.errors import CodecError
-from converters.quantize import (
+from fedprune.converters.errors import CodecError
+from fedprune.converters.quantize import (
     FLOAT16_MAX,
     PRECISION_IDS,
     Precision,

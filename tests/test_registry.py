@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from aggregator.registry import DeviceRegistry
+from fedprune.aggregator.registry import DeviceRegistry
 
 
 def _presences(registry: DeviceRegistry, count: int, every_s: float,

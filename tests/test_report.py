@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.server import RoundProgress, RoundRecord
-from fedprune.report import Run, write_report
+from fedprune.aggregator.server import RoundProgress, RoundRecord
+from fedprune.simulation.report import Run, write_report
 
 
 def record(r: int, accuracy: float, bytes_up: int, **timing) -> RoundRecord:
@@ -66,7 +66,7 @@ def test_report_of_a_folder_without_metrics_says_what_is_missing(tmp_path):
 def test_progress_bars_and_summary_table_render():
     from rich.console import Console
 
-    from fedprune.progress import FederationProgress, summary_table
+    from fedprune.simulation.progress import FederationProgress, summary_table
 
     out = io.StringIO()
     console = Console(file=out, width=140, force_terminal=False)

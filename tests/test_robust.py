@@ -1,11 +1,11 @@
-"""Robust aggregation (aggregator.robust) on hand-made updates with known answers."""
+"""Robust aggregation (fedprune.aggregator.robust) on hand-made updates with known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from aggregator.robust import (
+from fedprune.aggregator.robust import (
     CoordinateMedian,
     Krum,
     MultiKrum,
@@ -15,8 +15,8 @@ from aggregator.robust import (
     kept_deltas,
     pairwise_sq_distances,
 )
-from aggregator.server import make_strategy
-from aggregator.strategy import ClientResult, FedAvg
+from fedprune.aggregator.server import make_strategy
+from fedprune.aggregator.strategy import ClientResult, FedAvg
 from federation_helpers import small_task
 from fedprune.clipping import clip_to_norm, global_norm
 

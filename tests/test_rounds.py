@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from aggregator.server import Aggregator, FederationError
-from converters.protocol import Presence, Topics
-from edge_agent.agent import EdgeAgent
-from edge_agent.trainer import KerasTrainer
+from fedprune.aggregator.server import Aggregator, FederationError
+from fedprune.converters.protocol import Presence, Topics
+from fedprune.edge_agent.agent import EdgeAgent
+from fedprune.edge_agent.trainer import KerasTrainer
 from federation_helpers import Spy, small_task
 from fedprune.data import load_dataset, partition
 

@@ -13,11 +13,11 @@ import paho.mqtt.client as mqtt
 import pytest
 from brokers import MosquittoProcess, free_port, mosquitto_available
 
-from aggregator.access import Access, AccessPolicy, filter_within
-from aggregator.broker_setup import BrokerFolder, BrokerSetupError, init_broker, load_broker_folder
-from aggregator.embedded_broker import EmbeddedBroker
-from aggregator.passwords import PasswordFileError, read_password_file, verify_password, write_password_file
-from converters.protocol import Topics
+from fedprune.aggregator.access import Access, AccessPolicy, filter_within
+from fedprune.aggregator.broker_setup import BrokerFolder, BrokerSetupError, init_broker, load_broker_folder
+from fedprune.aggregator.embedded_broker import EmbeddedBroker
+from fedprune.aggregator.passwords import PasswordFileError, read_password_file, verify_password, write_password_file
+from fedprune.converters.protocol import Topics
 from fedprune.connection import ConnectionFileError, load_connection
 from fedprune.transport import MqttSession
 

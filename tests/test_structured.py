@@ -364,7 +364,7 @@ def test_unsupported_architectures_raise(build, match):
 
 
 def test_smaller_model_exports_smaller_tflite_and_runs(digits, tmp_path):
-    from converters.tflite_export import export_sparse_tflite, open_interpreter, predict_tflite
+    from fedprune.converters.tflite_export import export_sparse_tflite, open_interpreter, predict_tflite
 
     model = digits_cnn((8, 8, 1), 10)
     weights = _randomized(model, seed=5)

@@ -1,4 +1,4 @@
-"""Tests for converters.tflite_export: sparse TFLite export verified in LiteRT.
+"""Tests for fedprune.converters.tflite_export: sparse TFLite export verified in LiteRT.
 
 Real models, real converter, real runtime: a 64-64-10 MLP and a tiny Conv2D net on
 scikit-learn's bundled digits, 85 % of each kernel zeroed by magnitude (plain numpy, no tfmot)
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repository root is not installed into the venv
     sys.path.insert(0, str(ROOT))
 
-from converters import tflite_export as te  # noqa: E402
-from converters.tflite_export import (  # noqa: E402
+from fedprune.converters import tflite_export as te  # noqa: E402
+from fedprune.converters.tflite_export import (  # noqa: E402
     ExportError,
     TFLiteExport,
     export_sparse_tflite,
@@ -414,7 +414,7 @@ def test_runtime_side_does_not_import_tensorflow(exports):
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         import numpy as np
-        from converters.tflite_export import open_interpreter, predict_tflite, sparse_weight_stats
+        from fedprune.converters.tflite_export import open_interpreter, predict_tflite, sparse_weight_stats
         interpreter, runtime = open_interpreter({str(path)!r})
         out = predict_tflite(interpreter, np.zeros((3, 64), np.float32))
         assert out.shape == (3, 10), out.shape

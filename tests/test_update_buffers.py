@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.update_buffers import UpdateBuffers
+from fedprune.aggregator.update_buffers import UpdateBuffers
 
 SHAPES = [(3, 3, 1, 4), (4,), (36, 10), (10,)]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.server import Aggregator
+from fedprune.aggregator.server import Aggregator
 from codec_helpers import recrc
-from converters.protocol import Encoding, Update, encode_update
+from fedprune.converters.protocol import Encoding, Update, encode_update
 from federation_helpers import small_task
 from fedprune.data import load_dataset
 
@@ -122,7 +122,7 @@ def test_begin_round_0_prunes_the_initial_model_keeping_each_units_norm(tmp_path
 
 
 def test_each_accepted_update_of_a_round_decodes_into_its_own_reserved_row(tmp_path):
-    from aggregator.update_buffers import UpdateBuffers
+    from fedprune.aggregator.update_buffers import UpdateBuffers
 
     agg = Aggregator(small_task(), load_dataset("digits"), "mqtt://127.0.0.1:1", tmp_path / "run",
                      export_tflite=False)

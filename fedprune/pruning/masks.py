@@ -7,7 +7,6 @@ never pruned (biases, normalization, layers left dense).
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -166,21 +165,6 @@ def sparsity(masks: Masks) -> float:
 def layer_sparsities(masks: Masks, names: Sequence[str]) -> dict[str, float]:
     """Sparsity of each prunable tensor, by name."""
     return {n: 1.0 - float(m.mean()) for n, m in zip(names, masks, strict=True) if m is not None}
-
-
-def mask_digest(masks: Masks) -> str:
-    """SHA-256 (hex, first 16 bytes) naming a mask list: which tensors are masked, their shapes, bits.
-
-    Devices and the aggregator compare digests so a values-only update can never be aligned
-    against the wrong mask.
-    """
-    h = hashlib.sha256()
-    for i, m in enumerate(masks):
-        if m is None:
-            continue
-        h.update(f"{i}:{'x'.join(map(str, m.shape))};".encode())
-        h.update(np.packbits(m.ravel()).tobytes())
-    return h.hexdigest()[:32]
 
 
 def rescale_units_to_norms(

@@ -564,9 +564,9 @@ def measure_latency_ms(
 ) -> float:
     """Median single-sample latency of a ``.tflite`` model, in milliseconds.
 
-    The file is loaded with :func:`converters.tflite_export.open_interpreter` (LiteRT, default
+    The file is loaded with :func:`fedprune.converters.tflite_export.open_interpreter` (LiteRT, default
     delegates, falling back as that function describes); each run times one
-    :func:`converters.tflite_export.predict_tflite` call on one sample (set input, invoke, read
+    :func:`fedprune.converters.tflite_export.predict_tflite` call on one sample (set input, invoke, read
     output) with ``time.perf_counter``, cycling through the samples of ``x``. ``warmup`` runs
     are discarded first.
 
@@ -578,7 +578,7 @@ def measure_latency_ms(
         warmup: Untimed runs before them.
         num_threads: Passed to the interpreter when not ``None``.
     """
-    from converters.tflite_export import open_interpreter, predict_tflite
+    from fedprune.converters.tflite_export import open_interpreter, predict_tflite
 
     if runs < 1 or warmup < 0:
         raise ValueError(f"runs must be >= 1 and warmup >= 0, got {runs} and {warmup}")

@@ -18,13 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from converters.protocol import Architecture, RoundAnnouncement, Topics
-from converters.errors import CodecError
-from edge_agent.device import DeviceSession, Trainer, prepare_trainer
-from fedprune.fleet.connection import AsyncConnection, MqttError
-from fedprune.fleet.device import SimulatedDevice
-from fedprune.fleet.profiles import DeviceBehaviour, draw_behaviours
-from fedprune.fleet.shared_tasks import SharedTasks
+from fedprune.converters.protocol import Architecture, RoundAnnouncement, Topics
+from fedprune.converters.errors import CodecError
+from fedprune.edge_agent.device import DeviceSession, Trainer, prepare_trainer
+from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
+from fedprune.simulation.fleet.device import SimulatedDevice
+from fedprune.simulation.fleet.profiles import DeviceBehaviour, draw_behaviours
+from fedprune.simulation.fleet.shared_tasks import SharedTasks
 from fedprune.task import Task
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Fleet:
         hostile: frozenset[int] = frozenset(),
         hostile_trainer: Trainer | None = None,
     ) -> None:
-        """``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.attacks``)."""
+        """``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.simulation.attacks``)."""
         if hostile and hostile_trainer is None:
             raise ValueError("hostile devices need a hostile_trainer")
         self.task = task

@@ -10,7 +10,7 @@
 - ``runner``: many devices on one event loop, started and stopped together.
 """
 
-from fedprune.fleet.profiles import DeviceBehaviour, draw_behaviours, parse_id_range
-from fedprune.fleet.runner import Fleet, device_id
+from fedprune.simulation.fleet.profiles import DeviceBehaviour, draw_behaviours, parse_id_range
+from fedprune.simulation.fleet.runner import Fleet, device_id
 
 __all__ = ["DeviceBehaviour", "Fleet", "device_id", "draw_behaviours", "parse_id_range"]

@@ -1,4 +1,4 @@
-"""``python -m fedprune.report RUN_DIR [--compare OTHER_RUN_DIR ...]``: (re)write a run's report."""
+"""``python -m fedprune.simulation.report RUN_DIR [--compare OTHER_RUN_DIR ...]``: (re)write a run's report."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedprune.report import Run, write_report
+from fedprune.simulation.report import Run, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedprune.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fedprune.simulation.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run folder with metrics.jsonl")
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other run folders to draw beside it")
     args = parser.parse_args(argv)

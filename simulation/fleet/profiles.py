@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedprune.fleet.link import Link
+from fedprune.simulation.fleet.link import Link
 from fedprune.task import DeviceProfile, SimulationSection
 
 _BEHAVIOUR_STREAM = 1  # seed-sequence tags: independent streams for each use of one device's seed

@@ -18,8 +18,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from converters.protocol import TrainTask
-from edge_agent.device import DeviceSession, TrainJob
+from fedprune.converters.protocol import TrainTask
+from fedprune.edge_agent.device import DeviceSession, TrainJob
 
 
 class SharedTasks:

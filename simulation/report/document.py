@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedprune.report import plots
-from fedprune.report.metrics import Run, write_csv
+from fedprune.simulation.report import plots
+from fedprune.simulation.report.metrics import Run, write_csv
 
 
 def write_report(

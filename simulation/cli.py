@@ -20,18 +20,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
-from fedprune.attacks import Attack
+from fedprune.simulation.attacks import Attack
 from fedprune.task import Task
 
-log = logging.getLogger("fedprune.simulate")
+log = logging.getLogger("fedprune.simulation.cli")
 
 
 def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: str, attack: Attack | None = None):
     """The (not yet started) fleet of this process, and the data set it was split from. With
-    ``attack``, that fraction of the whole fleet is hostile (``fedprune.attacks``)."""
-    from edge_agent.trainer import KerasTrainer
+    ``attack``, that fraction of the whole fleet is hostile (``fedprune.simulation.attacks``)."""
+    from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.data import load_dataset, partition
-    from fedprune.fleet import Fleet, device_id
+    from fedprune.simulation.fleet import Fleet, device_id
 
     ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
@@ -65,11 +65,11 @@ def run_simulation(
     rest are expected to join from other processes on the same broker. The fleet's counters go to
     ``fleet.json`` in the run folder.
     """
-    from aggregator.server import Aggregator
+    from fedprune.aggregator.server import Aggregator
 
     with ExitStack() as stack:
         if broker_url is None:
-            from aggregator.embedded_broker import EmbeddedBroker
+            from fedprune.aggregator.embedded_broker import EmbeddedBroker
 
             broker = stack.enter_context(EmbeddedBroker())
             broker_url = broker.url
@@ -103,7 +103,7 @@ def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str
 
 def main(argv: list[str] | None = None) -> int:
     from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
-    from fedprune.fleet import parse_id_range
+    from fedprune.simulation.fleet import parse_id_range
 
     parser = argparse.ArgumentParser(prog="fedprune-simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="task file (TOML)")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         callbacks: dict = {"on_round": print_round}
         if not args.no_progress:
-            from fedprune.progress import FederationProgress
+            from fedprune.simulation.progress import FederationProgress
 
             progress = stack.enter_context(FederationProgress(task.federation.rounds))
             callbacks = {"on_round": progress.on_round, "on_update": progress.on_update}
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             log.debug("simulation failed", exc_info=True)
             print(f"error: {e}", file=sys.stderr)
             return 1
-    from fedprune.report import Run, write_report
+    from fedprune.simulation.report import Run, write_report
 
     notes = [f"task `{task.source}`; {args.devices} devices, data `{task.data.dataset}` split `{task.data.partition}`",
              f"simulated wall time {time.monotonic() - start:.1f} s"]
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_progress:
         from rich.console import Console
 
-        from fedprune.progress import summary_table
+        from fedprune.simulation.progress import summary_table
 
         Console().print(summary_table(result.rounds))
     for e in result.exports:

@@ -32,13 +32,13 @@ class FederationProgress:
         self._progress.stop()
 
     def on_update(self, p: Any) -> None:
-        """An ``aggregator.server.RoundProgress``: updates in so far for the open round."""
+        """An ``fedprune.aggregator.server.RoundProgress``: updates in so far for the open round."""
         self._progress.update(self._updates, description=f"updates (round {p.round})", total=p.selected,
                               completed=p.reported + p.rejected,
                               note=f"{p.rejected} rejected" if p.rejected else "")
 
     def on_round(self, r: Any) -> None:
-        """An ``aggregator.server.RoundRecord``: one line, and the rounds bar moves on."""
+        """An ``fedprune.aggregator.server.RoundRecord``: one line, and the rounds bar moves on."""
         self._progress.update(self._rounds, advance=1, note=f"accuracy {r.accuracy:.4f}")
         self.console.print(round_line(r))
 

@@ -13,8 +13,8 @@ from types import TracebackType
 
 import aiomqtt
 
-from converters.chunking import Reassembler, is_chunk, split_message
-from converters.errors import CodecError
+from fedprune.converters.chunking import Reassembler, is_chunk, split_message
+from fedprune.converters.errors import CodecError
 from fedprune.transport import PayloadTooLarge, parse_broker_url
 
 log = logging.getLogger(__name__)

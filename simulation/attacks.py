@@ -56,7 +56,7 @@ class SignFlipTrainer:
     """Trains with ``inner``, then returns ``-scale`` times the delta it computed.
 
     Works with any trainer whose result is a dataclass with a ``delta`` list (as
-    ``edge_agent.trainer.TrainResult``); several hostile devices may share one.
+    ``fedprune.edge_agent.trainer.TrainResult``); several hostile devices may share one.
     """
 
     def __init__(self, inner: Any, scale: float) -> None:

@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only: no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedprune.report.metrics import Run  # noqa: E402
+from fedprune.simulation.report.metrics import Run  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from converters.protocol import Architecture, TrainTask
-from edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, prepare_trainer, run_job
-from fedprune.fleet.connection import AsyncConnection, MqttError
-from fedprune.fleet.profiles import DeviceBehaviour
-from fedprune.fleet.shared_tasks import SharedTasks
+from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, prepare_trainer, run_job
+from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
+from fedprune.simulation.fleet.profiles import DeviceBehaviour
+from fedprune.simulation.fleet.shared_tasks import SharedTasks
 from fedprune.transport import PayloadTooLarge
 
 log = logging.getLogger(__name__)
