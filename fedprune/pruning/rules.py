@@ -19,6 +19,11 @@ target. ``MByN`` imposes a fixed structure and ignores the target too.
 
 ``rule_from_config`` rebuilds a rule from a dict such as ``{"rule": "absolute", "threshold":
 0.4}``; ``rule.get_config()`` returns exactly such a dict.
+
+To add one: a frozen dataclass subclass of ``Rule`` with a ``rule_name`` and ``mask`` (checking
+its parameters in ``__post_init__``), one line in ``_RULES``, and an instance in
+``tests/test_pruning_rules.py``'s ``ALL_RULES``, whose tests then check that it never revives a
+position and that its config round-trips.
 """
 
 from __future__ import annotations
