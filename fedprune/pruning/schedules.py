@@ -362,7 +362,6 @@ class AdaptiveSparsity(PruningSchedule):
         st["observed_since_prune"] = False
 
 
-
 # --------------------------------------------------------------------------- config
 
 #: name in a config (the task file's `[pruning] schedule`) -> class; a new schedule is one more line here
