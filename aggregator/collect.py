@@ -90,7 +90,7 @@ class Gathered:
 
 
 @dataclass(frozen=True)
-class Fleet:
+class DeviceLink:
     """What collecting updates reads and writes: the aggregator's MQTT session, the federation's
     topics, the device registry, and the queue the network thread puts update messages in as
     ``(topic, payload, time.monotonic() of arrival)``."""
@@ -129,15 +129,15 @@ def train_task(task: Task, round_number: int, attempt: int, architecture_digest:
     )
 
 
-def publish_round(fleet: Fleet, ctx: RoundContext, payload: bytes, timeout_s: float, name_devices: bool) -> float:
+def publish_round(link: DeviceLink, ctx: RoundContext, payload: bytes, timeout_s: float, name_devices: bool) -> float:
     """Send the task to the selected devices and announce the attempt (naming the devices only
     with ``name_devices``: under DP who was drawn stays between each device and the aggregator).
     Returns when it was sent (``time.monotonic()``)."""
     for device_id in ctx.selected:
-        fleet.session.publish(fleet.topics.task(device_id), payload, retain=True)
+        link.session.publish(link.topics.task(device_id), payload, retain=True)
     announcement = RoundAnnouncement(ctx.round, ctx.attempt, list(ctx.selected) if name_devices else [],
                                      time.time() + timeout_s)
-    fleet.session.publish(fleet.topics.round, announcement.encode(), retain=True)
+    link.session.publish(link.topics.round, announcement.encode(), retain=True)
     return time.monotonic()
 
 
@@ -145,10 +145,10 @@ class AttemptCollector:
     """Collects one attempt's updates (``collect``); ``rejections`` counts rejected updates by
     kind and is shared by the attempts of a round."""
 
-    def __init__(self, fleet: Fleet, ctx: RoundContext, rejections: dict[str, int],
+    def __init__(self, link: DeviceLink, ctx: RoundContext, rejections: dict[str, int],
                  buffers: UpdateBuffers | None = None,
                  on_progress: Callable[[RoundProgress], None] | None = None) -> None:
-        self.fleet, self.ctx, self.rejections = fleet, ctx, rejections
+        self.link, self.ctx, self.rejections = link, ctx, rejections
         self.buffers, self.on_progress = buffers, on_progress
         self.results: dict[str, ClientResult] = {}
         self.waiting = set(ctx.selected)
@@ -158,14 +158,14 @@ class AttemptCollector:
     def collect(self, published: float, deadline: float) -> Collected:
         """Take updates until every selected device reported, every device still due is offline,
         or ``deadline`` (``time.monotonic()``); the tasks were sent at ``published``."""
-        r, registry = self.ctx.round, self.fleet.registry
+        r, registry = self.ctx.round, self.link.registry
         self._progress()
         while self.waiting and time.monotonic() < deadline:
             if not any(registry.is_online(d) for d in self.waiting):
                 log.warning("round %d: every device still due (%s) is offline; closing early", r, sorted(self.waiting))
                 break
             try:
-                topic, data, arrived = self.fleet.inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                topic, data, arrived = self.link.inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 continue
             self._take(topic, data, arrived - published)
@@ -199,9 +199,9 @@ class AttemptCollector:
     def _close(self, published: float) -> Collected:
         """Clear the retained tasks (the attempt is closed) and count who did not report."""
         for device_id in self.ctx.selected:
-            self.fleet.session.publish(self.fleet.topics.task(device_id), b"", retain=True)
+            self.link.session.publish(self.link.topics.task(device_id), b"", retain=True)
         self.out.results = list(self.results.values())
-        dropped = {d for d in self.waiting if self.fleet.registry.went_offline_since(d, published)}
+        dropped = {d for d in self.waiting if self.link.registry.went_offline_since(d, published)}
         lost = self.waiting - dropped - self.rejected_due  # the rejected ones are counted in `rejections`
         self.out.offline, self.out.lost = len(dropped), len(lost)
         if lost:
@@ -210,7 +210,7 @@ class AttemptCollector:
         return self.out
 
     def _ack(self, ack: Ack) -> None:
-        self.fleet.session.publish(self.fleet.topics.ack(ack.device_id), ack.encode())
+        self.link.session.publish(self.link.topics.ack(ack.device_id), ack.encode())
 
     def _progress(self) -> None:
         """Tell ``on_progress`` how many selected devices have reported, or had an update rejected."""

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from fedprune.aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
-from fedprune.aggregator.collect import AttemptCollector, Collected, Fleet, Gathered, RoundProgress
+from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
 from fedprune.aggregator.collect import publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
@@ -56,6 +56,8 @@ class FederationError(RuntimeError):
 
 
 class Aggregator:
+    """One federation's aggregator: built from a task, it owns the global model; ``run()`` runs it."""
+
     def __init__(self, task: Task, dataset: Dataset, broker_url: str, run_dir: Path, *, resume: bool = False,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_update: Callable[[RoundProgress], None] | None = None, export_tflite: bool = True) -> None:
@@ -95,8 +97,7 @@ class Aggregator:
         """Round 0: the initial model (pruned at initialization if the schedule says so)."""
         from fedprune.models import full_masks, get_layer_weights
 
-        pruning = self.task.pruning
-        weights = get_layer_weights(self.model)
+        weights, pruning = get_layer_weights(self.model), self.task.pruning
         masks = full_masks(self.model, pruning.leave_dense) if pruning.enabled else [None] * len(weights)
         weights, masks = self.controller.initial(weights, masks)
         # Under DP the draw of devices must be secret (privacy amplification by sampling): OS entropy.
@@ -199,9 +200,8 @@ class Aggregator:
             self.on_round(record)
 
     def _finish(self) -> RunResult:
-        exports = []
-        if self.export_tflite:
-            exports = export_models(self.model, self.state.weights, self.run_dir, self.dataset)
+        exports = (export_models(self.model, self.state.weights, self.run_dir, self.dataset)
+                   if self.export_tflite else [])
         result = RunResult(run_dir=self.run_dir, rounds=self.history,
                            final_accuracy=self.history[-1].accuracy if self.history else float("nan"),
                            final_sparsity=sparsity(self.state.masks),
@@ -273,9 +273,9 @@ class Aggregator:
                            transport.uplink_precision, self.device_masks, self.state.weights,
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
-        fleet = Fleet(self.session, self.topics, self.registry, self._inbox)
-        published = publish_round(fleet, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
-        collector = AttemptCollector(fleet, ctx, rejections, self._buffers, self.on_update)
+        link = DeviceLink(self.session, self.topics, self.registry, self._inbox)
+        published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
+        collector = AttemptCollector(link, ctx, rejections, self._buffers, self.on_update)
         out = collector.collect(published, deadline)
         out.encode_s, out.bytes_down = encode_s, len(payload) * len(selected)
         return out

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from codec_helpers import recrc
-from fedprune.aggregator.collect import AttemptCollector, Fleet, RoundProgress
+from fedprune.aggregator.collect import AttemptCollector, DeviceLink, RoundProgress
 from fedprune.aggregator.intake import Rejection, RoundContext, check_update
 from fedprune.aggregator.registry import DeviceRegistry
 from fedprune.aggregator.strategies import ClientResult
@@ -144,8 +144,8 @@ def _collector(devices, ctx, buffers=None, progress=None):
     for d in devices:
         registry.update(d, True, 50)
     inbox: queue.Queue = queue.Queue()
-    fleet = Fleet(_Session(), TOPICS, registry, inbox)
-    return AttemptCollector(fleet, ctx, {}, buffers, progress), inbox
+    link = DeviceLink(_Session(), TOPICS, registry, inbox)
+    return AttemptCollector(link, ctx, {}, buffers, progress), inbox
 
 
 def test_each_accepted_update_of_a_round_decodes_into_its_own_reserved_row():
@@ -175,11 +175,11 @@ def test_an_attempt_acks_rejects_counts_and_clears_its_tasks():
     now = time.monotonic()
     inbox.put((TOPICS.update("dev-2"), _update(device_id="dev-2", round=1), now))  # stale: rejected
     inbox.put((TOPICS.update("dev-1"), _update(), now))
-    collector.fleet.registry.update("dev-2", False, 50)  # then dev-2 goes offline: nobody left is due
+    collector.link.registry.update("dev-2", False, 50)  # then dev-2 goes offline: nobody left is due
     out = collector.collect(now, now + 30)
     assert [r.device_id for r in out.results] == ["dev-1"] and out.received == 2
     assert collector.rejections == {"wrong round": 1} and (out.offline, out.lost) == (1, 0)
-    published = collector.fleet.session.published
+    published = collector.link.session.published
     acks = [Ack.decode(p) for t, p, _ in published if t.endswith("/ack")]
     assert [(a.device_id, a.accepted) for a in acks] == [("dev-2", False), ("dev-1", True)]
     assert [(t, p) for t, p, _ in published if t.endswith("/task")] == [(TOPICS.task(d), b"") for d in devices]
