@@ -83,18 +83,9 @@ class BrokerFolder:
                               self.path / "server.crt", self.path / "server.key")
 
 
-def init_broker(
-    out: str | Path,
-    federation: str,
-    devices: list[str],
-    hosts: list[str],
-    *,
-    port: int = 8883,
-    bind: str = "0.0.0.0",
-    persistence: bool = True,
-) -> BrokerFolder:
-    """Write the set-up described in the module docstring into ``out`` (which must not hold one)."""
-    out = Path(out).resolve()
+def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> None:
+    """BrokerSetupError naming what makes the set-up unusable: the federation id, the device ids,
+    the port, or a folder that already holds one."""
     Topics(federation)  # validates the id
     if not devices:
         raise BrokerSetupError("no devices: name them with --devices or give --device-count")
@@ -109,6 +100,21 @@ def init_broker(
     if (out / MANIFEST).exists():
         raise BrokerSetupError(f"{out} already holds a broker set-up; choose a new folder (its CA and passwords "
                                "would be replaced, and every device would need new files)")
+
+
+def init_broker(
+    out: str | Path,
+    federation: str,
+    devices: list[str],
+    hosts: list[str],
+    *,
+    port: int = 8883,
+    bind: str = "0.0.0.0",
+    persistence: bool = True,
+) -> BrokerFolder:
+    """Write the set-up described in the module docstring into ``out`` (which must not hold one)."""
+    out = Path(out).resolve()
+    _check_setup(out, federation, devices, port)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
 

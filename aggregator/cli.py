@@ -23,6 +23,8 @@ from fedprune.transport import parse_broker_url
 
 if TYPE_CHECKING:
     from fedprune.aggregator.broker_setup import BrokerFolder
+    from fedprune.data import Dataset
+    from fedprune.task import Task
 
 log = logging.getLogger("fedprune.aggregator.cli")
 
@@ -33,6 +35,42 @@ def main(argv: list[str] | None = None) -> int:
         from fedprune.aggregator.broker_setup import main as init_broker_main
 
         return init_broker_main(argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    if args.resume and args.run_dir is None:
+        parser.error("--resume needs --run-dir: the folder of the run to continue")
+    if sum(x is not None for x in (args.broker, args.connection, args.broker_dir)) > 1:
+        parser.error("give at most one of --broker, --connection and --broker-dir")
+    task = load_task_or_exit(args.task)
+    run_dir = args.run_dir or default_run_dir(args.task)
+    try:
+        broker_url, folder = _broker_choice(args, task.federation.id)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from fedprune.data import DataError, load_dataset
+
+    try:
+        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with ExitStack() as stack:
+        shown_url = parse_broker_url(broker_url).url if broker_url else None
+        if broker_url is None or folder is not None:
+            try:
+                shown_url, broker_url = _embedded_broker(stack, args, broker_url, folder)
+            except RuntimeError as e:
+                print(f"error: {e} (another broker on that port? use --port or --broker)", file=sys.stderr)
+                return 1
+        print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}'; "
+              f"results in {run_dir}", flush=True)
+        return _run(args, task, dataset, broker_url, run_dir)
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedprune-aggregator", description=__doc__.splitlines()[0],
                                      epilog="To write a secured broker set-up: fedprune-aggregator init-broker --help")
     parser.add_argument("--task", required=True, help="task file (TOML)")
@@ -50,58 +88,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="results folder (default runs/<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     add_logging_args(parser)
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
-    if args.resume and args.run_dir is None:
-        parser.error("--resume needs --run-dir: the folder of the run to continue")
-    if sum(x is not None for x in (args.broker, args.connection, args.broker_dir)) > 1:
-        parser.error("give at most one of --broker, --connection and --broker-dir")
-    task = load_task_or_exit(args.task)
-    run_dir = args.run_dir or default_run_dir(args.task)
-    try:
-        broker_url, folder = _broker_choice(args, task.federation.id)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
 
+
+def _embedded_broker(stack: ExitStack, args: argparse.Namespace, broker_url: str | None,
+                     folder: BrokerFolder | None) -> tuple[str, str]:
+    """Start the embedded broker (entered on ``stack``); its URL to show, and the one the
+    aggregator connects to (for --broker-dir, its own login to the broker's actual port).
+    RuntimeError when it cannot start."""
+    from fedprune.aggregator.embedded_broker import EmbeddedBroker
+
+    port = args.port if args.port is not None else (folder.port if folder else 1883)
+    broker = stack.enter_context(EmbeddedBroker(args.host, port, folder.security() if folder else None))
+    if folder is None:
+        return broker.url, broker.url
+    a = parse_broker_url(broker_url)
+    return broker.url, replace(a, host="127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host,
+                               port=broker.port).full_url()
+
+
+def _run(args: argparse.Namespace, task: Task, dataset: Dataset, broker_url: str | None, run_dir: Path) -> int:
+    """Run the federation and print its results; the exit status."""
     from fedprune.aggregator.server import Aggregator, FederationError
-    from fedprune.data import DataError, load_dataset
 
     try:
-        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
-    except DataError as e:
+        aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round)
+        result = aggregator.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with: fedprune-aggregator --task {args.task} "
+              f"--run-dir {run_dir} --resume", file=sys.stderr)
+        return 130
+    except (FederationError, ConnectionError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    with ExitStack() as stack:
-        shown_url = parse_broker_url(broker_url).url if broker_url else None
-        if broker_url is None or folder is not None:
-            from fedprune.aggregator.embedded_broker import EmbeddedBroker
-
-            port = args.port if args.port is not None else (folder.port if folder else 1883)
-            try:
-                broker = stack.enter_context(EmbeddedBroker(args.host, port, folder.security() if folder else None))
-            except RuntimeError as e:
-                print(f"error: {e} (another broker on that port? use --port or --broker)", file=sys.stderr)
-                return 1
-            shown_url = broker.url
-            if folder is None:
-                broker_url = broker.url
-            else:  # the aggregator's own login, to this broker's actual port
-                a = parse_broker_url(broker_url)
-                broker_url = replace(a, host="127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host,
-                                     port=broker.port).full_url()
-        print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}'; "
-              f"results in {run_dir}", flush=True)
-        try:
-            aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round)
-            result = aggregator.run()
-        except KeyboardInterrupt:
-            print(f"\ninterrupted; continue with: fedprune-aggregator --task {args.task} "
-                  f"--run-dir {run_dir} --resume", file=sys.stderr)
-            return 130
-        except (FederationError, ConnectionError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+        return 1
     print(f"final accuracy {result.final_accuracy:.4f} at sparsity {result.final_sparsity:.3f}")
     for e in result.exports:
         print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "

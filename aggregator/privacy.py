@@ -1,4 +1,4 @@
-"""DP-FedAvg: differentially private federated averaging, and its privacy accountant.
+"""The privacy accountant of DP-FedAvg (the strategy itself: ``strategies/dp_fedavg.py``).
 
 See docs/robustness.md for what is clipped where, what the reported epsilon means, and its limits.
 """
@@ -10,62 +10,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
-
-from fedprune.aggregator.robust import add_at_kept, clip_results, kept_deltas
-from fedprune.aggregator.strategy import ClientResult
-from fedprune.pruning.masks import Masks
-
 log = logging.getLogger(__name__)
 
 ACCOUNTANT_DESCRIPTION = ("RDP (dp_accounting), k of N online devices sampled without replacement, "
                           "replace-one neighbouring devices (sensitivity 2C)")
-
-
-class DPFedAvg:
-    """DP-FedAvg with a fixed denominator.
-
-    McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models",
-    ICLR 2018. Each update is clipped to L2 norm ``clip_norm`` (C), the clipped updates are summed
-    unweighted (a sample count would let one device's weight, hence the sensitivity, grow),
-    Gaussian noise of standard deviation ``noise_multiplier * C`` is added at every kept position,
-    and the sum is divided by ``sampled``, the number of devices drawn per round. Pruned positions
-    get no noise and stay exactly zero: the mask is public (every device receives it).
-    """
-
-    def __init__(self, clip_norm: float, noise_multiplier: float, sampled: int,
-                 rng: np.random.Generator | None = None) -> None:
-        if not clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-        if noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-        if sampled < 1:
-            raise ValueError(f"sampled must be >= 1, got {sampled}")
-        self.clip_norm = clip_norm
-        self.noise_multiplier = noise_multiplier
-        self.sampled = sampled
-        # Fresh OS entropy by default: noise drawn from a known seed could be subtracted again.
-        self.rng = rng or np.random.default_rng()
-
-    @property
-    def noise_std(self) -> float:
-        """Standard deviation of the noise on the averaged delta, per kept position."""
-        return self.noise_multiplier * self.clip_norm / self.sampled
-
-    def aggregate(
-        self, global_weights: Sequence[np.ndarray], results: Sequence[ClientResult], masks: Masks
-    ) -> list[np.ndarray]:
-        if not results:
-            raise ValueError("DPFedAvg needs at least one update")
-        if len(results) > self.sampled:
-            raise ValueError(f"DPFedAvg got {len(results)} updates but divides by {self.sampled} sampled devices")
-        clipped = clip_results(results, self.clip_norm, masks)
-        out = []
-        for i, (w, m) in enumerate(zip(global_weights, masks, strict=True)):
-            total = kept_deltas(clipped, i, m).sum(axis=0, dtype=np.float64)
-            total += self.rng.normal(0.0, self.noise_multiplier * self.clip_norm, size=total.shape)
-            out.append(add_at_kept(w, m, total / self.sampled))
-        return out
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
+
+from fedprune.converters.errors import CodecError
+from fedprune.converters.protocol import Presence, Topics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,3 +89,21 @@ class DeviceRegistry:
 
     def _online_count(self) -> int:  # the caller holds the lock
         return sum(d.online for d in self._devices.values())
+
+
+def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload: bytes) -> None:
+    """Update ``registry`` from a presence message (an empty payload is a cleared retained
+    presence: offline); a malformed one, or one for another device than its topic's, is logged
+    and ignored."""
+    try:
+        device_id = topics.device_from_topic(topic)
+        if not payload:
+            registry.update(device_id, False, 0)
+            return
+        p = Presence.decode(payload)
+        if p.device_id != device_id:
+            log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
+            return
+        registry.update(device_id, p.online, p.num_samples)
+    except (CodecError, ValueError) as e:
+        log.warning("ignored bad presence message on %s: %s", topic, e)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from fedprune.pruning.rules import Rule, rule_from_config
-from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay, PruningSchedule
+from fedprune.pruning.schedules import PruningSchedule, schedule_from_config
 from fedprune.tomlfile import coerce, read_toml
 
 
@@ -201,21 +201,21 @@ class PruningSection:
                 f"exceeds federation.rounds ({rounds}); lower end_round or add rounds"
             )
 
+    def schedule_config(self) -> dict[str, Any]:
+        """The config of the schedule this section describes (``schedule_from_config``'s input)."""
+        rounds = {"begin_round": self.begin_round, "end_round": self.end_round, "frequency": self.frequency}
+        params: dict[str, Any] = {
+            "polynomial": {"initial_sparsity": self.initial_sparsity, "final_sparsity": self.final_sparsity,
+                           "power": self.power},
+            "constant": {"target_sparsity": self.final_sparsity},
+            "adaptive": {"initial_sparsity": self.initial_sparsity, "final_sparsity": self.final_sparsity,
+                         "step": self.step, "tolerance": self.tolerance},
+        }[self.schedule]
+        return {"schedule": self.schedule, **params, **rounds}
+
     def schedule_object(self) -> PruningSchedule:
         """The schedule this section describes (a fresh one: adaptive schedules carry state)."""
-        if self.schedule == "constant":
-            return ConstantSparsity(self.final_sparsity, self.begin_round, self.end_round, self.frequency)
-        if self.schedule == "adaptive":
-            return AdaptiveSparsity(self.initial_sparsity, self.final_sparsity, self.step, self.tolerance,
-                                    self.begin_round, self.end_round, self.frequency)
-        return PolynomialDecay(
-            initial_sparsity=self.initial_sparsity,
-            final_sparsity=self.final_sparsity,
-            begin_round=self.begin_round,
-            end_round=self.end_round,
-            power=self.power,
-            frequency=self.frequency,
-        )
+        return schedule_from_config(self.schedule_config())
 
     def default_rule(self) -> Rule:
         params = {"absolute": {"threshold": self.threshold}, "max_rate": {"rate": self.rate},

@@ -1,4 +1,4 @@
-"""DP-FedAvg (fedprune.aggregator.privacy): the noised average and the privacy accountant."""
+"""DP-FedAvg (fedprune.aggregator.strategies.dp_fedavg) and its privacy accountant (fedprune.aggregator.privacy)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fedprune.aggregator.privacy import DPFedAvg, PrivacyAccountant
-from fedprune.aggregator.strategy import ClientResult
+from fedprune.aggregator.privacy import PrivacyAccountant
+from fedprune.aggregator.strategies import ClientResult, DPFedAvg
 
 
 def _epsilon(z: float, rounds: int, population: int, sampled: int, delta: float = 1e-5) -> float:
@@ -148,11 +148,11 @@ def test_task_refuses_bad_privacy_settings_naming_the_key(privacy, aggregation, 
 def test_the_example_task_runs_dp_fedavg_with_device_clipping():
     from pathlib import Path
 
-    from fedprune.aggregator.server import make_strategy
+    from fedprune.aggregator.strategies import strategy_for_task
     from fedprune.task import load_task
 
     task = load_task(Path(__file__).resolve().parents[1] / "examples" / "private.toml")
     assert task.privacy.enabled and task.privacy.clip_on_device
-    strategy = make_strategy(task)
+    strategy = strategy_for_task(task)
     assert isinstance(strategy, DPFedAvg) and strategy.sampled == task.federation.devices_per_round
     assert strategy.noise_std == pytest.approx(task.privacy.noise_multiplier * task.privacy.clip_norm / 5)

@@ -17,7 +17,7 @@ from fedprune.pruning.masks import (
     sparsity,
 )
 from fedprune.converters.mask_coding import mask_digest
-from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay
+from fedprune.pruning.schedules import AdaptiveSparsity, ConstantSparsity, PolynomialDecay, schedule_from_config
 
 PROP = settings(max_examples=200, deadline=None)
 # tfmot imports distutils.version on import; not our concern here.
@@ -302,8 +302,8 @@ def test_constant_sparsity_pruning_turns_match_tfmot(tfmot_and_tf):
 )
 def test_get_config_round_trip(schedule):
     cfg = schedule.get_config()
-    assert cfg["class_name"] == type(schedule).__name__
-    rebuilt = type(schedule)(**{k: v for k, v in cfg.items() if k != "class_name"})
+    assert cfg["schedule"] == type(schedule).schedule_name
+    rebuilt = schedule_from_config(cfg)
     assert rebuilt == schedule
     assert [rebuilt(r) for r in range(1, 15)] == [schedule(r) for r in range(1, 15)]
 

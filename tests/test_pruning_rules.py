@@ -22,7 +22,7 @@ from fedprune.pruning.rules import (
     RowMeanThreshold,
     rule_from_config,
 )
-from fedprune.pruning.schedules import AdaptiveSparsity, Decision
+from fedprune.pruning.schedules import AdaptiveSparsity, Decision, schedule_from_config
 
 T, F = True, False
 WORKED = np.array([[0.8, 0.3], [0.5, 0.7], [0.2, 0.6]])  # rows: inputs 1-3, columns: outputs 1-2
@@ -448,7 +448,7 @@ def test_adaptive_state_round_trips_through_json():
     s.decision(4)
     s.observe(4, 0.85)
     snap = json.loads(json.dumps(s.state()))
-    twin = AdaptiveSparsity(**{k: v for k, v in s.get_config().items() if k != "class_name"})
+    twin = schedule_from_config(s.get_config())
     assert twin == s and twin.state() != snap  # same config, fresh state
     twin.restore(snap)
     assert twin.state() == s.state()
@@ -465,7 +465,7 @@ def test_adaptive_state_round_trips_through_json():
 def test_adaptive_config_and_validation():
     s = _adaptive()
     cfg = s.get_config()
-    assert cfg == {"class_name": "AdaptiveSparsity", "initial_sparsity": 0.2,
+    assert cfg == {"schedule": "adaptive", "initial_sparsity": 0.2,
                    "final_sparsity": 0.5, "step": 0.1, "tolerance": 0.01, "begin_round": 2,
                    "end_round": 20, "frequency": 1}
     with pytest.raises(Exception):

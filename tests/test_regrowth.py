@@ -26,3 +26,13 @@ def test_regrow_only_revives_positions_with_a_reported_gradient():
     assert swapped == 0 and np.array_equal(new_m[0], m[0])
     with pytest.raises(ValueError):
         regrow(w, m, [np.zeros(4)], fraction=1.0)
+
+
+def test_gradient_scores_sum_the_magnitudes_weighted_by_sample_count():
+    from fedprune.pruning.regrowth import gradient_scores
+
+    a = [np.array([1.0, -2.0], np.float32), np.zeros(3, np.float32)]
+    b = [np.array([-3.0, 0.0], np.float32), np.ones(3, np.float32)]
+    scores = gradient_scores([(a, 10), (None, 1000), (b, 1)])  # a device without gradients counts for nothing
+    assert scores[0].tolist() == [13.0, 20.0] and scores[1].tolist() == [1.0, 1.0, 1.0]
+    assert gradient_scores([(None, 5)]) is None and gradient_scores([]) is None

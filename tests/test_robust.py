@@ -1,12 +1,14 @@
-"""Robust aggregation (fedprune.aggregator.robust) on hand-made updates with known answers."""
+"""Robust aggregation (fedprune.aggregator.strategies) on hand-made updates with known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedprune.aggregator.robust import (
+from fedprune.aggregator.strategies import (
+    ClientResult,
     CoordinateMedian,
+    FedAvg,
     Krum,
     MultiKrum,
     NormClipping,
@@ -14,9 +16,8 @@ from fedprune.aggregator.robust import (
     clip_results,
     kept_deltas,
     pairwise_sq_distances,
+    strategy_for_task,
 )
-from fedprune.aggregator.server import make_strategy
-from fedprune.aggregator.strategy import ClientResult, FedAvg
 from federation_helpers import small_task
 from fedprune.clipping import clip_to_norm, global_norm
 
@@ -140,9 +141,9 @@ def test_norm_clipping_bounds_a_boosted_update_before_fedavg():
     assert [global_norm(r.delta) for r in clip_results(results, 2.0, MASKS)][-1] == pytest.approx(2.0, rel=1e-6)
 
 
-def test_make_strategy_follows_the_task():
+def test_the_strategy_follows_the_task():
     def strategy(**aggregation):
-        return make_strategy(small_task(federation={"devices_per_round": 10, "min_devices": 7},
+        return strategy_for_task(small_task(federation={"devices_per_round": 10, "min_devices": 7},
                                         aggregation=aggregation))
 
     assert isinstance(strategy(), FedAvg)

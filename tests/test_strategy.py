@@ -1,4 +1,4 @@
-"""Tests for fedprune.aggregator.strategy.FedAvg: sample-weighted mean of deltas under a shared mask."""
+"""Tests for fedprune.aggregator.strategies.fedavg.FedAvg: sample-weighted mean of deltas under a shared mask."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedprune.aggregator.strategy import ClientResult, FedAvg
+from fedprune.aggregator.strategies import ClientResult, FedAvg
 
 
 def test_weighted_by_num_samples_exactly():

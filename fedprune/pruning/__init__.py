@@ -27,6 +27,7 @@ from fedprune.pruning.schedules import (
     Decision,
     PolynomialDecay,
     PruningSchedule,
+    schedule_from_config,
 )
 
 __all__ = [
@@ -48,5 +49,6 @@ __all__ = [
     "prune_to_sparsity",
     "prune_with_rules",
     "rule_from_config",
+    "schedule_from_config",
     "sparsity",
 ]

@@ -11,9 +11,23 @@ by sample count, and calls ``regrow``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+
+
+def gradient_scores(
+    reports: Iterable[tuple[Sequence[np.ndarray] | None, int]],
+) -> list[np.ndarray] | None:
+    """Sample-weighted sum of the gradient magnitudes the devices reported, per tensor.
+
+    ``reports`` holds each device's ``(gradients, num_samples)``, ``gradients`` None for a device
+    that reported none. None when no device reported any.
+    """
+    reported = [(g, n) for g, n in reports if g is not None]
+    if not reported:
+        return None
+    return [sum(np.abs(g[i]) * n for g, n in reported) for i in range(len(reported[0][0]))]
 
 
 def regrow(

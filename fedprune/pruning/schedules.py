@@ -1,31 +1,107 @@
-"""Pruning schedules counted in federated rounds.
+"""Pruning schedules counted in federated rounds, and their registry.
 
 Modelled on tfmot's ``PruningSchedule`` classes (small, with ``get_config``), but the step is the
-round number and the aggregator applies them to the global model after aggregation.
+round number and the aggregator applies them to the global model after aggregation. Every
+schedule answers the same calls, so nothing that uses one checks which it is:
+
+* ``decision(r)``: a ``Decision`` for the round ``r`` just aggregated (0 is the initial model);
+  ``schedule(r)`` is ``(decision.prune, decision.target)``;
+* ``observe(r, accuracy)``: the held-out accuracy after round ``r`` (only the adaptive schedule
+  acts on it);
+* ``state()`` / ``restore(state)``: a JSON snapshot of what it has learnt (empty for the others);
+* ``sparsity_at(r)``: the sparsity it has the model at by round ``r`` (what devices that prune
+  themselves are asked for);
+* ``get_config()``: ``{"schedule": name, **parameters}``; ``schedule_from_config`` builds it
+  again, refusing a bad, missing or unknown key by name.
+
+To add one: a frozen dataclass subclass of ``PruningSchedule`` in this file (or its own module)
+with a ``schedule_name``, ``decision`` and ``sparsity_at`` (and ``observe``/``state``/``restore``
+if it learns); one line in ``SCHEDULES``; an example config in
+``tests/test_schedules_conformance.py``, which then runs its round trips. The task file names it
+in ``[pruning] schedule`` once ``PruningSection.schedule_config`` maps its keys.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
+
+from fedprune.configs import check_int, check_real, config_of, parse_config
+
+__all__ = [
+    "AdaptiveSparsity",
+    "ConstantSparsity",
+    "Decision",
+    "PolynomialDecay",
+    "PruningSchedule",
+    "SCHEDULES",
+    "schedule_from_config",
+]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the aggregator does after aggregating a round (``PruningSchedule.decision``).
+
+    ``backoff``: restore the masks (and, if kept, the weights) from before the last prune; the
+    model is then at sparsity ``target``. ``prune``: prune to ``target``. Never both.
+    """
+
+    prune: bool
+    target: float
+    backoff: bool = False
 
 
 class PruningSchedule(ABC):
-    """Says, for a round, whether to prune after aggregating it and to which sparsity."""
+    """Says, for a round, whether to prune after aggregating it and to which sparsity.
+
+    Subclasses are frozen dataclasses whose fields are the config. Stateless ones implement
+    ``decision`` and ``sparsity_at``; one that learns from accuracy also ``observe``, ``state``
+    and ``restore``.
+    """
+
+    #: the ``"schedule"`` value naming this class in a config dict (the task file's value)
+    schedule_name: ClassVar[str]
 
     @abstractmethod
+    def decision(self, round_number: int) -> Decision:
+        """The decision for the round just aggregated (1-based; 0 is the initial model, before
+        round 1)."""
+
+    @abstractmethod
+    def sparsity_at(self, round_number: int) -> float:
+        """The sparsity the schedule has the model at by round ``round_number``."""
+
     def __call__(self, round_number: int) -> tuple[bool, float]:
-        """Return ``(prune_now, target_sparsity)`` for the round just aggregated (1-based; 0 is
-        the initial model, before round 1)."""
+        """``(prune_now, target_sparsity)`` of ``decision(round_number)``."""
+        d = self.decision(round_number)
+        return d.prune, d.target
 
-    @abstractmethod
+    def observe(self, round_number: int, accuracy: float) -> None:
+        """Record the held-out accuracy after ``round_number`` (stateless schedules ignore it)."""
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable snapshot of what the schedule has learnt (empty when stateless)."""
+        return {}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Load a snapshot taken by ``state()`` on a schedule built from the same config."""
+        if state:
+            raise ValueError(
+                f"state keys {sorted(state)} do not match {type(self).__name__}'s []: it keeps no state"
+            )
+
     def get_config(self) -> dict[str, Any]:
-        """Parameters that rebuild this schedule."""
+        """``{"schedule": name, **parameters}``; ``schedule_from_config`` rebuilds an equal one."""
+        return config_of("schedule", self.schedule_name, self)
 
 
 def _check_range(begin_round: int, end_round: int, frequency: int, first: int = 0) -> None:
+    for name, v in (("begin_round", begin_round), ("end_round", end_round), ("frequency", frequency)):
+        check_int(name, v)
     # Round 0 is the initial model, before any training: pruning it (pruning at initialization)
     # makes every update sparse from round 1, which is what a thin uplink needs.
     if begin_round < first:
@@ -38,7 +114,7 @@ def _check_range(begin_round: int, end_round: int, frequency: int, first: int = 
 
 def _check_sparsities(initial: float, final: float) -> None:
     for name, v in (("initial_sparsity", initial), ("final_sparsity", final)):
-        if not 0.0 <= v < 1.0:
+        if not 0.0 <= check_real(name, v) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {v}")
     if final < initial:
         raise ValueError(f"final_sparsity ({final}) must be >= initial_sparsity ({initial})")
@@ -54,6 +130,7 @@ def _is_pruning_turn(r: int, begin: int, end: int, frequency: int) -> bool:
 class ConstantSparsity(PruningSchedule):
     """Prune to a fixed sparsity every ``frequency`` rounds in ``[begin_round, end_round]``."""
 
+    schedule_name: ClassVar[str] = "constant"
     target_sparsity: float
     begin_round: int = 1
     end_round: int = 1
@@ -61,15 +138,16 @@ class ConstantSparsity(PruningSchedule):
 
     def __post_init__(self) -> None:
         _check_range(self.begin_round, self.end_round, self.frequency)
-        if not 0.0 <= self.target_sparsity < 1.0:
+        if not 0.0 <= check_real("target_sparsity", self.target_sparsity) < 1.0:
             raise ValueError(f"target_sparsity must be in [0, 1), got {self.target_sparsity}")
 
-    def __call__(self, round_number: int) -> tuple[bool, float]:
+    def decision(self, round_number: int) -> Decision:
         turn = _is_pruning_turn(round_number, self.begin_round, self.end_round, self.frequency)
-        return turn, self.target_sparsity
+        return Decision(turn, self.target_sparsity)
 
-    def get_config(self) -> dict[str, Any]:
-        return {"class_name": type(self).__name__, **asdict(self)}
+    def sparsity_at(self, round_number: int) -> float:
+        """Always the target, as tfmot's ConstantSparsity (the model reaches it at the first turn)."""
+        return float(self.target_sparsity)
 
 
 @dataclass(frozen=True)
@@ -80,6 +158,7 @@ class PolynomialDecay(PruningSchedule):
     [begin, end]; pruning happens every ``frequency`` rounds from ``begin_round`` and at ``end_round``.
     """
 
+    schedule_name: ClassVar[str] = "polynomial"
     initial_sparsity: float
     final_sparsity: float
     begin_round: int
@@ -90,7 +169,7 @@ class PolynomialDecay(PruningSchedule):
     def __post_init__(self) -> None:
         _check_range(self.begin_round, self.end_round, self.frequency)
         _check_sparsities(self.initial_sparsity, self.final_sparsity)
-        if not (math.isfinite(self.power) and self.power > 0):
+        if not check_real("power", self.power) > 0:
             raise ValueError(f"power must be a finite number > 0, got {self.power}")
 
     def sparsity_at(self, round_number: int) -> float:
@@ -102,28 +181,12 @@ class PolynomialDecay(PruningSchedule):
         ) ** self.power
         return float(s)
 
-    def __call__(self, round_number: int) -> tuple[bool, float]:
+    def decision(self, round_number: int) -> Decision:
         turn = _is_pruning_turn(round_number, self.begin_round, self.end_round, self.frequency)
-        return turn, self.sparsity_at(round_number)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"class_name": type(self).__name__, **asdict(self)}
+        return Decision(turn, self.sparsity_at(round_number))
 
 
 # --------------------------------------------------------------------------- adaptive
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What the aggregator does after aggregating a round (``AdaptiveSparsity.decision``).
-
-    ``backoff``: restore the masks (and, if kept, the weights) from before the last prune; the
-    model is then at sparsity ``target``. ``prune``: prune to ``target``. Never both.
-    """
-
-    prune: bool
-    target: float
-    backoff: bool = False
 
 
 _STATE_KEYS = (
@@ -165,6 +228,7 @@ class AdaptiveSparsity(PruningSchedule):
     advancing.
     """
 
+    schedule_name: ClassVar[str] = "adaptive"
     initial_sparsity: float
     final_sparsity: float
     step: float
@@ -177,9 +241,9 @@ class AdaptiveSparsity(PruningSchedule):
         # It acts on accuracy observed after a round, so it cannot start before round 1.
         _check_range(self.begin_round, self.end_round, self.frequency, first=1)
         _check_sparsities(self.initial_sparsity, self.final_sparsity)
-        if not (math.isfinite(self.step) and self.step > 0):
+        if not check_real("step", self.step) > 0:
             raise ValueError(f"step must be a finite number > 0, got {self.step}")
-        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+        if not check_real("tolerance", self.tolerance) >= 0:
             raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance}")
         object.__setattr__(self, "_st", self._fresh_state())
 
@@ -207,7 +271,7 @@ class AdaptiveSparsity(PruningSchedule):
             s["last_decision"] = asdict(s["last_decision"])
         return s
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: Mapping[str, Any]) -> None:
         """Load a snapshot taken by ``state()`` (on a schedule built from the same config)."""
         if set(state) != set(_STATE_KEYS):
             raise ValueError(
@@ -229,6 +293,11 @@ class AdaptiveSparsity(PruningSchedule):
     def sparsity(self) -> float:
         """Sparsity the schedule believes the model is at (0.0 before the first prune)."""
         return self._target(self._st["level"])  # type: ignore[attr-defined]
+
+    def sparsity_at(self, round_number: int) -> float:
+        """``sparsity``: the level the decisions so far have the model at. Which level a later
+        round reaches depends on the accuracy still to be observed, so the round is not used."""
+        return self.sparsity
 
     def _holds(self) -> bool:
         st = self._st  # type: ignore[attr-defined]
@@ -292,9 +361,25 @@ class AdaptiveSparsity(PruningSchedule):
         st["can_undo"] = self._target(new) > self._target(old)
         st["observed_since_prune"] = False
 
-    def __call__(self, round_number: int) -> tuple[bool, float]:
-        d = self.decision(round_number)
-        return d.prune, d.target
 
-    def get_config(self) -> dict[str, Any]:
-        return {"class_name": type(self).__name__, **asdict(self)}
+# --------------------------------------------------------------------------- config
+
+#: name in a config (the task file's `[pruning] schedule`) -> class; a new schedule is one more line here
+SCHEDULES: dict[str, type[PruningSchedule]] = {
+    cls.schedule_name: cls for cls in (PolynomialDecay, ConstantSparsity, AdaptiveSparsity)
+}
+
+
+def schedule_from_config(d: Mapping[str, Any]) -> PruningSchedule:
+    """Build a schedule from ``{"schedule": name, **parameters}``.
+
+    Names and parameters: ``"polynomial"`` (``initial_sparsity``, ``final_sparsity``,
+    ``begin_round``, ``end_round``, ``power`` default 3.0, ``frequency`` default 1),
+    ``"constant"`` (``target_sparsity``, ``begin_round``, ``end_round``, ``frequency``, all but the
+    first default 1), ``"adaptive"`` (``initial_sparsity``, ``final_sparsity``, ``step``,
+    ``tolerance``, ``begin_round``, ``end_round``, ``frequency`` default 1). Raises ``ValueError``
+    naming the offending key: a missing or unknown ``schedule``, a parameter the schedule does not
+    take, a missing required parameter, or a bad value.
+    """
+    cls, params = parse_config("schedule", SCHEDULES, d)
+    return cls(**params)

@@ -1,0 +1,220 @@
+"""Sending a round's task and collecting the updates of one attempt.
+
+``publish_round`` sends the task to every selected device (retained, so a device that reconnects
+still gets it) and announces the round; an ``AttemptCollector`` then takes the updates as they
+arrive, each checked and decoded by ``intake.check_update``, acknowledges each, and closes the
+attempt when every selected device has reported, when every device still due has gone offline,
+or at the deadline. It counts what became of the selected devices: reported, rejected, offline
+(went offline during the attempt) or lost (online all along, but sent nothing by the deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fedprune.aggregator.intake import Rejection, RoundContext, check_update
+from fedprune.aggregator.registry import DeviceRegistry
+from fedprune.aggregator.strategies.base import ClientResult
+from fedprune.aggregator.update_buffers import UpdateBuffers
+from fedprune.pruning.masks import Masks
+from fedprune.converters.protocol import Ack, RoundAnnouncement, Topics, TrainTask
+from fedprune.task import Task
+from fedprune.transport import MqttSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundProgress:
+    """Where the open round stands (for progress displays): selected devices that reported or
+    whose update was rejected so far."""
+
+    round: int
+    attempt: int
+    selected: int
+    reported: int
+    rejected: int
+
+
+@dataclass
+class Collected:
+    """What one attempt of a round gathered, and what it cost."""
+
+    results: list[ClientResult] = field(default_factory=list)
+    paths: dict[str, float] = field(default_factory=dict)  # device -> seconds from task sent to update in
+    bytes_down: int = 0
+    bytes_up: int = 0
+    received: int = 0
+    offline: int = 0
+    lost: int = 0
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+
+    def add(self, other: Collected) -> None:
+        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def critical_path(self) -> tuple[float, float, float]:
+        """(training, transfer) of the update that arrived last once each device's simulator
+        waiting (``sim_wait_s``) is taken out, which bounds the round; and how much sooner than
+        the real last arrival that is (0 for real devices)."""
+        train = transfer = 0.0
+        longest = last = 0.0
+        for res in self.results:
+            path = self.paths.get(res.device_id, 0.0)
+            own = max(0.0, path - float(res.metrics.get("sim_wait_s", 0.0)))
+            last = max(last, path)
+            if own >= longest:
+                longest = own
+                train = min(own, float(res.metrics.get("compute_s", res.metrics.get("train_s", 0.0))))
+                transfer = own - train
+        return train, transfer, last - longest
+
+
+@dataclass
+class Gathered:
+    """A round's updates once a quorum reported: its last attempt, and sums over all attempts."""
+
+    attempt: int
+    selected: list[str]
+    population: int  # devices online when the last attempt's devices were drawn
+    last: Collected
+    totals: Collected
+    rejections: dict[str, int]  # rejected updates by kind, over all attempts
+
+
+@dataclass(frozen=True)
+class DeviceLink:
+    """What collecting updates reads and writes: the aggregator's MQTT session, the federation's
+    topics, the device registry, and the queue the network thread puts update messages in as
+    ``(topic, payload, time.monotonic() of arrival)``."""
+
+    session: MqttSession
+    topics: Topics
+    registry: DeviceRegistry
+    inbox: queue.Queue[tuple[str, bytes, float]]
+
+
+def training_settings(task: Task, round_number: int) -> dict[str, Any]:
+    """The task's ``training`` object for a round (its learning rate on the schedule); with
+    privacy.clip_on_device, the norm devices clip to."""
+    training = task.training
+    settings = asdict(training)
+    settings.pop("final_learning_rate")
+    settings["learning_rate"] = training.learning_rate_at(round_number, task.federation.rounds)
+    if task.privacy.enabled and task.privacy.clip_on_device:
+        settings["clip_norm"] = task.privacy.clip_norm
+    return settings
+
+
+def train_task(task: Task, round_number: int, attempt: int, architecture_digest: str, weights: list[np.ndarray],
+               masks: Masks, session: str, *, device_sparsity: float | None,
+               gradient_fraction: float | None) -> TrainTask:
+    """What the selected devices are sent for an attempt: the global model and how to train it
+    and send the update, as the task's ``[training]`` and ``[transport]`` say."""
+    transport = task.transport
+    return TrainTask(
+        round=round_number, attempt=attempt, architecture_digest=architecture_digest, weights=weights, masks=masks,
+        training=training_settings(task, round_number), uplink_precision=transport.uplink_precision,
+        deadline_s=task.federation.round_timeout_s, downlink_precision=transport.downlink_precision,
+        session=session, update_content=transport.update, error_feedback=transport.error_feedback,
+        stochastic_rounding=transport.stochastic_rounding, compression=transport.compression,
+        device_sparsity=device_sparsity, gradient_fraction=gradient_fraction,
+    )
+
+
+def publish_round(link: DeviceLink, ctx: RoundContext, payload: bytes, timeout_s: float, name_devices: bool) -> float:
+    """Send the task to the selected devices and announce the attempt (naming the devices only
+    with ``name_devices``: under DP who was drawn stays between each device and the aggregator).
+    Returns when it was sent (``time.monotonic()``)."""
+    for device_id in ctx.selected:
+        link.session.publish(link.topics.task(device_id), payload, retain=True)
+    announcement = RoundAnnouncement(ctx.round, ctx.attempt, list(ctx.selected) if name_devices else [],
+                                     time.time() + timeout_s)
+    link.session.publish(link.topics.round, announcement.encode(), retain=True)
+    return time.monotonic()
+
+
+class AttemptCollector:
+    """Collects one attempt's updates (``collect``); ``rejections`` counts rejected updates by
+    kind and is shared by the attempts of a round."""
+
+    def __init__(self, link: DeviceLink, ctx: RoundContext, rejections: dict[str, int],
+                 buffers: UpdateBuffers | None = None,
+                 on_progress: Callable[[RoundProgress], None] | None = None) -> None:
+        self.link, self.ctx, self.rejections = link, ctx, rejections
+        self.buffers, self.on_progress = buffers, on_progress
+        self.results: dict[str, ClientResult] = {}
+        self.waiting = set(ctx.selected)
+        self.rejected_due: set[str] = set()  # due devices with an update rejected (maybe forged)
+        self.out = Collected()
+
+    def collect(self, published: float, deadline: float) -> Collected:
+        """Take updates until every selected device reported, every device still due is offline,
+        or ``deadline`` (``time.monotonic()``); the tasks were sent at ``published``."""
+        r, registry = self.ctx.round, self.link.registry
+        self._progress()
+        while self.waiting and time.monotonic() < deadline:
+            if not any(registry.is_online(d) for d in self.waiting):
+                log.warning("round %d: every device still due (%s) is offline; closing early", r, sorted(self.waiting))
+                break
+            try:
+                topic, data, arrived = self.link.inbox.get(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                continue
+            self._take(topic, data, arrived - published)
+        return self._close(published)
+
+    def _take(self, topic: str, data: bytes, path_s: float) -> None:
+        self.out.bytes_up += len(data)
+        self.out.received += 1
+        t = time.perf_counter()
+        # Each accepted update of the round its own row of the reserved buffers.
+        row = self.buffers.row(len(self.results)) if self.buffers else None
+        got = check_update(self.ctx, topic, data, self.results, row)
+        self.out.decode_s += time.perf_counter() - t
+        if isinstance(got, Rejection):
+            self._reject(topic, got)
+        else:
+            self.results[got.device_id] = got
+            self.out.paths[got.device_id] = path_s
+            self.waiting.discard(got.device_id)
+            self._ack(Ack(self.ctx.round, got.device_id, True))
+        self._progress()
+
+    def _reject(self, topic: str, rejection: Rejection) -> None:
+        self.rejections[rejection.kind] = self.rejections.get(rejection.kind, 0) + 1
+        log.warning("round %d: rejected update on %s: %s", self.ctx.round, topic, rejection.reason)
+        if rejection.device_id:
+            self._ack(Ack(self.ctx.round, rejection.device_id, False, rejection.reason))
+        if rejection.device_id in self.waiting:  # it stays due: a valid update may still come
+            self.rejected_due.add(rejection.device_id)
+
+    def _close(self, published: float) -> Collected:
+        """Clear the retained tasks (the attempt is closed) and count who did not report."""
+        for device_id in self.ctx.selected:
+            self.link.session.publish(self.link.topics.task(device_id), b"", retain=True)
+        self.out.results = list(self.results.values())
+        dropped = {d for d in self.waiting if self.link.registry.went_offline_since(d, published)}
+        lost = self.waiting - dropped - self.rejected_due  # the rejected ones are counted in `rejections`
+        self.out.offline, self.out.lost = len(dropped), len(lost)
+        if lost:
+            log.warning("round %d attempt %d: %d selected device(s), online all round, sent no update by the "
+                        "deadline: %s", self.ctx.round, self.ctx.attempt, len(lost), sorted(lost)[:20])
+        return self.out
+
+    def _ack(self, ack: Ack) -> None:
+        self.link.session.publish(self.link.topics.ack(ack.device_id), ack.encode())
+
+    def _progress(self) -> None:
+        """Tell ``on_progress`` how many selected devices have reported, or had an update rejected."""
+        if self.on_progress:
+            rejected = len(self.rejected_due - set(self.results))
+            self.on_progress(RoundProgress(self.ctx.round, self.ctx.attempt, len(self.ctx.selected),
+                                           len(self.results), rejected))

@@ -1,0 +1,181 @@
+"""What a run records: one line of metrics.jsonl per completed round (``RoundRecord``), re-read on
+resume, and summary.json at the end. (Checkpoints are ``checkpoint.py``'s.)"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedprune.aggregator.privacy import ACCOUNTANT_DESCRIPTION, PrivacyAccountant
+from fedprune.fileio import atomic_write_bytes
+from fedprune.pruning.masks import Masks, layer_sparsities, sparsity
+
+if TYPE_CHECKING:
+    from fedprune.aggregator.collect import Gathered
+    from fedprune.aggregator.strategies.base import Strategy
+    from fedprune.task import Task
+
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RoundRecord:
+    """What one completed round did; one line of metrics.jsonl."""
+
+    round: int
+    attempts: int
+    selected: int
+    reported: int
+    rejected: int
+    accuracy: float
+    loss: float
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    pruned_this_round: bool
+    bytes_down: int
+    bytes_up: int
+    wall_s: float
+    train_loss: float
+    rejections: dict[str, int] = field(default_factory=dict)
+    mask_agreement: float | None = None  # device-side masks: mean pairwise Jaccard of the kept sets
+    population: int | None = None  # devices online when this round's devices were drawn
+    epsilon: float | None = None  # DP-FedAvg: epsilon so far, at the task's privacy.delta
+    # What became of the selected devices (summed over the round's attempts): every one of them
+    # reported, was rejected, went offline during the round (dropped out, even if back since), or is
+    # counted lost (online all round, but no update by the deadline).
+    received: int = 0  # update messages that arrived, accepted or not
+    offline: int = 0
+    lost: int = 0
+    # Where the round's time went, in seconds. The critical device is the accepted one whose update
+    # arrived last (not counting simulator waiting): its training, and the rest of its
+    # task-to-update time (links, broker, its own decoding and encoding) as transfer.
+    train_s: float = 0.0
+    transfer_s: float = 0.0
+    encode_s: float = 0.0  # encoding the task
+    decode_s: float = 0.0  # checking and decoding the updates
+    aggregate_s: float = 0.0  # aggregation and the pruning step
+    evaluate_s: float = 0.0
+    # The round's time as a fleet with one processor per device would take it: wall time less what
+    # simulated devices report waiting for their process's shared trainer (``sim_wait_s``).
+    fleet_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rounds: list[RoundRecord]
+    final_accuracy: float
+    final_sparsity: float
+    parameters: int
+    exports: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What aggregating, pruning and evaluating a round gave, and what that took."""
+
+    accuracy: float
+    loss: float
+    masks: Masks
+    pruned: bool
+    mask_agreement: float | None
+    epsilon: float | None
+    aggregate_s: float
+    evaluate_s: float
+
+
+def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, names: list[str],
+                 wall_s: float, private: bool) -> RoundRecord:
+    """The record of a completed round. ``private``: under DP nothing computed from the devices'
+    data leaves the aggregator un-noised, so their training loss is not recorded."""
+    results, totals = gathered.last.results, gathered.totals
+    train_losses = [float("nan")] if private else [res.metrics.get("loss", float("nan")) for res in results]
+    train_s, transfer_s, sim_saved_s = gathered.last.critical_path()
+    return RoundRecord(
+        round=round_number,
+        attempts=gathered.attempt,
+        selected=len(gathered.selected),
+        reported=len(results),
+        rejected=sum(gathered.rejections.values()),
+        accuracy=outcome.accuracy,
+        loss=outcome.loss,
+        sparsity=sparsity(outcome.masks),
+        layer_sparsity=layer_sparsities(outcome.masks, names),
+        pruned_this_round=outcome.pruned,
+        bytes_down=totals.bytes_down,
+        bytes_up=totals.bytes_up,
+        wall_s=wall_s,
+        train_loss=float(np.mean(train_losses)),
+        rejections=gathered.rejections,
+        mask_agreement=outcome.mask_agreement,
+        population=gathered.population,
+        epsilon=outcome.epsilon,
+        received=totals.received,
+        offline=totals.offline,
+        lost=totals.lost,
+        train_s=train_s,
+        transfer_s=transfer_s,
+        encode_s=totals.encode_s,
+        decode_s=totals.decode_s,
+        aggregate_s=outcome.aggregate_s,
+        evaluate_s=outcome.evaluate_s,
+        fleet_s=wall_s - sim_saved_s,
+    )
+
+
+def append_metrics(run_dir: Path, record: RoundRecord) -> None:
+    """Add the round's line to the run's metrics.jsonl."""
+    with open(run_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(asdict(record)) + "\n")
+
+
+def read_metrics(path: Path, up_to_round: int) -> list[RoundRecord]:
+    """The records of rounds up to ``up_to_round`` (the last checkpointed), on resume; the file is
+    rewritten with only those."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = RoundRecord(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        if rec.round <= up_to_round:
+            records.append(rec)
+    # A crash between writing metrics and the checkpoint leaves a line for an unsaved round: drop it.
+    atomic_write_bytes(path, "".join(json.dumps(asdict(r)) + "\n" for r in records).encode())
+    return records
+
+
+def aggregation_summary(task: Task, strategy: Strategy, accountant: PrivacyAccountant | None) -> dict[str, Any]:
+    """For summary.json: how updates were combined, and the privacy spent."""
+    agg, privacy = task.aggregation, task.privacy
+    out: dict[str, Any] = {"strategy": type(strategy).__name__, "method": agg.method, "clip_norm": agg.clip_norm}
+    if accountant is not None:
+        out["privacy"] = {"epsilon": accountant.epsilon(),
+                          "epsilon_if_draw_known": accountant.epsilon_without_sampling(),
+                          "delta": privacy.delta,
+                          "noise_multiplier": privacy.noise_multiplier, "clip_norm": privacy.clip_norm,
+                          "clip_on_device": privacy.clip_on_device, "rounds": len(accountant.rounds),
+                          "accountant": ACCOUNTANT_DESCRIPTION}
+    return out
+
+
+def write_summary(run_dir: Path, result: RunResult, totals: dict[str, float], **sections: Any) -> None:
+    """summary.json: ``sections`` (structured_pruning, aggregation), the final figures, the byte
+    totals and the exports."""
+    summary = {
+        **sections,
+        "final_accuracy": result.final_accuracy,
+        "final_sparsity": result.final_sparsity,
+        "rounds": len(result.rounds),
+        **totals,
+        "exports": result.exports,
+    }
+    atomic_write_bytes(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
