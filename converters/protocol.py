@@ -28,18 +28,16 @@ from fedprune.converters.codec import (
     decompress,
     encode_self_describing,
     encode_values_only,
-    precision_of,
     self_describing_bound,
     values_only_size,
 )
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
-from fedprune.converters.quantize import PRECISION_IDS, Precision
 from fedprune.converters.mask_coding import mask_digest
+from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "fedprune/v1"
-_PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
 
 
 class Kind(IntEnum):
@@ -273,7 +271,7 @@ def decode_task(
         if not isinstance(fields["training"], dict):
             raise CodecError("task training settings must be an object")
         for k in ("uplink_precision", "downlink_precision"):
-            precision_of(fields[k])
+            precision_named(fields[k])
         if fields["update_content"] not in ("delta", "weights"):
             raise CodecError("task update_content must be 'delta' or 'weights'")
         if fields["compression"] not in ("none", "zlib", "zstd"):
@@ -350,7 +348,7 @@ def encode_update(
     stochastic: bool = False,
 ) -> bytes:
     """Frame an update. ``masks`` are the task's (values-only) or the device's own (self-describing)."""
-    precision = precision_of(update.precision)
+    precision = precision_named(update.precision)
     section = b""
     if update.tensors is not None:
         if update.encoding == Encoding.SELF_DESCRIBING:
@@ -368,7 +366,7 @@ def encode_update(
     parts = [
         _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
                            int(update.encoding) | (_HAS_GRADIENTS if update.gradients is not None else 0),
-                           PRECISION_IDS[precision], int(used),
+                           precision.wire_id, int(used),
                            bytes.fromhex(mask_digest(masks))),
         bytes([len(device)]), device, bytes([len(metrics)]),
         *(bytes([len(k)]) + k + np.float32(v).astype("<f4").tobytes() for k, v in metrics),  # 1e39 -> inf
@@ -416,7 +414,11 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
     r = ByteReader(body)
     rnd, attempt, n, content, encoding, pid, comp, digest = r.unpack(_UPDATE_FIXED)
     has_gradients, encoding = bool(encoding & _HAS_GRADIENTS), encoding & ~_HAS_GRADIENTS
-    if content >= len(_CONTENT) or encoding not in (0, 1) or pid not in _PRECISION_BY_ID or comp not in (0, 1, 2):
+    try:
+        precision: Precision | None = precision_with_wire_id(pid)
+    except ValueError:
+        precision = None
+    if content >= len(_CONTENT) or encoding not in (0, 1) or precision is None or comp not in (0, 1, 2):
         raise CodecError("update header has an unknown content, encoding, precision or compression")
     try:
         device = bytes(r.take(r.byte())).decode()
@@ -429,7 +431,7 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
         raise CodecError("update header text is not UTF-8") from None
     raw = struct.unpack("<I", r.take(4))[0] if comp else None
     gradients = r.take(struct.unpack("<I", r.take(4))[0]) if has_gradients else None
-    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), _PRECISION_BY_ID[pid],
+    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), precision,
                           Compression(comp), digest.hex(), metrics, error,
                           r.remaining if raw is None else raw, gradients)
     return header, r.take(r.remaining)
@@ -492,7 +494,7 @@ def decode_update(
         gradients, gradient_masks = g.tensors, g.masks
     return Update(
         round=h.round, attempt=h.attempt, device_id=h.device_id, num_samples=h.num_samples, metrics=h.metrics,
-        tensors=tensors, content=h.content, precision=h.precision.value, encoding=h.encoding,
+        tensors=tensors, content=h.content, precision=h.precision.name, encoding=h.encoding,
         compression=h.compression.name.lower(), masks=own_masks, mask_digest=h.mask_digest, error=h.error,
         gradients=gradients, gradient_masks=gradient_masks,
     )

@@ -43,11 +43,11 @@ from fedprune.converters.protocol import (
     update_size_bound,
     valid_device_id,
 )
-from fedprune.converters.quantize import Precision, quantization_error_bound
+from fedprune.converters.quantize import PRECISIONS, precision_named, quantization_error_bound
 from fedprune.converters.mask_coding import mask_digest
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALL = list(Precision)
+ALL = list(PRECISIONS)
 MAX = 1 << 22
 
 SHAPES = [(16, 12), (12,), (3, 3, 4, 8), (8,)]
@@ -114,12 +114,12 @@ def reframe(data: bytes, header_changes: dict | None = None, drop: tuple = (), b
 
 
 def assert_close(orig, out, mask, precision) -> None:
-    p = Precision(precision)
+    p = precision_named(precision)
     assert out.shape == orig.shape and out.dtype == np.float32
     sel = np.ones(orig.shape, bool) if mask is None else mask
     assert np.all(out[~sel] == 0.0) and not np.signbit(out[~sel]).any()
     ch, c = None, 1
-    if p is Precision.INT8_CHANNEL:
+    if p.per_channel:
         c = n_channels(orig.shape)
         ch = np.flatnonzero(sel.ravel()) % c
     bound = quantization_error_bound(orig[sel], p, ch, c)
@@ -262,7 +262,7 @@ def test_architecture_field_checks(changes):
 @pytest.mark.parametrize("downlink", ALL)
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_task_round_trip(downlink, compression):
-    task = make_task(downlink.value, compressible=True)
+    task = make_task(downlink.name, compressible=True)
     data = encode_task(task, NAMES, compression)
     kind, h, _ = unpack_frame(data, MAX)
     assert kind == Kind.TASK and h["mask_digest"] == mask_digest(task.masks)
@@ -421,12 +421,12 @@ def test_decode_task_zip_bomb_with_negative_claim_is_refused_cheaply():
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 @pytest.mark.parametrize("content", ["delta", "weights"])
 def test_values_only_update_round_trip(precision, compression, content):
-    u, masks = make_update(precision.value, content=content, compression=compression, compressible=True)
+    u, masks = make_update(precision.name, content=content, compression=compression, compressible=True)
     data = encode_update(u, masks)
     got = decode_update(data, SHAPES, masks, MAX)
     assert (got.round, got.attempt, got.device_id, got.num_samples) == (3, 1, "dev-7", 42)
     assert got.metrics == u.metrics  # all exactly representable in float32
-    assert (got.content, got.precision, got.encoding, got.error) == (content, precision.value,
+    assert (got.content, got.precision, got.encoding, got.error) == (content, precision.name,
                                                                      Encoding.VALUES_ONLY, "")
     assert got.compression == compression  # compressible tensors: the lossless stage is used
     assert got.masks is None and got.mask_digest == mask_digest(masks)
@@ -437,7 +437,7 @@ def test_values_only_update_round_trip(precision, compression, content):
 @pytest.mark.parametrize("precision", ALL)
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_self_describing_update_round_trip(precision, compression):
-    u, device_masks = make_update(precision.value, encoding=Encoding.SELF_DESCRIBING, compression=compression,
+    u, device_masks = make_update(precision.name, encoding=Encoding.SELF_DESCRIBING, compression=compression,
                                   compressible=True, seed=4)
     data = encode_update(u, device_masks, names=NAMES)
     # the receiver's masks do not matter: the update carries its own
@@ -518,7 +518,7 @@ def test_peek_update():
     data = encode_update(u, masks)
     h, section = peek_update(data, MAX)
     assert (h.round, h.attempt, h.device_id, h.num_samples, h.content) == (3, 1, "dev-7", 42, "weights")
-    assert h.encoding is Encoding.VALUES_ONLY and h.precision is Precision.INT8_CHANNEL
+    assert h.encoding is Encoding.VALUES_ONLY and h.precision == precision_named("int8-channel")
     assert h.compression is Compression.ZSTD and h.mask_digest == mask_digest(masks)
     assert h.metrics == u.metrics and h.error == ""
     raw = encode_values_only(u.tensors, masks, "int8-channel")
@@ -549,9 +549,9 @@ def test_update_layout_and_size():
 
 @pytest.mark.parametrize("precision", ALL)
 def test_update_size_bound_holds_for_every_precision(precision):
-    u, masks = make_update(precision.value)
+    u, masks = make_update(precision.name)
     data = encode_update(u, masks)
-    assert len(data) <= update_size_bound(SHAPES, masks, precision.value) + 128
+    assert len(data) <= update_size_bound(SHAPES, masks, precision.name) + 128
 
 
 @pytest.mark.parametrize("offset,value", [
@@ -630,7 +630,7 @@ def test_encode_update_argument_errors():
 
 UPDATE_MASKS = example_masks()
 TARGETS = {
-    **{f"update-{p.value}": (encode_update(make_update(p.value)[0], UPDATE_MASKS), "update") for p in ALL},
+    **{f"update-{p.name}": (encode_update(make_update(p.name)[0], UPDATE_MASKS), "update") for p in ALL},
     "update-zlib": (encode_update(make_update("int8", compression="zlib", compressible=True)[0], UPDATE_MASKS),
                     "update"),
     "update-zstd": (encode_update(make_update("float16", compression="zstd", compressible=True)[0], UPDATE_MASKS),
@@ -768,20 +768,20 @@ def layouts(draw):
 def test_random_layouts_round_trip(layout, precision, compression, encoding):
     shapes, masks, tensors = layout
     names = [f"layer{i}/w" for i in range(len(shapes))]
-    u = Update(round=1, attempt=0, device_id="d", num_samples=5, tensors=tensors, precision=precision.value,
+    u = Update(round=1, attempt=0, device_id="d", num_samples=5, tensors=tensors, precision=precision.name,
                encoding=encoding, compression=compression)
     data = encode_update(u, masks, names=names)
     receiver_masks = masks if encoding == Encoding.VALUES_ONLY else [None] * len(masks)
     got = decode_update(data, shapes, receiver_masks, MAX, names=names)
     if encoding == Encoding.VALUES_ONLY and compression == "none":
-        assert len(data) <= update_size_bound(shapes, masks, precision.value) + 128
+        assert len(data) <= update_size_bound(shapes, masks, precision.name) + 128
     if encoding == Encoding.SELF_DESCRIBING:
         assert same_masks(got.masks, masks)
     for t, o, m in zip(tensors, got.tensors, masks):
         assert_close(t, o, m, precision)
     # the same layout as a task: the masks travel in the frame
     task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks), training={},
-                     uplink_precision="int8", deadline_s=1.0, downlink_precision=precision.value)
+                     uplink_precision="int8", deadline_s=1.0, downlink_precision=precision.name)
     back = decode_task(encode_task(task, names, compression), names, shapes, MAX)
     assert same_masks(back.masks, masks)
     for t, o, m in zip(tensors, back.weights, masks):
