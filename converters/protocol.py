@@ -8,9 +8,12 @@ a compact binary header and (by default) a values-only tensor section.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import numbers
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -211,6 +214,62 @@ class Ack:
 
 # --- task: aggregator -> device --------------------------------------------------------------------
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How a device trains in one round: the task's ``training`` object (docs/protocol.md,
+    section 12). Checked on construction; ``ValueError`` names the key."""
+
+    local_epochs: int
+    batch_size: int
+    optimizer: str  # one of OPTIMIZERS
+    learning_rate: float
+    # DP-FedAvg with privacy.clip_on_device: the device clips its update to this L2 norm before
+    # error feedback and quantization; None: no clipping on the device
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("local_epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"training.{key} must be an integer >= 1, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        # Numbers are kept as given (not converted to float) so that the task's JSON is the same.
+        _check_positive("training.learning_rate", self.learning_rate)
+        if self.clip_norm is not None:
+            _check_positive("training.clip_norm", self.clip_norm)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "TrainingSettings":
+        """The settings in ``d`` (a task header's ``training`` object, or the dict an aggregator
+        builds); ``ValueError`` naming a missing, unknown or bad key."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"training must be an object of settings, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"training has unknown key {unknown[0]!r}; it takes {known}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"training has no key {missing[0]!r}")
+        return cls(**d)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of a task header: these keys in this order, ``clip_norm`` only when set."""
+        out = {"local_epochs": self.local_epochs, "batch_size": self.batch_size, "optimizer": self.optimizer,
+               "learning_rate": self.learning_rate}
+        if self.clip_norm is not None:
+            out["clip_norm"] = self.clip_norm
+        return out
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+
 
 @dataclass
 class TrainTask:
@@ -221,7 +280,8 @@ class TrainTask:
     architecture_digest: str
     weights: list[np.ndarray]
     masks: list[np.ndarray | None]
-    training: dict[str, Any]  # local_epochs, batch_size, optimizer, learning_rate
+    # A mapping given here is parsed into TrainingSettings (the aggregator passes a dict).
+    training: TrainingSettings
     uplink_precision: str
     deadline_s: float
     downlink_precision: str = "float32"
@@ -239,6 +299,10 @@ class TrainTask:
     # each masked tensor's kept count (None: do not report).
     gradient_fraction: float | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.training, TrainingSettings):
+            self.training = TrainingSettings.from_mapping(self.training)
+
 
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
@@ -250,6 +314,7 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
     used, packed = compress(section, compression)
     header = {k: getattr(task, k) for k in _TASK_FIELDS}
+    header["training"] = task.training.as_dict()
     header.update(mask_digest=mask_digest(task.masks), section_compression=int(used), section_bytes=len(section))
     return pack_frame(Kind.TASK, header, packed)
 
@@ -268,8 +333,10 @@ def decode_task(
         for k, bound in (("round", 2**32), ("attempt", 2**16)):  # the sizes the update header gives them
             if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < bound:
                 raise CodecError(f"task {k} must be an integer in [0, {bound})")
-        if not isinstance(fields["training"], dict):
-            raise CodecError("task training settings must be an object")
+        try:
+            fields["training"] = TrainingSettings.from_mapping(fields["training"])
+        except ValueError as e:
+            raise CodecError(f"task {e}") from None
         for k in ("uplink_precision", "downlink_precision"):
             precision_named(fields[k])
         if fields["update_content"] not in ("delta", "weights"):

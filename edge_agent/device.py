@@ -259,8 +259,8 @@ def run_job(session: DeviceSession, job: TrainJob, trainer: Trainer, x: np.ndarr
         return None
     try:
         result = trainer.train(job.architecture, task, x, y)
-        if task.training.get("clip_norm"):  # DP-FedAvg clipping on the device (docs/robustness.md)
-            result.delta = clip_to_norm(result.delta, float(task.training["clip_norm"]))[0]
+        if task.training.clip_norm is not None:  # DP-FedAvg clipping on the device (docs/robustness.md)
+            result.delta = clip_to_norm(result.delta, task.training.clip_norm)[0]
     except Exception as e:  # any training failure goes back to the aggregator, not into a log only
         log.exception("%s: training for round %d failed", session.device_id, task.round)
         return session.failure(job, f"{type(e).__name__}: {e}")

@@ -33,6 +33,7 @@ from fedprune.converters.protocol import (
     Presence,
     RoundAnnouncement,
     Topics,
+    TrainingSettings,
     TrainTask,
     Update,
     decode_task,
@@ -86,11 +87,14 @@ def make_update(precision="int8", *, encoding=Encoding.VALUES_ONLY, content="del
     return u, masks
 
 
+TRAINING = {"local_epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.002}
+
+
 def make_task(downlink="float32", compressible=False, **kw) -> TrainTask:
     masks = example_masks(3)
     fields = dict(
         round=5, attempt=2, architecture_digest="abc123", weights=example_tensors(masks, 4, compressible=compressible),
-        masks=masks, training={"local_epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.002},
+        masks=masks, training=TRAINING,
         uplink_precision="int4", deadline_s=120.5, downlink_precision=downlink, session="s-1f2e",
         update_content="weights", error_feedback=False, stochastic_rounding=True, compression="zstd",
         device_sparsity=0.75,
@@ -284,7 +288,7 @@ def test_task_round_trip(downlink, compression):
 def test_task_defaults_round_trip():
     masks = example_masks(1)
     task = TrainTask(round=0, attempt=0, architecture_digest="", weights=example_tensors(masks), masks=masks,
-                     training={}, uplink_precision="int8", deadline_s=1)
+                     training=TRAINING, uplink_precision="int8", deadline_s=1)
     got = decode_task(encode_task(task, NAMES), NAMES, SHAPES, MAX)
     assert (got.session, got.update_content, got.error_feedback, got.stochastic_rounding, got.compression,
             got.downlink_precision, got.device_sparsity) == ("", "delta", True, False, "none", "float32", None)
@@ -364,6 +368,52 @@ def test_decode_task_missing_fields(field):
         assert decode_task(reframe(TASK, drop=(field,)), NAMES, SHAPES, MAX).device_sparsity is None
         return
     expect_codec_error(decode_task, reframe(TASK, drop=(field,)), NAMES, SHAPES, MAX)
+
+
+def test_training_settings_give_back_the_json_they_came_from():
+    """``as_dict`` is the task header's ``training`` object: the keys in their order, the numbers as
+    given, ``clip_norm`` only when set; so the task's bytes do not depend on how it was built."""
+    settings = TrainingSettings.from_mapping(TRAINING)
+    assert (settings.local_epochs, settings.batch_size, settings.optimizer, settings.learning_rate,
+            settings.clip_norm) == (2, 16, "adam", 0.002, None)
+    assert list(settings.as_dict().items()) == list(TRAINING.items())
+    clipped = {**TRAINING, "learning_rate": 1, "clip_norm": 0.5}
+    assert json.dumps(TrainingSettings.from_mapping(clipped).as_dict()) == json.dumps(clipped)
+    shuffled = dict(reversed(list(TRAINING.items())))
+    assert list(TrainingSettings.from_mapping(shuffled).as_dict()) == list(TRAINING)
+    # a dict (as the aggregator passes) and the settings build the same task, byte for byte
+    assert make_task().training == settings
+    assert encode_task(make_task(training=settings), NAMES) == encode_task(make_task(), NAMES)
+    _, h, _ = unpack_frame(encode_task(make_task(training=clipped), NAMES), MAX)
+    assert h["training"] == clipped
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"local_epochs": DROP}, "training has no key 'local_epochs'"),
+    ({"momentum": 0.9}, "training has unknown key 'momentum'"),
+    ({"local_epochs": 0}, "training.local_epochs"), ({"local_epochs": 1.0}, "training.local_epochs"),
+    ({"batch_size": True}, "training.batch_size"), ({"batch_size": "16"}, "training.batch_size"),
+    ({"optimizer": "rmsprop"}, "training.optimizer"), ({"optimizer": None}, "training.optimizer"),
+    ({"learning_rate": 0}, "training.learning_rate"), ({"learning_rate": float("nan")}, "training.learning_rate"),
+    ({"learning_rate": "0.1"}, "training.learning_rate"),
+    ({"clip_norm": 0.0}, "training.clip_norm"), ({"clip_norm": -1}, "training.clip_norm"),
+    ({"clip_norm": float("inf")}, "training.clip_norm"),
+])
+def test_training_settings_name_the_bad_key(changes, match):
+    bad = {k: v for k, v in {**TRAINING, **changes}.items() if v is not DROP}
+    with pytest.raises(ValueError, match=match):
+        TrainingSettings.from_mapping(bad)
+    with pytest.raises(ValueError, match=match):
+        make_task(training=bad)
+    expect_codec_error(decode_task, reframe(TASK, {"training": bad}), NAMES, SHAPES, MAX, match=match)
+
+
+def test_training_settings_must_be_a_mapping():
+    with pytest.raises(ValueError, match="training must be an object"):
+        TrainingSettings.from_mapping([("local_epochs", 1)])
 
 
 def test_decode_task_missing_mask_digest():
@@ -780,7 +830,7 @@ def test_random_layouts_round_trip(layout, precision, compression, encoding):
     for t, o, m in zip(tensors, got.tensors, masks):
         assert_close(t, o, m, precision)
     # the same layout as a task: the masks travel in the frame
-    task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks), training={},
+    task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks), training=TRAINING,
                      uplink_precision="int8", deadline_s=1.0, downlink_precision=precision.name)
     back = decode_task(encode_task(task, names, compression), names, shapes, MAX)
     assert same_masks(back.masks, masks)
