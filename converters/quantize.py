@@ -337,8 +337,14 @@ class SymmetricInt(Precision):
         return s * (0.5 + self.qmax * 2.0**-22)
 
 
-class _OneBytePerValue(SymmetricInt):
-    """int8 codes, one signed byte each; -128 is outside the symmetric range."""
+@dataclass(frozen=True)
+class Int8(SymmetricInt):
+    """Symmetric int8, one scale per tensor, one signed byte per value (-128 is never sent)."""
+
+    name: ClassVar[str] = "int8"
+    wire_id: ClassVar[int] = 2
+    bits: ClassVar[int] = 8
+    qmax: ClassVar[int] = 127
 
     def _pack(self, q):
         return q.tobytes()
@@ -351,23 +357,11 @@ class _OneBytePerValue(SymmetricInt):
 
 
 @dataclass(frozen=True)
-class Int8(_OneBytePerValue):
-    """Symmetric int8, one scale per tensor."""
-
-    name: ClassVar[str] = "int8"
-    wire_id: ClassVar[int] = 2
-    bits: ClassVar[int] = 8
-    qmax: ClassVar[int] = 127
-
-
-@dataclass(frozen=True)
-class Int8PerChannel(_OneBytePerValue):
-    """Symmetric int8, one scale per output channel (the last axis of a kernel)."""
+class Int8PerChannel(Int8):
+    """Int8 with one scale per output channel (the last axis of a kernel)."""
 
     name: ClassVar[str] = "int8-channel"
     wire_id: ClassVar[int] = 3
-    bits: ClassVar[int] = 8
-    qmax: ClassVar[int] = 127
     per_channel: ClassVar[bool] = True
 
     def n_scales(self, count, n_channels):
