@@ -422,7 +422,13 @@ class Int4(SymmetricInt):
 # --- the registry --------------------------------------------------------------------------------
 
 # One line per precision. Wire ids are stable: never renumber one, never reuse a retired one.
-_REGISTERED: tuple[Precision, ...] = (Float32(), Float16(), Int8(), Int8PerChannel(), Int4())
+_REGISTERED: tuple[Precision, ...] = (
+    Float32(),
+    Float16(),
+    Int8(),
+    Int8PerChannel(),
+    Int4(),
+)
 
 #: every registered precision, in wire-id order
 PRECISIONS: tuple[Precision, ...] = tuple(sorted(_REGISTERED, key=lambda p: p.wire_id))
