@@ -267,8 +267,13 @@ class TrainingSettings:
 
 
 def _check_positive(key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    """``ValueError`` unless ``value`` is a finite real number > 0 (an int too large for a float is not)."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
 
 
 @dataclass

@@ -398,7 +398,7 @@ DROP = object()
     ({"batch_size": True}, "training.batch_size"), ({"batch_size": "16"}, "training.batch_size"),
     ({"optimizer": "rmsprop"}, "training.optimizer"), ({"optimizer": None}, "training.optimizer"),
     ({"learning_rate": 0}, "training.learning_rate"), ({"learning_rate": float("nan")}, "training.learning_rate"),
-    ({"learning_rate": "0.1"}, "training.learning_rate"),
+    ({"learning_rate": "0.1"}, "training.learning_rate"), ({"learning_rate": 10**400}, "training.learning_rate"),
     ({"clip_norm": 0.0}, "training.clip_norm"), ({"clip_norm": -1}, "training.clip_norm"),
     ({"clip_norm": float("inf")}, "training.clip_norm"),
 ])
