@@ -32,7 +32,7 @@ from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import ByteReader
 from fedprune.converters.mask_coding import MaskMethod, decode_mask, encode_mask
 from fedprune.converters.mask_coding import mask_digest
-from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
+from fedprune.converters.quantize import PRECISIONS, Precision, precision_named, precision_with_wire_id
 
 __all__ = [
     "CodecError",
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 Masks = Sequence["np.ndarray | None"]
+_WIDEST_BITS = max(p.bits for p in PRECISIONS)  # bits per value of the widest registered precision
 
 
 @dataclass(frozen=True)
@@ -279,7 +280,7 @@ def self_describing_bound(names: Sequence[str], shapes: Sequence[Sequence[int]])
         n = int(np.prod(shape))
         total += 2 + len(name.encode()) + 4 * len(shape) + _ENTRY_FIXED.size  # table entry
         total += (n + 7) // 8 + 8  # mask: never larger than the bitmap plus its parameters
-        total += 4 * n + 4 * n_channels(shape)  # values: float32, or int8 with a scale per channel
+        total += (n * _WIDEST_BITS + 7) // 8 + 4 * n_channels(shape)  # values: the widest precision, per-channel scales
     return total
 
 

@@ -41,16 +41,20 @@ from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.mask_coding import MaskMethod, encode_mask
 from fedprune.converters.quantize import (
     PRECISIONS,
+    Float16,
+    Float32,
+    Int4,
+    Int8,
+    Int8PerChannel,
     Precision,
     encode_values,
-    precision_named,
     quantization_error_bound,
     value_section_size,
 )
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ALL = list(PRECISIONS)
-FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4 = (precision_named(n) for n in ("float32", "float16", "int8", "int8-channel", "int4"))
+FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4 = Float32(), Float16(), Int8(), Int8PerChannel(), Int4()
 MB = 1 << 20
 
 SHAPES = [(6, 5), (5,), (2, 3, 2, 4), (4,), (7, 3)]
