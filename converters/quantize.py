@@ -77,9 +77,9 @@ _SCALE_DTYPE = np.dtype("<f4")
 
 
 class Precision(ABC):
-    """How kept values travel. Subclasses are frozen dataclasses without fields (a precision has
-    no parameters today); the public methods check their arguments and the hooks (``_encode``,
-    ``_decode``, ``_error_bound``) get them checked."""
+    """How kept values travel. The registered precisions are frozen dataclasses without fields
+    (a precision has no parameters today); the public methods check their arguments, and the hooks
+    (``_encode``, ``_decode``, ``_error_bound``) get them checked."""
 
     #: the name in task files, task headers and ``get_config``
     name: ClassVar[str]
