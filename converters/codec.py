@@ -31,14 +31,8 @@ import numpy as np
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import ByteReader
 from fedprune.converters.mask_coding import MaskMethod, decode_mask, encode_mask
-from fedprune.converters.quantize import (
-    PRECISION_IDS,
-    Precision,
-    decode_values,
-    encode_values,
-    value_section_size,
-)
 from fedprune.converters.mask_coding import mask_digest
+from fedprune.converters.quantize import PRECISIONS, Precision, precision_named, precision_with_wire_id
 
 __all__ = [
     "CodecError",
@@ -52,11 +46,12 @@ __all__ = [
     "decompress",
     "encode_self_describing",
     "encode_values_only",
+    "section_channels",
     "values_only_size",
 ]
 
 Masks = Sequence["np.ndarray | None"]
-_PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
+_WIDEST_BITS = max(p.bits for p in PRECISIONS)  # bits per value of the widest registered precision
 
 
 @dataclass(frozen=True)
@@ -69,13 +64,6 @@ class DecodeLimits:
 
 
 DEFAULT_LIMITS = DecodeLimits()
-
-
-def precision_of(value: "Precision | str") -> Precision:
-    try:
-        return Precision(value)
-    except ValueError:
-        raise ValueError(f"unknown precision {value!r}; use one of {[p.value for p in Precision]}") from None
 
 
 def n_channels(shape: Sequence[int]) -> int:
@@ -95,10 +83,17 @@ def _kept_positions(shape: Sequence[int], mask: np.ndarray | None) -> np.ndarray
     return None if _keeps_all(mask) else np.flatnonzero(mask.ravel())
 
 
+def section_channels(shape: Sequence[int], precision: Precision) -> int:
+    """The ``n_channels`` of a tensor's value section: its output channels for a per-channel
+    precision, else 1."""
+    return n_channels(shape) if precision.per_channel else 1
+
+
 def _channels(shape: Sequence[int], positions: np.ndarray | None, precision: Precision) -> tuple[np.ndarray | None, int]:
-    if precision is not Precision.INT8_CHANNEL:
+    """(channel of each kept value, channel count) for a per-channel precision; (None, 1) else."""
+    if not precision.per_channel:
         return None, 1
-    c = n_channels(shape)
+    c = section_channels(shape, precision)
     size = int(np.prod(shape))
     pos = np.arange(size) if positions is None else positions
     return (pos % c).astype(np.int64), c
@@ -121,15 +116,14 @@ def encode_values_only(
     rng: np.random.Generator | None = None,
 ) -> bytes:
     """The kept values of every tensor, in order, each a value section; no layout, no masks."""
-    p = precision_of(precision)
+    p = precision_named(precision)
     parts = []
     for t, m in zip(tensors, masks, strict=True):
         shape = np.shape(t)
         if m is not None and m.shape != shape:
             raise ValueError(f"mask shape {m.shape} differs from tensor shape {shape}")
         channels, c = _channels(shape, _kept_positions(shape, m), p)
-        parts.append(encode_values(_kept_values(t, m), p, channels=channels, n_channels=c,
-                                   stochastic=stochastic, rng=rng))
+        parts.append(p.encode(_kept_values(t, m), channels=channels, n_channels=c, stochastic=stochastic, rng=rng))
     return b"".join(parts)
 
 
@@ -170,9 +164,8 @@ def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "
 
 
 def _section_size(shapes: Sequence[Sequence[int]], counts: Sequence[int], precision: "Precision | str") -> int:
-    p = precision_of(precision)
-    return sum(value_section_size(count, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
-               for shape, count in zip(shapes, counts))
+    p = precision_named(precision)
+    return sum(p.section_size(count, section_channels(shape, p)) for shape, count in zip(shapes, counts))
 
 
 def decode_values_only(
@@ -184,13 +177,13 @@ def decode_values_only(
     ``out``: one C-contiguous float32 array per tensor, of its shape, to decode into (and return)
     instead of new arrays; on a CodecError their contents are undefined."""
     try:
-        p = precision_of(precision)
+        p = precision_named(precision)
     except ValueError as e:
         raise CodecError(str(e)) from None
     layout = layout or MaskLayout.of(shapes, masks)
     expected = layout.section_size(p)
     if len(body) != expected:
-        raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.value}")
+        raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.name}")
     if out is not None:
         if len(out) != len(layout.shapes):
             raise ValueError(f"out has {len(out)} arrays for {len(layout.shapes)} tensors")
@@ -203,15 +196,15 @@ def decode_values_only(
     pos = 0
     for i, (shape, positions, count) in enumerate(zip(layout.shapes, layout.positions, layout.counts)):
         channels, c = _channels(shape, positions, p)
-        size = value_section_size(count, p, c)
+        size = p.section_size(count, c)
         section = view[pos : pos + size]
         pos += size
         target = None if out is None else out[i]
         if positions is None and target is not None:  # dense: straight into the caller's array
-            decode_values(section, count, p, channels=channels, n_channels=c, out=target.reshape(-1))
+            p.decode(section, count, channels=channels, n_channels=c, out=target.reshape(-1))
             tensors.append(target)
         else:
-            values = decode_values(section, count, p, channels=channels, n_channels=c)
+            values = p.decode(section, count, channels=channels, n_channels=c)
             tensors.append(_scatter(shape, positions, values, out=target))
     return tensors
 
@@ -249,7 +242,7 @@ def encode_self_describing(
     rng: np.random.Generator | None = None,
 ) -> bytes:
     """Tensor table, then per tensor its coded mask and its value section."""
-    p = precision_of(precision)
+    p = precision_named(precision)
     if not (len(tensors) == len(masks) == len(names)):
         raise ValueError("tensors, masks and names must have the same length")
     if len(tensors) > 0xFFFF:
@@ -269,11 +262,10 @@ def encode_self_describing(
             method, mask_bytes = encode_mask(m.ravel())
             kept = int(m.sum())
         channels, c = _channels(shape, _kept_positions(shape, m), p)
-        values = encode_values(_kept_values(t, m), p, channels=channels, n_channels=c,
-                               stochastic=stochastic, rng=rng)
+        values = p.encode(_kept_values(t, m), channels=channels, n_channels=c, stochastic=stochastic, rng=rng)
         table.append(bytes([len(raw_name)]) + raw_name + bytes([len(shape)])
                      + struct.pack(f"<{len(shape)}I", *shape)
-                     + _ENTRY_FIXED.pack(_DTYPE_FLOAT32, PRECISION_IDS[p], _FLAG_MASKED if m is not None else 0,
+                     + _ENTRY_FIXED.pack(_DTYPE_FLOAT32, p.wire_id, _FLAG_MASKED if m is not None else 0,
                                          int(method), kept, len(mask_bytes)))
         data.append(mask_bytes)
         data.append(values)
@@ -288,7 +280,7 @@ def self_describing_bound(names: Sequence[str], shapes: Sequence[Sequence[int]])
         n = int(np.prod(shape))
         total += 2 + len(name.encode()) + 4 * len(shape) + _ENTRY_FIXED.size  # table entry
         total += (n + 7) // 8 + 8  # mask: never larger than the bitmap plus its parameters
-        total += 4 * n + 4 * n_channels(shape)  # values: float32, or int8 with a scale per channel
+        total += (n * _WIDEST_BITS + 7) // 8 + 4 * n_channels(shape)  # values: the widest precision, per-channel scales
     return total
 
 
@@ -344,8 +336,10 @@ def decode_self_describing(
             raise CodecError(f"tensor {i} is {name!r} {shape}, expected {expected[i][0]!r} {tuple(expected[i][1])}")
         if dtype != _DTYPE_FLOAT32:
             raise CodecError(f"tensor {name!r}: unknown dtype id {dtype}")
-        if pid not in _PRECISION_BY_ID:
-            raise CodecError(f"tensor {name!r}: unknown precision id {pid}")
+        try:
+            p = precision_with_wire_id(pid)
+        except ValueError:
+            raise CodecError(f"tensor {name!r}: unknown precision id {pid}") from None
         if flags & ~_FLAG_MASKED:
             raise CodecError(f"tensor {name!r}: unknown flags {flags:#x}")
         if kept > size:
@@ -353,8 +347,7 @@ def decode_self_describing(
         masked = bool(flags & _FLAG_MASKED)
         if not masked and (method != MaskMethod.ALL_KEPT or kept != size or mask_len):
             raise CodecError(f"tensor {name!r}: unmasked tensor with a mask")
-        p = _PRECISION_BY_ID[pid]
-        vsize = value_section_size(kept, p, n_channels(shape) if p is Precision.INT8_CHANNEL else 1)
+        vsize = p.section_size(kept, section_channels(shape, p))
         entries.append((name, shape, size, p, masked, method, kept, mask_len))
         data_bytes += mask_len + vsize
     # Every length is checked before any mask or value is decoded (or allocated).
@@ -371,7 +364,7 @@ def decode_self_describing(
         else:
             flat, positions = None, None
         channels, c = _channels(shape, positions, p)
-        values = decode_values(r.take(value_section_size(kept, p, c)), kept, p, channels=channels, n_channels=c)
+        values = p.decode(r.take(p.section_size(kept, c)), kept, channels=channels, n_channels=c)
         names.append(name)
         tensors.append(_scatter(shape, positions, values))
         masks.append(None if flat is None else flat.reshape(shape))

@@ -8,9 +8,12 @@ a compact binary header and (by default) a values-only tensor section.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import numbers
 import struct
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 from typing import Any, Sequence
@@ -28,18 +31,16 @@ from fedprune.converters.codec import (
     decompress,
     encode_self_describing,
     encode_values_only,
-    precision_of,
     self_describing_bound,
     values_only_size,
 )
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
-from fedprune.converters.quantize import PRECISION_IDS, Precision
 from fedprune.converters.mask_coding import mask_digest
+from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "fedprune/v1"
-_PRECISION_BY_ID = {v: k for k, v in PRECISION_IDS.items()}
 
 
 class Kind(IntEnum):
@@ -213,6 +214,67 @@ class Ack:
 
 # --- task: aggregator -> device --------------------------------------------------------------------
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How a device trains in one round: the task's ``training`` object (docs/protocol.md,
+    section 12). Checked on construction; ``ValueError`` names the key."""
+
+    local_epochs: int
+    batch_size: int
+    optimizer: str  # one of OPTIMIZERS
+    learning_rate: float
+    # DP-FedAvg with privacy.clip_on_device: the device clips its update to this L2 norm before
+    # error feedback and quantization; None: no clipping on the device
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("local_epochs", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"training.{key} must be an integer >= 1, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"training.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        # Numbers are kept as given (not converted to float) so that the task's JSON is the same.
+        _check_positive("training.learning_rate", self.learning_rate)
+        if self.clip_norm is not None:
+            _check_positive("training.clip_norm", self.clip_norm)
+
+    @classmethod
+    def from_mapping(cls, d: Mapping[str, Any]) -> "TrainingSettings":
+        """The settings in ``d`` (a task header's ``training`` object, or the dict an aggregator
+        builds); ``ValueError`` naming a missing, unknown or bad key."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"training must be an object of settings, got {type(d).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known), key=str)
+        if unknown:
+            raise ValueError(f"training has unknown key {unknown[0]!r}; it takes {known}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ValueError(f"training has no key {missing[0]!r}")
+        return cls(**d)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object of a task header: these keys in this order, ``clip_norm`` only when set."""
+        out = {"local_epochs": self.local_epochs, "batch_size": self.batch_size, "optimizer": self.optimizer,
+               "learning_rate": self.learning_rate}
+        if self.clip_norm is not None:
+            out["clip_norm"] = self.clip_norm
+        return out
+
+
+def _check_positive(key: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is a finite real number > 0 (an int too large for a float is not)."""
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value) and value > 0
+    except OverflowError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+
 
 @dataclass
 class TrainTask:
@@ -223,7 +285,8 @@ class TrainTask:
     architecture_digest: str
     weights: list[np.ndarray]
     masks: list[np.ndarray | None]
-    training: dict[str, Any]  # local_epochs, batch_size, optimizer, learning_rate
+    # A mapping given here is parsed into TrainingSettings (the aggregator passes a dict).
+    training: TrainingSettings
     uplink_precision: str
     deadline_s: float
     downlink_precision: str = "float32"
@@ -241,6 +304,10 @@ class TrainTask:
     # each masked tensor's kept count (None: do not report).
     gradient_fraction: float | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.training, TrainingSettings):
+            self.training = TrainingSettings.from_mapping(self.training)
+
 
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
@@ -252,6 +319,7 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
     used, packed = compress(section, compression)
     header = {k: getattr(task, k) for k in _TASK_FIELDS}
+    header["training"] = task.training.as_dict()
     header.update(mask_digest=mask_digest(task.masks), section_compression=int(used), section_bytes=len(section))
     return pack_frame(Kind.TASK, header, packed)
 
@@ -270,10 +338,12 @@ def decode_task(
         for k, bound in (("round", 2**32), ("attempt", 2**16)):  # the sizes the update header gives them
             if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < bound:
                 raise CodecError(f"task {k} must be an integer in [0, {bound})")
-        if not isinstance(fields["training"], dict):
-            raise CodecError("task training settings must be an object")
+        try:
+            fields["training"] = TrainingSettings.from_mapping(fields["training"])
+        except ValueError as e:
+            raise CodecError(f"task {e}") from None
         for k in ("uplink_precision", "downlink_precision"):
-            precision_of(fields[k])
+            precision_named(fields[k])
         if fields["update_content"] not in ("delta", "weights"):
             raise CodecError("task update_content must be 'delta' or 'weights'")
         if fields["compression"] not in ("none", "zlib", "zstd"):
@@ -350,7 +420,7 @@ def encode_update(
     stochastic: bool = False,
 ) -> bytes:
     """Frame an update. ``masks`` are the task's (values-only) or the device's own (self-describing)."""
-    precision = precision_of(update.precision)
+    precision = precision_named(update.precision)
     section = b""
     if update.tensors is not None:
         if update.encoding == Encoding.SELF_DESCRIBING:
@@ -368,7 +438,7 @@ def encode_update(
     parts = [
         _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
                            int(update.encoding) | (_HAS_GRADIENTS if update.gradients is not None else 0),
-                           PRECISION_IDS[precision], int(used),
+                           precision.wire_id, int(used),
                            bytes.fromhex(mask_digest(masks))),
         bytes([len(device)]), device, bytes([len(metrics)]),
         *(bytes([len(k)]) + k + np.float32(v).astype("<f4").tobytes() for k, v in metrics),  # 1e39 -> inf
@@ -416,7 +486,11 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
     r = ByteReader(body)
     rnd, attempt, n, content, encoding, pid, comp, digest = r.unpack(_UPDATE_FIXED)
     has_gradients, encoding = bool(encoding & _HAS_GRADIENTS), encoding & ~_HAS_GRADIENTS
-    if content >= len(_CONTENT) or encoding not in (0, 1) or pid not in _PRECISION_BY_ID or comp not in (0, 1, 2):
+    try:
+        precision: Precision | None = precision_with_wire_id(pid)
+    except ValueError:
+        precision = None
+    if content >= len(_CONTENT) or encoding not in (0, 1) or precision is None or comp not in (0, 1, 2):
         raise CodecError("update header has an unknown content, encoding, precision or compression")
     try:
         device = bytes(r.take(r.byte())).decode()
@@ -429,7 +503,7 @@ def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
         raise CodecError("update header text is not UTF-8") from None
     raw = struct.unpack("<I", r.take(4))[0] if comp else None
     gradients = r.take(struct.unpack("<I", r.take(4))[0]) if has_gradients else None
-    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), _PRECISION_BY_ID[pid],
+    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), precision,
                           Compression(comp), digest.hex(), metrics, error,
                           r.remaining if raw is None else raw, gradients)
     return header, r.take(r.remaining)
@@ -492,7 +566,7 @@ def decode_update(
         gradients, gradient_masks = g.tensors, g.masks
     return Update(
         round=h.round, attempt=h.attempt, device_id=h.device_id, num_samples=h.num_samples, metrics=h.metrics,
-        tensors=tensors, content=h.content, precision=h.precision.value, encoding=h.encoding,
+        tensors=tensors, content=h.content, precision=h.precision.name, encoding=h.encoding,
         compression=h.compression.name.lower(), masks=own_masks, mask_digest=h.mask_digest, error=h.error,
         gradients=gradients, gradient_masks=gradient_masks,
     )

@@ -1,6 +1,6 @@
-"""Quantization of the kept (unpruned) values of one tensor for transport.
+"""Value precisions: how the kept (unpruned) values of one tensor travel.
 
-A *value section* holds the kept values of one tensor, in C order, at one ``Precision``::
+A *value section* holds the kept values of one tensor, in C order, at one precision::
 
     scales   float32 little-endian: 1 for int8 and int4, n_channels for int8-channel, none for
              float32 and float16
@@ -17,13 +17,28 @@ The section itself carries neither its count nor its precision nor the channel o
 sender and receiver know them from the header and the shared mask. The decoder trusts nothing
 else: the length is checked against the expected layout before anything is allocated, and every
 failure raises ``CodecError``.
+
+Each precision is a small class behind one interface, ``Precision``: its config name (the string
+in task files and headers), its wire id, its bits per value, its scales, the encoding and decoding
+of its section, and its error bound. ``precision_named``, ``precision_with_wire_id`` and
+``precision_from_config`` look the registered ones up; ``precision.get_config()`` gives
+``{"precision": name}`` back.
+
+To add a precision: write a subclass of ``Precision`` (of ``SymmetricInt`` for a symmetric integer
+grid, of ``FloatPrecision`` for an IEEE float) that sets ``name``, ``wire_id`` (the next unused
+one: ids are never renumbered or reused) and ``bits``, and implements ``_encode``, ``_decode`` and
+``_error_bound``; append an instance to ``_REGISTERED``; add its own test beside
+``tests/test_quantize.py``'s conformance test, which already runs over every registered precision;
+and add its row to the table of docs/protocol.md section 7.
 """
 
 from __future__ import annotations
 
 import operator
-from enum import Enum
-from typing import Any
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -31,66 +46,502 @@ from fedprune.converters.errors import CodecError
 
 __all__ = [
     "FLOAT16_MAX",
-    "PRECISION_IDS",
+    "PRECISIONS",
+    "PRECISION_NAMES",
+    "Float16",
+    "Float32",
+    "FloatPrecision",
+    "Int4",
+    "Int8",
+    "Int8PerChannel",
     "Precision",
+    "SymmetricInt",
     "decode_values",
     "encode_values",
+    "precision_from_config",
+    "precision_named",
+    "precision_with_wire_id",
     "quantization_error_bound",
     "value_bits",
     "value_section_size",
 ]
 
-
-class Precision(str, Enum):
-    """How kept values travel; the value is the name used in config files and headers."""
-
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    INT8 = "int8"  # symmetric, one scale per tensor
-    INT8_CHANNEL = "int8-channel"  # symmetric, one scale per output channel (last axis)
-    INT4 = "int4"  # symmetric, one scale per tensor, [-7, 7], two values per byte
-
-    def __str__(self) -> str:
-        return self.value
-
-
-# Stable ids for binary headers: never renumber, only append.
-PRECISION_IDS: dict[Precision, int] = {
-    Precision.FLOAT32: 0,
-    Precision.FLOAT16: 1,
-    Precision.INT8: 2,
-    Precision.INT8_CHANNEL: 3,
-    Precision.INT4: 4,
-}
-
 FLOAT16_MAX = 65504.0
 _F32_MAX = float(np.finfo(np.float32).max)
 _F32_TINY = float(np.finfo(np.float32).tiny)
-_QMAX = {Precision.INT8: 127, Precision.INT8_CHANNEL: 127, Precision.INT4: 7}
-_BITS = {
-    Precision.FLOAT32: 32.0,
-    Precision.FLOAT16: 16.0,
-    Precision.INT8: 8.0,
-    Precision.INT8_CHANNEL: 8.0,
-    Precision.INT4: 4.0,
-}
-_FLOAT_DTYPE = {Precision.FLOAT32: np.dtype("<f4"), Precision.FLOAT16: np.dtype("<f2")}
+_F16_MIN_NORMAL = 2.0**-14
 _SCALE_DTYPE = np.dtype("<f4")
 
 
-# --- helpers -------------------------------------------------------------------------------------
+# --- the interface -------------------------------------------------------------------------------
 
 
-def _precision(precision: Precision | str) -> Precision:
-    """``Precision`` from a member or its name; ``ValueError`` for anything else."""
+class Precision(ABC):
+    """How kept values travel. The registered precisions are frozen dataclasses without fields
+    (a precision has no parameters today); the public methods check their arguments, and the hooks
+    (``_encode``, ``_decode``, ``_error_bound``) get them checked."""
+
+    #: the name in task files, task headers and ``get_config``
+    name: ClassVar[str]
+    #: the id in binary headers: stable, never renumbered
+    wire_id: ClassVar[int]
+    #: bits per value, scales excluded
+    bits: ClassVar[int]
+    #: one scale per output channel, so the encoder and decoder need each value's channel
+    per_channel: ClassVar[bool] = False
+    #: decoding gives back exactly what was encoded (so error feedback has nothing to carry)
+    exact: ClassVar[bool] = False
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def value(self) -> str:
+        """The config name, under the attribute the ``Precision`` enum this class replaced had
+        (``aggregator/server.py`` reads ``header.precision.value``)."""
+        return self.name
+
+    def get_config(self) -> dict[str, Any]:
+        """``{"precision": name}``; ``precision_from_config(p.get_config()) == p``."""
+        return {"precision": self.name}
+
+    def n_scales(self, count: int, n_channels: int) -> int:
+        """float32 scales at the start of a section of ``count`` values of a tensor with
+        ``n_channels`` output channels; ``ValueError`` if such a section cannot exist."""
+        return 0
+
+    def section_size(self, count: int, n_channels: int = 1) -> int:
+        """Exact byte length of the section of ``count`` values (scales included); ``ValueError``
+        on a bad argument. ``n_channels`` matters only for per-channel precisions."""
+        count = _nonneg_int(count, "count")
+        n_channels = _nonneg_int(n_channels, "n_channels")
+        return 4 * self.n_scales(count, n_channels) + (count * self.bits + 7) // 8
+
+    def encode(
+        self,
+        values: Any,
+        *,
+        channels: np.ndarray | None = None,
+        n_channels: int = 1,
+        stochastic: bool = False,
+        rng: np.random.Generator | None = None,
+    ) -> bytes:
+        """The value section of the kept values of one tensor.
+
+        ``values``: 1-D, the kept values of a tensor in C order. ``channels``: for per-channel
+        precisions only, the channel (0..n_channels-1) of each value, i.e. flat index %
+        n_channels for a C-order tensor whose last axis has ``n_channels`` entries; ``None``
+        means every value is kept, so the channel is the position % n_channels.
+
+        Rounding is round-half-to-even unless ``stochastic``, which rounds so that the decoded
+        value equals ``v`` in expectation, drawing from ``rng`` (required then).
+
+        ``ValueError`` for NaN/Inf values, values the precision cannot hold, or bad arguments.
+        """
+        v = _prepare(values)
+        if stochastic and rng is None:
+            raise ValueError("stochastic rounding needs an rng (np.random.Generator)")
+        n_channels = _nonneg_int(n_channels, "n_channels")
+        self.n_scales(v.size, n_channels)  # refuses a layout that cannot exist
+        ch = _channel_index(channels, v.size, n_channels, ValueError) if self.per_channel else None
+        return self._encode(v, ch, n_channels, rng if stochastic else None)
+
+    def decode(
+        self,
+        data: bytes | memoryview,
+        count: int,
+        *,
+        channels: np.ndarray | None = None,
+        n_channels: int = 1,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Inverse of ``encode`` -> a new 1-D float32 array of length ``count``, or ``out`` (1-D
+        float32 of that length, written in place: a receiver that reuses its buffers).
+
+        Every argument but ``out`` may come from the network: a bad ``count``, ``n_channels`` or
+        ``channels``, a length other than exactly ``section_size(count, n_channels)`` (checked
+        before any allocation), or bytes the precision never produces raise ``CodecError``.
+        """
+        try:
+            count = _nonneg_int(count, "count")
+            n_channels = _nonneg_int(n_channels, "n_channels")
+            expected = self.section_size(count, n_channels)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+        view = _byte_view(data)
+        if view.nbytes != expected:
+            raise CodecError(
+                f"value section is {view.nbytes} bytes, expected {expected} for {count} {self.name} values"
+            )
+        ch = _channel_index(channels, count, n_channels, CodecError) if self.per_channel else None
+        return self._decode(view, count, ch, n_channels, out)
+
+    def error_bound(
+        self, values: Any, channels: np.ndarray | None = None, n_channels: int = 1, *,
+        stochastic: bool = False,
+    ) -> float:
+        """Largest ``|decoded - v|`` that encoding ``values`` can give: with round-to-nearest,
+        or with stochastic rounding (twice that: up to a whole step instead of half of one)."""
+        v = _prepare(values)
+        n_channels = _nonneg_int(n_channels, "n_channels")
+        self.n_scales(v.size, n_channels)
+        ch = _channel_index(channels, v.size, n_channels, ValueError) if self.per_channel else None
+        bound = self._error_bound(v, ch, n_channels)
+        return 2 * bound if stochastic else bound
+
+    @abstractmethod
+    def _encode(self, v: np.ndarray, ch: np.ndarray | None, n_channels: int,
+                rng: np.random.Generator | None) -> bytes:
+        """The section of ``v`` (1-D float32, finite); ``rng`` set means stochastic rounding."""
+
+    @abstractmethod
+    def _decode(self, view: memoryview, count: int, ch: np.ndarray | None, n_channels: int,
+                out: np.ndarray | None) -> np.ndarray:
+        """The values of ``view``, whose length is already checked; ``CodecError`` for bytes
+        the encoder never writes."""
+
+    @abstractmethod
+    def _error_bound(self, v: np.ndarray, ch: np.ndarray | None, n_channels: int) -> float:
+        """The round-to-nearest error bound for ``v`` (1-D float32, finite)."""
+
+
+# --- float precisions ----------------------------------------------------------------------------
+
+
+class FloatPrecision(Precision):
+    """An IEEE float, no scales; decoding refuses NaN and Inf (an all-ones exponent)."""
+
+    dtype: ClassVar[np.dtype]
+    _bits_dtype: ClassVar[str]  # an unsigned integer as wide as the float
+    _exponent_bits: ClassVar[int]
+
+    def _decode(self, view, count, ch, n_channels, out):
+        raw = np.frombuffer(view, dtype=self.dtype, count=count)
+        # NaN/Inf have an all-ones exponent; checking the bits is ~6x faster than isfinite(f16)
+        exponents = raw.view(self._bits_dtype) & self._exponent_bits
+        if count and int(exponents.max()) == self._exponent_bits:
+            raise CodecError("values contain NaN or Inf")
+        return _into(raw, out)
+
+
+@dataclass(frozen=True)
+class Float32(FloatPrecision):
+    """Values as they are: exact, stochastic rounding draws nothing."""
+
+    name: ClassVar[str] = "float32"
+    wire_id: ClassVar[int] = 0
+    bits: ClassVar[int] = 32
+    exact: ClassVar[bool] = True
+    dtype: ClassVar[np.dtype] = np.dtype("<f4")
+    _bits_dtype: ClassVar[str] = "<u4"
+    _exponent_bits: ClassVar[int] = 0x7F800000
+
+    def _encode(self, v, ch, n_channels, rng):
+        return v.astype("<f4", copy=False).tobytes()
+
+    def _error_bound(self, v, ch, n_channels):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class Float16(FloatPrecision):
+    """IEEE half precision, round to nearest even; ``|v| > 65504`` is refused, not clipped.
+    Stochastic rounding picks one of the two neighbouring float16 values."""
+
+    name: ClassVar[str] = "float16"
+    wire_id: ClassVar[int] = 1
+    bits: ClassVar[int] = 16
+    dtype: ClassVar[np.dtype] = np.dtype("<f2")
+    _bits_dtype: ClassVar[str] = "<u2"
+    _exponent_bits: ClassVar[int] = 0x7C00
+
+    def _encode(self, v, ch, n_channels, rng):
+        a = np.abs(v)
+        if v.size and float(a.max()) > FLOAT16_MAX:
+            raise ValueError(
+                f"a value of magnitude {float(a.max()):.6g} does not fit float16 "
+                f"(max {FLOAT16_MAX}); use float32 or an int precision"
+            )
+        if rng is not None and v.size:
+            v = _stochastic_float16_grid(v, rng)
+        return v.astype("<f2").tobytes()
+
+    def _error_bound(self, v, ch, n_channels):
+        m = float(np.abs(v).max()) if v.size else 0.0
+        if m > FLOAT16_MAX:
+            raise ValueError(f"a value of magnitude {m:.6g} does not fit float16")
+        return _float16_half_ulp(m)
+
+
+# --- symmetric integer precisions ----------------------------------------------------------------
+
+
+class SymmetricInt(Precision):
+    """``value = q * scale`` with ``q`` in ``[-qmax, qmax]`` and one scale per tensor
+    (``Int8PerChannel`` overrides the grouping); subclasses say how ``q`` is packed."""
+
+    qmax: ClassVar[int]
+
+    def n_scales(self, count, n_channels):
+        return 1
+
+    def _group_maxabs(self, a: np.ndarray, ch: np.ndarray | None, n_channels: int) -> np.ndarray:
+        """max|v| per scale group; 0 for an empty group."""
+        return np.array([a.max() if a.size else 0.0], dtype=np.float32)
+
+    def _spread(self, scales: np.ndarray, ch: np.ndarray | None, count: int) -> Any:
+        """Each value's scale: here the one scale, as a scalar."""
+        return scales[0]
+
+    @abstractmethod
+    def _pack(self, q: np.ndarray) -> bytes:
+        """The bytes of ``q`` (int8, each in ``[-qmax, qmax]``)."""
+
+    @abstractmethod
+    def _unpack(self, view: memoryview, offset: int, count: int) -> np.ndarray:
+        """``count`` values of ``q`` (int8) from ``view[offset:]``; ``CodecError`` for a code
+        outside ``[-qmax, qmax]`` or bad padding."""
+
+    def _encode(self, v, ch, n_channels, rng):
+        qmax, n = self.qmax, v.size
+        scales = _scales_for(self._group_maxabs(np.abs(v), ch, n_channels), qmax)
+        safe = np.where(scales == 0, np.float32(1), scales)  # a zero scale means only zeros there
+        div = self._spread(safe, ch, n)
+        if rng is not None:  # floor(v/s + u): the decoded value is v in expectation
+            x = v.astype(np.float64) / np.asarray(div, dtype=np.float64)
+            x += rng.random(n)
+            q = np.floor(x, out=x)
+        else:
+            q = np.divide(v, div, dtype=np.float32)
+            np.rint(q, out=q)
+        np.clip(q, -qmax, qmax, out=q)
+        return scales.astype(_SCALE_DTYPE).tobytes() + self._pack(q.astype(np.int8))
+
+    def _decode(self, view, count, ch, n_channels, out):
+        n_scales = self.n_scales(count, n_channels)
+        scales = np.frombuffer(view, dtype=_SCALE_DTYPE, count=n_scales).astype(np.float32)
+        if n_scales and not (
+            np.isfinite(scales).all()
+            and not np.signbit(scales).any()
+            and float(scales.max()) * self.qmax <= _F32_MAX
+        ):
+            raise CodecError(f"{self.name} scale is negative, NaN, Inf or so large that values overflow")
+        values = _into(self._unpack(view, 4 * n_scales, count), out)
+        values *= self._spread(scales, ch, count)
+        return values
+
+    def _error_bound(self, v, ch, n_channels):
+        # scale / 2, plus a hair for float32 rounding in the division and the decode product
+        scales = _scales_for(self._group_maxabs(np.abs(v), ch, n_channels), self.qmax)
+        s = float(scales.max()) if scales.size else 0.0
+        return s * (0.5 + self.qmax * 2.0**-22)
+
+
+@dataclass(frozen=True)
+class Int8(SymmetricInt):
+    """Symmetric int8, one scale per tensor, one signed byte per value (-128 is never sent)."""
+
+    name: ClassVar[str] = "int8"
+    wire_id: ClassVar[int] = 2
+    bits: ClassVar[int] = 8
+    qmax: ClassVar[int] = 127
+
+    def _pack(self, q):
+        return q.tobytes()
+
+    def _unpack(self, view, offset, count):
+        q = np.frombuffer(view, dtype=np.int8, offset=offset)
+        if q.size and q.min() == -128:  # a reduction, not a temporary array of comparisons
+            raise CodecError("int8 byte -128 is outside the symmetric range [-127, 127]")
+        return q
+
+
+@dataclass(frozen=True)
+class Int8PerChannel(Int8):
+    """Int8 with one scale per output channel (the last axis of a kernel)."""
+
+    name: ClassVar[str] = "int8-channel"
+    wire_id: ClassVar[int] = 3
+    per_channel: ClassVar[bool] = True
+
+    def n_scales(self, count, n_channels):
+        if n_channels == 0 and count > 0:
+            raise ValueError(f"{count} values cannot belong to 0 channels")
+        return n_channels
+
+    def _group_maxabs(self, a, ch, n_channels):
+        out = np.zeros(n_channels, dtype=np.float32)
+        if a.size == 0:
+            return out
+        if ch is None:
+            if a.size % n_channels == 0:
+                return a.reshape(-1, n_channels).max(axis=0)
+            ch = np.arange(a.size) % n_channels
+        np.maximum.at(out, ch, a)
+        return out
+
+    def _spread(self, scales, ch, count):
+        """Per-channel ``scales`` spread to one per value (dense layout when ``ch`` is None)."""
+        if count == 0:
+            return np.zeros(0, dtype=np.float32)
+        if ch is None:
+            n = scales.size
+            if count % n == 0:
+                return np.broadcast_to(scales, (count // n, n)).reshape(-1)
+            ch = np.arange(count) % n
+        return scales[ch]
+
+
+@dataclass(frozen=True)
+class Int4(SymmetricInt):
+    """Symmetric int4 in [-7, 7], one scale per tensor, two values per byte (low nibble first)."""
+
+    name: ClassVar[str] = "int4"
+    wire_id: ClassVar[int] = 4
+    bits: ClassVar[int] = 4
+    qmax: ClassVar[int] = 7
+
+    def _pack(self, q):
+        nib = q.view(np.uint8) & np.uint8(0x0F)
+        if q.size % 2:
+            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+        return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
+
+    def _unpack(self, view, offset, count):
+        packed = np.frombuffer(view, dtype=np.uint8, offset=offset)
+        nib = np.empty((packed.size, 2), dtype=np.uint8)
+        np.bitwise_and(packed, 0x0F, out=nib[:, 0])
+        np.right_shift(packed, 4, out=nib[:, 1])
+        if (nib == 8).any():
+            raise CodecError("int4 nibble -8 is outside the symmetric range [-7, 7]")
+        if count % 2 and nib[-1, 1] != 0:
+            raise CodecError("int4 padding nibble is not zero")
+        return (nib.reshape(-1)[:count] ^ np.uint8(8)).view(np.int8) - np.int8(8)
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+# One line per precision. Wire ids are stable: never renumber one, never reuse a retired one.
+_REGISTERED: tuple[Precision, ...] = (
+    Float32(),
+    Float16(),
+    Int8(),
+    Int8PerChannel(),
+    Int4(),
+)
+
+#: every registered precision, in wire-id order
+PRECISIONS: tuple[Precision, ...] = tuple(sorted(_REGISTERED, key=lambda p: p.wire_id))
+#: their config names, for checking task files
+PRECISION_NAMES: tuple[str, ...] = tuple(p.name for p in PRECISIONS)
+_BY_NAME: dict[str, Precision] = {p.name: p for p in PRECISIONS}
+_BY_WIRE_ID: dict[int, Precision] = {p.wire_id: p for p in PRECISIONS}
+if len(_BY_NAME) != len(PRECISIONS) or len(_BY_WIRE_ID) != len(PRECISIONS):
+    raise RuntimeError("two registered precisions share a name or a wire id")
+
+
+def precision_named(precision: Precision | str) -> Precision:
+    """The registered precision for a ``Precision`` or its config name; ``ValueError`` naming the
+    known names for anything else."""
     if isinstance(precision, Precision):
         return precision
-    if isinstance(precision, str):
-        try:
-            return Precision(precision)
-        except ValueError:
-            pass
-    raise ValueError(f"unknown precision {precision!r}; use one of {[p.value for p in Precision]}")
+    if isinstance(precision, str) and precision in _BY_NAME:
+        return _BY_NAME[precision]
+    raise ValueError(f"unknown precision {precision!r}; use one of {list(PRECISION_NAMES)}")
+
+
+def precision_with_wire_id(wire_id: int) -> Precision:
+    """The registered precision whose binary-header id is ``wire_id``; ``ValueError`` otherwise."""
+    try:
+        return _BY_WIRE_ID[wire_id]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown precision id {wire_id!r}; known ids are {sorted(_BY_WIRE_ID)}") from None
+
+
+def precision_from_config(d: Mapping[str, Any]) -> Precision:
+    """Build a precision from ``{"precision": name}`` (precisions take no other keys).
+
+    ``ValueError`` naming the offending key: not a mapping, no ``precision`` key, an unknown
+    name, or any other key.
+    """
+    if not isinstance(d, Mapping):
+        raise ValueError(f"a precision config must be a mapping, got {type(d).__name__}")
+    if "precision" not in d:
+        raise ValueError(f"precision config has no 'precision' key: {dict(d)!r}")
+    name = d["precision"]
+    if not isinstance(name, str) or name not in _BY_NAME:
+        raise ValueError(f"unknown 'precision' {name!r}; expected one of {list(PRECISION_NAMES)}")
+    extra = sorted(set(d) - {"precision"})
+    if extra:
+        raise ValueError(f"unknown key {extra[0]!r} for precision {name!r}; it takes no keys")
+    return _BY_NAME[name]
+
+
+# --- functions over a precision or its name ------------------------------------------------------
+
+
+def value_bits(precision: Precision | str) -> float:
+    """Bits per value, scales excluded: 32, 16, 8, 8, 4."""
+    return float(precision_named(precision).bits)
+
+
+def value_section_size(count: int, precision: Precision | str, n_channels: int = 1) -> int:
+    """Exact byte length of the value section of ``count`` values (scales included).
+
+    ``n_channels`` matters only for int8-channel. ``ValueError`` on a bad argument.
+    """
+    return precision_named(precision).section_size(count, n_channels)
+
+
+def encode_values(
+    values: np.ndarray,
+    precision: Precision | str,
+    *,
+    channels: np.ndarray | None = None,
+    n_channels: int = 1,
+    stochastic: bool = False,
+    rng: np.random.Generator | None = None,
+) -> bytes:
+    """``precision``'s value section of ``values`` (see ``Precision.encode``)."""
+    return precision_named(precision).encode(values, channels=channels, n_channels=n_channels,
+                                             stochastic=stochastic, rng=rng)
+
+
+def decode_values(
+    data: bytes | memoryview,
+    count: int,
+    precision: Precision | str,
+    *,
+    channels: np.ndarray | None = None,
+    n_channels: int = 1,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Inverse of ``encode_values`` (see ``Precision.decode``); an unknown ``precision`` is a
+    ``CodecError`` too, as it may come from the network."""
+    try:
+        p = precision_named(precision)
+    except ValueError as e:
+        raise CodecError(str(e)) from None
+    return p.decode(data, count, channels=channels, n_channels=n_channels, out=out)
+
+
+def quantization_error_bound(
+    values: np.ndarray,
+    precision: Precision | str,
+    channels: np.ndarray | None = None,
+    n_channels: int = 1,
+) -> float:
+    """Largest ``|decoded - v|`` that deterministic rounding of ``values`` can give.
+
+    0 for float32; the float16 half-ulp at ``max|v|`` for float16; for the int precisions
+    ``scale / 2`` (the largest scale over channels for int8-channel) plus a hair
+    (``qmax * 2**-22 * scale``) for float32 rounding in the division and the decode product.
+    Stochastic rounding can be off by up to a whole ``scale`` instead.
+    """
+    return precision_named(precision).error_bound(values, channels, n_channels)
+
+
+# --- helpers -------------------------------------------------------------------------------------
 
 
 def _nonneg_int(x: Any, name: str) -> int:
@@ -106,12 +557,29 @@ def _nonneg_int(x: Any, name: str) -> int:
     return n
 
 
-def _n_scales(precision: Precision, count: int, n_channels: int) -> int:
-    if precision is Precision.INT8_CHANNEL:
-        if n_channels == 0 and count > 0:
-            raise ValueError(f"{count} values cannot belong to 0 channels")
-        return n_channels
-    return 1 if precision in _QMAX else 0
+def _byte_view(data: Any) -> memoryview:
+    """``data`` as a flat byte view without a copy; ``CodecError`` for anything else."""
+    try:
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise TypeError("not contiguous")
+        if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
+            view = view.cast("B")
+    except (TypeError, ValueError):
+        raise CodecError("value section is not a contiguous byte buffer") from None
+    return view
+
+
+def _prepare(values: Any) -> np.ndarray:
+    v = np.asarray(values)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D (the kept values in C order), got shape {v.shape}")
+    if v.dtype.kind not in "fiu":
+        raise ValueError(f"values must be real numbers, got dtype {v.dtype}")
+    v = v.astype(np.float32, copy=False)
+    if not np.isfinite(v).all():
+        raise ValueError("cannot encode NaN or Inf values (or values beyond float32)")
+    return v
 
 
 def _scales_for(maxabs: np.ndarray, qmax: int) -> np.ndarray:
@@ -150,44 +618,12 @@ def _channel_index(
     return ch
 
 
-def _group_maxabs(
-    a: np.ndarray, precision: Precision, ch: np.ndarray | None, n_channels: int
-) -> np.ndarray:
-    """max|v| per scale group (one group, or one per channel); 0 for an empty group."""
-    if precision is not Precision.INT8_CHANNEL:
-        return np.array([a.max() if a.size else 0.0], dtype=np.float32)
-    out = np.zeros(n_channels, dtype=np.float32)
-    if a.size == 0:
-        return out
-    if ch is None:
-        if a.size % n_channels == 0:
-            return a.reshape(-1, n_channels).max(axis=0)
-        ch = np.arange(a.size) % n_channels
-    np.maximum.at(out, ch, a)
-    return out
-
-
-def _per_value(scales: np.ndarray, ch: np.ndarray | None, count: int) -> np.ndarray:
-    """Per-channel ``scales`` spread to one per value (dense layout when ``ch`` is None)."""
-    if count == 0:
-        return np.zeros(0, dtype=np.float32)
-    if ch is None:
-        n = scales.size
-        if count % n == 0:
-            return np.broadcast_to(scales, (count // n, n)).reshape(-1)
-        ch = np.arange(count) % n
-    return scales[ch]
-
-
 def _float16_half_ulp(m: float) -> float:
     """Largest error of round-to-nearest float16 for values of magnitude <= m (m <= 65504)."""
     if m == 0:
         return 0.0
     _, e = np.frexp(m)  # m = f * 2**e, f in [0.5, 1)
     return float(2.0 ** (max(int(e) - 1, -14) - 11))
-
-
-_F16_MIN_NORMAL = 2.0**-14
 
 
 def _stochastic_float16_grid(v: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -209,205 +645,6 @@ def _stochastic_float16_grid(v: np.ndarray, rng: np.random.Generator) -> np.ndar
     return out
 
 
-def _prepare(values: Any) -> np.ndarray:
-    v = np.asarray(values)
-    if v.ndim != 1:
-        raise ValueError(f"values must be 1-D (the kept values in C order), got shape {v.shape}")
-    if v.dtype.kind not in "fiu":
-        raise ValueError(f"values must be real numbers, got dtype {v.dtype}")
-    v = v.astype(np.float32, copy=False)
-    if not np.isfinite(v).all():
-        raise ValueError("cannot encode NaN or Inf values (or values beyond float32)")
-    return v
-
-
-# --- public API ----------------------------------------------------------------------------------
-
-
-def value_bits(precision: Precision | str) -> float:
-    """Bits per value, scales excluded: 32, 16, 8, 8, 4."""
-    return _BITS[_precision(precision)]
-
-
-def value_section_size(count: int, precision: Precision | str, n_channels: int = 1) -> int:
-    """Exact byte length of the value section of ``count`` values (scales included).
-
-    ``n_channels`` matters only for int8-channel. ``ValueError`` on a bad argument.
-    """
-    p = _precision(precision)
-    count = _nonneg_int(count, "count")
-    n_channels = _nonneg_int(n_channels, "n_channels")
-    scales = 4 * _n_scales(p, count, n_channels)
-    if p is Precision.INT4:
-        return scales + (count + 1) // 2
-    return scales + int(_BITS[p]) // 8 * count
-
-
-def encode_values(
-    values: np.ndarray,
-    precision: Precision | str,
-    *,
-    channels: np.ndarray | None = None,
-    n_channels: int = 1,
-    stochastic: bool = False,
-    rng: np.random.Generator | None = None,
-) -> bytes:
-    """The value section of the kept values of one tensor.
-
-    ``values``: 1-D float32, the kept values of a tensor in C order. ``channels``: for
-    int8-channel only, the channel (0..n_channels-1) of each value, i.e. flat index % n_channels
-    for a C-order tensor whose last axis has ``n_channels`` entries; ``None`` means every value is
-    kept, so the channel is the position % n_channels. ``channels``/``n_channels`` are ignored
-    for the other precisions.
-
-    Layout: scales first (float32 LE: one for int8/int4, ``n_channels`` for int8-channel, none for
-    the float precisions), then the values. The scale is ``max|v| / qmax`` over the given (kept)
-    values only; a tensor/channel with no values or only zeros has scale 0.
-
-    Rounding is round-half-to-even unless ``stochastic``, which uses unbiased stochastic rounding
-    ``floor(v/s + u)``, ``u ~ U[0, 1)`` drawn from ``rng`` (required then), so that the decoded
-    value equals ``v`` in expectation (float16 rounds to one of the two neighbouring float16
-    values with the same property; float32 is exact and draws nothing).
-
-    ``ValueError`` for NaN/Inf values (any precision), finite values beyond float16
-    (``|v| > 65504``) with float16, or bad arguments.
-    """
-    p = _precision(precision)
-    v = _prepare(values)
-    if stochastic and rng is None:
-        raise ValueError("stochastic rounding needs an rng (np.random.Generator)")
-    n = v.size
-
-    if p is Precision.FLOAT32:
-        return v.astype("<f4", copy=False).tobytes()
-
-    if p is Precision.FLOAT16:
-        a = np.abs(v)
-        if n and float(a.max()) > FLOAT16_MAX:
-            raise ValueError(
-                f"a value of magnitude {float(a.max()):.6g} does not fit float16 "
-                f"(max {FLOAT16_MAX}); use float32 or an int precision"
-            )
-        if stochastic and n:
-            assert rng is not None
-            v = _stochastic_float16_grid(v, rng)
-        return v.astype("<f2").tobytes()
-
-    # integer precisions
-    n_channels = _nonneg_int(n_channels, "n_channels")
-    _n_scales(p, n, n_channels)  # 0 channels with values
-    ch = _channel_index(channels, n, n_channels, ValueError) if p is Precision.INT8_CHANNEL else None
-    qmax = _QMAX[p]
-    a = np.abs(v)
-    scales = _scales_for(_group_maxabs(a, p, ch, n_channels), qmax)
-    safe = np.where(scales == 0, np.float32(1), scales)  # a zero scale means only zeros there
-    div = safe[0] if p is not Precision.INT8_CHANNEL else _per_value(safe, ch, n)
-    if stochastic:
-        assert rng is not None
-        x = v.astype(np.float64) / np.asarray(div, dtype=np.float64)
-        x += rng.random(n)
-        q = np.floor(x, out=x)
-    else:
-        q = np.divide(v, div, dtype=np.float32)
-        np.rint(q, out=q)
-    np.clip(q, -qmax, qmax, out=q)
-    qi = q.astype(np.int8)
-    head = scales.astype(_SCALE_DTYPE).tobytes()
-    if p is Precision.INT4:
-        nib = qi.view(np.uint8) & np.uint8(0x0F)
-        if n % 2:
-            nib = np.concatenate([nib, np.zeros(1, np.uint8)])
-        packed = nib[0::2] | (nib[1::2] << np.uint8(4))
-        return head + packed.tobytes()
-    return head + qi.tobytes()
-
-
-def decode_values(
-    data: bytes | memoryview,
-    count: int,
-    precision: Precision | str,
-    *,
-    channels: np.ndarray | None = None,
-    n_channels: int = 1,
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Inverse of ``encode_values`` -> a new 1-D float32 array of length ``count``, or ``out``
-    (1-D float32 of that length, written in place: a receiver that reuses its buffers).
-
-    Every argument may come from the network: a bad ``count``, ``precision``, ``n_channels`` or
-    ``channels`` (wrong shape, dtype or out of range), a length other than exactly
-    ``value_section_size(...)`` (checked before any allocation), a scale that is negative, NaN,
-    Inf or so large that a value would overflow float32, a NaN/Inf float value, an int8 byte of
-    -128, an int4 nibble of -8 or nonzero padding: all raise ``CodecError``.
-    """
-    try:
-        p = _precision(precision)
-        count = _nonneg_int(count, "count")
-        n_channels = _nonneg_int(n_channels, "n_channels")
-        expected = value_section_size(count, p, n_channels)
-    except ValueError as e:
-        raise CodecError(str(e)) from None
-    try:
-        view = memoryview(data)
-        if not view.c_contiguous:
-            raise TypeError("not contiguous")
-        if view.ndim != 1 or view.itemsize != 1 or view.format not in ("B", "b", "c"):
-            view = view.cast("B")
-    except (TypeError, ValueError):
-        raise CodecError("value section is not a contiguous byte buffer") from None
-    if view.nbytes != expected:
-        raise CodecError(
-            f"value section is {view.nbytes} bytes, expected {expected} for {count} {p.value} values"
-        )
-
-    if p in _FLOAT_DTYPE:
-        raw = np.frombuffer(view, dtype=_FLOAT_DTYPE[p], count=count)
-        # NaN/Inf have an all-ones exponent; checking the bits is ~6x faster than isfinite(f16)
-        bits = raw.view("<u4" if p is Precision.FLOAT32 else "<u2")
-        exp = 0x7F800000 if p is Precision.FLOAT32 else 0x7C00
-        if count and int((bits & exp).max()) == exp:
-            raise CodecError("values contain NaN or Inf")
-        return _into(raw, out)
-
-    qmax = _QMAX[p]
-    ch = None
-    if p is Precision.INT8_CHANNEL:
-        ch = _channel_index(channels, count, n_channels, CodecError)
-    n_scales = _n_scales(p, count, n_channels)
-    scales = np.frombuffer(view, dtype=_SCALE_DTYPE, count=n_scales).astype(np.float32)
-    if n_scales and not (
-        np.isfinite(scales).all()
-        and not np.signbit(scales).any()
-        and float(scales.max()) * qmax <= _F32_MAX
-    ):
-        raise CodecError(f"{p.value} scale is negative, NaN, Inf or so large that values overflow")
-    off = 4 * n_scales
-
-    if p is Precision.INT4:
-        packed = np.frombuffer(view, dtype=np.uint8, offset=off)
-        nib = np.empty((packed.size, 2), dtype=np.uint8)
-        np.bitwise_and(packed, 0x0F, out=nib[:, 0])
-        np.right_shift(packed, 4, out=nib[:, 1])
-        if (nib == 8).any():
-            raise CodecError("int4 nibble -8 is outside the symmetric range [-7, 7]")
-        if count % 2 and nib[-1, 1] != 0:
-            raise CodecError("int4 padding nibble is not zero")
-        q = (nib.reshape(-1)[:count] ^ np.uint8(8)).view(np.int8) - np.int8(8)
-        values = _into(q, out)
-        values *= scales[0]
-        return values
-
-    q = np.frombuffer(view, dtype=np.int8, offset=off)
-    if q.size and q.min() == -128:  # a reduction, not a temporary array of comparisons
-        raise CodecError("int8 byte -128 is outside the symmetric range [-127, 127]")
-    values = _into(q, out)
-    if p is Precision.INT8:
-        values *= scales[0]
-    else:
-        values *= _per_value(scales, ch, count)
-    return values
-
-
 def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
     """``values`` as a new float32 array, or copied into ``out`` (checked: float32, 1-D, same length)."""
     if out is None:
@@ -416,35 +653,3 @@ def _into(values: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         raise ValueError(f"out must be float32 of shape {values.shape}, got {out.dtype} {out.shape}")
     np.copyto(out, values, casting="unsafe")  # int8/int4/float16 -> float32 is exact
     return out
-
-
-def quantization_error_bound(
-    values: np.ndarray,
-    precision: Precision | str,
-    channels: np.ndarray | None = None,
-    n_channels: int = 1,
-) -> float:
-    """Largest ``|decoded - v|`` that deterministic rounding of ``values`` can give.
-
-    0 for float32; the float16 half-ulp at ``max|v|`` for float16; for the int precisions
-    ``scale / 2`` (the largest scale over channels for int8-channel) plus a hair
-    (``qmax * 2**-22 * scale``) for float32 rounding in the division and the decode product.
-    Stochastic rounding can be off by up to a whole ``scale`` instead.
-    """
-    p = _precision(precision)
-    v = _prepare(values)
-    if p is Precision.FLOAT32:
-        return 0.0
-    a = np.abs(v)
-    if p is Precision.FLOAT16:
-        m = float(a.max()) if a.size else 0.0
-        if m > FLOAT16_MAX:
-            raise ValueError(f"a value of magnitude {m:.6g} does not fit float16")
-        return _float16_half_ulp(m)
-    n_channels = _nonneg_int(n_channels, "n_channels")
-    _n_scales(p, v.size, n_channels)
-    ch = _channel_index(channels, v.size, n_channels, ValueError) if p is Precision.INT8_CHANNEL else None
-    qmax = _QMAX[p]
-    scales = _scales_for(_group_maxabs(a, p, ch, n_channels), qmax)
-    s = float(scales.max()) if scales.size else 0.0
-    return s * (0.5 + qmax * 2.0**-22)

@@ -35,12 +35,11 @@ from fedprune.converters.protocol import (
     TrainTask,
     Update,
     decode_task,
-    decode_update,
     encode_update,
     valid_device_id,
 )
 from fedprune import __version__
-from fedprune.clipping import clip_to_norm
+from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +93,8 @@ class TrainJob:
     architecture: Architecture
     payload: bytes
     task: TrainTask | None = field(default=None, repr=False)
-    # The tensors error feedback compensated, kept until ``sent`` records what actually left.
-    compensated: list[np.ndarray] | None = field(default=None, repr=False)
+    # The update as the steps left it, kept until ``sent`` runs what they left for after publishing.
+    outgoing: OutgoingUpdate | None = field(default=None, repr=False)
 
 
 class DeviceSession:
@@ -121,6 +120,8 @@ class DeviceSession:
         # Residuals of lossy transport; on disk (atomically) when the device has a state folder.
         self.error_feedback = ErrorFeedback(Path(state_dir) / "error_feedback.npz" if state_dir else None)
         self.rng = np.random.default_rng(seed)  # stochastic rounding
+        # What every trained update goes through, in order (fedprune.edge_agent.update_pipeline).
+        self.update_steps: list[UpdateStep] = default_steps(self.error_feedback, self.rng)
         self._lock = threading.Lock()
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
@@ -205,41 +206,30 @@ class DeviceSession:
         return Outgoing(self.topics.update(self.device_id), encode_update(update, task.masks))
 
     def finish(self, job: TrainJob, result: TrainResult) -> Outgoing:
-        """Encode the update for a trained job. Raises ValueError if it cannot be encoded.
+        """Run the trained delta through ``update_steps`` (clipping, error feedback, encoding) to
+        the update to publish. Raises ValueError if it cannot be encoded.
 
         Call ``sent`` once it is published, so error feedback records what actually left.
         """
         task = self._task(job)
         own_masks = task.device_sparsity is not None  # device-side pruning: send our own mask
-        if task.update_content == "weights" or own_masks:
-            tensors = [w + d for w, d in zip(task.weights, result.delta)]
-            content = "weights"
-        else:
-            tensors, content = result.delta, "delta"
-        if self._uses_error_feedback(task, content):
-            tensors = self.error_feedback.compensate(tensors, task.masks)
-        update = Update(task.round, task.attempt, self.device_id, self.num_samples, result.metrics, tensors,
-                        content=content, precision=task.uplink_precision, compression=task.compression,
+        update = Update(task.round, task.attempt, self.device_id, self.num_samples, result.metrics,
+                        list(result.delta), precision=task.uplink_precision, compression=task.compression,
                         encoding=Encoding.SELF_DESCRIBING if own_masks else Encoding.VALUES_ONLY,
                         gradients=result.gradients, gradient_masks=result.gradient_masks)
-        payload = encode_update(update, result.masks if own_masks else task.masks, names=job.architecture.names,
-                                rng=self.rng, stochastic=task.stochastic_rounding)
-        job.compensated = tensors if self._uses_error_feedback(task, content) else None
+        outgoing = OutgoingUpdate(task, job.architecture, update, result.masks if own_masks else task.masks)
+        payload = run_steps(self.update_steps, outgoing)
+        job.outgoing = outgoing
         return Outgoing(self.topics.update(self.device_id), payload)
 
     def sent(self, job: TrainJob, message: Outgoing) -> None:
-        """Record a published update: the round is done, and error feedback keeps what was lost."""
+        """Record a published update: the round is done, and the steps do what they do after
+        publishing (error feedback keeps what was lost)."""
         task = self._task(job)
-        if job.compensated is not None:
-            arch = job.architecture
-            sent = decode_update(message.payload, arch.shapes, task.masks, self.max_message_bytes, names=arch.names)
-            self.error_feedback.record(job.compensated, sent.tensors)
+        if job.outgoing is not None:
+            job.outgoing.sent()
         log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(message.payload))
         self.completed_rounds.append(task.round)
-
-    @staticmethod
-    def _uses_error_feedback(task: TrainTask, content: str) -> bool:
-        return task.error_feedback and task.uplink_precision != "float32" and content == "delta"
 
     @staticmethod
     def _task(job: TrainJob) -> TrainTask:
@@ -259,8 +249,6 @@ def run_job(session: DeviceSession, job: TrainJob, trainer: Trainer, x: np.ndarr
         return None
     try:
         result = trainer.train(job.architecture, task, x, y)
-        if task.training.get("clip_norm"):  # DP-FedAvg clipping on the device (docs/robustness.md)
-            result.delta = clip_to_norm(result.delta, float(task.training["clip_norm"]))[0]
     except Exception as e:  # any training failure goes back to the aggregator, not into a log only
         log.exception("%s: training for round %d failed", session.device_id, task.round)
         return session.failure(job, f"{type(e).__name__}: {e}")

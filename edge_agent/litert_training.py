@@ -159,22 +159,22 @@ class LiteRTTrainer:
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
         start = time.perf_counter()
-        cfg = task.training
-        optimizer = str(cfg.get("optimizer", "adam"))
-        if optimizer not in OPTIMIZERS:
+        settings = task.training
+        optimizer = settings.optimizer
+        if optimizer not in OPTIMIZERS:  # should the protocol gain an optimizer this model has no signature for
             raise ValueError(f"unknown optimizer {optimizer!r}; use one of {OPTIMIZERS}")
-        if int(cfg.get("batch_size", self.batch_size)) != self.batch_size:
-            log.warning("the task asks for batch size %s; this trainable model is built for %d",
-                        cfg.get("batch_size"), self.batch_size)
+        if settings.batch_size != self.batch_size:
+            log.warning("the task asks for batch size %d; this trainable model is built for %d",
+                        settings.batch_size, self.batch_size)
         n = len(architecture.shapes)
         masks = [np.ones(s, np.float32) if m is None else m.astype(np.float32)
                  for s, m in zip(architecture.shapes, task.masks)]
         self._run["set_weights"](**self._named([*task.weights, *masks]))
-        lr = np.float32(cfg.get("learning_rate", 0.005))
+        lr = np.float32(settings.learning_rate)
         onehot = np.eye(int(architecture.shapes[-1][-1]), dtype=np.float32)[y]
         train = self._run[f"train_{optimizer}"]
         losses = []
-        for _ in range(int(cfg.get("local_epochs", 1))):
+        for _ in range(settings.local_epochs):
             order = self.rng.permutation(len(x))
             for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
                 idx = order[i:i + self.batch_size]

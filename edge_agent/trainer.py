@@ -153,10 +153,9 @@ class KerasTrainer:
                 schedule = compiled.schedules[idx]
                 schedule.prune.assign(device_pruning and mask is not None)
                 schedule.target.assign(float(task.device_sparsity or 0.0))
-            cfg = task.training
-            _reset_optimizer(compiled, str(cfg.get("optimizer", "adam")), float(cfg.get("learning_rate", 0.005)))
-            logs, last_epoch_s = _fit(compiled, x, y, epochs=int(cfg.get("local_epochs", 1)),
-                                      batch_size=int(cfg.get("batch_size", 16)))
+            settings = task.training
+            _reset_optimizer(compiled, settings.optimizer, float(settings.learning_rate))
+            logs, last_epoch_s = _fit(compiled, x, y, epochs=settings.local_epochs, batch_size=settings.batch_size)
             masks = list(task.masks)
             if device_pruning:
                 for idx, wrapper in compiled.wrappers.items():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from fedprune.converters.quantize import PRECISION_NAMES
 from fedprune.pruning.rules import Rule, rule_from_config
 from fedprune.pruning.schedules import PruningSchedule, schedule_from_config
 from fedprune.tomlfile import coerce, read_toml
@@ -231,13 +232,11 @@ class PruningSection:
         return self.final_sparsity > 0 or self.rule != "magnitude" or bool(self.layers)
 
 
-Precision = Literal["float32", "float16", "int8", "int8-channel", "int4"]
-
-
 @dataclass(frozen=True)
 class TransportSection:
-    uplink_precision: Precision = "int8"
-    downlink_precision: Precision = "float32"
+    # names of registered value precisions (fedprune.converters.quantize.PRECISION_NAMES)
+    uplink_precision: str = "int8"
+    downlink_precision: str = "float32"
     update: Literal["delta", "weights"] = "delta"  # what devices send: weight delta (quantizes better) or weights
     error_feedback: bool = True  # carry each round's quantization error into the next update
     stochastic_rounding: bool = False
@@ -246,6 +245,9 @@ class TransportSection:
     max_message_bytes: int = 64_000_000  # a whole (reassembled) message
 
     def check(self) -> None:
+        for key in ("uplink_precision", "downlink_precision"):
+            if getattr(self, key) not in PRECISION_NAMES:
+                raise TaskError(f"transport.{key} must be one of {list(PRECISION_NAMES)}, got {getattr(self, key)!r}")
         if not 1024 <= self.max_payload_bytes <= 256 * 1024 * 1024:
             raise TaskError(
                 f"transport.max_payload_bytes must be in [1024, 268435456], got {self.max_payload_bytes}"

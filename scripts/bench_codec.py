@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from fedprune.converters.codec import encode_self_describing, n_channels  # noqa: E402
+from fedprune.converters.codec import encode_self_describing, section_channels  # noqa: E402
 from fedprune.converters.mask_coding import encode_mask, mask_entropy_bits  # noqa: E402
 from fedprune.converters.protocol import Encoding, Update, decode_update, encode_update  # noqa: E402
-from fedprune.converters.quantize import Precision, value_bits, value_section_size  # noqa: E402
+from fedprune.converters.quantize import PRECISIONS, precision_named  # noqa: E402
 from fedprune.pruning.masks import prune_to_sparsity  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.99)
@@ -94,11 +94,11 @@ def measure(names, weights, is_kernel, sparsity, precision, encoding, reps):
     # Metadata the format needs whatever its coding: the message header, the quantization scales
     # and (self-describing) the tensor table. Counted in the bound, and reported, so the ratio
     # measures how well masks and values are coded.
-    values_bytes = sum(value_section_size(k, precision, n_channels(w.shape) if precision == "int8-channel" else 1)
-                       for k, w in zip(kept, pruned))
-    scale_bytes = values_bytes - sum(k * value_bits(precision) for k in kept) / 8
+    p = precision_named(precision)
+    values_bytes = sum(p.section_size(k, section_channels(w.shape, p)) for k, w in zip(kept, pruned))
+    scale_bytes = values_bytes - sum(k * p.bits for k in kept) / 8
     table_bytes = 0
-    bound_bits = sum(kept) * value_bits(precision)
+    bound_bits = sum(kept) * p.bits
     if encoding == Encoding.SELF_DESCRIBING:
         section = encode_self_describing(pruned, masks, names, precision)
         mask_bytes = sum(len(encode_mask(m)[1]) for m in masks if m is not None)
@@ -128,13 +128,13 @@ def main() -> None:
           f"{'x dense':>8} {'/bound':>7} {'meta B':>7} {'enc MB/s':>9} {'dec MB/s':>9}")
     for model, (names, weights, is_kernel) in models.items():
         for s in SPARSITIES:
-            for p in Precision:
+            for p in PRECISIONS:
                 for enc in Encoding:
-                    r = measure(names, weights, is_kernel, s, p.value, enc, args.reps)
-                    row = {"model": model, "sparsity": s, "precision": p.value,
+                    r = measure(names, weights, is_kernel, s, p.name, enc, args.reps)
+                    row = {"model": model, "sparsity": s, "precision": p.name,
                            "encoding": enc.name.lower().replace("_", "-"), **r}
                     rows.append(row)
-                    print(f"{model:<11} {s:>8} {p.value:<13} {row['encoding']:<16} {r['bytes']:>9,} "
+                    print(f"{model:<11} {s:>8} {p.name:<13} {row['encoding']:<16} {r['bytes']:>9,} "
                           f"{r['bytes_per_param']:>8} {r['ratio_vs_dense_f32']:>8} {r['ratio_vs_bound']:>7} {r['metadata_bytes']:>7} "
                           f"{r['encode_mb_s']:>9} {r['decode_mb_s']:>9}", flush=True)
     vo_int8_90 = [r for r in rows if r["sparsity"] == 0.9 and r["precision"] == "int8" and r["encoding"] == "values-only"]

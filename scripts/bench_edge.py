@@ -202,7 +202,7 @@ from fedprune.edge_agent.litert_training import LiteRTTrainer
 folder = Path(sys.argv[1])
 arch, task, spec = jobfiles.read_job(folder)
 data = np.load(spec.data_path)
-trainer = LiteRTTrainer((folder / "trainable.tflite").read_bytes(), int(task.training["batch_size"]))
+trainer = LiteRTTrainer((folder / "trainable.tflite").read_bytes(), task.training.batch_size)
 result = trainer.train(arch, task, data["x_train"], data["y_train"])
 accuracy = float(np.mean(trainer.predict(data["x_test"]).argmax(-1) == data["y_test"]))
 print(json.dumps({"accuracy": accuracy, "train_s": result.metrics["train_s"], "peak_rss_mb": peak_rss_mb(),

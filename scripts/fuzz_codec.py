@@ -303,7 +303,7 @@ def build_seeds() -> list[bytes]:
             out.append(t if m is None else t * m)
         return out
 
-    precisions = [p.value for p in quantize.Precision]
+    precisions = list(quantize.PRECISION_NAMES)
     own = make_masks(seed=11, sparsity=0.95)
     own[1] = np.zeros(SHAPES[1], dtype=bool)
     own[1][2] = True
@@ -394,11 +394,8 @@ def build_seeds() -> list[bytes]:
         for count, nc, mode in ((0, 1, 0), (1, 1, 0), (7, 3, 1), (100, 10, 0), (100, 10, 1), (33, 4, 5)):
             v = rng.normal(0, 1, size=count).astype(np.float32)
             channels = None
-            if precision == "int8-channel":
-                if mode == 0:
-                    channels = None
-                else:
-                    channels = np.arange(count) % nc
+            if quantize.precision_named(precision).per_channel and mode != 0:
+                channels = np.arange(count) % nc
             section = quantize.encode_values(v, precision, channels=channels, n_channels=nc)
             add("decode_values", struct.pack("<BIHB", psel, count, nc, mode) + section)
 

@@ -40,7 +40,12 @@ from fedprune.converters.errors import CodecError
 from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.mask_coding import MaskMethod, encode_mask
 from fedprune.converters.quantize import (
-    PRECISION_IDS,
+    PRECISIONS,
+    Float16,
+    Float32,
+    Int4,
+    Int8,
+    Int8PerChannel,
     Precision,
     encode_values,
     quantization_error_bound,
@@ -48,7 +53,8 @@ from fedprune.converters.quantize import (
 )
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALL = list(Precision)
+ALL = list(PRECISIONS)
+FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4 = Float32(), Float16(), Int8(), Int8PerChannel(), Int4()
 MB = 1 << 20
 
 SHAPES = [(6, 5), (5,), (2, 3, 2, 4), (4,), (7, 3)]
@@ -74,13 +80,13 @@ def assert_decoded(orig: np.ndarray, out: np.ndarray, mask: np.ndarray | None, p
     assert np.all(pruned == 0.0) and not np.any(np.signbit(pruned))
     kept = orig[sel].astype(np.float32)
     ch, c = None, 1
-    if precision is Precision.INT8_CHANNEL:
+    if precision.per_channel:
         c = n_channels(orig.shape)
         ch = np.flatnonzero(sel.ravel()) % c
     bound = quantization_error_bound(kept, precision, ch, c)
     err = np.abs(out[sel].astype(np.float64) - kept.astype(np.float64))
     assert float(err.max(initial=0.0)) <= bound
-    if precision is Precision.FLOAT32:
+    if precision.exact:
         assert np.array_equal(out[sel], kept)
 
 
@@ -122,9 +128,9 @@ def test_values_only_round_trip_with_masks(precision):
     assert len(out) == len(ts)
     for t, o, m in zip(ts, out, masks):
         assert_decoded(t, o, m, precision)
-    # the precision may be given as a name or as the enum
-    assert encode_values_only(ts, masks, precision.value) == body
-    out2 = decode_values_only(memoryview(body), SHAPES, masks, precision.value)
+    # the precision may be given as a name or as the object
+    assert encode_values_only(ts, masks, precision.name) == body
+    out2 = decode_values_only(memoryview(body), SHAPES, masks, precision.name)
     assert all(np.array_equal(a, b) for a, b in zip(out, out2))
 
 
@@ -226,7 +232,7 @@ def test_values_only_pruned_positions_never_travel():
 
 def test_values_only_bytes_are_the_value_sections_in_order():
     masks, ts = example_masks(), example_tensors()
-    p = Precision.INT8_CHANNEL
+    p = INT8_CHANNEL
     parts = []
     for t, m in zip(ts, masks):
         sel = np.ones(t.shape, bool) if m is None else m
@@ -358,7 +364,7 @@ def test_self_describing_masks_of_every_density_round_trip(density):
     body = encode_self_describing([t], [m], ["k"], "int4")
     d = decode_self_describing(body, expected=[("k", shape)])
     assert d.masks[0] is not None and np.array_equal(d.masks[0], m)  # all-kept stays a mask, not None
-    assert_decoded(t, d.tensors[0], m, Precision.INT4)
+    assert_decoded(t, d.tensors[0], m, INT4)
     method, mask_bytes = encode_mask(m.ravel())
     assert len(body) == (2 + 1 + 1 + 1 + 8 + 12) + len(mask_bytes) + value_section_size(int(m.sum()), "int4")
 
@@ -370,8 +376,8 @@ def test_self_describing_layout_is_the_documented_one():
     body = encode_self_describing([t, b], [m, None], ["w", "bias"], "float16")
     method, mask_bytes = encode_mask(m.ravel())
     want = section(
-        [table_entry(b"w", (3, 2), PRECISION_IDS[Precision.FLOAT16], 1, method, 4, len(mask_bytes)),
-         table_entry(b"bias", (2,), PRECISION_IDS[Precision.FLOAT16], 0, MaskMethod.ALL_KEPT, 2, 0)],
+        [table_entry(b"w", (3, 2), FLOAT16.wire_id, 1, method, 4, len(mask_bytes)),
+         table_entry(b"bias", (2,), FLOAT16.wire_id, 0, MaskMethod.ALL_KEPT, 2, 0)],
         mask_bytes + encode_values(t[m], "float16") + encode_values(b, "float16"))
     assert body == want
 
@@ -401,8 +407,8 @@ def test_self_describing_names_may_be_unicode_and_255_bytes():
 def test_self_describing_mixed_precisions_report_none():
     v1, v2 = np.array([1.0, 2.0], np.float32), np.array([3.0], np.float32)
     body = section(
-        [table_entry(b"a", (2,), PRECISION_IDS[Precision.FLOAT32], 0, 0, 2, 0),
-         table_entry(b"b", (1,), PRECISION_IDS[Precision.INT8], 0, 0, 1, 0)],
+        [table_entry(b"a", (2,), FLOAT32.wire_id, 0, 0, 2, 0),
+         table_entry(b"b", (1,), INT8.wire_id, 0, 0, 1, 0)],
         encode_values(v1, "float32") + encode_values(v2, "int8"))
     d = decode_self_describing(body)
     assert d.precision is None and d.tensors[0].tolist() == [1.0, 2.0]
@@ -458,7 +464,7 @@ def test_self_describing_leftover_and_missing_bytes():
     expect_codec_error(decode_self_describing, b"\x01", match="ends early")
 
 
-F32 = PRECISION_IDS[Precision.FLOAT32]
+F32 = FLOAT32.wire_id
 
 
 @pytest.mark.parametrize(
@@ -574,7 +580,7 @@ def test_expected_count_is_checked_before_the_table_is_read():
 
 
 @pytest.mark.parametrize("entry", [
-    pytest.param(table_entry(b"w", (2**11, 2**11), PRECISION_IDS[Precision.INT8_CHANNEL], 0, 0, 2**22, 0),
+    pytest.param(table_entry(b"w", (2**11, 2**11), INT8_CHANNEL.wire_id, 0, 0, 2**22, 0),
                  id="int8-channel-unmasked"),
     pytest.param(table_entry(b"w", (2**22,), F32, 1, MaskMethod.ALL_KEPT, 2**22, 0), id="masked-all-kept"),
 ])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -121,7 +123,8 @@ def test_clip_norm_in_the_task_bounds_the_update_on_the_device():
     d.receive(TOPICS.architecture, ARCH.encode())
     payload = task_payload()
     job = d.receive(TOPICS.task("dev-1"), payload)
-    d.decode(job).training["clip_norm"] = 0.5  # AddOne's delta has a norm of about 3.5
+    task = d.decode(job)
+    task.training = dataclasses.replace(task.training, clip_norm=0.5)  # AddOne's delta has a norm of about 3.5
     message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
     update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
     assert global_norm(update.tensors) == pytest.approx(0.5, rel=1e-5)

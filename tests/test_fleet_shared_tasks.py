@@ -16,7 +16,8 @@ ARCH = Architecture(model_json="{}", digest="arch-1", shapes=[[4, 3], [3]], name
 def payload(round_: int, scale: float = 1.0) -> bytes:
     weights = [np.full((4, 3), scale, np.float32), np.arange(3, dtype=np.float32)]
     masks = [np.array([[True, False, True]] * 4), None]
-    task = TrainTask(round_, 1, ARCH.digest, weights, masks, {"local_epochs": 1}, "int8", 30.0)
+    training = {"local_epochs": 1, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.01}
+    task = TrainTask(round_, 1, ARCH.digest, weights, masks, training, "int8", 30.0)
     return encode_task(task, ARCH.names)
 
 

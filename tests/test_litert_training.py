@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup():
     arch, task = small_mlp_task(sparsity=0.8, epochs=8)
-    task.training.update(learning_rate=0.005, batch_size=16)
+    task.training = dataclasses.replace(task.training, learning_rate=0.005, batch_size=16)
     x, y = digits_arrays(1797)
     return arch, task, build_trainable_tflite(arch, [m is not None for m in task.masks], 16), x, y
 
@@ -43,18 +44,14 @@ def test_litert_training_holds_the_mask_and_matches_keras(setup):
     keras_result = KerasTrainer().train(arch, task, xtr, ytr)
     lite_acc, keras_acc = (_accuracy(arch, task, r.delta, xte, yte) for r in (lite, keras_result))
     assert lite_acc > 0.9 and abs(lite_acc - keras_acc) < 0.03, (lite_acc, keras_acc)
-    task.training.update(optimizer="sgd", learning_rate=0.1)
+    adam = task.training
+    task.training = dataclasses.replace(adam, optimizer="sgd", learning_rate=0.1)
     sgd = LiteRTTrainer(trainable, 16).train(arch, task, xtr, ytr)
     assert sgd.metrics["loss"] < 1.0 and np.all(sgd.delta[0][~task.masks[0]] == 0)
-    task.training["optimizer"] = "rmsprop"
-    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
-        LiteRTTrainer(trainable, 16).train(arch, task, xtr, ytr)
-    task.training.update(optimizer="adam", learning_rate=0.005)
+    task.training = adam
 
 
 def test_a_convolution_is_refused_by_name():
-    import dataclasses
-
     from fedprune.models import architecture_of, digits_cnn
 
     arch = architecture_of(digits_cnn((8, 8, 1), 10))

@@ -33,6 +33,7 @@ from fedprune.converters.protocol import (
     Presence,
     RoundAnnouncement,
     Topics,
+    TrainingSettings,
     TrainTask,
     Update,
     decode_task,
@@ -43,11 +44,11 @@ from fedprune.converters.protocol import (
     update_size_bound,
     valid_device_id,
 )
-from fedprune.converters.quantize import Precision, quantization_error_bound
+from fedprune.converters.quantize import PRECISIONS, precision_named, quantization_error_bound
 from fedprune.converters.mask_coding import mask_digest
 
 PROP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALL = list(Precision)
+ALL = list(PRECISIONS)
 MAX = 1 << 22
 
 SHAPES = [(16, 12), (12,), (3, 3, 4, 8), (8,)]
@@ -86,11 +87,14 @@ def make_update(precision="int8", *, encoding=Encoding.VALUES_ONLY, content="del
     return u, masks
 
 
+TRAINING = {"local_epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.002}
+
+
 def make_task(downlink="float32", compressible=False, **kw) -> TrainTask:
     masks = example_masks(3)
     fields = dict(
         round=5, attempt=2, architecture_digest="abc123", weights=example_tensors(masks, 4, compressible=compressible),
-        masks=masks, training={"local_epochs": 2, "batch_size": 16, "optimizer": "adam", "learning_rate": 0.002},
+        masks=masks, training=TRAINING,
         uplink_precision="int4", deadline_s=120.5, downlink_precision=downlink, session="s-1f2e",
         update_content="weights", error_feedback=False, stochastic_rounding=True, compression="zstd",
         device_sparsity=0.75,
@@ -114,12 +118,12 @@ def reframe(data: bytes, header_changes: dict | None = None, drop: tuple = (), b
 
 
 def assert_close(orig, out, mask, precision) -> None:
-    p = Precision(precision)
+    p = precision_named(precision)
     assert out.shape == orig.shape and out.dtype == np.float32
     sel = np.ones(orig.shape, bool) if mask is None else mask
     assert np.all(out[~sel] == 0.0) and not np.signbit(out[~sel]).any()
     ch, c = None, 1
-    if p is Precision.INT8_CHANNEL:
+    if p.per_channel:
         c = n_channels(orig.shape)
         ch = np.flatnonzero(sel.ravel()) % c
     bound = quantization_error_bound(orig[sel], p, ch, c)
@@ -262,7 +266,7 @@ def test_architecture_field_checks(changes):
 @pytest.mark.parametrize("downlink", ALL)
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_task_round_trip(downlink, compression):
-    task = make_task(downlink.value, compressible=True)
+    task = make_task(downlink.name, compressible=True)
     data = encode_task(task, NAMES, compression)
     kind, h, _ = unpack_frame(data, MAX)
     assert kind == Kind.TASK and h["mask_digest"] == mask_digest(task.masks)
@@ -284,7 +288,7 @@ def test_task_round_trip(downlink, compression):
 def test_task_defaults_round_trip():
     masks = example_masks(1)
     task = TrainTask(round=0, attempt=0, architecture_digest="", weights=example_tensors(masks), masks=masks,
-                     training={}, uplink_precision="int8", deadline_s=1)
+                     training=TRAINING, uplink_precision="int8", deadline_s=1)
     got = decode_task(encode_task(task, NAMES), NAMES, SHAPES, MAX)
     assert (got.session, got.update_content, got.error_feedback, got.stochastic_rounding, got.compression,
             got.downlink_precision, got.device_sparsity) == ("", "delta", True, False, "none", "float32", None)
@@ -366,6 +370,52 @@ def test_decode_task_missing_fields(field):
     expect_codec_error(decode_task, reframe(TASK, drop=(field,)), NAMES, SHAPES, MAX)
 
 
+def test_training_settings_give_back_the_json_they_came_from():
+    """``as_dict`` is the task header's ``training`` object: the keys in their order, the numbers as
+    given, ``clip_norm`` only when set; so the task's bytes do not depend on how it was built."""
+    settings = TrainingSettings.from_mapping(TRAINING)
+    assert (settings.local_epochs, settings.batch_size, settings.optimizer, settings.learning_rate,
+            settings.clip_norm) == (2, 16, "adam", 0.002, None)
+    assert list(settings.as_dict().items()) == list(TRAINING.items())
+    clipped = {**TRAINING, "learning_rate": 1, "clip_norm": 0.5}
+    assert json.dumps(TrainingSettings.from_mapping(clipped).as_dict()) == json.dumps(clipped)
+    shuffled = dict(reversed(list(TRAINING.items())))
+    assert list(TrainingSettings.from_mapping(shuffled).as_dict()) == list(TRAINING)
+    # a dict (as the aggregator passes) and the settings build the same task, byte for byte
+    assert make_task().training == settings
+    assert encode_task(make_task(training=settings), NAMES) == encode_task(make_task(), NAMES)
+    _, h, _ = unpack_frame(encode_task(make_task(training=clipped), NAMES), MAX)
+    assert h["training"] == clipped
+
+
+DROP = object()
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"local_epochs": DROP}, "training has no key 'local_epochs'"),
+    ({"momentum": 0.9}, "training has unknown key 'momentum'"),
+    ({"local_epochs": 0}, "training.local_epochs"), ({"local_epochs": 1.0}, "training.local_epochs"),
+    ({"batch_size": True}, "training.batch_size"), ({"batch_size": "16"}, "training.batch_size"),
+    ({"optimizer": "rmsprop"}, "training.optimizer"), ({"optimizer": None}, "training.optimizer"),
+    ({"learning_rate": 0}, "training.learning_rate"), ({"learning_rate": float("nan")}, "training.learning_rate"),
+    ({"learning_rate": "0.1"}, "training.learning_rate"), ({"learning_rate": 10**400}, "training.learning_rate"),
+    ({"clip_norm": 0.0}, "training.clip_norm"), ({"clip_norm": -1}, "training.clip_norm"),
+    ({"clip_norm": float("inf")}, "training.clip_norm"),
+])
+def test_training_settings_name_the_bad_key(changes, match):
+    bad = {k: v for k, v in {**TRAINING, **changes}.items() if v is not DROP}
+    with pytest.raises(ValueError, match=match):
+        TrainingSettings.from_mapping(bad)
+    with pytest.raises(ValueError, match=match):
+        make_task(training=bad)
+    expect_codec_error(decode_task, reframe(TASK, {"training": bad}), NAMES, SHAPES, MAX, match=match)
+
+
+def test_training_settings_must_be_a_mapping():
+    with pytest.raises(ValueError, match="training must be an object"):
+        TrainingSettings.from_mapping([("local_epochs", 1)])
+
+
 def test_decode_task_missing_mask_digest():
     expect_codec_error(decode_task, reframe(TASK, drop=("mask_digest",)), NAMES, SHAPES, MAX, match="digest")
 
@@ -421,12 +471,12 @@ def test_decode_task_zip_bomb_with_negative_claim_is_refused_cheaply():
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 @pytest.mark.parametrize("content", ["delta", "weights"])
 def test_values_only_update_round_trip(precision, compression, content):
-    u, masks = make_update(precision.value, content=content, compression=compression, compressible=True)
+    u, masks = make_update(precision.name, content=content, compression=compression, compressible=True)
     data = encode_update(u, masks)
     got = decode_update(data, SHAPES, masks, MAX)
     assert (got.round, got.attempt, got.device_id, got.num_samples) == (3, 1, "dev-7", 42)
     assert got.metrics == u.metrics  # all exactly representable in float32
-    assert (got.content, got.precision, got.encoding, got.error) == (content, precision.value,
+    assert (got.content, got.precision, got.encoding, got.error) == (content, precision.name,
                                                                      Encoding.VALUES_ONLY, "")
     assert got.compression == compression  # compressible tensors: the lossless stage is used
     assert got.masks is None and got.mask_digest == mask_digest(masks)
@@ -437,7 +487,7 @@ def test_values_only_update_round_trip(precision, compression, content):
 @pytest.mark.parametrize("precision", ALL)
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
 def test_self_describing_update_round_trip(precision, compression):
-    u, device_masks = make_update(precision.value, encoding=Encoding.SELF_DESCRIBING, compression=compression,
+    u, device_masks = make_update(precision.name, encoding=Encoding.SELF_DESCRIBING, compression=compression,
                                   compressible=True, seed=4)
     data = encode_update(u, device_masks, names=NAMES)
     # the receiver's masks do not matter: the update carries its own
@@ -518,7 +568,7 @@ def test_peek_update():
     data = encode_update(u, masks)
     h, section = peek_update(data, MAX)
     assert (h.round, h.attempt, h.device_id, h.num_samples, h.content) == (3, 1, "dev-7", 42, "weights")
-    assert h.encoding is Encoding.VALUES_ONLY and h.precision is Precision.INT8_CHANNEL
+    assert h.encoding is Encoding.VALUES_ONLY and h.precision == precision_named("int8-channel")
     assert h.compression is Compression.ZSTD and h.mask_digest == mask_digest(masks)
     assert h.metrics == u.metrics and h.error == ""
     raw = encode_values_only(u.tensors, masks, "int8-channel")
@@ -549,9 +599,9 @@ def test_update_layout_and_size():
 
 @pytest.mark.parametrize("precision", ALL)
 def test_update_size_bound_holds_for_every_precision(precision):
-    u, masks = make_update(precision.value)
+    u, masks = make_update(precision.name)
     data = encode_update(u, masks)
-    assert len(data) <= update_size_bound(SHAPES, masks, precision.value) + 128
+    assert len(data) <= update_size_bound(SHAPES, masks, precision.name) + 128
 
 
 @pytest.mark.parametrize("offset,value", [
@@ -630,7 +680,7 @@ def test_encode_update_argument_errors():
 
 UPDATE_MASKS = example_masks()
 TARGETS = {
-    **{f"update-{p.value}": (encode_update(make_update(p.value)[0], UPDATE_MASKS), "update") for p in ALL},
+    **{f"update-{p.name}": (encode_update(make_update(p.name)[0], UPDATE_MASKS), "update") for p in ALL},
     "update-zlib": (encode_update(make_update("int8", compression="zlib", compressible=True)[0], UPDATE_MASKS),
                     "update"),
     "update-zstd": (encode_update(make_update("float16", compression="zstd", compressible=True)[0], UPDATE_MASKS),
@@ -768,20 +818,20 @@ def layouts(draw):
 def test_random_layouts_round_trip(layout, precision, compression, encoding):
     shapes, masks, tensors = layout
     names = [f"layer{i}/w" for i in range(len(shapes))]
-    u = Update(round=1, attempt=0, device_id="d", num_samples=5, tensors=tensors, precision=precision.value,
+    u = Update(round=1, attempt=0, device_id="d", num_samples=5, tensors=tensors, precision=precision.name,
                encoding=encoding, compression=compression)
     data = encode_update(u, masks, names=names)
     receiver_masks = masks if encoding == Encoding.VALUES_ONLY else [None] * len(masks)
     got = decode_update(data, shapes, receiver_masks, MAX, names=names)
     if encoding == Encoding.VALUES_ONLY and compression == "none":
-        assert len(data) <= update_size_bound(shapes, masks, precision.value) + 128
+        assert len(data) <= update_size_bound(shapes, masks, precision.name) + 128
     if encoding == Encoding.SELF_DESCRIBING:
         assert same_masks(got.masks, masks)
     for t, o, m in zip(tensors, got.tensors, masks):
         assert_close(t, o, m, precision)
     # the same layout as a task: the masks travel in the frame
-    task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks), training={},
-                     uplink_precision="int8", deadline_s=1.0, downlink_precision=precision.value)
+    task = TrainTask(round=2, attempt=1, architecture_digest="x", weights=tensors, masks=list(masks), training=TRAINING,
+                     uplink_precision="int8", deadline_s=1.0, downlink_precision=precision.name)
     back = decode_task(encode_task(task, names, compression), names, shapes, MAX)
     assert same_masks(back.masks, masks)
     for t, o, m in zip(tensors, back.weights, masks):

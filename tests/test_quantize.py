@@ -18,24 +18,34 @@ from hypothesis.extra import numpy as hnp
 from fedprune.converters.errors import CodecError
 from fedprune.converters.quantize import (
     FLOAT16_MAX,
-    PRECISION_IDS,
+    PRECISION_NAMES,
+    PRECISIONS,
+    Float16,
+    Float32,
+    Int4,
+    Int8,
+    Int8PerChannel,
     Precision,
     decode_values,
     encode_values,
+    precision_from_config,
+    precision_named,
+    precision_with_wire_id,
     quantization_error_bound,
     value_bits,
     value_section_size,
 )
 
 PROP = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-ALL = list(Precision)
-INTS = [Precision.INT8, Precision.INT8_CHANNEL, Precision.INT4]
+ALL = list(PRECISIONS)
+FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4 = Float32(), Float16(), Int8(), Int8PerChannel(), Int4()
+INTS = [INT8, INT8_CHANNEL, INT4]
 F32_MAX = float(np.finfo(np.float32).max)
 
 
 def kw(precision: Precision, n_channels: int = 4, channels: np.ndarray | None = None) -> dict:
-    """Channel arguments for int8-channel, nothing for the others."""
-    if precision is Precision.INT8_CHANNEL:
+    """Channel arguments for a per-channel precision, nothing for the others."""
+    if precision.per_channel:
         return {"n_channels": n_channels, "channels": channels}
     return {}
 
@@ -60,13 +70,67 @@ def scales_of(data: bytes, n: int) -> np.ndarray:
 
 
 def test_names_ids_and_bits():
-    assert [p.value for p in Precision] == ["float32", "float16", "int8", "int8-channel", "int4"]
-    assert Precision("int8-channel") is Precision.INT8_CHANNEL
-    assert Precision.INT8 == "int8"
-    assert {p.value: i for p, i in PRECISION_IDS.items()} == {
-        "float32": 0, "float16": 1, "int8": 2, "int8-channel": 3, "int4": 4}
+    assert PRECISION_NAMES == ("float32", "float16", "int8", "int8-channel", "int4")
+    assert ALL == [FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4]
+    assert precision_named("int8-channel") == INT8_CHANNEL and precision_named(INT4) is INT4
+    assert str(INT8) == "int8" and INT8.value == "int8"  # .value: what the enum it replaced had
+    # the wire ids are in every binary header ever sent: never renumbered
+    assert {p.name: p.wire_id for p in ALL} == {"float32": 0, "float16": 1, "int8": 2, "int8-channel": 3, "int4": 4}
+    assert all(precision_with_wire_id(p.wire_id) == p for p in ALL)
     assert [value_bits(p) for p in ALL] == [32, 16, 8, 8, 4]
     assert value_bits("int4") == 4
+    assert [p.per_channel for p in ALL] == [False, False, False, True, False]
+    assert [p.exact for p in ALL] == [True, False, False, False, False]
+
+
+@pytest.mark.parametrize("bad", ["int9", "INT8", "", None, 3, INT8.get_config()])
+def test_unknown_precision_names_are_refused_with_the_known_ones(bad):
+    with pytest.raises(ValueError, match="int8-channel"):
+        precision_named(bad)
+
+
+@pytest.mark.parametrize("bad", [5, -1, 255, None, "2", 2.5])
+def test_unknown_wire_ids_are_refused(bad):
+    with pytest.raises(ValueError, match="precision id"):
+        precision_with_wire_id(bad)
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ({}, "'precision' key"),
+    ({"precision": "int9"}, "unknown 'precision'"),
+    ({"precision": 2}, "unknown 'precision'"),
+    ({"precision": "int8", "bits": 8}, "unknown key 'bits'"),
+    (["precision", "int8"], "mapping"),
+])
+def test_precision_from_config_names_the_bad_key(config, match):
+    with pytest.raises(ValueError, match=match):
+        precision_from_config(config)
+
+
+# --------------------------------------------------------------------------- every precision
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=PRECISION_NAMES)
+def test_every_registered_precision_conforms(precision: Precision):
+    """What the codec and the task file rely on, for every registered precision: its config
+    round-trips; a section has exactly ``section_size`` bytes and round-trips within the stated
+    error bound, with round-to-nearest and with stochastic rounding; a decoder refuses a section
+    one byte short or long with ``CodecError``."""
+    assert precision_from_config(precision.get_config()) == precision
+    assert precision_from_config({"precision": precision.name}) is precision_named(precision.name)
+    assert precision_with_wire_id(precision.wire_id) == precision
+    rng = np.random.default_rng(precision.wire_id)
+    for count, n_channels in ((0, 1), (1, 1), (7, 3), (1000, 4)):
+        v = (rng.standard_normal(count) * 3).astype(np.float32)
+        for stochastic in (False, True):
+            data = precision.encode(v, n_channels=n_channels, stochastic=stochastic, rng=rng)
+            assert len(data) == precision.section_size(count, n_channels)
+            out = precision.decode(data, count, n_channels=n_channels)
+            assert out.dtype == np.float32 and out.shape == (count,)
+            assert max_err(out, v) <= precision.error_bound(v, None, n_channels, stochastic=stochastic)
+            for wrong in ((data[:-1],) if data else ()) + (data + b"\0",):
+                with pytest.raises(CodecError, match="expected"):
+                    precision.decode(wrong, count, n_channels=n_channels)
 
 
 @pytest.mark.parametrize(
@@ -97,16 +161,16 @@ def test_value_section_size_rejects_bad_arguments(bad):
 def test_roundtrip_within_bound(precision, count):
     rng = np.random.default_rng(count)
     v = (rng.standard_normal(count) * rng.choice([1e-3, 1.0, 50.0], size=count)).astype(np.float32)
-    ch = np.sort(rng.integers(0, 4, size=count)) if precision is Precision.INT8_CHANNEL else None
+    ch = np.sort(rng.integers(0, 4, size=count)) if precision == INT8_CHANNEL else None
     out = roundtrip(v, precision, **kw(precision, 4, ch))
     bound = quantization_error_bound(v, precision, ch, 4)
     assert max_err(out, v) <= bound
-    if precision is Precision.FLOAT32:
+    if precision == FLOAT32:
         assert np.array_equal(out, v)
-    if precision is Precision.INT8_CHANNEL:  # each channel within its own, tighter, bound
+    if precision == INT8_CHANNEL:  # each channel within its own, tighter, bound
         for c in range(4):
             sel = ch == c
-            assert max_err(out[sel], v[sel]) <= quantization_error_bound(v[sel], Precision.INT8)
+            assert max_err(out[sel], v[sel]) <= quantization_error_bound(v[sel], INT8)
 
 
 finite32 = hnp.arrays(
@@ -119,10 +183,10 @@ finite32 = hnp.arrays(
 @given(v=finite32, precision=st.sampled_from(ALL), n_channels=st.integers(1, 5), data=st.data())
 def test_roundtrip_property(v, precision, n_channels, data):
     """Any finite float32 (subnormals and ±float32 max included) stays within the bound."""
-    if precision is Precision.FLOAT16:
+    if precision == FLOAT16:
         v = np.clip(v, -FLOAT16_MAX, FLOAT16_MAX)
     ch = None
-    if precision is Precision.INT8_CHANNEL and data.draw(st.booleans()):
+    if precision == INT8_CHANNEL and data.draw(st.booleans()):
         ch = np.asarray(data.draw(st.lists(st.integers(0, n_channels - 1), min_size=v.size,
                                            max_size=v.size)), dtype=np.int64)
     out = roundtrip(v, precision, **kw(precision, n_channels, ch))
@@ -138,15 +202,15 @@ def test_int8_channel_dense_default_is_index_mod_n():
                           decode_values(explicit, 24, "int8-channel", n_channels=6,
                                         channels=np.arange(24) % 6))
     # a count that is not a multiple of n_channels still works (index % n_channels)
-    out = roundtrip(v[:23], Precision.INT8_CHANNEL, n_channels=6)
+    out = roundtrip(v[:23], INT8_CHANNEL, n_channels=6)
     assert max_err(out, v[:23]) <= quantization_error_bound(v[:23], "int8-channel", None, 6)
 
 
 def test_exact_grid_values_roundtrip_exactly():
     q = np.arange(-127, 128, dtype=np.float32)
-    assert np.array_equal(roundtrip(q * 0.5, Precision.INT8), q * 0.5)
+    assert np.array_equal(roundtrip(q * 0.5, INT8), q * 0.5)
     q4 = np.arange(-7, 8, dtype=np.float32)  # 15 values: odd count
-    assert np.array_equal(roundtrip(q4 * 0.25, Precision.INT4), q4 * 0.25)
+    assert np.array_equal(roundtrip(q4 * 0.25, INT4), q4 * 0.25)
 
 
 def test_extreme_magnitudes():
@@ -192,7 +256,7 @@ def test_channel_scale_is_max_of_kept_values_of_that_channel():
     assert np.all(out[ch == 4] == 0)
 
 
-@pytest.mark.parametrize(("precision", "qmax"), [(Precision.INT8, 127), (Precision.INT4, 7)])
+@pytest.mark.parametrize(("precision", "qmax"), [(INT8, 127), (INT4, 7)])
 def test_tensor_scale_is_max_over_values(precision, qmax):
     v = np.array([0.5, -2.5, 1.0], dtype=np.float32)
     assert scales_of(encode_values(v, precision), 1)[0] == np.float32(2.5 / qmax)
@@ -204,7 +268,7 @@ def test_all_zero_and_empty(precision):
         data = encode_values(v, precision, **kw(precision, 3))
         assert len(data) == value_section_size(v.size, precision, 3)
         if precision in INTS:
-            n = 3 if precision is Precision.INT8_CHANNEL else 1
+            n = 3 if precision.per_channel else 1
             assert np.all(scales_of(data, n) == 0)
         out = decode_values(data, v.size, precision, **kw(precision, 3))
         assert out.dtype == np.float32 and out.shape == (v.size,) and np.all(out == 0)
@@ -236,8 +300,7 @@ def test_half_to_even_rounding():
 # --------------------------------------------------------------------------- stochastic rounding
 
 
-@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT8_CHANNEL, Precision.INT4,
-                                       Precision.FLOAT16])
+@pytest.mark.parametrize("precision", [INT8, INT8_CHANNEL, INT4, FLOAT16])
 def test_stochastic_rounding_is_unbiased(precision):
     rng = np.random.default_rng(42)
     v = rng.uniform(-1, 1, 64).astype(np.float32)
@@ -249,14 +312,15 @@ def test_stochastic_rounding_is_unbiased(precision):
                       v.size, precision, **kw(precision, 2))
         for _ in range(reps)
     ]).astype(np.float64)
-    step = 2 * quantization_error_bound(v, precision, None, 2)  # one quantum (an ulp for fp16)
+    step = precision.error_bound(v, None, 2, stochastic=True)  # one quantum (an ulp for fp16)
+    assert step == 2 * quantization_error_bound(v, precision, None, 2)
     # each draw is within one step; the mean of `reps` draws has std <= step / (2 sqrt(reps))
     assert np.all(np.abs(dec - v) <= step * 1.0001)
     tol = 6 * step / (2 * np.sqrt(reps))
     assert np.all(np.abs(dec.mean(axis=0) - v) <= tol)
     determ = decode_values(encode_values(v, precision, **kw(precision, 2)), v.size, precision,
                            **kw(precision, 2))
-    if precision is Precision.INT4:
+    if precision == INT4:
         assert determ[1] == 0 and abs(dec[:, 1].mean() - v[1]) <= tol  # the bias that goes away
 
 
@@ -279,7 +343,7 @@ def test_float16_stochastic_subnormals_and_binade_edge():
 
 def test_stochastic_rng_controls_the_bytes():
     v = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-    for p in (Precision.INT8, Precision.INT4, Precision.FLOAT16, Precision.INT8_CHANNEL):
+    for p in (INT8, INT4, FLOAT16, INT8_CHANNEL):
         a = encode_values(v, p, stochastic=True, rng=np.random.default_rng(1), **kw(p, 4))
         b = encode_values(v, p, stochastic=True, rng=np.random.default_rng(2), **kw(p, 4))
         c = encode_values(v, p, stochastic=True, rng=np.random.default_rng(1), **kw(p, 4))
@@ -297,7 +361,7 @@ def test_stochastic_rng_controls_the_bytes():
 
 def test_float16_overflow_raises():
     ok = np.array([FLOAT16_MAX, -FLOAT16_MAX], dtype=np.float32)
-    assert np.array_equal(roundtrip(ok, Precision.FLOAT16), ok)
+    assert np.array_equal(roundtrip(ok, FLOAT16), ok)
     for bad in (65505.0, -70000.0, 1e30):
         with pytest.raises(ValueError, match="float16"):
             encode_values(np.array([1.0, bad], dtype=np.float32), "float16")
@@ -410,7 +474,7 @@ def test_decode_channel_checks():
 
 # --------------------------------------------------------------------------- fuzzing the decoder
 
-precisions = st.one_of(st.sampled_from(ALL), st.sampled_from([p.value for p in ALL]),
+precisions = st.one_of(st.sampled_from(ALL), st.sampled_from(PRECISION_NAMES),
                        st.text(max_size=8), st.none(), st.integers())
 counts = st.one_of(st.integers(0, 40), st.integers(-5, 1 << 64), st.sampled_from([None, 1.5, True]))
 channel_arrays = st.one_of(
