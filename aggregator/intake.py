@@ -104,8 +104,8 @@ def _header_problem(ctx: RoundContext, header: UpdateHeader, device_id: str, rep
         return f"duplicate: {device_id} already reported round {r}"
     if header.error:
         return f"device error: {header.error}"
-    if header.precision.value != ctx.uplink_precision:
-        return f"wrong encoding: update is {header.precision.value}, the task asked for {ctx.uplink_precision}"
+    if header.precision.name != ctx.uplink_precision:
+        return f"wrong encoding: update is {header.precision.name}, the task asked for {ctx.uplink_precision}"
     return ""
 
 

@@ -95,12 +95,6 @@ class Precision(ABC):
     def __str__(self) -> str:
         return self.name
 
-    @property
-    def value(self) -> str:
-        """The config name, under the attribute the ``Precision`` enum this class replaced had
-        (``aggregator/server.py`` reads ``header.precision.value``)."""
-        return self.name
-
     def get_config(self) -> dict[str, Any]:
         """``{"precision": name}``; ``precision_from_config(p.get_config()) == p``."""
         return {"precision": self.name}

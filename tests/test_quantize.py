@@ -73,7 +73,7 @@ def test_names_ids_and_bits():
     assert PRECISION_NAMES == ("float32", "float16", "int8", "int8-channel", "int4")
     assert ALL == [FLOAT32, FLOAT16, INT8, INT8_CHANNEL, INT4]
     assert precision_named("int8-channel") == INT8_CHANNEL and precision_named(INT4) is INT4
-    assert str(INT8) == "int8" and INT8.value == "int8"  # .value: what the enum it replaced had
+    assert str(INT8) == "int8" and INT8.name == "int8"
     # the wire ids are in every binary header ever sent: never renumbered
     assert {p.name: p.wire_id for p in ALL} == {"float32": 0, "float16": 1, "int8": 2, "int8-channel": 3, "int4": 4}
     assert all(precision_with_wire_id(p.wire_id) == p for p in ALL)
