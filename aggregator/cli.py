@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedprune.aggregator.strategies import strategy_for_task
 from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
 from fedprune.transport import parse_broker_url
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--resume needs --run-dir: the folder of the run to continue")
     if sum(x is not None for x in (args.broker, args.connection, args.broker_dir)) > 1:
         parser.error("give at most one of --broker, --connection and --broker-dir")
-    task = load_task_or_exit(args.task)
+    task = load_task_or_exit(args.task, check=strategy_for_task)
     run_dir = args.run_dir or default_run_dir(args.task)
     try:
         broker_url, folder = _broker_choice(args, task.federation.id)

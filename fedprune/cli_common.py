@@ -6,6 +6,7 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 def add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -19,16 +20,21 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-def load_task_or_exit(path: str):
-    """The task file, or a one-line error naming the key and exit status 2."""
+def load_task_or_exit(path: str, check: Callable[[Any], object] | None = None):
+    """The task file, or a one-line error naming the key and exit status 2. ``check(task)`` may
+    raise ``TaskError`` too: what only a higher layer can check (a strategy's registered name)."""
     import sys
 
     from fedprune.task import TaskError, load_task
 
     try:
-        return load_task(path)
+        task = load_task(path)
+        if check is not None:
+            check(task)
+        return task
     except TaskError as e:
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e) if str(e).startswith(str(path)) else f"{path}: {e}"
+        print(f"error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -127,13 +127,15 @@ class PruningSection:
     power: float = 3.0
     # polynomial: tfmot's PolynomialDecay in rounds; constant: final_sparsity at every turn;
     # adaptive: rise by `step` while held-out accuracy stays within `tolerance` of the best, else back off
-    schedule: Literal["polynomial", "constant", "adaptive"] = "polynomial"
+    schedule: str = "polynomial"  # or any registered schedule (fedprune.pruning.schedules.SCHEDULES)
+    schedule_params: dict = field(default_factory=dict)  # [pruning.schedule_params]: a plug-in schedule's
     step: float = 0.1
     tolerance: float = 0.01
     # Which weights a pruning step removes (fedprune.pruning.rules): magnitude (to the scheduled
     # sparsity, per layer or `scope = "global"`), absolute (|w| <= threshold), max_rate
     # (|w| <= rate * max|w|), row_mean (|w| <= scale * mean of its row), m_by_n (keep m of n inputs).
-    rule: Literal["magnitude", "absolute", "max_rate", "row_mean", "m_by_n"] = "magnitude"
+    rule: str = "magnitude"  # or any registered rule (fedprune.pruning.rules)
+    rule_params: dict = field(default_factory=dict)  # [pruning.rule_params]: a plug-in rule's parameters
     scope: Literal["layer", "global"] = "layer"
     threshold: float = 0.0
     rate: float = 0.0
@@ -156,8 +158,9 @@ class PruningSection:
     def check(self, rounds: int) -> None:
         try:
             self.schedule_object()
-        except ValueError as e:
-            raise TaskError(f"pruning.{e}") from None
+        except ValueError as e:  # "begin_round must be ..." names a key of this section; the rest do not
+            key = str(e).split(" ", 1)[0]
+            raise TaskError(f"pruning.{e}" if hasattr(self, key) else f"pruning: {e}") from None
         if self.final_sparsity > 0 and self.end_round > rounds:
             raise TaskError(
                 f"pruning.end_round ({self.end_round}) is after the last round "
@@ -205,14 +208,15 @@ class PruningSection:
     def schedule_config(self) -> dict[str, Any]:
         """The config of the schedule this section describes (``schedule_from_config``'s input)."""
         rounds = {"begin_round": self.begin_round, "end_round": self.end_round, "frequency": self.frequency}
-        params: dict[str, Any] = {
+        built_in: dict[str, dict[str, Any]] = {
             "polynomial": {"initial_sparsity": self.initial_sparsity, "final_sparsity": self.final_sparsity,
-                           "power": self.power},
-            "constant": {"target_sparsity": self.final_sparsity},
+                           "power": self.power, **rounds},
+            "constant": {"target_sparsity": self.final_sparsity, **rounds},
             "adaptive": {"initial_sparsity": self.initial_sparsity, "final_sparsity": self.final_sparsity,
-                         "step": self.step, "tolerance": self.tolerance},
-        }[self.schedule]
-        return {"schedule": self.schedule, **params, **rounds}
+                         "step": self.step, "tolerance": self.tolerance, **rounds},
+        }
+        # A plug-in schedule takes exactly its [pruning.schedule_params] (docs/extending.md).
+        return {"schedule": self.schedule, **built_in.get(self.schedule, {}), **self.schedule_params}
 
     def schedule_object(self) -> PruningSchedule:
         """The schedule this section describes (a fresh one: adaptive schedules carry state)."""
@@ -221,7 +225,7 @@ class PruningSection:
     def default_rule(self) -> Rule:
         params = {"absolute": {"threshold": self.threshold}, "max_rate": {"rate": self.rate},
                   "row_mean": {"scale": self.scale}, "m_by_n": {"m": self.m, "n": self.n}}.get(self.rule, {})
-        return rule_from_config({"rule": self.rule, **params})
+        return rule_from_config({"rule": self.rule, **params, **self.rule_params})
 
     def rule_for(self, layer: str) -> Rule:
         return rule_from_config(self.layers[layer]) if layer in self.layers else self.default_rule()
@@ -265,11 +269,14 @@ class AggregationSection:
 
     # fedavg: sample-weighted mean; median, trimmed_mean: coordinate-wise (Yin et al. 2018);
     # krum, multi_krum: the updates closest to their neighbours (Blanchard et al. 2017)
-    method: Literal["fedavg", "median", "trimmed_mean", "krum", "multi_krum"] = "fedavg"
+    # Any registered strategy's name (fedprune.aggregator.strategies.STRATEGIES); the aggregator
+    # refuses an unknown one when it loads the task.
+    method: str = "fedavg"
     clip_norm: float = 0.0  # > 0: scale every update down to at most this L2 norm first (any method)
     trim_fraction: float = 0.1  # trimmed_mean: drop this fraction of the largest and of the smallest values
     byzantine: int = 1  # krum, multi_krum: hostile updates tolerated per round (f)
     multi_krum_keep: int = 0  # multi_krum: updates averaged (m); 0 = the round's updates minus byzantine
+    params: dict = field(default_factory=dict)  # [aggregation.params]: a plug-in strategy's parameters
 
     def check(self, fed: FederationSection) -> None:
         if self.clip_norm < 0:

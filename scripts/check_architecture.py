@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,8 @@ def wrong_arrows(root: Path = ROOT) -> list[Arrow]:
 def bare_imports(root: Path = ROOT) -> list[str]:
     """Imports of a folder's bare name (``import aggregator``) anywhere in the repository's code."""
     found = []
-    files = [p for p in root.rglob("*.py") if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    folders = [*package_folders(root).values(), root / "tests", root / "scripts", root / "examples"]
+    files = [p for folder in folders if folder.is_dir() for p in folder.rglob("*.py")]
     for path in sorted(files):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
@@ -187,7 +189,14 @@ def aggregator_lengths(root: Path = ROOT) -> dict:
 def wheel_contents(root: Path = ROOT) -> dict:
     """Build the wheel; its top-level import names and the modules it is missing, if any."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(root)],
+        # Built from a copy: setuptools leaves build/ in the tree it builds.
+        source = Path(tmp) / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(root / name, source / name)
+        for folder in package_folders(root).values():
+            shutil.copytree(folder, source / folder.relative_to(root), ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(source)],
                        check=True, capture_output=True)
         wheel = next(Path(tmp).glob("fedprune-*.whl"))
         names = zipfile.ZipFile(wheel).namelist()

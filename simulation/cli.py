@@ -102,6 +102,7 @@ def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedprune.aggregator.strategies import strategy_for_task
     from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
     from fedprune.simulation.fleet import parse_id_range
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
     if args.no_aggregator and not args.broker:
         parser.error("--no-aggregator needs --broker: the broker that fedprune-aggregator and the other hosts use")
-    task = load_task_or_exit(args.task)
+    task = load_task_or_exit(args.task, check=strategy_for_task)
 
     if args.no_aggregator:
         ids = device_ids or range(args.devices)

@@ -48,6 +48,12 @@ def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
     assert "transport.uplink" in proc.stderr
+    # A strategy name only the aggregator's registry knows is checked as the task loads, too.
+    bad.write_text(TASK + "\n[aggregation]\nmethod = 'mean_of_best'\n")
+    proc = subprocess.run(command("fedprune-aggregator", "fedprune.aggregator.cli") + ["--task", str(bad)],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 2
+    assert f"{bad}: aggregation: unknown 'strategy' 'mean_of_best'" in proc.stderr
 
 
 def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosquitto_url, tmp_path):

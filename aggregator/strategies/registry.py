@@ -58,12 +58,19 @@ def strategy_config(task: Task) -> dict[str, Any]:
         "krum": {"byzantine": agg.byzantine},
         "multi_krum": {"byzantine": agg.byzantine, "keep": agg.multi_krum_keep or None},
     }
-    method = {"strategy": agg.method, **params.get(agg.method, {})}
+    # A plug-in strategy takes its [aggregation.params] (docs/extending.md).
+    method = {"strategy": agg.method, **params.get(agg.method, {}), **agg.params}
     if agg.clip_norm > 0:
         return {"strategy": NormClipping.strategy_name, "clip_norm": agg.clip_norm, "inner": method}
     return method
 
 
 def strategy_for_task(task: Task) -> Strategy:
-    """The strategy the task asks for (``strategy_config``), built."""
-    return strategy_from_config(strategy_config(task))
+    """The strategy the task asks for (``strategy_config``), built; ``TaskError`` naming the
+    ``[aggregation]`` key when the task names an unknown strategy or a bad parameter."""
+    from fedprune.task import TaskError
+
+    try:
+        return strategy_from_config(strategy_config(task))
+    except ValueError as e:
+        raise TaskError(f"aggregation: {e}") from None

@@ -21,7 +21,7 @@ target. ``MByN`` imposes a fixed structure and ignores the target too.
 0.4}``; ``rule.get_config()`` returns exactly such a dict.
 
 To add one: a frozen dataclass subclass of ``Rule`` with a ``rule_name`` and ``mask`` (checking
-its parameters in ``__post_init__``), one line in ``_RULES``, and an instance in
+its parameters in ``__post_init__``), one line in ``RULES``, and an instance in
 ``tests/test_pruning_rules.py``'s ``ALL_RULES``, whose tests then check that it never revives a
 position and that its config round-trips.
 """
@@ -45,6 +45,7 @@ __all__ = [
     "MaxRateThreshold",
     "RowMeanThreshold",
     "Rule",
+    "RULES",
     "rule_from_config",
 ]
 
@@ -258,7 +259,7 @@ class MByN(Rule):
 
 # --------------------------------------------------------------------------- config
 
-_RULES: dict[str, type[Rule]] = {
+RULES: dict[str, type[Rule]] = {
     cls.rule_name: cls
     for cls in (LayerMagnitude, AbsoluteThreshold, MaxRateThreshold, RowMeanThreshold, MByN)
 }
@@ -272,5 +273,5 @@ def rule_from_config(d: Mapping[str, Any]) -> Rule:
     default 4). Raises ``ValueError`` naming the offending key: a missing or unknown ``rule``, a
     parameter the rule does not take, a missing required parameter, or a bad value.
     """
-    cls, params = parse_config("rule", _RULES, d)
+    cls, params = parse_config("rule", RULES, d)
     return cls(**params)
