@@ -36,8 +36,8 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class DataSection:
-    dataset: Literal["digits", "breast_cancer", "mnist1d", "npz"] = "digits"
-    path: str = ""  # for dataset = "npz"
+    dataset: str = "digits"  # a name in fedprune.data.LOADERS
+    path: str = ""  # for a user's file (dataset = "npz")
     test_fraction: float = 0.2
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
@@ -45,6 +45,10 @@ class DataSection:
     min_samples: int = 2  # the fewest training samples a simulated device may hold
 
     def check(self) -> None:
+        from fedprune.data import LOADERS
+
+        if self.dataset not in LOADERS:
+            raise TaskError(f"data.dataset must be one of {sorted(LOADERS)}, got {self.dataset!r}")
         if self.dataset == "npz" and not self.path:
             raise TaskError("data.path is required when data.dataset = 'npz'")
         _in_open_interval("data.test_fraction", self.test_fraction, 0.0, 1.0)
