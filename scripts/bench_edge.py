@@ -17,7 +17,7 @@ Profile (``fedprune.edge_agent.emulation.PI_PROFILE``): one CPU (taskset), a 4 G
    time to the update and per local epoch, the agent's RSS after the round, the model it
    installed, and ``fedprune-agent predict`` on the test set (its peak RSS, no TensorFlow).
 
-3. **Training with LiteRT alone** (``fedprune.edge_agent.litert_training``, an experiment the agent does
+3. **Training with LiteRT alone** (``fedprune.edge_agent.litert_trainer``, an experiment the agent does
    not use yet): the digits MLP (``fedprune.models:mlp``, dense1 and dense2 pruned to 90 %), one
    local round of 10 epochs with Adam from the same weights, by ``KerasTrainer`` and by
    ``LiteRTTrainer`` in a process without TensorFlow: held-out accuracy, time, peak RSS.
@@ -198,7 +198,7 @@ from pathlib import Path
 import numpy as np
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import peak_rss_mb
-from fedprune.edge_agent.litert_training import LiteRTTrainer
+from fedprune.edge_agent.litert_trainer import LiteRTTrainer
 folder = Path(sys.argv[1])
 arch, task, spec = jobfiles.read_job(folder)
 data = np.load(spec.data_path)
@@ -214,7 +214,7 @@ def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int =
     """The digits MLP trained for one local round by Keras and by LiteRT alone, from the same task."""
     from fedprune.converters.protocol import TrainTask
     from fedprune.edge_agent import jobfiles
-    from fedprune.edge_agent.litert_training import build_trainable_tflite
+    from fedprune.edge_agent.litert_trainer import build_trainable_tflite
     from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.keras_setup import keras
     from fedprune.models import architecture_of, full_masks, get_layer_weights, mlp, set_layer_weights

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edge_helpers import digits_arrays, small_mlp_task
-from fedprune.edge_agent.litert_training import LiteRTTrainer, UnsupportedModel, build_trainable_tflite
+from fedprune.edge_agent.litert_trainer import LiteRTTrainer, UnsupportedModel, build_trainable_tflite
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +76,7 @@ def test_litert_training_runs_without_tensorflow(setup, tmp_path):
         import numpy as np
         from fedprune.edge_agent import jobfiles
         from fedprune.edge_agent.budgets import peak_rss_mb
-        from fedprune.edge_agent.litert_training import LiteRTTrainer
+        from fedprune.edge_agent.litert_trainer import LiteRTTrainer
         folder = Path({str(tmp_path)!r})
         arch, task, spec = jobfiles.read_job(folder)
         data = np.load(folder / "data.npz")
