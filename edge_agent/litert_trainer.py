@@ -1,202 +1,186 @@
-"""Local training with LiteRT alone: a TFLite model with train, infer, get- and set-weights
-signatures (an experiment: the agent does not use it yet, see docs/edge.md).
+"""Local training without TensorFlow: a trainable TFLite file run by a TFLite runtime.
 
-:func:`build_trainable_tflite` (TensorFlow, once per architecture and batch size) rebuilds a
-Keras MLP as a ``tf.Module`` whose ``train`` signature takes one fixed-size batch and the
-learning rate, applies one SGD or Adam step and multiplies each masked kernel by its mask, so
-pruned weights stay exactly zero, as under tfmot. :class:`LiteRTTrainer` then trains with that
-file in LiteRT (``ai-edge-litert``), tens of MB instead of TensorFlow's 600-800 MB, behind the
-same ``Trainer`` interface as ``KerasTrainer``.
+The aggregator builds the file from the task's Keras model
+(:func:`fedprune.converters.trainable_tflite.build_trainable_tflite`); :class:`LiteRTTrainer` runs
+its signatures in whichever runtime :func:`~fedprune.converters.tflite_export.load_interpreter`
+finds (LiteRT, then tflite-runtime), with NumPy for the rest: tens of MB instead of the 600-800 MB
+of a TensorFlow process.
 
-The limits (ai-edge-litert 2.3.0, seen): builtin ops only (no Flex), so ReLU is written
-``maximum(x, 0)`` (the RELU op has no gradient kernel); the loss is a log-softmax cross-entropy on
-one-hot labels; the batch size is fixed in the file (the last partial batch of an epoch is left
-out); only ``Flatten`` and ``Dense`` layers with ``relu`` or ``linear`` activations are built.
+A round does what the Keras trainer's does: ``local_epochs`` shuffled passes in batches of
+``batch_size`` (the last batch of a pass smaller, padded in the file's fixed batch with rows that
+count for nothing), one SGD or Adam step per batch at the task's learning rate, from fresh
+optimizer state; the aggregator's mask held (pruned weights exactly 0 after every step); the
+delta, the last pass's mean loss and accuracy, and the regrowth gradients when the task asks. Not
+done here: device-side pruning (``task.device_sparsity``), refused with a TrainingError.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
-from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 
+from fedprune.converters import trainable_tflite as file_format
 from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.converters.tflite_export import RUNTIMES, load_interpreter
 from fedprune.edge_agent.device import TrainResult
+from fedprune.edge_agent.training_checks import TrainingError, check_local_data
+from fedprune.pruning.regrowth import GRADIENT_SAMPLES, report_pruned_gradients
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("sgd", "adam")
+
+class _RoundSettings(NamedTuple):
+    """The task's training settings this trainer uses (named as ``TrainingSettings``' fields)."""
+
+    local_epochs: int
+    batch_size: int
+    optimizer: str
+    learning_rate: float
 
 
-class UnsupportedModel(ValueError):
-    """The model has a layer the LiteRT trainer cannot build; the message names it."""
-
-
-def build_trainable_tflite(architecture: Architecture, masked: list[bool], batch_size: int) -> bytes:
-    """A TFLite model of ``architecture`` with ``train_sgd``, ``train_adam``, ``infer``,
-    ``get_weights``, ``set_weights`` signatures. Imports TensorFlow.
-
-    ``masked[i]``: whether weight tensor ``i`` (the flat layout) has a mask.
-    """
-    from fedprune.keras_setup import keras, tf
-
-    model = keras.models.model_from_json(architecture.model_json)
-    layers: list[tuple[str, Any]] = []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind == "Flatten":
-            layers.append(("flatten", None))
-        elif kind == "Dense" and layer.use_bias and layer.activation.__name__ in ("relu", "linear"):
-            layers.append((layer.activation.__name__, layer))
-        else:
-            raise UnsupportedModel(f"layer {layer.name!r} ({kind}) cannot be trained with LiteRT here: "
-                                   "only Flatten and Dense (relu or linear, with bias) are built")
-    in_shape = [int(d) for d in model.input_shape[1:]]
-    n_out = int(model.output_shape[-1])
-    shapes = [tuple(s) for s in architecture.shapes]
-    if len(masked) != len(shapes):
-        raise ValueError(f"{len(masked)} mask flags for {len(shapes)} weight tensors")
-
-    class Trainable(tf.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w = [tf.Variable(np.zeros(s, np.float32), name=f"w{i}") for i, s in enumerate(shapes)]
-            self.m = [tf.Variable(np.ones(s, np.float32), name=f"m{i}") if masked[i] else None
-                      for i, s in enumerate(shapes)]
-            self.slots = [(tf.Variable(np.zeros(s, np.float32)), tf.Variable(np.zeros(s, np.float32)))
-                          for s in shapes]
-            self.step = tf.Variable(0.0)
-
-        def logits(self, x):
-            h, i = x, 0
-            for activation, _ in layers:
-                if activation == "flatten":
-                    h = tf.reshape(h, [tf.shape(h)[0], -1])
-                    continue
-                h = tf.matmul(h, self.w[i]) + self.w[i + 1]
-                if activation == "relu":
-                    h = tf.maximum(h, 0.0)  # RELU's gradient is no builtin kernel; MAXIMUM's is
-                i += 2
-            return h
-
-        def _loss_and_grads(self, x, y):
-            with tf.GradientTape() as tape:
-                loss = -tf.reduce_mean(tf.reduce_sum(y * tf.nn.log_softmax(self.logits(x)), axis=-1))
-            return loss, tape.gradient(loss, self.w)
-
-        def _hold_masks(self):
-            for w, m in zip(self.w, self.m):
-                if m is not None:
-                    w.assign(w * m)
-
-        batch = [tf.TensorSpec([batch_size, *in_shape], tf.float32), tf.TensorSpec([batch_size, n_out], tf.float32),
-                 tf.TensorSpec([], tf.float32)]
-
-        @tf.function(input_signature=batch)
-        def train_sgd(self, x, y, lr):
-            loss, grads = self._loss_and_grads(x, y)
-            for w, g in zip(self.w, grads):
-                w.assign_sub(lr * g)
-            self._hold_masks()
-            return {"loss": loss}
-
-        @tf.function(input_signature=batch)
-        def train_adam(self, x, y, lr):
-            loss, grads = self._loss_and_grads(x, y)
-            self.step.assign_add(1.0)
-            b1, b2 = 0.9, 0.999
-            scale = lr * tf.sqrt(1.0 - tf.pow(b2, self.step)) / (1.0 - tf.pow(b1, self.step))
-            for w, g, (m, v) in zip(self.w, grads, self.slots):
-                m.assign(b1 * m + (1.0 - b1) * g)
-                v.assign(b2 * v + (1.0 - b2) * g * g)
-                w.assign_sub(scale * m / (tf.sqrt(v) + 1e-7))
-            self._hold_masks()
-            return {"loss": loss}
-
-        @tf.function(input_signature=[tf.TensorSpec([None, *in_shape], tf.float32)])
-        def infer(self, x):
-            return {"logits": self.logits(x)}
-
-        @tf.function(input_signature=[])
-        def get_weights(self):
-            return {f"w{i}": w for i, w in enumerate(self.w)}
-
-        @tf.function(input_signature=[tf.TensorSpec(s, tf.float32) for s in shapes] * 2)
-        def set_weights(self, *tensors):
-            """Weights, then masks (ones for unmasked tensors); resets the optimizer state."""
-            for i, w in enumerate(self.w):
-                w.assign(tensors[i])
-                if self.m[i] is not None:
-                    self.m[i].assign(tensors[len(shapes) + i])
-            for m, v in self.slots:
-                m.assign(tf.zeros_like(m))
-                v.assign(tf.zeros_like(v))
-            self.step.assign(0.0)
-            return {"ok": tf.constant(1.0)}
-
-    module = Trainable()
-    functions = [module.train_sgd, module.train_adam, module.infer, module.get_weights, module.set_weights]
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [f.get_concrete_function() for f in functions], module)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    converter.experimental_enable_resource_variables = True
-    return bytes(converter.convert())
+def _round_settings(task: TrainTask) -> _RoundSettings:
+    """The one place that reads ``task.training``."""
+    training = task.training
+    return _RoundSettings(int(training["local_epochs"]), int(training["batch_size"]), str(training["optimizer"]),
+                          float(training["learning_rate"]))
 
 
 class LiteRTTrainer:
-    """A ``Trainer`` that runs a file of :func:`build_trainable_tflite` in LiteRT; no TensorFlow."""
+    """A ``Trainer`` over one trainable TFLite file (one architecture, one batch size).
 
-    def __init__(self, trainable_tflite: bytes, batch_size: int, seed: int = 0) -> None:
-        from ai_edge_litert.interpreter import Interpreter
+    Thread-safe: one trainer can serve many simulated devices, one at a time.
+    """
 
-        self.interpreter = Interpreter(model_content=trainable_tflite)
-        self.batch_size = batch_size
+    def __init__(self, trainable_tflite: bytes, seed: int | None = None, num_threads: int | None = None,
+                 runtimes: tuple[str, ...] = RUNTIMES) -> None:
+        """Load the file in the first available runtime of ``runtimes``; ``seed`` seeds the
+        shuffling and the dropout noise; ``num_threads`` defaults to every core, as TensorFlow
+        trains (the runtime's own default ran the digits CNN's round 2.4x slower on two cores)."""
+        loaded = load_interpreter(trainable_tflite, num_threads or os.cpu_count(), runtimes)
+        self.runtime = loaded.label
+        self._interpreter = loaded.interpreter
+        self._lock = threading.Lock()
         self.rng = np.random.default_rng(seed)
-        self._run = {name: self.interpreter.get_signature_runner(name)
-                     for name in ("train_sgd", "train_adam", "infer", "get_weights", "set_weights")}
+        names = (*file_format.TRAIN.values(), file_format.INFER, file_format.GRADIENTS, file_format.GET_WEIGHTS,
+                 file_format.SET_WEIGHTS)
+        signatures = self._interpreter.get_signature_list()
+        missing = [name for name in names if name not in signatures]
+        if missing:
+            raise ValueError(f"not a trainable TFLite file: it has no signature {missing} (signatures: "
+                             f"{sorted(signatures)}); build it with build_trainable_tflite")
+        self._run = {name: self._interpreter.get_signature_runner(name) for name in names}
+        train_inputs = self._run[file_format.TRAIN["sgd"]].get_input_details()
+        x_shape = [int(d) for d in train_inputs[file_format.INPUT_X]["shape"]]
+        self.batch_size, self.sample_shape = x_shape[0], tuple(x_shape[1:])
+        self.classes = int(train_inputs[file_format.INPUT_LABELS]["shape"][-1])
+        self._dropout_shapes = {name: tuple(int(d) for d in detail["shape"])
+                                for name, detail in train_inputs.items() if name.startswith(file_format.DROPOUT_PREFIX)}
+        weight_outputs = self._run[file_format.GET_WEIGHTS].get_output_details()
+        self.shapes = [tuple(int(d) for d in weight_outputs[file_format.weight_name(i)]["shape"])
+                       for i in range(len(weight_outputs))]
+        set_inputs = self._run[file_format.SET_WEIGHTS].get_input_details()
+        self.maskable = [file_format.mask_name(i) in set_inputs for i in range(len(self.shapes))]
+        log.info("trainable TFLite file loaded in %s: %d weight tensors (%d maskable), batch %d",
+                 self.runtime, len(self.shapes), sum(self.maskable), self.batch_size)
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        start = time.perf_counter()
-        cfg = task.training
-        optimizer = str(cfg.get("optimizer", "adam"))
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; use one of {OPTIMIZERS}")
-        if int(cfg.get("batch_size", self.batch_size)) != self.batch_size:
-            log.warning("the task asks for batch size %s; this trainable model is built for %d",
-                        cfg.get("batch_size"), self.batch_size)
-        n = len(architecture.shapes)
-        masks = [np.ones(s, np.float32) if m is None else m.astype(np.float32)
-                 for s, m in zip(architecture.shapes, task.masks)]
-        self._run["set_weights"](**self._named([*task.weights, *masks]))
-        lr = np.float32(cfg.get("learning_rate", 0.005))
-        onehot = np.eye(int(architecture.shapes[-1][-1]), dtype=np.float32)[y]
-        train = self._run[f"train_{optimizer}"]
-        losses = []
-        for _ in range(int(cfg.get("local_epochs", 1))):
-            order = self.rng.permutation(len(x))
-            for i in range(0, len(order) - self.batch_size + 1, self.batch_size):
-                idx = order[i:i + self.batch_size]
-                losses.append(float(train(x=x[idx].astype(np.float32), y=onehot[idx], lr=lr)["loss"]))
-        trained = self._run["get_weights"]()
-        new = [trained[f"w{i}"] for i in range(n)]
-        delta = [(w - t).astype(np.float32) for w, t in zip(new, task.weights)]
-        logits = self.predict(x)
-        metrics = {"loss": float(np.mean(losses[-max(1, len(x) // self.batch_size):])) if losses else float("nan"),
-                   "accuracy": float(np.mean(logits.argmax(-1) == y)), "train_s": time.perf_counter() - start}
-        return TrainResult(delta, list(task.masks), metrics)
+        """Train on ``(x, y)`` from the task's global weights."""
+        with self._lock:
+            start = time.perf_counter()
+            settings = self._check(architecture, task, x, y)
+            self._set_weights(task)
+            x = np.asarray(x, np.float32)
+            onehot = np.eye(self.classes, dtype=np.float32)[np.asarray(y, np.int64)]
+            train = self._run[file_format.TRAIN[settings.optimizer]]
+            learning_rate = np.float32(settings.learning_rate)
+            loss = correct = 0.0
+            last_epoch_s = 0.0
+            for _ in range(settings.local_epochs):
+                epoch_start = time.perf_counter()
+                loss = correct = 0.0  # the metrics are the last pass's, as Keras reports them
+                order = self.rng.permutation(len(x))
+                for first in range(0, len(x), self.batch_size):
+                    rows = order[first:first + self.batch_size]
+                    out = train(**self._batch(x, onehot, rows), lr=learning_rate, **self._dropout_noise())
+                    loss += float(out[file_format.OUTPUT_LOSS]) * len(rows)
+                    correct += float(out[file_format.OUTPUT_CORRECT])
+                last_epoch_s = time.perf_counter() - epoch_start
+            trained = self._get_weights()
+            delta = [t - w.astype(np.float32) for t, w in zip(trained, task.weights)]
+            metrics = {"loss": loss / max(len(x), 1), "accuracy": correct / max(len(x), 1),
+                       "train_s": time.perf_counter() - start, "last_epoch_s": last_epoch_s}
+            result = TrainResult(delta, list(task.masks), metrics)
+            if task.gradient_fraction:
+                gradients = self._mean_gradients(x[:GRADIENT_SAMPLES], onehot[:GRADIENT_SAMPLES])
+                result.gradients, result.gradient_masks = report_pruned_gradients(
+                    self.shapes, gradients, task.masks, task.gradient_fraction)
+            return result
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return self._run["infer"](x=np.asarray(x, np.float32))["logits"]
+        """Logits of the weights last set or trained (inference mode)."""
+        with self._lock:
+            return self._run[file_format.INFER](**{file_format.INPUT_X: np.asarray(x, np.float32)})[
+                file_format.OUTPUT_LOGITS]
 
-    def _named(self, tensors: list[np.ndarray]) -> dict[str, np.ndarray]:
-        """``set_weights`` takes its inputs by the names the converter gave them, in order."""
-        names = self.interpreter.get_signature_list()["set_weights"]["inputs"]
-        ordered = sorted(names, key=_arg_index)
-        return {name: np.asarray(t, np.float32) for name, t in zip(ordered, tensors)}
+    def _check(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> _RoundSettings:
+        settings = _round_settings(task)
+        if settings.optimizer not in file_format.TRAIN:
+            raise TrainingError(f"unknown optimizer {settings.optimizer!r}; use one of {sorted(file_format.TRAIN)}")
+        if settings.batch_size != self.batch_size:
+            raise TrainingError(f"the task trains in batches of {settings.batch_size}, the trainable file was built "
+                                f"for {self.batch_size}: build it with the task's batch size")
+        if [tuple(s) for s in architecture.shapes] != self.shapes:
+            raise TrainingError("the trainable file's weight shapes are not the architecture's: it was built "
+                                f"for another model ({len(self.shapes)} tensors vs {len(architecture.shapes)})")
+        unmaskable = [i for i, m in enumerate(task.masks) if m is not None and not self.maskable[i]]
+        if unmaskable:
+            raise TrainingError(f"the task masks weight tensors {unmaskable}, which the trainable file was built "
+                                "without masks for")
+        if task.device_sparsity is not None:
+            raise TrainingError("device-side pruning (task.device_sparsity) needs the Keras trainer; the TFLite "
+                                "trainer holds the aggregator's mask only")
+        check_local_data(x, y, self.sample_shape, self.classes)
+        return settings
 
+    def _set_weights(self, task: TrainTask) -> None:
+        """The task's weights and masks (ones where a maskable tensor has none); resets the
+        optimizer state."""
+        tensors = {file_format.weight_name(i): np.asarray(w, np.float32) for i, w in enumerate(task.weights)}
+        for i, (shape, mask) in enumerate(zip(self.shapes, task.masks)):
+            if self.maskable[i]:
+                tensors[file_format.mask_name(i)] = (np.ones(shape, np.float32) if mask is None
+                                                     else mask.astype(np.float32))
+        self._run[file_format.SET_WEIGHTS](**tensors)
 
-def _arg_index(name: str) -> int:
-    digits = "".join(c for c in name if c.isdigit())
-    return int(digits) if digits else 0
+    def _get_weights(self) -> list[np.ndarray]:
+        out = self._run[file_format.GET_WEIGHTS]()
+        return [np.asarray(out[file_format.weight_name(i)], np.float32) for i in range(len(self.shapes))]
+
+    def _batch(self, x: np.ndarray, onehot: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """One batch in the file's fixed size: a short batch is padded with zero samples whose
+        labels are all zero, which the file counts as absent (loss, accuracy, BN statistics)."""
+        xb, yb = x[rows], onehot[rows]
+        missing = self.batch_size - len(rows)
+        if missing:
+            xb = np.concatenate([xb, np.zeros((missing, *xb.shape[1:]), np.float32)])
+            yb = np.concatenate([yb, np.zeros((missing, yb.shape[1]), np.float32)])
+        return {file_format.INPUT_X: xb, file_format.INPUT_LABELS: yb}
+
+    def _dropout_noise(self) -> dict[str, np.ndarray]:
+        return {name: self.rng.random(shape, dtype=np.float32) for name, shape in self._dropout_shapes.items()}
+
+    def _mean_gradients(self, x: np.ndarray, onehot: np.ndarray) -> list[np.ndarray]:
+        """The mean loss's gradient over ``x``, in inference mode: the file's per-batch sums added
+        up, divided by the sample count."""
+        gradients = self._run[file_format.GRADIENTS]
+        total = [np.zeros(s, np.float64) for s in self.shapes]
+        for first in range(0, len(x), self.batch_size):
+            out = gradients(**self._batch(x, onehot, np.arange(first, min(first + self.batch_size, len(x)))))
+            for i, t in enumerate(total):
+                t += out[file_format.gradient_name(i)]
+        return [(t / max(len(x), 1)).astype(np.float32) for t in total]
