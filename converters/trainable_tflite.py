@@ -264,6 +264,21 @@ def _taps(h: Any, p: _Pass, kernel: tuple[int, int], strides: tuple[int, int], o
     return taps
 
 
+def _matmul(tf: Any, a: Any, b: Any) -> Any:
+    """``a @ b`` whose gradient for ``b`` is ``transpose(a) @ upstream``: TensorFlow's own,
+    a ``BATCH_MATMUL`` with ``adj_x``, ran 5x slower in LiteRT 2.3.0 than the explicit transpose
+    (3.0 against 0.6 ms for a [2048, 288] patch matrix, seen)."""
+
+    @tf.custom_gradient
+    def matmul(a, b):
+        def grad(upstream):
+            return tf.matmul(upstream, b, transpose_b=True), tf.matmul(tf.transpose(a), upstream)
+
+        return tf.matmul(a, b), grad
+
+    return matmul(a, b)
+
+
 def _as_2d(shape: tuple) -> tuple[Callable, Callable, tuple[int, int]]:
     """A window layer's input seen as 2-D: for a 1-D layer over ``[B, L, C]``, ``[B, 1, L, C]``
     and back; the spatial size, (1, L) for 1-D."""
@@ -303,7 +318,7 @@ def _dense(layer: Any, first: int, in_shape: tuple) -> _Step:
     def run(h: Any, p: _Pass) -> Any:
         tf = p.tf
         flat = tf.reshape(h, [-1, inputs]) if middle else h
-        out = tf.matmul(flat, p.weights[kernel])
+        out = _matmul(tf, flat, p.weights[kernel])
         if bias is not None:
             out = out + p.weights[bias]
         if middle:  # Keras applies Dense to the last axis of a higher-rank input
@@ -343,15 +358,15 @@ def _conv(layer: Any, first: int, in_shape: tuple, kind: str) -> _Step:
         taps = _taps(to_2d(h, p), p, kernel_size, strides, out, pads)
         patches = taps[0] if len(taps) == 1 else tf.concat(taps, axis=-1)
         if kind in ("conv1d", "conv2d"):
-            y = tf.matmul(tf.reshape(patches, [-1, n_taps * channels]),
-                          tf.reshape(p.weights[kernel], [n_taps * channels, filters]))
+            y = _matmul(tf, tf.reshape(patches, [-1, n_taps * channels]),
+                        tf.reshape(p.weights[kernel], [n_taps * channels, filters]))
         else:
             # [N, taps, C, 1] * [taps, C, M], summed over the taps: each channel with its own kernel
             per_tap = tf.reshape(patches, [-1, n_taps, channels, 1]) * tf.reshape(
                 p.weights[depthwise], [n_taps, channels, multiplier])
             y = tf.reshape(tf.reduce_sum(per_tap, axis=1), [-1, channels * multiplier])
             if pointwise is not None:
-                y = tf.matmul(y, tf.reshape(p.weights[pointwise], [channels * multiplier, filters]))
+                y = _matmul(tf, y, tf.reshape(p.weights[pointwise], [channels * multiplier, filters]))
         if bias is not None:
             y = y + p.weights[bias]
         y = from_2d(tf.reshape(y, [-1, out[0], out[1], filters]), p)
