@@ -338,11 +338,13 @@ def test_the_trainer_process_imports_no_tensorflow(digits_setup, tmp_path):
         folder = Path({str(tmp_path)!r})
         arch, task, spec = jobfiles.read_job(folder)
         data = np.load(folder / "data.npz")
-        result = LiteRTTrainer((folder / "trainable.tflite").read_bytes()).train(arch, task, data["x"], data["y"])
+        trainer = LiteRTTrainer((folder / "trainable.tflite").read_bytes(), seed=0)
+        result = trainer.train(arch, task, data["x"], data["y"])
         assert "tensorflow" not in sys.modules, "the LiteRT trainer imported TensorFlow"
-        print(result.metrics["accuracy"], peak_rss_mb())
+        print(result.metrics["loss"], sum(int(np.count_nonzero(d)) for d in result.delta), peak_rss_mb())
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    accuracy, peak = map(float, proc.stdout.split())
-    assert accuracy > 0.3 and peak < 120  # MB: LiteRT and NumPy, not TensorFlow's 600+
+    loss, changed, peak = map(float, proc.stdout.split()[-3:])
+    assert np.isfinite(loss) and changed > 0, proc.stdout
+    assert peak < 120, f"the trainer's process peaked at {peak} MB"  # LiteRT and NumPy, not TensorFlow's 600+
