@@ -22,9 +22,11 @@ import numpy as np
 
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent.device import TrainResult
+from fedprune.edge_agent.training_checks import TrainingError, check_local_data
 from fedprune.keras_setup import keras, tf
 from fedprune.models import PRUNABLE_LAYER_TYPES, get_layer_weights, kernel_positions, set_layer_weights
 from fedprune.pruning.masks import apply_masks
+from fedprune.pruning.regrowth import GRADIENT_SAMPLES, report_pruned_gradients
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after keras_setup, on purpose)
 from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper import (  # noqa: E402
@@ -32,10 +34,6 @@ from tensorflow_model_optimization.python.core.sparsity.keras.pruning_wrapper im
 )
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Local training could not run; the message goes back to the aggregator."""
 
 
 class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
@@ -129,14 +127,7 @@ class KerasTrainer:
         with self._lock:
             start = time.perf_counter()
             compiled = self._compiled(architecture)
-            expected = tuple(compiled.model.input_shape[1:])
-            if tuple(x.shape[1:]) != expected:
-                raise TrainingError(
-                    f"local data has sample shape {tuple(x.shape[1:])}, the model expects {expected}"
-                )
-            n_out = compiled.model.output_shape[-1]
-            if int(y.max()) >= n_out:
-                raise TrainingError(f"local labels go up to {int(y.max())}, the model has {n_out} classes")
+            check_local_data(x, y, compiled.model.input_shape[1:], compiled.model.output_shape[-1])
             unknown = [i for i, m in enumerate(task.masks) if m is not None and i not in compiled.wrappers]
             if unknown:
                 raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
@@ -245,32 +236,16 @@ def _wrap(architecture: Architecture) -> _Compiled:
 
 
 def _pruned_gradients(compiled: _Compiled, task: TrainTask, masks, x, y, fraction: float):
-    """The loss gradient at the pruned positions with the largest magnitude (for regrowth).
-
-    A pruned weight is 0, but its gradient (input activation times output error) says how much
-    the loss would fall if it came back: the signal PruneFL and FedDST regrow by.
-    """
-    n = min(len(x), 512)
+    """The loss gradient (inference mode, the first 512 samples) at the pruned positions with the
+    largest magnitude, for regrowth (``report_pruned_gradients``)."""
+    n = min(len(x), GRADIENT_SAMPLES)
     kernels = {idx: w.pruning_vars[0][0] for idx, w in compiled.wrappers.items()}
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
         loss = loss_fn(y[:n], compiled.model(x[:n], training=False))
     grads = dict(zip(kernels, tape.gradient(loss, list(kernels.values()))))
-    gradients, reported = [], []
-    for i, w in enumerate(task.weights):
-        g = np.zeros(w.shape, np.float32)
-        chosen = np.zeros(w.shape, bool)
-        m = masks[i]
-        if i in grads and m is not None and (~m).any():
-            gi = np.abs(grads[i].numpy()).ravel()
-            pruned = np.flatnonzero(~m.ravel())
-            k = min(pruned.size, max(1, int(np.ceil(fraction * m.sum()))))
-            top = pruned[np.argsort(-gi[pruned], kind="stable")[:k]]
-            chosen.ravel()[top] = True
-            g.ravel()[top] = grads[i].numpy().ravel()[top]
-        gradients.append(g)
-        reported.append(chosen)
-    return gradients, reported
+    gradients = [grads[i].numpy() if i in grads else None for i in range(len(task.weights))]
+    return report_pruned_gradients([w.shape for w in task.weights], gradients, masks, fraction)
 
 
 def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:

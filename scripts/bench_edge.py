@@ -17,10 +17,7 @@ Profile (``fedprune.edge_agent.emulation.PI_PROFILE``): one CPU (taskset), a 4 G
    time to the update and per local epoch, the agent's RSS after the round, the model it
    installed, and ``fedprune-agent predict`` on the test set (its peak RSS, no TensorFlow).
 
-3. **Training with LiteRT alone** (``fedprune.edge_agent.litert_training``, an experiment the agent does
-   not use yet): the digits MLP (``fedprune.models:mlp``, dense1 and dense2 pruned to 90 %), one
-   local round of 10 epochs with Adam from the same weights, by ``KerasTrainer`` and by
-   ``LiteRTTrainer`` in a process without TensorFlow: held-out accuracy, time, peak RSS.
+Training without TensorFlow (``LiteRTTrainer``) is measured by ``scripts/bench_litert_trainer.py``.
 
 Targets: idle agent under 60 MB RSS; sparse int8 at 90 % at most 1/8 of the dense float32 file,
 with accuracy within 0.5 points of the Keras model. Last line: JSON.
@@ -192,68 +189,6 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
     return out
 
 
-_LITERT_TRAIN = """
-import json, sys, time
-from pathlib import Path
-import numpy as np
-from fedprune.edge_agent import jobfiles
-from fedprune.edge_agent.budgets import peak_rss_mb
-from fedprune.edge_agent.litert_training import LiteRTTrainer
-folder = Path(sys.argv[1])
-arch, task, spec = jobfiles.read_job(folder)
-data = np.load(spec.data_path)
-trainer = LiteRTTrainer((folder / "trainable.tflite").read_bytes(), task.training.batch_size)
-result = trainer.train(arch, task, data["x_train"], data["y_train"])
-accuracy = float(np.mean(trainer.predict(data["x_test"]).argmax(-1) == data["y_test"]))
-print(json.dumps({"accuracy": accuracy, "train_s": result.metrics["train_s"], "peak_rss_mb": peak_rss_mb(),
-                  "tensorflow_loaded": "tensorflow" in sys.modules}))
-"""
-
-
-def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int = 10) -> dict:
-    """The digits MLP trained for one local round by Keras and by LiteRT alone, from the same task."""
-    from fedprune.converters.protocol import TrainTask
-    from fedprune.edge_agent import jobfiles
-    from fedprune.edge_agent.litert_training import build_trainable_tflite
-    from fedprune.edge_agent.trainer import KerasTrainer
-    from fedprune.keras_setup import keras
-    from fedprune.models import architecture_of, full_masks, get_layer_weights, mlp, set_layer_weights
-    from fedprune.pruning.masks import prune_to_sparsity
-
-    keras.utils.set_random_seed(1)
-    model = mlp(ds.input_shape, ds.num_classes)
-    arch = architecture_of(model)
-    weights, masks = prune_to_sparsity(get_layer_weights(model), full_masks(model, ("logits",)), SPARSITY)
-    task = TrainTask(round=1, attempt=1, architecture_digest=arch.digest, weights=weights, masks=masks,
-                     training={"local_epochs": epochs, "batch_size": 16, "optimizer": "adam",
-                               "learning_rate": 0.002}, uplink_precision="float32", deadline_s=600)
-    start = time.monotonic()
-    trainable = build_trainable_tflite(arch, [m is not None for m in masks], 16)
-    build_s = time.monotonic() - start
-    keras_result = KerasTrainer().train(arch, task, ds.x_train, ds.y_train)
-    trained = keras.models.model_from_json(arch.model_json)
-    set_layer_weights(trained, [w + d for w, d in zip(weights, keras_result.delta)])
-    keras_acc = float(np.mean(trained.predict(ds.x_test, verbose=0).argmax(-1) == ds.y_test))
-
-    folder = work / "litert-training"
-    folder.mkdir(exist_ok=True)
-    (folder / "trainable.tflite").write_bytes(trainable)
-    np.savez(folder / "data.npz", x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, y_test=ds.y_test)
-    jobfiles.write_job(folder, arch, task, jobfiles.JobSpec(str(folder / "data.npz"), "off", "", os.getpid()))
-    prefix = profile.command_prefix() if profile else []
-    proc = subprocess.run([*prefix, sys.executable, "-c", _LITERT_TRAIN, str(folder)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"LiteRT training failed: {proc.stderr}")
-    lite = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"model": "mlp", "mask_sparsity": SPARSITY, "local_epochs": epochs, "trainable_tflite_bytes": len(trainable),
-            "build_s": round(build_s, 2),
-            "keras": {"accuracy": round(keras_acc, 4), "train_s": round(keras_result.metrics["train_s"], 2)},
-            "litert": {"accuracy": round(lite["accuracy"], 4), "train_s": round(lite["train_s"], 2),
-                       "process_peak_rss_mb": round(lite["peak_rss_mb"], 1),
-                       "tensorflow_loaded": lite["tensorflow_loaded"]}}
-
-
 _PREDICT = """
 import json, sys
 from fedprune.edge_agent.cli import main
@@ -301,9 +236,6 @@ def main() -> int:
           f"({time.monotonic() - start:.0f} s)", flush=True)
     tflite = tflite_rows(m, ds, work)
     agent = agent_round(m, ds, profile, work, args.idle_s)
-    lite = litert_training(ds, profile, work)
-    print(f"litert training: accuracy {lite['litert']['accuracy']:.4f} (keras {lite['keras']['accuracy']:.4f}), "
-          f"{lite['litert']['train_s']} s, peak {lite['litert']['process_peak_rss_mb']} MB", flush=True)
     print(f"agent: idle {agent['idle_agent_rss_mb']} MB; child peak {agent['child_peak_rss_mb']} MB; update after "
           f"{agent['round_to_update_s']} s (fit {agent['fit_s']} s for {agent['local_epochs']} epochs, the last "
           f"{agent['steady_epoch_s']} s); predict peak "
@@ -321,7 +253,7 @@ def main() -> int:
         "keras": {"dense_accuracy": round(m["dense_acc"], 4), "pruned_accuracy": round(m["pruned_acc"], 4),
                   "mask_sparsity": round(m["mask_sparsity"], 4)},
         "tflite": tflite, "int8_size_ratio_vs_dense": round(dense["bytes"] / int8["bytes"], 2),
-        "agent": agent, "litert_training": lite, "targets": targets, "all_targets_met": all(targets.values()),
+        "agent": agent, "targets": targets, "all_targets_met": all(targets.values()),
         "wall_s": round(time.monotonic() - start, 1),
     }
     print(json.dumps(summary))

@@ -15,6 +15,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+#: A device's regrowth gradient is the mean loss's gradient over its first this many samples.
+GRADIENT_SAMPLES = 512
+
 
 def gradient_scores(
     reports: Iterable[tuple[Sequence[np.ndarray] | None, int]],
@@ -64,3 +67,33 @@ def regrow(
         new_w.append(flat_w.reshape(np.shape(w)))
         new_m.append(keep.reshape(m.shape))
     return new_w, new_m, swapped
+
+
+def report_pruned_gradients(
+    shapes: Sequence[Sequence[int]],
+    gradients: Sequence[np.ndarray | None],
+    masks: Sequence[np.ndarray | None],
+    fraction: float,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """What a device reports for regrowth: per weight tensor, the loss gradient at its pruned
+    positions with the largest magnitude, ``ceil(fraction * kept)`` of them (at least one), and
+    which positions those are; zeros and no positions where the tensor has no mask, no pruned
+    position, or no gradient (``None``).
+
+    A pruned weight is 0, but its gradient (input activation times output error) says how much the
+    loss would fall if it came back: the signal PruneFL and FedDST regrow by.
+    """
+    reported, chosen_masks = [], []
+    for shape, grad, mask in zip(shapes, gradients, masks, strict=True):
+        values = np.zeros(tuple(shape), np.float32)
+        chosen = np.zeros(tuple(shape), bool)
+        if grad is not None and mask is not None and (~mask).any():
+            flat = np.asarray(grad, np.float32).ravel()
+            pruned = np.flatnonzero(~mask.ravel())
+            k = min(pruned.size, max(1, int(np.ceil(fraction * mask.sum()))))
+            top = pruned[np.argsort(-np.abs(flat[pruned]), kind="stable")[:k]]
+            chosen.ravel()[top] = True
+            values.ravel()[top] = flat[top]
+        reported.append(values)
+        chosen_masks.append(chosen)
+    return reported, chosen_masks
