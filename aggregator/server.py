@@ -21,6 +21,7 @@ from fedprune.aggregator.privacy import ACCOUNTANT_DESCRIPTION, DPFedAvg, Privac
 from fedprune.aggregator.robust import CoordinateMedian, Krum, MultiKrum, NormClipping, Strategy, TrimmedMean
 from fedprune.aggregator.strategy import ClientResult, DeviceMaskAveraging, FedAvg, gradient_scores, mask_agreement
 from fedprune.aggregator.update_buffers import UpdateBuffers
+from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.errors import CodecError
 from fedprune.converters.protocol import (
@@ -168,7 +169,8 @@ class Aggregator:
             if restored is None:
                 raise FederationError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
             if restored.model_json and restored.model_json != self.architecture.model_json:
-                self._use_model(keras.models.model_from_json(restored.model_json))  # structurally pruned
+                self._use_model(model_from_architecture_json(  # structurally pruned; checked like a device's
+                    restored.model_json, custom_objects=layer_classes(self.model)))
             if [tuple(w.shape) for w in restored.weights] != self.shapes:
                 raise FederationError("--resume: the checkpoint was made for another model architecture")
             self.state = restored

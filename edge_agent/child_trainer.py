@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedprune.architecture import registered_custom_layers
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
@@ -169,7 +170,8 @@ class ChildProcessTrainer:
             self.work_dir.mkdir(parents=True)
             current = self.models.current()
             spec = jobfiles.JobSpec(self.data_path, self.export_precision,
-                                    current.source_digest if current else "", os.getpid())
+                                    current.source_digest if current else "", os.getpid(),
+                                    registered_custom_layers())
             jobfiles.write_job(self.work_dir, architecture, task, spec)
             deadline_s = self.budgets.round_deadline_s(task.deadline_s)
             child = self._child = _Child(self.work_dir, self.budgets, deadline_s, self.command_prefix)

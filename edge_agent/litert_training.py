@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedprune.architecture import model_from_architecture_json
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent.device import TrainResult
 
@@ -40,9 +41,9 @@ def build_trainable_tflite(architecture: Architecture, masked: list[bool], batch
 
     ``masked[i]``: whether weight tensor ``i`` (the flat layout) has a mask.
     """
-    from fedprune.keras_setup import keras, tf
+    from fedprune.keras_setup import tf
 
-    model = keras.models.model_from_json(architecture.model_json)
+    model = model_from_architecture_json(architecture.model_json)
     layers: list[tuple[str, Any]] = []
     for layer in model.layers:
         kind = type(layer).__name__

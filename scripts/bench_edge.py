@@ -52,6 +52,7 @@ RUNTIMES = ("litert", "tflite_runtime", "tensorflow")
 
 def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
     """Dense Keras model, then pruned to 90 % and fine-tuned under the mask by the device trainer."""
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.converters.protocol import TrainTask
     from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.keras_setup import keras, tf
@@ -74,7 +75,7 @@ def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
                      uplink_precision="float32", deadline_s=600)
     result = KerasTrainer().train(arch, task, ds.x_train, ds.y_train)
     pruned_weights = [w + d for w, d in zip(weights, result.delta)]
-    pruned = keras.models.model_from_json(arch.model_json)
+    pruned = model_from_architecture_json(arch.model_json)
     set_layer_weights(pruned, pruned_weights)
     pruned.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pruned_acc = float(pruned.evaluate(ds.x_test, ds.y_test, verbose=0)[1])
@@ -212,6 +213,7 @@ print(json.dumps({"accuracy": accuracy, "train_s": result.metrics["train_s"], "p
 
 def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int = 10) -> dict:
     """The digits MLP trained for one local round by Keras and by LiteRT alone, from the same task."""
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.converters.protocol import TrainTask
     from fedprune.edge_agent import jobfiles
     from fedprune.edge_agent.litert_training import build_trainable_tflite
@@ -231,7 +233,7 @@ def litert_training(ds, profile: DeviceProfile | None, work: Path, epochs: int =
     trainable = build_trainable_tflite(arch, [m is not None for m in masks], 16)
     build_s = time.monotonic() - start
     keras_result = KerasTrainer().train(arch, task, ds.x_train, ds.y_train)
-    trained = keras.models.model_from_json(arch.model_json)
+    trained = model_from_architecture_json(arch.model_json)
     set_layer_weights(trained, [w + d for w, d in zip(weights, keras_result.delta)])
     keras_acc = float(np.mean(trained.predict(ds.x_test, verbose=0).argmax(-1) == ds.y_test))
 

@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def exported(tmp_path_factory):
     """The small digits MLP (80 % sparse) as Keras, sparse float32 and sparse int8 TFLite files."""
     from fedprune.converters.tflite_export import export_sparse_tflite
-    from fedprune.keras_setup import keras
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.models import set_layer_weights
 
     arch, task = small_mlp_task(sparsity=0.8)
-    model = keras.models.model_from_json(arch.model_json)
+    model = model_from_architecture_json(arch.model_json)
     set_layer_weights(model, task.weights)
     x, y = digits_arrays(200)
     folder = tmp_path_factory.mktemp("tflite")

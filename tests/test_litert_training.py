@@ -25,10 +25,10 @@ def setup():
 
 
 def _accuracy(arch, task, delta, x, y) -> float:
-    from fedprune.keras_setup import keras
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.models import set_layer_weights
 
-    model = keras.models.model_from_json(arch.model_json)
+    model = model_from_architecture_json(arch.model_json)
     set_layer_weights(model, [w + d for w, d in zip(task.weights, delta)])
     return float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
 
