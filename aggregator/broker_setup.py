@@ -33,9 +33,10 @@ from pathlib import Path
 from fedprune.aggregator.access import AccessPolicy
 from fedprune.aggregator.embedded_broker import BrokerSecurity
 from fedprune.aggregator.passwords import write_password_file
-from fedprune.converters.protocol import Topics, valid_device_id
+from fedprune.converters.protocol import valid_device_id
 from fedprune.connection import Connection, write_connection
 from fedprune.fileio import atomic_write_bytes
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.transport import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def init_broker(
 ) -> BrokerFolder:
     """Write the set-up described in the module docstring into ``out`` (which must not hold one)."""
     out = Path(out).resolve()
-    Topics(federation)  # validates the id
+    if not valid_federation_id(federation):
+        raise BrokerSetupError(f"federation id {federation!r} must be {ID_RULE}")
     if not devices:
         raise BrokerSetupError("no devices: name them with --devices or give --device-count")
     bad = [d for d in devices if not valid_device_id(d) or d == AGGREGATOR_USER or ":" in d]

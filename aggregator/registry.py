@@ -6,6 +6,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from fedprune.converters.protocol import valid_device_id
+from fedprune.names import ID_RULE
+
 
 @dataclass
 class DeviceInfo:
@@ -26,6 +29,11 @@ class DeviceRegistry:
         self._last_update = time.monotonic()
 
     def update(self, device_id: str, online: bool, num_samples: int) -> None:
+        """Record a presence. ``ValueError`` for an id no device can have (it may come from a
+        topic): such a device is never known, so its updates are refused as unknown."""
+        if not valid_device_id(device_id):
+            shown = f"{device_id[:64]!r}" + ("..." if len(device_id) > 64 else "")  # it may be 64 kB
+            raise ValueError(f"device id {shown} must be {ID_RULE}")
         with self._lock:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))

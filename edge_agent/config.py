@@ -36,6 +36,7 @@ from urllib.parse import quote
 
 from fedprune.architecture import ArchitectureError, parse_custom_layer_spec
 from fedprune.converters.protocol import valid_device_id
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.edge_agent.budgets import Budgets
 from fedprune.tomlfile import coerce, read_toml
 from fedprune.transport import BrokerAddress, parse_broker_url
@@ -135,10 +136,9 @@ class AgentConfig:
             if self.broker.ca_file and not address.tls:
                 raise ConfigError(f"{where}broker.ca_file needs a TLS URL (mqtts://), got {self.broker.url}")
         if self.device.id and not valid_device_id(self.device.id):
-            raise ConfigError(f"{where}device.id {self.device.id!r} must be 1-128 printable characters "
-                              "without '/', '+', '#'")
-        if not self.broker.federation or any(c in self.broker.federation for c in "/+#"):
-            raise ConfigError(f"{where}broker.federation must be non-empty without '/', '+', '#'")
+            raise ConfigError(f"{where}device.id {self.device.id!r} must be {ID_RULE}")
+        if not valid_federation_id(self.broker.federation):
+            raise ConfigError(f"{where}broker.federation {self.broker.federation!r} must be {ID_RULE}")
         if self.broker.password_file and not self.broker.username:
             raise ConfigError(f"{where}broker.password_file is set but broker.username is not")
         for key, path in (("broker.password_file", self.broker.password_file),

@@ -28,6 +28,8 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from fedprune.names import parse_import_spec
+
 __all__ = [
     "ArchitectureError",
     "check_architecture",
@@ -106,7 +108,6 @@ _LAYER_KEYS = frozenset({"layer", "forward_layer", "backward_layer", "cell"})
 _LAYER_LIST_KEYS = frozenset({"layers", "cells"})
 _MAX_DEPTH = 64  # nesting of JSON containers; Keras configs of real models stay under 20
 _DTYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # float32, mixed_float16
-_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --- custom layers: from the device's own configuration only ------------------------------------
@@ -116,11 +117,12 @@ _custom_specs: dict[str, str] = {}  # class name -> "module:Class"
 
 
 def parse_custom_layer_spec(spec: str) -> tuple[str, str]:
-    """``"module:Class"`` split in two; ``ArchitectureError`` if it is not of that form."""
-    if not isinstance(spec, str) or not _SPEC.match(spec):
-        raise ArchitectureError(f"custom layer {spec!r} must look like 'package.module:ClassName'")
-    module, _, name = spec.partition(":")
-    return module, name
+    """``"module:Class"`` split in two; ``ArchitectureError`` if it is not of that form
+    (:func:`fedprune.names.parse_import_spec`)."""
+    try:
+        return parse_import_spec(spec, "custom layer")
+    except ValueError as e:
+        raise ArchitectureError(str(e)) from None
 
 
 def register_custom_layers(specs: Iterable[str]) -> None:

@@ -97,6 +97,8 @@ def test_init_broker_writes_private_files_and_refuses_to_overwrite(setup_folder)
         init_broker(folder.path, "sec", ["pi-03"], [], port=folder.port)
     with pytest.raises(BrokerSetupError, match="not usable"):
         init_broker(folder.path.parent / "other", "sec", ["a/b"], [])
+    with pytest.raises(BrokerSetupError, match="federation id 'a.nb' must be"):
+        init_broker(folder.path.parent / "other", "a\nb", ["pi-01"], [])
 
 
 @pytest.mark.parametrize("text,match", [
@@ -109,6 +111,10 @@ def test_init_broker_writes_private_files_and_refuses_to_overwrite(setup_folder)
      "needs a TLS broker URL"),
     ("role = 'aggregator'\nfederation = 'f'\nextra = 1\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
      "unknown keys"),
+    ("role = 'aggregator'\nfederation = \"a\\nb\"\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
+     "federation 'a\\nb' must be 1-128 bytes"),
+    ("role = 'device'\ndevice_id = 'a/b'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
+     "device_id 'a/b' must be"),
 ])
 def test_malformed_connection_files_are_refused_with_the_key_named(tmp_path, text, match):
     path = tmp_path / "connection.toml"
