@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.converters.tflite_export import RUNTIMES, load_interpreter, predict_tflite
+from fedprune.data import DataError, read_npy, read_npz
 from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 
 log = logging.getLogger(__name__)
@@ -127,25 +128,27 @@ def load_inputs(path: str | Path, key: str | None = None) -> np.ndarray:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            x = np.load(p, allow_pickle=False)
+            x = read_npy(p)  # sizes checked before anything is allocated
         elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
-                names = list(f.files)
-                if key is None:
-                    key = next((k for k in ("x", "x_test", "x_train") if k in names), None)
-                    if key is None and len(names) == 1:
-                        key = names[0]
-                if key not in names:
-                    raise InputError(f"{p}: no array {key!r}; it holds {names} (choose one with --key)")
-                x = f[key]
+            arrays = read_npz(p)
+            names = list(arrays)
+            if key is None:
+                key = next((k for k in ("x", "x_test", "x_train") if k in names), None)
+                if key is None and len(names) == 1:
+                    key = names[0]
+            if key not in names:
+                raise InputError(f"{p}: no array {key!r}; it holds {names} (choose one with --key)")
+            x = arrays[key]
         elif suffix == ".csv":
             x = _read_csv(p)
         else:
             raise InputError(f"{p}: unknown input format {suffix!r}; use .npy, .npz or .csv")
     except InputError:
         raise
+    except DataError as e:
+        raise InputError(str(e)) from None
     except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{p}: not a readable {suffix} file ({e})") from None
+        raise InputError(f"{p}: not a readable {suffix} file ({' '.join(str(e).split())[:300]})") from None
     if not np.issubdtype(x.dtype, np.number):
         raise InputError(f"{p}: inputs must be numeric, got dtype {x.dtype}")
     x = x.astype(np.float32)
