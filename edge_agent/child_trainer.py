@@ -214,6 +214,8 @@ class ChildProcessTrainer:
         if report.exit_code == 0 and export.is_file():
             try:
                 info = ModelInfo.from_json(json.loads(export.read_text()))
+                if not info.sha256:
+                    raise ModelStoreError("export.json names no sha256 of the model the child verified")
                 self.models.install(child.folder / jobfiles.MODEL, info)
             except (OSError, ValueError, TypeError, ModelStoreError) as e:  # the previous model stays
                 log.error("round %d: could not install the exported model: %s", round_, e)

@@ -4,7 +4,9 @@ The runtime is LiteRT (``ai-edge-litert``) where it is installed, else ``tflite-
 TensorFlow's ``tf.lite`` interpreter (the only one that imports TensorFlow). A sparse int8 model
 that LiteRT's default XNNPACK delegate refuses is run by its builtin kernels instead
 (:func:`fedprune.converters.tflite_export.load_interpreter`); ``Predictor.runtime`` and
-``Predictor.delegates`` say what ran.
+``Predictor.delegates`` say what ran. Each model file is first loaded and run once in a child
+process (:mod:`fedprune.edge_agent.model_check`), so a file that crashes or hangs the runtime is
+an error, not the end of the caller.
 
     >>> p = Predictor("/var/lib/fedprune/state/model")   # the agent's model folder
     >>> classes, probabilities = p.classify(x)
@@ -21,6 +23,7 @@ import numpy as np
 
 from fedprune.converters.tflite_export import RUNTIMES, load_interpreter, predict_tflite
 from fedprune.data import DataError, read_npy, read_npz
+from fedprune.edge_agent.model_check import check_tflite
 from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,8 @@ class Predictor:
         else:
             data, self.info = self.source.read_bytes(), None
             self._stamp = _stamp(self.source)
+        # A bad file crashes or hangs the runtime: let it do so in a child first (once per file).
+        check_tflite(data, self.runtimes, self.num_threads, what=str(self.source))
         loaded = load_interpreter(data, self.num_threads, self.runtimes)
         self._interpreter = loaded.interpreter
         self.runtime, self.delegates = loaded.runtime, loaded.delegates

@@ -83,6 +83,7 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     import numpy as np
 
     from fedprune.converters.tflite_export import export_sparse_tflite
+    from fedprune.edge_agent.model_store import file_sha256
     from fedprune.fileio import atomic_write_json
     from fedprune.architecture import model_from_architecture_json
     from fedprune.models import set_layer_weights
@@ -100,6 +101,7 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     atomic_write_json(folder / jobfiles.EXPORT, {
         "round": task.round, "precision": spec.export_precision, "sparsity": sparsity,
         "source_digest": digest, "runtime": export.runtime,
+        "sha256": file_sha256(folder / jobfiles.MODEL),  # the bytes LiteRT loaded and ran: all the agent installs
         "local_accuracy": None if export.accuracy is None else float(np.round(export.accuracy, 4)),
     })
     log.info("round %d: exported %s (%d bytes, sparsity %.3f, peak RSS %.0f MB)", task.round,
