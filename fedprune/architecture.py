@@ -311,13 +311,14 @@ def model_from_architecture_json(model_json: str, custom_objects: Mapping[str, t
 
 
 def layer_classes(model: Any) -> dict[str, type]:
-    """The classes of ``model``'s layers (nested ones too) that are not built-in, by class name:
-    the ``custom_objects`` that rebuild a model this process made itself."""
+    """The layer classes of ``model`` (nested ones too) that are not Keras's own, by class name:
+    the ``custom_objects`` that rebuild a model this process made itself. (Keras's own classes off
+    the allow-list, such as ``Lambda``, are not among them: they stay refused.)"""
     classes: dict[str, type] = {}
     stack = list(getattr(model, "layers", []))
     while stack:
         layer = stack.pop()
-        if type(layer).__name__ not in LAYERS:
+        if not type(layer).__module__.startswith(("tf_keras.", "keras.")):
             classes[type(layer).__name__] = type(layer)
         stack.extend(getattr(layer, "layers", []))
         stack.extend(x for x in (getattr(layer, "layer", None), getattr(layer, "cell", None)) if x is not None)

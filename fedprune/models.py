@@ -12,6 +12,7 @@ import inspect
 import logging
 from typing import Callable
 
+from fedprune.architecture import ArchitectureError, check_architecture, layer_classes
 from fedprune.keras_setup import keras
 from fedprune.names import parse_import_spec
 
@@ -112,6 +113,14 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> ke
             f"model.factory {spec!r} returned {type(model).__name__}, not a tf_keras Model; "
             "build it with `from fedprune.keras_setup import keras`"
         )
+    custom = layer_classes(model)
+    try:  # what devices will check (their own custom layers aside): fail here, not on every device
+        check_architecture(model.to_json(), custom)
+    except ArchitectureError as e:
+        raise ValueError(f"model.factory {spec!r} builds a model devices refuse: {e}") from None
+    if custom:
+        log.warning("model.factory %r uses layer classes of its own (%s): each device must allow them in "
+                    "[model] custom_layers", spec, ", ".join(sorted(f"{c.__module__}:{n}" for n, c in custom.items())))
     return model
 
 

@@ -270,9 +270,10 @@ def test_a_decompression_bomb_is_refused_before_it_is_unpacked(tmp_path):
                 f.write(bytes(4_000_000))
         z.writestr("y_train.npy", _npy_header((20_000,), "<i8") + bytes(160_000))
     assert bomb.stat().st_size < 1_000_000
-    code = ("import resource, sys\nfrom fedprune.data import DataError, load_device_data\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (TensorFlow-sized) parent.
+    code = ("from fedprune.data import DataError, load_device_data\n"
             f"try:\n    load_device_data({str(bomb)!r})\nexcept DataError as e:\n    print(e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "from fedprune.edge_agent.budgets import peak_rss_mb\nprint(int(peak_rss_mb()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.splitlines()
     assert "a decompression bomb rather than data" in out[0] and "80,000,128" in out[0]
     assert int(out[1]) < 150, f"peak RSS {out[1]} MB"

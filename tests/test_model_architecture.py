@@ -277,6 +277,28 @@ def test_the_agent_config_takes_custom_layers_and_checks_their_form():
         parse_config({"model": {"custom_layers": ["os.system"]}}).check(require_run=False)
 
 
+def test_a_factory_whose_model_devices_would_refuse_fails_on_the_aggregator(tmp_path, monkeypatch, caplog):
+    from fedprune.models import build_model
+
+    name = f"factories_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(CUSTOM + '''
+def with_lambda(input_shape, num_classes):
+    return keras.Sequential([keras.layers.Input(input_shape), keras.layers.Lambda(lambda x: x * 2),
+                             keras.layers.Flatten(), keras.layers.Dense(num_classes)])
+
+def with_custom(input_shape, num_classes):
+    return keras.Sequential([keras.layers.Input(input_shape), Doubling(), keras.layers.Flatten(),
+                             keras.layers.Dense(num_classes)])
+''')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="builds a model devices refuse: .*layer 'Lambda' is not allowed"):
+        build_model(f"{name}:with_lambda", (4,), 2)
+    with caplog.at_level(logging.WARNING):
+        build_model(f"{name}:with_custom", (4,), 2)
+    assert f"{name}:Doubling" in caplog.text and "custom_layers" in caplog.text
+    sys.modules.pop(name, None)
+
+
 # --- where architectures arrive -------------------------------------------------------------------
 
 
