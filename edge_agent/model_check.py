@@ -12,7 +12,9 @@ models are safer than that: it installs only files whose sha256 is the one its t
 loaded and ran (``export.json``), and the predictor checks each new file once per process.
 
 Exit status of the child: 0 when the model ran, 1 with a one-line error on stderr when the
-runtime refused it, 2 for a bad command line. TensorFlow-free unless the only runtime is tf.lite.
+runtime refused it, 2 for a bad command line, 3 when none of the runtimes is installed (not the
+file's fault: the parent raises ``RuntimeError``, as loading in-process would). TensorFlow-free
+unless the only runtime is tf.lite.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 import threading
 
 DEFAULT_TIMEOUT_S = 60.0
+_NO_RUNTIME = 3  # the child's exit status when no runtime of the list imports
 _verified: set[tuple[str, tuple[str, ...], int | None]] = set()  # (sha256, runtimes, threads) run here
 _verified_lock = threading.Lock()
 
@@ -58,6 +61,8 @@ def check_tflite(model: bytes, runtimes: tuple[str, ...], num_threads: int | Non
     if proc.returncode != 0:
         lines = proc.stderr.decode(errors="replace").strip().splitlines()
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        if proc.returncode == _NO_RUNTIME:
+            raise RuntimeError(reason)
         raise ModelCheckError(f"{what} was refused by the TFLite runtime: {reason[:300]}")
     with _verified_lock:
         _verified.add(key)
@@ -86,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _run_once(sys.stdin.buffer.read(), runtimes, threads)
     except Exception as e:  # noqa: BLE001 - whatever the runtime raises, the parent gets one line
-        print(f"{type(e).__name__}: {' '.join(str(e).split())}"[:500], file=sys.stderr)
+        text = " ".join(str(e).split())
+        if isinstance(e, RuntimeError) and text.startswith("no TFLite runtime"):  # load_interpreter's words
+            print(text[:500], file=sys.stderr)
+            return _NO_RUNTIME
+        print(f"{type(e).__name__}: {text}"[:500], file=sys.stderr)
         return 1
     print(json.dumps(report))
     return 0
