@@ -36,8 +36,8 @@ from urllib.parse import quote
 
 from fedprune.architecture import ArchitectureError, parse_custom_layer_spec
 from fedprune.converters.protocol import valid_device_id
-from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.edge_agent.budgets import Budgets
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.tomlfile import coerce, read_toml
 from fedprune.transport import BrokerAddress, parse_broker_url
 

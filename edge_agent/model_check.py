@@ -68,6 +68,12 @@ def check_tflite(model: bytes, runtimes: tuple[str, ...], num_threads: int | Non
         _verified.add(key)
 
 
+def forget_checks() -> None:
+    """Check every file again (tests and the fuzzer: as a fresh process would)."""
+    with _verified_lock:
+        _verified.clear()
+
+
 def _run_once(model: bytes, runtimes: tuple[str, ...], num_threads: int | None) -> dict:
     import numpy as np
 

@@ -82,10 +82,10 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     """The task's global model as a sparse TFLite file, verified in LiteRT, and its description."""
     import numpy as np
 
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.converters.tflite_export import export_sparse_tflite
     from fedprune.edge_agent.model_store import file_sha256
     from fedprune.fileio import atomic_write_json
-    from fedprune.architecture import model_from_architecture_json
     from fedprune.models import set_layer_weights
 
     digest = jobfiles.weights_digest(task.weights)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import numpy as np  # noqa: E402
 
 from fedprune.edge_agent.inference import Predictor  # noqa: E402
-from fedprune.edge_agent.model_check import ModelCheckError, check_tflite  # noqa: E402
+from fedprune.edge_agent.model_check import ModelCheckError, check_tflite, forget_checks  # noqa: E402
 
 DEFAULT_MODEL = ROOT / "tests" / "data" / "tiny-int8.tflite"
 EXTREMES = (0x00000000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0x0000FFFF, 0x00010000)
@@ -89,9 +89,7 @@ def raw_outcome(data: bytes, timeout_s: float) -> str:
 
 def through_predictor(path: Path, timeout_s: float, rng: np.random.Generator) -> str:
     """What ``Predictor`` makes of the file, in this process: "predicted" or the error's type."""
-    from fedprune.edge_agent import model_check
-
-    model_check._verified.clear()  # check every mutation again, as a fresh process would
+    forget_checks()  # check every mutation again, as a fresh process would
     try:
         p = Predictor(path, runtimes=("litert",))
         x = np.concatenate([np.zeros((1, *p.input_shape), np.float32),

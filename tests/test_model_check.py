@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedprune.edge_agent import model_check
 from fedprune.edge_agent.inference import Predictor
-from fedprune.edge_agent.model_check import ModelCheckError, check_tflite
+from fedprune.edge_agent.model_check import ModelCheckError, check_tflite, forget_checks
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "data" / "tiny-int8.tflite"
@@ -32,7 +31,7 @@ def mutated(offset: int, value: int) -> bytes:
 
 @pytest.fixture(autouse=True)
 def fresh_checks():
-    model_check._verified.clear()  # each test checks its files again
+    forget_checks()  # each test checks its files again
 
 
 def test_the_model_predicts_and_is_checked_once_per_process(tmp_path):
