@@ -106,6 +106,7 @@ _FORBIDDEN_KEYS = frozenset({"function_type", "output_shape_type", "__passive_se
                              "spec_name", "type_spec", "function", "module", "registered_name"})
 _LAYER_KEYS = frozenset({"layer", "forward_layer", "backward_layer", "cell"})
 _LAYER_LIST_KEYS = frozenset({"layers", "cells"})
+_KERAS_PACKAGES = frozenset({"keras", "tf_keras", "tensorflow", "tensorflow_model_optimization"})
 _MAX_DEPTH = 64  # nesting of JSON containers; Keras configs of real models stay under 20
 _DTYPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")  # float32, mixed_float16
 
@@ -134,8 +135,8 @@ def register_custom_layers(specs: Iterable[str]) -> None:
     parsed = {}
     for spec in specs:
         module, name = parse_custom_layer_spec(spec)
-        if name in LAYERS:
-            raise ArchitectureError(f"custom layer {spec!r}: {name} is the name of a built-in Keras layer")
+        if name in LAYERS or module.split(".")[0] in _KERAS_PACKAGES:  # e.g. Keras's own Lambda: never
+            raise ArchitectureError(f"custom layer {spec!r} names a Keras layer, not one of your own")
         parsed[name] = f"{module}:{name}"
     with _custom_lock:
         _custom_specs.clear()

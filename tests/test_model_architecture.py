@@ -255,7 +255,8 @@ def test_a_registered_custom_layer_may_come_only_from_its_own_module(custom_modu
 @pytest.mark.parametrize("spec,words", [
     ("os.system", "must look like"),
     ("os:system; rm", "must look like"),
-    ("mod:Dense", "built-in"),
+    ("mod:Dense", "names a Keras layer"),
+    ("tf_keras.layers:Lambda", "names a Keras layer"),
 ])
 def test_bad_custom_layer_specs_are_refused(spec, words):
     with pytest.raises(ArchitectureError, match=words):
