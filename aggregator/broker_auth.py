@@ -4,7 +4,12 @@ the Mosquitto password file, and the federation's access policy (``fedprune.aggr
 amqtt 0.12.1 asks every auth plugin on CONNECT (all must agree) and every topic plugin on
 SUBSCRIBE (a refusal answers 0x80 in the SUBACK), on PUBLISH (a refused message is dropped
 silently, as Mosquitto does) and before delivering to each subscriber. It does not check the
-topic of a last will, so :class:`PasswordFileAuth` refuses a client whose will it may not write.
+topic of a last will, so :class:`LoginCheck` refuses a client whose will it may not write.
+
+amqtt asks the auth plugins only after it has acted on the CONNECT's client id (deleted that
+client's session and subscriptions, disconnected it): so the embedded broker runs
+:class:`LoginCheck` itself on each CONNECT before amqtt sees it (``fedprune.aggregator.
+embedded_broker``), and :class:`PasswordFileAuth` checks again inside amqtt.
 """
 
 from __future__ import annotations
@@ -20,8 +25,27 @@ from fedprune.aggregator.passwords import read_password_file, verify_password
 _ACCESS = {Action.SUBSCRIBE: Access.READ, Action.RECEIVE: Access.READ, Action.PUBLISH: Access.WRITE}
 
 
+class LoginCheck:
+    """Logins checked against a Mosquitto password file (read once), and last wills against the
+    federation's policy."""
+
+    def __init__(self, password_file: str, federation: str, aggregator_user: str) -> None:
+        self._users = read_password_file(password_file)
+        self._policy = AccessPolicy(federation, aggregator_user)
+
+    def refusal(self, username: str | None, password: str | None, will_topic: str | None) -> str | None:
+        """Why this login is refused (for the log), or None if it is allowed. ``will_topic``:
+        None when the CONNECT has no last will."""
+        stored = self._users.get(username) if username else None
+        if stored is None or not verify_password(stored, password or ""):
+            return f"refused login of {username!r}: unknown user or wrong password"
+        if will_topic is not None and not self._policy.allows(username, will_topic, Access.WRITE):
+            return f"refused {username!r}: its last will is on {will_topic!r}, which it may not write"
+        return None
+
+
 class PasswordFileAuth(BaseAuthPlugin):
-    """Logins checked against a Mosquitto password file (read once, at broker start)."""
+    """:class:`LoginCheck` as an amqtt auth plugin."""
 
     @dataclass
     class Config:
@@ -32,21 +56,14 @@ class PasswordFileAuth(BaseAuthPlugin):
     def __init__(self, context) -> None:
         super().__init__(context)
         cfg = self.context.config
-        self._users = read_password_file(cfg.password_file)
-        self._policy = AccessPolicy(cfg.federation, cfg.aggregator_user)
+        self._check = LoginCheck(cfg.password_file, cfg.federation, cfg.aggregator_user)
 
     async def authenticate(self, *, session) -> bool:
-        user = session.username
-        stored = self._users.get(user) if user else None
-        if stored is None or not verify_password(stored, session.password or ""):
-            self.context.logger.warning("refused login of %r from client %r: unknown user or wrong password",
-                                        user, session.client_id)
-            return False
-        if session.will_flag and not self._policy.allows(user, session.will_topic or "", Access.WRITE):
-            self.context.logger.warning("refused %r: its last will is on %r, which it may not write",
-                                        user, session.will_topic)
-            return False
-        return True
+        refusal = self._check.refusal(session.username, session.password,
+                                      (session.will_topic or "") if session.will_flag else None)
+        if refusal is not None:
+            self.context.logger.warning("%s (client %r)", refusal, session.client_id)
+        return refusal is None
 
 
 class FederationTopicAccess(BaseTopicPlugin):

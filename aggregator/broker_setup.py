@@ -25,6 +25,8 @@ import datetime as dt
 import ipaddress
 import json
 import logging
+import os
+import pwd
 import secrets
 import tomllib
 from dataclasses import dataclass
@@ -33,9 +35,10 @@ from pathlib import Path
 from fedprune.aggregator.access import AccessPolicy
 from fedprune.aggregator.embedded_broker import BrokerSecurity
 from fedprune.aggregator.passwords import write_password_file
-from fedprune.converters.protocol import Topics, valid_device_id
+from fedprune.converters.protocol import valid_device_id
 from fedprune.connection import Connection, write_connection
 from fedprune.fileio import atomic_write_bytes
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.transport import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -86,7 +89,8 @@ class BrokerFolder:
 def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> None:
     """BrokerSetupError naming what makes the set-up unusable: the federation id, the device ids,
     the port, or a folder that already holds one."""
-    Topics(federation)  # validates the id
+    if not valid_federation_id(federation):
+        raise BrokerSetupError(f"federation id {federation!r} must be {ID_RULE}")
     if not devices:
         raise BrokerSetupError("no devices: name them with --devices or give --device-count")
     bad = [d for d in devices if not valid_device_id(d) or d == AGGREGATOR_USER or ":" in d]
@@ -178,7 +182,10 @@ def mosquitto_config(out: Path, port: int, bind: str, persistence: bool) -> str:
     lines = [
         "# Mosquitto 2 configuration written by fedprune-aggregator init-broker.",
         "# Run: mosquitto -c " + str(out / "mosquitto.conf"),
-        "# As a service, the mosquitto user must be able to read this folder (chown -R mosquitto: it).",
+        "# Started as root, Mosquitto drops to the account named by `user` (by default `mosquitto`, which cannot",
+        "# read the private files here, mode 600). This one is their owner, who wrote the set-up (root stays root).",
+        "# To run it as a service under its own account: chown -R mosquitto: this folder, and `user mosquitto`.",
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         "per_listener_settings false",
         "allow_anonymous false",
         f"password_file {out / 'passwd'}",
@@ -190,6 +197,10 @@ def mosquitto_config(out: Path, port: int, bind: str, persistence: bool) -> str:
         f"certfile {out / 'server.crt'}",
         f"keyfile {out / 'server.key'}",
         "tls_version tlsv1.2",
+        "# A client's id is its login: no one can take over another client's session (or drop it) by",
+        "# connecting with its client id. One connection per login: give a monitoring tool a login of its own.",
+        "# (A listener option: above the listener line it would open a second listener on port 1883.)",
+        "use_username_as_clientid true",
         "",
         "# Above every fedprune message: larger ones travel in chunks of transport.max_payload_bytes.",
         f"max_packet_size {MAX_PACKET_BYTES}",

@@ -21,7 +21,18 @@ What it does and does not do
   Mosquitto password file and the federation's access policy (``fedprune.aggregator.broker_auth``), the
   same rules the generated Mosquitto config enforces. amqtt's defaults would bind 0.0.0.0:1883
   and load event/packet logging and ``$SYS`` plugins, so listeners and plugins are always passed
-  explicitly.
+  explicitly. Without logins on an address other than loopback it warns: anyone who reaches it
+  can then publish a forged architecture or task, and read every update.
+* With logins, two amqtt 0.12.1 behaviours are closed here (``scripts/probe_broker.py`` and
+  ``tests/test_broker_probes.py`` probe both brokers alike):
+  - amqtt acts on a CONNECT's client id (deletes that client's session and subscriptions, and
+    disconnects it) *before* its auth plugins refuse a wrong password: so every CONNECT is read
+    and checked here first (:func:`_admit`), and only a valid login reaches amqtt, with its
+    client id replaced by its username, as Mosquitto's ``use_username_as_clientid`` (in the
+    generated config) does: a device cannot take over another client's session either;
+  - when a client connects, amqtt sends it the retained messages of *every* client's
+    subscriptions, without asking the topic plugins: :class:`_GuardedBroker` sends only those of
+    its own subscriptions that it may read.
 * Known amqtt 0.12.1 behaviours to design around (checked against its source and tests):
   - the broker never closes a connection whose keep-alive has expired (its read-timeout
     handler is a no-op), so a client that goes silent without closing its socket (power loss,
@@ -39,6 +50,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import logging
 import ssl
 import threading
@@ -59,6 +71,9 @@ _LISTENER = "default"  # amqtt requires a listener named "default"
 _SETTLE_ITERATIONS = 10  # at shutdown: loop turns for a just-accepted socket to be registered
 _CONNECTION_CLOSE_S = 2.0  # at shutdown: for amqtt to process the closed client connections
 _SHUTDOWN_S = 5.0  # at shutdown: for Broker.shutdown(), after which its tasks are cancelled
+_CONNECT_TIMEOUT_S = 10.0  # with logins: a connection that sends no whole CONNECT by then is closed
+_MQTT_311 = 4  # protocol level
+_CONNACK_BAD_PROTOCOL, _CONNACK_NOT_AUTHORIZED = 0x01, 0x05
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,12 @@ class EmbeddedBroker:
                 verb = "listen on" if isinstance(err, OSError) else "start on"
                 raise RuntimeError(f"embedded MQTT broker could not {verb} {where}: {err}") from err
             logger.info("embedded MQTT broker listening on %s", self.url)
+            if self._security is None and not _is_loopback(self._host):
+                logger.warning(
+                    "the embedded MQTT broker on %s takes anyone who can reach it, without a login: they can "
+                    "publish a forged model or task and read every update. Use it so on a network you trust "
+                    "only; for a fleet, write logins with `fedprune-aggregator init-broker` and pass "
+                    "--broker-dir (or run Mosquitto)", self.url)
             return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -263,18 +284,25 @@ class EmbeddedBroker:
     async def _serve(self) -> None:
         # amqtt is an optional dependency (fedprune[aggregator]); start() checked it is there.
         from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
-        from amqtt.broker import Broker
+
+        from fedprune.aggregator.broker_auth import LoginCheck
 
         self._stop_event = asyncio.Event()
-        broker = Broker(self._config(), loop=asyncio.get_running_loop())
+        broker = _guarded_broker_class()(self._config(), loop=asyncio.get_running_loop())
         loop = asyncio.get_running_loop()
         connections: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
+        security = self._security
+        login = (LoginCheck(str(security.password_file), security.federation, security.aggregator_user)
+                 if security is not None else None)
 
         async def serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                await broker.external_connected(
-                    StreamReaderAdapter(reader), StreamWriterAdapter(writer), listener_name=_LISTENER
-                )
+                amqtt_reader: Any = StreamReaderAdapter(reader)
+                if login is not None:
+                    amqtt_reader = await _admit(reader, writer, login)
+                    if amqtt_reader is None:
+                        return
+                await broker.external_connected(amqtt_reader, StreamWriterAdapter(writer), listener_name=_LISTENER)
             except Exception:  # noqa: BLE001 - one bad connection must not end the server task noisily
                 logger.debug("MQTT connection ended with an error", exc_info=True)
 
@@ -350,6 +378,98 @@ class EmbeddedBroker:
             writer.transport.abort()
         await server.wait_closed()
         await asyncio.sleep(0)  # run the aborted transports' connection_lost (closes sockets)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+async def _admit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, login: Any) -> Any:
+    """Read the connection's CONNECT and check its login before amqtt sees it.
+
+    Returns a reader for amqtt that replays the CONNECT, its client id replaced by the username
+    (one session per login), then the rest of the stream; or None after answering a refused
+    login with a CONNACK (or a malformed or missing CONNECT with nothing).
+    """
+    from amqtt.adapters import StreamReaderAdapter
+    from amqtt.mqtt.connect import ConnectPacket
+
+    try:
+        packet = await asyncio.wait_for(ConnectPacket.from_stream(StreamReaderAdapter(reader)), _CONNECT_TIMEOUT_S)
+        if packet.variable_header is None or packet.payload is None:
+            raise ValueError("not a CONNECT packet")
+    except Exception as e:  # noqa: BLE001 - whatever came instead of a CONNECT, the connection ends here
+        logger.info("closed a connection that sent no valid MQTT CONNECT within %g s (%s)", _CONNECT_TIMEOUT_S,
+                    type(e).__name__)
+        return None
+    if packet.proto_level != _MQTT_311:
+        await _refuse(writer, _CONNACK_BAD_PROTOCOL)
+        return None
+    refusal = login.refusal(packet.username, packet.password, packet.will_topic if packet.will_flag else None)
+    if refusal is not None:
+        logger.warning("%s (client id %s)", refusal, repr(packet.client_id)[:80])
+        await _refuse(writer, _CONNACK_NOT_AUTHORIZED)
+        return None
+    packet.client_id = packet.username
+    packet.client_id_is_random = False
+    return _ReplayReader(packet.to_bytes(), StreamReaderAdapter(reader))
+
+
+async def _refuse(writer: asyncio.StreamWriter, code: int) -> None:
+    writer.write(bytes([0x20, 0x02, 0x00, code]))  # CONNACK, no session present
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+class _ReplayReader:
+    """An amqtt reader adapter that returns ``prefix`` first, then what ``reader`` reads."""
+
+    def __init__(self, prefix: bytes, reader: Any) -> None:
+        self._prefix = prefix
+        self._reader = reader
+
+    async def read(self, n: int = -1) -> bytes:
+        if not self._prefix:
+            return await self._reader.read(n)
+        if n == -1 or n >= len(self._prefix):
+            head, self._prefix = self._prefix, b""
+            return head if n in (-1, len(head)) else head + await self._reader.read(n - len(head))
+        head, self._prefix = self._prefix[:n], self._prefix[n:]
+        return head
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+
+def _guarded_broker_class() -> type:
+    """amqtt's Broker, sending a client only the retained messages of its own subscriptions that
+    the topic plugins let it read (amqtt 0.12.1 sends those of everyone's, unchecked)."""
+    from amqtt.broker import Broker
+    from amqtt.contexts import Action
+
+    class _GuardedBroker(Broker):
+        async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int], session) -> None:
+            topic_filter, qos = subscription
+            if all(s.client_id != session.client_id for s, _ in self._subscriptions.get(topic_filter, ())):
+                return  # amqtt calls this for every filter anyone subscribed to, when a client connects
+            handler = self._get_handler(session)
+            if handler is None:
+                return
+            sends = []
+            for topic, retained in list(self._retained_messages.items()):
+                if self._matches(topic, topic_filter) and await self._topic_filtering(
+                        session, topic=topic, action=Action.RECEIVE):
+                    sends.append(asyncio.ensure_future(
+                        handler.mqtt_publish(retained.topic, retained.data, min(qos, retained.qos or qos), retain=True)))
+            if sends:
+                await asyncio.wait(sends)
+
+    return _GuardedBroker
 
 
 def _cancel_remaining_tasks(loop: asyncio.AbstractEventLoop) -> None:

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.protocol import Presence, Topics
+from fedprune.converters.protocol import Presence, Topics, valid_device_id
+from fedprune.names import ID_RULE
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,11 @@ class DeviceRegistry:
         self._last_update = time.monotonic()
 
     def update(self, device_id: str, online: bool, num_samples: int) -> None:
+        """Record a presence. ``ValueError`` for an id no device can have (it may come from a
+        topic): such a device is never known, so its updates are refused as unknown."""
+        if not valid_device_id(device_id):
+            shown = f"{device_id[:64]!r}" + ("..." if len(device_id) > 64 else "")  # it may be 64 kB
+            raise ValueError(f"device id {shown} must be {ID_RULE}")
         with self._lock:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))

@@ -33,6 +33,7 @@ from fedprune.aggregator.registry import DeviceRegistry, take_presence
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
 from fedprune.aggregator.update_buffers import UpdateBuffers
+from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
 from fedprune.data import Dataset
@@ -105,13 +106,12 @@ class Aggregator:
         return FederationState(0, weights, masks, selection_rng.bit_generator.state, {"bytes_down": 0, "bytes_up": 0})
 
     def _resume(self) -> None:
-        from fedprune.keras_setup import keras
-
         restored = load_latest_checkpoint(self.run_dir / "checkpoints")
         if restored is None:
             raise FederationError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         if restored.model_json and restored.model_json != self.architecture.model_json:
-            self._use_model(keras.models.model_from_json(restored.model_json))  # structurally pruned
+            self._use_model(model_from_architecture_json(  # structurally pruned; checked like a device's
+                restored.model_json, custom_objects=layer_classes(self.model)))
         if [tuple(w.shape) for w in restored.weights] != self.shapes:
             raise FederationError("--resume: the checkpoint was made for another model architecture")
         self.state = restored

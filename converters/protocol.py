@@ -53,8 +53,9 @@ class Topics:
     """Topic names of one federation; ``federation`` namespaces several on one broker."""
 
     def __init__(self, federation: str) -> None:
-        if not federation or any(c in federation for c in "/+#"):
-            raise ValueError(f"federation id must be non-empty without '/', '+', '#': {federation!r}")
+        if not isinstance(federation, str) or not valid_device_id(federation):  # the same rule: one topic level
+            raise ValueError(f"federation id must be 1-128 bytes of printable characters without '/', '+', "
+                             f"'#': {federation!r}")
         self.root = f"{TOPIC_ROOT}/{federation}"
 
     # device -> all (retained, with a retained last will): online/offline and sample count
@@ -95,9 +96,10 @@ class Topics:
         """The device id in a presence or device topic; raises ValueError for other topics."""
         if topic.startswith(self.root + "/"):
             rest = topic[len(self.root) + 1 :].split("/")
-            if len(rest) == 2 and rest[0] == "presence" and rest[1]:
+            if len(rest) == 2 and rest[0] == "presence" and valid_device_id(rest[1]):
                 return rest[1]
-            if len(rest) == 3 and rest[0] == "device" and rest[1] and rest[2] in ("task", "update", "ack"):
+            if len(rest) == 3 and rest[0] == "device" and valid_device_id(rest[1]) and rest[2] in ("task", "update",
+                                                                                                    "ack"):
                 return rest[1]
         raise ValueError(f"topic {topic!r} names no device")
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedprune.architecture import registered_custom_layers
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
@@ -169,7 +170,8 @@ class ChildProcessTrainer:
             self.work_dir.mkdir(parents=True)
             current = self.models.current()
             spec = jobfiles.JobSpec(self.data_path, self.export_precision,
-                                    current.source_digest if current else "", os.getpid())
+                                    current.source_digest if current else "", os.getpid(),
+                                    registered_custom_layers())
             jobfiles.write_job(self.work_dir, architecture, task, spec)
             deadline_s = self.budgets.round_deadline_s(task.deadline_s)
             child = self._child = _Child(self.work_dir, self.budgets, deadline_s, self.command_prefix)
@@ -212,6 +214,8 @@ class ChildProcessTrainer:
         if report.exit_code == 0 and export.is_file():
             try:
                 info = ModelInfo.from_json(json.loads(export.read_text()))
+                if not info.sha256:
+                    raise ModelStoreError("export.json names no sha256 of the model the child verified")
                 self.models.install(child.folder / jobfiles.MODEL, info)
             except (OSError, ValueError, TypeError, ModelStoreError) as e:  # the previous model stays
                 log.error("round %d: could not install the exported model: %s", round_, e)

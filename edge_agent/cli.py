@@ -137,12 +137,14 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args, require_run=True)
     connection = _connection(args)
     broker_url = connection.broker.full_url() if connection is not None else config.broker_url()
+    from fedprune.architecture import register_custom_layers
     from fedprune.edge_agent.agent import EdgeAgent
     from fedprune.edge_agent.child_trainer import ChildProcessTrainer
     from fedprune.edge_agent.emulation import SlowLink
     from fedprune.data import DataError, load_device_data
 
     device_id = config.device.id
+    register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
         x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
         if args.in_process:

@@ -18,6 +18,10 @@ falls back to a default in silence.
     [budgets]
     max_train_memory_mb = 900
     max_round_s = 300
+
+    [model]
+    export = "int8"
+    custom_layers = ["mypkg.layers:MyLayer"]    # optional: layer classes of your own
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from fedprune.architecture import ArchitectureError, parse_custom_layer_spec
 from fedprune.converters.protocol import valid_device_id
 from fedprune.edge_agent.budgets import Budgets
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.tomlfile import coerce, read_toml
 from fedprune.transport import BrokerAddress, parse_broker_url
 
@@ -67,6 +73,9 @@ class BudgetsSection:
 @dataclass(frozen=True)
 class ModelSection:
     export: Literal["int8", "float32", "off"] = "int8"  # each round's global model, as sparse TFLite
+    # Layer classes of one's own that an architecture may use, as "package.module:ClassName": the
+    # only way besides Keras's built-in layers (fedprune.architecture); imported when a model is built.
+    custom_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,10 +136,9 @@ class AgentConfig:
             if self.broker.ca_file and not address.tls:
                 raise ConfigError(f"{where}broker.ca_file needs a TLS URL (mqtts://), got {self.broker.url}")
         if self.device.id and not valid_device_id(self.device.id):
-            raise ConfigError(f"{where}device.id {self.device.id!r} must be 1-128 printable characters "
-                              "without '/', '+', '#'")
-        if not self.broker.federation or any(c in self.broker.federation for c in "/+#"):
-            raise ConfigError(f"{where}broker.federation must be non-empty without '/', '+', '#'")
+            raise ConfigError(f"{where}device.id {self.device.id!r} must be {ID_RULE}")
+        if not valid_federation_id(self.broker.federation):
+            raise ConfigError(f"{where}broker.federation {self.broker.federation!r} must be {ID_RULE}")
         if self.broker.password_file and not self.broker.username:
             raise ConfigError(f"{where}broker.password_file is set but broker.username is not")
         for key, path in (("broker.password_file", self.broker.password_file),
@@ -140,6 +148,11 @@ class AgentConfig:
         if self.broker.ca_file and "ca_file" not in {f.name for f in dataclasses.fields(BrokerAddress)}:
             raise ConfigError(f"{where}broker.ca_file: this version's MQTT transport verifies brokers against "
                               "the system's CAs only; add the CA to the system store and drop ca_file")
+        for spec in self.model.custom_layers:
+            try:
+                parse_custom_layer_spec(spec)
+            except ArchitectureError as e:
+                raise ConfigError(f"{where}model.custom_layers: {e}") from None
         for key in ("max_payload_bytes", "max_message_bytes"):
             if getattr(self.broker, key) < 1024:
                 raise ConfigError(f"{where}broker.{key} must be >= 1024, got {getattr(self.broker, key)}")

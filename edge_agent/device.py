@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedprune.architecture import ArchitectureError, check_architecture
 from fedprune.error_feedback import ErrorFeedback
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import unpack_frame
@@ -150,7 +151,8 @@ class DeviceSession:
         if topic == self.topics.architecture:
             try:
                 arch = Architecture.decode(payload)
-            except CodecError as e:
+                check_architecture(arch.model_json)  # refuse code before any trainer sees it
+            except (CodecError, ArchitectureError) as e:
                 log.error("%s: ignored bad architecture message: %s", self.device_id, e)
                 return None
             with self._lock:

@@ -4,7 +4,9 @@ The runtime is LiteRT (``ai-edge-litert``) where it is installed, else ``tflite-
 TensorFlow's ``tf.lite`` interpreter (the only one that imports TensorFlow). A sparse int8 model
 that LiteRT's default XNNPACK delegate refuses is run by its builtin kernels instead
 (:func:`fedprune.converters.tflite_export.load_interpreter`); ``Predictor.runtime`` and
-``Predictor.delegates`` say what ran.
+``Predictor.delegates`` say what ran. Each model file is first loaded and run once in a child
+process (:mod:`fedprune.edge_agent.model_check`), so a file that crashes or hangs the runtime is
+an error, not the end of the caller.
 
     >>> p = Predictor("/var/lib/fedprune/state/model")   # the agent's model folder
     >>> classes, probabilities = p.classify(x)
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.converters.tflite_export import RUNTIMES, load_interpreter, predict_tflite
+from fedprune.data import DataError, read_npy, read_npz
+from fedprune.edge_agent.model_check import check_tflite
 from fedprune.edge_agent.model_store import ModelInfo, ModelStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ class Predictor:
         else:
             data, self.info = self.source.read_bytes(), None
             self._stamp = _stamp(self.source)
+        # A bad file crashes or hangs the runtime: let it do so in a child first (once per file).
+        check_tflite(data, self.runtimes, self.num_threads, what=str(self.source))
         loaded = load_interpreter(data, self.num_threads, self.runtimes)
         self._interpreter = loaded.interpreter
         self.runtime, self.delegates = loaded.runtime, loaded.delegates
@@ -127,25 +133,27 @@ def load_inputs(path: str | Path, key: str | None = None) -> np.ndarray:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
-            x = np.load(p, allow_pickle=False)
+            x = read_npy(p)  # sizes checked before anything is allocated
         elif suffix == ".npz":
-            with np.load(p, allow_pickle=False) as f:
-                names = list(f.files)
-                if key is None:
-                    key = next((k for k in ("x", "x_test", "x_train") if k in names), None)
-                    if key is None and len(names) == 1:
-                        key = names[0]
-                if key not in names:
-                    raise InputError(f"{p}: no array {key!r}; it holds {names} (choose one with --key)")
-                x = f[key]
+            arrays = read_npz(p)
+            names = list(arrays)
+            if key is None:
+                key = next((k for k in ("x", "x_test", "x_train") if k in names), None)
+                if key is None and len(names) == 1:
+                    key = names[0]
+            if key not in names:
+                raise InputError(f"{p}: no array {key!r}; it holds {names} (choose one with --key)")
+            x = arrays[key]
         elif suffix == ".csv":
             x = _read_csv(p)
         else:
             raise InputError(f"{p}: unknown input format {suffix!r}; use .npy, .npz or .csv")
     except InputError:
         raise
+    except DataError as e:
+        raise InputError(str(e)) from None
     except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{p}: not a readable {suffix} file ({e})") from None
+        raise InputError(f"{p}: not a readable {suffix} file ({' '.join(str(e).split())[:300]})") from None
     if not np.issubdtype(x.dtype, np.number):
         raise InputError(f"{p}: inputs must be numeric, got dtype {x.dtype}")
     x = x.astype(np.float32)

@@ -48,6 +48,8 @@ class JobSpec:
     export_precision: str  # "int8" | "float32" | "off"
     skip_export_digest: str  # the installed model's source: no new export for the same weights
     parent_pid: int
+    # "module:Class" layer classes the device's own config allows (fedprune.architecture)
+    custom_layers: tuple[str, ...] = ()
 
 
 def weights_digest(weights: Sequence[np.ndarray]) -> str:
@@ -71,7 +73,8 @@ def read_job(folder: Path) -> tuple[Architecture, TrainTask, JobSpec]:
     raw = json.loads((folder / JOB).read_text())
     architecture = Architecture.decode(json.dumps(raw["architecture"]).encode())
     task = decode_task((folder / TASK).read_bytes(), architecture.names, architecture.shapes, _MAX_TASK_BYTES)
-    return architecture, task, JobSpec(**raw["spec"])
+    spec = raw["spec"]
+    return architecture, task, JobSpec(**{**spec, "custom_layers": tuple(spec.get("custom_layers", ()))})
 
 
 def write_result(folder: Path, result: TrainResult) -> None:

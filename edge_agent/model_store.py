@@ -170,7 +170,8 @@ class ModelStore:
         """Make ``model_file`` the current model (the file is moved in: same file system).
 
         The current model becomes the previous one. Returns the info as recorded (size, sha256
-        and install time filled in).
+        and install time filled in). An ``info.sha256`` given (the one a runtime verified) must
+        be the file's: otherwise ``ModelStoreError`` and nothing changes.
         """
         with self._locked():
             return self._install(Path(model_file), info)
@@ -179,8 +180,11 @@ class ModelStore:
         size = model_file.stat().st_size
         if size == 0:
             raise ModelStoreError(f"{model_file} is empty; not installing it")
-        incoming = dataclasses.replace(info, size_bytes=size, sha256=file_sha256(model_file),
-                                       installed_unix=time.time())
+        digest = file_sha256(model_file)
+        if info.sha256 and info.sha256 != digest:
+            raise ModelStoreError(f"{model_file} (sha256 {digest[:12]}) is not the model that was verified "
+                                  f"(sha256 {info.sha256[:12]}); not installing it")
+        incoming = dataclasses.replace(info, size_bytes=size, sha256=digest, installed_unix=time.time())
         atomic_move(model_file, self._incoming_path)  # step 1
         state = self.manifest()
         self._write_manifest(state["current"], state["previous"], incoming)  # step 2

@@ -19,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fedprune.architecture import register_custom_layers
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import peak_rss_mb
 
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     architecture, task, spec = jobfiles.read_job(folder)
     _die_with_parent(spec.parent_pid)
+    register_custom_layers(spec.custom_layers)  # the agent's own config, handed down
     try:
         from fedprune.data import load_device_data
 
@@ -80,16 +82,17 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     """The task's global model as a sparse TFLite file, verified in LiteRT, and its description."""
     import numpy as np
 
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.converters.tflite_export import export_sparse_tflite
+    from fedprune.edge_agent.model_store import file_sha256
     from fedprune.fileio import atomic_write_json
-    from fedprune.keras_setup import keras
     from fedprune.models import set_layer_weights
 
     digest = jobfiles.weights_digest(task.weights)
     if digest == spec.skip_export_digest:
         log.info("round %d: global model unchanged since the installed one; no export", task.round)
         return
-    model = keras.models.model_from_json(architecture.model_json)
+    model = model_from_architecture_json(architecture.model_json)
     set_layer_weights(model, task.weights)
     export = export_sparse_tflite(model, folder / jobfiles.MODEL, spec.export_precision,
                                   representative_x=x, eval_x=x, eval_y=y)
@@ -98,6 +101,7 @@ def _export(folder: Path, architecture, task, spec: jobfiles.JobSpec, x, y) -> N
     atomic_write_json(folder / jobfiles.EXPORT, {
         "round": task.round, "precision": spec.export_precision, "sparsity": sparsity,
         "source_digest": digest, "runtime": export.runtime,
+        "sha256": file_sha256(folder / jobfiles.MODEL),  # the bytes LiteRT loaded and ran: all the agent installs
         "local_accuracy": None if export.accuracy is None else float(np.round(export.accuracy, 4)),
     })
     log.info("round %d: exported %s (%d bytes, sparsity %.3f, peak RSS %.0f MB)", task.round,

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.architecture import model_from_architecture_json
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent.device import TrainResult
 from fedprune.edge_agent.training_checks import TrainingError, check_local_data
@@ -214,7 +215,7 @@ def _step_function(model: keras.Model):
 def _wrap(architecture: Architecture) -> _Compiled:
     """The architecture with every Dense/Conv layer in a ``PruneLowMagnitude`` wrapper, each with
     a schedule of its own (device-side pruning prunes only the layers the task masks)."""
-    plain = keras.models.model_from_json(architecture.model_json)
+    plain = model_from_architecture_json(architecture.model_json)
     candidates = [l.name for l in plain.layers if type(l).__name__ in PRUNABLE_LAYER_TYPES]
     index_of = kernel_positions(plain, candidates)
     schedules = {index_of[name]: TaskSchedule() for name in candidates}

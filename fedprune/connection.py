@@ -24,7 +24,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedprune.converters.protocol import valid_device_id
 from fedprune.fileio import atomic_write_bytes
+from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.transport import BrokerAddress, parse_broker_url
 
 ROLES = ("device", "aggregator")
@@ -81,7 +83,12 @@ def load_connection(path: str | Path) -> Connection:
                                    password=text(broker, "password", "broker."), ca_file=ca_file)
     except ValueError as e:
         raise ConnectionFileError(f"connection file {p}: broker.url: {e}") from None
-    return Connection(role, text(raw, "federation", ""), address, device_id)
+    federation = text(raw, "federation", "")
+    if not valid_federation_id(federation):
+        raise ConnectionFileError(f"connection file {p}: federation {federation!r} must be {ID_RULE}")
+    if device_id is not None and not valid_device_id(device_id):
+        raise ConnectionFileError(f"connection file {p}: device_id {device_id!r} must be {ID_RULE}")
+    return Connection(role, federation, address, device_id)
 
 
 def write_connection(path: str | Path, connection: Connection) -> Path:

@@ -4,15 +4,31 @@ Built-in sets ship inside scikit-learn (no download): ``digits`` (1,797 8x8 imag
 and ``breast_cancer`` (569 tabular medical records, 2 classes); ``mnist1d`` is generated locally
 by the ``mnist1d`` package (5,000 sequences, 10 classes). A user's own data is an ``.npz``
 with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (the ``keras.datasets`` layout).
+
+``.npz`` and ``.npy`` files are read through :func:`read_npz` and :func:`read_npy`, which check
+the sizes the files declare (each zip member's uncompressed size, each array's header) before
+anything is decompressed or allocated: a 2.4 MB ``.npz`` of zeros declaring a 2.4 GB array took
+an agent to 5.4 GB of resident memory when loaded as it came.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 import numpy as np
+
+# The most bytes an .npz or .npy may unpack to: this, or half the machine's memory if that is less.
+MAX_DATA_BYTES = 8 << 30
+# A large member that deflate shrank more than this is a decompression bomb, not data (real data
+# sets compress a few times; an array of zeros about 1000 times). Stored (np.savez) members pass.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_CHECKED_ABOVE = 64 << 20
+_MAX_NPY_HEADER = 10_000  # numpy's own default
 
 
 class DataError(ValueError):
@@ -85,7 +101,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    arrays = _read_npz(p)
+    arrays = read_npz(p)
     for key in ("x_train", "y_train"):
         if key not in arrays:
             raise DataError(f"{p}: missing array {key!r}; found {sorted(arrays)}")
@@ -104,24 +120,100 @@ def load_device_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
-    arrays = _read_npz(p)
+    arrays = read_npz(p)
     if "x_train" not in arrays or "y_train" not in arrays:
         raise DataError(f"{p}: needs arrays 'x_train' and 'y_train'; found {sorted(arrays)}")
     return _check_xy(arrays["x_train"], arrays["y_train"], f"{p}")
 
 
-def _read_npz(p: Path) -> dict[str, np.ndarray]:
+def data_limit_bytes() -> int:
+    """The most bytes a data file may unpack to here: ``MAX_DATA_BYTES``, or half of this
+    machine's memory if that is less."""
     try:
-        loaded = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{p}: not a readable .npz file ({e})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{p}: is a single array (.npy), expected an .npz with x_train and y_train")
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return MAX_DATA_BYTES
+    return min(MAX_DATA_BYTES, memory // 2)
+
+
+def read_npz(path: str | Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz``, after checking that each member's uncompressed size (its zip
+    header) and each array's declared size (its ``.npy`` header) agree, and that together they
+    stay within ``max_bytes`` (default :func:`data_limit_bytes`). ``DataError`` otherwise."""
+    p = Path(path)
+    limit = data_limit_bytes() if max_bytes is None else max_bytes
     try:
-        with loaded as f:
+        with zipfile.ZipFile(p) as archive:
+            members = archive.infolist()
+            total = sum(m.file_size for m in members)
+            if total > limit:
+                raise DataError(f"{p}: its arrays unpack to {total:,} bytes, more than the {limit:,} allowed here")
+            for member in members:
+                if (member.file_size > _RATIO_CHECKED_ABOVE
+                        and member.file_size > MAX_COMPRESSION_RATIO * max(member.compress_size, 1)):
+                    raise DataError(f"{p}: array {member.filename!r} unpacks from {member.compress_size:,} to "
+                                    f"{member.file_size:,} bytes, a decompression bomb rather than data (save "
+                                    "real data that compresses this well with np.savez, uncompressed)")
+                with archive.open(member) as f:
+                    _check_npy_header(f, member.file_size, f"{p}: array {member.filename!r}")
+    except zipfile.BadZipFile:
+        if p.is_file() and p.read_bytes()[:6] == b"\x93NUMPY":
+            raise DataError(f"{p}: is a single array (.npy), expected an .npz with x_train and y_train") from None
+        raise DataError(f"{p}: not a readable .npz file (not a zip archive)") from None
+    except (OSError, EOFError, ValueError, NotImplementedError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{p}: damaged .npz file ({_one_line(e)})") from None
+    try:
+        with np.load(p, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     except Exception as e:  # noqa: BLE001 - a damaged zip member can raise many types
-        raise DataError(f"{p}: damaged .npz file ({type(e).__name__}: {e})") from None
+        raise DataError(f"{p}: damaged .npz file ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def read_npy(path: str | Path, max_bytes: int | None = None) -> np.ndarray:
+    """The array of an ``.npy``, after checking its header's shape and type against the file's
+    size and ``max_bytes`` (default :func:`data_limit_bytes`). ``DataError`` otherwise."""
+    p = Path(path)
+    limit = data_limit_bytes() if max_bytes is None else max_bytes
+    try:
+        size = p.stat().st_size
+        if size > limit:
+            raise DataError(f"{p}: {size:,} bytes, more than the {limit:,} allowed here")
+        with open(p, "rb") as f:
+            _check_npy_header(f, size, str(p))
+        return np.load(p, allow_pickle=False)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError) as e:
+        raise DataError(f"{p}: not a readable .npy file ({_one_line(e)})") from None
+
+
+def _check_npy_header(f: IO[bytes], size: int, what: str) -> None:
+    """Read an ``.npy`` header from ``f`` (``size`` bytes in all) and check that the array it
+    declares is a plain numeric one whose bytes are all there: none is allocated beyond them."""
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=_MAX_NPY_HEADER)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=_MAX_NPY_HEADER)
+        else:
+            raise DataError(f"{what}: .npy format version {version} is not supported (1.0 and 2.0 are)")
+    except DataError:
+        raise
+    except (ValueError, EOFError, SyntaxError) as e:
+        raise DataError(f"{what}: bad .npy header ({_one_line(e)})") from None
+    if dtype.hasobject:
+        raise DataError(f"{what}: holds Python objects ({dtype}); only numeric arrays are read")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > size - f.tell():
+        raise DataError(f"{what}: its header declares {shape} {dtype} ({declared:,} bytes) but only "
+                        f"{size - f.tell():,} bytes follow")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def _check_xy(x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:

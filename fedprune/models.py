@@ -8,9 +8,15 @@ Dense/Conv so tfmot can wrap them; names are stable so ``pruning.leave_dense`` c
 from __future__ import annotations
 
 import importlib
+import inspect
+import logging
 from typing import Callable
 
+from fedprune.architecture import ArchitectureError, check_architecture, layer_classes
 from fedprune.keras_setup import keras
+from fedprune.names import parse_import_spec
+
+log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[tuple[int, ...], int], "keras.Model"]
 
@@ -75,25 +81,46 @@ def mlp(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 
 
 def load_factory(spec: str) -> ModelFactory:
-    """Import ``module:function``; errors say which part failed."""
-    module_name, _, func_name = spec.partition(":")
+    """Import ``module:function``; errors say which part failed.
+
+    The spec's form is checked before anything is imported (``fedprune.names.parse_import_spec``:
+    no standard-library module such as ``os``), and what it names must be a Python function
+    defined in that module (not a builtin, a class, or a function it imported from elsewhere).
+    """
+    module_name, func_name = parse_import_spec(spec, "model.factory")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"model.factory {spec!r}: cannot import module {module_name!r} ({e})") from None
     factory = getattr(module, func_name, None)
-    if not callable(factory):
+    if factory is None:
         raise ValueError(f"model.factory {spec!r}: {module_name} has no function {func_name!r}")
+    if not inspect.isfunction(factory) or factory.__module__ != module_name:
+        raise ValueError(f"model.factory {spec!r}: {func_name} must be a function defined in {module_name}, "
+                         f"taking (input_shape, num_classes)")
     return factory
 
 
 def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
-    model = load_factory(spec)(tuple(input_shape), int(num_classes))
+    factory = load_factory(spec)
+    try:
+        model = factory(tuple(input_shape), int(num_classes))
+    except Exception as e:  # the user's code: one line here, the traceback at DEBUG
+        log.debug("model.factory %r failed", spec, exc_info=True)
+        raise ValueError(f"model.factory {spec!r} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, keras.Model):
         raise ValueError(
             f"model.factory {spec!r} returned {type(model).__name__}, not a tf_keras Model; "
             "build it with `from fedprune.keras_setup import keras`"
         )
+    custom = layer_classes(model)
+    try:  # what devices will check (their own custom layers aside): fail here, not on every device
+        check_architecture(model.to_json(), custom)
+    except ArchitectureError as e:
+        raise ValueError(f"model.factory {spec!r} builds a model devices refuse: {e}") from None
+    if custom:
+        log.warning("model.factory %r uses layer classes of its own (%s): each device must allow them in "
+                    "[model] custom_layers", spec, ", ".join(sorted(f"{c.__module__}:{n}" for n, c in custom.items())))
     return model
 
 

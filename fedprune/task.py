@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from fedprune.converters.quantize import PRECISION_NAMES
+from fedprune.names import ID_RULE, parse_import_spec, valid_federation_id
 from fedprune.pruning.rules import Rule, rule_from_config
 from fedprune.pruning.schedules import PruningSchedule, schedule_from_config
 from fedprune.tomlfile import coerce, read_toml
 
+# The aggregator reserves a round's decoded updates up front (one row per device drawn), and a
+# run's records grow with its rounds: bounds far above any real fleet, far below an overflow.
+MAX_DEVICES_PER_ROUND = 10_000
+MAX_ROUNDS = 1_000_000
 
 
 class TaskError(ValueError):
@@ -29,9 +34,10 @@ class ModelSection:
     factory: str = "fedprune.models:digits_cnn"  # "module:function" returning an uncompiled model
 
     def check(self) -> None:
-        module, _, func = self.factory.partition(":")
-        if not module or not func:
-            raise TaskError(f"model.factory must look like 'module:function', got {self.factory!r}")
+        try:
+            parse_import_spec(self.factory, "model.factory")
+        except ValueError as e:
+            raise TaskError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -72,11 +78,12 @@ class FederationSection:
     stop_at_accuracy: float = 0.0  # end the run after the first round whose held-out accuracy reaches it (0: never)
 
     def check(self) -> None:
-        if not self.id or any(c in self.id for c in "/+#"):
-            raise TaskError(f"federation.id must be non-empty without '/', '+', '#': {self.id!r}")
-        for name in ("rounds", "devices_per_round", "min_devices"):
-            if getattr(self, name) < 1:
-                raise TaskError(f"federation.{name} must be >= 1, got {getattr(self, name)}")
+        if not valid_federation_id(self.id):
+            raise TaskError(f"federation.id must be {ID_RULE}, got {self.id!r}")
+        for name, most in (("rounds", MAX_ROUNDS), ("devices_per_round", MAX_DEVICES_PER_ROUND),
+                           ("min_devices", MAX_DEVICES_PER_ROUND)):
+            if not 1 <= getattr(self, name) <= most:
+                raise TaskError(f"federation.{name} must be in [1, {most:,}], got {getattr(self, name):,}")
         if self.min_devices > self.devices_per_round:
             raise TaskError(
                 f"federation.min_devices ({self.min_devices}) must be <= "

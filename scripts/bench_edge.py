@@ -49,6 +49,7 @@ RUNTIMES = ("litert", "tflite_runtime", "tensorflow")
 
 def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
     """Dense Keras model, then pruned to 90 % and fine-tuned under the mask by the device trainer."""
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.converters.protocol import TrainTask
     from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.keras_setup import keras, tf
@@ -71,7 +72,7 @@ def train_model(ds, epochs: int, fine_tune_epochs: int, seed: int = 0) -> dict:
                      uplink_precision="float32", deadline_s=600)
     result = KerasTrainer().train(arch, task, ds.x_train, ds.y_train)
     pruned_weights = [w + d for w, d in zip(weights, result.delta)]
-    pruned = keras.models.model_from_json(arch.model_json)
+    pruned = model_from_architecture_json(arch.model_json)
     set_layer_weights(pruned, pruned_weights)
     pruned.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pruned_acc = float(pruned.evaluate(ds.x_test, ds.y_test, verbose=0)[1])

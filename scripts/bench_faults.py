@@ -45,10 +45,9 @@ def fuzzed_updates(fleet: Fleet) -> dict:
     from fuzz_aggregator import Fuzzer, PayloadGenerator
 
     from fedprune.converters.protocol import Topics
-    from fedprune.connection import load_connection
 
     topics = Topics(fleet.folder.federation)
-    fuzzer = Fuzzer(load_connection(fleet.folder.aggregator_connection).broker.full_url(), topics,
+    fuzzer = Fuzzer(fleet.tool_url, topics,
                     PayloadGenerator(topics, random.Random(0), 1_000_000))
     try:
         fleet.start_aggregator()

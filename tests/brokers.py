@@ -9,6 +9,7 @@ Mosquitto (none is expected to be running). The embedded amqtt broker lives in
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -128,7 +129,8 @@ class MosquittoProcess:
                 "log_timestamp true",
                 # Started as root, Mosquitto drops to the `mosquitto` user, which cannot write
                 # the log in this root-only temp dir; stay root (it warns on stderr about it).
-                "user root" if os.geteuid() == 0 else "",
+                # init-broker's config names its own user (the owner of its files).
+                "user root" if os.geteuid() == 0 and not re.search(r"(?m)^user ", head[0]) else "",
                 self.extra_config,
                 "",
             ]

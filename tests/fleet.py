@@ -22,6 +22,7 @@ from brokers import MosquittoProcess, free_port
 from fedprune.aggregator.broker_setup import BrokerFolder, init_broker
 from fedprune.task import load_task
 
+TOOL_USER = "fedprune-tools"
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent
 # The processes run this checkout's code, also where the installed package is another checkout's.
@@ -90,6 +91,30 @@ class RunRecord:
         return sorted(r for r, n in Counter(self.rounds).items() if n > 1)
 
 
+
+def add_tool_login(folder: BrokerFolder) -> str:
+    """A login of its own (whole-federation rights, as the aggregator's) for the test tools that
+    replay or fuzz updates, and its broker URL. The generated config has
+    ``use_username_as_clientid``: a second connection with the aggregator's login would take over
+    the aggregator's session. Call before the broker starts (it reads passwd and acl once)."""
+    import secrets
+    import tempfile
+    from dataclasses import replace
+
+    from fedprune.aggregator.passwords import write_password_file
+    from fedprune.connection import load_connection
+    from fedprune.converters.protocol import Topics
+
+    password = secrets.token_urlsafe(24)
+    with tempfile.TemporaryDirectory() as tmp:
+        line = write_password_file(Path(tmp) / "passwd", {TOOL_USER: password}).read_text()
+    with open(folder.path / "passwd", "a") as f:
+        f.write(line)
+    with open(folder.path / "acl", "a") as f:
+        f.write(f"\nuser {TOOL_USER}\ntopic readwrite {Topics(folder.federation).root}/#\n")
+    aggregator = load_connection(folder.aggregator_connection).broker
+    return replace(aggregator, username=TOOL_USER, password=password).full_url()
+
 @dataclass
 class Fleet:
     workdir: Path
@@ -109,6 +134,7 @@ class Fleet:
         task = load_task(self.task_path)
         self.folder = init_broker(self.workdir / "broker", task.federation.id, self.devices, ["localhost"],
                                   port=free_port(), bind="127.0.0.1")
+        self.tool_url = add_tool_login(self.folder)
         self.broker = MosquittoProcess(port=self.folder.port, base_config=self.folder.mosquitto_conf.read_text())
         self.run_dir = self.workdir / "run"
         self.logs = self.workdir / "logs"
@@ -261,7 +287,6 @@ def broker_restarted(fleet: Fleet) -> dict:
 def update_replayed(fleet: Fleet) -> dict:
     """Every update is sent a second time at once (a QoS 1 redelivery or a replay)."""
     from fedprune.converters.protocol import Topics
-    from fedprune.connection import load_connection
     from fedprune.transport import MqttSession
 
     topics = Topics(fleet.folder.federation)
@@ -272,8 +297,7 @@ def update_replayed(fleet: Fleet) -> dict:
             seen.add(payload)
             session.publish(topic, payload)
 
-    login = load_connection(fleet.folder.aggregator_connection).broker.full_url()
-    session = MqttSession(login, "replayer", subscriptions=[topics.all_updates], on_message=replay,
+    session = MqttSession(fleet.tool_url, "replayer", subscriptions=[topics.all_updates], on_message=replay,
                           max_payload_bytes=2_000_000).start()
     try:
         fleet.start_aggregator()

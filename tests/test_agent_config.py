@@ -34,6 +34,7 @@ def test_the_shipped_example_is_valid():
     ({"broker": {"password_file": "/etc/hostname"}}, "broker.username is not"),
     ({"broker": {"url": "mqtt://x", "ca_file": "/etc/hostname"}}, "needs a TLS URL"),
     ({"device": {"id": "a/b"}}, "device.id"),
+    ({"broker": {"federation": "clinic\nnext"}}, "broker.federation 'clinic.nnext' must be 1-128 bytes"),
     ({"logging": {"level": "LOUD"}}, "logging.level must be one of"),
 ])
 def test_bad_values_name_the_key(raw, named):

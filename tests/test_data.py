@@ -234,3 +234,73 @@ def test_unreadable_files_raise_data_error(tmp_path, case):
         pass
     except Exception as e:  # noqa: BLE001 - the point of the test
         pytest.fail(f"{type(e).__name__} escaped: {e}")
+
+
+# --------------------------------------------------------------------------- sizes checked before loading
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()  # the magic, the version, the header
+
+
+def _zip(path, members: dict[str, bytes], compression=None) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression if compression is not None else zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_unpacked(tmp_path):
+    """80 MB of zeros deflate to about 80 kB: refused from the zip header, in a process whose
+    memory stays that of Python and NumPy."""
+    import subprocess
+    import sys
+    import zipfile
+
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("x_train.npy", "w") as f:
+            f.write(_npy_header((20_000, 1000)))
+            for _ in range(20):
+                f.write(bytes(4_000_000))
+        z.writestr("y_train.npy", _npy_header((20_000,), "<i8") + bytes(160_000))
+    assert bomb.stat().st_size < 1_000_000
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (TensorFlow-sized) parent.
+    code = ("from fedprune.data import DataError, load_device_data\n"
+            f"try:\n    load_device_data({str(bomb)!r})\nexcept DataError as e:\n    print(e)\n"
+            "from fedprune.edge_agent.budgets import peak_rss_mb\nprint(int(peak_rss_mb()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert "a decompression bomb rather than data" in out[0] and "80,000,128" in out[0]
+    assert int(out[1]) < 150, f"peak RSS {out[1]} MB"
+
+
+def test_declared_sizes_must_fit_the_limit_and_the_bytes_that_are_there(tmp_path):
+    from fedprune.data import read_npy, read_npz
+
+    x = np.ones((100, 10), np.float32)
+    _npz(tmp_path, "ok.npz", x_train=x, y_train=np.arange(100))
+    assert read_npz(tmp_path / "ok.npz", max_bytes=10_000)["x_train"].shape == (100, 10)
+    with pytest.raises(DataError, match="unpack to 5,056 bytes, more than the 1,000 allowed"):
+        read_npz(tmp_path / "ok.npz", max_bytes=1_000)
+    lying = tmp_path / "lying.npz"  # a small member whose array header declares 40 TB
+    _zip(lying, {"x_train.npy": _npy_header((10**12, 10)) + bytes(400)})
+    with pytest.raises(DataError, match=r"declares \(1000000000000, 10\) float32 .* but only 400 bytes follow"):
+        read_npz(lying)
+    objects = tmp_path / "objects.npz"
+    _zip(objects, {"x_train.npy": _npy_header((2,), "|O") + bytes(16)})
+    with pytest.raises(DataError, match="Python objects"):
+        read_npz(objects)
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(_npy_header((2**62, 2**62)) + bytes(16))
+    with pytest.raises(DataError, match="declares"):
+        read_npy(huge)
+    long_header = tmp_path / "long_header.npy"
+    long_header.write_bytes(b"\x93NUMPY\x01\x00" + (20_000).to_bytes(2, "little") + b"{" + b" " * 19_999)
+    with pytest.raises(DataError, match="bad .npy header") as info:
+        read_npy(long_header)
+    assert "\n" not in str(info.value)

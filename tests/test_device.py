@@ -12,7 +12,9 @@ from fedprune.edge_agent.device import DeviceSession, TrainResult, run_job
 
 SHAPES = [[6, 4], [4]]
 NAMES = ["dense/kernel", "dense/bias"]
-ARCH = Architecture(model_json="{}", digest="d1", shapes=SHAPES, names=NAMES)
+# No layers: the session checks the JSON (fedprune.architecture) but never builds it.
+ARCH = Architecture(model_json='{"class_name": "Sequential", "config": {"layers": []}}', digest="d1", shapes=SHAPES,
+                    names=NAMES)
 TOPICS = Topics("fed")
 
 

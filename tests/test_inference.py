@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def exported(tmp_path_factory):
     """The small digits MLP (80 % sparse) as Keras, sparse float32 and sparse int8 TFLite files."""
     from fedprune.converters.tflite_export import export_sparse_tflite
-    from fedprune.keras_setup import keras
+    from fedprune.architecture import model_from_architecture_json
     from fedprune.models import set_layer_weights
 
     arch, task = small_mlp_task(sparsity=0.8)
-    model = keras.models.model_from_json(arch.model_json)
+    model = model_from_architecture_json(arch.model_json)
     set_layer_weights(model, task.weights)
     x, y = digits_arrays(200)
     folder = tmp_path_factory.mktemp("tflite")
@@ -128,3 +128,17 @@ def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_pat
                               str(tmp_path / "none"), "--input", str(tmp_path / "in.csv")],
                              capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert missing.returncode == 2 and "no model folder" in missing.stderr
+
+
+def test_predict_refuses_an_npy_whose_header_lies_with_one_line(exported, tmp_path):
+    """An .npy header declaring 40 TB used to end in a MemoryError traceback."""
+    import io
+
+    _, files, _ = exported
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 64)})
+    (tmp_path / "huge.npy").write_bytes(header.getvalue() + bytes(256))
+    proc = subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "predict", "--model", str(files["float32"]),
+                           "--input", str(tmp_path / "huge.npy")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "declares (1000000000000, 64) float32" in proc.stderr

@@ -66,6 +66,16 @@ def test_install_keeps_the_previous_model_and_rolls_back(tmp_path):
     assert ModelStore(tmp_path / "model").current().round == 2  # persisted
 
 
+def test_only_the_verified_file_is_installed(tmp_path):
+    """A file whose sha256 is not the one its verifier recorded is refused; the folder is unchanged."""
+    store = ModelStore(tmp_path / "model", writer=True)
+    store.install(_model(tmp_path, "a.tflite", b"model A"), ModelInfo(1, "int8", 0.5, sha256=_sha(b"model A")))
+    with pytest.raises(ModelStoreError, match="is not the model that was verified"):
+        store.install(_model(tmp_path, "b.tflite", b"swapped"), ModelInfo(2, "int8", 0.5, sha256=_sha(b"model B")))
+    assert store.read_current()[0] == b"model A" and store.previous() is None
+    _consistent(store)
+
+
 def test_a_replaced_current_file_is_refused_not_run(tmp_path):
     store = ModelStore(tmp_path, writer=True)
     store.install(_model(tmp_path, "a.tflite", b"model A"), ModelInfo(1, "int8", 0.5))

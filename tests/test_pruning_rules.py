@@ -83,6 +83,21 @@ def test_row_mean_threshold_per_input_row_with_pruned_counting_as_zero():
     assert RowMeanThreshold().mask(w, cur, None).tolist() == [[F, T, F, F], [T, T, F, F]]
 
 
+def test_row_mean_threshold_compares_in_the_weights_precision():
+    """A float32 weight equal to its row's mean (as float32 holds it) is pruned, as in float64.
+
+    The float32 row's mean taken in float64, 0.4999999925..., is a hair below float32 0.5:
+    compared in float64, 0.5 would be kept on float32 weights and pruned on float64 ones.
+    """
+    rows = [[0.1, 0.5, 0.9], [0.2, 0.2, 0.2]]
+    w32 = np.array(rows, np.float32)
+    assert float(np.abs(w32[0].astype(np.float64)).mean()) < 0.5 == float(np.float32(w32[0].mean()))
+    assert RowMeanThreshold().mask(w32, None, None).tolist() == [[F, F, T], [F, F, F]]
+    assert RowMeanThreshold().mask(np.array(rows, np.float64), None, None).tolist() == [[F, F, T], [F, F, F]]
+    w1, m1 = prune_with_rules([w32], [np.ones(w32.shape, bool)], [RowMeanThreshold()], None)
+    assert w1[0].dtype == np.float32 and w1[0].tolist()[0] == [0.0, 0.0, pytest.approx(0.9)]
+
+
 def test_row_mean_threshold_rows_of_conv_and_1d():
     # 1-D: one row (mean 2.5)
     assert RowMeanThreshold().mask(np.array([1.0, 2.0, 3.0, 4.0]), None, None).tolist() == [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from fedprune.aggregator.registry import DeviceRegistry
 
 
@@ -51,3 +53,14 @@ def test_a_registry_already_quiet_returns_at_once():
     started = time.monotonic()
     assert registry.wait_until_quiet(0.1, 5.0) == 1
     assert time.monotonic() - started < 0.05
+
+
+def test_an_id_no_device_can_have_is_refused_and_never_known():
+    """Device ids taken from topics obey the 128-byte rule too: an over-long one is not registered."""
+    registry = DeviceRegistry()
+    for bad in ("é" * 65, "a" * 129, "", "bad\nid"):
+        with pytest.raises(ValueError, match="must be 1-128 bytes"):
+            registry.update(bad, True, 10)
+        assert not registry.known(bad)
+    registry.update("a" * 128, True, 10)
+    assert registry.known("a" * 128)

@@ -69,6 +69,12 @@ BAD = [
     ('leave_dense = ["logits"]', "leave_dense = [1, 2]", "pruning.leave_dense"),
     ('factory = "fedprune.models:digits_cnn"', "factory = 3", "model.factory"),
     ('factory = "fedprune.models:digits_cnn"', 'factory = "no_colon"', "model.factory"),
+    # code a task names must be the user's own: refused by form, before anything is imported
+    ('factory = "fedprune.models:digits_cnn"', 'factory = "os:system"', "model.factory 'os:system' names Python's"),
+    ('factory = "fedprune.models:digits_cnn"', 'factory = "builtins:exec"', "model.factory"),
+    ('factory = "fedprune.models:digits_cnn"', 'factory = "subprocess:run"', "model.factory"),
+    ('factory = "fedprune.models:digits_cnn"', 'factory = "fedprune.models:_inner"', "private"),
+    ('factory = "fedprune.models:digits_cnn"', 'factory = "a.b:c; rm -rf /"', "model.factory"),
     ("final_sparsity = 0.8", "final_sparsity = 1.5", "pruning.final_sparsity"),
     ("final_sparsity = 0.8", "final_sparsity = 1.0", "pruning.final_sparsity"),
     ("initial_sparsity = 0.0", "initial_sparsity = -0.1", "pruning.initial_sparsity"),
@@ -82,6 +88,11 @@ BAD = [
     ("rounds = 15", "rounds = 0", "federation.rounds"),
     ('id = "default"', 'id = "a/b"', "federation.id"),
     ('id = "default"', 'id = ""', "federation.id"),
+    ('id = "default"', 'id = "clinic\\nnext"', "federation.id"),
+    ('id = "default"', 'id = "' + 'x' * 129 + '"', "federation.id"),
+    ("devices_per_round = 10", "devices_per_round = 10000000", "federation.devices_per_round"),
+    ("devices_per_round = 10", "devices_per_round = 1e7", "federation.devices_per_round"),
+    ("rounds = 15", "rounds = 100000000000000000000", "federation.rounds"),
     ("round_timeout_s = 120", "round_timeout_s = 0", "federation.round_timeout_s"),
     ("round_timeout_s = 120", "round_timeout_s = 120\nmax_round_retries = -1", "federation.max_round_retries"),
     ('optimizer = "adam"', 'optimizer = "rmsprop"', "training.optimizer"),
@@ -110,6 +121,22 @@ def test_bad_values_raise_task_error_naming_the_key(tmp_path, old, new, key):
     msg = str(info.value)
     assert key in msg, msg
     assert str(path) in msg  # and the file
+
+
+def test_a_factory_must_be_a_function_of_its_own_module_and_failures_are_one_line():
+    from fedprune.models import build_model, load_factory
+
+    with pytest.raises(ValueError, match="must be a function defined in fedprune.models"):
+        load_factory("fedprune.models:PRUNABLE_LAYER_TYPES")
+    with pytest.raises(ValueError, match="must be a function defined in fedprune.models"):
+        load_factory("fedprune.models:Callable")  # imported there from typing
+    with pytest.raises(ValueError, match="cannot import module 'no_such_package.models'"):
+        load_factory("no_such_package.models:f")
+    with pytest.raises(ValueError, match="has no function 'nothing'"):
+        load_factory("fedprune.models:nothing")
+    with pytest.raises(ValueError, match=r"model.factory 'fedprune.models:full_masks' failed: \w+Error") as info:
+        build_model("fedprune.models:full_masks", (8, 8, 1), 10)
+    assert "\n" not in str(info.value)
 
 
 def test_section_that_is_not_a_table(tmp_path):

@@ -93,6 +93,16 @@ def _prepare(w: np.ndarray, current: np.ndarray | None) -> tuple[np.ndarray, np.
     return a, keep
 
 
+def _in_precision_of(w: np.ndarray, theta):
+    """``theta`` (a float or an array) rounded to ``w``'s floating precision, so that float32
+    weights are compared with a threshold as float32 holds it (a weight equal to it is pruned)."""
+    dtype = np.asarray(w).dtype
+    if not np.issubdtype(dtype, np.floating):
+        return theta
+    with np.errstate(over="ignore"):  # a huge threshold becomes inf: prune all, correctly
+        return np.asarray(theta, dtype=dtype).astype(np.float64)
+
+
 # --------------------------------------------------------------------------- threshold rules
 
 
@@ -114,12 +124,7 @@ class AbsoluteThreshold(Rule):
 
     def mask(self, w, current, target_sparsity=None):
         a, keep = _prepare(w, current)
-        dtype = np.asarray(w).dtype
-        theta = float(self.threshold)
-        if np.issubdtype(dtype, np.floating):
-            with np.errstate(over="ignore"):  # a huge threshold becomes inf: prune all, correctly
-                theta = float(np.asarray(theta, dtype=dtype))
-        return keep & (a > theta)
+        return keep & (a > _in_precision_of(w, float(self.threshold)))
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,9 @@ class MaxRateThreshold(Rule):
 
 @dataclass(frozen=True)
 class RowMeanThreshold(Rule):
-    """Per input row i: keep ``|w_ij| > scale * mean_j |w_ij|``.
+    """Per input row i: keep ``|w_ij| > scale * mean_j |w_ij|``, the threshold rounded to the
+    weights' own precision as in ``AbsoluteThreshold`` (a float32 weight equal to its row's mean,
+    as float32 holds it, is pruned, as it is with float64 weights).
 
     A row is one input: every index but the last axis (Dense: a kernel row; Conv2D: one
     ``(kh, kw, in)`` position, averaged over the output filters). A 1-D tensor is a single row.
@@ -175,7 +182,7 @@ class RowMeanThreshold(Rule):
             return keep
         rows = np.where(keep, a, 0.0)
         rows = rows.reshape(1, -1) if rows.ndim < 2 else rows.reshape(-1, rows.shape[-1])
-        theta = float(self.scale) * rows.mean(axis=1, keepdims=True)
+        theta = _in_precision_of(w, float(self.scale) * rows.mean(axis=1, keepdims=True))
         return keep & (rows > theta).reshape(keep.shape)
 
 
