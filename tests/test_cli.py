@@ -53,7 +53,7 @@ def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
     proc = subprocess.run(command("fedprune-aggregator", "fedprune.aggregator.cli") + ["--task", str(bad)],
                           capture_output=True, text=True, timeout=60, env=ENV)
     assert proc.returncode == 2
-    assert f"{bad}: aggregation: unknown 'strategy' 'mean_of_best'" in proc.stderr
+    assert f"{bad}: aggregation.method 'mean_of_best' is not a registered strategy" in proc.stderr
 
 
 def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosquitto_url, tmp_path):

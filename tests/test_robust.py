@@ -173,7 +173,6 @@ def test_many_large_updates_stay_in_float32_and_match_numpy():
 
 
 @pytest.mark.parametrize("federation, aggregation, key", [
-    ({}, {"method": "mean"}, "aggregation.method"),
     ({}, {"clip_norm": -1.0}, "aggregation.clip_norm"),
     ({}, {"trim_fraction": 0.5}, "aggregation.trim_fraction"),
     ({"devices_per_round": 4}, {"method": "trimmed_mean", "trim_fraction": 0.2}, "aggregation.trim_fraction"),
@@ -188,6 +187,14 @@ def test_task_refuses_bad_aggregation_settings_naming_the_key(federation, aggreg
 
     with pytest.raises(TaskError, match=key.replace(".", r"\.")):
         small_task(federation=federation, aggregation=aggregation)
+
+
+def test_an_unregistered_strategy_is_refused_naming_the_key():
+    from fedprune.aggregator.strategies import strategy_for_task
+    from fedprune.task import TaskError
+
+    with pytest.raises(TaskError, match=r"aggregation\.method 'mean' is not a registered strategy"):
+        strategy_for_task(small_task(aggregation={"method": "mean"}))
 
 
 def test_task_refuses_robust_aggregation_with_device_side_masks():

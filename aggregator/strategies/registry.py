@@ -70,6 +70,9 @@ def strategy_for_task(task: Task) -> Strategy:
     ``[aggregation]`` key when the task names an unknown strategy or a bad parameter."""
     from fedprune.task import TaskError
 
+    if task.aggregation.method not in STRATEGIES:
+        raise TaskError(f"aggregation.method {task.aggregation.method!r} is not a registered strategy; use one of "
+                        f"{sorted(STRATEGIES)}")
     try:
         return strategy_from_config(strategy_config(task))
     except ValueError as e:
