@@ -134,7 +134,7 @@ class Aggregator:
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         leave = self.task.pruning.leave_dense
-        self.layer_of = {i: name for name, i in kernel_positions(model, prunable_layers(model, leave)).items()}
+        self.layer_of = kernel_positions(model, prunable_layers(model, leave))
         unknown = sorted(set(self.task.pruning.layers) - set(self.layer_of.values()))
         if unknown:
             raise ValueError(f"[pruning.layers] names layers that are not prunable here: {unknown}; "
