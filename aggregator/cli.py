@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedprune.data import DataError, load_dataset
 
     try:
-        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -53,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                           "broker URL, this device's id, credentials and CA; replaces --broker and --device-id")
     run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://laptop:1883 (config: broker.url)")
     run.add_argument("--device-id", help="this device's id, unique in the federation (config: device.id)")
-    run.add_argument("--data", help=".npz with x_train and y_train, stays on the device (config: device.data)")
+    run.add_argument("--data", help="the local data, which stays on the device: an .npz with x_train and y_train, "
+                                    "a .csv with a label column, or a folder of images with one subfolder per class "
+                                    "(config: device.data)")
+    run.add_argument("--label-column", help="a .csv's column of integer class ids (config: device.label_column, "
+                                            "default 'label')")
     run.add_argument("--federation", help="federation id (config: broker.federation, default 'default')")
     run.add_argument("--max-payload-bytes", type=int,
                      help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
@@ -101,6 +105,7 @@ def _config(args: argparse.Namespace, require_run: bool):
     if args.command == "run":
         overrides.update({
             "broker.url": args.broker, "device.id": args.device_id, "device.data": args.data,
+            "device.label_column": args.label_column,
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
             "broker.max_message_bytes": args.max_message_bytes,
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
@@ -146,14 +151,14 @@ def _run(args: argparse.Namespace) -> int:
     device_id = config.device.id
     register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
-        x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
+        x, y = load_device_data(config.device.data, config.data_options)  # checked here: a bad file fails at start
         if args.in_process:
             from fedprune.edge_agent.trainer import KerasTrainer
 
             trainer, data = KerasTrainer(), (x, y)
         else:
             trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
-                                          export_precision=config.model.export)
+                                          export_precision=config.model.export, data_options=config.data_options)
             data = (None, None)  # the child reads the file; the agent keeps only the sample count
         agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,

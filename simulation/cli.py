@@ -33,7 +33,7 @@ def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: s
     from fedprune.data import load_dataset, partition
     from fedprune.simulation.fleet import Fleet, device_id
 
-    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
     ids = device_ids if device_ids is not None else range(num_devices)
