@@ -64,6 +64,8 @@ class RoundRecord:
     # The round's time as a fleet with one processor per device would take it: wall time less what
     # simulated devices report waiting for their process's shared trainer (``sim_wait_s``).
     fleet_s: float = 0.0
+    device_errors: dict[str, str] = field(default_factory=dict)  # device -> the failure it reported
+    redelivered: int = 0  # byte-identical copies of accepted updates, dropped (not rejections)
 
 
 @dataclass
@@ -126,6 +128,8 @@ def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, n
         aggregate_s=outcome.aggregate_s,
         evaluate_s=outcome.evaluate_s,
         fleet_s=wall_s - sim_saved_s,
+        device_errors=dict(totals.failures),
+        redelivered=totals.redelivered,
     )
 
 

@@ -98,7 +98,10 @@ class EdgeAgent:
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
         job = self.device.receive(topic, payload)
-        if job is not None:
+        if isinstance(job, Outgoing):  # a task already answered came again: the same update again
+            log.info("%s: the task it answered came again; sending the same update again", self.device_id)
+            self._executor.submit(self._publish, job)
+        elif job is not None:
             self._executor.submit(self._run, job)
         elif topic == self.device.topics.architecture and self.device.architecture is not None:
             # Trace the training step now, on the training thread, not when the first task is due.

@@ -85,6 +85,7 @@ class RunRecord:
     rejections: dict[str, int]
     reported: list[int]
     selected: list[int]
+    redelivered: int = 0  # byte-identical copies of accepted updates, over the run
 
     @property
     def applied_twice(self) -> list[int]:
@@ -235,7 +236,8 @@ class Fleet:
             rejections.update(rec.get("rejections", {}))
         return RunRecord(rounds=[rec["round"] for rec in lines], accuracy=lines[-1]["accuracy"] if lines else float("nan"),
                          rejections=dict(rejections), reported=[rec["reported"] for rec in lines],
-                         selected=[rec["selected"] for rec in lines])
+                         selected=[rec["selected"] for rec in lines],
+                         redelivered=sum(rec.get("redelivered", 0) for rec in lines))
 
 
 # --- fault scenarios: each runs the aggregator to its end with one fault injected mid-round -------
