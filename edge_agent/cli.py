@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 
 from fedprune.cli_common import setup_logging
+from fedprune.quiet_start import request_quiet_start
+from fedprune.wait_notices import WaitNotices
 
 log = logging.getLogger("fedprune.edge_agent.cli")
 
@@ -28,6 +30,7 @@ COMMANDS = ("run", "predict", "model")
 
 
 def main(argv: list[str] | None = None) -> int:
+    request_quiet_start()  # before anything loads TensorFlow
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")  # `fedprune-agent --broker ...` as before subcommands existed
@@ -81,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", action="append", choices=["litert", "tflite_runtime", "tensorflow"],
                          help="runtimes to try, in order (default litert, tflite_runtime, tensorflow)")
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the runtime's)")
-    predict.add_argument("--output", help="write the class probabilities here (.npy or .csv)")
+    predict.add_argument("--output", help="write each sample's result here: .csv (sample, class, confidence, one "
+                                          "probability per class), .jsonl (one JSON object per sample) or .npy "
+                                          "(the probabilities)")
+    predict.add_argument("--json", action="store_true", help="print the summary as one JSON object (for scripts)")
 
     model = commands.add_parser("model", help="show the installed models, or roll back to the previous one")
     _add_config_args(model)
@@ -176,15 +182,16 @@ def _run(args: argparse.Namespace) -> int:
     where = ("in this process (no budgets enforced)" if args.in_process else
              f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
              f"round {_limit(budgets.max_round_s, 's')}")
-    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}",
-          flush=True)
+    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}, federation "
+          f"'{config.broker.federation}'; training {where}", flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
-    try:
-        while not stop.wait(1.0):
+    with WaitNotices(agent.activity, log):  # never silent for long: says what it waits for
+        try:
+            while not stop.wait(1.0):
+                agent.check_federation()
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
     agent.stop()
     print(f"{device_id}: stopped after rounds {agent.completed_rounds}")
     return 0
@@ -207,11 +214,11 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    """Run the model on the input file; print a summary (the per-sample results go to --output)."""
     from fedprune.converters.tflite_export import RUNTIMES
     from fedprune.edge_agent.inference import InputError, Predictor, load_inputs
     from fedprune.edge_agent.model_store import ModelStoreError
+    from fedprune.edge_agent.predictions import prediction_summary, summary_lines, write_predictions
 
     try:
         source = _model_dir(args)
@@ -219,21 +226,16 @@ def _predict(args: argparse.Namespace) -> int:
         predictor = Predictor(source, runtimes=tuple(args.runtime) if args.runtime else RUNTIMES,
                               num_threads=args.threads)
         classes, probabilities = predictor.classify(x)
-    except (InputError, ModelStoreError, FileNotFoundError, RuntimeError, ValueError) as e:
+        if args.output:
+            write_predictions(args.output, classes, probabilities)
+    except (InputError, ModelStoreError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.output:
-        out = Path(args.output)
-        if out.suffix == ".csv":
-            np.savetxt(out, probabilities, delimiter=",", fmt="%.6f")
-        else:
-            np.save(out, probabilities)
     info = predictor.model_info
-    print(json.dumps({
-        "model": str(source), "round": info.round if info else None, "sha256": info.sha256 if info else None,
-        "runtime": predictor.runtime, "delegates": predictor.delegates, "samples": int(len(classes)),
-        "classes": classes.tolist(), "confidence": [round(float(p), 4) for p in probabilities.max(axis=-1)],
-    }))
+    summary = prediction_summary(classes, probabilities, model=str(source), round=info.round if info else None,
+                                 sha256=info.sha256 if info else None, runtime=predictor.runtime,
+                                 delegates=predictor.delegates, output=args.output)
+    print(json.dumps(summary) if args.json else "\n".join(summary_lines(summary)))
     return 0
 
 
