@@ -56,3 +56,6 @@ def test_the_wheel_installs_only_the_fedprune_import_name_and_every_module():
     # no other deprecation in the build.
     assert contents["license"] == ["License-Expression: Apache-2.0", "License-File: LICENSE"]
     assert contents["build_warnings"] == []
+    # The status page ships inside the package (no CDN: the machines are often offline).
+    web = "fedprune/aggregator/status_web/"
+    assert {web + name for name in ("index.html", "app.js", "style.css")} <= set(contents["package_data"])
