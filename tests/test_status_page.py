@@ -6,11 +6,15 @@ runs; TensorBoard's event files are read back with TensorBoard's own event reade
 from __future__ import annotations
 
 import json
+import math
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
+from browser import PageReading, dump_dom, screenshot
+from brokers import free_port
 from fedprune.aggregator.collect import RoundProgress
 from fedprune.aggregator.registry import DeviceRegistry, OtherFederations
 from fedprune.aggregator.run_status import RunStatus
@@ -66,3 +70,70 @@ def test_run_status_follows_attempts_devices_and_refusals():
     snap = status.snapshot()["run"]
     assert snap["progress"]["selected"] == 3 and snap["progress"]["refused"] == 1 and snap["round"] == 1
     assert "broker" not in json.dumps(status.snapshot())  # no address, no credentials
+
+
+def _check_page(url: str, metrics: list[dict], devices: list[str]) -> None:
+    page = PageReading(dump_dom(url))
+    rounds = [m["round"] for m in metrics]
+    assert page.by_id["round"]["data-completed"] == str(rounds[-1])
+    for chart, names in (("chart-accuracy", ["accuracy"]), ("chart-sparsity", ["sparsity", "sparsity_all"]),
+                         ("chart-bytes", ["bytes_up", "bytes_down"])):
+        assert page.series(chart, "rounds") == rounds
+        for name in names:
+            assert page.series(chart, name) == [m[name] for m in metrics], (chart, name)
+    assert sorted(page.devices) == devices
+    assert all(int(row["rounds_done"]) == len(rounds) for row in page.devices.values())  # every device, every round
+    assert sum(int(row["bytes_up"]) for row in page.devices.values()) == sum(m["bytes_up"] for m in metrics)
+    assert sum(int(row["bytes_down"]) for row in page.devices.values()) == sum(m["bytes_down"] for m in metrics)
+    assert all(row["online"] == "true" and row["last_error"] == "" for row in page.devices.values())
+
+
+def _tensorboard_scalars(run_dir) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.util import tensor_util
+
+    reader = pea.EventAccumulator(str(run_dir), size_guidance={pea.TENSORS: 0})
+    reader.Reload()
+    out = {}
+    for tag in reader.Tags()["tensors"]:
+        meta = reader.SummaryMetadata(tag)
+        assert meta.plugin_data.plugin_name == "scalars" and meta.data_class == summary_pb2.DATA_CLASS_SCALAR, tag
+        out[tag] = {e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in reader.Tensors(tag)}
+    return out
+
+
+def test_the_status_page_in_a_browser_and_tensorboard_agree_with_metrics_jsonl(embedded_broker_url, tmp_path):
+    from fedprune.aggregator.records import RoundRecord
+    from fedprune.aggregator.tensorboard_log import scalars_of
+    from fedprune.simulation.cli import run_simulation
+
+    task = small_task(training={"local_epochs": 1})
+    port, run_dir = free_port(), tmp_path / "run"
+    url = f"http://127.0.0.1:{port}/"
+    seen = []
+
+    def look(record):  # while the run goes: the page shows every round completed so far
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        _check_page(url, metrics, ["sim-000", "sim-001", "sim-002"])
+        if record.round == 2:
+            screenshot(url, tmp_path / "page.png")
+        seen.append(record.round)
+
+    run_simulation(task, 3, run_dir, broker_url=embedded_broker_url, export_tflite=False, on_round=look,
+                   status_at=("127.0.0.1", port))
+    assert seen == [1, 2, 3]
+    assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = [RoundRecord(**json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    board = _tensorboard_scalars(run_dir)
+    written = {tag for record in metrics for tag in scalars_of(record)}
+    assert set(board) == written and {"held_out/accuracy", "sparsity/all_weights", "bytes/up",
+                                      "devices/reported", "time/train_s"} <= written
+    for record in metrics:
+        for tag, value in scalars_of(record).items():  # as TensorBoard stores them: float32
+            assert board[tag][record.round] == float(np.float32(value)), (tag, record.round)
+    assert all(not math.isnan(v) for steps in board.values() for v in steps.values())
+    summary = json.loads((run_dir / "summary.json").read_text())  # sparsity both ways, and what stayed dense
+    assert summary["final_sparsity"] == metrics[-1].sparsity and summary["final_sparsity_all_weights"] == \
+        metrics[-1].sparsity_all < metrics[-1].sparsity
+    assert summary["not_pruned"] == {"logits": "Dense: left dense by pruning.leave_dense"}
