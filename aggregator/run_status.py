@@ -34,6 +34,7 @@ class DeviceStats:
     bytes_down: int = 0  # the tasks sent to it
     last_error: str = ""  # the last failure it reported, or why its last refused update was refused
     last_round: int = 0  # the last round it was selected for
+    last_update: float = 0.0  # time.time() its last update came in
 
 
 @dataclass
@@ -87,6 +88,7 @@ class RunStatus:
         with self._lock:
             stats = self._devices.setdefault(p.device_id, DeviceStats())
             stats.bytes_up += p.update_bytes
+            stats.last_update = time.time()
             attempt = self._attempt
             if p.refused:
                 stats.last_error = p.refused[:300]
@@ -159,10 +161,11 @@ class RunStatus:
             stats = {d: asdict(s) for d, s in self._devices.items()}
         devices = []
         for info in self.registry.devices():
-            devices.append({"device_id": info.device_id, "online": info.online, "last_seen": info.last_seen,
-                            "num_samples": info.num_samples,
+            mine = stats.pop(info.device_id, asdict(DeviceStats()))
+            devices.append({"device_id": info.device_id, "online": info.online, "num_samples": info.num_samples,
+                            # Heard from: its last presence, or its last update.
+                            "last_seen": max(info.last_seen, mine["last_update"]),
                             # Issue 15 adds the device's trainer and runtime to its presence.
                             "trainer": getattr(info, "trainer", None) or UNKNOWN,
-                            "runtime": getattr(info, "runtime", None) or UNKNOWN,
-                            **stats.pop(info.device_id, asdict(DeviceStats()))})
+                            "runtime": getattr(info, "runtime", None) or UNKNOWN, **mine})
         return {"run": run, "devices": devices, "rounds": rounds, "time": time.time()}

@@ -63,8 +63,8 @@ function lineChart(svg, rounds, series, fixed01, format) {
 function drawRun(s) {
   const run = s.run;
   text("run-name", run.name);
-  text("run-meta", `task ${run.task} · federation '${run.federation}' · ${run.dataset} · ${run.model} · ` +
-       `${run.devices_per_round} devices per round (quorum ${run.min_devices})`);
+  text("run-meta", (run.task ? `task ${run.task} · ` : "") + `federation '${run.federation}' · ${run.dataset} · ` +
+       `${run.model} · ${run.devices_per_round} devices per round (quorum ${run.min_devices})`);
   const round = document.getElementById("round");
   round.textContent = `round ${run.round} of ${run.rounds}` + (run.attempt > 1 ? ` (attempt ${run.attempt})` : "");
   round.dataset.round = run.round;
