@@ -46,7 +46,7 @@ from fedprune.pruning.masks import sparsity
 from fedprune.task import Task
 from fedprune.transport import MqttSession, parse_broker_url
 
-__all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]  # FederationError: run_folder's
+__all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ __all__ = ["StatusPage"]
 
 log = logging.getLogger(__name__)
 
-_FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/index.html": ("index.html", "text/html; charset=utf-8"),
-          "/app.js": ("app.js", "text/javascript; charset=utf-8"), "/style.css": ("style.css", "text/css; charset=utf-8")}
+_HTML, _JS, _CSS = "text/html; charset=utf-8", "text/javascript; charset=utf-8", "text/css; charset=utf-8"
+_FILES = {"/": ("index.html", _HTML), "/index.html": ("index.html", _HTML), "/app.js": ("app.js", _JS),
+          "/style.css": ("style.css", _CSS)}
 _HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
             "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"}
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -72,8 +73,9 @@ class StatusPage:
 
     def __enter__(self) -> "StatusPage":
         if not self.loopback:
-            log.warning("the status page listens on %s:%d: whoever reaches it sees the run's progress and device "
-                        "ids (read-only; no credentials or weights)", self.host, self.port)
+            log.warning("the status page listens on %s:%d: whoever reaches it sees the run's progress, the device "
+                        "ids and which devices each round drew (read-only; no credentials or weights)",
+                        self.host, self.port)
         self._thread.start()
         return self
 

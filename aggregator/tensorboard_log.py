@@ -3,14 +3,14 @@ shows a Keras fit, one point per round.
 
 Written with ``tf.summary.write`` (TensorFlow is loaded on the aggregator anyway) into the run
 folder itself, so each run folder is one run in TensorBoard's list. TensorFlow 2.21 no longer
-installs the ``tensorboard`` package, and ``tf.summary.scalar`` is its code: each scalar is
-written the way it writes one (a float32 tensor tagged for the "scalars" plugin), so the aggregator
-needs no ``tensorboard``; whoever looks at the files installs it (``pip install tensorboard``). Every scalar is a field of the
-round's ``RoundRecord``, the same number as in ``metrics.jsonl`` (in float32, as TensorBoard
-stores scalars); ``SCALARS`` is the table, and tests read the files back with TensorBoard's own
-event reader. A value that is not a number (the devices' training loss under DP) is left out.
-A round's events are written after its checkpoint: a run resumed after a crash between the two
-lacks that round's point, never holds it twice.
+installs the ``tensorboard`` package, and ``tf.summary.scalar`` is its code: each scalar is written
+the way it writes one (a float32 tensor tagged for the "scalars" plugin), so the aggregator needs
+no ``tensorboard``; whoever looks at the files installs it (``pip install tensorboard``). Every
+scalar is a field of the round's ``RoundRecord``, the same number as in ``metrics.jsonl`` (in
+float32, as TensorBoard stores scalars); ``SCALARS`` is the table, and tests read the files back
+with TensorBoard's own event reader. A value that is not a number (the devices' training loss
+under DP) is left out. A round's events are written after its checkpoint: a run resumed after a
+crash between the two lacks that round's point, never holds it twice.
 """
 
 from __future__ import annotations

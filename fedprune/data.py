@@ -82,7 +82,8 @@ def load_breast_cancer_set(path: str = "", test_fraction: float = 0.2, seed: int
     return _split(x, d.target.astype(np.int64), test_fraction, seed)
 
 
-def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0, options: DataOptions | None = None) -> Dataset:
+def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0,
+                 options: DataOptions | None = None) -> Dataset:
     """MNIST-1D (Greydanus, 2020), generated locally by the ``mnist1d`` package: 4,000 training and
     1,000 test sequences of 40 samples, 10 classes; shaped (n, 40, 1) for Conv1D models.
 
@@ -101,7 +102,8 @@ def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0, opti
     return Dataset(x, y, xt, yt, 10)
 
 
-def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0, options: DataOptions | None = None) -> Dataset:
+def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0,
+             options: DataOptions | None = None) -> Dataset:
     """Read a user's ``.npz`` (``x_train``, ``y_train``, optional ``x_test``, ``y_test``)."""
     p = Path(path)
     if not p.is_file():
@@ -120,7 +122,8 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0, option
     return _split(x, y, test_fraction, seed)
 
 
-def load_csv(path: str | Path, test_fraction: float = 0.2, seed: int = 0, options: DataOptions | None = None) -> Dataset:
+def load_csv(path: str | Path, test_fraction: float = 0.2, seed: int = 0,
+             options: DataOptions | None = None) -> Dataset:
     """A user's CSV: a header row, numeric features, integer class ids in ``options.label_column``."""
     x, y = read_csv_xy(_existing(path), (options or DataOptions()).label_column, data_limit_bytes())
     return _split(*_check_xy(x, y, str(path)), test_fraction, seed)

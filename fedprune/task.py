@@ -68,7 +68,8 @@ class DataSection:
         if self.dataset in FILE_LOADERS and not self.path:
             raise TaskError(f"data.path is required when data.dataset = {self.dataset!r}")
         if self.image_size is not None and not all(1 <= d <= 4096 for d in self.image_size):
-            raise TaskError(f"data.image_size must be [height, width] in pixels, 1-4096 each, got {list(self.image_size)}")
+            raise TaskError(f"data.image_size must be [height, width] in pixels, 1-4096 each, "
+                            f"got {list(self.image_size)}")
         if not self.label_column:
             raise TaskError("data.label_column must name the CSV column of class ids")
         _in_open_interval("data.test_fraction", self.test_fraction, 0.0, 1.0)

@@ -144,7 +144,8 @@ class Fleet:
         self.aggregator_log: Path | None = None
         from fedprune.data import load_dataset, partition
 
-        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
+        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed,
+                          task.data.options)
         for device, idx in zip(self.devices, partition(ds.y_train, len(self.devices), "iid", seed=task.seed)):
             np.savez(self.workdir / f"{device}.npz", x_train=ds.x_train[idx], y_train=ds.y_train[idx])
 

@@ -65,3 +65,16 @@ def test_the_summary_table_and_round_lines_are_whole_when_output_is_not_a_termin
     assert "…" not in text and "0.3112" in text and "198/200" in text and "0.796" in text
     assert "round   3  devices 198/200 acc 0.3112  sparsity 0.850 (0.796 of all)  up   9,876,543 B  123.4 s" \
            "  offline 0  lost 2" in text.replace("\n", "")
+
+
+def test_tensorboard_gets_epsilon_under_dp_and_leaves_out_what_is_not_a_number():
+    from dataclasses import replace
+
+    from fedprune.aggregator.tensorboard_log import SCALARS, scalars_of
+
+    plain = scalars_of(_record(2))
+    assert "privacy/epsilon" not in plain and plain["sparsity/all_weights"] == 0.796
+    assert set(SCALARS.values()) <= set(RoundRecord.__dataclass_fields__)  # every tag is a field of the record
+    private = scalars_of(replace(_record(2), epsilon=1.25, train_loss=float("nan"), layer_sparsity={"conv2/kernel": 0.9}))
+    assert private["privacy/epsilon"] == 1.25 and "devices_training/loss" not in private
+    assert private["sparsity_by_layer/conv2/kernel"] == 0.9
