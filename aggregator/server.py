@@ -4,8 +4,10 @@ quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
 each through ``intake.check_update``), the ``strategies`` (aggregation), the pruning controller
 (``fedprune.pruning.controller``: every pruning decision), ``structured_step`` (the model
-surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint`` and ``export``. What stays
-here is the order of the steps, the quorum and retries, and the federation's state.
+surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``, ``run_state``
+(the start state), ``run_status`` (what the run is doing, for the status page and the wait
+notices) and ``tensorboard_log``. What stays here is the order of the steps, the quorum and
+retries, and the federation's state.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, take_
 from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
 from fedprune.aggregator.run_state import initial_state, restore_run
 from fedprune.aggregator.run_status import RunStatus
-from fedprune.aggregator.tensorboard_log import TensorBoardLog
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
+from fedprune.aggregator.tensorboard_log import TensorBoardLog
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
