@@ -34,6 +34,9 @@ class FederationState:
     totals: dict[str, float] = field(default_factory=dict)
     model_json: str = ""  # the architecture, once structured pruning has changed it
     schedule_state: dict[str, Any] = field(default_factory=dict)  # an adaptive schedule's history
+    # The aggregator session the devices' tasks carry: kept across --resume, so that a device that
+    # trained the open round already answers the resumed aggregator's same task with the same update.
+    session: str = ""
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:
@@ -50,6 +53,7 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
         "totals": state.totals,
         "model_json": state.model_json,
         "schedule_state": state.schedule_state,
+        "session": state.session,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -59,6 +63,11 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
     for old in sorted(_checkpoints(directory))[:-KEEP_LAST]:
         old[1].unlink(missing_ok=True)
     return path
+
+
+def checkpoint_rounds(directory: Path) -> list[int]:
+    """The rounds ``directory`` holds checkpoints of, in order (their files' names; not opened)."""
+    return [r for r, _ in _checkpoints(directory)]
 
 
 def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -85,5 +94,5 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
-                               meta.get("model_json", ""), meta.get("schedule_state", {}))
+                               meta.get("model_json", ""), meta.get("schedule_state", {}), meta.get("session", ""))
     return None

@@ -18,9 +18,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedprune.aggregator.run_folder import refusal
+from fedprune.aggregator.status_page import StatusPage
 from fedprune.aggregator.strategies import strategy_for_task
-from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
+from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_outcome, print_round
+from fedprune.cli_common import setup_logging
+from fedprune.quiet_start import request_quiet_start
 from fedprune.transport import parse_broker_url
+from fedprune.wait_notices import WaitNotices
 
 if TYPE_CHECKING:
     from fedprune.aggregator.broker_setup import BrokerFolder
@@ -31,6 +36,7 @@ log = logging.getLogger("fedprune.aggregator.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
+    request_quiet_start()  # before anything loads TensorFlow
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init-broker"]:
         from fedprune.aggregator.broker_setup import main as init_broker_main
@@ -45,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at most one of --broker, --connection and --broker-dir")
     task = load_task_or_exit(args.task, check=strategy_for_task)
     run_dir = args.run_dir or default_run_dir(args.task)
+    stop = refusal(run_dir, args.resume)  # before anything is started: a finished run, another run's folder
+    if stop is not None:
+        print(stop[1], file=sys.stderr if stop[0] else sys.stdout)
+        return stop[0]
     try:
         broker_url, folder = _broker_choice(args, task.federation.id)
     except ValueError as e:
@@ -54,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedprune.data import DataError, load_dataset
 
     try:
-        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+        dataset = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 print(f"error: {e} (another broker on that port? use --port or --broker)", file=sys.stderr)
                 return 1
-        print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}'; "
-              f"results in {run_dir}", flush=True)
-        return _run(args, task, dataset, broker_url, run_dir)
+        print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}' (agents: "
+              f"--federation {task.federation.id}); results in {run_dir}", flush=True)
+        return _run(args, argv, task, dataset, broker_url, run_dir)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="address the embedded broker binds (default 127.0.0.1; 0.0.0.0 for a LAN)")
     parser.add_argument("--run-dir", type=Path, help="results folder (default runs/<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    add_logging_args(parser)
+    parser.add_argument("--status-port", type=int,
+                        help="serve a live status page (and status.json) on this port (0 picks a free one)")
+    parser.add_argument("--status-host", default="127.0.0.1",
+                        help="address the status page binds (default 127.0.0.1; read-only, no secrets)")
+    add_logging_args(parser, default="INFO")
     return parser
 
 
@@ -108,24 +122,30 @@ def _embedded_broker(stack: ExitStack, args: argparse.Namespace, broker_url: str
                                port=broker.port).full_url()
 
 
-def _run(args: argparse.Namespace, task: Task, dataset: Dataset, broker_url: str | None, run_dir: Path) -> int:
-    """Run the federation and print its results; the exit status."""
+def _run(args: argparse.Namespace, argv: list[str], task: Task, dataset: Dataset, broker_url: str | None,
+         run_dir: Path) -> int:
+    """Run the federation and print its results; the exit status. While it runs, every quiet
+    stretch of 10 s gets a line saying what it waits for (``WaitNotices``)."""
+    from fedprune.aggregator.run_folder import interrupted
     from fedprune.aggregator.server import Aggregator, FederationError
 
+    built: list[Aggregator] = []
+    starting = "loading TensorFlow and building the model"
     try:
-        aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round)
-        result = aggregator.run()
+        with ExitStack() as stack:
+            stack.enter_context(WaitNotices(lambda: built[0].status.describe() if built else starting, log))
+            built.append(Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round))
+            if args.status_port is not None:
+                page = stack.enter_context(StatusPage(built[0].status.snapshot, args.status_host, args.status_port))
+                print(f"status page: {page.url}", flush=True)
+            result = built[0].run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: fedprune-aggregator --task {args.task} "
-              f"--run-dir {run_dir} --resume", file=sys.stderr)
+        print("\n" + interrupted("fedprune-aggregator", argv, run_dir), file=sys.stderr)
         return 130
-    except (FederationError, ConnectionError, ValueError) as e:
+    except (FederationError, ConnectionError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"final accuracy {result.final_accuracy:.4f} at sparsity {result.final_sparsity:.3f}")
-    for e in result.exports:
-        print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "
-              f"(Keras {result.final_accuracy:.4f}) via {e['runtime']}")
+    print_outcome(result)
     return 0
 
 

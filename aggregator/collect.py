@@ -10,6 +10,7 @@ or at the deadline. It counts what became of the selected devices: reported, rej
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import time
@@ -40,6 +41,10 @@ class RoundProgress:
     selected: int
     reported: int
     rejected: int
+    # The update this report follows (none before the first): whose, its size, why it was refused.
+    device_id: str = ""
+    update_bytes: int = 0
+    refused: str = ""
 
 
 @dataclass
@@ -55,10 +60,13 @@ class Collected:
     lost: int = 0
     encode_s: float = 0.0
     decode_s: float = 0.0
+    failures: dict[str, str] = field(default_factory=dict)  # device -> the failure it reported
+    redelivered: int = 0  # byte-identical copies of updates already accepted (QoS 1 delivers at least once)
 
     def add(self, other: Collected) -> None:
-        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s"):
+        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s", "redelivered"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.failures.update(other.failures)
 
     def critical_path(self) -> tuple[float, float, float]:
         """(training, transfer) of the update that arrived last once each device's simulator
@@ -153,6 +161,7 @@ class AttemptCollector:
         self.results: dict[str, ClientResult] = {}
         self.waiting = set(ctx.selected)
         self.rejected_due: set[str] = set()  # due devices with an update rejected (maybe forged)
+        self.accepted_digests: dict[str, bytes] = {}  # device -> digest of its accepted update's bytes
         self.out = Collected()
 
     def collect(self, published: float, deadline: float) -> Collected:
@@ -174,6 +183,9 @@ class AttemptCollector:
     def _take(self, topic: str, data: bytes, path_s: float) -> None:
         self.out.bytes_up += len(data)
         self.out.received += 1
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest in self.accepted_digests.values() and self._redelivered(topic, digest):
+            return
         t = time.perf_counter()
         # Each accepted update of the round its own row of the reserved buffers.
         row = self.buffers.row(len(self.results)) if self.buffers else None
@@ -183,17 +195,37 @@ class AttemptCollector:
             self._reject(topic, got)
         else:
             self.results[got.device_id] = got
+            self.accepted_digests[got.device_id] = digest
             self.out.paths[got.device_id] = path_s
             self.waiting.discard(got.device_id)
             self._ack(Ack(self.ctx.round, got.device_id, True))
-        self._progress()
+        refused = got.reason if isinstance(got, Rejection) else ""
+        self._progress(got.device_id, len(data), refused)
+
+    def _redelivered(self, topic: str, digest: bytes) -> bool:
+        """Whether the update is a byte-identical copy of one this attempt accepted from the same
+        device (a redelivery, or a device answering a resumed aggregator again): dropped, counted
+        apart from rejections."""
+        try:
+            device_id = self.ctx.topics.device_from_topic(topic)
+        except ValueError:
+            return False
+        if self.accepted_digests.get(device_id) != digest:
+            return False
+        self.out.redelivered += 1
+        log.info("round %d: %s sent its accepted update again; the copy is dropped", self.ctx.round, device_id)
+        return True
 
     def _reject(self, topic: str, rejection: Rejection) -> None:
         self.rejections[rejection.kind] = self.rejections.get(rejection.kind, 0) + 1
         log.warning("round %d: rejected update on %s: %s", self.ctx.round, topic, rejection.reason)
         if rejection.device_id:
             self._ack(Ack(self.ctx.round, rejection.device_id, False, rejection.reason))
-        if rejection.device_id in self.waiting:  # it stays due: a valid update may still come
+        if rejection.device_id in self.waiting and rejection.kind == "device error":
+            # The device itself says it cannot train this round: its slot closes now, not at the deadline.
+            self.waiting.discard(rejection.device_id)
+            self.out.failures[rejection.device_id] = rejection.reason.removeprefix("device error: ")
+        elif rejection.device_id in self.waiting:  # it stays due: a valid update may still come
             self.rejected_due.add(rejection.device_id)
 
     def _close(self, published: float) -> Collected:
@@ -212,9 +244,10 @@ class AttemptCollector:
     def _ack(self, ack: Ack) -> None:
         self.link.session.publish(self.link.topics.ack(ack.device_id), ack.encode())
 
-    def _progress(self) -> None:
-        """Tell ``on_progress`` how many selected devices have reported, or had an update rejected."""
+    def _progress(self, device_id: str = "", update_bytes: int = 0, refused: str = "") -> None:
+        """Tell ``on_progress`` how many selected devices have reported, or had an update rejected
+        (or reported a failure), and which update came in last."""
         if self.on_progress:
-            rejected = len(self.rejected_due - set(self.results))
+            rejected = len((self.rejected_due | set(self.out.failures)) - set(self.results))
             self.on_progress(RoundProgress(self.ctx.round, self.ctx.attempt, len(self.ctx.selected),
-                                           len(self.results), rejected))
+                                           len(self.results), rejected, device_id, update_bytes, refused))

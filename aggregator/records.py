@@ -4,6 +4,7 @@ resume, and summary.json at the end. (Checkpoints are ``checkpoint.py``'s.)"""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,10 @@ from fedprune.pruning.masks import Masks, layer_sparsities, sparsity
 if TYPE_CHECKING:
     from fedprune.aggregator.collect import Gathered
     from fedprune.aggregator.strategies.base import Strategy
-    from fedprune.task import Task
+    from fedprune.task import FederationSection, Task
 
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -35,7 +38,7 @@ class RoundRecord:
     rejected: int
     accuracy: float
     loss: float
-    sparsity: float
+    sparsity: float  # of the prunable kernels (fedprune.models.PRUNABLE_KERNELS not left dense)
     layer_sparsity: dict[str, float]
     pruned_this_round: bool
     bytes_down: int
@@ -64,6 +67,9 @@ class RoundRecord:
     # The round's time as a fleet with one processor per device would take it: wall time less what
     # simulated devices report waiting for their process's shared trainer (``sim_wait_s``).
     fleet_s: float = 0.0
+    sparsity_all: float = 0.0  # of all the model's weights: biases, normalization and dense layers too
+    device_errors: dict[str, str] = field(default_factory=dict)  # device -> the failure it reported
+    redelivered: int = 0  # byte-identical copies of accepted updates, dropped (not rejections)
 
 
 @dataclass
@@ -71,9 +77,11 @@ class RunResult:
     run_dir: Path
     rounds: list[RoundRecord]
     final_accuracy: float
-    final_sparsity: float
+    final_sparsity: float  # of the prunable kernels
     parameters: int
     exports: list[dict] = field(default_factory=list)
+    final_sparsity_all: float = 0.0  # of all the model's weights
+    not_pruned: dict[str, str] = field(default_factory=dict)  # layer -> why pruning leaves it dense
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,13 @@ class RoundOutcome:
     epsilon: float | None
     aggregate_s: float
     evaluate_s: float
+    weight_count: int = 0  # weights in the whole model, for the sparsity over all of them
+
+
+def sparsity_of_all(masks: Masks, weight_count: int) -> float:
+    """Pruned positions over all ``weight_count`` weights of the model (0 when it is not known)."""
+    pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks if m is not None)
+    return pruned / weight_count if weight_count else 0.0
 
 
 def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, names: list[str],
@@ -126,7 +141,30 @@ def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, n
         aggregate_s=outcome.aggregate_s,
         evaluate_s=outcome.evaluate_s,
         fleet_s=wall_s - sim_saved_s,
+        sparsity_all=sparsity_of_all(outcome.masks, outcome.weight_count),
+        device_errors=dict(totals.failures),
+        redelivered=totals.redelivered,
     )
+
+
+def run_result(run_dir: Path, history: list[RoundRecord], weights: list[np.ndarray], masks: Masks,
+               exports: list[dict], not_pruned: dict[str, str]) -> RunResult:
+    """The run's outcome from its records and its final weights and masks."""
+    parameters = sum(int(w.size) for w in weights)
+    return RunResult(run_dir=run_dir, rounds=history,
+                     final_accuracy=history[-1].accuracy if history else float("nan"),
+                     final_sparsity=sparsity(masks), parameters=parameters, exports=exports,
+                     final_sparsity_all=sparsity_of_all(masks, parameters), not_pruned=not_pruned)
+
+
+def run_complete(fed: FederationSection, history: list[RoundRecord]) -> bool:
+    """Whether a run with these records has done its rounds, or reached federation.stop_at_accuracy."""
+    last = history[-1] if history else None
+    if last is not None and fed.stop_at_accuracy and last.accuracy >= fed.stop_at_accuracy:
+        log.info("round %d reached held-out accuracy %.4f >= federation.stop_at_accuracy %.4f: the run ends here",
+                 last.round, last.accuracy, fed.stop_at_accuracy)
+        return True
+    return bool(last) and last.round >= fed.rounds
 
 
 def append_metrics(run_dir: Path, record: RoundRecord) -> None:
@@ -168,12 +206,13 @@ def aggregation_summary(task: Task, strategy: Strategy, accountant: PrivacyAccou
 
 
 def write_summary(run_dir: Path, result: RunResult, totals: dict[str, float], **sections: Any) -> None:
-    """summary.json: ``sections`` (structured_pruning, aggregation), the final figures, the byte
-    totals and the exports."""
+    """summary.json: ``sections`` (structured_pruning, aggregation, pruning), the final figures,
+    the byte totals and the exports."""
     summary = {
         **sections,
         "final_accuracy": result.final_accuracy,
         "final_sparsity": result.final_sparsity,
+        "final_sparsity_all_weights": result.final_sparsity_all,
         "rounds": len(result.rounds),
         **totals,
         "exports": result.exports,

@@ -1,4 +1,6 @@
-"""Which devices are known and online, from their retained presence messages."""
+"""Which devices are known and online, from their retained presence messages; and which devices
+announce themselves on other federations of the same broker (a federation id that does not match
+is the commonest reason a newcomer's aggregator waits for devices that are there)."""
 
 from __future__ import annotations
 
@@ -6,10 +8,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.protocol import Presence, Topics, valid_device_id
+from fedprune.converters.protocol import TOPIC_ROOT, Presence, Topics, valid_device_id
 from fedprune.names import ID_RULE
+
+if TYPE_CHECKING:
+    from fedprune.task import FederationSection
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,11 @@ class DeviceRegistry:
     def online(self) -> list[str]:
         with self._lock:
             return sorted(d.device_id for d in self._devices.values() if d.online)
+
+    def devices(self) -> list[DeviceInfo]:
+        """Every device that has announced itself, by id (copies)."""
+        with self._lock:
+            return [DeviceInfo(**vars(self._devices[d])) for d in sorted(self._devices)]
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
@@ -113,3 +124,70 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
         registry.update(device_id, p.online, p.num_samples)
     except (CodecError, ValueError) as e:
         log.warning("ignored bad presence message on %s: %s", topic, e)
+
+
+class OtherFederations:
+    """Devices online on other federations than ``own``, from presences the aggregator reads on
+    an open broker (``FILTER``; a secured broker's connection files carry the federation, and its
+    access policy would refuse the filter). Thread-safe; read only for hints."""
+
+    FILTER = f"{TOPIC_ROOT}/+/presence/+"  # every federation's presences (its own among them)
+
+    def __init__(self, own: str) -> None:
+        self.own = own
+        self._online: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, topic: str, payload: bytes) -> None:
+        """Note a presence on another federation's topic (others, and malformed ones, are ignored)."""
+        parts = topic.removeprefix(TOPIC_ROOT + "/").split("/")
+        if not topic.startswith(TOPIC_ROOT + "/") or len(parts) != 3 or parts[1] != "presence" or parts[0] == self.own:
+            return
+        federation, device_id = parts[0], parts[2]
+        try:
+            online = bool(payload) and Presence.decode(payload).online
+        except CodecError:
+            return
+        with self._lock:
+            devices = self._online.setdefault(federation, set())
+            (devices.add if online else devices.discard)(device_id)
+
+    def seen(self) -> dict[str, list[str]]:
+        """Federation -> its online devices, for those with any."""
+        with self._lock:
+            return {f: sorted(d) for f, d in sorted(self._online.items()) if d}
+
+    def hint(self) -> str:
+        """What to do when devices wait on another federation ("" when none were seen)."""
+        seen = self.seen()
+        if not seen:
+            return ""
+        where = "; ".join(f"'{f}' ({len(d)}: {', '.join(d[:5])}{', ...' if len(d) > 5 else ''})"
+                          for f, d in seen.items())
+        first = next(iter(seen))
+        return (f"devices were seen announcing themselves on federation {where}, not on '{self.own}': "
+                f"start those agents with --federation {self.own} (config: broker.federation), or set "
+                f'[federation] id = "{first}" in the task file')
+
+
+def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: FederationSection) -> int:
+    """Wait until ``fed.devices_per_round`` devices are online or ``fed.wait_for_devices_s`` has
+    passed; how many are. Devices seen on another federation meanwhile are named at WARNING once
+    (the commonest reason none come). ``FederationError`` below ``fed.min_devices``, with the hint."""
+    from fedprune.aggregator.run_folder import FederationError
+
+    deadline, warned = time.monotonic() + fed.wait_for_devices_s, ""
+    while True:
+        n = registry.wait_for(fed.devices_per_round, min(1.0, max(0.0, deadline - time.monotonic())))
+        hint = others.hint()
+        if hint and hint != warned and n < fed.devices_per_round:
+            log.warning("waiting for devices on federation '%s': %s", fed.id, hint)
+            warned = hint
+        if n >= fed.devices_per_round or time.monotonic() >= deadline:
+            break
+    if n < fed.min_devices:
+        raise FederationError(
+            f"only {n} device(s) online on federation '{fed.id}' after {fed.wait_for_devices_s:.0f} s; need at "
+            f"least federation.min_devices = {fed.min_devices}. "
+            + (f"But {hint}." if hint else "Start more agents or lower min_devices."))
+    return n

@@ -4,8 +4,10 @@ quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
 each through ``intake.check_update``), the ``strategies`` (aggregation), the pruning controller
 (``fedprune.pruning.controller``: every pruning decision), ``structured_step`` (the model
-surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint`` and ``export``. What stays
-here is the order of the steps, the quorum and retries, and the federation's state.
+surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``, ``run_state``
+(the start state), ``run_status`` (what the run is doing, for the status page and the wait
+notices) and ``tensorboard_log``. What stays here is the order of the steps, the quorum and
+retries, and the federation's state.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from typing import Callable
 
 import numpy as np
 
-from fedprune.aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
+from fedprune.aggregator.checkpoint import save_checkpoint
 from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
 from fedprune.aggregator.collect import publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
-from fedprune.aggregator.privacy import PrivacyAccountant, ReleasedRound
+from fedprune.aggregator.privacy import PrivacyAccountant
 from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
-from fedprune.aggregator.records import read_metrics, round_record, write_summary
-from fedprune.aggregator.registry import DeviceRegistry, take_presence
+from fedprune.aggregator.records import round_record, run_complete, run_result, write_summary
+from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, take_presence, wait_for_devices
+from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
+from fedprune.aggregator.run_state import initial_state, restore_run
+from fedprune.aggregator.run_status import RunStatus
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
+from fedprune.aggregator.tensorboard_log import TensorBoardLog
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
@@ -40,7 +46,7 @@ from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
 from fedprune.pruning.masks import sparsity
 from fedprune.task import Task
-from fedprune.transport import MqttSession
+from fedprune.transport import MqttSession, parse_broker_url
 
 __all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]
 
@@ -50,10 +56,6 @@ log = logging.getLogger(__name__)
 # fleet arrive over about a second), but no longer than the second figure.
 PRESENCE_QUIET_S = 0.25
 PRESENCE_SETTLE_MAX_S = 5.0
-
-
-class FederationError(RuntimeError):
-    """The federation cannot go on (no devices, a round failed all its retries)."""
 
 
 class Aggregator:
@@ -66,9 +68,11 @@ class Aggregator:
         from fedprune.models import build_model
 
         self.task, self.dataset, self.run_dir = task, dataset, Path(run_dir)
+        (check_resumable if resume else check_new_run)(self.run_dir)  # never two runs' records in one folder
         self.on_round, self.on_update, self.export_tflite = on_round, on_update, export_tflite
         self.topics = Topics(task.federation.id)
-        self.registry = DeviceRegistry()
+        self.registry, self.others = DeviceRegistry(), OtherFederations(task.federation.id)
+        self.status = RunStatus(task, self.registry, self.others, name=self.run_dir.name)
         self.strategy = strategy_for_task(task)
         privacy = task.privacy
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
@@ -76,51 +80,35 @@ class Aggregator:
         self.device_masks = self.controller.device_masks
         self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
         self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
-        self.session_id = secrets.token_hex(8)
         keras.utils.set_random_seed(task.seed)
         self._use_model(build_model(task.model.factory, dataset.input_shape, dataset.num_classes))
-        self.state = self._initial_state()
+        self.state = initial_state(self.model, task, self.controller)
         self.history: list[RoundRecord] = []
         self.structured_report: dict | None = None
         if resume:
             self._resume()
+        self.session_id = self.state.session = self.state.session or secrets.token_hex(8)
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state.rng_state
+        # Open broker: every federation's presences, to name the one devices wait on when it is not ours.
+        presences = self.topics.all_presence if parse_broker_url(broker_url).username else OtherFederations.FILTER
         self.session = MqttSession(
             broker_url, client_id=f"fedprune-aggregator-{task.federation.id}",
-            subscriptions=[self.topics.all_presence, self.topics.all_updates], on_message=self._on_message,
+            subscriptions=[presences, self.topics.all_updates], on_message=self._on_message,
             on_connected=self._publish_architecture, max_payload_bytes=task.transport.max_payload_bytes,
             max_message_bytes=task.transport.max_message_bytes,
             clean_session=False,  # the broker keeps updates that arrive while we reconnect
         )
 
-    def _initial_state(self) -> FederationState:
-        """Round 0: the initial model (pruned at initialization if the schedule says so)."""
-        from fedprune.models import full_masks, get_layer_weights
-
-        weights, pruning = get_layer_weights(self.model), self.task.pruning
-        masks = full_masks(self.model, pruning.leave_dense) if pruning.enabled else [None] * len(weights)
-        weights, masks = self.controller.initial(weights, masks)
-        # Under DP the draw of devices must be secret (privacy amplification by sampling): OS entropy.
-        selection_rng = np.random.default_rng(None if self.task.privacy.enabled else self.task.seed)
-        return FederationState(0, weights, masks, selection_rng.bit_generator.state, {"bytes_down": 0, "bytes_up": 0})
-
     def _resume(self) -> None:
-        restored = load_latest_checkpoint(self.run_dir / "checkpoints")
-        if restored is None:
-            raise FederationError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        restored, self.history = restore_run(self.run_dir, self.controller, self.accountant)
         if restored.model_json and restored.model_json != self.architecture.model_json:
             self._use_model(model_from_architecture_json(  # structurally pruned; checked like a device's
                 restored.model_json, custom_objects=layer_classes(self.model)))
         if [tuple(w.shape) for w in restored.weights] != self.shapes:
             raise FederationError("--resume: the checkpoint was made for another model architecture")
         self.state = restored
-        self.controller.restore(restored.schedule_state)
-        self.history = read_metrics(self.run_dir / "metrics.jsonl", restored.completed_rounds)
-        if self.accountant is not None:  # the rounds already released count against the budget
-            self.accountant.replay([ReleasedRound(rec.population or rec.selected, rec.selected)
-                                    for rec in self.history])
-        log.info("resuming after round %d from %s", restored.completed_rounds, self.run_dir)
+        self.status.rounds_restored(self.history)
 
     def _use_model(self, model) -> None:
         """Make ``model`` the global model's architecture (at start, and after structured pruning)."""
@@ -134,7 +122,7 @@ class Aggregator:
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         leave = self.task.pruning.leave_dense
-        self.layer_of = {i: name for name, i in kernel_positions(model, prunable_layers(model, leave)).items()}
+        self.layer_of = kernel_positions(model, prunable_layers(model, leave))
         unknown = sorted(set(self.task.pruning.layers) - set(self.layer_of.values()))
         if unknown:
             raise ValueError(f"[pruning.layers] names layers that are not prunable here: {unknown}; "
@@ -144,7 +132,10 @@ class Aggregator:
     # --- MQTT side (network thread) ---
     def _on_message(self, topic: str, payload: bytes) -> None:
         if "/presence/" in topic:
-            take_presence(self.registry, self.topics, topic, payload)
+            if topic.startswith(self.topics.root + "/"):
+                take_presence(self.registry, self.topics, topic, payload)
+            else:
+                self.others.take(topic, payload)
         else:
             self._inbox.put((topic, payload, time.monotonic()))
 
@@ -160,14 +151,13 @@ class Aggregator:
             self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
         self.session.start()
         try:
-            self._wait_for_devices()
-            for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
-                record = self._run_round(r)
-                self._complete(record)
-                if fed.stop_at_accuracy and record.accuracy >= fed.stop_at_accuracy:
-                    log.info("round %d reached held-out accuracy %.4f >= federation.stop_at_accuracy %.4f: "
-                             "the run ends here", r, record.accuracy, fed.stop_at_accuracy)
-                    break
+            with TensorBoardLog(self.run_dir) as self.tensorboard:
+                if not run_complete(fed, self.history):  # a resumed run that had completed its rounds only finishes
+                    self._wait_for_devices()
+                for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
+                    self._complete(self._run_round(r))
+                    if run_complete(fed, self.history):
+                        break
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished")
             self.session.publish(self.topics.round, finished.encode(), retain=True).wait_for_publish(5)
         finally:
@@ -180,12 +170,8 @@ class Aggregator:
             # Also traces the evaluation, which round 1 would otherwise pay for.
             _, acc = self.evaluate(self.state.weights)
             log.info("initial model: held-out accuracy %.4f, sparsity %.3f", acc, sparsity(self.state.masks))
-        n = self.registry.wait_for(fed.devices_per_round, fed.wait_for_devices_s)
-        if n < fed.min_devices:
-            raise FederationError(
-                f"only {n} device(s) online after {fed.wait_for_devices_s:.0f} s; need at least "
-                f"federation.min_devices = {fed.min_devices}. Start more agents or lower min_devices."
-            )
+        self.status.waiting_for_devices(fed.devices_per_round, fed.min_devices, fed.wait_for_devices_s)
+        wait_for_devices(self.registry, self.others, fed)
         # Round 1 is drawn from every device already there, not from the first presences in.
         self.registry.wait_until_quiet(PRESENCE_QUIET_S, PRESENCE_SETTLE_MAX_S)
 
@@ -196,24 +182,30 @@ class Aggregator:
         self.state.rng_state = self.rng.bit_generator.state
         self.state.model_json = self.architecture.model_json
         save_checkpoint(self.run_dir / "checkpoints", self.state)
+        self.tensorboard.write(record)
+        self.status.round_completed(record)
         if self.on_round:
             self.on_round(record)
 
     def _finish(self) -> RunResult:
+        from fedprune.models import unpruned_layers
+
+        self.status.phase("exporting the final model to TFLite")
         exports = (export_models(self.model, self.state.weights, self.run_dir, self.dataset)
                    if self.export_tflite else [])
-        result = RunResult(run_dir=self.run_dir, rounds=self.history,
-                           final_accuracy=self.history[-1].accuracy if self.history else float("nan"),
-                           final_sparsity=sparsity(self.state.masks),
-                           parameters=sum(int(w.size) for w in self.state.weights), exports=exports)
+        result = run_result(self.run_dir, self.history, self.state.weights, self.state.masks, exports,
+                            unpruned_layers(self.model, self.task.pruning.leave_dense))
         write_summary(self.run_dir, result, self.state.totals, structured_pruning=self.structured_report,
-                      aggregation=aggregation_summary(self.task, self.strategy, self.accountant))
+                      aggregation=aggregation_summary(self.task, self.strategy, self.accountant),
+                      not_pruned=result.not_pruned)
+        self.status.finished(result)
         return result
 
     def _run_round(self, r: int) -> RoundRecord:
         start = time.monotonic()
         gathered = self._gather(r)
         t, results = time.perf_counter(), gathered.last.results
+        self.status.phase(f"round {r}: aggregating, pruning and evaluating")
         weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
         step = self.controller.step(r, weights, self.state.masks, [(res.gradients, res.num_samples) for res in results])
         agreement = mask_agreement(results) if self.device_masks else None  # how much the devices' masks agreed
@@ -232,7 +224,8 @@ class Aggregator:
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
         self.state.totals["bytes_down"] += gathered.totals.bytes_down
         self.state.totals["bytes_up"] += gathered.totals.bytes_up
-        outcome = RoundOutcome(acc, loss, masks, step.pruned, agreement, epsilon, aggregate_s, evaluate_s)
+        outcome = RoundOutcome(acc, loss, masks, step.pruned, agreement, epsilon, aggregate_s, evaluate_s,
+                               weight_count=sum(int(w.size) for w in weights))
         return round_record(r, gathered, outcome, self.architecture.names, time.monotonic() - start,
                             private=self.accountant is not None)
 
@@ -274,11 +267,17 @@ class Aggregator:
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
         link = DeviceLink(self.session, self.topics, self.registry, self._inbox)
+        self.status.attempt_opened(r, attempt, selected, len(payload), fed.round_timeout_s)
         published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
-        collector = AttemptCollector(link, ctx, rejections, self._buffers, self.on_update)
+        collector = AttemptCollector(link, ctx, rejections, self._buffers, self._progress)
         out = collector.collect(published, deadline)
         out.encode_s, out.bytes_down = encode_s, len(payload) * len(selected)
         return out
+
+    def _progress(self, progress: RoundProgress) -> None:
+        self.status.progress(progress)
+        if self.on_update:
+            self.on_update(progress)
 
     def _structured(self, weights: list[np.ndarray], masks: list) -> tuple[list[np.ndarray], list]:
         """Remove whole units and filters, rebuild the smaller model and announce its architecture."""

@@ -9,14 +9,17 @@ round (``ChildProcessTrainer``: a real device, whose agent then never loads Tens
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from fedprune.converters.protocol import TOPIC_ROOT
 from fedprune.edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
 from fedprune.edge_agent.emulation import SlowLink
-from fedprune.transport import MqttSession, PayloadTooLarge
+from fedprune.transport import MqttSession, PayloadTooLarge, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,23 @@ class EdgeAgent:
         self.link = link
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{device_id}")
         self._own_executor = executor is None
+        self.federation = federation
+        # Federations whose aggregator has announced its model on this broker: on an open broker the
+        # agent reads every federation's architecture topic, to name the federation it may have
+        # meant when its own has none (a secured broker's connection file carries the federation).
+        self.aggregators_seen: set[str] = set()
+        self._warned_federations: frozenset[str] = frozenset()
+        self._hint_since: float | None = None  # since when federation_hint() has had something to say
+        self._training: tuple[int, float] | None = None  # (round, time.monotonic() it started)
+        self._lock = threading.Lock()
+        subscriptions = list(self.device.subscriptions)
+        if parse_broker_url(broker_url).username is None:
+            subscriptions = [ARCHITECTURES if t == self.device.topics.architecture else t for t in subscriptions]
         will = self.device.presence(online=False)
         self.session = MqttSession(
             broker_url,
             client_id=f"fedprune-{federation}-{device_id}",
-            subscriptions=self.device.subscriptions,
+            subscriptions=subscriptions,
             on_message=self._on_message,
             on_connected=lambda: self._publish(self.device.presence(online=True)),
             will=(will.topic, will.payload, will.retain),
@@ -97,15 +112,27 @@ class EdgeAgent:
         self.session.publish(message.topic, message.payload, retain=message.retain)
 
     def _on_message(self, topic: str, payload: bytes) -> None:  # network thread
+        if topic.endswith(ARCHITECTURE_SUFFIX) and topic != self.device.topics.architecture:
+            federation = topic[len(TOPIC_ROOT) + 1:-len(ARCHITECTURE_SUFFIX)]
+            with self._lock:
+                (self.aggregators_seen.add if payload else self.aggregators_seen.discard)(federation)
+            return
         job = self.device.receive(topic, payload)
-        if job is not None:
+        if isinstance(job, Outgoing):  # a task already answered came again: the same update again
+            log.info("%s: the task it answered came again; sending the same update again", self.device_id)
+            self._executor.submit(self._publish, job)
+        elif job is not None:
             self._executor.submit(self._run, job)
         elif topic == self.device.topics.architecture and self.device.architecture is not None:
             # Trace the training step now, on the training thread, not when the first task is due.
             self._executor.submit(prepare_trainer, self.trainer, self.device.architecture)
 
     def _run(self, job: TrainJob) -> None:  # worker thread
-        message = run_job(self.device, job, self.trainer, self.x, self.y)
+        self._training = (job.key[1], time.monotonic())
+        try:
+            message = run_job(self.device, job, self.trainer, self.x, self.y)
+        finally:
+            self._training = None
         if message is None:
             return
         try:
@@ -114,3 +141,55 @@ class EdgeAgent:
             log.error("%s: cannot send the update for round %d: %s", self.device_id, job.task.round, e)
             return
         self.device.sent(job, message)
+
+    # --- what it is waiting for (fedprune.wait_notices) ---
+    def federation_hint(self) -> str:
+        """What to do when no aggregator has announced this agent's federation while one has
+        announced another ("" otherwise)."""
+        if self.device.architecture is not None:
+            return ""
+        with self._lock:
+            others = sorted(self.aggregators_seen - {self.federation})
+        if not others:
+            return ""
+        return (f"no aggregator has announced federation '{self.federation}' on this broker, but one announces "
+                f"federation {', '.join(repr(f) for f in others)}: start the agent with --federation {others[0]} "
+                "(config: broker.federation)")
+
+    def check_federation(self, settle_s: float = 2.0) -> None:
+        """Warn (once per set of federations seen) when the agent's federation has had no
+        aggregator for ``settle_s`` while another has one: the commonest reason a newcomer's agent
+        never trains. (Retained architectures arrive in any order after a connection.)"""
+        hint, now = self.federation_hint(), time.monotonic()
+        if not hint:
+            self._hint_since = None
+            return
+        if self._hint_since is None:
+            self._hint_since = now
+        with self._lock:
+            seen = frozenset(self.aggregators_seen)
+        if now - self._hint_since >= settle_s and seen != self._warned_federations:
+            log.warning("%s: %s", self.device_id, hint)
+            self._warned_federations = seen
+
+    def activity(self) -> str:
+        """One line: what the agent is doing or waiting for."""
+        session = self.session
+        if not session.connected.is_set():
+            failed = (f"; {session.failed_attempts} attempt(s) failed, the last: {session.last_failure}"
+                      if session.failed_attempts else "")
+            return f"{self.device_id}: connecting to the MQTT broker at {session.address.url}{failed}"
+        training = self._training
+        if training is not None:
+            return f"{self.device_id}: training round {training[0]} ({time.monotonic() - training[1]:.0f} s so far)"
+        if self.device.architecture is None:
+            hint = self.federation_hint()
+            return (f"{self.device_id}: waiting for the aggregator of federation '{self.federation}' to announce "
+                    f"its model" + (f"; {hint}" if hint else ""))
+        done = self.completed_rounds
+        return (f"{self.device_id}: waiting for a task from the aggregator of federation '{self.federation}' "
+                f"(rounds done: {', '.join(map(str, done[-5:])) if done else 'none yet'})")
+
+
+ARCHITECTURE_SUFFIX = "/model/architecture"
+ARCHITECTURES = f"{TOPIC_ROOT}/+{ARCHITECTURE_SUFFIX}"  # every federation's architecture (an open broker)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedprune.architecture import registered_custom_layers
 from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.data_files import DataOptions
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
 from fedprune.edge_agent.device import TrainResult
@@ -126,7 +127,9 @@ class ChildProcessTrainer:
     Args:
         state_dir: The agent's state folder; the child works in ``state_dir/work`` and the
             exported models go to ``state_dir/model`` (:class:`ModelStore`).
-        data_path: The device's ``.npz``; the child reads it, so the agent never holds the data.
+        data_path: The device's data (``.npz``, ``.csv`` or a folder of images); the child reads it,
+            so the agent never holds the data.
+        data_options: How the child reads it (a .csv's label column, the images' size).
         budgets: Memory and time limits for each round.
         export_precision: What the child exports each round's global model to: ``"int8"``,
             ``"float32"`` (both sparse TFLite), or ``"off"``.
@@ -137,11 +140,13 @@ class ChildProcessTrainer:
     """
 
     def __init__(self, state_dir: str | Path, data_path: str | Path, *, budgets: Budgets = Budgets(),
-                 export_precision: str = "int8", command_prefix: list[str] | None = None) -> None:
+                 export_precision: str = "int8", command_prefix: list[str] | None = None,
+                 data_options: DataOptions = DataOptions()) -> None:
         if export_precision not in EXPORT_PRECISIONS:
             raise ValueError(f"model export must be one of {EXPORT_PRECISIONS}, got {export_precision!r}")
         self.state_dir = Path(state_dir)
         self.data_path = str(Path(data_path).resolve())
+        self.data_options = data_options
         self.budgets = budgets
         self.export_precision = export_precision
         self.command_prefix = list(command_prefix or [])
@@ -169,9 +174,11 @@ class ChildProcessTrainer:
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir.mkdir(parents=True)
             current = self.models.current()
+            options = self.data_options
             spec = jobfiles.JobSpec(self.data_path, self.export_precision,
                                     current.source_digest if current else "", os.getpid(),
-                                    registered_custom_layers())
+                                    registered_custom_layers(), options.label_column, tuple(options.image_size or ()),
+                                    options.color_mode)
             jobfiles.write_job(self.work_dir, architecture, task, spec)
             deadline_s = self.budgets.round_deadline_s(task.deadline_s)
             child = self._child = _Child(self.work_dir, self.budgets, deadline_s, self.command_prefix)

@@ -21,6 +21,8 @@ import threading
 from pathlib import Path
 
 from fedprune.cli_common import setup_logging
+from fedprune.quiet_start import request_quiet_start
+from fedprune.wait_notices import WaitNotices
 
 log = logging.getLogger("fedprune.edge_agent.cli")
 
@@ -28,6 +30,7 @@ COMMANDS = ("run", "predict", "model")
 
 
 def main(argv: list[str] | None = None) -> int:
+    request_quiet_start()  # before anything loads TensorFlow
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")  # `fedprune-agent --broker ...` as before subcommands existed
@@ -53,7 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                           "broker URL, this device's id, credentials and CA; replaces --broker and --device-id")
     run.add_argument("--broker", help="MQTT broker URL, e.g. mqtt://laptop:1883 (config: broker.url)")
     run.add_argument("--device-id", help="this device's id, unique in the federation (config: device.id)")
-    run.add_argument("--data", help=".npz with x_train and y_train, stays on the device (config: device.data)")
+    run.add_argument("--data", help="the local data, which stays on the device: an .npz with x_train and y_train, "
+                                    "a .csv with a label column, or a folder of images with one subfolder per class "
+                                    "(config: device.data)")
+    run.add_argument("--label-column", help="a .csv's column of integer class ids (config: device.label_column, "
+                                            "default 'label')")
     run.add_argument("--federation", help="federation id (config: broker.federation, default 'default')")
     run.add_argument("--max-payload-bytes", type=int,
                      help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
@@ -77,7 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--runtime", action="append", choices=["litert", "tflite_runtime", "tensorflow"],
                          help="runtimes to try, in order (default litert, tflite_runtime, tensorflow)")
     predict.add_argument("--threads", type=int, help="interpreter threads (default: the runtime's)")
-    predict.add_argument("--output", help="write the class probabilities here (.npy or .csv)")
+    predict.add_argument("--output", help="write each sample's result here: .csv (sample, class, confidence, one "
+                                          "probability per class), .jsonl (one JSON object per sample) or .npy "
+                                          "(the probabilities)")
+    predict.add_argument("--json", action="store_true", help="print the summary as one JSON object (for scripts)")
 
     model = commands.add_parser("model", help="show the installed models, or roll back to the previous one")
     _add_config_args(model)
@@ -101,6 +111,7 @@ def _config(args: argparse.Namespace, require_run: bool):
     if args.command == "run":
         overrides.update({
             "broker.url": args.broker, "device.id": args.device_id, "device.data": args.data,
+            "device.label_column": args.label_column,
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
             "broker.max_message_bytes": args.max_message_bytes,
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
@@ -146,14 +157,14 @@ def _run(args: argparse.Namespace) -> int:
     device_id = config.device.id
     register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
-        x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
+        x, y = load_device_data(config.device.data, config.data_options)  # checked here: a bad file fails at start
         if args.in_process:
             from fedprune.edge_agent.trainer import KerasTrainer
 
             trainer, data = KerasTrainer(), (x, y)
         else:
             trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
-                                          export_precision=config.model.export)
+                                          export_precision=config.model.export, data_options=config.data_options)
             data = (None, None)  # the child reads the file; the agent keeps only the sample count
         agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
@@ -171,15 +182,16 @@ def _run(args: argparse.Namespace) -> int:
     where = ("in this process (no budgets enforced)" if args.in_process else
              f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
              f"round {_limit(budgets.max_round_s, 's')}")
-    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}",
-          flush=True)
+    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}, federation "
+          f"'{config.broker.federation}'; training {where}", flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
-    try:
-        while not stop.wait(1.0):
+    with WaitNotices(agent.activity, log):  # never silent for long: says what it waits for
+        try:
+            while not stop.wait(1.0):
+                agent.check_federation()
+        except KeyboardInterrupt:
             pass
-    except KeyboardInterrupt:
-        pass
     agent.stop()
     print(f"{device_id}: stopped after rounds {agent.completed_rounds}")
     return 0
@@ -202,11 +214,11 @@ def _model_dir(args: argparse.Namespace) -> Path:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
+    """Run the model on the input file; print a summary (the per-sample results go to --output)."""
     from fedprune.converters.tflite_export import RUNTIMES
     from fedprune.edge_agent.inference import InputError, Predictor, load_inputs
     from fedprune.edge_agent.model_store import ModelStoreError
+    from fedprune.edge_agent.predictions import prediction_summary, summary_lines, write_predictions
 
     try:
         source = _model_dir(args)
@@ -214,21 +226,16 @@ def _predict(args: argparse.Namespace) -> int:
         predictor = Predictor(source, runtimes=tuple(args.runtime) if args.runtime else RUNTIMES,
                               num_threads=args.threads)
         classes, probabilities = predictor.classify(x)
-    except (InputError, ModelStoreError, FileNotFoundError, RuntimeError, ValueError) as e:
+        if args.output:
+            write_predictions(args.output, classes, probabilities)
+    except (InputError, ModelStoreError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.output:
-        out = Path(args.output)
-        if out.suffix == ".csv":
-            np.savetxt(out, probabilities, delimiter=",", fmt="%.6f")
-        else:
-            np.save(out, probabilities)
     info = predictor.model_info
-    print(json.dumps({
-        "model": str(source), "round": info.round if info else None, "sha256": info.sha256 if info else None,
-        "runtime": predictor.runtime, "delegates": predictor.delegates, "samples": int(len(classes)),
-        "classes": classes.tolist(), "confidence": [round(float(p), 4) for p in probabilities.max(axis=-1)],
-    }))
+    summary = prediction_summary(classes, probabilities, model=str(source), round=info.round if info else None,
+                                 sha256=info.sha256 if info else None, runtime=predictor.runtime,
+                                 delegates=predictor.delegates, output=args.output)
+    print(json.dumps(summary) if args.json else "\n".join(summary_lines(summary)))
     return 0
 
 

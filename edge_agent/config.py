@@ -12,8 +12,9 @@ falls back to a default in silence.
 
     [device]
     id = "pi-07"
-    data = "/var/lib/fedprune/local.npz"
+    data = "/var/lib/fedprune/local.npz"        # or a .csv, or a folder of images (one per class)
     state_dir = "/var/lib/fedprune/state"
+    label_column = "label"                      # a .csv's column of class ids
 
     [budgets]
     max_train_memory_mb = 900
@@ -36,6 +37,7 @@ from urllib.parse import quote
 
 from fedprune.architecture import ArchitectureError, parse_custom_layer_spec
 from fedprune.converters.protocol import valid_device_id
+from fedprune.data_files import DataOptions
 from fedprune.edge_agent.budgets import Budgets
 from fedprune.names import ID_RULE, valid_federation_id
 from fedprune.tomlfile import coerce, read_toml
@@ -60,8 +62,11 @@ class BrokerSection:
 @dataclass(frozen=True)
 class DeviceSection:
     id: str = ""
-    data: str = ""  # .npz with x_train, y_train: stays on the device
+    data: str = ""  # .npz with x_train, y_train; a .csv; or a folder of images, one subfolder per class
     state_dir: str = ""  # default: fedprune-state/<id>
+    label_column: str = "label"  # a .csv's column of class ids
+    image_size: tuple[int, int] | None = None  # a folder of images: (height, width) to resize to
+    color_mode: Literal["rgb", "grayscale"] = "rgb"  # a folder of images: 3 channels or 1
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,11 @@ class AgentConfig:
     @property
     def state_dir(self) -> Path:
         return Path(self.device.state_dir or f"fedprune-state/{self.device.id}")
+
+    @property
+    def data_options(self) -> DataOptions:
+        """How ``device.data`` is read (the aggregator's task reads its held-out set alike)."""
+        return DataOptions(self.device.label_column, self.device.image_size, self.device.color_mode)
 
     @property
     def budget_limits(self) -> Budgets:
@@ -135,6 +145,8 @@ class AgentConfig:
                                   "broker.password_file (a file readable by the agent only)")
             if self.broker.ca_file and not address.tls:
                 raise ConfigError(f"{where}broker.ca_file needs a TLS URL (mqtts://), got {self.broker.url}")
+        if self.device.image_size is not None and not all(1 <= d <= 4096 for d in self.device.image_size):
+            raise ConfigError(f"{where}device.image_size must be [height, width] in pixels, 1-4096 each")
         if self.device.id and not valid_device_id(self.device.id):
             raise ConfigError(f"{where}device.id {self.device.id!r} must be {ID_RULE}")
         if not valid_federation_id(self.broker.federation):

@@ -94,6 +94,7 @@ class TrainJob:
     architecture: Architecture
     payload: bytes
     task: TrainTask | None = field(default=None, repr=False)
+    key: tuple[str, int, int] = ("", 0, 0)  # (aggregator session, round, attempt) of the task
     # The update as the steps left it, kept until ``sent`` runs what they left for after publishing.
     outgoing: OutgoingUpdate | None = field(default=None, repr=False)
 
@@ -127,6 +128,8 @@ class DeviceSession:
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
+        # The last update sent, by its task's key: sent again when that task comes again (below).
+        self._last_answer: tuple[tuple[str, int, int], Outgoing] | None = None
         self.completed_rounds: list[int] = []
 
     @property
@@ -146,8 +149,9 @@ class DeviceSession:
         return Outgoing(self.topics.presence(self.device_id), body.encode(), retain=True)
 
     # --- messages in ---
-    def receive(self, topic: str, payload: bytes) -> TrainJob | None:
-        """Take one incoming message; returns a job when a task is ready to train."""
+    def receive(self, topic: str, payload: bytes) -> TrainJob | Outgoing | None:
+        """Take one incoming message; returns a job when a task is ready to train, or the update
+        to send again when a task already answered comes again."""
         if topic == self.topics.architecture:
             try:
                 arch = Architecture.decode(payload)
@@ -173,7 +177,7 @@ class DeviceSession:
                             ack.reason)
         return None
 
-    def _accept_task(self, payload: bytes) -> TrainJob | None:
+    def _accept_task(self, payload: bytes) -> TrainJob | Outgoing | None:
         with self._lock:
             try:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
@@ -185,9 +189,15 @@ class DeviceSession:
                 self._pending_task = payload  # its architecture (retained, or a new one) will follow
                 return None
             if key in self._seen:
-                return None  # a redelivery of a task already taken on
+                # A task already taken on, again: a retained task redelivered after a reconnect, or
+                # a resumed aggregator (same session) asking once more. The update may never have
+                # reached it (its earlier process took it, or the broker restarted), so the device
+                # sends the same bytes again rather than training again; an aggregator that has
+                # them already drops the copy as a redelivery. Still training: the update follows.
+                answered = self._last_answer
+                return answered[1] if answered is not None and answered[0] == key else None
             self._seen.add(key)
-            return TrainJob(self._architecture, payload)
+            return TrainJob(self._architecture, payload, key=key)
 
     def decode(self, job: TrainJob) -> TrainTask | None:
         """Decode the job's task (on the worker); None, logged, if it is undecodable."""
@@ -232,6 +242,8 @@ class DeviceSession:
             job.outgoing.sent()
         log.info("%s: sent update for round %d (%d bytes)", self.device_id, task.round, len(message.payload))
         self.completed_rounds.append(task.round)
+        with self._lock:
+            self._last_answer = (job.key, message)
 
     @staticmethod
     def _task(job: TrainJob) -> TrainTask:
@@ -252,7 +264,11 @@ def run_job(session: DeviceSession, job: TrainJob, trainer: Trainer, x: np.ndarr
     try:
         result = trainer.train(job.architecture, task, x, y)
     except Exception as e:  # any training failure goes back to the aggregator, not into a log only
-        log.exception("%s: training for round %d failed", session.device_id, task.round)
+        # One line (the aggregator is told the same); the traceback only at DEBUG: a device whose
+        # data does not fit the model printed one every round.
+        log.error("%s: training for round %d failed: %s: %s; the aggregator is told", session.device_id,
+                  task.round, type(e).__name__, e)
+        log.debug("%s: training for round %d failed", session.device_id, task.round, exc_info=True)
         return session.failure(job, f"{type(e).__name__}: {e}")
     try:
         return session.finish(job, result)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fedprune.converters.protocol import Architecture, TrainTask, decode_task, encode_task
+from fedprune.data_files import DataOptions
 from fedprune.edge_agent.device import TrainResult
 from fedprune.fileio import atomic_write_bytes, atomic_write_json
 
@@ -50,6 +51,15 @@ class JobSpec:
     parent_pid: int
     # "module:Class" layer classes the device's own config allows (fedprune.architecture)
     custom_layers: tuple[str, ...] = ()
+    # How the data is read (fedprune.data_files.DataOptions): a .csv's label column; a folder of
+    # images' size to resize to (empty: as they are) and colour mode
+    label_column: str = "label"
+    image_size: tuple[int, ...] = ()
+    color_mode: str = "rgb"
+
+    @property
+    def data_options(self) -> DataOptions:
+        return DataOptions(self.label_column, tuple(self.image_size) or None, self.color_mode)  # type: ignore[arg-type]
 
 
 def weights_digest(weights: Sequence[np.ndarray]) -> str:
@@ -74,7 +84,8 @@ def read_job(folder: Path) -> tuple[Architecture, TrainTask, JobSpec]:
     architecture = Architecture.decode(json.dumps(raw["architecture"]).encode())
     task = decode_task((folder / TASK).read_bytes(), architecture.names, architecture.shapes, _MAX_TASK_BYTES)
     spec = raw["spec"]
-    return architecture, task, JobSpec(**{**spec, "custom_layers": tuple(spec.get("custom_layers", ()))})
+    return architecture, task, JobSpec(**{**spec, "custom_layers": tuple(spec.get("custom_layers", ())),
+                                          "image_size": tuple(spec.get("image_size", ()))})
 
 
 def write_result(folder: Path, result: TrainResult) -> None:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from fedprune.data import load_device_data
 
-        x, y = load_device_data(spec.data_path)  # before TensorFlow: a bad file fails in a second
+        x, y = load_device_data(spec.data_path, spec.data_options)  # before TensorFlow: a bad file fails in a second
 
         from fedprune.edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
 

@@ -25,7 +25,7 @@ from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.edge_agent.device import TrainResult
 from fedprune.edge_agent.training_checks import TrainingError, check_local_data
 from fedprune.keras_setup import keras, tf
-from fedprune.models import PRUNABLE_LAYER_TYPES, get_layer_weights, kernel_positions, set_layer_weights
+from fedprune.models import PRUNABLE_KERNELS, get_layer_weights, kernel_positions, set_layer_weights
 from fedprune.pruning.masks import apply_masks
 from fedprune.pruning.regrowth import GRADIENT_SAMPLES, report_pruned_gradients
 
@@ -62,8 +62,9 @@ class TaskSchedule(tfmot.sparsity.keras.PruningSchedule):
 @dataclass
 class _Compiled:
     model: keras.Model
-    wrappers: dict[int, object]  # weight index of the kernel -> its PruneLowMagnitude wrapper
-    schedules: dict[int, TaskSchedule]  # weight index of the kernel -> its wrapper's schedule
+    # weight index of each prunable kernel -> its (kernel, mask) variables in its layer's wrapper
+    kernels: dict[int, tuple[tf.Variable, tf.Variable]]
+    schedules: dict[int, TaskSchedule]  # weight index of each prunable kernel -> its wrapper's schedule
     optimizer_name: str = ""
     step: Callable[..., dict] | None = None  # the traced training step (``_step_function``), once needed
 
@@ -92,9 +93,9 @@ def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> No
 class KerasTrainer:
     """Trains task after task; caches one wrapped model per architecture.
 
-    Every Dense/Conv kernel is wrapped, masked or not (an unmasked one trains under a mask of
-    ones), so one traced training step serves every task of an architecture, and ``prepare`` can
-    trace it before the first task arrives.
+    Every layer with prunable kernels (``fedprune.models.PRUNABLE_KERNELS``) is wrapped, masked or
+    not (an unmasked kernel trains under a mask of ones), so one traced training step serves every
+    task of an architecture, and ``prepare`` can trace it before the first task arrives.
 
     Thread-safe: one trainer can serve many simulated devices in one process, one at a time.
     """
@@ -129,20 +130,19 @@ class KerasTrainer:
             start = time.perf_counter()
             compiled = self._compiled(architecture)
             check_local_data(x, y, compiled.model.input_shape[1:], compiled.model.output_shape[-1])
-            unknown = [i for i, m in enumerate(task.masks) if m is not None and i not in compiled.wrappers]
+            unknown = [i for i, m in enumerate(task.masks) if m is not None and i not in compiled.kernels]
             if unknown:
-                raise TrainingError(f"the mask covers weight tensors {unknown} that are not Dense/Conv kernels")
+                raise TrainingError(f"the mask covers weight tensors {unknown} that are not prunable kernels")
             set_layer_weights(compiled.model, task.weights)
             device_pruning = task.device_sparsity is not None
-            for idx, wrapper in compiled.wrappers.items():
-                kernel, mask_var, _ = wrapper.pruning_vars[0]
+            for idx, (kernel, mask_var) in compiled.kernels.items():
                 mask = task.masks[idx]
                 if mask is None:  # not pruned: trains under a mask of ones, and tfmot leaves it alone
                     mask_var.assign(tf.ones_like(mask_var))
                 else:
                     mask_var.assign(mask.astype(np.float32))
                     kernel.assign(kernel * mask.astype(np.float32))
-                schedule = compiled.schedules[idx]
+                schedule = compiled.schedules[idx]  # shared by a separable layer's two kernels, masked together
                 schedule.prune.assign(device_pruning and mask is not None)
                 schedule.target.assign(float(task.device_sparsity or 0.0))
             settings = task.training
@@ -150,9 +150,9 @@ class KerasTrainer:
             logs, last_epoch_s = _fit(compiled, x, y, epochs=settings.local_epochs, batch_size=settings.batch_size)
             masks = list(task.masks)
             if device_pruning:
-                for idx, wrapper in compiled.wrappers.items():
+                for idx, (_, mask_var) in compiled.kernels.items():
                     if masks[idx] is not None:
-                        masks[idx] = wrapper.pruning_vars[0][1].numpy().astype(bool)
+                        masks[idx] = mask_var.numpy().astype(bool)
             new = apply_masks(get_layer_weights(compiled.model), masks)
             delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
             metrics = {
@@ -212,35 +212,49 @@ def _step_function(model: keras.Model):
     return step
 
 
+def _name_prunable_kernels(layer) -> None:
+    """Tell tfmot which of ``layer``'s weights to prune: all its kernels in ``PRUNABLE_KERNELS``.
+
+    tfmot's registry lists no weight of DepthwiseConv2D and only the pointwise kernel of a
+    separable convolution, so those kernels were wrapped yet never pruned; a layer that has its
+    own ``get_prunable_weights`` is pruned by what it names (tfmot's ``PrunableLayer`` protocol).
+    """
+    names = PRUNABLE_KERNELS[type(layer).__name__]
+    layer.get_prunable_weights = lambda: [getattr(layer, name) for name in names]
+
+
 def _wrap(architecture: Architecture) -> _Compiled:
-    """The architecture with every Dense/Conv layer in a ``PruneLowMagnitude`` wrapper, each with
-    a schedule of its own (device-side pruning prunes only the layers the task masks)."""
+    """The architecture with every layer that has prunable kernels in a ``PruneLowMagnitude``
+    wrapper, each with a schedule of its own (device-side pruning prunes only the layers the task
+    masks)."""
     plain = model_from_architecture_json(architecture.model_json)
-    candidates = [l.name for l in plain.layers if type(l).__name__ in PRUNABLE_LAYER_TYPES]
-    index_of = kernel_positions(plain, candidates)
-    schedules = {index_of[name]: TaskSchedule() for name in candidates}
+    candidates = [l.name for l in plain.layers if type(l).__name__ in PRUNABLE_KERNELS]
+    layer_of = kernel_positions(plain, candidates)  # weight index -> layer name
+    schedules = {name: TaskSchedule() for name in candidates}
 
     def wrap(layer):
-        if layer.name in index_of:
-            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedules[index_of[layer.name]])
+        if layer.name in schedules:
+            _name_prunable_kernels(layer)
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=schedules[layer.name])
         return layer
 
     model = keras.models.clone_model(plain, clone_function=wrap)
-    wrappers = {
-        index_of[layer.layer.name]: layer
-        for layer in model.layers
-        if isinstance(layer, PruneLowMagnitude)
-    }
-    for wrapper in wrappers.values():  # what UpdatePruningStep does before the first fit
-        wrapper.pruning_step.assign(0)
-    return _Compiled(model=model, wrappers=wrappers, schedules=schedules)
+    wrappers = {layer.layer.name: layer for layer in model.layers if isinstance(layer, PruneLowMagnitude)}
+    kernels: dict[int, tuple[tf.Variable, tf.Variable]] = {}
+    for name, wrapper in wrappers.items():
+        indices = [idx for idx, layer_name in sorted(layer_of.items()) if layer_name == name]
+        for idx, (kernel, mask, _) in zip(indices, wrapper.pruning_vars, strict=True):  # both in weight order
+            kernels[idx] = (kernel, mask)
+        wrapper.pruning_step.assign(0)  # what UpdatePruningStep does before the first fit
+    return _Compiled(model=model, kernels=kernels,
+                     schedules={idx: schedules[name] for idx, name in layer_of.items()})
 
 
 def _pruned_gradients(compiled: _Compiled, task: TrainTask, masks, x, y, fraction: float):
     """The loss gradient (inference mode, the first 512 samples) at the pruned positions with the
     largest magnitude, for regrowth (``report_pruned_gradients``)."""
     n = min(len(x), GRADIENT_SAMPLES)
-    kernels = {idx: w.pruning_vars[0][0] for idx, w in compiled.wrappers.items()}
+    kernels = {idx: kernel for idx, (kernel, _) in compiled.kernels.items()}
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
         loss = loss_fn(y[:n], compiled.model(x[:n], training=False))

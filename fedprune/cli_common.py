@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def add_logging_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="log level (default WARNING)")
+def add_logging_args(parser: argparse.ArgumentParser, default: str = "WARNING") -> None:
+    parser.add_argument("--log-level", default=default, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help=f"log level (default {default})")
 
 
 def setup_logging(level: str) -> None:
@@ -45,9 +45,10 @@ def default_run_dir(task_path: str) -> Path:
 def print_round(record) -> None:
     print(
         f"round {record.round:3d}  devices {record.reported:3d}/{record.selected:<3d} "
-        f"accuracy {record.accuracy:.4f}  sparsity {record.sparsity:.3f}  "
+        f"accuracy {record.accuracy:.4f}  sparsity {record.sparsity:.3f} ({record.sparsity_all:.3f} of all weights)  "
         f"down {record.bytes_down:>10,} B  up {record.bytes_up:>9,} B"
         + (f"  rejected {record.rejected}" if record.rejected else "")
+        + (f"  failed {len(record.device_errors)}" if record.device_errors else "")
         + (f"  mask agreement {record.mask_agreement:.3f}" if record.mask_agreement is not None else "")
         + (f"  epsilon {record.epsilon:.3f}" if record.epsilon is not None else ""),
         flush=True,
@@ -55,3 +56,16 @@ def print_round(record) -> None:
     if record.layer_sparsity:  # the per-layer view: where the zeros are
         print("          layers: " + "  ".join(f"{name.split('/')[0]} {s:.3f}"
                                                for name, s in record.layer_sparsity.items()), flush=True)
+
+
+def print_outcome(result) -> None:
+    """The end of a run: final accuracy, sparsity over the prunable and over all weights, what was
+    left dense and why, and each exported file (an int8 file not smaller than float32 says so)."""
+    print(f"final accuracy {result.final_accuracy:.4f} at sparsity {result.final_sparsity:.3f} of the prunable "
+          f"weights ({result.final_sparsity_all:.3f} of all {result.parameters:,} weights)")
+    for layer, why in result.not_pruned.items():
+        print(f"not pruned: {layer} ({why})")
+    for e in result.exports:
+        print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "
+              f"(Keras {result.final_accuracy:.4f}) via {e['runtime']}"
+              + (f"; {e['note']}" if e.get("note") else ""))

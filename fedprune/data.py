@@ -3,7 +3,9 @@
 Built-in sets ship inside scikit-learn (no download): ``digits`` (1,797 8x8 images, 10 classes)
 and ``breast_cancer`` (569 tabular medical records, 2 classes); ``mnist1d`` is generated locally
 by the ``mnist1d`` package (5,000 sequences, 10 classes). A user's own data is an ``.npz``
-with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (the ``keras.datasets`` layout).
+with ``x_train``, ``y_train`` and optionally ``x_test``, ``y_test`` (the ``keras.datasets`` layout),
+a CSV with a label column (``csv``), or a folder of images, one subfolder per class (``images``):
+see ``fedprune.data_files``. The class count is the largest label + 1.
 
 ``.npz`` and ``.npy`` files are read through :func:`read_npz` and :func:`read_npy`, which check
 the sizes the files declare (each zip member's uncompressed size, each array's header) before
@@ -13,6 +15,7 @@ an agent to 5.4 GB of resident memory when loaded as it came.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import zipfile
@@ -22,6 +25,8 @@ from typing import IO, Callable
 
 import numpy as np
 
+from fedprune.data_files import DataError, DataOptions, read_csv_xy, read_image_folder
+
 # The most bytes an .npz or .npy may unpack to: this, or half the machine's memory if that is less.
 MAX_DATA_BYTES = 8 << 30
 # A large member that deflate shrank more than this is a decompression bomb, not data (real data
@@ -29,10 +34,6 @@ MAX_DATA_BYTES = 8 << 30
 MAX_COMPRESSION_RATIO = 100
 _RATIO_CHECKED_ABOVE = 64 << 20
 _MAX_NPY_HEADER = 10_000  # numpy's own default
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message says what is wrong with it."""
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,19 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load_dataset(name: str, path: str = "", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_dataset(name: str, path: str = "", test_fraction: float = 0.2, seed: int = 0,
+                 options: DataOptions = DataOptions()) -> Dataset:
     """Load the data set registered as ``name`` (``LOADERS``): a built-in one, or a user's file at
-    ``path``; a held-out test set is split off (``test_fraction``) where the set has none."""
+    ``path`` (read as ``options`` say); a held-out test set is split off (``test_fraction``) where
+    the set has none."""
     loader = LOADERS.get(name)
     if loader is None:
         raise DataError(f"unknown data set {name!r}; use one of {sorted(LOADERS)}")
-    return loader(path, test_fraction, seed)
+    return loader(path, test_fraction, seed, options)
 
 
-def load_digits_set(path: str = "", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_digits_set(path: str = "", test_fraction: float = 0.2, seed: int = 0,
+                    options: DataOptions | None = None) -> Dataset:
     """scikit-learn's 1,797 8x8 digits as (n, 8, 8, 1) images in [0, 1], 10 classes."""
     from sklearn.datasets import load_digits
 
@@ -66,7 +70,8 @@ def load_digits_set(path: str = "", test_fraction: float = 0.2, seed: int = 0) -
     return _split(x, d.target.astype(np.int64), test_fraction, seed)
 
 
-def load_breast_cancer_set(path: str = "", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_breast_cancer_set(path: str = "", test_fraction: float = 0.2, seed: int = 0,
+                           options: DataOptions | None = None) -> Dataset:
     """scikit-learn's 569 breast-cancer records (30 features, standardized), 2 classes."""
     from sklearn.datasets import load_breast_cancer
 
@@ -77,7 +82,8 @@ def load_breast_cancer_set(path: str = "", test_fraction: float = 0.2, seed: int
     return _split(x, d.target.astype(np.int64), test_fraction, seed)
 
 
-def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0,
+                 options: DataOptions | None = None) -> Dataset:
     """MNIST-1D (Greydanus, 2020), generated locally by the ``mnist1d`` package: 4,000 training and
     1,000 test sequences of 40 samples, 10 classes; shaped (n, 40, 1) for Conv1D models.
 
@@ -96,7 +102,8 @@ def load_mnist1d(path: str = "", test_fraction: float = 0.2, seed: int = 0) -> D
     return Dataset(x, y, xt, yt, 10)
 
 
-def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0,
+             options: DataOptions | None = None) -> Dataset:
     """Read a user's ``.npz`` (``x_train``, ``y_train``, optional ``x_test``, ``y_test``)."""
     p = Path(path)
     if not p.is_file():
@@ -115,15 +122,44 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     return _split(x, y, test_fraction, seed)
 
 
-def load_device_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A device's local training data: ``x_train`` and ``y_train`` of an ``.npz``."""
+def load_csv(path: str | Path, test_fraction: float = 0.2, seed: int = 0,
+             options: DataOptions | None = None) -> Dataset:
+    """A user's CSV: a header row, numeric features, integer class ids in ``options.label_column``."""
+    x, y = read_csv_xy(_existing(path), (options or DataOptions()).label_column, data_limit_bytes())
+    return _split(*_check_xy(x, y, str(path)), test_fraction, seed)
+
+
+def load_image_folder(path: str | Path, test_fraction: float = 0.2, seed: int = 0,
+                      options: DataOptions | None = None) -> Dataset:
+    """A user's folder of images, one subfolder per class (class ids by sorted folder name)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (a folder with one subfolder of images per class)")
+    x, y, classes = read_image_folder(root, options or DataOptions(), data_limit_bytes())
+    data = _split(*_check_xy(x, y, str(root)), test_fraction, seed)
+    return dataclasses.replace(data, num_classes=max(data.num_classes, len(classes)))
+
+
+def load_device_data(path: str | Path, options: DataOptions = DataOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """A device's local training data: a folder of images (one subfolder per class), a CSV with a
+    label column, or ``x_train`` and ``y_train`` of an ``.npz``."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file not found: {p}")
-    arrays = read_npz(p)
+    if p.is_dir():
+        x, y, _ = read_image_folder(p, options, data_limit_bytes())
+        return _check_xy(x, y, str(p))
+    if p.suffix.lower() == ".csv":
+        return _check_xy(*read_csv_xy(_existing(p), options.label_column, data_limit_bytes()), str(p))
+    arrays = read_npz(_existing(p))
     if "x_train" not in arrays or "y_train" not in arrays:
         raise DataError(f"{p}: needs arrays 'x_train' and 'y_train'; found {sorted(arrays)}")
     return _check_xy(arrays["x_train"], arrays["y_train"], f"{p}")
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    return p
 
 
 def data_limit_bytes() -> int:
@@ -250,16 +286,20 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Dat
     return Dataset(x[train], y[train], x[test], y[test], int(y.max()) + 1)
 
 
-DataLoader = Callable[[str, float, int], Dataset]
+DataLoader = Callable[[str, float, int, DataOptions], Dataset]
 
-#: name in a task file's ``[data] dataset`` -> ``loader(path, test_fraction, seed)``; a new
-#: format is one function and one line here (docs/extending.md)
+#: name in a task file's ``[data] dataset`` -> ``loader(path, test_fraction, seed, options)``; a
+#: new format is one function and one line here (docs/extending.md)
 LOADERS: dict[str, DataLoader] = {
     "digits": load_digits_set,
     "breast_cancer": load_breast_cancer_set,
     "mnist1d": load_mnist1d,
     "npz": load_npz,
+    "csv": load_csv,
+    "images": load_image_folder,
 }
+#: The loaders that read a user's file or folder at ``[data] path``.
+FILE_LOADERS = frozenset({"npz", "csv", "images"})
 
 
 def partition(

@@ -12,8 +12,17 @@ import os
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+from fedprune.quiet_start import quiet_requested, stderr_filtered  # noqa: E402
+
+if quiet_requested():  # a command-line tool: TensorFlow's loading noise stays off the terminal
+    with stderr_filtered():
+        import tensorflow as tf
+        import tf_keras as keras
+
+        tf.config.list_physical_devices()  # CUDA's initialization (its cuInit error) happens here
+else:
+    import tensorflow as tf
+    import tf_keras as keras
 
 if os.environ["TF_USE_LEGACY_KERAS"] != "1":  # pragma: no cover - user override
     raise RuntimeError(

@@ -2,7 +2,8 @@
 
 A factory is ``f(input_shape, num_classes) -> keras.Model`` (uncompiled, outputs logits); a task
 file names one as ``module:function``, so users plug in their own the same way. Layers are
-Dense/Conv so tfmot can wrap them; names are stable so ``pruning.leave_dense`` can name them.
+of the types in ``PRUNABLE_KERNELS`` so they are pruned; names are stable so
+``pruning.leave_dense`` can name them.
 """
 
 from __future__ import annotations
@@ -129,7 +130,20 @@ def build_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> ke
 # ``get_weights()`` order. (``model.get_weights()`` puts all trainable weights before all
 # non-trainable ones, an order that changes once tfmot wraps a layer.) Masks align with that list.
 
-PRUNABLE_LAYER_TYPES = ("Dense", "Conv1D", "Conv2D", "Conv3D")
+#: Layer types whose kernels are pruned, and the names of those kernels. tfmot's own registry
+#: prunes no DepthwiseConv2D weight and only the pointwise kernel of a separable convolution; the
+#: device's trainer names these kernels to tfmot itself (``edge_agent/trainer.py``), so every
+#: kernel of these layers is pruned. Layers of other types keep their weights dense, and a run's
+#: report names them with the reason (``unpruned_layers``).
+PRUNABLE_KERNELS: dict[str, tuple[str, ...]] = {
+    "Dense": ("kernel",),
+    "Conv1D": ("kernel",), "Conv2D": ("kernel",), "Conv3D": ("kernel",),
+    "Conv1DTranspose": ("kernel",), "Conv2DTranspose": ("kernel",), "Conv3DTranspose": ("kernel",),
+    "DepthwiseConv1D": ("depthwise_kernel",), "DepthwiseConv2D": ("depthwise_kernel",),
+    "SeparableConv1D": ("depthwise_kernel", "pointwise_kernel"),
+    "SeparableConv2D": ("depthwise_kernel", "pointwise_kernel"),
+}
+PRUNABLE_LAYER_TYPES = tuple(PRUNABLE_KERNELS)
 
 
 def _inner(layer: "keras.layers.Layer") -> "keras.layers.Layer":
@@ -173,7 +187,8 @@ def weight_names(model: "keras.Model") -> list[str]:
 
 
 def prunable_layers(model: "keras.Model", leave_dense: tuple[str, ...] = ()) -> list[str]:
-    """Names of the layers whose kernel is pruned: Dense/Conv layers not in ``leave_dense``."""
+    """Names of the layers whose kernels are pruned: layers of a ``PRUNABLE_KERNELS`` type not
+    in ``leave_dense``."""
     names = [l.name for l in model.layers]
     unknown = sorted(set(leave_dense) - set(names))
     if unknown:
@@ -185,17 +200,37 @@ def prunable_layers(model: "keras.Model", leave_dense: tuple[str, ...] = ()) -> 
     ]
 
 
-def kernel_positions(model: "keras.Model", layers: list[str]) -> dict[str, int]:
-    """Index of each named layer's kernel in the flat weight list."""
-    positions: dict[str, int] = {}
+def kernel_positions(model: "keras.Model", layers: list[str]) -> dict[int, str]:
+    """Index in the flat weight list of every prunable kernel of the named layers (two for a
+    separable convolution: depthwise, then pointwise), and its layer's name."""
+    positions: dict[int, str] = {}
     i = 0
     for layer in model.layers:
         inner = _inner(layer)
         if inner.name in layers:
             ids = [id(w) for w in inner.weights]
-            positions[inner.name] = i + ids.index(id(inner.kernel))
+            for attribute in PRUNABLE_KERNELS[type(inner).__name__]:
+                positions[i + ids.index(id(getattr(inner, attribute)))] = inner.name
         i += len(inner.weights)
     return positions
+
+
+def unpruned_layers(model: "keras.Model", leave_dense: tuple[str, ...] = ()) -> dict[str, str]:
+    """Layers holding a weight matrix (or larger) that pruning leaves dense, and why: for a run's
+    report, so that no layer goes unpruned in silence. Biases and normalization vectors are not
+    listed (they are never pruned)."""
+    out: dict[str, str] = {}
+    for layer in model.layers:
+        inner = _inner(layer)
+        if not any(len(w.shape) >= 2 for w in inner.weights):
+            continue
+        kind = type(inner).__name__
+        if inner.name in leave_dense:
+            out[inner.name] = f"{kind}: left dense by pruning.leave_dense"
+        elif kind not in PRUNABLE_KERNELS:
+            out[inner.name] = (f"{kind}: not a prunable layer type; fedprune prunes the kernels of "
+                               f"{', '.join(PRUNABLE_KERNELS)}")
+    return out
 
 
 def full_masks(model: "keras.Model", leave_dense: tuple[str, ...] = ()):
@@ -204,6 +239,6 @@ def full_masks(model: "keras.Model", leave_dense: tuple[str, ...] = ()):
 
     weights = get_layer_weights(model)
     masks: list = [None] * len(weights)
-    for _, idx in kernel_positions(model, prunable_layers(model, leave_dense)).items():
+    for idx in kernel_positions(model, prunable_layers(model, leave_dense)):
         masks[idx] = np.ones(weights[idx].shape, dtype=bool)
     return masks

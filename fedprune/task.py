@@ -43,20 +43,35 @@ class ModelSection:
 @dataclass(frozen=True)
 class DataSection:
     dataset: str = "digits"  # a name in fedprune.data.LOADERS
-    path: str = ""  # for a user's file (dataset = "npz")
+    path: str = ""  # for a user's file or folder (dataset = "npz", "csv" or "images")
     test_fraction: float = 0.2
     partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
     shards_per_device: int = 2
     min_samples: int = 2  # the fewest training samples a simulated device may hold
+    label_column: str = "label"  # csv: the column of integer class ids
+    image_size: tuple[int, int] | None = None  # images: (height, width) to resize to; default: as they are
+    color_mode: Literal["rgb", "grayscale"] = "rgb"  # images: 3 channels or 1
+
+    @property
+    def options(self):
+        """What the file formats read (``fedprune.data_files.DataOptions``)."""
+        from fedprune.data_files import DataOptions
+
+        return DataOptions(self.label_column, self.image_size, self.color_mode)
 
     def check(self) -> None:
-        from fedprune.data import LOADERS
+        from fedprune.data import FILE_LOADERS, LOADERS
 
         if self.dataset not in LOADERS:
             raise TaskError(f"data.dataset must be one of {sorted(LOADERS)}, got {self.dataset!r}")
-        if self.dataset == "npz" and not self.path:
-            raise TaskError("data.path is required when data.dataset = 'npz'")
+        if self.dataset in FILE_LOADERS and not self.path:
+            raise TaskError(f"data.path is required when data.dataset = {self.dataset!r}")
+        if self.image_size is not None and not all(1 <= d <= 4096 for d in self.image_size):
+            raise TaskError(f"data.image_size must be [height, width] in pixels, 1-4096 each, "
+                            f"got {list(self.image_size)}")
+        if not self.label_column:
+            raise TaskError("data.label_column must name the CSV column of class ids")
         _in_open_interval("data.test_fraction", self.test_fraction, 0.0, 1.0)
         if self.alpha <= 0:
             raise TaskError(f"data.alpha must be > 0, got {self.alpha}")
@@ -442,7 +457,7 @@ def load_task(path: str | Path) -> Task:
         task = parse_task(raw, source=str(p))
     except TaskError as e:
         raise TaskError(f"{p}: {e}") from None
-    if task.data.dataset == "npz" and not Path(task.data.path).is_absolute():
+    if task.data.path and not Path(task.data.path).is_absolute():
         task = dataclasses.replace(
             task, data=dataclasses.replace(task.data, path=str(p.parent / task.data.path))
         )

@@ -26,7 +26,8 @@ def read_toml(path: str | Path, kind: str, error: type[Exception]) -> dict[str, 
 
 def coerce(value: Any, tp: Any, key: str, error: type[Exception]) -> Any:
     """``value`` as the field type ``tp`` (``Literal``, ``bool``, ``int``, ``float``, ``str``,
-    ``dict``, ``tuple`` of strings, or ``X | None`` where leaving the key out means None)."""
+    ``dict``, ``tuple`` of strings or of fixed length, or ``X | None`` where leaving the key out
+    means None)."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [t for t in get_args(tp) if t is not type(None)]
@@ -42,9 +43,14 @@ def coerce(value: Any, tp: Any, key: str, error: type[Exception]) -> Any:
             raise error(f"{key} must be a table, got {value!r}")
         return value
     if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise error(f"{key} must be a list of strings, got {value!r}")
-        return tuple(value)
+        args = get_args(tp)
+        if args[1:] == (Ellipsis,) and args[0] is str:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise error(f"{key} must be a list of strings, got {value!r}")
+            return tuple(value)
+        if not isinstance(value, list) or len(value) != len(args):
+            raise error(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(coerce(v, t, key, error) for v, t in zip(value, args))
     if tp is bool:
         if not isinstance(value, bool):
             raise error(f"{key} must be true or false, got {value!r}")

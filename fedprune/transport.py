@@ -9,6 +9,7 @@ MQTT 3.1.1 is used because the embedded broker (amqtt) speaks nothing newer.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ class MqttSession:
         self._on_message = on_message
         self._on_connected = on_connected
         self._keepalive = keepalive_s
+        self._reconnect_delays = (1, reconnect_max_delay_s)
+        self.failed_attempts = 0  # connection attempts that failed since the last connection
+        self.last_failure: str | None = None  # why the last one failed
         self.connected = threading.Event()
         self.refused: str | None = None  # the broker's reason when it refused the last CONNECT
         self._connect_answered = threading.Event()  # CONNACK (accepted or refused) seen
@@ -141,7 +145,7 @@ class MqttSession:
         )
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(min_delay=1, max_delay=reconnect_max_delay_s)
+        c.reconnect_delay_set(min_delay=self._reconnect_delays[0], max_delay=reconnect_max_delay_s)
         if self.address.username:
             c.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
@@ -152,6 +156,7 @@ class MqttSession:
             topic, payload, retain = will
             c.will_set(topic, payload, qos=1, retain=retain)
         c.on_connect = self._handle_connect
+        c.on_connect_fail = self._handle_connect_fail
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
         self.client = c
@@ -230,6 +235,7 @@ class MqttSession:
                       self.address.username or "an anonymous client", reason_code)
             return
         self.refused = None
+        self.failed_attempts, self.last_failure = 0, None
         for topic in self.subscriptions:
             client.subscribe(topic, qos=1)
         self.connected.set()
@@ -237,6 +243,25 @@ class MqttSession:
         log.info("connected to %s as %s", self.address.url, self.client_id)
         if self._on_connected:
             self._on_connected()
+
+    def _handle_connect_fail(self, client, userdata) -> None:
+        """A connection attempt failed before MQTT began (refused, unreachable, a name that does
+        not resolve): say why, and when paho tries again.
+
+        paho calls this from inside its ``except OSError`` around the attempt, so the exception is
+        ``sys.exc_info()``'s. Its wait before the next attempt doubles the last one up to the
+        maximum (``reconnect_delay_set``); after the very first attempt (no wait yet) it waits
+        the minimum and then twice that before trying again (measured with paho 2.1: attempts at
+        0, 3, 7, 15, 31 s).
+        """
+        error = sys.exc_info()[1]
+        reason = f"{type(error).__name__}: {error}" if error is not None else "no reason given"
+        low, high = self._reconnect_delays
+        last = getattr(self.client, "_reconnect_delay", None)  # paho's own, private: the wait it last used
+        delay = 3 * low if last is None else min(2 * last, high)
+        self.failed_attempts += 1
+        self.last_failure = reason
+        log.warning("cannot connect to the MQTT broker at %s (%s); retrying in %d s", self.address.url, reason, delay)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()

@@ -117,7 +117,8 @@ def phase_scale(args) -> dict:
                 break
         else:
             raise RuntimeError("the devices' process ended before its devices connected")
-        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed,
+                          task.data.options)
         with tempfile.TemporaryDirectory() as tmp:
             started = time.monotonic()
             result = Aggregator(task, ds, args.broker_url, Path(tmp) / "run", on_round=_print_round,

@@ -60,7 +60,7 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
     from fedprune.keras_setup import keras
     from fedprune.models import build_model
 
-    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
     train = task.training

@@ -187,23 +187,32 @@ def aggregator_lengths(root: Path = ROOT) -> dict:
 
 
 def wheel_contents(root: Path = ROOT) -> dict:
-    """Build the wheel; its top-level import names and the modules it is missing, if any."""
+    """Build the wheel; its top-level import names, the modules it is missing, if any, the files
+    it ships that are not Python (package data: the status page), its licence metadata, and the
+    build's deprecation warnings (setuptools warns about an outdated ``project.license``)."""
     with tempfile.TemporaryDirectory() as tmp:
         # Built from a copy: setuptools leaves build/ in the tree it builds.
         source = Path(tmp) / "src"
         source.mkdir()
-        for name in ("pyproject.toml", "README.md"):
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
             shutil.copy(root / name, source / name)
         for folder in package_folders(root).values():
             shutil.copytree(folder, source / folder.relative_to(root), ignore=shutil.ignore_patterns("__pycache__"))
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", tmp, str(source)],
-                       check=True, capture_output=True)
+        build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", tmp, str(source)],
+                               check=True, capture_output=True, text=True)
         wheel = next(Path(tmp).glob("fedprune-*.whl"))
-        names = zipfile.ZipFile(wheel).namelist()
+        with zipfile.ZipFile(wheel) as archive:
+            names = archive.namelist()
+            metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))})
     shipped = {n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")}
     missing = sorted(set(modules(root)) - shipped)
-    return {"top_level": top, "missing_modules": missing}
+    data = sorted(n for n in names if not n.endswith(".py") and not n.split("/")[0].endswith(".dist-info"))
+    warnings = sorted({line.strip() for line in (build.stdout + build.stderr).splitlines()
+                       if "DeprecationWarning" in line or "deprecated" in line.lower()})
+    licence = [line for line in metadata.splitlines() if line.startswith(("License-Expression:", "License-File:"))]
+    return {"top_level": top, "missing_modules": missing, "package_data": data, "license": licence,
+            "build_warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = (not arrows and not bare and lengths["server_py_lines"] <= SERVER_MAX_LINES
           and not lengths["server_functions_over_limit"] and not lengths["aggregator_functions_over_limit"]
           and (not args.wheel or (result["wheel"]["top_level"] == ["fedprune"]
-                                  and not result["wheel"]["missing_modules"])))
+                                  and not result["wheel"]["missing_modules"]
+                                  and not result["wheel"]["build_warnings"])))
     result["ok"] = ok
     print(json.dumps(result))
     return 0 if ok else 1

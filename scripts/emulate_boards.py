@@ -499,9 +499,14 @@ def export_models(folder: Path, host: Host) -> dict:
 
 
 def predict_json(cmd: list[str], env: dict, cwd: Path, timeout: float = 600) -> tuple[dict, float]:
+    """``predict``'s summary (``--json``) with each sample's class from its ``--output`` file."""
     start = time.monotonic()
-    proc = run(cmd, env=env, timeout=timeout, cwd=cwd)
-    return json.loads(proc.stdout.strip().splitlines()[-1]), round(time.monotonic() - start, 1)
+    with tempfile.TemporaryDirectory(dir=cwd) as tmp:
+        results = Path(tmp) / "results.jsonl"
+        proc = run([*cmd, "--json", "--output", str(results)], env=env, timeout=timeout, cwd=cwd)
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        summary["classes"] = [json.loads(line)["class"] for line in results.read_text().splitlines()]
+    return summary, round(time.monotonic() - start, 1)
 
 
 def stage_predict(runner: BoardRunner, site: Path, models: Path, host: Host) -> dict:

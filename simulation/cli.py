@@ -33,7 +33,7 @@ def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: s
     from fedprune.data import load_dataset, partition
     from fedprune.simulation.fleet import Fleet, device_id
 
-    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
     ids = device_ids if device_ids is not None else range(num_devices)
@@ -58,14 +58,18 @@ def run_simulation(
     on_update: Callable | None = None,
     device_ids: range | None = None,
     connect_timeout_s: float = 600.0,
+    resume: bool = False,
+    status_at: tuple[str, int] | None = None,
 ):
     """Run a simulated federation and return the aggregator's ``RunResult``.
 
     ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all); the
     rest are expected to join from other processes on the same broker. The fleet's counters go to
-    ``fleet.json`` in the run folder.
+    ``fleet.json`` in the run folder. ``resume``: continue the run in ``run_dir`` from its last
+    checkpoint. ``status_at``: (host, port) of a live status page (its address is printed).
     """
     from fedprune.aggregator.server import Aggregator
+    from fedprune.aggregator.status_page import StatusPage
 
     with ExitStack() as stack:
         if broker_url is None:
@@ -76,7 +80,10 @@ def run_simulation(
             log.info("embedded MQTT broker on %s", broker_url)
         fleet, ds = _fleet(task, num_devices, device_ids, broker_url, attack)
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
-                                export_tflite=export_tflite)
+                                export_tflite=export_tflite, resume=resume)
+        if status_at is not None:
+            page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
+            print(f"status page: {page.url}", flush=True)
         stack.callback(fleet.stop)
         fleet.prepare(aggregator.architecture)
         fleet.start(connect_timeout_s)
@@ -102,9 +109,15 @@ def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedprune.aggregator.run_folder import interrupted, refusal
     from fedprune.aggregator.strategies import strategy_for_task
-    from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_round, setup_logging
+    from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_outcome, print_round
+    from fedprune.cli_common import setup_logging
+    from fedprune.simulation.progress import log_console
+    from fedprune.quiet_start import request_quiet_start
     from fedprune.simulation.fleet import parse_id_range
+
+    request_quiet_start()  # before anything loads TensorFlow
 
     parser = argparse.ArgumentParser(prog="fedprune-simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="task file (TOML)")
@@ -121,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="other run folders (e.g. dense FedAvg) to draw beside this run in the report")
     parser.add_argument("--no-progress", action="store_true", help="plain lines instead of progress bars")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    parser.add_argument("--status-port", type=int,
+                        help="serve a live status page (and status.json) on this port (0 picks a free one)")
+    parser.add_argument("--status-host", default="127.0.0.1",
+                        help="address the status page binds (default 127.0.0.1; read-only, no secrets)")
     add_logging_args(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
@@ -136,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
     if args.no_aggregator and not args.broker:
         parser.error("--no-aggregator needs --broker: the broker that fedprune-aggregator and the other hosts use")
+    if args.resume and args.run_dir is None:
+        parser.error("--resume needs --run-dir: the folder of the run to continue")
     task = load_task_or_exit(args.task, check=strategy_for_task)
 
     if args.no_aggregator:
@@ -152,20 +172,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     run_dir = args.run_dir or default_run_dir(args.task)
+    stop = refusal(run_dir, args.resume)  # another run's folder, a finished run
+    if stop is not None:
+        print(stop[1], file=sys.stderr if stop[0] else sys.stdout)
+        return stop[0]
     print(f"simulating {args.devices} devices; results in {run_dir}", flush=True)
     start = time.monotonic()
+    console = log_console()  # tables and lines whole in a log file, not cut to 80 columns
     with ExitStack() as stack:
         callbacks: dict = {"on_round": print_round}
         if not args.no_progress:
             from fedprune.simulation.progress import FederationProgress
 
-            progress = stack.enter_context(FederationProgress(task.federation.rounds))
+            progress = stack.enter_context(FederationProgress(task.federation.rounds, console))
             callbacks = {"on_round": progress.on_round, "on_update": progress.on_update}
         try:
-            result = run_simulation(task, args.devices, run_dir, args.broker, device_ids=device_ids,
-                                    attack=attack, **callbacks)
+            result = run_simulation(task, args.devices, run_dir, args.broker, device_ids=device_ids, attack=attack,
+                                    resume=args.resume, status_at=None if args.status_port is None
+                                    else (args.status_host, args.status_port), **callbacks)
         except KeyboardInterrupt:
-            print(f"\ninterrupted; the last completed round is checkpointed in {run_dir}", file=sys.stderr)
+            print("\n" + interrupted("fedprune-simulate", list(sys.argv[1:] if argv is None else argv), run_dir),
+                  file=sys.stderr)
             return 130
         except Exception as e:  # noqa: BLE001 - a CLI reports, the traceback is in the log at debug
             log.debug("simulation failed", exc_info=True)
@@ -177,14 +204,10 @@ def main(argv: list[str] | None = None) -> int:
              f"simulated wall time {time.monotonic() - start:.1f} s"]
     report = write_report(run_dir, notes=notes, compare=[Run.load(p) for p in args.compare])
     if not args.no_progress:
-        from rich.console import Console
-
         from fedprune.simulation.progress import summary_table
 
-        Console().print(summary_table(result.rounds))
-    for e in result.exports:
-        print(f"exported {e['path']}: {e['size_bytes']:,} bytes, TFLite accuracy {e['accuracy']:.4f} "
-              f"(Keras {result.final_accuracy:.4f}) via {e['runtime']}")
+        console.print(summary_table(result.rounds))
+    print_outcome(result)
     print(f"report: {report}")
     return 0
 

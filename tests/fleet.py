@@ -85,6 +85,7 @@ class RunRecord:
     rejections: dict[str, int]
     reported: list[int]
     selected: list[int]
+    redelivered: int = 0  # byte-identical copies of accepted updates, over the run
 
     @property
     def applied_twice(self) -> list[int]:
@@ -143,7 +144,8 @@ class Fleet:
         self.aggregator_log: Path | None = None
         from fedprune.data import load_dataset, partition
 
-        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed)
+        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed,
+                          task.data.options)
         for device, idx in zip(self.devices, partition(ds.y_train, len(self.devices), "iid", seed=task.seed)):
             np.savez(self.workdir / f"{device}.npz", x_train=ds.x_train[idx], y_train=ds.y_train[idx])
 
@@ -235,7 +237,8 @@ class Fleet:
             rejections.update(rec.get("rejections", {}))
         return RunRecord(rounds=[rec["round"] for rec in lines], accuracy=lines[-1]["accuracy"] if lines else float("nan"),
                          rejections=dict(rejections), reported=[rec["reported"] for rec in lines],
-                         selected=[rec["selected"] for rec in lines])
+                         selected=[rec["selected"] for rec in lines],
+                         redelivered=sum(rec.get("redelivered", 0) for rec in lines))
 
 
 # --- fault scenarios: each runs the aggregator to its end with one fault injected mid-round -------

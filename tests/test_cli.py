@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -79,12 +80,16 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
         agg.send_signal(signal.SIGINT)  # Ctrl-C during round 2
         out, _ = agg.communicate(timeout=60)
         assert agg.returncode == 130, out
-        assert "--resume" in out
         assert (run_dir / "checkpoints" / "round-00001.npz").is_file()
+        # The hint is the command that continues the run, as given (the broker kept), pasted as is.
+        hint = out.split("interrupted after round 1; continue with:\n", 1)[1].splitlines()[0]
+        pasted = shlex.split(hint)
+        assert pasted[0] == "fedprune-aggregator" and pasted[-3:] == ["--run-dir", str(run_dir), "--resume"]
+        assert pasted[1:-3] == aggregator_cmd[len(command("fedprune-aggregator", "fedprune.aggregator.cli")):-2]
+        resume_cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + pasted[1:]
 
         # Resumed, then SIGKILLed (no handler runs, nothing is flushed) while round 3 trains.
-        agg = subprocess.Popen(aggregator_cmd + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=ENV)
+        agg = subprocess.Popen(resume_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         lines = read_until(agg, "round   2", 240)
         assert [l.split()[1] for l in lines if l.startswith("round")] == ["2"]  # continued, round 1 not redone
         time.sleep(0.5)
@@ -92,15 +97,21 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
         agg.communicate(timeout=30)
         assert (run_dir / "checkpoints" / "round-00002.npz").is_file()
 
-        resumed = subprocess.run(aggregator_cmd + ["--resume"], capture_output=True, text=True,
-                                 timeout=300, env=ENV)
+        resumed = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=300, env=ENV)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         rounds = [l for l in resumed.stdout.splitlines() if l.startswith("round")]
         assert [l.split()[1] for l in rounds] == ["3"]  # round 2 was checkpointed, round 3 (open at the kill) redone
         assert "sparsity 0.500" in rounds[-1]
         assert "exported" in resumed.stdout and (run_dir / "model-int8.tflite").is_file()
-        metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(m)["round"] for m in metrics] == [1, 2, 3]  # each round recorded once
+        metrics = [json.loads(m) for m in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [m["round"] for m in metrics] == [1, 2, 3]  # each round recorded once
+        # Devices that had trained the open round answered the resumed aggregator with the same
+        # update (its copies dropped as redeliveries): nothing rejected, no round trained twice.
+        assert [m["rejected"] for m in metrics] == [0, 0, 0], [m["rejections"] for m in metrics]
+        again = subprocess.run(resume_cmd, capture_output=True, text=True, timeout=120, env=ENV)
+        assert again.returncode == 0 and "finished already: 3 rounds" in again.stdout, again.stdout + again.stderr
+        fresh = subprocess.run(aggregator_cmd, capture_output=True, text=True, timeout=120, env=ENV)
+        assert fresh.returncode == 2 and "already holds a run" in fresh.stderr and "--resume" in fresh.stderr
         # int8 uplink: each agent kept its quantization residual on disk for the next round
         assert all((tmp_path / f"state{i}" / "error_feedback.npz").is_file() for i in range(2))
     finally:
@@ -113,6 +124,8 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
                 p.kill()
                 out, _ = p.communicate()
             assert p.returncode == 0, out
+            trained = json.loads(out.strip().splitlines()[-1].split("stopped after rounds ", 1)[1])
+            assert len(trained) == len(set(trained)), out  # no round trained twice
 
 
 def test_init_broker_command_and_connection_files_on_both_commands(tmp_path, capsys):

@@ -18,13 +18,13 @@ ARCH = Architecture(model_json='{"class_name": "Sequential", "config": {"layers"
 TOPICS = Topics("fed")
 
 
-def task_payload(round_=1, attempt=1, digest="d1", precision="float32", **kw) -> bytes:
+def task_payload(round_=1, attempt=1, digest="d1", precision="float32", session="s", **kw) -> bytes:
     rng = np.random.default_rng(round_)
     mask = rng.random((6, 4)) > 0.5
     weights = [rng.normal(size=(6, 4)).astype(np.float32) * mask, np.zeros(4, np.float32)]
     task = TrainTask(round=round_, attempt=attempt, architecture_digest=digest, weights=weights, masks=[mask, None],
                      training={"local_epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.01},
-                     uplink_precision=precision, deadline_s=60.0, session="s", **kw)
+                     uplink_precision=precision, deadline_s=60.0, session=session, **kw)
     return encode_task(task, NAMES)
 
 
@@ -88,6 +88,35 @@ def test_run_job_encodes_an_update_the_aggregator_decodes():
     assert d.completed_rounds == []  # not until it is published
     d.sent(job, message)
     assert d.completed_rounds == [3]
+
+
+def test_a_task_already_answered_is_answered_again_with_the_same_bytes_not_trained_again():
+    """A resumed aggregator (same session) asks for the open round again; its earlier process may
+    have taken the update, or a restarted broker lost it. Training again made devices train a
+    round twice and the resumed aggregator count the second update as rejected."""
+    d = device()
+    d.receive(TOPICS.architecture, ARCH.encode())
+    payload = task_payload(round_=4)
+    job = d.receive(TOPICS.task("dev-1"), payload)
+    assert d.receive(TOPICS.task("dev-1"), payload) is None  # still training: its update follows
+    message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
+    d.sent(job, message)
+    again = d.receive(TOPICS.task("dev-1"), payload)
+    assert again == message  # the very bytes sent, no new job
+    assert d.completed_rounds == [4]
+    assert d.receive(TOPICS.task("dev-1"), task_payload(round_=4, session="other")) is not None  # a new run's task
+
+
+def test_a_training_failure_is_one_log_line_without_a_traceback(caplog):
+    d = device()
+    d.receive(TOPICS.architecture, ARCH.encode())
+    job = d.receive(TOPICS.task("dev-1"), task_payload())
+    caplog.set_level("INFO")
+    run_job(d, job, AddOne(fail=True), np.zeros((10, 6)), np.zeros(10))
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert [r.getMessage() for r in errors] == ["dev-1: training for round 1 failed: RuntimeError: out of memory; "
+                                                "the aggregator is told"]
+    assert all(r.exc_info is None for r in caplog.records if r.levelno >= 20)
 
 
 def test_training_failure_becomes_an_error_update():

@@ -112,17 +112,19 @@ def test_predict_cli_runs_the_current_model_without_tensorflow(exported, tmp_pat
         sys.path.insert(0, {str(ROOT)!r})
         from fedprune.edge_agent.cli import main
         rc = main(["predict", "--state-dir", {str(tmp_path / 'state')!r}, "--input", {str(tmp_path / 'in.csv')!r},
-                   "--output", {str(tmp_path / 'p.npy')!r}])
+                   "--output", {str(tmp_path / 'p.npy')!r}, "--json"])
         assert "tensorflow" not in sys.modules, "the predict path imported TensorFlow"
         sys.exit(rc)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["round"] == 7 and out["samples"] == 4 and len(out["classes"]) == 4
+    assert out["round"] == 7 and out["samples"] == 4 and sum(out["class_counts"].values()) == 4
     assert out["runtime"].startswith("ai-edge-litert") and out["delegates"] == "builtin ops, no default delegates"
     probabilities = np.load(tmp_path / "p.npy")
-    assert probabilities.shape == (4, 10) and list(probabilities.argmax(-1)) == out["classes"]
+    assert probabilities.shape == (4, 10)
+    assert out["class_counts"] == {str(c): int((probabilities.argmax(-1) == c).sum())
+                                   for c in sorted(set(probabilities.argmax(-1).tolist()))}
 
     missing = subprocess.run([sys.executable, "-m", "fedprune.edge_agent.cli", "predict", "--state-dir",
                               str(tmp_path / "none"), "--input", str(tmp_path / "in.csv")],
@@ -142,3 +144,29 @@ def test_predict_refuses_an_npy_whose_header_lies_with_one_line(exported, tmp_pa
                            "--input", str(tmp_path / "huge.npy")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "declares (1000000000000, 64) float32" in proc.stderr
+
+
+def test_predict_prints_a_summary_and_writes_each_sample_with_output(exported, tmp_path):
+    """predict printed every sample's class and confidence on one JSON line."""
+    _, files, x = exported
+    np.save(tmp_path / "x.npy", x)
+    n = len(x)
+    base = [sys.executable, "-m", "fedprune.edge_agent.cli", "predict", "--model", str(files["float32"]),
+            "--input", str(tmp_path / "x.npy")]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert plain.returncode == 0, plain.stderr
+    lines = plain.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[1].startswith(f"{n} samples: class ") and lines[2].startswith("confidence: mean ")
+    assert lines[3] == "add --output results.csv for each sample's class, confidence and probabilities"
+    for name in ("results.csv", "results.jsonl"):
+        proc = subprocess.run(base + ["--output", str(tmp_path / name)], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT)
+        assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].endswith(str(tmp_path / name))
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert rows[0] == "sample,class,confidence," + ",".join(f"p{k}" for k in range(10)) and len(rows) == n + 1
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["class"] for r in records] == [int(row.split(",")[1]) for row in rows[1:]]
+    assert all(abs(sum(r["probabilities"]) - 1) < 1e-3 for r in records)
+    bad = subprocess.run(base + ["--output", str(tmp_path / "out.xlsx")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "use one of .csv, .jsonl, .npy" in bad.stderr

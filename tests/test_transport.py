@@ -115,3 +115,27 @@ def test_an_incoming_message_over_the_payload_limit_is_dropped_with_a_log_and_th
     finally:
         sub.stop()
         pub.stop()
+
+
+def test_a_failed_connection_is_logged_at_warning_with_its_reason_and_the_wait(caplog):
+    """An agent pointed at a broker that refuses it (or a name that does not resolve) used to log
+    nothing, even at DEBUG, while paho retried in silence."""
+    from brokers import free_port
+
+    caplog.set_level("WARNING", logger="fedprune.transport")
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nothing listens there
+    refused = MqttSession(url, "refused-agent").start(timeout_s=None)
+    unresolved = MqttSession("mqtt://no-such-host.invalid:1883", "lost-agent").start(timeout_s=None)
+    try:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and (refused.failed_attempts < 2 or not unresolved.failed_attempts):
+            time.sleep(0.1)
+    finally:
+        refused.stop()
+        unresolved.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    mine = [line for line in lines if url in line]
+    assert mine[:2] == [f"cannot connect to the MQTT broker at {url} (ConnectionRefusedError: [Errno 111] "
+                        f"Connection refused); retrying in {s} s" for s in (3, 4)], lines
+    assert any("no-such-host.invalid" in line and "gaierror" in line and "retrying in 3 s" in line for line in lines)
+    assert refused.last_failure.startswith("ConnectionRefusedError")

@@ -183,4 +183,38 @@ def test_an_attempt_acks_rejects_counts_and_clears_its_tasks():
     acks = [Ack.decode(p) for t, p, _ in published if t.endswith("/ack")]
     assert [(a.device_id, a.accepted) for a in acks] == [("dev-2", False), ("dev-1", True)]
     assert [(t, p) for t, p, _ in published if t.endswith("/task")] == [(TOPICS.task(d), b"") for d in devices]
-    assert progress[0] == RoundProgress(2, 1, 2, 0, 0) and progress[-1] == RoundProgress(2, 1, 2, 1, 1)
+    assert progress[0] == RoundProgress(2, 1, 2, 0, 0)
+    assert progress[-1] == RoundProgress(2, 1, 2, 1, 1, "dev-1", len(_update()), "")
+    assert progress[1].device_id == "dev-2" and progress[1].refused.startswith("wrong round: update is for round 1")
+
+
+def test_a_device_that_reports_a_failure_closes_its_slot_at_once_and_says_why():
+    """A device whose data does not fit the model reported its failure, and the round still waited
+    out round_timeout_s (120 s) for it."""
+    devices = ["dev-1", "dev-2"]
+    collector, inbox = _collector(devices, _context(selected=devices, known=devices))
+    now = time.monotonic()
+    error = "TrainingError: local data has sample shape (30,), the model expects (8, 8, 1)"
+    inbox.put((TOPICS.update("dev-2"), _update(device_id="dev-2", tensors=None, error=error), now))
+    inbox.put((TOPICS.update("dev-1"), _update(), now))
+    started = time.monotonic()
+    out = collector.collect(now, now + 30)  # both slots closed: the attempt ends long before its deadline
+    assert time.monotonic() - started < 5
+    assert [r.device_id for r in out.results] == ["dev-1"] and (out.offline, out.lost) == (0, 0)
+    assert out.failures == {"dev-2": error} and collector.rejections == {"device error": 1}
+
+
+def test_a_byte_identical_copy_of_an_accepted_update_is_a_redelivery_not_a_rejection():
+    """QoS 1 delivers at least once, and a device answers a resumed aggregator's repeated task with
+    the update it sent before: such copies were counted as rejected ("rejected 3" after a resume)."""
+    devices = ["dev-1", "dev-2"]
+    collector, inbox = _collector(devices, _context(selected=devices, known=devices))
+    now = time.monotonic()
+    first = _update()
+    inbox.put((TOPICS.update("dev-1"), first, now))
+    inbox.put((TOPICS.update("dev-1"), first, now))  # the same bytes again
+    inbox.put((TOPICS.update("dev-1"), _update(num_samples=51), now))  # another update: a duplicate
+    inbox.put((TOPICS.update("dev-2"), _update(device_id="dev-2"), now))
+    out = collector.collect(now, now + 30)
+    assert sorted(r.device_id for r in out.results) == devices and out.received == 4
+    assert out.redelivered == 1 and collector.rejections == {"duplicate": 1}

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedprune.converters.protocol import Architecture, TrainTask
-from fedprune.edge_agent.device import DeviceSession, Trainer, TrainJob, TrainResult, prepare_trainer, run_job
+from fedprune.edge_agent.device import (DeviceSession, Outgoing, Trainer, TrainJob, TrainResult, prepare_trainer,
+                                        run_job)
 from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
 from fedprune.simulation.fleet.profiles import DeviceBehaviour
 from fedprune.simulation.fleet.shared_tasks import SharedTasks
@@ -154,7 +155,11 @@ class SimulatedDevice:
     async def _read(self, conn: AsyncConnection) -> None:
         async for topic, payload in conn.messages():
             job = self.session.receive(topic, payload)
-            if job is not None:
+            if isinstance(job, Outgoing):  # a task it answered came again: the same update again
+                t = asyncio.ensure_future(self._publish(job))
+                self._jobs.add(t)
+                t.add_done_callback(self._jobs.discard)
+            elif job is not None:
                 t = asyncio.ensure_future(self._train(job))
                 self._jobs.add(t)
                 t.add_done_callback(self._jobs.discard)
