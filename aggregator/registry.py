@@ -1,11 +1,13 @@
-"""Which devices are known and online, from their retained presence messages."""
+"""Which devices are known and online, and what each can train with, from their retained
+presence messages."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 from fedprune.converters.errors import CodecError
 from fedprune.converters.protocol import Presence, Topics, valid_device_id
@@ -21,6 +23,9 @@ class DeviceInfo:
     num_samples: int
     last_seen: float
     last_offline: float = float("-inf")  # time.monotonic() of its last offline presence
+    trainer: str = "keras"  # what it trains with (converters.protocol.TRAINERS): "keras", "litert", "none"
+    runtime: str = ""  # its TFLite runtime and version, "" if it named none
+    agent_version: str = ""
 
 
 class DeviceRegistry:
@@ -32,7 +37,8 @@ class DeviceRegistry:
         self._changed = threading.Condition(self._lock)
         self._last_update = time.monotonic()
 
-    def update(self, device_id: str, online: bool, num_samples: int) -> None:
+    def update(self, device_id: str, online: bool, num_samples: int, *, trainer: str = "keras", runtime: str = "",
+               agent_version: str = "") -> None:
         """Record a presence. ``ValueError`` for an id no device can have (it may come from a
         topic): such a device is never known, so its updates are refused as unknown."""
         if not valid_device_id(device_id):
@@ -41,13 +47,19 @@ class DeviceRegistry:
         with self._lock:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))
-            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline)
+            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline,
+                                                  trainer, runtime, agent_version)
             self._last_update = time.monotonic()
             self._changed.notify_all()
 
     def online(self) -> list[str]:
         with self._lock:
             return sorted(d.device_id for d in self._devices.values() if d.online)
+
+    def online_devices(self) -> list[DeviceInfo]:
+        """What is known of every online device (copies), in device id order."""
+        with self._lock:
+            return [replace(d) for _, d in sorted(self._devices.items()) if d.online]
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
@@ -65,12 +77,13 @@ class DeviceRegistry:
         with self._lock:
             return device_id in self._devices
 
-    def wait_for(self, count: int, timeout_s: float) -> int:
-        """Wait until ``count`` devices are online or the timeout passes; returns how many are."""
+    def wait_for(self, count: int, timeout_s: float, counts: Callable[[DeviceInfo], bool] | None = None) -> int:
+        """Wait until ``count`` devices are online (of those ``counts`` accepts, if given) or the
+        timeout passes; returns how many are."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                n = self._online_count()
+                n = self._online_count(counts)
                 left = deadline - time.monotonic()
                 if n >= count or left <= 0:
                     return n
@@ -93,8 +106,8 @@ class DeviceRegistry:
                     return self._online_count()
                 self._changed.wait(min(quiet_s - quiet_for, deadline - now))
 
-    def _online_count(self) -> int:  # the caller holds the lock
-        return sum(d.online for d in self._devices.values())
+    def _online_count(self, counts: Callable[[DeviceInfo], bool] | None = None) -> int:  # the caller holds the lock
+        return sum(d.online and (counts is None or counts(d)) for d in self._devices.values())
 
 
 def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload: bytes) -> None:
@@ -110,6 +123,7 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
         if p.device_id != device_id:
             log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
             return
-        registry.update(device_id, p.online, p.num_samples)
+        registry.update(device_id, p.online, p.num_samples, trainer=p.trainer, runtime=p.runtime,
+                        agent_version=p.agent_version)
     except (CodecError, ValueError) as e:
         log.warning("ignored bad presence message on %s: %s", topic, e)

@@ -30,11 +30,14 @@ from fedprune.aggregator.privacy import PrivacyAccountant, ReleasedRound
 from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.records import read_metrics, round_record, write_summary
 from fedprune.aggregator.registry import DeviceRegistry, take_presence
+from fedprune.aggregator.selection import DeviceSelection, can_ever_train
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
+from fedprune.aggregator.trainable_file import TrainableFile, TrainableFiles
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
+from fedprune.converters.model_messages import FINAL_PRECISIONS, FinalModel, encode_final_model
 from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
 from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
@@ -74,6 +77,9 @@ class Aggregator:
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.controller = PruningController(task.pruning, {})
         self.device_masks = self.controller.device_masks
+        self.selection = DeviceSelection(self.registry, device_side_pruning=self.device_masks)
+        self.trainable_files = TrainableFiles(task.training.batch_size)
+        self._trainable: TrainableFile | None = None  # the current architecture's, once built
         self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
         self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
         self.session_id = secrets.token_hex(8)
@@ -149,7 +155,45 @@ class Aggregator:
             self._inbox.put((topic, payload, time.monotonic()))
 
     def _publish_architecture(self) -> None:
+        """The architecture, and its trainable file once built (retained: on every (re)connection,
+        since a restarted broker has forgotten them)."""
         self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
+        trainable = self._trainable
+        if trainable is not None and trainable.message is not None \
+                and trainable.architecture_digest == self.architecture.digest:
+            self.session.publish_retained(self.topics.trainable_model, trainable.message)
+
+    def _trainable_file(self) -> TrainableFile | None:
+        """The current architecture's trainable file when a device that needs it is online
+        (built and published the first time), else None."""
+        if not self.selection.wants_trainable_file():
+            return None
+        masked = [m is not None for m in self.state.masks]
+        trainable = self.trainable_files.get(self.model, self.architecture.digest, masked)
+        if trainable is not self._trainable:
+            self._trainable = trainable
+            if trainable.message is not None:
+                self.session.publish_retained(self.topics.trainable_model, trainable.message)
+        return trainable
+
+    def _clear_run_files(self) -> None:
+        """Clear what an earlier run left retained for devices: its final models (a device joining
+        this run must not install them) and its trainable file (maybe for another batch size)."""
+        for topic in (*map(self.topics.final_model, FINAL_PRECISIONS), self.topics.trainable_model):
+            self.session.publish_retained(topic, b"")
+
+    def _publish_final_models(self, exports: list[dict]) -> None:
+        """The exported files of the final global model, retained, so that every device (also one
+        that joins later) installs the model the report describes."""
+        for export in exports:
+            message = FinalModel(self.state.completed_rounds, export["precision"], float(sparsity(self.state.masks)),
+                                 export["accuracy"],
+                                 self.architecture.digest, Path(export["path"]).read_bytes())
+            info = self.session.publish_retained(self.topics.final_model(export["precision"]),
+                                                 encode_final_model(message))
+            info.wait_for_publish(30)
+            log.info("published the final model of round %d as %s TFLite (%d bytes, sha256 %s)", message.round,
+                     message.precision, len(message.content), message.sha256[:12])
 
     # --- the run ---
     def run(self) -> RunResult:
@@ -160,6 +204,7 @@ class Aggregator:
             self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
         self.session.start()
         try:
+            self._clear_run_files()
             self._wait_for_devices()
             for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
                 record = self._run_round(r)
@@ -168,11 +213,13 @@ class Aggregator:
                     log.info("round %d reached held-out accuracy %.4f >= federation.stop_at_accuracy %.4f: "
                              "the run ends here", r, record.accuracy, fed.stop_at_accuracy)
                     break
+            exports = self._export()
+            self._publish_final_models(exports)
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished")
             self.session.publish(self.topics.round, finished.encode(), retain=True).wait_for_publish(5)
         finally:
             self.session.stop()
-        return self._finish()
+        return self._finish(exports)
 
     def _wait_for_devices(self) -> None:
         fed = self.task.federation
@@ -180,11 +227,14 @@ class Aggregator:
             # Also traces the evaluation, which round 1 would otherwise pay for.
             _, acc = self.evaluate(self.state.weights)
             log.info("initial model: held-out accuracy %.4f, sparsity %.3f", acc, sparsity(self.state.masks))
-        n = self.registry.wait_for(fed.devices_per_round, fed.wait_for_devices_s)
+        n = self.registry.wait_for(fed.devices_per_round, fed.wait_for_devices_s, counts=can_ever_train)
         if n < fed.min_devices:
+            untrained = len(self.registry.online()) - n
             raise FederationError(
-                f"only {n} device(s) online after {fed.wait_for_devices_s:.0f} s; need at least "
-                f"federation.min_devices = {fed.min_devices}. Start more agents or lower min_devices."
+                f"only {n} device(s) that can train online after {fed.wait_for_devices_s:.0f} s"
+                + (f" ({untrained} more online without a trainer)" if untrained else "")
+                + f"; need at least federation.min_devices = {fed.min_devices}. Start more agents or lower "
+                "min_devices."
             )
         # Round 1 is drawn from every device already there, not from the first presences in.
         self.registry.wait_until_quiet(PRESENCE_QUIET_S, PRESENCE_SETTLE_MAX_S)
@@ -199,9 +249,11 @@ class Aggregator:
         if self.on_round:
             self.on_round(record)
 
-    def _finish(self) -> RunResult:
-        exports = (export_models(self.model, self.state.weights, self.run_dir, self.dataset)
-                   if self.export_tflite else [])
+    def _export(self) -> list[dict]:
+        """The final global model as sparse TFLite files (float32 and int8) in the run folder."""
+        return export_models(self.model, self.state.weights, self.run_dir, self.dataset) if self.export_tflite else []
+
+    def _finish(self, exports: list[dict]) -> RunResult:
         result = RunResult(run_dir=self.run_dir, rounds=self.history,
                            final_accuracy=self.history[-1].accuracy if self.history else float("nan"),
                            final_sparsity=sparsity(self.state.masks),
@@ -242,10 +294,10 @@ class Aggregator:
         rejections: dict[str, int] = {}
         totals = Collected()
         for attempt in range(1, fed.max_round_retries + 2):
-            online = self.registry.online()
+            online = self.selection.eligible(self._trainable_file())
             if len(online) < fed.min_devices:
-                self.registry.wait_for(fed.min_devices, fed.wait_for_devices_s)
-                online = self.registry.online()
+                self.registry.wait_for(fed.min_devices, fed.wait_for_devices_s, counts=can_ever_train)
+                online = self.selection.eligible(self._trainable_file())
             k = min(fed.devices_per_round, len(online))
             selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
             collected = self._collect(r, attempt, selected, rejections)
