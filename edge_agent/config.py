@@ -14,6 +14,7 @@ falls back to a default in silence.
     id = "pi-07"
     data = "/var/lib/fedprune/local.npz"
     state_dir = "/var/lib/fedprune/state"
+    trainer = "auto"                            # or "keras" (TensorFlow), "litert" (no TensorFlow)
 
     [budgets]
     max_train_memory_mb = 900
@@ -62,6 +63,10 @@ class DeviceSection:
     id: str = ""
     data: str = ""  # .npz with x_train, y_train: stays on the device
     state_dir: str = ""  # default: fedprune-state/<id>
+    # What trains: "keras" (TensorFlow in a child per round), "litert" (the aggregator's trainable
+    # TFLite file in a TFLite runtime, no TensorFlow), "auto": keras where TensorFlow is installed,
+    # else litert where a TFLite runtime is (fedprune.edge_agent.capabilities).
+    trainer: Literal["auto", "keras", "litert"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ class BudgetsSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    export: Literal["int8", "float32", "off"] = "int8"  # each round's global model, as sparse TFLite
+    # The global model as sparse TFLite: each round's (exported by a Keras device) and the final
+    # one the aggregator publishes after the last round (installed by every device); "off": neither.
+    export: Literal["int8", "float32", "off"] = "int8"
     # Layer classes of one's own that an architecture may use, as "package.module:ClassName": the
     # only way besides Keras's built-in layers (fedprune.architecture); imported when a model is built.
     custom_layers: tuple[str, ...] = ()

@@ -7,6 +7,7 @@ file               writer  what
 =================  ======  =================================================================
 ``job.json``       agent   the architecture, the data path, what to export, the parent's pid
 ``task.bin``       agent   the task, as the protocol encodes it (float32, so nothing is lost)
+``trainable.tflite``  agent  the architecture's trainable TFLite file (TensorFlow-free trainer only)
 ``result.npz``     child   the ``TrainResult``: delta, masks, metrics, gradients
 ``error.json``     child   why training failed, when it did
 ``model.tflite``   child   the task's global model as a sparse TFLite file
@@ -35,6 +36,7 @@ from fedprune.edge_agent.device import TrainResult
 from fedprune.fileio import atomic_write_bytes, atomic_write_json
 
 JOB, TASK, RESULT, ERROR = "job.json", "task.bin", "result.npz", "error.json"
+TRAINABLE = "trainable.tflite"
 MODEL, EXPORT, LOG = "model.tflite", "export.json", "worker.log"
 
 _MAX_TASK_BYTES = 1 << 31
@@ -50,6 +52,8 @@ class JobSpec:
     parent_pid: int
     # "module:Class" layer classes the device's own config allows (fedprune.architecture)
     custom_layers: tuple[str, ...] = ()
+    # "keras" (TensorFlow) or "litert" (the trainable TFLite file TRAINABLE, no TensorFlow)
+    trainer: str = "keras"
 
 
 def weights_digest(weights: Sequence[np.ndarray]) -> str:
