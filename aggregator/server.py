@@ -231,7 +231,7 @@ class Aggregator:
         if n < fed.min_devices:
             untrained = len(self.registry.online()) - n
             raise FederationError(
-                f"only {n} device(s) that can train online after {fed.wait_for_devices_s:.0f} s"
+                f"only {n} device(s) online that can train after {fed.wait_for_devices_s:.0f} s"
                 + (f" ({untrained} more online without a trainer)" if untrained else "")
                 + f"; need at least federation.min_devices = {fed.min_devices}. Start more agents or lower "
                 "min_devices."
