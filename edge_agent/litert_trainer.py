@@ -81,7 +81,7 @@ class LiteRTTrainer:
             x = np.asarray(x, np.float32)
             onehot = np.eye(self.classes, dtype=np.float32)[np.asarray(y, np.int64)]
             train = self._run[file_format.TRAIN[settings.optimizer]]
-            learning_rate = np.float32(settings.learning_rate)
+            learning_rate = file_format.learning_rate_input(settings.learning_rate)
             loss = correct = 0.0
             last_epoch_s = 0.0
             for _ in range(settings.local_epochs):
