@@ -26,7 +26,8 @@ Stages (``--stage``, comma-separated; default ``predict,agent-lite``):
   host's (x86_64, the host venv's LiteRT).
 - ``agent-lite``: the long-lived agent on the board, with the TensorFlow-free trainer
   (``--trainer litert``), joins a federation whose aggregator runs on the host (Mosquitto on a
-  loopback port) and completes ``--rounds`` rounds.
+  loopback port), completes ``--rounds`` rounds, and installs the final model the aggregator
+  exported (the same bytes as the run's ``model-int8.tflite``).
 - ``keras``: arm64 only: one round of the Keras trainer (TensorFlow's aarch64 wheel, tf-keras,
   tfmot) in the agent's training child, under emulation; records how long it took.
 
@@ -681,13 +682,14 @@ def stage_federation(runner: BoardRunner, site: Path, work: Path, host: Host, *,
             time.sleep(2)
         result["aggregator_exit"] = aggregator.poll()
         result["wall_s"] = round(time.monotonic() - start, 1)
-        # The agent exports and installs the last round's model after its update went out: give
-        # it the time (it is what `predict` on the device runs next).
+        # The agent installs the final model the aggregator published after the last round (a
+        # Keras agent first the last round's own export): give it the time (it is what `predict`
+        # on the device runs next).
         manifest = work / "state" / "model" / "manifest.json"
         wait_until = time.monotonic() + min(round_timeout_s, 900)
         while agent.poll() is None and time.monotonic() < wait_until:
             current = _current_model(manifest)
-            if current and current.get("round", 0) >= rounds:
+            if current and current.get("final") and current.get("round", 0) >= rounds:
                 break
             time.sleep(2)
         result["agent_exit_before_stop"] = agent.poll()
@@ -705,8 +707,12 @@ def stage_federation(runner: BoardRunner, site: Path, work: Path, host: Host, *,
     completed = [r for r in result["rounds"] if r.get("reported", 0) >= 1]
     result["rounds_completed"] = len(completed)
     result["agent_model"] = _current_model(work / "state" / "model" / "manifest.json")
+    exported = work / "run" / "model-int8.tflite"  # the device's model.export: int8 (the default)
+    result["final_model_installed"] = bool(
+        exported.is_file() and result["agent_model"] and result["agent_model"].get("final")
+        and result["agent_model"].get("sha256") == hashlib.sha256(exported.read_bytes()).hexdigest())
     result["device_rounds"] = _agent_rounds(work / "agent.log")
-    result["ok"] = len(completed) >= rounds and result["aggregator_exit"] == 0
+    result["ok"] = len(completed) >= rounds and result["aggregator_exit"] == 0 and result["final_model_installed"]
     result["logs"] = {"agent": str(work / "agent.log"), "aggregator": str(work / "aggregator.log")}
     if not result["ok"]:
         result["agent_log_tail"] = (work / "agent.log").read_text(errors="replace").splitlines()[-15:]
