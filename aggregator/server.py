@@ -187,8 +187,7 @@ class Aggregator:
         that joins later) installs the model the report describes."""
         for export in exports:
             message = FinalModel(self.state.completed_rounds, export["precision"], float(sparsity(self.state.masks)),
-                                 export["accuracy"],
-                                 self.architecture.digest, Path(export["path"]).read_bytes())
+                                 export["accuracy"], self.architecture.digest, Path(export["path"]).read_bytes())
             info = self.session.publish_retained(self.topics.final_model(export["precision"]),
                                                  encode_final_model(message))
             info.wait_for_publish(30)

@@ -2,18 +2,18 @@
 
 One folder per round (``<state dir>/work/``), every file written atomically:
 
-=================  ======  =================================================================
-file               writer  what
-=================  ======  =================================================================
-``job.json``       agent   the architecture, the data path, what to export, the parent's pid
-``task.bin``       agent   the task, as the protocol encodes it (float32, so nothing is lost)
-``trainable.tflite``  agent  the architecture's trainable TFLite file (TensorFlow-free trainer only)
-``result.npz``     child   the ``TrainResult``: delta, masks, metrics, gradients
-``error.json``     child   why training failed, when it did
-``model.tflite``   child   the task's global model as a sparse TFLite file
-``export.json``    child   what ``model.tflite`` is (round, precision, sparsity, runtime)
-``worker.log``     child   its stdout and stderr (TensorFlow's chatter)
-=================  ======  =================================================================
+======================  ======  ================================================================================
+file                    writer  what
+======================  ======  ================================================================================
+``job.json``            agent   the architecture, the data path, what to export, which trainer, the parent's pid
+``task.bin``            agent   the task, as the protocol encodes it (float32, so nothing is lost)
+``trainable.tflite``    agent   the architecture's trainable TFLite file (the TensorFlow-free trainer only)
+``result.npz``          child   the ``TrainResult``: delta, masks, metrics, gradients
+``error.json``          child   why training failed, when it did
+``model.tflite``        child   the task's global model as a sparse TFLite file (Keras only)
+``export.json``         child   what ``model.tflite`` is (round, precision, sparsity, runtime)
+``worker.log``          child   its stdout and stderr (TensorFlow's chatter)
+======================  ======  ================================================================================
 
 The task travels in its wire encoding, so there is one serialization of a task to trust; the
 result in an ``.npz``. TensorFlow-free: both sides import this.
