@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="keras (TensorFlow), litert (no TensorFlow: a TFLite runtime), or auto: keras where "
                           "TensorFlow is installed, else litert (config: device.trainer, default auto)")
     run.add_argument("--in-process", action="store_true",
-                     help="train in the agent's own process (loads TensorFlow into it: for development hosts)")
+                     help="train in the agent's own process (with keras it loads TensorFlow: for development "
+                          "hosts; no budgets)")
     run.add_argument("--emulate-uplink-kbps", type=float, help=argparse.SUPPRESS)  # benchmarks: a slow uplink
     run.add_argument("--emulate-latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
 
