@@ -1,6 +1,7 @@
 """The simulator runs devices without TensorFlow: ``trainer = "litert"`` on a profile makes its
 devices train with the aggregator's trainable TFLite file in LiteRT, each still a real MQTT client
-through the broker, and a fleet may mix them with Keras devices."""
+through the broker. (A fleet that mixes them with Keras devices: the structured-pruning test in
+tests/test_federation.py.)"""
 
 from __future__ import annotations
 
@@ -9,23 +10,18 @@ from fedprune.converters.protocol import Presence, Topics
 from fedprune.simulation.cli import run_simulation
 
 
-def test_a_mixed_fleet_trains_one_model(embedded_broker_url, tmp_path):
-    profiles = [{"name": "pi4", "trainer": "keras"}, {"name": "pi-zero", "trainer": "litert"}]
-    task = small_task(federation={"rounds": 2, "devices_per_round": 4, "min_devices": 4},
-                      pruning={"end_round": 2}, simulation={"profiles": profiles})
+def test_a_fleet_without_tensorflow_trains_the_model(embedded_broker_url, tmp_path):
+    task = small_task(federation={"rounds": 2}, training={"local_epochs": 2}, pruning={"end_round": 2},
+                      simulation={"profiles": [{"name": "pi-zero", "trainer": "litert"}]})
     topics = Topics(task.federation.id)
     spy = Spy(embedded_broker_url, [topics.all_presence, topics.trainable_model])
     try:
-        result = run_simulation(task, 4, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+        result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
     finally:
         spy.close()
-    trainers = {}
-    for topic, payload in spy.on("/presence/"):
-        if payload:
-            presence = Presence.decode(payload)
-            trainers[presence.device_id] = (presence.trainer, presence.runtime)
-    assert sorted(t for t, _ in trainers.values()) == ["keras", "keras", "litert", "litert"]
-    assert all(runtime.startswith("ai-edge-litert") for t, runtime in trainers.values() if t == "litert")
+    presences = [Presence.decode(p) for _, p in spy.on("/presence/") if p]
+    assert {p.device_id for p in presences if p.online} == {"sim-000", "sim-001", "sim-002"}
+    assert all(p.trainer == "litert" and p.runtime.startswith("ai-edge-litert ") for p in presences)
     assert len([p for _, p in spy.on("/model/trainable") if p]) == 1  # built once, retained
-    assert [r.reported for r in result.rounds] == [4, 4]  # every device, of both kinds, in every round
+    assert [r.reported for r in result.rounds] == [3, 3]
     assert result.final_accuracy > 0.6
