@@ -1,7 +1,8 @@
 """Who may read and write which topics of a federation: one policy for both brokers.
 
-A device (its MQTT username is its device id) may read the broadcast topics (the architecture
-and the open round) and its own task and ack topics, and write only its own update and presence
+A device (its MQTT username is its device id) may read the broadcast topics (the architecture,
+its trainable file and the final model, each with its retained chunks, and the open round) and
+its own task and ack topics, and write only its own update and presence
 topics. It cannot read another device's task, see anyone's updates, or forge the global model.
 The aggregator may read and write everything under its federation's root.
 
@@ -34,7 +35,9 @@ class AccessPolicy:
     def device_grants(self, device_id: str) -> dict[Access, tuple[str, ...]]:
         t = self.topics
         return {
-            Access.READ: (t.architecture, t.round, t.task(device_id), t.ack(device_id)),
+            # '<topic>/#' also covers the topic itself, and its retained chunks '<topic>/chunk/<i>'
+            Access.READ: (t.architecture, t.round, t.task(device_id), t.ack(device_id), f"{t.trainable_model}/#",
+                          f"{t.root}/model/final/#"),
             Access.WRITE: (t.update(device_id), t.presence(device_id)),
         }
 

@@ -1,14 +1,15 @@
-"""Which devices are known and online, from their retained presence messages; and which devices
-announce themselves on other federations of the same broker (a federation id that does not match
-is the commonest reason a newcomer's aggregator waits for devices that are there)."""
+"""Which devices are known and online, and what each can train with, from their retained
+presence messages; and which devices announce themselves on other federations of the same broker
+(a federation id that does not match is the commonest reason a newcomer's aggregator waits for
+devices that are there)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable
 
 from fedprune.converters.errors import CodecError
 from fedprune.converters.protocol import TOPIC_ROOT, Presence, Topics, valid_device_id
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Before round 1: wait until no presence has arrived for this long (retained presences of a large
+# fleet arrive over about a second), but no longer than the second figure.
+PRESENCE_QUIET_S = 0.25
+PRESENCE_SETTLE_MAX_S = 5.0
+
 
 @dataclass
 class DeviceInfo:
@@ -27,6 +33,9 @@ class DeviceInfo:
     num_samples: int
     last_seen: float
     last_offline: float = float("-inf")  # time.monotonic() of its last offline presence
+    trainer: str = "keras"  # what it trains with (converters.protocol.TRAINERS): "keras", "litert", "none"
+    runtime: str = ""  # its TFLite runtime and version, "" if it named none
+    agent_version: str = ""
 
 
 class DeviceRegistry:
@@ -38,7 +47,8 @@ class DeviceRegistry:
         self._changed = threading.Condition(self._lock)
         self._last_update = time.monotonic()
 
-    def update(self, device_id: str, online: bool, num_samples: int) -> None:
+    def update(self, device_id: str, online: bool, num_samples: int, *, trainer: str = "keras", runtime: str = "",
+               agent_version: str = "") -> None:
         """Record a presence. ``ValueError`` for an id no device can have (it may come from a
         topic): such a device is never known, so its updates are refused as unknown."""
         if not valid_device_id(device_id):
@@ -47,7 +57,8 @@ class DeviceRegistry:
         with self._lock:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))
-            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline)
+            self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline,
+                                                  trainer, runtime, agent_version)
             self._last_update = time.monotonic()
             self._changed.notify_all()
 
@@ -58,7 +69,12 @@ class DeviceRegistry:
     def devices(self) -> list[DeviceInfo]:
         """Every device that has announced itself, by id (copies)."""
         with self._lock:
-            return [DeviceInfo(**vars(self._devices[d])) for d in sorted(self._devices)]
+            return [replace(self._devices[d]) for d in sorted(self._devices)]
+
+    def online_devices(self) -> list[DeviceInfo]:
+        """What is known of every online device (copies), in device id order."""
+        with self._lock:
+            return [replace(d) for _, d in sorted(self._devices.items()) if d.online]
 
     def is_online(self, device_id: str) -> bool:
         with self._lock:
@@ -76,18 +92,19 @@ class DeviceRegistry:
         with self._lock:
             return device_id in self._devices
 
-    def wait_for(self, count: int, timeout_s: float) -> int:
-        """Wait until ``count`` devices are online or the timeout passes; returns how many are."""
+    def wait_for(self, count: int, timeout_s: float, counts: Callable[[DeviceInfo], bool] | None = None) -> int:
+        """Wait until ``count`` devices are online (of those ``counts`` accepts, if given) or the
+        timeout passes; returns how many are."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
-                n = self._online_count()
+                n = self._online_count(counts)
                 left = deadline - time.monotonic()
                 if n >= count or left <= 0:
                     return n
                 self._changed.wait(min(left, 1.0))
 
-    def wait_until_quiet(self, quiet_s: float, timeout_s: float) -> int:
+    def wait_until_quiet(self, quiet_s: float = PRESENCE_QUIET_S, timeout_s: float = PRESENCE_SETTLE_MAX_S) -> int:
         """Wait until no presence has arrived for ``quiet_s`` (or ``timeout_s`` has passed); returns
         how many devices are online.
 
@@ -104,8 +121,8 @@ class DeviceRegistry:
                     return self._online_count()
                 self._changed.wait(min(quiet_s - quiet_for, deadline - now))
 
-    def _online_count(self) -> int:  # the caller holds the lock
-        return sum(d.online for d in self._devices.values())
+    def _online_count(self, counts: Callable[[DeviceInfo], bool] | None = None) -> int:  # the caller holds the lock
+        return sum(d.online and (counts is None or counts(d)) for d in self._devices.values())
 
 
 def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload: bytes) -> None:
@@ -121,7 +138,8 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
         if p.device_id != device_id:
             log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
             return
-        registry.update(device_id, p.online, p.num_samples)
+        registry.update(device_id, p.online, p.num_samples, trainer=p.trainer, runtime=p.runtime,
+                        agent_version=p.agent_version)
     except (CodecError, ValueError) as e:
         log.warning("ignored bad presence message on %s: %s", topic, e)
 
@@ -170,15 +188,17 @@ class OtherFederations:
                 f'[federation] id = "{first}" in the task file')
 
 
-def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: FederationSection) -> int:
-    """Wait until ``fed.devices_per_round`` devices are online or ``fed.wait_for_devices_s`` has
-    passed; how many are. Devices seen on another federation meanwhile are named at WARNING once
-    (the commonest reason none come). ``FederationError`` below ``fed.min_devices``, with the hint."""
+def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: FederationSection,
+                     counts: Callable[[DeviceInfo], bool] | None = None) -> int:
+    """Wait until ``fed.devices_per_round`` devices (those ``counts`` accepts, if given) are online
+    or ``fed.wait_for_devices_s`` has passed; how many are. Devices seen on another federation
+    meanwhile are named at WARNING once (the commonest reason none come). ``FederationError``
+    below ``fed.min_devices``, with the hint."""
     from fedprune.aggregator.run_folder import FederationError
 
     deadline, warned = time.monotonic() + fed.wait_for_devices_s, ""
     while True:
-        n = registry.wait_for(fed.devices_per_round, min(1.0, max(0.0, deadline - time.monotonic())))
+        n = registry.wait_for(fed.devices_per_round, min(1.0, max(0.0, deadline - time.monotonic())), counts)
         hint = others.hint()
         if hint and hint != warned and n < fed.devices_per_round:
             log.warning("waiting for devices on federation '%s': %s", fed.id, hint)
@@ -186,8 +206,10 @@ def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: Fe
         if n >= fed.devices_per_round or time.monotonic() >= deadline:
             break
     if n < fed.min_devices:
+        untrained = len(registry.online()) - n
         raise FederationError(
-            f"only {n} device(s) online on federation '{fed.id}' after {fed.wait_for_devices_s:.0f} s; need at "
-            f"least federation.min_devices = {fed.min_devices}. "
+            f"only {n} device(s) online on federation '{fed.id}'"
+            + (f" that can train ({untrained} more without a trainer)" if untrained else "")
+            + f" after {fed.wait_for_devices_s:.0f} s; need at least federation.min_devices = {fed.min_devices}. "
             + (f"But {hint}." if hint else "Start more agents or lower min_devices."))
     return n

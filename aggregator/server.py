@@ -30,11 +30,13 @@ from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
 from fedprune.aggregator.privacy import PrivacyAccountant
 from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
+from fedprune.aggregator.model_files import DeviceModelFiles
 from fedprune.aggregator.records import round_record, run_complete, run_result, write_summary
 from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, take_presence, wait_for_devices
 from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
 from fedprune.aggregator.run_state import initial_state, restore_run
 from fedprune.aggregator.run_status import RunStatus
+from fedprune.aggregator.selection import DeviceSelection, can_ever_train
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
 from fedprune.aggregator.tensorboard_log import TensorBoardLog
@@ -51,11 +53,6 @@ from fedprune.transport import MqttSession, parse_broker_url
 __all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]
 
 log = logging.getLogger(__name__)
-
-# Before round 1: wait until no presence has arrived for this long (retained presences of a large
-# fleet arrive over about a second), but no longer than the second figure.
-PRESENCE_QUIET_S = 0.25
-PRESENCE_SETTLE_MAX_S = 5.0
 
 
 class Aggregator:
@@ -78,6 +75,7 @@ class Aggregator:
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.controller = PruningController(task.pruning, {})
         self.device_masks = self.controller.device_masks
+        self.selection = DeviceSelection(self.registry, device_side_pruning=self.device_masks)
         self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
         self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
         keras.utils.set_random_seed(task.seed)
@@ -99,6 +97,7 @@ class Aggregator:
             max_message_bytes=task.transport.max_message_bytes,
             clean_session=False,  # the broker keeps updates that arrive while we reconnect
         )
+        self.model_files = DeviceModelFiles(self.session, self.topics, self.selection, task.training.batch_size)
 
     def _resume(self) -> None:
         restored, self.history = restore_run(self.run_dir, self.controller, self.accountant)
@@ -121,13 +120,8 @@ class Aggregator:
         self.shapes = [tuple(s) for s in self.architecture.shapes]
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
-        leave = self.task.pruning.leave_dense
-        self.layer_of = kernel_positions(model, prunable_layers(model, leave))
-        unknown = sorted(set(self.task.pruning.layers) - set(self.layer_of.values()))
-        if unknown:
-            raise ValueError(f"[pruning.layers] names layers that are not prunable here: {unknown}; "
-                             f"prunable: {sorted(self.layer_of.values())}")
-        self.controller.layer_of = self.layer_of
+        self.layer_of = kernel_positions(model, prunable_layers(model, self.task.pruning.leave_dense))
+        self.controller.use_layers(self.layer_of)
 
     # --- MQTT side (network thread) ---
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -140,7 +134,10 @@ class Aggregator:
             self._inbox.put((topic, payload, time.monotonic()))
 
     def _publish_architecture(self) -> None:
+        """The architecture, and its trainable file once built (retained: on every (re)connection,
+        since a restarted broker has forgotten them)."""
         self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
+        self.model_files.republish(self.architecture.digest)
 
     # --- the run ---
     def run(self) -> RunResult:
@@ -151,6 +148,7 @@ class Aggregator:
             self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
         self.session.start()
         try:
+            self.model_files.clear_earlier_run()
             with TensorBoardLog(self.run_dir) as self.tensorboard:
                 if not run_complete(fed, self.history):  # a resumed run that had completed its rounds only finishes
                     self._wait_for_devices()
@@ -158,11 +156,14 @@ class Aggregator:
                     self._complete(self._run_round(r))
                     if run_complete(fed, self.history):
                         break
-            finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished")
-            self.session.publish(self.topics.round, finished.encode(), retain=True).wait_for_publish(5)
+            exports = self._export()
+            self.model_files.publish_final(exports, self.state.completed_rounds, float(sparsity(self.state.masks)),
+                                           self.architecture.digest)
+            finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode()
+            self.session.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
         finally:
             self.session.stop()
-        return self._finish()
+        return self._finish(exports)
 
     def _wait_for_devices(self) -> None:
         fed = self.task.federation
@@ -171,9 +172,9 @@ class Aggregator:
             _, acc = self.evaluate(self.state.weights)
             log.info("initial model: held-out accuracy %.4f, sparsity %.3f", acc, sparsity(self.state.masks))
         self.status.waiting_for_devices(fed.devices_per_round, fed.min_devices, fed.wait_for_devices_s)
-        wait_for_devices(self.registry, self.others, fed)
+        wait_for_devices(self.registry, self.others, fed, counts=can_ever_train)
         # Round 1 is drawn from every device already there, not from the first presences in.
-        self.registry.wait_until_quiet(PRESENCE_QUIET_S, PRESENCE_SETTLE_MAX_S)
+        self.registry.wait_until_quiet()
 
     def _complete(self, record: RoundRecord) -> None:
         """Record the round, then checkpoint it (a crash between the two is undone on resume)."""
@@ -187,12 +188,14 @@ class Aggregator:
         if self.on_round:
             self.on_round(record)
 
-    def _finish(self) -> RunResult:
+    def _export(self) -> list[dict]:
+        """The final global model as sparse TFLite files (float32 and int8) in the run folder."""
+        self.status.phase("exporting the final model to TFLite")
+        return export_models(self.model, self.state.weights, self.run_dir, self.dataset) if self.export_tflite else []
+
+    def _finish(self, exports: list[dict]) -> RunResult:
         from fedprune.models import unpruned_layers
 
-        self.status.phase("exporting the final model to TFLite")
-        exports = (export_models(self.model, self.state.weights, self.run_dir, self.dataset)
-                   if self.export_tflite else [])
         result = run_result(self.run_dir, self.history, self.state.weights, self.state.masks, exports,
                             unpruned_layers(self.model, self.task.pruning.leave_dense))
         write_summary(self.run_dir, result, self.state.totals, structured_pruning=self.structured_report,
@@ -235,22 +238,20 @@ class Aggregator:
         rejections: dict[str, int] = {}
         totals = Collected()
         for attempt in range(1, fed.max_round_retries + 2):
-            online = self.registry.online()
-            if len(online) < fed.min_devices:
-                self.registry.wait_for(fed.min_devices, fed.wait_for_devices_s)
-                online = self.registry.online()
-            k = min(fed.devices_per_round, len(online))
-            selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
+            selected, population = self.selection.draw(self.rng, fed, self._trainable_file)
             collected = self._collect(r, attempt, selected, rejections)
             totals.add(collected)
             if len(collected.results) >= fed.min_devices:
-                return Gathered(attempt, selected, len(online), collected, totals, rejections)
+                return Gathered(attempt, selected, population, collected, totals, rejections)
             log.warning("round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
                         r, attempt, len(collected.results), len(selected), fed.min_devices)
         raise FederationError(
             f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
             f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
         )
+
+    def _trainable_file(self):  # built (and published) when a device that trains without TensorFlow is online
+        return self.model_files.trainable(self.model, self.architecture.digest, self.state.masks)
 
     def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]) -> Collected:
         """Send the task to the selected devices and gather valid updates until all or the deadline."""

@@ -29,6 +29,14 @@ Per-chunk overhead is ``CHUNK_OVERHEAD`` = 78 bytes: 10 (frame prefix)
 
 Messages that fit are sent as they are: ``split_message`` returns ``[payload]`` and the receiver
 tells the two apart with ``is_chunk``.
+
+**Retained chunks.** A broker keeps one retained message per topic, so the chunks of a message
+that must be retained (a file every device needs, whenever it joins) each get a topic of their
+own: chunk 0 on the message's topic, chunk ``i`` on ``<topic>/chunk/<i>`` (``retained_chunk_topics``).
+A receiver subscribes to both (``retained_subscriptions``) and reassembles every chunk under the
+message's topic (``chunk_source``). A new message on the topic, or an empty payload that clears
+it, replaces chunk 0, so the chunks an older message left on ``<topic>/chunk/<i>`` can never be
+completed again: they expire in the receiver's ``Reassembler``.
 """
 
 from __future__ import annotations
@@ -94,6 +102,32 @@ def split_message(payload: bytes, max_chunk_bytes: int, message_id: bytes | None
         head = _CHUNK_HEADER.pack(bytes(message_id), index, count, total, digest)
         chunks.append(pack_frame(CHUNK_KIND, None, head + piece))
     return chunks
+
+
+#: The topic level under a message's topic that holds its retained chunks 1 .. count-1.
+RETAINED_CHUNK_LEVEL = "chunk"
+
+
+def retained_chunk_topics(topic: str, count: int) -> list[str]:
+    """The topic of each of ``count`` retained chunks of a message on ``topic``: chunk 0 on
+    ``topic`` itself (so replacing or clearing the message there orphans the older chunks), chunk
+    ``i`` on ``<topic>/chunk/<i>``."""
+    return [topic] + [f"{topic}/{RETAINED_CHUNK_LEVEL}/{i}" for i in range(1, count)]
+
+
+def retained_subscriptions(topic: str) -> list[str]:
+    """The filters that receive a retained message on ``topic`` whatever its size."""
+    return [topic, f"{topic}/{RETAINED_CHUNK_LEVEL}/+"]
+
+
+def chunk_source(topic: str) -> str:
+    """The message's topic of a retained chunk's topic (``<topic>/chunk/<i>`` -> ``<topic>``);
+    any other topic unchanged."""
+    head, _, index = topic.rpartition("/")
+    parent, _, level = head.rpartition("/")
+    if level == RETAINED_CHUNK_LEVEL and parent and index.isdigit() and index.isascii():
+        return parent
+    return topic
 
 
 def is_chunk(payload: bytes) -> bool:

@@ -47,6 +47,8 @@ class Kind(IntEnum):
     TASK = 1  # aggregator -> one device: train this global model for this round
     UPDATE = 2  # device -> aggregator: the result of that training
     CHUNK = 3  # one piece of a message larger than the payload limit (fedprune.converters.chunking)
+    TRAINABLE_MODEL = 4  # aggregator -> all: the trainable TFLite file of an architecture (model_messages)
+    FINAL_MODEL = 5  # aggregator -> all: the exported global model after the last round (model_messages)
 
 
 class Topics:
@@ -66,6 +68,17 @@ class Topics:
     @property
     def architecture(self) -> str:
         return f"{self.root}/model/architecture"
+
+    # aggregator -> all (retained, chunks retained too): the trainable TFLite file that devices
+    # without TensorFlow train with, for the current architecture
+    @property
+    def trainable_model(self) -> str:
+        return f"{self.root}/model/trainable"
+
+    # aggregator -> all (retained, chunks retained too): the final global model as a sparse TFLite
+    # file of one precision ("int8" or "float32"), after the last round
+    def final_model(self, precision: str) -> str:
+        return f"{self.root}/model/final/{precision}"
 
     # aggregator -> all (retained): the round that is open, who is selected, its deadline
     @property
@@ -138,12 +151,20 @@ def _build(cls: type, obj: dict[str, Any], kind: str) -> Any:
         raise CodecError(f"{kind} message has wrong fields ({e})") from None
 
 
+#: What a device can train with: Keras (TensorFlow, in its training child), a trainable TFLite
+#: file in a TFLite runtime (no TensorFlow), or nothing. A presence without the field comes from
+#: an agent older than it, which could train with Keras only.
+TRAINERS = ("keras", "litert", "none")
+
+
 @dataclass(frozen=True)
 class Presence:
     device_id: str
     online: bool
     num_samples: int = 0
     agent_version: str = ""
+    trainer: str = "keras"  # one of TRAINERS
+    runtime: str = ""  # the device's TFLite runtime and its version, e.g. "ai-edge-litert 2.3.0"; "" none
 
     def encode(self) -> bytes:
         return _dump("presence", self)
@@ -155,6 +176,12 @@ class Presence:
             raise CodecError("presence.num_samples must be a non-negative integer")
         if not isinstance(p.online, bool) or not isinstance(p.device_id, str):
             raise CodecError("presence.online must be a boolean and device_id a string")
+        if p.trainer not in TRAINERS:
+            raise CodecError(f"presence.trainer must be one of {list(TRAINERS)}, got {p.trainer!r}")
+        for key in ("agent_version", "runtime"):
+            value = getattr(p, key)
+            if not isinstance(value, str) or len(value) > 200:
+                raise CodecError(f"presence.{key} must be a string of at most 200 characters")
         return p
 
 

@@ -5,7 +5,8 @@ train it, so a device can train with a TFLite runtime (LiteRT or tflite-runtime)
 into one file with these signatures (the names are this module's constants, which the device's
 trainer imports without TensorFlow):
 
-- ``train_sgd`` / ``train_adam`` (``x``, ``y`` one-hot, ``lr``, and one ``dropout<k>`` input of
+- ``train_sgd`` / ``train_adam`` (``x``, ``y`` one-hot, ``lr`` of shape ``[1]`` (see
+  :func:`learning_rate_input`), and one ``dropout<k>`` input of
   uniform [0, 1) noise per Dropout layer): one step on one batch, as ``model.train_step`` does under
   Keras' ``SGD`` / ``Adam(epsilon=1e-7)``, with the loss Keras' ``SparseCategoricalCrossentropy(
   from_logits=True)`` computes (which, like Keras, takes the input of a final softmax as the
@@ -94,6 +95,7 @@ __all__ = [
     "build_trainable_tflite",
     "dropout_name",
     "gradient_name",
+    "learning_rate_input",
     "mask_name",
     "weight_name",
 ]
@@ -135,6 +137,11 @@ def mask_name(index: int) -> str:
 def gradient_name(index: int) -> str:
     """The name of weight tensor ``index``'s gradient in ``gradients``."""
     return f"g{index}"
+
+
+def learning_rate_input(learning_rate: float) -> np.ndarray:
+    """The train signatures' ``lr`` input: the learning rate as a 1-element float32 array."""
+    return np.full(1, learning_rate, np.float32)
 
 
 #: The train signatures' noise inputs are named this, then the Dropout layer's number.
@@ -617,7 +624,9 @@ def _trainable_module(tf: Any, steps: list[_Step], noise_shapes: list[list[int]]
     classes = int(model.output_shape[-1])
     x_batch = tf.TensorSpec([batch_size, *in_shape], tf.float32, name=INPUT_X)
     y_batch = tf.TensorSpec([batch_size, classes], tf.float32, name=INPUT_LABELS)
-    train_specs = [x_batch, y_batch, tf.TensorSpec([], tf.float32, name=INPUT_LEARNING_RATE),
+    # [1], not a scalar: LiteRT 2.3.0 on (emulated) aarch64 crashes (SIGSEGV) when a signature
+    # runner is handed a 0-d input; a 1-element one runs (seen under qemu-aarch64).
+    train_specs = [x_batch, y_batch, tf.TensorSpec([1], tf.float32, name=INPUT_LEARNING_RATE),
                    [tf.TensorSpec([batch_size, *s], tf.float32, name=dropout_name(k))
                     for k, s in enumerate(noise_shapes)]]
     masked_indices = [i for i, m in enumerate(masked) if m]
@@ -664,6 +673,7 @@ def _trainable_module(tf: Any, steps: list[_Step], noise_shapes: list[list[int]]
 
         @tf.function(input_signature=train_specs, autograph=False)
         def train_sgd(self, x, y, lr, noise):
+            lr = tf.reshape(lr, [])
             loss, correct, grads = self.step(x, y, noise)
             for i, g in zip(trainable, grads):
                 self.w[i].assign_sub(lr * g)
@@ -672,6 +682,7 @@ def _trainable_module(tf: Any, steps: list[_Step], noise_shapes: list[list[int]]
 
         @tf.function(input_signature=train_specs, autograph=False)
         def train_adam(self, x, y, lr, noise):
+            lr = tf.reshape(lr, [])
             loss, correct, grads = self.step(x, y, noise)
             self.iterations.assign_add(1.0)
             # keras.optimizers.Adam.update_step, term for term

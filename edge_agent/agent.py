@@ -3,7 +3,9 @@
 Network callbacks only hand messages to the device session; training runs on a worker thread so
 the MQTT keepalive never stalls behind a long ``fit``. The trainer is either in this process
 (``KerasTrainer``: the simulator, many devices sharing one TensorFlow) or a child process per
-round (``ChildProcessTrainer``: a real device, whose agent then never loads TensorFlow).
+round (``ChildProcessTrainer``: a real device, whose agent then never loads TensorFlow). The final
+global model, when the aggregator publishes it, is installed on the same worker, after the last
+round's training child has exited (so an older round's export never replaces it).
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprune.converters.model_messages import FinalModel
 from fedprune.converters.protocol import TOPIC_ROOT
 from fedprune.edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
 from fedprune.edge_agent.emulation import SlowLink
+from fedprune.edge_agent.final_model import install_final_model
+from fedprune.edge_agent.model_store import ModelStore
+from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.transport import MqttSession, PayloadTooLarge, parse_broker_url
 
 log = logging.getLogger(__name__)
@@ -43,17 +49,28 @@ class EdgeAgent:
         state_dir: str | Path | None = None,
         seed: int | None = None,
         link: SlowLink | None = None,
+        trainer_kind: str = "keras",
+        runtime: str = "",
+        trainable_files: TrainableFiles | None = None,
+        final_model: str | None = None,
     ) -> None:
         """``x``, ``y``: the local data, for an in-process trainer; a trainer that reads the data
         itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``link``: an emulated
-        slow uplink (``fedprune.edge_agent.emulation``)."""
+        slow uplink (``fedprune.edge_agent.emulation``). ``trainer_kind``, ``runtime``: what the
+        presence announces (``"litert"`` devices receive trainable files into ``trainable_files``,
+        which their trainer reads). ``final_model``: the precision of the final global model to
+        install into ``<state_dir>/model`` after the last round (None: none)."""
         if num_samples is None:
             if x is None:
                 raise ValueError("give the local data (x, y) or num_samples")
             num_samples = len(x)
+        if final_model is not None and state_dir is None:
+            raise ValueError("installing the final model needs a state folder (state_dir)")
         self.device = DeviceSession(device_id, num_samples, federation=federation,
                                     max_message_bytes=max(max_message_bytes, max_payload_bytes),
-                                    state_dir=state_dir, seed=seed)
+                                    state_dir=state_dir, seed=seed, trainer=trainer_kind, runtime=runtime,
+                                    trainable_files=trainable_files, final_model=final_model)
+        self.models = ModelStore(Path(state_dir) / "model", writer=True) if final_model is not None else None
         self.device_id = device_id
         self.x, self.y = x, y
         self.trainer = trainer
@@ -121,11 +138,19 @@ class EdgeAgent:
         if isinstance(job, Outgoing):  # a task already answered came again: the same update again
             log.info("%s: the task it answered came again; sending the same update again", self.device_id)
             self._executor.submit(self._publish, job)
-        elif job is not None:
+        elif isinstance(job, TrainJob):
             self._executor.submit(self._run, job)
+        elif isinstance(job, FinalModel):
+            self._executor.submit(self._install_final, job)
         elif topic == self.device.topics.architecture and self.device.architecture is not None:
             # Trace the training step now, on the training thread, not when the first task is due.
             self._executor.submit(prepare_trainer, self.trainer, self.device.architecture)
+
+    def _install_final(self, model: FinalModel) -> None:  # worker thread
+        wait_idle = getattr(self.trainer, "wait_idle", None)
+        if wait_idle is not None:  # a child still exporting the last round's model installs it first
+            wait_idle()
+        install_final_model(self.models, model)
 
     def _run(self, job: TrainJob) -> None:  # worker thread
         self._training = (job.key[1], time.monotonic())

@@ -5,6 +5,11 @@ agent (MQTT, scheduling, inference: about 40 MB) therefore runs each round's tra
 and TFLite export in ``python -m fedprune.edge_agent.train_worker``, a child that exits when the round's
 work is done. They talk through files in ``<state dir>/work/`` (:mod:`fedprune.edge_agent.jobfiles`).
 
+A device without TensorFlow (``trainer="litert"``) trains in the same kind of child, with the
+architecture's trainable TFLite file: 70-90 MB while it trains, given back after each round; a
+runtime crash on a file from the network ends the child, not the agent; and the same memory and
+time budgets hold (docs/edge.md says why the child and not the agent).
+
 The child writes its result first and exports the global model to TFLite after, so the update
 leaves as soon as training ends; the agent installs the exported model (:mod:`edge_agent.
 model_store`) once the child exits, and starts no second child before the first has exited.
@@ -29,12 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedprune.architecture import registered_custom_layers
+from fedprune.fileio import atomic_write_bytes
 from fedprune.converters.protocol import Architecture, TrainTask
 from fedprune.data_files import DataOptions
 from fedprune.edge_agent import jobfiles
 from fedprune.edge_agent.budgets import BudgetExceeded, Budgets, PeakMemory, peak_rss_mb
 from fedprune.edge_agent.device import TrainResult
 from fedprune.edge_agent.model_store import ModelInfo, ModelStore, ModelStoreError
+from fedprune.edge_agent.trainable_files import TrainableFiles
+from fedprune.edge_agent.training_checks import TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +143,23 @@ class ChildProcessTrainer:
             ``"float32"`` (both sparse TFLite), or ``"off"``.
         command_prefix: Put in front of the child's command line (e.g. ``["taskset", "-c",
             "0"]``); empty by default.
+        trainer: ``"keras"`` (TensorFlow in the child) or ``"litert"`` (the architecture's
+            trainable TFLite file from ``trainable_files``, no TensorFlow; nothing is exported).
 
     ``train``'s ``x`` and ``y`` are ignored: the child loads ``data_path`` itself.
     """
 
     def __init__(self, state_dir: str | Path, data_path: str | Path, *, budgets: Budgets = Budgets(),
                  export_precision: str = "int8", command_prefix: list[str] | None = None,
-                 data_options: DataOptions = DataOptions()) -> None:
+                 data_options: DataOptions = DataOptions(), trainer: str = "keras",
+                 trainable_files: TrainableFiles | None = None) -> None:
         if export_precision not in EXPORT_PRECISIONS:
             raise ValueError(f"model export must be one of {EXPORT_PRECISIONS}, got {export_precision!r}")
+        if trainer not in ("keras", "litert"):
+            raise ValueError(f"trainer must be 'keras' or 'litert', got {trainer!r}")
+        if trainer == "litert" and trainable_files is None:
+            raise ValueError("trainer 'litert' needs the device's TrainableFiles")
+        self.trainer, self.trainable_files = trainer, trainable_files
         self.state_dir = Path(state_dir)
         self.data_path = str(Path(data_path).resolve())
         self.data_options = data_options
@@ -167,22 +183,31 @@ class ChildProcessTrainer:
                 raise TrainingChildFailed("the agent is stopping")
             self.wait_idle()
             limit = self.budgets.max_train_memory_mb
-            known = self.peaks.get(architecture.digest)
+            peak_key = self._peak_key(architecture)
+            known = self.peaks.get(peak_key)
             if limit is not None and known is not None and known > limit:
                 raise BudgetExceeded(self.budgets.memory_message(known, "needed") + " (measured in an earlier round; "
                                      "not started)")
+            trainable = None
+            if self.trainer == "litert":
+                trainable = self.trainable_files.get(architecture.digest)
+                if trainable is None:
+                    raise TrainingError(f"no trainable TFLite file for architecture {architecture.digest[:8]} on this "
+                                        "device; the aggregator publishes one when it can build it (see its log)")
             shutil.rmtree(self.work_dir, ignore_errors=True)
             self.work_dir.mkdir(parents=True)
             current = self.models.current()
             options = self.data_options
-            spec = jobfiles.JobSpec(self.data_path, self.export_precision,
+            spec = jobfiles.JobSpec(self.data_path, self.export_precision if self.trainer == "keras" else "off",
                                     current.source_digest if current else "", os.getpid(),
-                                    registered_custom_layers(), options.label_column, tuple(options.image_size or ()),
-                                    options.color_mode)
+                                    registered_custom_layers(), self.trainer, options.label_column,
+                                    tuple(options.image_size or ()), options.color_mode)
+            if trainable is not None:
+                atomic_write_bytes(self.work_dir / jobfiles.TRAINABLE, trainable.content)
             jobfiles.write_job(self.work_dir, architecture, task, spec)
             deadline_s = self.budgets.round_deadline_s(task.deadline_s)
             child = self._child = _Child(self.work_dir, self.budgets, deadline_s, self.command_prefix)
-            threading.Thread(target=self._after_exit, args=(child, architecture.digest, task.round),
+            threading.Thread(target=self._after_exit, args=(child, peak_key, task.round),
                              name="train-child-exit", daemon=True).start()
             log.info("round %d: training in child pid %d (deadline %.0f s, memory budget %s)", task.round,
                      child.proc.pid, deadline_s, f"{limit:.0f} MB" if limit else "none")
@@ -203,20 +228,25 @@ class ChildProcessTrainer:
                                   f"result; its log says: {_log_summary(self.work_dir / jobfiles.LOG)} "
                                   f"(all of it: {self.work_dir / jobfiles.LOG})")
 
-    def _after_exit(self, child: _Child, architecture_digest: str, round_: int) -> None:
+    def _peak_key(self, architecture: Architecture) -> str:
+        """What a peak is remembered under: the architecture, and the trainer when not Keras (the
+        TensorFlow-free child needs a tenth of the memory)."""
+        return architecture.digest if self.trainer == "keras" else f"{architecture.digest}:{self.trainer}"
+
+    def _after_exit(self, child: _Child, peak_key: str, round_: int) -> None:
         child.exited.wait()
         try:
-            self._record_exit(child, architecture_digest, round_)
+            self._record_exit(child, peak_key, round_)
         finally:
             child.settled.set()
 
-    def _record_exit(self, child: _Child, architecture_digest: str, round_: int) -> None:
+    def _record_exit(self, child: _Child, peak_key: str, round_: int) -> None:
         report = self.last_report = child.report
         log.info("round %d: training child exited (code %s) after %.1f s, peak RSS %.0f MB%s", round_,
                  report.exit_code, report.wall_s, report.peak_rss_mb,
                  f"; stopped: {report.killed_for}" if report.killed_for else "")
         if report.exit_code == 0 or report.over_memory:  # a whole run's peak, or at least the budget
-            self.peaks.record(architecture_digest, report.peak_rss_mb)
+            self.peaks.record(peak_key, report.peak_rss_mb)
         export = child.folder / jobfiles.EXPORT
         if report.exit_code == 0 and export.is_file():
             try:

@@ -4,10 +4,13 @@
     fedprune-agent predict --config /etc/fedprune/agent.toml --input samples.csv
     fedprune-agent model status|rollback --config /etc/fedprune/agent.toml
 
-``run`` connects to the broker, announces the device, trains when selected (in a child process
-that exits after each round, within the configured budgets), sends its update, installs each
-round's global model as a sparse TFLite file, and reconnects by itself when the broker or the
-network goes away. Runs until Ctrl-C or SIGTERM. Command-line flags override the config file.
+``run`` connects to the broker, announces the device and what it trains with, trains when
+selected (in a child process that exits after each round, within the configured budgets: Keras
+where TensorFlow is installed, else a trainable TFLite file in LiteRT), sends its update, installs
+the global model as a sparse TFLite file (each round's, exported on a Keras device, and the final
+one the aggregator publishes), and reconnects by itself when the broker or the network goes away.
+Runs until Ctrl-C or SIGTERM. Command-line flags override the config file. With no trainer
+installed it refuses to start (exit status 2) and names the extra to install.
 """
 
 from __future__ import annotations
@@ -70,9 +73,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-round-s", type=float,
                      help="time budget of one round's training; after it the round fails (config: budgets)")
     run.add_argument("--model-export", choices=["int8", "float32", "off"],
-                     help="export each round's global model to sparse TFLite (config: model.export, default int8)")
+                     help="the global model as sparse TFLite: each round's and the final one (config: model.export, "
+                          "default int8)")
+    run.add_argument("--trainer", choices=["auto", "keras", "litert"],
+                     help="keras (TensorFlow), litert (no TensorFlow: a TFLite runtime), or auto: keras where "
+                          "TensorFlow is installed, else litert (config: device.trainer, default auto)")
     run.add_argument("--in-process", action="store_true",
-                     help="train in the agent's own process (loads TensorFlow into it: for development hosts)")
+                     help="train in the agent's own process (with keras it loads TensorFlow: for development "
+                          "hosts; no budgets)")
     run.add_argument("--emulate-uplink-kbps", type=float, help=argparse.SUPPRESS)  # benchmarks: a slow uplink
     run.add_argument("--emulate-latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
 
@@ -115,7 +123,7 @@ def _config(args: argparse.Namespace, require_run: bool):
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
             "broker.max_message_bytes": args.max_message_bytes,
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
-            "model.export": args.model_export,
+            "model.export": args.model_export, "device.trainer": args.trainer,
         })
         connection = _connection(args)
         if connection is not None:  # the file names the broker (with credentials), the device and federation
@@ -150,27 +158,28 @@ def _run(args: argparse.Namespace) -> int:
     broker_url = connection.broker.full_url() if connection is not None else config.broker_url()
     from fedprune.architecture import register_custom_layers
     from fedprune.edge_agent.agent import EdgeAgent
-    from fedprune.edge_agent.child_trainer import ChildProcessTrainer
+    from fedprune.edge_agent.capabilities import NoTrainer, choose_trainer
     from fedprune.edge_agent.emulation import SlowLink
     from fedprune.data import DataError, load_device_data
 
+    try:
+        capabilities = choose_trainer(config.device.trainer)  # asks what is installed; imports nothing
+    except NoTrainer as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device_id = config.device.id
     register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
         x, y = load_device_data(config.device.data, config.data_options)  # checked here: a bad file fails at start
-        if args.in_process:
-            from fedprune.edge_agent.trainer import KerasTrainer
-
-            trainer, data = KerasTrainer(), (x, y)
-        else:
-            trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
-                                          export_precision=config.model.export, data_options=config.data_options)
-            data = (None, None)  # the child reads the file; the agent keeps only the sample count
+        trainer, data, trainable_files = _trainer(args, config, capabilities.trainer, x, y)
         agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
                           max_message_bytes=config.broker.max_message_bytes, state_dir=config.state_dir,
                           link=SlowLink(args.emulate_uplink_kbps, args.emulate_latency_ms)
-                          if args.emulate_uplink_kbps else None)
+                          if args.emulate_uplink_kbps else None,
+                          trainer_kind=capabilities.trainer, runtime=capabilities.runtime,
+                          trainable_files=trainable_files,
+                          final_model=None if config.model.export == "off" else config.model.export)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -179,9 +188,9 @@ def _run(args: argparse.Namespace) -> int:
     budgets = config.budget_limits
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    where = ("in this process (no budgets enforced)" if args.in_process else
+    where = (f"with {capabilities.trainer} " + ("in this process (no budgets enforced)" if args.in_process else
              f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
-             f"round {_limit(budgets.max_round_s, 's')}")
+             f"round {_limit(budgets.max_round_s, 's')}"))
     print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}, federation "
           f"'{config.broker.federation}'; training {where}", flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
@@ -195,6 +204,27 @@ def _run(args: argparse.Namespace) -> int:
     agent.stop()
     print(f"{device_id}: stopped after rounds {agent.completed_rounds}")
     return 0
+
+
+def _trainer(args: argparse.Namespace, config, kind: str, x, y):
+    """The trainer of ``kind`` ("keras" or "litert"), the data to hand the agent (None, None when
+    the child reads the file itself), and the store of trainable files a "litert" device needs."""
+    from fedprune.edge_agent.child_trainer import ChildProcessTrainer
+    from fedprune.edge_agent.trainable_files import TrainableFiles
+
+    files = TrainableFiles() if kind == "litert" else None
+    if args.in_process:
+        if kind == "keras":
+            from fedprune.edge_agent.trainer import KerasTrainer
+
+            return KerasTrainer(), (x, y), files
+        from fedprune.edge_agent.litert_trainer import TrainableFileTrainer
+
+        return TrainableFileTrainer(files), (x, y), files
+    trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
+                                  export_precision=config.model.export, data_options=config.data_options,
+                                  trainer=kind, trainable_files=files)
+    return trainer, (None, None), files  # the child reads the file; the agent keeps only the sample count
 
 
 def _limit(value: float | None, unit: str) -> str:

@@ -15,6 +15,7 @@ falls back to a default in silence.
     data = "/var/lib/fedprune/local.npz"        # or a .csv, or a folder of images (one per class)
     state_dir = "/var/lib/fedprune/state"
     label_column = "label"                      # a .csv's column of class ids
+    trainer = "auto"                            # or "keras" (TensorFlow), "litert" (no TensorFlow)
 
     [budgets]
     max_train_memory_mb = 900
@@ -67,6 +68,10 @@ class DeviceSection:
     label_column: str = "label"  # a .csv's column of class ids
     image_size: tuple[int, int] | None = None  # a folder of images: (height, width) to resize to
     color_mode: Literal["rgb", "grayscale"] = "rgb"  # a folder of images: 3 channels or 1
+    # What trains: "keras" (TensorFlow in a child per round), "litert" (the aggregator's trainable
+    # TFLite file in a TFLite runtime, no TensorFlow), "auto": keras where TensorFlow is installed,
+    # else litert where a TFLite runtime is (fedprune.edge_agent.capabilities).
+    trainer: Literal["auto", "keras", "litert"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,9 @@ class BudgetsSection:
 
 @dataclass(frozen=True)
 class ModelSection:
-    export: Literal["int8", "float32", "off"] = "int8"  # each round's global model, as sparse TFLite
+    # The global model as sparse TFLite: each round's (exported by a Keras device) and the final
+    # one the aggregator publishes after the last round (installed by every device); "off": neither.
+    export: Literal["int8", "float32", "off"] = "int8"
     # Layer classes of one's own that an architecture may use, as "package.module:ClassName": the
     # only way besides Keras's built-in layers (fedprune.architecture); imported when a model is built.
     custom_layers: tuple[str, ...] = ()

@@ -25,9 +25,12 @@ import numpy as np
 
 from fedprune.architecture import ArchitectureError, check_architecture
 from fedprune.error_feedback import ErrorFeedback
+from fedprune.converters.chunking import retained_subscriptions
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import unpack_frame
+from fedprune.converters.model_messages import FINAL_PRECISIONS, FinalModel, decode_final_model, decode_trainable_model
 from fedprune.converters.protocol import (
+    TRAINERS,
     Ack,
     Architecture,
     Encoding,
@@ -40,6 +43,7 @@ from fedprune.converters.protocol import (
     valid_device_id,
 )
 from fedprune import __version__
+from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -101,7 +105,13 @@ class TrainJob:
 
 class DeviceSession:
     """The protocol state of one device. Thread-safe: ``receive`` may run on a network thread
-    while ``finish`` runs on a training worker."""
+    while ``finish`` runs on a training worker.
+
+    ``trainer``: what the device trains with (announced in its presence); a ``"litert"`` device
+    takes a task only once it holds its architecture's trainable file, which it receives into
+    ``trainable_files``. ``runtime``: its TFLite runtime, announced. ``final_model``: the
+    precision of the final global model to receive after the last round (None: not received).
+    """
 
     def __init__(
         self,
@@ -112,11 +122,24 @@ class DeviceSession:
         max_message_bytes: int = 64_000_000,
         state_dir: str | Path | None = None,
         seed: int | None = None,
+        trainer: str = "keras",
+        runtime: str = "",
+        trainable_files: TrainableFiles | None = None,
+        final_model: str | None = None,
     ) -> None:
         if not valid_device_id(device_id):
             raise ValueError(f"device id {device_id!r} must be 1-128 printable characters without '/', '+', '#'")
+        if trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {list(TRAINERS)}, got {trainer!r}")
+        if trainer == "litert" and trainable_files is None:
+            raise ValueError("a device that trains without TensorFlow needs a TrainableFiles store for its files")
+        if final_model is not None and final_model not in FINAL_PRECISIONS:
+            raise ValueError(f"final_model must be one of {list(FINAL_PRECISIONS)} or None, got {final_model!r}")
         self.device_id = device_id
         self.num_samples = int(num_samples)
+        self.trainer, self.runtime = trainer, runtime
+        self.trainable_files = trainable_files
+        self.final_model_precision = final_model
         self.topics = Topics(federation)
         self.max_message_bytes = max_message_bytes
         # Residuals of lossy transport; on disk (atomically) when the device has a state folder.
@@ -140,18 +163,34 @@ class DeviceSession:
     # --- what to subscribe to and announce ---
     @property
     def subscriptions(self) -> list[str]:
-        return [self.topics.architecture, self.topics.task(self.device_id), self.topics.ack(self.device_id)]
+        out = [self.topics.architecture, self.topics.task(self.device_id), self.topics.ack(self.device_id)]
+        if self.trainer == "litert":
+            out += retained_subscriptions(self.topics.trainable_model)
+        if self.final_model_precision is not None:
+            out += retained_subscriptions(self.topics.final_model(self.final_model_precision))
+        return out
 
     def presence(self, online: bool) -> Outgoing:
         """The retained presence message; ``online=False`` is also the last will."""
-        body = Presence(self.device_id, True, self.num_samples, __version__) if online else \
-            Presence(self.device_id, online=False)
+        body = Presence(self.device_id, online, self.num_samples if online else 0, __version__ if online else "",
+                        self.trainer, self.runtime)
         return Outgoing(self.topics.presence(self.device_id), body.encode(), retain=True)
 
     # --- messages in ---
-    def receive(self, topic: str, payload: bytes) -> TrainJob | Outgoing | None:
-        """Take one incoming message; returns a job when a task is ready to train, or the update
-        to send again when a task already answered comes again."""
+    def receive(self, topic: str, payload: bytes) -> TrainJob | Outgoing | FinalModel | None:
+        """Take one incoming message; returns a job when a task is ready to train, the update to
+        send again when a task already answered comes again, and the final global model when it
+        arrives (for the caller to install)."""
+        if topic == self.topics.trainable_model and self.trainable_files is not None:
+            return self._take_trainable_file(payload) if payload else None  # empty: cleared
+        if self.final_model_precision is not None and topic == self.topics.final_model(self.final_model_precision):
+            if not payload:
+                return None  # cleared at the start of a run
+            try:
+                return decode_final_model(payload, self.max_message_bytes)
+            except CodecError as e:
+                log.error("%s: ignored bad final model message: %s", self.device_id, e)
+                return None
         if topic == self.topics.architecture:
             try:
                 arch = Architecture.decode(payload)
@@ -177,6 +216,25 @@ class DeviceSession:
                             ack.reason)
         return None
 
+    def _take_trainable_file(self, payload: bytes) -> TrainJob | Outgoing | None:
+        try:
+            model = decode_trainable_model(payload, self.max_message_bytes)
+        except CodecError as e:
+            log.error("%s: ignored bad trainable model message: %s", self.device_id, e)
+            return None
+        if self.trainable_files.add(model):
+            log.info("%s: received the trainable TFLite file of architecture %s (batch %d, %d bytes)", self.device_id,
+                     model.architecture_digest[:8], model.batch_size, len(model.content))
+        with self._lock:
+            pending, self._pending_task = self._pending_task, None
+        return self._accept_task(pending) if pending else None
+
+    def _ready_for(self, architecture_digest: object) -> bool:
+        """Whether a task of that architecture can be trained now (call with the lock held)."""
+        if self._architecture is None or architecture_digest != self._architecture.digest:
+            return False
+        return self.trainer != "litert" or self.trainable_files.get(self._architecture.digest) is not None
+
     def _accept_task(self, payload: bytes) -> TrainJob | Outgoing | None:
         with self._lock:
             try:
@@ -185,8 +243,10 @@ class DeviceSession:
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, e)
                 return None
-            if self._architecture is None or header.get("architecture_digest") != self._architecture.digest:
-                self._pending_task = payload  # its architecture (retained, or a new one) will follow
+            if not self._ready_for(header.get("architecture_digest")):
+                # Its architecture (retained, or a new one), and for a device without TensorFlow
+                # its trainable file, will follow.
+                self._pending_task = payload
                 return None
             if key in self._seen:
                 # A task already taken on, again: a retained task redelivered after a reconnect, or

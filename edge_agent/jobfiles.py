@@ -2,17 +2,18 @@
 
 One folder per round (``<state dir>/work/``), every file written atomically:
 
-=================  ======  =================================================================
-file               writer  what
-=================  ======  =================================================================
-``job.json``       agent   the architecture, the data path, what to export, the parent's pid
-``task.bin``       agent   the task, as the protocol encodes it (float32, so nothing is lost)
-``result.npz``     child   the ``TrainResult``: delta, masks, metrics, gradients
-``error.json``     child   why training failed, when it did
-``model.tflite``   child   the task's global model as a sparse TFLite file
-``export.json``    child   what ``model.tflite`` is (round, precision, sparsity, runtime)
-``worker.log``     child   its stdout and stderr (TensorFlow's chatter)
-=================  ======  =================================================================
+======================  ======  ================================================================================
+file                    writer  what
+======================  ======  ================================================================================
+``job.json``            agent   the architecture, the data path, what to export, which trainer, the parent's pid
+``task.bin``            agent   the task, as the protocol encodes it (float32, so nothing is lost)
+``trainable.tflite``    agent   the architecture's trainable TFLite file (the TensorFlow-free trainer only)
+``result.npz``          child   the ``TrainResult``: delta, masks, metrics, gradients
+``error.json``          child   why training failed, when it did
+``model.tflite``        child   the task's global model as a sparse TFLite file (Keras only)
+``export.json``         child   what ``model.tflite`` is (round, precision, sparsity, runtime)
+``worker.log``          child   its stdout and stderr (TensorFlow's chatter)
+======================  ======  ================================================================================
 
 The task travels in its wire encoding, so there is one serialization of a task to trust; the
 result in an ``.npz``. TensorFlow-free: both sides import this.
@@ -36,6 +37,7 @@ from fedprune.edge_agent.device import TrainResult
 from fedprune.fileio import atomic_write_bytes, atomic_write_json
 
 JOB, TASK, RESULT, ERROR = "job.json", "task.bin", "result.npz", "error.json"
+TRAINABLE = "trainable.tflite"
 MODEL, EXPORT, LOG = "model.tflite", "export.json", "worker.log"
 
 _MAX_TASK_BYTES = 1 << 31
@@ -51,6 +53,8 @@ class JobSpec:
     parent_pid: int
     # "module:Class" layer classes the device's own config allows (fedprune.architecture)
     custom_layers: tuple[str, ...] = ()
+    # "keras" (TensorFlow) or "litert" (the trainable TFLite file TRAINABLE, no TensorFlow)
+    trainer: str = "keras"
     # How the data is read (fedprune.data_files.DataOptions): a .csv's label column; a folder of
     # images' size to resize to (empty: as they are) and colour mode
     label_column: str = "label"

@@ -27,6 +27,7 @@ from fedprune.converters import trainable_tflite as file_format
 from fedprune.converters.protocol import Architecture, TrainingSettings, TrainTask
 from fedprune.converters.tflite_export import RUNTIMES, load_interpreter
 from fedprune.edge_agent.device import TrainResult
+from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.edge_agent.training_checks import TrainingError, check_local_data
 from fedprune.pruning.regrowth import GRADIENT_SAMPLES, report_pruned_gradients
 
@@ -80,7 +81,7 @@ class LiteRTTrainer:
             x = np.asarray(x, np.float32)
             onehot = np.eye(self.classes, dtype=np.float32)[np.asarray(y, np.int64)]
             train = self._run[file_format.TRAIN[settings.optimizer]]
-            learning_rate = np.float32(settings.learning_rate)
+            learning_rate = file_format.learning_rate_input(settings.learning_rate)
             loss = correct = 0.0
             last_epoch_s = 0.0
             for _ in range(settings.local_epochs):
@@ -167,3 +168,34 @@ class LiteRTTrainer:
             for i, t in enumerate(total):
                 t += out[file_format.gradient_name(i)]
         return [(t / max(len(x), 1)).astype(np.float32) for t in total]
+
+
+class TrainableFileTrainer:
+    """A ``Trainer`` for a device without TensorFlow: each task is trained with its architecture's
+    trainable TFLite file, as the aggregator published it and the device's session received it
+    into ``files`` (:class:`~fedprune.edge_agent.trainable_files.TrainableFiles`).
+
+    The file last used stays loaded (a new one replaces it), so rounds after the first pay no
+    load. Thread-safe, like :class:`LiteRTTrainer`: simulated devices may share one.
+    """
+
+    def __init__(self, files: TrainableFiles, seed: int | None = None, num_threads: int | None = None,
+                 runtimes: tuple[str, ...] = RUNTIMES) -> None:
+        self.files = files
+        self._seed, self._num_threads, self._runtimes = seed, num_threads, runtimes
+        self._loaded: tuple[str, LiteRTTrainer] | None = None  # (the file's sha256, its trainer)
+        self._lock = threading.Lock()
+
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
+        return self._trainer_for(architecture).train(architecture, task, x, y)
+
+    def _trainer_for(self, architecture: Architecture) -> LiteRTTrainer:
+        model = self.files.get(architecture.digest)
+        if model is None:
+            raise TrainingError(f"no trainable TFLite file for architecture {architecture.digest[:8]} on this device; "
+                                "the aggregator publishes one when it can build it (see its log)")
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != model.sha256:
+                self._loaded = (model.sha256, LiteRTTrainer(model.content, seed=self._seed,
+                                                            num_threads=self._num_threads, runtimes=self._runtimes))
+            return self._loaded[1]

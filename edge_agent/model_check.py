@@ -28,7 +28,8 @@ import threading
 
 DEFAULT_TIMEOUT_S = 60.0
 _NO_RUNTIME = 3  # the child's exit status when no runtime of the list imports
-_verified: set[tuple[str, tuple[str, ...], int | None]] = set()  # (sha256, runtimes, threads) run here
+# (sha256, runtimes, threads) run here -> what the child said: runtime, delegates, output shape
+_verified: dict[tuple[str, tuple[str, ...], int | None], dict] = {}
 _verified_lock = threading.Lock()
 
 
@@ -37,15 +38,16 @@ class ModelCheckError(ValueError):
 
 
 def check_tflite(model: bytes, runtimes: tuple[str, ...], num_threads: int | None = None, *,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, what: str = "the model") -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S, what: str = "the model") -> dict:
     """Load and run ``model`` once in a child process; ``ModelCheckError`` if that fails in any way.
+    Returns what ran it: ``{"runtime": ..., "delegates": ..., "output_shape": [...]}``.
 
     Bytes already checked in this process with the same runtimes are not checked again.
     """
     key = (hashlib.sha256(model).hexdigest(), tuple(runtimes), num_threads)
     with _verified_lock:
         if key in _verified:
-            return
+            return _verified[key]
     command = [sys.executable, "-m", "fedprune.edge_agent.model_check", ",".join(runtimes), str(num_threads or 0)]
     try:
         proc = subprocess.run(command, input=model, capture_output=True, timeout=timeout_s)
@@ -64,8 +66,13 @@ def check_tflite(model: bytes, runtimes: tuple[str, ...], num_threads: int | Non
         if proc.returncode == _NO_RUNTIME:
             raise RuntimeError(reason)
         raise ModelCheckError(f"{what} was refused by the TFLite runtime: {reason[:300]}")
+    try:
+        report = json.loads(proc.stdout.decode(errors="replace").strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        report = {}
     with _verified_lock:
-        _verified.add(key)
+        _verified[key] = report
+    return report
 
 
 def forget_checks() -> None:

@@ -65,6 +65,9 @@ class ModelInfo:
     runtime: str = ""  # the runtime that verified it when it was exported
     local_accuracy: float | None = None  # on the device's own training data, when exported
     installed_unix: float = 0.0
+    # The aggregator's final model of a run (the file its report describes, received as it is),
+    # not a file this device exported from a round's task.
+    final: bool = False
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ModelInfo":

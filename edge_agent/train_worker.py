@@ -6,6 +6,10 @@ the round's work is done, taking TensorFlow's memory with it. It reads the job f
 writes the result, then exports the round's global model (the task's weights) to a sparse
 TFLite file that LiteRT has loaded and run, for the agent to install.
 
+With the job's ``trainer = "litert"`` it trains with the trainable TFLite file the agent put in
+``WORK_DIR`` (:class:`fedprune.edge_agent.litert_trainer.LiteRTTrainer`) and never imports
+TensorFlow; it exports nothing (converting a model to TFLite needs TensorFlow).
+
 Exit status: 0 with a result (an export failure is logged, not fatal: the update matters more),
 1 with ``error.json`` saying why training failed, 2 for a bad command line.
 """
@@ -60,9 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
         x, y = load_device_data(spec.data_path, spec.data_options)  # before TensorFlow: a bad file fails in a second
 
-        from fedprune.edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
+        if spec.trainer == "litert":
+            from fedprune.edge_agent.litert_trainer import LiteRTTrainer  # a TFLite runtime, no TensorFlow
 
-        result = KerasTrainer().train(architecture, task, x, y)
+            result = LiteRTTrainer((folder / jobfiles.TRAINABLE).read_bytes()).train(architecture, task, x, y)
+        else:
+            from fedprune.edge_agent.trainer import KerasTrainer  # TensorFlow: this process only
+
+            result = KerasTrainer().train(architecture, task, x, y)
         result.metrics["train_peak_rss_mb"] = _peak_rss_mb()
         jobfiles.write_result(folder, result)
     except Exception as e:  # noqa: BLE001 - whatever it is, the aggregator hears of it
@@ -70,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         jobfiles.write_error(folder, f"{type(e).__name__}: {e}")
         return 1
     log.info("round %d: result written (peak RSS %.0f MB)", task.round, _peak_rss_mb())
-    if spec.export_precision != "off":
+    if spec.export_precision != "off" and spec.trainer == "keras":
         try:
             _export(folder, architecture, task, spec, x, y)
         except Exception:  # noqa: BLE001 - the device keeps its previous model

@@ -361,7 +361,9 @@ class DeviceProfile:
     """One tier of simulated devices (``[[simulation.profiles]]``); used by ``fedprune-simulate`` only.
 
     Link speeds are in kbit/s (0 = not emulated: as fast as the broker moves it); ``speed`` is a
-    multiplier on measured training time (2.0 = a device half as fast as this host).
+    multiplier on measured training time (2.0 = a device half as fast as this host). ``trainer``:
+    what the tier's devices train with, Keras or (a device without TensorFlow) the aggregator's
+    trainable TFLite file in LiteRT; a fleet may mix tiers of both.
     """
 
     name: str = "default"
@@ -373,6 +375,7 @@ class DeviceProfile:
     downlink_kbps: float = 0.0
     latency_ms: float = 0.0  # one way, added to every message in both directions
     loss: float = 0.0  # probability that one transmission of a message is lost and sent again
+    trainer: Literal["keras", "litert"] = "keras"
 
     def check(self, key: str) -> None:
         if self.weight <= 0:

@@ -19,7 +19,13 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlparse
 
 import paho.mqtt.client as mqtt
 
-from fedprune.converters.chunking import Reassembler, is_chunk, split_message
+from fedprune.converters.chunking import (
+    Reassembler,
+    chunk_source,
+    is_chunk,
+    retained_chunk_topics,
+    split_message,
+)
 from fedprune.converters.errors import CodecError
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,7 @@ class MqttSession:
         self.bytes_published = 0
         self.bytes_received = 0
         self._lock = threading.Lock()
+        self._retained_chunks: dict[str, int] = {}  # topic -> chunks of the last publish_retained
 
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
@@ -227,6 +234,29 @@ class MqttSession:
             self.bytes_published += sum(len(p) for p in pieces)
         return info
 
+    def publish_retained(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        """Publish at QoS 1, retained whatever its size: a message over ``max_payload_bytes`` goes
+        as chunks, chunk 0 retained on ``topic`` and chunk ``i`` on ``<topic>/chunk/<i>``
+        (``fedprune.converters.chunking``); receivers subscribe with ``retained_subscriptions``.
+        Chunk topics this session filled for an earlier, longer message are cleared. An empty
+        ``payload`` clears the message. Returns the last publish's info."""
+        if len(payload) > self.max_message_bytes:
+            raise PayloadTooLarge(
+                f"message of {len(payload)} bytes for {topic} exceeds the limit of "
+                f"{self.max_message_bytes} bytes (transport.max_message_bytes)"
+            )
+        pieces = split_message(payload, self.max_payload_bytes)
+        topics = retained_chunk_topics(topic, len(pieces))
+        with self._lock:
+            before = self._retained_chunks.get(topic, 1)
+            self._retained_chunks[topic] = len(pieces)
+        stale = retained_chunk_topics(topic, before)[len(pieces):]
+        for chunk_topic, piece in zip(topics + stale, pieces + [b""] * len(stale)):
+            info = self.client.publish(chunk_topic, piece, qos=1, retain=True)
+        with self._lock:
+            self.bytes_published += sum(len(p) for p in pieces)
+        return info
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.refused = str(reason_code)
@@ -277,17 +307,20 @@ class MqttSession:
             return
         with self._lock:
             self.bytes_received += len(payload)
+        topic = chunk_source(msg.topic)  # a retained chunk's topic names its message's topic
         if is_chunk(payload):
             try:
-                payload = self.reassembler.add(msg.topic, payload)
+                payload = self.reassembler.add(topic, payload)
             except CodecError as e:
                 self.chunk_errors += 1
                 log.warning("dropped a chunk on %s: %s", msg.topic, e.reason)
                 return
             if payload is None:
                 return  # more chunks to come
+        elif topic != msg.topic:
+            return  # a cleared retained chunk (empty), or something that is no chunk where only chunks go
         if self._on_message:
             try:
-                self._on_message(msg.topic, payload)
+                self._on_message(topic, payload)
             except Exception:  # a handler bug must not kill the network thread
-                log.exception("handler failed for a message on %s", msg.topic)
+                log.exception("handler failed for a message on %s", topic)

@@ -4,8 +4,7 @@
 For every target (Linux x86_64, aarch64 and armv7l; Python 3.10-3.13) and every device extra
 (``agent``, ``agent-lite``, ``inference`` by default), this script
 
-1. reads the extras from ``pyproject.toml`` (``--proposed`` uses :data:`PROPOSED_EXTRAS` instead,
-   the block proposed for issue 15),
+1. reads the extras from ``pyproject.toml`` (``--pyproject`` names another),
 2. evaluates their environment markers **for the target** with ``packaging.markers`` (pip's
    ``--platform``/``--python-version`` do *not* change the markers pip evaluates: it evaluates
    them against the interpreter that runs it, e.g. ``platform_machine == 'x86_64'`` on this host;
@@ -23,7 +22,6 @@ Prints a table and, last, one JSON line: ``{"results": [{"platform", "python", "
 "packages" | "error"}, ...], ...}``. Exit status 0 when every expected combination resolved.
 
     python scripts/check_device_wheels.py                       # pyproject.toml's extras
-    python scripts/check_device_wheels.py --proposed            # the proposed block
     python scripts/check_device_wheels.py --packages            # which versions exist per platform
     python scripts/check_device_wheels.py --legacy-tags         # only manylinux2014/_2_17/_2_28 (the old check)
 """
@@ -36,7 +34,6 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -135,89 +132,14 @@ EXPECTED_UNSUPPORTED = {
     ("armv7l", "3.12"), ("armv7l", "3.13"),
 }
 
-#: The [project.optional-dependencies] entries (and base dependencies) proposed for issue 15,
-#: as TOML; ``--proposed`` checks these instead of pyproject.toml's.
-PROPOSED_TOML = r'''
-[project]
-dependencies = [
-    "numpy>=1.24",
-    "paho-mqtt>=2.1,<3",
-    # No zstandard wheel exists for 32-bit ARM; there the zstd transport stage is unavailable
-    # (converters.codec imports zstandard only when a message uses it).
-    "zstandard>=0.22; platform_machine != 'armv7l' and platform_machine != 'armv8l'",
-]
-
-[project.optional-dependencies]
-# A device that trains with Keras: the training child runs TensorFlow, tf-keras and tfmot; the
-# agent and inference run LiteRT. ai-edge-litert's and TensorFlow 2.21's Linux aarch64 wheels are
-# tagged manylinux_2_27 (glibc >= 2.27: Raspberry Pi OS Bullseye and Bookworm qualify).
-# 32-bit ARM has no TensorFlow wheel: there this extra is agent-lite (the agent trains without
-# TensorFlow, trainer = "auto").
-agent = [
-    "tensorflow>=2.16,<2.22; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
-    "tf-keras>=2.16,<2.22; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
-    "tensorflow-model-optimization==0.8.1; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
-    "fedprune[agent-lite]",
-]
-# A device that trains without TensorFlow (trainer = "litert") and runs the model: a TFLite
-# runtime and NumPy only. LiteRT where it has wheels; on 32-bit ARM tflite-runtime 2.14 (its last
-# release, cp39-cp311 only), which breaks beside NumPy 2: there NumPy is Debian's python3-numpy
-# 1.24 (python3 -m venv --system-site-packages).
-agent-lite = [
-    "fedprune[inference]",
-]
-# A device or service that only runs the exported models.
-inference = [
-    "ai-edge-litert>=2.0; platform_machine == 'x86_64' or platform_machine == 'aarch64'",
-    "tflite-runtime==2.14.0; platform_machine == 'armv7l' or platform_machine == 'armv8l'",
-    "numpy<2; platform_machine == 'armv7l' or platform_machine == 'armv8l'",
-]
-'''
-
-
 # --------------------------------------------------------------------------------------------
 # Requirements of an extra, for a target
 # --------------------------------------------------------------------------------------------
 
 
-def load_project(pyproject: Path | None = None, proposed: bool = False) -> dict:
-    """``[project]`` of pyproject.toml; with ``proposed``, its dependencies and optional
-    dependencies replaced by :data:`PROPOSED_TOML`'s (other extras kept)."""
-    project = tomllib.loads((pyproject or REPO / "pyproject.toml").read_text())["project"]
-    if proposed:
-        new = tomllib.loads(PROPOSED_TOML)["project"]
-        project = {**project, "dependencies": new["dependencies"],
-                   "optional-dependencies": {**project.get("optional-dependencies", {}),
-                                             **new["optional-dependencies"]}}
-    return project
-
-
-def splice_proposed(text: str) -> str:
-    """pyproject.toml's text with ``[project].dependencies`` and the extras of
-    :data:`PROPOSED_TOML` put in (an extra it lacks goes after ``agent``); the rest as it was. For
-    building a wheel that carries the proposed metadata (so a board's own pip can resolve it)."""
-    new = tomllib.loads(PROPOSED_TOML)["project"]
-
-    def block(key: str, values: list[str]) -> str:
-        return f"{key} = [\n" + "".join(f"    {json.dumps(v)},\n" for v in values) + "]\n"
-
-    def put(text: str, key: str, values: list[str], after: str | None = None) -> str:
-        pattern = re.compile(rf"^{re.escape(key)} = \[\n.*?^\]\n", re.M | re.S)
-        if pattern.search(text):
-            return pattern.sub(lambda _: block(key, values), text, count=1)
-        anchor = re.compile(rf"^{re.escape(after)} = \[\n.*?^\]\n", re.M | re.S) if after else None
-        m = anchor.search(text) if anchor else None
-        if m is None:
-            raise ValueError(f"cannot place {key!r} in pyproject.toml")
-        return text[: m.end()] + block(key, values) + text[m.end():]
-
-    text = put(text, "dependencies", new["dependencies"])
-    for extra, values in new["optional-dependencies"].items():
-        text = put(text, extra, values, after="agent")
-    project = tomllib.loads(text)["project"]
-    assert project["dependencies"] == new["dependencies"]
-    assert all(project["optional-dependencies"][k] == v for k, v in new["optional-dependencies"].items())
-    return text
+def load_project(pyproject: Path | None = None) -> dict:
+    """``[project]`` of pyproject.toml (this repository's by default)."""
+    return tomllib.loads((pyproject or REPO / "pyproject.toml").read_text())["project"]
 
 
 def requirements_for(project: dict, extra: str | None, environment: dict[str, str]) -> list[Requirement]:
@@ -524,7 +446,6 @@ def format_availability(avail: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--proposed", action="store_true", help="check PROPOSED_TOML instead of pyproject.toml")
     parser.add_argument("--pyproject", type=Path, default=REPO / "pyproject.toml")
     parser.add_argument("--platform", action="append", choices=list(TARGETS), help="default: all")
     parser.add_argument("--python", action="append", choices=list(PYTHONS), help="default: all")
@@ -538,18 +459,17 @@ def main(argv: list[str] | None = None) -> int:
                                                                           "/work/boards-cache")) / "pypi-json")
     args = parser.parse_args(argv)
 
-    project = load_project(args.pyproject, args.proposed)
+    project = load_project(args.pyproject)
     targets = args.platform or list(TARGETS)
     pythons = args.python or list(PYTHONS)
     extras = args.extra or list(DEVICE_EXTRAS)
     missing = [e for e in extras if canonicalize_name(e) not in
                {canonicalize_name(k) for k in project.get("optional-dependencies", {})}]
     if missing:
-        print(f"error: {args.pyproject} has no extra {missing} (use --proposed for the proposed block)",
-              file=sys.stderr)
+        print(f"error: {args.pyproject} has no extra {missing}", file=sys.stderr)
         return 2
 
-    summary: dict = {"source": "proposed" if args.proposed else str(args.pyproject), "legacy_tags": args.legacy_tags,
+    summary: dict = {"source": str(args.pyproject), "legacy_tags": args.legacy_tags,
                      "pip_marker_environment": {k: v for k, v in pip_marker_environment().items()
                                                 if k in ("platform_machine", "python_version")}}
     if args.packages:

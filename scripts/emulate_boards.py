@@ -26,14 +26,14 @@ Stages (``--stage``, comma-separated; default ``predict,agent-lite``):
   host's (x86_64, the host venv's LiteRT).
 - ``agent-lite``: the long-lived agent on the board, with the TensorFlow-free trainer
   (``--trainer litert``), joins a federation whose aggregator runs on the host (Mosquitto on a
-  loopback port) and completes ``--rounds`` rounds.
+  loopback port), completes ``--rounds`` rounds, and installs the final model the aggregator
+  exported (the same bytes as the run's ``model-int8.tflite``).
 - ``keras``: arm64 only: one round of the Keras trainer (TensorFlow's aarch64 wheel, tf-keras,
   tfmot) in the agent's training child, under emulation; records how long it took.
 
 ``--board-pip`` also lets each board's own pip (run under qemu, from pip's wheel) resolve
 ``fedprune[extra]`` from the fedprune wheel: its own platform tags and markers decide, which a
-host-side ``--platform`` dry run cannot show. ``--proposed`` builds that wheel with
-check_device_wheels.PROPOSED_TOML's extras (in a copy of the tree; pyproject.toml is not touched).
+host-side ``--platform`` dry run cannot show.
 
 Progress goes to stderr; the last line of stdout is one JSON object with the figures (time per
 stage, agreement, install size per board and extra). Exit status: 0 all stages ok, 1 a stage
@@ -41,7 +41,7 @@ failed, 3 a stage was skipped (what it needs is not in fedprune yet, e.g. ``--tr
 
     .venv/bin/python scripts/emulate_boards.py                    # both boards, predict + agent-lite (root: apt)
     .venv/bin/python scripts/emulate_boards.py --board arm64 --stage predict,agent-lite,keras
-    .venv/bin/python scripts/emulate_boards.py --proposed --board-pip --tags --stage predict
+    .venv/bin/python scripts/emulate_boards.py --board-pip --tags --stage predict
     .venv/bin/python scripts/emulate_boards.py --cache /tmp/boards --board armhf --stage predict
 
 Run it with the project's venv (TensorFlow, scikit-learn: the host side exports the models, runs
@@ -336,11 +336,9 @@ class BoardRunner:
 # --------------------------------------------------------------------------------------------
 
 
-def fedprune_wheel(cache: Path, host_python: str, source: str = "worktree", proposed: bool = False) -> Path:
+def fedprune_wheel(cache: Path, host_python: str, source: str = "worktree") -> Path:
     """A wheel of this working tree (tracked and untracked, not ignored, files), or of commit
-    ``source`` (``git archive``), built in a copy so the tree gets no build/ or egg-info from it.
-    ``proposed``: the copy's pyproject.toml gets check_device_wheels.PROPOSED_TOML's dependencies
-    and extras first, so the wheel's metadata carries them (for ``--board-pip``)."""
+    ``source`` (``git archive``), built in a copy so the tree gets no build/ or egg-info from it."""
     out = cache / "fedprune-wheel"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -359,9 +357,6 @@ def fedprune_wheel(cache: Path, host_python: str, source: str = "worktree", prop
             archive = Path(tmp) / "src.tar"
             run(["git", "archive", "--format=tar", "-o", str(archive), source], cwd=REPO)
             run(["tar", "-xf", str(archive), "-C", str(src)])
-        if proposed:
-            pyproject = src / "pyproject.toml"
-            pyproject.write_text(wheels.splice_proposed(pyproject.read_text()))
         run([host_python, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)], timeout=600)
     (wheel,) = out.glob("fedprune-*.whl")
     return wheel
@@ -692,13 +687,14 @@ def stage_federation(runner: BoardRunner, site: Path, work: Path, host: Host, *,
             time.sleep(2)
         result["aggregator_exit"] = aggregator.poll()
         result["wall_s"] = round(time.monotonic() - start, 1)
-        # The agent exports and installs the last round's model after its update went out: give
-        # it the time (it is what `predict` on the device runs next).
+        # The agent installs the final model the aggregator published after the last round (a
+        # Keras agent first the last round's own export): give it the time (it is what `predict`
+        # on the device runs next).
         manifest = work / "state" / "model" / "manifest.json"
         wait_until = time.monotonic() + min(round_timeout_s, 900)
         while agent.poll() is None and time.monotonic() < wait_until:
             current = _current_model(manifest)
-            if current and current.get("round", 0) >= rounds:
+            if current and current.get("final") and current.get("round", 0) >= rounds:
                 break
             time.sleep(2)
         result["agent_exit_before_stop"] = agent.poll()
@@ -716,8 +712,12 @@ def stage_federation(runner: BoardRunner, site: Path, work: Path, host: Host, *,
     completed = [r for r in result["rounds"] if r.get("reported", 0) >= 1]
     result["rounds_completed"] = len(completed)
     result["agent_model"] = _current_model(work / "state" / "model" / "manifest.json")
+    exported = work / "run" / "model-int8.tflite"  # the device's model.export: int8 (the default)
+    result["final_model_installed"] = bool(
+        exported.is_file() and result["agent_model"] and result["agent_model"].get("final")
+        and result["agent_model"].get("sha256") == hashlib.sha256(exported.read_bytes()).hexdigest())
     result["device_rounds"] = _agent_rounds(work / "agent.log")
-    result["ok"] = len(completed) >= rounds and result["aggregator_exit"] == 0
+    result["ok"] = len(completed) >= rounds and result["aggregator_exit"] == 0 and result["final_model_installed"]
     result["logs"] = {"agent": str(work / "agent.log"), "aggregator": str(work / "aggregator.log")}
     if not result["ok"]:
         result["agent_log_tail"] = (work / "agent.log").read_text(errors="replace").splitlines()[-15:]
@@ -838,9 +838,6 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(STAGES)} (default predict,agent-lite)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
                         help=f"userlands, wheels and work folders (default {DEFAULT_CACHE})")
-    parser.add_argument("--proposed", action="store_true",
-                        help="use check_device_wheels.PROPOSED_TOML for the extras (default: pyproject.toml's, "
-                             "and the proposed block for extras pyproject.toml lacks)")
     parser.add_argument("--host-python", default=str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists()
                         else sys.executable, help="the host's Python with TensorFlow (exports, aggregator)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the agent-lite stage (default 2)")
@@ -853,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", action="store_true", help="also list the platform tags the board's own pip accepts")
     parser.add_argument("--board-pip", action="store_true",
                         help="also let the board's own pip resolve each stage's extra from the fedprune wheel "
-                             "(with --proposed, a wheel carrying the proposed metadata); slow under emulation")
+                             "(slow under emulation)")
     args = parser.parse_args(argv)
 
     stages = [s.strip() for s in args.stage.split(",") if s.strip()]
@@ -868,22 +865,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     figures["host"] = ensure_host_tools(boards, need_broker=any(s != "predict" for s in stages))
 
-    project = wheels.load_project(proposed=args.proposed)
+    project = wheels.load_project()
     extras_here = {wheels.canonicalize_name(k) for k in project.get("optional-dependencies", {})}
     needed = {STAGE_EXTRAS[s] for s in stages}
     if not needed <= extras_here:
-        log(f"pyproject.toml lacks {sorted(needed - extras_here)}: using check_device_wheels.PROPOSED_TOML's")
-        proposed = wheels.load_project(proposed=True)
-        project = {**project, "optional-dependencies": {**proposed["optional-dependencies"],
-                                                        **project.get("optional-dependencies", {})}}
-        for extra in needed - extras_here:
-            project["optional-dependencies"][extra] = proposed["optional-dependencies"][extra]
-        figures["extras_source"] = "pyproject.toml + proposed " + ",".join(sorted(needed - extras_here))
-    else:
-        figures["extras_source"] = "proposed" if args.proposed else "pyproject.toml"
+        parser.error(f"pyproject.toml has no extra {sorted(needed - extras_here)} for the stages {stages}")
 
     t = time.monotonic()
-    wheel = fedprune_wheel(cache, args.host_python, args.source, proposed=args.proposed)
+    wheel = fedprune_wheel(cache, args.host_python, args.source)
     figures["fedprune_wheel"] = {"file": wheel.name, "source": args.source, "build_s": round(time.monotonic() - t, 1)}
     models = cache / "models"
     host = host_site(cache, wheel, args.host_python)

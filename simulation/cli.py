@@ -29,7 +29,6 @@ log = logging.getLogger("fedprune.simulation.cli")
 def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: str, attack: Attack | None = None):
     """The (not yet started) fleet of this process, and the data set it was split from. With
     ``attack``, that fraction of the whole fleet is hostile (``fedprune.simulation.attacks``)."""
-    from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.data import load_dataset, partition
     from fedprune.simulation.fleet import Fleet, device_id
 
@@ -37,13 +36,34 @@ def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: s
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
     ids = device_ids if device_ids is not None else range(num_devices)
-    trainer = KerasTrainer()
+    trainers, trainable_files, runtime = _trainers(task)
     hostile = frozenset(attack.hostile_devices(num_devices, task.seed)) if attack else frozenset()
     if hostile:
         log.warning("hostile devices (%s x%g): %s", attack.kind, attack.scale,
                     ", ".join(device_id(i) for i in sorted(hostile)))
-    return Fleet(task, ds.x_train, ds.y_train, shards, ids, broker_url, trainer, hostile=hostile,
-                 hostile_trainer=attack.wrap(trainer) if attack else None), ds
+    return Fleet(task, ds.x_train, ds.y_train, shards, ids, broker_url, trainers, hostile=hostile,
+                 hostile_trainers={k: attack.wrap(t) for k, t in trainers.items()} if attack else None,
+                 trainable_files=trainable_files, runtime=runtime), ds
+
+
+def _trainers(task: Task):
+    """One trainer per kind the task's profiles name (shared by that kind's devices), the store of
+    trainable files the TensorFlow-free devices receive, and their TFLite runtime."""
+    from fedprune.edge_agent.capabilities import tflite_runtime
+    from fedprune.edge_agent.trainable_files import TrainableFiles
+
+    kinds = {p.trainer for p in task.simulation.profiles}
+    trainers, files, runtime = {}, None, ""
+    if "keras" in kinds:
+        from fedprune.edge_agent.trainer import KerasTrainer
+
+        trainers["keras"] = KerasTrainer()
+    if "litert" in kinds:
+        from fedprune.edge_agent.litert_trainer import TrainableFileTrainer
+
+        files, runtime = TrainableFiles(), tflite_runtime()
+        trainers["litert"] = TrainableFileTrainer(files, seed=task.seed)
+    return trainers, files, runtime
 
 
 def run_simulation(

@@ -189,3 +189,46 @@ def test_the_announced_architecture_is_what_a_trainer_prepares_for():
     prepare_trainer(Preparing(fail_prepare=True), d.architecture)  # a failed warm-up is logged, not raised
     job = d.receive(TOPICS.task("dev-1"), task_payload())
     assert run_job(d, job, trainer, np.zeros((10, 6)), np.zeros(10)) is not None  # and training still runs
+
+
+def _lite_device():
+    from fedprune.edge_agent.trainable_files import TrainableFiles
+
+    return device(trainer="litert", runtime="tflite-runtime 2.14.0", trainable_files=TrainableFiles(),
+                  final_model="float32")
+
+
+def test_a_device_without_tensorflow_announces_it_and_takes_a_task_once_it_has_the_trainable_file():
+    from fedprune.converters.model_messages import TrainableModel, encode_trainable_model
+
+    d = _lite_device()
+    presence = Presence.decode(d.presence(True).payload)
+    assert (presence.trainer, presence.runtime) == ("litert", "tflite-runtime 2.14.0")
+    assert {TOPICS.trainable_model, f"{TOPICS.trainable_model}/chunk/+", TOPICS.final_model("float32"),
+            f"{TOPICS.final_model('float32')}/chunk/+"} <= set(d.subscriptions)
+    digest = "ab" * 16
+    arch = dataclasses.replace(ARCH, digest=digest)
+    assert d.receive(TOPICS.architecture, arch.encode()) is None
+    assert d.receive(TOPICS.task("dev-1"), task_payload(digest=digest)) is None  # no file for it yet
+    other = encode_trainable_model(TrainableModel("cd" * 16, 4, b"another architecture's file"))
+    assert d.receive(TOPICS.trainable_model, other) is None  # still waiting
+    assert d.receive(TOPICS.trainable_model, b"") is None  # a cleared topic
+    job = d.receive(TOPICS.trainable_model, encode_trainable_model(TrainableModel(digest, 4, b"the file")))
+    assert job is not None and job.architecture.digest == digest
+    assert d.trainable_files.get(digest).content == b"the file"
+
+
+def test_the_final_model_is_handed_to_the_caller_and_a_damaged_one_is_dropped(caplog):
+    from fedprune.converters.model_messages import FinalModel, encode_final_model
+
+    d = _lite_device()
+    final = FinalModel(15, "float32", 0.8, 0.95, "ab" * 16, b"tflite bytes")
+    assert d.receive(TOPICS.final_model("float32"), encode_final_model(final)) == final
+    assert d.receive(TOPICS.final_model("int8"), encode_final_model(final)) is None  # not the precision it takes
+    damaged = bytearray(encode_final_model(final))
+    damaged[-8] ^= 0xFF
+    assert d.receive(TOPICS.final_model("float32"), bytes(damaged)) is None
+    assert "ignored bad final model message" in caplog.text
+    assert d.receive(TOPICS.final_model("float32"), b"") is None  # cleared at the start of a run
+    with pytest.raises(ValueError, match="TrainableFiles"):
+        device(trainer="litert")

@@ -22,13 +22,7 @@ from packaging.utils import canonicalize_name  # noqa: E402
 PYTHONS = wheels.PYTHONS
 
 
-def _sources() -> list:
-    """The proposed block always; pyproject.toml's extras once they hold the TensorFlow-free one."""
-    out = [pytest.param(wheels.load_project(proposed=True), id="proposed")]
-    current = wheels.load_project()
-    if "agent-lite" in current.get("optional-dependencies", {}):
-        out.append(pytest.param(current, id="pyproject"))
-    return out
+PROJECT = wheels.load_project()  # pyproject.toml's [project]
 
 
 def _names(project: dict, extra: str, target: str, python: str) -> dict[str, list[str]]:
@@ -39,9 +33,10 @@ def _names(project: dict, extra: str, target: str, python: str) -> dict[str, lis
     return out
 
 
-@pytest.mark.parametrize("project", _sources())
 @pytest.mark.parametrize("python", PYTHONS)
-def test_markers_pick_each_boards_runtime(project, python):
+def test_markers_pick_each_boards_runtime(python):
+    project = PROJECT
+    assert set(wheels.DEVICE_EXTRAS) <= set(project["optional-dependencies"])
     for target in ("x86_64", "aarch64"):
         agent = _names(project, "agent", target, python)
         assert {"tensorflow", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert"} <= set(agent)
@@ -66,8 +61,7 @@ def test_a_32_bit_userland_on_a_64_bit_kernel_counts_as_armv7l():
     """On a Pi 4/5 a 32-bit Raspberry Pi OS may run a 64-bit kernel; ``linux32 pip ...`` (or
     pip's own armv8l detection) reports armv8l: the markers must treat it as 32-bit ARM."""
     env = {**wheels.TARGETS["armv7l"].marker_environment("3.11"), "platform_machine": "armv8l"}
-    project = wheels.load_project(proposed=True)
-    names = {canonicalize_name(r.name) for r in wheels.requirements_for(project, "agent-lite", env)}
+    names = {canonicalize_name(r.name) for r in wheels.requirements_for(PROJECT, "agent-lite", env)}
     assert "tflite-runtime" in names and "ai-edge-litert" not in names and "zstandard" not in names
 
 
@@ -107,11 +101,10 @@ def _pypi_reachable() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("project", _sources())
-def test_every_device_extra_resolves_from_wheels_on_every_board(project):
+def test_every_device_extra_resolves_from_wheels_on_every_board():
     if not _pypi_reachable():
         pytest.skip("pypi.org is not reachable: the wheel resolution needs PyPI")
-    results = wheels.run_matrix(project, list(wheels.TARGETS), list(PYTHONS), list(wheels.DEVICE_EXTRAS))
+    results = wheels.run_matrix(PROJECT, list(wheels.TARGETS), list(PYTHONS), list(wheels.DEVICE_EXTRAS))
     failed = [f"{r.platform}/{r.python}/{r.extra}: {r.error}" for r in results if r.expected and not r.ok]
     assert not failed, "\n".join(failed)
     by_key = {(r.platform, r.python, r.extra): r for r in results}

@@ -165,9 +165,12 @@ def test_federation_with_chunked_tasks_weights_uplink_int4_zstd_and_stochastic_r
 
 def test_structured_pruning_shrinks_the_model_mid_federation(embedded_broker_url, tmp_path):
     # After round 1 the aggregator removes half the units of conv1, conv2 and dense1; the agents
-    # take the new architecture from its retained message and train the smaller model.
+    # take the new architecture from its retained message and train the smaller model: a Keras
+    # device rebuilds it, the two TensorFlow-free ones get the new trainable file the aggregator
+    # builds for it.
+    profiles = [{"name": "keras", "trainer": "keras"}, {"name": "lite", "trainer": "litert"}]
     task = small_task(federation={"rounds": 3}, pruning={"final_sparsity": 0.0, "structured_fraction": 0.5,
-                                                         "structured_round": 1})
+                                                         "structured_round": 1}, simulation={"profiles": profiles})
     result = run_simulation(task, 3, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
     assert [r.reported for r in result.rounds] == [3, 3, 3]
     assert result.parameters == 38_282  # from 151,306

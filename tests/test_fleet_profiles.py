@@ -25,6 +25,9 @@ def test_profiles_parse_from_an_array_of_tables():
     assert (zero.dropout, zero.loss, zero.latency_ms) == (0.2, 0.1, 120.0)
     assert task.simulation.rejoin_s == 3.0
     assert small_task().simulation.profiles[0].uplink_kbps == 0.0  # default: links not emulated
+    assert pi4.trainer == "keras"  # default: devices train with Keras
+    mixed = small_task(simulation={"profiles": [{"name": "k"}, {"name": "l", "trainer": "litert"}]})
+    assert [p.trainer for p in mixed.simulation.profiles] == ["keras", "litert"]
 
 
 @pytest.mark.parametrize("profiles, key", [
@@ -34,6 +37,7 @@ def test_profiles_parse_from_an_array_of_tables():
     ([{"name": "a", "loss": 1.0}], "simulation.profiles[0].loss"),
     ([{"name": "a", "uplink_kbps": -1}], "simulation.profiles[0].uplink_kbps"),
     ([{"name": "a"}, {"name": "a"}], "names must be unique"),
+    ([{"name": "a", "trainer": "torch"}], "simulation.profiles[0].trainer"),
     ([], "at least one"),
     ("fast", "array of tables"),
 ])

@@ -19,6 +19,7 @@ from fedprune.converters.trainable_tflite import (
     UnsupportedModel,
     build_trainable_tflite,
     dropout_name,
+    learning_rate_input,
     weight_name,
 )
 from fedprune.converters.tflite_export import load_interpreter
@@ -143,7 +144,7 @@ def test_one_step_in_litert_is_the_keras_step(built, name, optimizer, rows):
     onehot = np.zeros((BATCH, 5), np.float32)
     onehot[np.arange(rows), y] = 1.0
     lr = 0.05
-    out = run(TRAIN[optimizer])(x=padded_x, y=onehot, lr=np.float32(lr),
+    out = run(TRAIN[optimizer])(x=padded_x, y=onehot, lr=learning_rate_input(lr),
                                 **{dropout_name(k): n for k, n in enumerate(noise)})
     got = run("get_weights")()
 

@@ -40,7 +40,9 @@ def test_filter_within():
 def test_policy_gives_a_device_its_own_topics_only():
     policy = AccessPolicy("clinic", "agg")
     t = Topics("clinic")
-    for topic in (t.architecture, t.round, t.task("pi-01"), t.ack("pi-01")):
+    files = (t.trainable_model, f"{t.trainable_model}/chunk/+", t.final_model("int8"),
+             f"{t.final_model('float32')}/chunk/+")  # retained model files and their chunks
+    for topic in (t.architecture, t.round, t.task("pi-01"), t.ack("pi-01"), *files):
         assert policy.allows("pi-01", topic, Access.READ), topic
         assert not policy.allows("pi-01", topic, Access.WRITE), topic  # no forged model, round or task
     for topic in (t.update("pi-01"), t.presence("pi-01")):

@@ -68,6 +68,15 @@ class PruningController:
         self.schedule = section.schedule_object() if section.enabled else None
         self._masks_before_prune: Masks | None = None  # what a backoff restores
 
+    def use_layers(self, layer_of: Mapping[int, str]) -> None:
+        """Prune the kernels of a (new) architecture: ``layer_of`` as in the class docstring.
+        ``ValueError`` when ``[pruning.layers]`` names a layer that is not among them."""
+        unknown = sorted(set(self.section.layers) - set(layer_of.values()))
+        if unknown:
+            raise ValueError(f"[pruning.layers] names layers that are not prunable here: {unknown}; "
+                             f"prunable: {sorted(set(layer_of.values()))}")
+        self.layer_of = dict(layer_of)
+
     def initial(self, weights: list[np.ndarray], masks: Masks) -> tuple[list[np.ndarray], Masks]:
         """The model before round 1: pruned at initialization if the schedule prunes at round 0
         (every update is then sparse from round 1), each unit rescaled to its initial norm."""

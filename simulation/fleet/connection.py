@@ -13,7 +13,7 @@ from types import TracebackType
 
 import aiomqtt
 
-from fedprune.converters.chunking import Reassembler, is_chunk, split_message
+from fedprune.converters.chunking import Reassembler, chunk_source, is_chunk, split_message
 from fedprune.converters.errors import CodecError
 from fedprune.transport import PayloadTooLarge, parse_broker_url
 
@@ -102,15 +102,18 @@ class AsyncConnection:
                 log.warning("%s: dropped %d-byte message on %s: over the %d-byte limit",
                             self.client_id, len(payload), topic, self.max_payload_bytes)
                 continue
+            source = chunk_source(topic)  # a retained chunk's topic names its message's topic
             if is_chunk(payload):
                 if self._reassembler is None:
                     self._reassembler = Reassembler(self.max_message_bytes, max_pending_messages=4)
                 try:
-                    whole = self._reassembler.add(topic, payload)
+                    whole = self._reassembler.add(source, payload)
                 except CodecError as e:
                     log.warning("%s: dropped a chunk on %s: %s", self.client_id, topic, e.reason)
                     continue
                 if whole is None:
                     continue
                 payload = whole
-            yield topic, payload
+            elif source != topic:
+                continue  # a cleared retained chunk
+            yield source, payload

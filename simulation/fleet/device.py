@@ -159,7 +159,7 @@ class SimulatedDevice:
                 t = asyncio.ensure_future(self._publish(job))
                 self._jobs.add(t)
                 t.add_done_callback(self._jobs.discard)
-            elif job is not None:
+            elif isinstance(job, TrainJob):  # (a simulated device receives no final model: it installs none)
                 t = asyncio.ensure_future(self._train(job))
                 self._jobs.add(t)
                 t.add_done_callback(self._jobs.discard)

@@ -3,8 +3,9 @@
 One process holds a range of the fleet's device indices: each device gets its shard of the data
 (the partition of the whole fleet, so several processes or hosts that take different ranges form
 one federation), its own MQTT connection and client id, its own ``DeviceSession`` (error-feedback
-residuals included), and its behaviour from the task's ``[simulation]`` profiles. All share one
-trainer, which trains one device at a time on a single worker thread.
+residuals included), and its behaviour from the task's ``[simulation]`` profiles (its tier's
+trainer among them: Keras, or the TensorFlow-free LiteRT trainer). The devices of a tier share
+one trainer, and all trainers run one device at a time on a single worker thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from fedprune.converters.protocol import Architecture, RoundAnnouncement, Topics
 from fedprune.converters.errors import CodecError
 from fedprune.edge_agent.device import DeviceSession, Trainer, prepare_trainer
+from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
 from fedprune.simulation.fleet.device import SimulatedDevice
 from fedprune.simulation.fleet.profiles import DeviceBehaviour, draw_behaviours
@@ -55,21 +57,33 @@ class Fleet:
         shards: list[np.ndarray],
         indices: range,
         broker_url: str,
-        trainer: Trainer,
+        trainers: dict[str, Trainer],
         *,
         connect_concurrency: int = 32,
         hostile: frozenset[int] = frozenset(),
-        hostile_trainer: Trainer | None = None,
+        hostile_trainers: dict[str, Trainer] | None = None,
+        trainable_files: TrainableFiles | None = None,
+        runtime: str = "",
     ) -> None:
-        """``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.simulation.attacks``)."""
-        if hostile and hostile_trainer is None:
-            raise ValueError("hostile devices need a hostile_trainer")
+        """``trainers``: the trainer of each kind the profiles name (``"keras"``, ``"litert"``).
+        ``hostile``: indices of devices that train with ``hostile_trainers`` of their kind
+        (``fedprune.simulation.attacks``). ``trainable_files``: where the ``"litert"`` devices'
+        sessions put the trainable files their trainer reads; ``runtime``: the TFLite runtime
+        their presence announces."""
+        self.behaviours: list[DeviceBehaviour] = draw_behaviours(task.simulation, indices, task.seed)
+        kinds = {b.profile.trainer for b in self.behaviours}
+        if kinds - set(trainers):
+            raise ValueError(f"the fleet's profiles train with {sorted(kinds)}; trainers given: {sorted(trainers)}")
+        if hostile and not kinds <= set(hostile_trainers or {}):
+            raise ValueError("hostile devices need a hostile trainer of each kind the profiles name")
+        if "litert" in kinds and trainable_files is None:
+            raise ValueError("devices that train without TensorFlow need a TrainableFiles store")
         self.task = task
         self.broker_url = broker_url
-        self.trainer = trainer
-        self.hostile, self.hostile_trainer = hostile, hostile_trainer
+        self.trainers = trainers
+        self.hostile, self.hostile_trainers = hostile, hostile_trainers or {}
+        self.trainable_files, self.runtime = trainable_files, runtime
         self.connect_concurrency = connect_concurrency
-        self.behaviours: list[DeviceBehaviour] = draw_behaviours(task.simulation, indices, task.seed)
         self._data = [(x[shards[i]], y[shards[i]]) for i in indices]
         self.devices: list[SimulatedDevice] = []
         self.finished = threading.Event()
@@ -108,7 +122,8 @@ class Fleet:
         """Trace the shared trainer's training step for ``architecture`` before the first round, as
         devices that have been running for a while have done: round 1 then shows the steady
         training time, not one simulator-wide warm-up. (A hostile trainer wraps this one.)"""
-        prepare_trainer(self.trainer, architecture)
+        for trainer in self.trainers.values():
+            prepare_trainer(trainer, architecture)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         if self._loop is not None and self._stop is not None:
@@ -147,12 +162,15 @@ class Fleet:
         slots = asyncio.Semaphore(self.connect_concurrency)
         t = self.task
         for b, (x, y) in zip(self.behaviours, self._data):
+            kind = b.profile.trainer
             session = DeviceSession(device_id(b.index), len(x), federation=t.federation.id,
                                     max_message_bytes=max(t.transport.max_message_bytes, t.transport.max_payload_bytes),
-                                    seed=device_seed(t.seed, b.index))
+                                    seed=device_seed(t.seed, b.index), trainer=kind,
+                                    runtime=self.runtime if kind == "litert" else "",
+                                    trainable_files=self.trainable_files if kind == "litert" else None)
             self.devices.append(SimulatedDevice(
                 session, b, x, y, broker_url=self.broker_url, federation=t.federation.id,
-                trainer=self.hostile_trainer if b.index in self.hostile else self.trainer,
+                trainer=(self.hostile_trainers if b.index in self.hostile else self.trainers)[kind],
                 executor=self._executor, tasks=self.tasks, connect_slots=slots,
                 max_payload_bytes=t.transport.max_payload_bytes, rejoin_s=t.simulation.rejoin_s))
         online = [d for d, b in zip(self.devices, self.behaviours) if b.online]
