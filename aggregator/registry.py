@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from fedprune.converters.errors import CodecError
 from fedprune.converters.protocol import Presence, Topics, valid_device_id
+from fedprune.converters.log_rate import worth_logging
+from fedprune.converters.text import one_line
 from fedprune.names import ID_RULE
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._last_update = time.monotonic()
+        self.bad_presences = 0  # malformed presence messages ignored (counted on the network thread)
 
     def update(self, device_id: str, online: bool, num_samples: int) -> None:
         """Record a presence. ``ValueError`` for an id no device can have (it may come from a
@@ -108,8 +111,11 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
             return
         p = Presence.decode(payload)
         if p.device_id != device_id:
-            log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
+            log.warning("presence on %s claims device %s; ignored", topic, one_line(repr(p.device_id)))
             return
         registry.update(device_id, p.online, p.num_samples)
     except (CodecError, ValueError) as e:
-        log.warning("ignored bad presence message on %s: %s", topic, e)
+        registry.bad_presences += 1
+        if worth_logging(registry.bad_presences):
+            log.warning("ignored bad presence message on %s: %s (%d so far)", one_line(topic), one_line(str(e)),
+                        registry.bad_presences)
