@@ -104,7 +104,7 @@ class AsyncConnection:
                 continue
             if is_chunk(payload):
                 if self._reassembler is None:
-                    self._reassembler = Reassembler(self.max_message_bytes, max_pending_messages=4)
+                    self._reassembler = Reassembler(self.max_message_bytes)
                 try:
                     whole = self._reassembler.add(topic, payload)
                 except CodecError as e:
