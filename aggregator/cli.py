@@ -24,6 +24,7 @@ from fedprune.transport import parse_broker_url
 
 if TYPE_CHECKING:
     from fedprune.aggregator.broker_setup import BrokerFolder
+    from fedprune.converters.signing import SigningKey
     from fedprune.data import Dataset
     from fedprune.task import Task
 
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     task = load_task_or_exit(args.task, check=strategy_for_task)
     run_dir = args.run_dir or default_run_dir(args.task)
     try:
-        broker_url, folder = _broker_choice(args, task.federation.id)
-    except ValueError as e:
+        broker_url, folder, key_file = _broker_choice(args, task.federation.id)
+        signing_key = _signing_key(args.signing_key or key_file or run_dir / "aggregator.key")
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -68,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}'; "
               f"results in {run_dir}", flush=True)
-        return _run(args, task, dataset, broker_url, run_dir)
+        print(f"messages to devices are signed: devices trust them with --aggregator-key {signing_key.public.text}",
+              flush=True)
+        return _run(args, task, dataset, broker_url, run_dir, signing_key)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="port of the embedded broker (default 1883, or the --broker-dir's; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the embedded broker binds (default 127.0.0.1; 0.0.0.0 for a LAN)")
+    parser.add_argument("--signing-key", type=Path,
+                        help="the aggregator's Ed25519 key, which signs every message to devices (PEM; made, mode "
+                             "600, with its .pub beside it, if missing). Default: the one a --connection or "
+                             "--broker-dir names, else <run-dir>/aggregator.key")
     parser.add_argument("--run-dir", type=Path, help="results folder (default runs/<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     add_logging_args(parser)
@@ -108,18 +116,31 @@ def _embedded_broker(stack: ExitStack, args: argparse.Namespace, broker_url: str
                                port=broker.port).full_url()
 
 
-def _run(args: argparse.Namespace, task: Task, dataset: Dataset, broker_url: str | None, run_dir: Path) -> int:
+def _signing_key(path: Path) -> SigningKey:
+    """The key in ``path``, made there if there is none; ValueError (KeyFileError) if unusable."""
+    from fedprune.aggregator_key import load_or_create_signing_key, public_key_file
+
+    key, created = load_or_create_signing_key(path)
+    if created:
+        print(f"wrote a new signing key to {path} (its public key to {public_key_file(path)})", flush=True)
+    return key
+
+
+def _run(args: argparse.Namespace, task: Task, dataset: Dataset, broker_url: str | None, run_dir: Path,
+         signing_key: SigningKey) -> int:
     """Run the federation and print its results; the exit status."""
     from fedprune.aggregator.server import Aggregator, FederationError
+    from fedprune.aggregator.update_buffers import UpdateMemoryError
 
     try:
-        aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round)
+        aggregator = Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round,
+                                signing_key=signing_key)
         result = aggregator.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: fedprune-aggregator --task {args.task} "
               f"--run-dir {run_dir} --resume", file=sys.stderr)
         return 130
-    except (FederationError, ConnectionError, ValueError) as e:
+    except (FederationError, ConnectionError, ValueError, UpdateMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"final accuracy {result.final_accuracy:.4f} at sparsity {result.final_sparsity:.3f}")
@@ -129,17 +150,18 @@ def _run(args: argparse.Namespace, task: Task, dataset: Dataset, broker_url: str
     return 0
 
 
-def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None]:
-    """The broker URL with credentials (None: a plain embedded broker), and for --broker-dir the
-    set-up the embedded broker enforces. Raises ValueError saying what is wrong."""
+def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None, Path | None]:
+    """The broker URL with credentials (None: a plain embedded broker), for --broker-dir the
+    set-up the embedded broker enforces, and the signing key a connection file names. Raises
+    ValueError saying what is wrong."""
     from fedprune.aggregator.broker_setup import load_broker_folder
     from fedprune.connection import load_connection
 
     if args.broker is not None:
         parse_broker_url(args.broker)
-        return args.broker, None
+        return args.broker, None, None
     if args.connection is None and args.broker_dir is None:
-        return None, None
+        return None, None, None
     folder = None
     path = args.connection
     if args.broker_dir is not None:
@@ -151,7 +173,7 @@ def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | Non
     if connection.federation != federation:
         raise ValueError(f"{path} is for federation {connection.federation!r}, the task file runs {federation!r}; "
                          "set [federation] id in the task file to match")
-    return connection.broker.full_url(), folder
+    return connection.broker.full_url(), folder, Path(connection.signing_key)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprune.converters.signing import VerifyKey
 from fedprune.edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
 from fedprune.edge_agent.emulation import SlowLink
 from fedprune.transport import MqttSession, PayloadTooLarge
@@ -32,6 +33,7 @@ class EdgeAgent:
         y: np.ndarray | None,
         trainer: Trainer,
         *,
+        aggregator_key: VerifyKey,
         num_samples: int | None = None,
         federation: str = "default",
         max_payload_bytes: int = 1_000_000,
@@ -42,13 +44,14 @@ class EdgeAgent:
         link: SlowLink | None = None,
     ) -> None:
         """``x``, ``y``: the local data, for an in-process trainer; a trainer that reads the data
-        itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``link``: an emulated
-        slow uplink (``fedprune.edge_agent.emulation``)."""
+        itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``aggregator_key``: the
+        public key whose signature every message from the aggregator must carry. ``link``: an
+        emulated slow uplink (``fedprune.edge_agent.emulation``)."""
         if num_samples is None:
             if x is None:
                 raise ValueError("give the local data (x, y) or num_samples")
             num_samples = len(x)
-        self.device = DeviceSession(device_id, num_samples, federation=federation,
+        self.device = DeviceSession(device_id, num_samples, aggregator_key=aggregator_key, federation=federation,
                                     max_message_bytes=max(max_message_bytes, max_payload_bytes),
                                     state_dir=state_dir, seed=seed)
         self.device_id = device_id

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", help="this device's id, unique in the federation (config: device.id)")
     run.add_argument("--data", help=".npz with x_train and y_train, stays on the device (config: device.data)")
     run.add_argument("--federation", help="federation id (config: broker.federation, default 'default')")
+    run.add_argument("--aggregator-key", metavar="KEY",
+                     help="the aggregator's public key, ed25519:... as fedprune-aggregator prints it, or the path "
+                          "of its aggregator.pub; the agent accepts only messages it signed (config: "
+                          "broker.aggregator_key; a --connection file holds it)")
     run.add_argument("--max-payload-bytes", type=int,
                      help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
     run.add_argument("--max-message-bytes", type=int, help="largest whole message accepted (default 64,000,000)")
@@ -104,12 +108,13 @@ def _config(args: argparse.Namespace, require_run: bool):
             "broker.federation": args.federation, "broker.max_payload_bytes": args.max_payload_bytes,
             "broker.max_message_bytes": args.max_message_bytes,
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
-            "model.export": args.model_export,
+            "model.export": args.model_export, "broker.aggregator_key": args.aggregator_key,
         })
         connection = _connection(args)
         if connection is not None:  # the file names the broker (with credentials), the device and federation
             overrides.update({"broker.url": connection.broker.url, "device.id": connection.device_id,
-                              "broker.federation": args.federation or connection.federation})
+                              "broker.federation": args.federation or connection.federation,
+                              "broker.aggregator_key": args.aggregator_key or connection.aggregator_key})
     config = config.with_overrides(overrides).check(require_run=require_run)
     setup_logging(config.logging.level)
     return config
@@ -144,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedprune.data import DataError, load_device_data
 
     device_id = config.device.id
+    aggregator_key = config.verify_key()
     register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
         x, y = load_device_data(config.device.data)  # checked here, so a bad file fails at start
@@ -155,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             trainer = ChildProcessTrainer(config.state_dir, config.device.data, budgets=config.budget_limits,
                                           export_precision=config.model.export)
             data = (None, None)  # the child reads the file; the agent keeps only the sample count
-        agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
+        agent = EdgeAgent(broker_url, device_id, *data, trainer, aggregator_key=aggregator_key, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
                           max_message_bytes=config.broker.max_message_bytes, state_dir=config.state_dir,
                           link=SlowLink(args.emulate_uplink_kbps, args.emulate_latency_ms)
@@ -171,8 +177,8 @@ def _run(args: argparse.Namespace) -> int:
     where = ("in this process (no budgets enforced)" if args.in_process else
              f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
              f"round {_limit(budgets.max_round_s, 's')}")
-    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}",
-          flush=True)
+    print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}; training {where}; "
+          f"accepting messages signed by {aggregator_key.text}", flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
     try:

@@ -27,6 +27,8 @@ from fedprune.architecture import ArchitectureError, check_architecture
 from fedprune.error_feedback import ErrorFeedback
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import unpack_frame
+from fedprune.converters.signing import VerifyKey, open_signed
+from fedprune.converters.text import one_line
 from fedprune.converters.protocol import (
     Ack,
     Architecture,
@@ -40,6 +42,7 @@ from fedprune.converters.protocol import (
     valid_device_id,
 )
 from fedprune import __version__
+from fedprune.converters.log_rate import worth_logging
 from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
 log = logging.getLogger(__name__)
@@ -100,13 +103,19 @@ class TrainJob:
 
 class DeviceSession:
     """The protocol state of one device. Thread-safe: ``receive`` may run on a network thread
-    while ``finish`` runs on a training worker."""
+    while ``finish`` runs on a training worker.
+
+    ``aggregator_key``: the one key whose signature this device accepts. Every message it
+    receives is opened with it before anything else looks at it (``receive``), so a message of a
+    new kind is verified by being received here.
+    """
 
     def __init__(
         self,
         device_id: str,
         num_samples: int,
         *,
+        aggregator_key: VerifyKey,
         federation: str = "default",
         max_message_bytes: int = 64_000_000,
         state_dir: str | Path | None = None,
@@ -114,7 +123,11 @@ class DeviceSession:
     ) -> None:
         if not valid_device_id(device_id):
             raise ValueError(f"device id {device_id!r} must be 1-128 printable characters without '/', '+', '#'")
+        if not isinstance(aggregator_key, VerifyKey):
+            raise ValueError("a device needs the aggregator's public key (a VerifyKey) to accept its messages")
         self.device_id = device_id
+        self.aggregator_key = aggregator_key
+        self.refused_messages = 0  # unsigned, forged or undecodable messages, each logged
         self.num_samples = int(num_samples)
         self.topics = Topics(federation)
         self.max_message_bytes = max_message_bytes
@@ -147,31 +160,51 @@ class DeviceSession:
 
     # --- messages in ---
     def receive(self, topic: str, payload: bytes) -> TrainJob | None:
-        """Take one incoming message; returns a job when a task is ready to train."""
+        """Take one incoming message; returns a job when a task is ready to train.
+
+        Every non-empty payload must be a message the aggregator signed for ``topic``; anything
+        else is refused (logged and counted) before its content is read.
+        """
+        if not payload:
+            return None  # an empty retained message clears a task after its round: nothing to do
+        try:
+            message = open_signed(topic, payload, self.aggregator_key, self.max_message_bytes)
+        except CodecError as e:
+            self._refuse(topic, e.reason)
+            return None
         if topic == self.topics.architecture:
             try:
-                arch = Architecture.decode(payload)
+                arch = Architecture.decode(message)
                 check_architecture(arch.model_json)  # refuse code before any trainer sees it
             except (CodecError, ArchitectureError) as e:
-                log.error("%s: ignored bad architecture message: %s", self.device_id, e)
+                self._refuse(topic, str(e))
                 return None
             with self._lock:
                 self._architecture = arch
                 pending, self._pending_task = self._pending_task, None
+            log.info("%s: took architecture %s (%d tensors)", self.device_id, one_line(arch.digest, 32),
+                     len(arch.names))
             return self._accept_task(pending) if pending else None
         if topic == self.topics.task(self.device_id):
-            # An empty retained message clears the task after its round.
-            return self._accept_task(payload) if payload else None
+            return self._accept_task(message)
         if topic == self.topics.ack(self.device_id):
             try:
-                ack = Ack.decode(payload)
+                ack = Ack.decode(message)
             except CodecError as e:
-                log.warning("%s: ignored bad ack: %s", self.device_id, e)
+                self._refuse(topic, e.reason)
                 return None
             if not ack.accepted:
-                log.warning("%s: aggregator rejected the update for round %d: %s", self.device_id, ack.round,
-                            ack.reason)
+                log.warning("%s: aggregator rejected the update for round %s: %s", self.device_id,
+                            one_line(str(ack.round), 20), one_line(str(ack.reason)))
         return None
+
+    def _refuse(self, topic: str, reason: str) -> None:
+        with self._lock:
+            self.refused_messages += 1
+            count = self.refused_messages
+        if worth_logging(count):  # whoever can publish on our topics decides how many there are
+            log.error("%s: refused a message on %s: %s (%d refused so far)", self.device_id, one_line(topic),
+                      one_line(reason), count)
 
     def _accept_task(self, payload: bytes) -> TrainJob | None:
         with self._lock:
@@ -179,7 +212,7 @@ class DeviceSession:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
             except (CodecError, KeyError, TypeError, ValueError) as e:
-                log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                log.error("%s: ignored undecodable task: %s", self.device_id, one_line(str(e)))
                 return None
             if self._architecture is None or header.get("architecture_digest") != self._architecture.digest:
                 self._pending_task = payload  # its architecture (retained, or a new one) will follow
@@ -204,7 +237,8 @@ class DeviceSession:
     def failure(self, job: TrainJob, error: str) -> Outgoing:
         """The update that tells the aggregator training failed, and why."""
         task = self._task(job)
-        update = Update(task.round, task.attempt, self.device_id, self.num_samples, error=error[:500])
+        # One line of at most 200 characters: the aggregator logs it and echoes it back.
+        update = Update(task.round, task.attempt, self.device_id, self.num_samples, error=one_line(error))
         return Outgoing(self.topics.update(self.device_id), encode_update(update, task.masks))
 
     def finish(self, job: TrainJob, result: TrainResult) -> Outgoing:

@@ -20,6 +20,7 @@ import numpy as np
 
 from fedprune.converters.protocol import Architecture, RoundAnnouncement, Topics
 from fedprune.converters.errors import CodecError
+from fedprune.converters.signing import VerifyKey, open_signed
 from fedprune.edge_agent.device import DeviceSession, Trainer, prepare_trainer
 from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
 from fedprune.simulation.fleet.device import SimulatedDevice
@@ -57,14 +58,17 @@ class Fleet:
         broker_url: str,
         trainer: Trainer,
         *,
+        aggregator_key: VerifyKey,
         connect_concurrency: int = 32,
         hostile: frozenset[int] = frozenset(),
         hostile_trainer: Trainer | None = None,
     ) -> None:
-        """``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.simulation.attacks``)."""
+        """``aggregator_key``: the key every device accepts the aggregator's messages signed with.
+        ``hostile``: indices of devices that train with ``hostile_trainer`` (``fedprune.simulation.attacks``)."""
         if hostile and hostile_trainer is None:
             raise ValueError("hostile devices need a hostile_trainer")
         self.task = task
+        self.aggregator_key = aggregator_key
         self.broker_url = broker_url
         self.trainer = trainer
         self.hostile, self.hostile_trainer = hostile, hostile_trainer
@@ -147,7 +151,8 @@ class Fleet:
         slots = asyncio.Semaphore(self.connect_concurrency)
         t = self.task
         for b, (x, y) in zip(self.behaviours, self._data):
-            session = DeviceSession(device_id(b.index), len(x), federation=t.federation.id,
+            session = DeviceSession(device_id(b.index), len(x), aggregator_key=self.aggregator_key,
+                                    federation=t.federation.id,
                                     max_message_bytes=max(t.transport.max_message_bytes, t.transport.max_payload_bytes),
                                     seed=device_seed(t.seed, b.index))
             self.devices.append(SimulatedDevice(
@@ -176,9 +181,10 @@ class Fleet:
         while True:
             try:
                 async with AsyncConnection(self.broker_url, name, subscriptions=[topics.round]) as conn:
-                    async for _, payload in conn.messages():
+                    async for topic, payload in conn.messages():
                         try:
-                            state = RoundAnnouncement.decode(payload).state
+                            state = RoundAnnouncement.decode(open_signed(
+                                topic, payload, self.aggregator_key, 1 << 20)).state
                         except CodecError:
                             continue
                         seen_open = seen_open or state == "open"

@@ -1,0 +1,33 @@
+"""Everything the aggregator sends to devices, signed: the one way out of the aggregator.
+
+Devices accept only messages signed with the aggregator's key for the topic they arrive on
+(``fedprune.converters.signing``). Publishing through ``DevicePublisher.publish`` is what makes a
+message signed; a new kind of message to devices needs nothing else.
+"""
+
+from __future__ import annotations
+
+from paho.mqtt.client import MQTTMessageInfo
+
+from fedprune.converters.signing import SigningKey, VerifyKey, sign_message
+from fedprune.transport import MqttSession
+
+
+class DevicePublisher:
+    """Signs and publishes the aggregator's messages on ``session``."""
+
+    def __init__(self, session: MqttSession, key: SigningKey) -> None:
+        self.session, self._key = session, key
+        self.verify_key: VerifyKey = key.public
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False,
+                best_effort: bool = False) -> MQTTMessageInfo | None:
+        """Sign ``payload`` for ``topic`` and publish it; the publish's info. ``best_effort``: for
+        what may be lost (acknowledgements), dropped (None) when the outbox is full; anything else
+        waits for room."""
+        return self.session.publish(topic, sign_message(topic, payload, self._key), retain=retain,
+                                    best_effort=best_effort)
+
+    def clear(self, topic: str) -> None:
+        """Remove the retained message of ``topic`` (an empty payload, which carries nothing to sign)."""
+        self.session.publish(topic, b"", retain=True)
