@@ -99,9 +99,9 @@ class BrokerFolder:
                               self.path / "server.crt", self.path / "server.key")
 
 
-def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> None:
+def _check_setup(out: Path, federation: str, devices: list[str], port: int, max_payload_bytes: int) -> None:
     """BrokerSetupError naming what makes the set-up unusable: the federation id, the device ids,
-    the port, or a folder that already holds one."""
+    the port, the payload limit, or a folder that already holds one."""
     if not valid_federation_id(federation):
         raise BrokerSetupError(f"federation id {federation!r} must be {ID_RULE}")
     if not devices:
@@ -114,6 +114,9 @@ def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> N
         raise BrokerSetupError("device ids repeat: each device needs its own id")
     if not 0 < port < 65536:
         raise BrokerSetupError(f"port {port} is not in 1..65535")
+    if not 1024 <= max_payload_bytes <= 256 * 1024 * 1024:
+        raise BrokerSetupError(f"--max-payload-bytes must be in [1024, 268435456] (the task file's "
+                               f"transport.max_payload_bytes), got {max_payload_bytes}")
     if (out / MANIFEST).exists():
         raise BrokerSetupError(f"{out} already holds a broker set-up; choose a new folder (its CA and passwords "
                                "would be replaced, and every device would need new files)")
@@ -133,10 +136,7 @@ def init_broker(
     """Write the set-up described in the module docstring into ``out`` (which must not hold one).
     ``max_payload_bytes``: the task file's ``transport.max_payload_bytes``, which the broker enforces."""
     out = Path(out).resolve()
-    _check_setup(out, federation, devices, port)
-    if not 1024 <= max_payload_bytes <= 256 * 1024 * 1024:
-        raise BrokerSetupError(f"--max-payload-bytes must be in [1024, 268435456] (the task file's "
-                               f"transport.max_payload_bytes), got {max_payload_bytes}")
+    _check_setup(out, federation, devices, port, max_payload_bytes)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
 

@@ -1,11 +1,11 @@
 """The round loop: select devices, send them the global model, collect their updates until a
 quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 
-Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
-each through ``intake.check_update``), the ``strategies`` (aggregation), the pruning controller
-(``fedprune.pruning.controller``: every pruning decision), ``structured_step`` (the model
-surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint`` and ``export``. What stays
-here is the order of the steps, the quorum and retries, and the federation's state.
+Each step is a call to one collaborator: ``channel`` (the broker: budgets, inbox, signing),
+``collect`` (the task out, each update in through ``intake.check_update``), ``strategies``, the
+pruning controller (``fedprune.pruning.controller``: every pruning decision), ``structured_step``
+(the model surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint`` and ``export``.
+What stays here is the order of the steps, the quorum and retries, and the federation's state.
 """
 
 from __future__ import annotations
@@ -20,24 +20,19 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.aggregator.channel import DeviceChannel, run_signing_key, task_budget
 from fedprune.aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
-from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
-from fedprune.aggregator.collect import publish_round, train_task
-from fedprune.aggregator.device_publisher import DevicePublisher
+from fedprune.aggregator.collect import AttemptCollector, Collected, Gathered, RoundProgress, publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
-from fedprune.aggregator.inbox import BoundedInbox
 from fedprune.aggregator.intake import RoundContext
-from fedprune.aggregator.peer_budgets import Budget, PeerBudgets, default_budget
 from fedprune.aggregator.privacy import PrivacyAccountant, ReleasedRound
 from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.records import read_metrics, round_record, write_summary
-from fedprune.aggregator.registry import DeviceRegistry, take_presence
+from fedprune.aggregator.registry import DeviceRegistry
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
 from fedprune.aggregator.update_buffers import UpdateBuffers
-from fedprune.aggregator_key import load_or_create_signing_key, public_key_file
 from fedprune.architecture import layer_classes, model_from_architecture_json
-from fedprune.converters.chunking import Reassembler
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
 from fedprune.converters.signing import SigningKey, VerifyKey
@@ -45,7 +40,6 @@ from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
 from fedprune.pruning.masks import sparsity
 from fedprune.task import Task
-from fedprune.transport import MqttSession
 
 __all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]
 
@@ -68,9 +62,8 @@ class Aggregator:
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_update: Callable[[RoundProgress], None] | None = None, export_tflite: bool = True,
                  signing_key: SigningKey | None = None) -> None:
-        """``signing_key``: what every message to devices is signed with; by default the key in
-        ``<run_dir>/aggregator.key``, made there (with its ``aggregator.pub``) if there is none, so
-        a resumed run keeps the key its devices trust."""
+        """``signing_key`` signs every message to devices; default: ``<run_dir>/aggregator.key``,
+        made there if missing (``channel.run_signing_key``), so a resumed run keeps its devices' key."""
         from fedprune.keras_setup import keras  # TensorFlow only once an aggregator is built
         from fedprune.models import build_model
 
@@ -83,8 +76,6 @@ class Aggregator:
         self.accountant = PrivacyAccountant(privacy.noise_multiplier, privacy.delta) if privacy.enabled else None
         self.controller = PruningController(task.pruning, {})
         self.device_masks = self.controller.device_masks
-        transport = task.transport
-        self._inbox = BoundedInbox(transport.max_inbox_bytes)  # topic, payload, arrival
         self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
         self.session_id = secrets.token_hex(8)
         keras.utils.set_random_seed(task.seed)
@@ -96,39 +87,15 @@ class Aggregator:
             self._resume()
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state.rng_state
-        if signing_key is None:
-            signing_key, created = load_or_create_signing_key(self.run_dir / "aggregator.key")
-            if created:
-                log.info("new signing key in %s; devices trust it with --aggregator-key %s (also in %s)",
-                         self.run_dir / "aggregator.key", signing_key.public.text,
-                         public_key_file(self.run_dir / "aggregator.key"))
-        self.budgets = PeerBudgets(self.topics, self.registry.known, self._budget(), on_over_budget=self._stop_hearing)
-        # Presences of every device; updates only of the devices drawn for the open attempt
-        # (``_listen``): the broker routes no other device's updates here, however many it sends.
-        self.session = MqttSession(
-            broker_url, client_id=f"fedprune-aggregator-{task.federation.id}",
-            subscriptions=[self.topics.all_presence], on_message=self._on_message,
-            on_connected=self._on_connected, admit=self.budgets.admit,
-            max_payload_bytes=transport.max_payload_bytes, max_message_bytes=transport.max_message_bytes,
-            clean_session=False,  # the broker keeps updates that arrive while we reconnect
-            # Each device's partial messages in a room of its own: none can evict another's.
-            reassembler=Reassembler(max(transport.max_message_bytes, transport.max_payload_bytes),
-                                    max_pending_bytes=transport.max_inbox_bytes),
-        )
-        self.publisher = DevicePublisher(self.session, signing_key)
+        budget = task_budget(task, self.architecture.names, self.shapes)  # per device and round, for this model
+        key = signing_key or run_signing_key(self.run_dir)
+        self.channel = DeviceChannel(broker_url, task, self.registry, budget, key,
+                                     on_connected=self._publish_architecture)  # budgets, inbox, signed publishing
 
     @property
     def verify_key(self) -> VerifyKey:
         """The public key devices must trust (``fedprune-agent --aggregator-key``)."""
-        return self.publisher.verify_key
-
-    def _budget(self) -> Budget:
-        """The task file's per-device budget, each 0 filled in from the model."""
-        transport, fed = self.task.transport, self.task.federation
-        derived = default_budget(self.architecture.names, self.shapes, fed.max_round_retries + 1,
-                                 transport.max_payload_bytes, transport.max_message_bytes)
-        return Budget(transport.max_device_messages_per_round or derived.messages,
-                      transport.max_device_bytes_per_round or derived.bytes)
+        return self.channel.publisher.verify_key
 
     def _initial_state(self) -> FederationState:
         """Round 0: the initial model (pruned at initialization if the schedule says so)."""
@@ -177,32 +144,8 @@ class Aggregator:
                              f"prunable: {sorted(self.layer_of.values())}")
         self.controller.layer_of = self.layer_of
 
-    # --- MQTT side (network thread) ---
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        if "/presence/" in topic:
-            take_presence(self.registry, self.topics, topic, payload)
-        else:
-            self._inbox.put((topic, payload, time.monotonic()))  # full: dropped, counted per attempt
-
-    def _listen(self, devices: list[str]) -> None:
-        """Receive the updates of ``devices`` (the attempt's selection) and of no other device."""
-        wanted = {self.topics.update(d) for d in devices if not self.budgets.ignored(d)}
-        current = {t for t in self.session.subscriptions if t != self.topics.all_presence}
-        self.session.unsubscribe(sorted(current - wanted))
-        self.session.subscribe(sorted(wanted - current))
-
-    def _stop_hearing(self, device: str) -> None:
-        """A device over its budget: the broker stops routing its updates here (network thread)."""
-        self.session.unsubscribe([self.topics.update(device)])
-
-    def _on_connected(self) -> None:
-        # A persistent session (clean_session=False) of an aggregator of protocol version 1 was
-        # subscribed to every device's updates: drop that, or the broker still routes them all here.
-        self.session.client.unsubscribe(self.topics.all_updates)
-        self._publish_architecture()
-
-    def _publish_architecture(self) -> None:
-        self.publisher.publish(self.topics.architecture, self.architecture.encode(), retain=True)
+    def _publish_architecture(self) -> None:  # on every (re)connection, and after structured pruning
+        self.channel.publisher.publish(self.topics.architecture, self.architecture.encode(), retain=True)
 
     # --- the run ---
     def run(self) -> RunResult:
@@ -211,7 +154,7 @@ class Aggregator:
         (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
         if not self.device_masks:  # device-side masks: self-describing updates, decoded as they come
             self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
-        self.session.start()
+        self.channel.session.start()
         try:
             self._wait_for_devices()
             for r in range(self.state.completed_rounds + 1, fed.rounds + 1):
@@ -221,11 +164,11 @@ class Aggregator:
                     log.info("round %d reached held-out accuracy %.4f >= federation.stop_at_accuracy %.4f: "
                              "the run ends here", r, record.accuracy, fed.stop_at_accuracy)
                     break
-            self.budgets.finish().log_summary()
+            self.channel.budgets.finish().log_summary()
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished")
-            self.publisher.publish(self.topics.round, finished.encode(), retain=True).wait_for_publish(5)
+            self.channel.publisher.publish(self.topics.round, finished.encode(), retain=True).wait_for_publish(5)
         finally:
-            self.session.stop()
+            self.channel.session.stop()
         return self._finish()
 
     def _wait_for_devices(self) -> None:
@@ -293,7 +236,7 @@ class Aggregator:
     def _gather(self, r: int) -> Gathered:
         """Run attempts of round ``r`` until a quorum of updates comes in (or every retry failed)."""
         fed = self.task.federation
-        self.budgets.start_window(r).log_summary()
+        self.channel.budgets.start_window(r).log_summary()
         rejections: dict[str, int] = {}
         rejection_acked: set[str] = set()  # at most one rejection acknowledged per device and round
         totals = Collected()
@@ -306,7 +249,7 @@ class Aggregator:
             selected = sorted(self.rng.choice(online, size=k, replace=False).tolist()) if k else []
             collected = self._collect(r, attempt, selected, rejections, rejection_acked)
             totals.add(collected)
-            self._count_dropped(r, rejections)
+            self.channel.count_dropped(r, rejections)
             if len(collected.results) >= fed.min_devices:
                 return Gathered(attempt, selected, len(online), collected, totals, rejections)
             log.warning("round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
@@ -315,21 +258,6 @@ class Aggregator:
             f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
             f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
         )
-
-    def _count_dropped(self, r: int, rejections: dict[str, int]) -> None:
-        """Count in the round's rejections what never reached the checks: the devices over their
-        budget (once each), the updates of devices never announced, and the messages the full
-        inbox dropped; log the inbox's drops in one line (the budgets log their own)."""
-        over, unknown = self.budgets.so_far()
-        if over:
-            rejections["over budget"] = over
-        if unknown:
-            rejections["unknown device"] = unknown
-        dropped, dropped_bytes = self._inbox.take_drops()
-        if dropped:
-            rejections["inbox full"] = rejections.get("inbox full", 0) + dropped
-            log.warning("round %d: the inbox was full (%d bytes): dropped %d message(s), %d bytes",
-                        r, self._inbox.max_bytes, dropped, dropped_bytes)
 
     def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int],
                  rejection_acked: set[str]) -> Collected:
@@ -346,8 +274,8 @@ class Aggregator:
                            transport.uplink_precision, self.device_masks, self.state.weights,
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
-        link = DeviceLink(self.publisher, self.topics, self.registry, self._inbox, self.budgets.ignored)
-        self._listen(selected)  # before the tasks go out: the broker then routes every answer here
+        link = self.channel.link()
+        self.channel.listen(selected)  # before the tasks go out: the broker then routes every answer here
         published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
         collector = AttemptCollector(link, ctx, rejections, self._buffers, self.on_update, rejection_acked)
         out = collector.collect(published, deadline)
