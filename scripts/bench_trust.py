@@ -90,15 +90,6 @@ def part_cost(args) -> dict:
 
 # --- forged ---------------------------------------------------------------------------------------
 
-PAYLOAD_MODULE = """
-import pathlib
-pathlib.Path({marker!r} + ".imported").touch()
-def run(*args, **kwargs):
-    pathlib.Path({marker!r} + ".called").touch()
-    return args[0] if args else None
-"""
-
-
 def _forgeries(topics, key, attacker_key, honest_arch, module: str) -> list[tuple[str, str, bytes]]:
     """(what, topic, payload): every forged message the attacker sends, none signed by ``key``
     for its topic."""
@@ -142,7 +133,7 @@ def _forgeries(topics, key, attacker_key, honest_arch, module: str) -> list[tupl
 def part_forged(args) -> dict:
     import numpy as np
 
-    from edge_helpers import training_child_pid
+    from edge_helpers import MARKER_MODULE, training_child_pid
     from federation_helpers import Spy
     from fedprune.aggregator_key import public_key_file, write_key_pair
     from fedprune.converters.protocol import Topics
@@ -156,7 +147,7 @@ def part_forged(args) -> dict:
         module = "fedprune_bench_payload"
         marker = str(work / "marker")
         (work / "payload").mkdir()
-        (work / "payload" / f"{module}.py").write_text(PAYLOAD_MODULE.format(marker=marker))
+        (work / "payload" / f"{module}.py").write_text(MARKER_MODULE.format(marker=marker))
         np.savez(work / "local.npz", x_train=np.zeros((16, 4), np.float32), y_train=np.arange(16) % 2)
         topics = Topics("default")
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -402,21 +393,20 @@ def part_flood_presence(args, workdir: Path) -> dict:
 
 def part_bomb(args, workdir: Path) -> dict:
     """The task's default payload limit (1,000,000 bytes): the bomb's payloads are 1 MB."""
-    fleet = _federation(args, "bomb", workdir)
-    fleet.broker.start()
-    try:
-        return _run_attacked(fleet, attack="bomb", total=args.bomb_bytes, payload_bytes=1_000_000)
-    finally:
-        fleet.close()
+    return _bomb_part(args, workdir, "bomb", None, 1_000_000)
 
 
 def part_bomb_chunked(args, workdir: Path) -> dict:
     """A payload limit of 64 KiB for the task, the agents and the broker: the honest updates travel
     in chunks while the bomb's maximum-size payloads (64 KiB) arrive."""
-    fleet = _federation(args, "bomb-chunked", workdir, max_payload_bytes=65_536)
+    return _bomb_part(args, workdir, "bomb-chunked", 65_536, 65_536)
+
+
+def _bomb_part(args, workdir: Path, name: str, max_payload_bytes: int | None, payload_bytes: int) -> dict:
+    fleet = _federation(args, name, workdir, max_payload_bytes=max_payload_bytes)
     fleet.broker.start()
     try:
-        return _run_attacked(fleet, attack="bomb", total=args.bomb_bytes, payload_bytes=65_536)
+        return _run_attacked(fleet, attack="bomb", total=args.bomb_bytes, payload_bytes=payload_bytes)
     finally:
         fleet.close()
 

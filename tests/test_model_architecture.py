@@ -24,18 +24,7 @@ from fedprune.architecture import (
 from fedprune.keras_setup import keras
 from fedprune.models import architecture_of, digits_cnn, mlp, mnist1d_cnn
 
-# A module an attacker names: importing it, or calling its function, leaves a marker file.
-PAYLOAD = """
-import pathlib
-pathlib.Path({marker!r} + ".imported").touch()
-def run(*args, **kwargs):
-    pathlib.Path({marker!r} + ".called").touch()
-    return args[0] if args else None
-class Boom:
-    @classmethod
-    def from_config(cls, config):
-        run()
-"""
+from edge_helpers import MARKER_MODULE as PAYLOAD  # importing it, or calling its function, leaves a marker file
 
 
 @pytest.fixture(autouse=True)
