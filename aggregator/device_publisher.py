@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from paho.mqtt.client import MQTTMessageInfo
 
-from fedprune.converters.signing import SigningKey, VerifyKey, sign_message
+from fedprune.converters.signing import SigningKey, VerifyKey, payload_digest, sign_message
 from fedprune.transport import MqttSession
 
 
@@ -19,13 +19,17 @@ class DevicePublisher:
     def __init__(self, session: MqttSession, key: SigningKey) -> None:
         self.session, self._key = session, key
         self.verify_key: VerifyKey = key.public
+        self._last: tuple[bytes, bytes] | None = None  # (payload, its digest): a round's task goes to many devices
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 best_effort: bool = False) -> MQTTMessageInfo | None:
         """Sign ``payload`` for ``topic`` and publish it; the publish's info. ``best_effort``: for
         what may be lost (acknowledgements), dropped (None) when the outbox is full; anything else
         waits for room."""
-        return self.session.publish(topic, sign_message(topic, payload, self._key), retain=retain,
+        last = self._last
+        if last is None or last[0] is not payload:
+            last = self._last = (payload, payload_digest(payload))
+        return self.session.publish(topic, sign_message(topic, payload, self._key, digest=last[1]), retain=retain,
                                     best_effort=best_effort)
 
     def clear(self, topic: str) -> None:

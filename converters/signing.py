@@ -19,8 +19,9 @@ header, whose body is::
 Why the topic is signed: the same task bytes go to every selected device; without the topic, a
 task signed for one device could be replayed onto another device's task topic, or an
 architecture onto a task topic. Why a digest of the payload rather than the payload: Ed25519
-reads its message twice, and a task of 64 MB is signed once per selected device; the digest is
-computed once per message and the signature costs the same for any size.
+reads its message twice, and a task of 64 MB is signed once per selected device; the signature
+then costs the same for any size, and the digest is computed once per task (``sign_message``'s
+``digest``, which ``DevicePublisher`` passes for the same payload again).
 
 What a signature does not stop: replaying an earlier message the aggregator signed for the same
 topic (docs/security.md, threat model).
@@ -41,7 +42,7 @@ from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import FRAME_OVERHEAD, pack_frame, unpack_frame
 
 __all__ = ["SIGNED_KIND", "SIGNED_OVERHEAD", "SignatureError", "SigningKey", "VerifyKey", "is_signed",
-           "open_signed", "sign_message"]
+           "open_signed", "payload_digest", "sign_message"]
 
 SIGNED_KIND = 6  # frame kind byte of a signed envelope (fedprune.converters.protocol.Kind.SIGNED)
 SIGNED_CONTEXT = b"fedprune signed message v2\x00"  # so a signature means this and nothing else
@@ -140,18 +141,25 @@ class SigningKey:
         return self._key.sign(message)
 
 
-def _signed_bytes(topic: str, payload: bytes | memoryview) -> bytes:
+def payload_digest(payload: bytes | memoryview) -> bytes:
+    """The SHA-256 of a payload, as the signature covers it."""
+    return hashlib.sha256(payload).digest()
+
+
+def _signed_bytes(topic: str, digest: bytes) -> bytes:
     """What the signature covers: the context, the topic, and the payload's SHA-256."""
     name = topic.encode()
     if len(name) > 0xFFFF:
         raise ValueError(f"topic of {len(name)} bytes is longer than MQTT allows")
-    return SIGNED_CONTEXT + _TOPIC_LENGTH.pack(len(name)) + name + hashlib.sha256(payload).digest()
+    return SIGNED_CONTEXT + _TOPIC_LENGTH.pack(len(name)) + name + digest
 
 
-def sign_message(topic: str, payload: bytes, key: SigningKey) -> bytes:
-    """``payload`` in a signed envelope for ``topic``: what the aggregator publishes on ``topic``."""
+def sign_message(topic: str, payload: bytes, key: SigningKey, *, digest: bytes | None = None) -> bytes:
+    """``payload`` in a signed envelope for ``topic``: what the aggregator publishes on ``topic``.
+    ``digest``: ``payload_digest(payload)`` when the caller already has it (one task signed for
+    many devices); a wrong one makes an envelope that does not open."""
     public = key.public
-    signature = key.sign(_signed_bytes(topic, payload))
+    signature = key.sign(_signed_bytes(topic, payload_digest(payload) if digest is None else digest))
     return pack_frame(SIGNED_KIND, None, public.key_id + bytes(payload) + signature)
 
 
@@ -182,6 +190,6 @@ def open_signed(topic: str, data: bytes, key: VerifyKey, max_bytes: int) -> byte
                              f"(id {key.key_id.hex()}): a new aggregator key needs the new key on every device")
     payload = body[KEY_ID_BYTES:len(body) - SIGNATURE_BYTES]
     signature = bytes(body[len(body) - SIGNATURE_BYTES:])
-    if not key.verify(signature, _signed_bytes(topic, payload)):
+    if not key.verify(signature, _signed_bytes(topic, payload_digest(payload))):
         raise SignatureError("the signature does not match: the message was altered, or signed for another topic")
     return bytes(payload)

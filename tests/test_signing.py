@@ -16,6 +16,7 @@ from fedprune.converters.signing import (
     VerifyKey,
     is_signed,
     open_signed,
+    payload_digest,
     sign_message,
 )
 from signing_helpers import AGGREGATOR_KEY, VERIFY_KEY
@@ -30,6 +31,10 @@ def test_a_signed_message_opens_to_its_payload_with_the_overhead_documented():
     assert open_signed(TOPIC, data, VERIFY_KEY, 1 << 20) == PAYLOAD
     assert sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY) == data  # Ed25519 is deterministic
     assert open_signed(TOPIC, sign_message(TOPIC, b"", AGGREGATOR_KEY), VERIFY_KEY, 1 << 20) == b""
+    # One task for many devices: its digest computed once gives the same envelope.
+    assert sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY, digest=payload_digest(PAYLOAD)) == data
+    with pytest.raises(SignatureError, match="does not match"):
+        open_signed(TOPIC, sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY, digest=bytes(32)), VERIFY_KEY, 1 << 20)
 
 
 @pytest.mark.parametrize("make,match", [
