@@ -12,6 +12,8 @@ writes (private keys and passwords readable by their owner only):
     acl                      what each may read and write (fedprune.aggregator.access)
     mosquitto.conf           a TLS-only listener with the files above: mosquitto -c broker/mosquitto.conf
     aggregator.toml          the aggregator's connection file (fedprune-aggregator --connection)
+    aggregator.key           the aggregator's Ed25519 signing key: it signs every message to devices
+    aggregator.pub           its public key, also written into every device's connection.toml
     devices/<id>/            per device: connection.toml and ca.crt, to copy to that device
                              (fedprune-agent --connection connection.toml)
     fedprune-broker.toml     what was set up, for ``fedprune-aggregator --broker-dir`` (the
@@ -35,6 +37,7 @@ from pathlib import Path
 from fedprune.aggregator.access import AccessPolicy
 from fedprune.aggregator.embedded_broker import BrokerSecurity
 from fedprune.aggregator.passwords import write_password_file
+from fedprune.aggregator_key import write_key_pair
 from fedprune.converters.protocol import valid_device_id
 from fedprune.connection import Connection, write_connection
 from fedprune.fileio import atomic_write_bytes
@@ -45,10 +48,20 @@ log = logging.getLogger(__name__)
 
 AGGREGATOR_USER = "fedprune-aggregator"
 MANIFEST = "fedprune-broker.toml"
-# Mosquitto refuses packets above this; every fedprune message stays below it because the task's
-# transport.max_payload_bytes (default 1,000,000) chunks anything larger.
-MAX_PACKET_BYTES = 2_000_000
-MAX_QUEUED_BYTES = 500_000_000  # per client: a round of 100 devices' 1 MB updates, five times over
+# The task file's transport.max_payload_bytes: Mosquitto forwards no larger payload
+# (message_size_limit), and takes no packet larger than that plus room for the topic and headers.
+MAX_PAYLOAD_BYTES = 1_000_000
+PACKET_HEADROOM = 65_536 + 16  # a topic of up to 65,535 bytes, its length, the fixed header, a packet id
+# Per client (in practice the aggregator's, which subscribes to every device's update). A device
+# that floods its update topic faster than the aggregator drains it fills this queue; past either
+# bound Mosquitto drops messages to the aggregator without a word, honest updates among them. Sized
+# so a flood of a million small messages is queued, not dropped (docs/benchmarks.md, "Trust
+# boundaries (issue 16)").
+MAX_QUEUED_MESSAGES = 2_000_000
+MAX_QUEUED_BYTES = 1_000_000_000
+# QoS 1 messages in flight to a client before Mosquitto waits for its acknowledgements: a deeper
+# pipeline to the aggregator drains its queue faster than Mosquitto's default of 20.
+MAX_INFLIGHT_MESSAGES = 1000
 
 
 class BrokerSetupError(ValueError):
@@ -86,9 +99,9 @@ class BrokerFolder:
                               self.path / "server.crt", self.path / "server.key")
 
 
-def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> None:
+def _check_setup(out: Path, federation: str, devices: list[str], port: int, max_payload_bytes: int) -> None:
     """BrokerSetupError naming what makes the set-up unusable: the federation id, the device ids,
-    the port, or a folder that already holds one."""
+    the port, the payload limit, or a folder that already holds one."""
     if not valid_federation_id(federation):
         raise BrokerSetupError(f"federation id {federation!r} must be {ID_RULE}")
     if not devices:
@@ -101,6 +114,9 @@ def _check_setup(out: Path, federation: str, devices: list[str], port: int) -> N
         raise BrokerSetupError("device ids repeat: each device needs its own id")
     if not 0 < port < 65536:
         raise BrokerSetupError(f"port {port} is not in 1..65535")
+    if not 1024 <= max_payload_bytes <= 256 * 1024 * 1024:
+        raise BrokerSetupError(f"--max-payload-bytes must be in [1024, 268435456] (the task file's "
+                               f"transport.max_payload_bytes), got {max_payload_bytes}")
     if (out / MANIFEST).exists():
         raise BrokerSetupError(f"{out} already holds a broker set-up; choose a new folder (its CA and passwords "
                                "would be replaced, and every device would need new files)")
@@ -115,10 +131,12 @@ def init_broker(
     port: int = 8883,
     bind: str = "0.0.0.0",
     persistence: bool = True,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> BrokerFolder:
-    """Write the set-up described in the module docstring into ``out`` (which must not hold one)."""
+    """Write the set-up described in the module docstring into ``out`` (which must not hold one).
+    ``max_payload_bytes``: the task file's ``transport.max_payload_bytes``, which the broker enforces."""
     out = Path(out).resolve()
-    _check_setup(out, federation, devices, port)
+    _check_setup(out, federation, devices, port, max_payload_bytes)
     out.mkdir(parents=True, exist_ok=True)
     names = list(dict.fromkeys([*hosts, "localhost", "127.0.0.1"]))
 
@@ -135,7 +153,8 @@ def init_broker(
     atomic_write_bytes(out / "acl", policy.mosquitto_acl().encode())
     if persistence:
         (out / "data").mkdir(exist_ok=True)
-    atomic_write_bytes(out / "mosquitto.conf", mosquitto_config(out, port, bind, persistence).encode())
+    atomic_write_bytes(out / "mosquitto.conf",
+                       mosquitto_config(out, port, bind, persistence, max_payload_bytes).encode())
 
     public_host = hosts[0] if hosts else "localhost"
     url_host = f"[{public_host}]" if ":" in public_host else public_host
@@ -143,14 +162,17 @@ def init_broker(
     def address(user: str, ca: Path) -> BrokerAddress:
         return BrokerAddress(public_host, port, tls=True, username=user, password=credentials[user], ca_file=str(ca))
 
+    signing_key = write_key_pair(out / "aggregator.key")
     write_connection(out / "aggregator.toml",
-                     Connection("aggregator", federation, address(AGGREGATOR_USER, out / "ca.crt")))
+                     Connection("aggregator", federation, address(AGGREGATOR_USER, out / "ca.crt"),
+                                signing_key=str(out / "aggregator.key")))
     folder = BrokerFolder(out, federation, port, tuple(devices))
     for d in devices:
         device_dir = out / "devices" / d
         _write_pem(device_dir / "ca.crt", _cert_pem(ca_cert))
         write_connection(folder.device_connection(d),
-                         Connection("device", federation, address(d, device_dir / "ca.crt"), device_id=d))
+                         Connection("device", federation, address(d, device_dir / "ca.crt"), device_id=d,
+                                    aggregator_key=signing_key.public.text))
     manifest = "\n".join([
         "# written by fedprune-aggregator init-broker",
         f"federation = {json.dumps(federation)}", f"port = {port}", f"url = {json.dumps(f'mqtts://{url_host}:{port}')}",
@@ -178,7 +200,8 @@ def load_broker_folder(path: str | Path) -> BrokerFolder:
     return folder
 
 
-def mosquitto_config(out: Path, port: int, bind: str, persistence: bool) -> str:
+def mosquitto_config(out: Path, port: int, bind: str, persistence: bool,
+                     max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> str:
     lines = [
         "# Mosquitto 2 configuration written by fedprune-aggregator init-broker.",
         "# Run: mosquitto -c " + str(out / "mosquitto.conf"),
@@ -202,12 +225,18 @@ def mosquitto_config(out: Path, port: int, bind: str, persistence: bool) -> str:
         "# (A listener option: above the listener line it would open a second listener on port 1883.)",
         "use_username_as_clientid true",
         "",
-        "# Above every fedprune message: larger ones travel in chunks of transport.max_payload_bytes.",
-        f"max_packet_size {MAX_PACKET_BYTES}",
-        "# The default 1000 silently drops QoS 1 messages to a slow subscriber during a burst of updates;",
-        "# the byte bound keeps a flood for an offline aggregator from filling memory and the saved database.",
-        "max_queued_messages 10000",
+        "# The task file's transport.max_payload_bytes: larger fedprune messages travel in chunks, so",
+        "# a larger payload is no fedprune message and is never forwarded.",
+        f"message_size_limit {max_payload_bytes}",
+        f"max_packet_size {max_payload_bytes + PACKET_HEADROOM}",
+        "# Per client, in practice the aggregator's: a device flooding its update topic faster than the",
+        "# aggregator drains it fills this queue, and past it Mosquitto drops messages to the aggregator",
+        "# (honest updates among them) without a word. The default 1000 dropped them within a second of a",
+        "# flood; these hold a million small messages (docs/benchmarks.md, Trust boundaries), and the",
+        "# byte bound keeps a flood of large ones from filling the broker's memory and its saved database.",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         "sys_interval 0",
     ]
     if persistence:
@@ -307,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                              "goes into the connection files). localhost and 127.0.0.1 are always included")
     parser.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     parser.add_argument("--bind", default="0.0.0.0", help="address Mosquitto listens on (default 0.0.0.0)")
+    parser.add_argument("--max-payload-bytes", type=int, default=MAX_PAYLOAD_BYTES,
+                        help="the task file's transport.max_payload_bytes, which Mosquitto then enforces "
+                             f"(message_size_limit; default {MAX_PAYLOAD_BYTES:,})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     devices = args.devices or [f"{args.device_prefix}{i:02d}" for i in range(1, (args.device_count or 0) + 1)]
     try:
-        folder = init_broker(args.out, args.federation, devices, args.host, port=args.port, bind=args.bind)
+        folder = init_broker(args.out, args.federation, devices, args.host, port=args.port, bind=args.bind,
+                             max_payload_bytes=args.max_payload_bytes)
     except (BrokerSetupError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,6 +23,10 @@ _NAME = re.compile(r"^round-(\d{5})\.npz$")
 KEEP_LAST = 3
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that must not be resumed; the message names the file and what is wrong."""
+
+
 @dataclass
 class FederationState:
     """Everything needed to continue a run after the round ``completed_rounds``."""
@@ -82,7 +86,11 @@ def _checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def load_latest_checkpoint(directory: Path) -> FederationState | None:
-    """The newest readable checkpoint, or None if there is none."""
+    """The newest readable checkpoint, or None if there is none.
+
+    A damaged file is skipped for the one before it (a crash mid-write leaves the previous one
+    intact); a readable one whose weights hold NaN or infinity raises ``CheckpointError``: it is
+    not damage but a diverged model, which resuming would train on (and devices would refuse)."""
     for _, path in reversed(_checkpoints(directory)):
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -93,6 +101,10 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
         except Exception as e:  # noqa: BLE001 - zip, npy and JSON damage raise many types
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
+        bad = [i for i, w in enumerate(weights) if not np.issubdtype(w.dtype, np.number) or not np.isfinite(w).all()]
+        if bad:
+            raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights (tensor {bad[0]} of {n}): the "
+                                  "model diverged; resume from an earlier checkpoint by moving this one away")
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
                                meta.get("model_json", ""), meta.get("schedule_state", {}), meta.get("session", ""))
     return None

@@ -29,6 +29,7 @@ from fedprune.wait_notices import WaitNotices
 
 if TYPE_CHECKING:
     from fedprune.aggregator.broker_setup import BrokerFolder
+    from fedprune.converters.signing import SigningKey
     from fedprune.data import Dataset
     from fedprune.task import Task
 
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(stop[1], file=sys.stderr if stop[0] else sys.stdout)
         return stop[0]
     try:
-        broker_url, folder = _broker_choice(args, task.federation.id)
-    except ValueError as e:
+        broker_url, folder, key_file = _broker_choice(args, task.federation.id)
+        signing_key = _signing_key(args.signing_key or key_file or run_dir / "aggregator.key")
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(f"broker {shown_url}; waiting for devices on federation '{task.federation.id}' (agents: "
               f"--federation {task.federation.id}); results in {run_dir}", flush=True)
-        return _run(args, argv, task, dataset, broker_url, run_dir)
+        print(f"messages to devices are signed: devices trust them with --aggregator-key {signing_key.public.text}",
+              flush=True)
+        return _run(args, argv, task, dataset, broker_url, run_dir, signing_key)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="port of the embedded broker (default 1883, or the --broker-dir's; 0 picks a free one)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address the embedded broker binds (default 127.0.0.1; 0.0.0.0 for a LAN)")
+    parser.add_argument("--signing-key", type=Path,
+                        help="the aggregator's Ed25519 key, which signs every message to devices (PEM; made, mode "
+                             "600, with its .pub beside it, if missing). Default: the one a --connection or "
+                             "--broker-dir names, else <run-dir>/aggregator.key")
     parser.add_argument("--run-dir", type=Path, help="results folder (default runs/<task>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
     parser.add_argument("--status-port", type=int,
@@ -122,19 +130,31 @@ def _embedded_broker(stack: ExitStack, args: argparse.Namespace, broker_url: str
                                port=broker.port).full_url()
 
 
+def _signing_key(path: Path) -> SigningKey:
+    """The key in ``path``, made there if there is none; ValueError (KeyFileError) if unusable."""
+    from fedprune.aggregator_key import load_or_create_signing_key, public_key_file
+
+    key, created = load_or_create_signing_key(path)
+    if created:
+        print(f"wrote a new signing key to {path} (its public key to {public_key_file(path)})", flush=True)
+    return key
+
+
 def _run(args: argparse.Namespace, argv: list[str], task: Task, dataset: Dataset, broker_url: str | None,
-         run_dir: Path) -> int:
+         run_dir: Path, signing_key: SigningKey) -> int:
     """Run the federation and print its results; the exit status. While it runs, every quiet
     stretch of 10 s gets a line saying what it waits for (``WaitNotices``)."""
     from fedprune.aggregator.run_folder import interrupted
     from fedprune.aggregator.server import Aggregator, FederationError
+    from fedprune.aggregator.update_buffers import UpdateMemoryError
 
     built: list[Aggregator] = []
     starting = "loading TensorFlow and building the model"
     try:
         with ExitStack() as stack:
             stack.enter_context(WaitNotices(lambda: built[0].status.describe() if built else starting, log))
-            built.append(Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round))
+            built.append(Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round,
+                                    signing_key=signing_key))
             if args.status_port is not None:
                 page = stack.enter_context(StatusPage(built[0].status.snapshot, args.status_host, args.status_port))
                 print(f"status page: {page.url}", flush=True)
@@ -142,24 +162,25 @@ def _run(args: argparse.Namespace, argv: list[str], task: Task, dataset: Dataset
     except KeyboardInterrupt:
         print("\n" + interrupted("fedprune-aggregator", argv, run_dir), file=sys.stderr)
         return 130
-    except (FederationError, ConnectionError, OSError, ValueError) as e:
+    except (FederationError, ConnectionError, OSError, ValueError, UpdateMemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print_outcome(result)
     return 0
 
 
-def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None]:
-    """The broker URL with credentials (None: a plain embedded broker), and for --broker-dir the
-    set-up the embedded broker enforces. Raises ValueError saying what is wrong."""
+def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | None, BrokerFolder | None, Path | None]:
+    """The broker URL with credentials (None: a plain embedded broker), for --broker-dir the
+    set-up the embedded broker enforces, and the signing key a connection file names. Raises
+    ValueError saying what is wrong."""
     from fedprune.aggregator.broker_setup import load_broker_folder
     from fedprune.connection import load_connection
 
     if args.broker is not None:
         parse_broker_url(args.broker)
-        return args.broker, None
+        return args.broker, None, None
     if args.connection is None and args.broker_dir is None:
-        return None, None
+        return None, None, None
     folder = None
     path = args.connection
     if args.broker_dir is not None:
@@ -171,7 +192,7 @@ def _broker_choice(args: argparse.Namespace, federation: str) -> tuple[str | Non
     if connection.federation != federation:
         raise ValueError(f"{path} is for federation {connection.federation!r}, the task file runs {federation!r}; "
                          "set [federation] id in the task file to match")
-    return connection.broker.full_url(), folder
+    return connection.broker.full_url(), folder, Path(connection.signing_key)
 
 
 if __name__ == "__main__":

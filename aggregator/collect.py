@@ -2,10 +2,12 @@
 
 ``publish_round`` sends the task to every selected device (retained, so a device that reconnects
 still gets it) and announces the round; an ``AttemptCollector`` then takes the updates as they
-arrive, each checked and decoded by ``intake.check_update``, acknowledges each, and closes the
-attempt when every selected device has reported, when every device still due has gone offline,
-or at the deadline. It counts what became of the selected devices: reported, rejected, offline
-(went offline during the attempt) or lost (online all along, but sent nothing by the deadline).
+arrive, each checked and decoded by ``intake.check_update``, acknowledges each accepted one (and
+the first rejected one of a device in a round: a peer that sends a thousand bad messages gets one
+answer, not a thousand), and closes the attempt when every selected device has reported, when
+every device still due has gone offline, or at the deadline. It counts what became of the
+selected devices: reported, rejected, offline (went offline during the attempt) or lost (online
+all along, but sent nothing by the deadline).
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Any, Callable
 
 import numpy as np
 
+from fedprune.aggregator.device_publisher import DevicePublisher
+from fedprune.aggregator.inbox import BoundedInbox
 from fedprune.aggregator.intake import Rejection, RoundContext, check_update
 from fedprune.aggregator.registry import DeviceRegistry
 from fedprune.aggregator.round_fold import RoundFold
 from fedprune.aggregator.strategies.base import ClientResult
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.pruning.masks import Masks
+from fedprune.converters.log_rate import worth_logging
 from fedprune.converters.protocol import Ack, RoundAnnouncement, Topics, TrainTask
+from fedprune.converters.text import one_line
 from fedprune.task import Task
-from fedprune.transport import MqttSession
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +108,15 @@ class Gathered:
 
 @dataclass(frozen=True)
 class DeviceLink:
-    """What collecting updates reads and writes: the aggregator's MQTT session, the federation's
-    topics, the device registry, and the queue the network thread puts update messages in as
-    ``(topic, payload, time.monotonic() of arrival)``."""
+    """What collecting updates reads and writes: the aggregator's way to devices (signed), the
+    federation's topics, the device registry, and the queue the network thread puts update
+    messages in as ``(topic, payload, time.monotonic() of arrival)``."""
 
-    session: MqttSession
+    publisher: DevicePublisher
     topics: Topics
     registry: DeviceRegistry
-    inbox: queue.Queue[tuple[str, bytes, float]]
+    inbox: BoundedInbox
+    ignored: Callable[[str], bool] = lambda device: False  # a device over its budget for the round
 
 
 def training_settings(task: Task, round_number: int) -> dict[str, Any]:
@@ -146,22 +152,25 @@ def publish_round(link: DeviceLink, ctx: RoundContext, payload: bytes, timeout_s
     with ``name_devices``: under DP who was drawn stays between each device and the aggregator).
     Returns when it was sent (``time.monotonic()``)."""
     for device_id in ctx.selected:
-        link.session.publish(link.topics.task(device_id), payload, retain=True)
+        link.publisher.publish(link.topics.task(device_id), payload, retain=True)
     announcement = RoundAnnouncement(ctx.round, ctx.attempt, list(ctx.selected) if name_devices else [],
                                      time.time() + timeout_s)
-    link.session.publish(link.topics.round, announcement.encode(), retain=True)
+    link.publisher.publish(link.topics.round, announcement.encode(), retain=True)
     return time.monotonic()
 
 
 class AttemptCollector:
     """Collects one attempt's updates (``collect``); ``rejections`` counts rejected updates by
-    kind and is shared by the attempts of a round. ``fold`` takes each accepted update (into the
-    strategy's running sums, or kept); reserved ``UpdateBuffers`` alone keep every update."""
+    kind, and ``rejection_acked`` holds the devices whose rejection was acknowledged: both are
+    shared by the attempts of a round. ``fold`` takes each accepted update (into the strategy's
+    running sums, or kept); reserved ``UpdateBuffers`` alone keep every update."""
 
     def __init__(self, link: DeviceLink, ctx: RoundContext, rejections: dict[str, int],
                  fold: RoundFold | UpdateBuffers | None = None,
-                 on_progress: Callable[[RoundProgress], None] | None = None) -> None:
+                 on_progress: Callable[[RoundProgress], None] | None = None,
+                 rejection_acked: set[str] | None = None) -> None:
         self.link, self.ctx, self.rejections = link, ctx, rejections
+        self.rejection_acked = set() if rejection_acked is None else rejection_acked
         self.fold = fold if isinstance(fold, RoundFold) else RoundFold(None, ctx.global_weights, ctx.masks, fold)
         self.on_progress = on_progress
         self.results: dict[str, ClientResult] = {}
@@ -176,6 +185,9 @@ class AttemptCollector:
         r, registry = self.ctx.round, self.link.registry
         self._progress()
         while self.waiting and time.monotonic() < deadline:
+            self._forget_ignored()
+            if not self.waiting:
+                break
             if not any(registry.is_online(d) for d in self.waiting):
                 log.warning("round %d: every device still due (%s) is offline; closing early", r, sorted(self.waiting))
                 break
@@ -185,6 +197,14 @@ class AttemptCollector:
                 continue
             self._take(topic, data, arrived - published)
         return self._close(published)
+
+    def _forget_ignored(self) -> None:
+        """A selected device over its budget is ignored for the rest of the round: not waited for
+        (counted once, as the round's ``over budget``)."""
+        over = {d for d in self.waiting if self.link.ignored(d)}
+        if over:
+            self.waiting -= over
+            self.rejected_due |= over
 
     def _take(self, topic: str, data: bytes, path_s: float) -> None:
         self.out.bytes_up += len(data)
@@ -226,9 +246,12 @@ class AttemptCollector:
         return True
 
     def _reject(self, topic: str, rejection: Rejection) -> None:
-        self.rejections[rejection.kind] = self.rejections.get(rejection.kind, 0) + 1
-        log.warning("round %d: rejected update on %s: %s", self.ctx.round, topic, rejection.reason)
-        if rejection.device_id:
+        count = self.rejections[rejection.kind] = self.rejections.get(rejection.kind, 0) + 1
+        if worth_logging(count):  # the reason is one line of bounded length (intake.Rejection)
+            log.warning("round %d: rejected update on %s: %s (%d %r so far this round)", self.ctx.round,
+                        one_line(topic), rejection.reason, count, rejection.kind)
+        if rejection.device_id and rejection.device_id not in self.rejection_acked:
+            self.rejection_acked.add(rejection.device_id)
             self._ack(Ack(self.ctx.round, rejection.device_id, False, rejection.reason))
         if rejection.device_id in self.waiting and rejection.kind == "device error":
             # The device itself says it cannot train this round: its slot closes now, not at the deadline.
@@ -240,7 +263,7 @@ class AttemptCollector:
     def _close(self, published: float) -> Collected:
         """Clear the retained tasks (the attempt is closed) and count who did not report."""
         for device_id in self.ctx.selected:
-            self.link.session.publish(self.link.topics.task(device_id), b"", retain=True)
+            self.link.publisher.clear(self.link.topics.task(device_id))
         self.out.results = sorted(self.results.values(), key=lambda r: r.device_id)  # not arrival order
         self.out.fold = self.fold
         dropped = {d for d in self.waiting if self.link.registry.went_offline_since(d, published)}
@@ -252,7 +275,8 @@ class AttemptCollector:
         return self.out
 
     def _ack(self, ack: Ack) -> None:
-        self.link.session.publish(self.link.topics.ack(ack.device_id), ack.encode())
+        """Acknowledgements are informational: with the outbox full, one is dropped, not waited for."""
+        self.link.publisher.publish(self.link.topics.ack(ack.device_id), ack.encode(), best_effort=True)
 
     def _progress(self, device_id: str = "", update_bytes: int = 0, refused: str = "") -> None:
         """Tell ``on_progress`` how many selected devices have reported, or had an update rejected

@@ -19,9 +19,12 @@ from fedprune.aggregator.strategies.base import ClientResult
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.errors import CodecError
 from fedprune.converters.protocol import Encoding, Topics, Update, UpdateHeader, decode_update, peek_update
+from fedprune.converters.text import one_line
 from fedprune.pruning.masks import Masks, apply_masks
 
 __all__ = ["Rejection", "RoundContext", "check_update"]
+
+MAX_REASON_CHARS = 300  # a kind ("device error: ") and a quoted text of at most MAX_TEXT_CHARS
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,17 @@ class RoundContext:
 
 @dataclass(frozen=True)
 class Rejection:
-    """Why an update was refused; ``device_id`` is "" when the topic names no device."""
+    """Why an update was refused; ``device_id`` is "" when the topic names no device.
+
+    The reason quotes what the peer sent (its error text, a device id, a topic): it is made one
+    line of at most ``MAX_REASON_CHARS`` here, once, for the log and the acknowledgement alike.
+    """
 
     reason: str
     device_id: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", one_line(self.reason, MAX_REASON_CHARS))
 
     @property
     def kind(self) -> str:
@@ -71,7 +81,7 @@ def check_update(ctx: RoundContext, topic: str, data: bytes, reported: Collectio
     try:
         device_id = ctx.topics.device_from_topic(topic)
     except ValueError:
-        return Rejection(f"bad topic: {topic}")
+        return Rejection(f"bad topic: {one_line(topic)}")
     try:
         peeked = peek_update(data, ctx.max_message_bytes)
     except CodecError as e:
@@ -92,7 +102,7 @@ def _header_problem(ctx: RoundContext, header: UpdateHeader, device_id: str, rep
     """Why the header rules the update out for this attempt ("" when it does not)."""
     r, attempt = ctx.round, ctx.attempt
     if header.device_id != device_id:
-        return f"device mismatch: header says {header.device_id!r}, topic says {device_id!r}"
+        return f"device mismatch: header says {one_line(repr(header.device_id), 140)}, topic says {device_id!r}"
     if not ctx.known(device_id):
         return f"unknown device: {device_id}"
     if (header.round, header.attempt) != (r, attempt):
@@ -103,7 +113,7 @@ def _header_problem(ctx: RoundContext, header: UpdateHeader, device_id: str, rep
     if device_id in reported:
         return f"duplicate: {device_id} already reported round {r}"
     if header.error:
-        return f"device error: {header.error}"
+        return f"device error: {one_line(header.error)}"
     if header.precision.name != ctx.uplink_precision:
         return f"wrong encoding: update is {header.precision.name}, the task asked for {ctx.uplink_precision}"
     return ""

@@ -12,27 +12,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fedprune.aggregator.device_publisher import DevicePublisher
 from fedprune.aggregator.selection import DeviceSelection
 from fedprune.aggregator.trainable_file import TrainableFile, TrainableFiles
 from fedprune.converters.model_messages import FINAL_PRECISIONS, FinalModel, encode_final_model
 from fedprune.converters.protocol import Topics
-from fedprune.transport import MqttSession
 
 log = logging.getLogger(__name__)
 
 
 class DeviceModelFiles:
-    """Publishes the trainable file when a device that needs it is online, and the final models."""
+    """Publishes, signed, the trainable file when a device that needs it is online, and the final
+    models."""
 
-    def __init__(self, session: MqttSession, topics: Topics, selection: DeviceSelection, batch_size: int) -> None:
-        self.session, self.topics, self.selection = session, topics, selection
+    def __init__(self, publisher: DevicePublisher, topics: Topics, selection: DeviceSelection, batch_size: int) -> None:
+        self.publisher, self.topics, self.selection = publisher, topics, selection
         self.files = TrainableFiles(batch_size)
         self.current: TrainableFile | None = None  # the current architecture's, once built
 
     def clear_earlier_run(self) -> None:
         """Clear an earlier run's final models and trainable file (maybe for another batch size)."""
         for topic in (*map(self.topics.final_model, FINAL_PRECISIONS), self.topics.trainable_model):
-            self.session.publish_retained(topic, b"")
+            self.publisher.clear_retained(topic)
 
     def republish(self, architecture_digest: str) -> None:
         """The trainable file again, if built for this architecture (on a (re)connection: a
@@ -40,7 +41,7 @@ class DeviceModelFiles:
         trainable = self.current
         if trainable is not None and trainable.message is not None \
                 and trainable.architecture_digest == architecture_digest:
-            self.session.publish_retained(self.topics.trainable_model, trainable.message)
+            self.publisher.publish_retained(self.topics.trainable_model, trainable.message)
 
     def trainable(self, model: Any, architecture_digest: str, masks: list) -> TrainableFile | None:
         """The architecture's trainable file when a device that needs it is online (built and
@@ -51,7 +52,7 @@ class DeviceModelFiles:
         if trainable is not self.current:
             self.current = trainable
             if trainable.message is not None:
-                self.session.publish_retained(self.topics.trainable_model, trainable.message)
+                self.publisher.publish_retained(self.topics.trainable_model, trainable.message)
         return trainable
 
     def publish_final(self, exports: list[dict], completed_round: int, final_sparsity: float,
@@ -61,7 +62,7 @@ class DeviceModelFiles:
         for export in exports:
             message = FinalModel(completed_round, export["precision"], final_sparsity, export["accuracy"],
                                  architecture_digest, Path(export["path"]).read_bytes())
-            info = self.session.publish_retained(self.topics.final_model(export["precision"]),
+            info = self.publisher.publish_retained(self.topics.final_model(export["precision"]),
                                                  encode_final_model(message))
             info.wait_for_publish(30)
             log.info("published the final model of round %d as %s TFLite (%d bytes, sha256 %s)", message.round,

@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from fedprune.converters.errors import CodecError
+from fedprune.converters.log_rate import worth_logging
 from fedprune.converters.protocol import TOPIC_ROOT, Presence, Topics, valid_device_id
+from fedprune.converters.text import one_line
 from fedprune.names import ID_RULE
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._last_update = time.monotonic()
+        self.bad_presences = 0  # malformed presence messages ignored (counted on the network thread)
 
     def update(self, device_id: str, online: bool, num_samples: int, *, trainer: str = "keras", runtime: str = "",
                agent_version: str = "") -> None:
@@ -136,12 +139,15 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
             return
         p = Presence.decode(payload)
         if p.device_id != device_id:
-            log.warning("presence on %s claims device %r; ignored", topic, p.device_id)
+            log.warning("presence on %s claims device %s; ignored", topic, one_line(repr(p.device_id)))
             return
         registry.update(device_id, p.online, p.num_samples, trainer=p.trainer, runtime=p.runtime,
                         agent_version=p.agent_version)
     except (CodecError, ValueError) as e:
-        log.warning("ignored bad presence message on %s: %s", topic, e)
+        registry.bad_presences += 1
+        if worth_logging(registry.bad_presences):
+            log.warning("ignored bad presence message on %s: %s (%d so far)", one_line(topic), one_line(str(e)),
+                        registry.bad_presences)
 
 
 class OtherFederations:

@@ -1,20 +1,19 @@
 """The round loop: select devices, send them the global model, collect their updates until a
 quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 
-Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
-each through ``intake.check_update``), the ``strategies`` (aggregation), the pruning controller
-(``fedprune.pruning.controller``: every pruning decision), ``structured_step`` (the model
-surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``, ``run_state``
-(the start state), ``run_status`` (what the run is doing, for the status page and the wait
-notices) and ``tensorboard_log``. What stays here is the order of the steps, the quorum and
-retries, and the federation's state.
+Each step is a call to one collaborator: ``channel`` (the broker: budgets, inbox, signing),
+``collect`` (the task out, each update in through ``intake.check_update``), ``strategies``, the
+pruning controller (``fedprune.pruning.controller``: every pruning decision), ``structured_step``
+(the model surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``,
+``model_files`` (the trainable and final model files for devices), ``run_state`` (the start
+state), ``run_status`` (for the status page and the wait notices) and ``tensorboard_log``. What
+stays here is the order of the steps, the quorum and retries, and the federation's state.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import secrets
 import time
 from dataclasses import asdict
@@ -23,16 +22,16 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.aggregator.channel import open_channel
 from fedprune.aggregator.checkpoint import save_checkpoint
-from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
-from fedprune.aggregator.collect import publish_round, train_task
+from fedprune.aggregator.collect import AttemptCollector, Collected, Gathered, RoundProgress, publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
 from fedprune.aggregator.privacy import PrivacyAccountant
 from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.model_files import DeviceModelFiles
 from fedprune.aggregator.records import round_record, run_complete, run_result, write_summary
-from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, take_presence, wait_for_devices
+from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, wait_for_devices
 from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
 from fedprune.aggregator.run_state import initial_state, restore_run
 from fedprune.aggregator.run_status import RunStatus
@@ -45,11 +44,11 @@ from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
+from fedprune.converters.signing import SigningKey, VerifyKey
 from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
 from fedprune.pruning.masks import sparsity
 from fedprune.task import Task
-from fedprune.transport import MqttSession, parse_broker_url
 
 __all__ = ["Aggregator", "FederationError", "RoundProgress", "RoundRecord", "RunResult"]
 
@@ -61,7 +60,10 @@ class Aggregator:
 
     def __init__(self, task: Task, dataset: Dataset, broker_url: str, run_dir: Path, *, resume: bool = False,
                  on_round: Callable[[RoundRecord], None] | None = None,
-                 on_update: Callable[[RoundProgress], None] | None = None, export_tflite: bool = True) -> None:
+                 on_update: Callable[[RoundProgress], None] | None = None, export_tflite: bool = True,
+                 signing_key: SigningKey | None = None) -> None:
+        """``signing_key`` signs every message to devices; default: ``<run_dir>/aggregator.key``,
+        made there if missing (``channel.run_signing_key``), so a resumed run keeps its devices' key."""
         from fedprune.keras_setup import keras  # TensorFlow only once an aggregator is built
         from fedprune.models import build_model
 
@@ -77,7 +79,6 @@ class Aggregator:
         self.controller = PruningController(task.pruning, {})
         self.device_masks = self.controller.device_masks
         self.selection = DeviceSelection(self.registry, device_side_pruning=self.device_masks)
-        self._inbox: queue.Queue[tuple[str, bytes, float]] = queue.Queue()  # topic, payload, arrival
         self._buffers: UpdateBuffers | None = None  # made by run(): where values-only updates decode
         keras.utils.set_random_seed(task.seed)
         self._use_model(build_model(task.model.factory, dataset.input_shape, dataset.num_classes))
@@ -89,16 +90,15 @@ class Aggregator:
         self.session_id = self.state.session = self.state.session or secrets.token_hex(8)
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state.rng_state
-        # Open broker: every federation's presences, to name the one devices wait on when it is not ours.
-        presences = self.topics.all_presence if parse_broker_url(broker_url).username else OtherFederations.FILTER
-        self.session = MqttSession(
-            broker_url, client_id=f"fedprune-aggregator-{task.federation.id}",
-            subscriptions=[presences, self.topics.all_updates], on_message=self._on_message,
-            on_connected=self._publish_architecture, max_payload_bytes=task.transport.max_payload_bytes,
-            max_message_bytes=task.transport.max_message_bytes,
-            clean_session=False,  # the broker keeps updates that arrive while we reconnect
-        )
-        self.model_files = DeviceModelFiles(self.session, self.topics, self.selection, task.training.batch_size)
+        self.channel = open_channel(broker_url, task, self.registry, self.others, self.architecture, self.run_dir,
+                                    signing_key, on_connected=self._publish_architecture)
+        self.model_files = DeviceModelFiles(self.channel.publisher, self.topics, self.selection,
+                                            task.training.batch_size)
+
+    @property
+    def verify_key(self) -> VerifyKey:
+        """The public key devices must trust (``fedprune-agent --aggregator-key``)."""
+        return self.channel.publisher.verify_key
 
     def _resume(self) -> None:
         restored, self.history = restore_run(self.run_dir, self.controller, self.accountant)
@@ -124,20 +124,10 @@ class Aggregator:
         self.layer_of = kernel_positions(model, prunable_layers(model, self.task.pruning.leave_dense))
         self.controller.use_layers(self.layer_of)
 
-    # --- MQTT side (network thread) ---
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        if "/presence/" in topic:
-            if topic.startswith(self.topics.root + "/"):
-                take_presence(self.registry, self.topics, topic, payload)
-            else:
-                self.others.take(topic, payload)
-        else:
-            self._inbox.put((topic, payload, time.monotonic()))
-
     def _publish_architecture(self) -> None:
         """The architecture, and its trainable file once built (retained: on every (re)connection,
-        since a restarted broker has forgotten them)."""
-        self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
+        since a restarted broker has forgotten them, and after structured pruning)."""
+        self.channel.publisher.publish(self.topics.architecture, self.architecture.encode(), retain=True)
         self.model_files.republish(self.architecture.digest)
 
     # --- the run ---
@@ -147,7 +137,7 @@ class Aggregator:
         (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
         if not self.device_masks:  # device-side masks: self-describing updates, decoded as they come
             self._buffers = UpdateBuffers(self.shapes, buffer_rows(self.strategy, fed.devices_per_round))
-        self.session.start()
+        self.channel.session.start()
         try:
             self.model_files.clear_earlier_run()
             with TensorBoardLog(self.run_dir) as self.tensorboard:
@@ -157,13 +147,14 @@ class Aggregator:
                     self._complete(self._run_round(r))
                     if run_complete(fed, self.history):
                         break
+            self.channel.budgets.finish().log_summary()
             exports = self._export()
             self.model_files.publish_final(exports, self.state.completed_rounds, float(sparsity(self.state.masks)),
                                            self.architecture.digest)
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode()
-            self.session.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
+            self.channel.publisher.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
         finally:
-            self.session.stop()
+            self.channel.session.stop()
         return self._finish(exports)
 
     def _wait_for_devices(self) -> None:
@@ -236,12 +227,15 @@ class Aggregator:
     def _gather(self, r: int) -> Gathered:
         """Run attempts of round ``r`` until a quorum of updates comes in (or every retry failed)."""
         fed = self.task.federation
+        self.channel.budgets.start_window(r).log_summary()
         rejections: dict[str, int] = {}
+        rejection_acked: set[str] = set()  # at most one rejection acknowledged per device and round
         totals = Collected()
         for attempt in range(1, fed.max_round_retries + 2):
             selected, population = self.selection.draw(self.rng, fed, self._trainable_file)
-            collected = self._collect(r, attempt, selected, rejections)
+            collected = self._collect(r, attempt, selected, rejections, rejection_acked)
             totals.add(collected)
+            self.channel.count_dropped(r, rejections)
             if len(collected.results) >= fed.min_devices:
                 return Gathered(attempt, selected, population, collected, totals, rejections)
             log.warning("round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
@@ -254,7 +248,8 @@ class Aggregator:
     def _trainable_file(self):  # built (and published) when a device that trains without TensorFlow is online
         return self.model_files.trainable(self.model, self.architecture.digest, self.state.masks)
 
-    def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]) -> Collected:
+    def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int],
+                 rejection_acked: set[str]) -> Collected:
         """Send the task to the selected devices and gather valid updates until all or the deadline."""
         fed, transport = self.task.federation, self.task.transport
         deadline = time.monotonic() + fed.round_timeout_s
@@ -268,11 +263,12 @@ class Aggregator:
                            transport.uplink_precision, self.device_masks, self.state.weights,
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
-        link = DeviceLink(self.session, self.topics, self.registry, self._inbox)
+        link = self.channel.link()
+        self.channel.listen(selected)  # before the tasks go out: the broker then routes every answer here
         self.status.attempt_opened(r, attempt, selected, len(payload), fed.round_timeout_s)
         published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
         fold = RoundFold(self.strategy, self.state.weights, self.state.masks, self._buffers)
-        collector = AttemptCollector(link, ctx, rejections, fold, self._progress)
+        collector = AttemptCollector(link, ctx, rejections, fold, self._progress, rejection_acked)
         out = collector.collect(published, deadline)
         out.encode_s, out.bytes_down = encode_s, len(payload) * len(selected)
         return out

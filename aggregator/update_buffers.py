@@ -17,6 +17,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+class UpdateMemoryError(RuntimeError):
+    """The machine cannot hold a round's decoded updates; the message says what to lower."""
+
+
 class UpdateBuffers:
     """``rows`` sets of float32 arrays, one per tensor of ``shapes``, to decode updates into.
 
@@ -30,8 +34,15 @@ class UpdateBuffers:
             raise ValueError(f"rows must be at least 1, got {rows}")
         dims = [tuple(int(d) for d in s) for s in shapes]
         sizes = [int(np.prod(s)) for s in dims]
-        self._block = np.empty((rows, sum(sizes)), dtype=np.float32)
-        self._block.fill(0.0)  # touch every page now, not during a round
+        try:
+            self._block = np.empty((rows, sum(sizes)), dtype=np.float32)
+            self._block.fill(0.0)  # touch every page now, not during a round
+        except MemoryError:
+            need = rows * sum(sizes) * 4 / 2**20
+            raise UpdateMemoryError(
+                f"cannot reserve {need:,.0f} MB for the decoded updates of a round ({rows} devices x "
+                f"{sum(sizes) * 4 / 2**20:,.1f} MB): lower federation.devices_per_round, or run the aggregator "
+                "on a machine with more memory") from None
         bounds = np.cumsum([0, *sizes])
         self._rows = [[self._block[r, a:b].reshape(s) for a, b, s in zip(bounds[:-1], bounds[1:], dims)]
                       for r in range(rows)]

@@ -55,6 +55,7 @@ from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import CRC as _CRC
 from fedprune.converters.frame import MAGIC, MAX_HEADER_BYTES, pack_frame, unpack_frame
 from fedprune.converters.frame import PREFIX as _PREFIX
+from fedprune.converters.log_rate import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -165,34 +166,59 @@ class Reassembler:
     """Collects chunks per ``(source, message_id)`` and returns the whole payload when complete
     and verified.
 
-    Memory is bounded: at most ``max_pending_messages`` messages in progress (a new one evicts the
-    oldest, counted in ``evicted``), each at most ``max_message_bytes`` of buffered slices, and
-    only the bytes actually received are held. Messages whose first chunk arrived more than
-    ``timeout_s`` ago are dropped (counted in ``expired``). Thread-safe.
+    Memory is bounded, and no source can take another's room:
+
+    - a source (the topic a chunk came on: one device's on a secured broker) has at most
+      ``max_pending_per_source`` messages in progress and ``max_source_bytes`` buffered; beyond
+      either, its own oldest message is evicted (counted in ``evicted``), never another's;
+    - all sources together hold at most ``max_pending_messages`` messages and
+      ``max_pending_bytes`` bytes; a chunk beyond those is refused and the message it belongs to
+      dropped (counted in ``refused``), again without touching anyone else's;
+    - only the bytes actually received are held, and a message whose first chunk arrived more
+      than ``timeout_s`` ago is dropped (counted in ``expired``).
+
+    Thread-safe.
     """
 
     def __init__(
         self,
         max_message_bytes: int,
-        max_pending_messages: int = 64,
+        max_pending_per_source: int = 2,
+        max_source_bytes: int | None = None,
+        max_pending_messages: int = 1024,
+        max_pending_bytes: int | None = None,
         timeout_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_message_bytes < 1 or max_pending_messages < 1 or not timeout_s > 0:
-            raise ValueError("max_message_bytes, max_pending_messages and timeout_s must be positive")
+        """``max_source_bytes`` defaults to ``max_message_bytes`` (one whole message per source);
+        ``max_pending_bytes`` to four times that."""
+        max_source_bytes = max_message_bytes if max_source_bytes is None else max_source_bytes
+        max_pending_bytes = 4 * max_source_bytes if max_pending_bytes is None else max_pending_bytes
+        if min(max_message_bytes, max_pending_per_source, max_pending_messages) < 1 or not timeout_s > 0:
+            raise ValueError("max_message_bytes, max_pending_per_source, max_pending_messages and timeout_s "
+                             "must be positive")
+        if not max_message_bytes <= max_source_bytes <= max_pending_bytes:
+            raise ValueError(f"need max_message_bytes ({max_message_bytes}) <= max_source_bytes ({max_source_bytes}) "
+                             f"<= max_pending_bytes ({max_pending_bytes}): a whole message must fit")
         self.max_message_bytes = max_message_bytes
+        self.max_pending_per_source = max_pending_per_source
+        self.max_source_bytes = max_source_bytes
         self.max_pending_messages = max_pending_messages
+        self.max_pending_bytes = max_pending_bytes
         self.timeout_s = timeout_s
         self._clock = clock
         self._lock = threading.Lock()
         self._pending: OrderedDict[tuple[str, bytes], _Pending] = OrderedDict()  # oldest first
+        self._source_bytes: dict[str, int] = {}  # bytes buffered per source with a message in progress
+        self._source_messages: dict[str, int] = {}
         # Recently completed messages, so a late (QoS 1 re-delivered) chunk of one is reported as
         # the duplicate it is instead of opening a message that can never complete.
         self._done: OrderedDict[tuple[str, bytes], float] = OrderedDict()
-        self._max_done = max(64, 4 * max_pending_messages)
+        self._max_done = max(64, 4 * max_pending_per_source)
         self._pending_bytes = 0
         self.expired = 0
         self.evicted = 0
+        self.refused = 0
         self.completed = 0
         # the largest chunk frame that can be valid: any JSON header, a full-size slice
         self._max_chunk_frame = (
@@ -229,8 +255,9 @@ class Reassembler:
         Raises ``CodecError`` for a malformed chunk, a total over ``max_message_bytes`` (before
         anything is buffered), a slice that does not fit the declared geometry, a chunk whose
         count/total/hash/slice size disagree with earlier chunks of its message, a duplicate
-        chunk, and a complete message whose hash does not match (that message is dropped). A
-        chunk that raises changes nothing else: the message it claims to belong to keeps going.
+        chunk, a chunk for which all sources together have no room left (its message is dropped),
+        and a complete message whose hash does not match (that message is dropped). A chunk that
+        raises for any other reason changes nothing: the message it claims to belong to keeps going.
         """
         c = self._parse(chunk)
         key = (source, c.message_id)
@@ -246,30 +273,37 @@ class Reassembler:
                         "which was already reassembled"
                     )
                 entry = _Pending(c.count, c.total, c.digest, c.slice_size, now)
-                new = True
+                while self._source_messages.get(source, 0) >= self.max_pending_per_source:
+                    self._evict_oldest_of(source, key, f"more than {self.max_pending_per_source} of its messages "
+                                                       "in progress")
+                if len(self._pending) >= self.max_pending_messages:
+                    self.refused += 1
+                    raise CodecError(f"no room for message {mid} from {source!r}: {len(self._pending)} messages "
+                                     "from all sources are in progress")
+                self._pending[key] = entry
+                self._source_messages[source] = self._source_messages.get(source, 0) + 1
+                self._source_bytes.setdefault(source, 0)
             else:
                 self._check_consistent(entry, c, mid)
                 if c.index in entry.slices:
                     raise CodecError(f"duplicate chunk {c.index} of message {mid} from {source!r}")
-                new = False
-            if new:
-                while len(self._pending) >= self.max_pending_messages:
-                    (old_source, old_id), old = self._pending.popitem(last=False)
-                    self._pending_bytes -= old.received
-                    self.evicted += 1
-                    log.warning(
-                        "evicted incomplete message %s from %r (%d of %d chunks) to make room: "
-                        "more than %d messages in progress",
-                        old_id.hex(), old_source, len(old.slices), old.count, self.max_pending_messages,
-                    )
-                self._pending[key] = entry
+            n = len(c.data)
+            while self._source_bytes[source] + n > self.max_source_bytes:
+                self._evict_oldest_of(source, key, f"more than {self.max_source_bytes} bytes of its messages "
+                                                   "in progress")
+            if self._pending_bytes + n > self.max_pending_bytes:
+                self._drop(key)
+                self.refused += 1
+                raise CodecError(f"no room for message {mid} from {source!r}: all sources together have "
+                                 f"{self._pending_bytes} bytes in progress (at most {self.max_pending_bytes}); "
+                                 "the message is dropped")
             entry.slices[c.index] = c.data
-            entry.received += len(c.data)
-            self._pending_bytes += len(c.data)
+            entry.received += n
+            self._pending_bytes += n
+            self._source_bytes[source] += n
             if len(entry.slices) < entry.count:
                 return None
-            del self._pending[key]
-            self._pending_bytes -= entry.received
+            self._drop(key)
         # complete: join and verify outside the lock
         payload = b"".join(entry.slices[i] for i in range(entry.count))
         if len(payload) != entry.total or hashlib.sha256(payload).digest() != entry.digest:
@@ -280,6 +314,26 @@ class Reassembler:
                 self._done.popitem(last=False)
             self.completed += 1
         return payload
+
+    def _drop(self, key: tuple[str, bytes]) -> _Pending:
+        """Forget a message in progress and give back its room (call with the lock held)."""
+        entry = self._pending.pop(key)
+        source = key[0]
+        self._pending_bytes -= entry.received
+        self._source_bytes[source] -= entry.received
+        self._source_messages[source] -= 1
+        if not self._source_messages[source]:
+            del self._source_messages[source], self._source_bytes[source]
+        return entry
+
+    def _evict_oldest_of(self, source: str, keep: tuple[str, bytes], why: str) -> None:
+        """Drop ``source``'s oldest message in progress other than ``keep`` (lock held)."""
+        old_key = next(k for k in self._pending if k[0] == source and k != keep)
+        old = self._drop(old_key)
+        self.evicted += 1
+        if worth_logging(self.evicted):
+            log.warning("evicted incomplete message %s from %r (%d of %d chunks): %s (%d evicted so far)",
+                        old_key[1].hex(), source, len(old.slices), old.count, why, self.evicted)
 
     # -- internals --
 
@@ -335,8 +389,7 @@ class Reassembler:
             key, entry = next(iter(self._pending.items()))
             if now - entry.started <= self.timeout_s:
                 break
-            del self._pending[key]
-            self._pending_bytes -= entry.received
+            self._drop(key)
             self.expired += 1
             log.warning(
                 "dropped incomplete message %s from %r after %.0f s: %d of %d chunks arrived",

@@ -24,7 +24,7 @@ from typing import Any
 from fedprune.converters.errors import CodecError
 
 MAGIC = b"FPRN"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: protocol version 2 (signed aggregator messages); 1 is refused
 PREFIX = struct.Struct("<4sBBI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = PREFIX.size + CRC.size
@@ -49,7 +49,9 @@ def unpack_frame(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], memo
     if magic != MAGIC:
         raise CodecError("not a fedprune frame (bad magic)")
     if version != FRAME_VERSION:
-        raise CodecError(f"frame version {version} not supported (this side speaks {FRAME_VERSION})")
+        raise CodecError(f"frame version {version} not supported: this side speaks protocol version "
+                         f"{FRAME_VERSION}; upgrade the side that sent it (fedprune-agent and "
+                         "fedprune-aggregator must speak the same version)")
     if hlen > MAX_HEADER_BYTES or PREFIX.size + hlen + CRC.size > len(data):
         raise CodecError(f"header length {hlen} does not fit a {len(data)}-byte payload")
     (crc,) = CRC.unpack_from(data, len(data) - CRC.size)

@@ -1,4 +1,4 @@
-"""The fedprune MQTT protocol, version 1: topics and message envelopes.
+"""The fedprune MQTT protocol, version 2: topics and message envelopes.
 
 See docs/protocol.md for the full description. All messages use QoS 1. Small control messages are
 UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages are binary frames
@@ -39,7 +39,9 @@ from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, un
 from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# The topic layout did not change with version 2, so the root keeps its name: peers of different
+# versions still meet, and each refuses the other's messages with a message saying so.
 TOPIC_ROOT = "fedprune/v1"
 
 
@@ -49,6 +51,7 @@ class Kind(IntEnum):
     CHUNK = 3  # one piece of a message larger than the payload limit (fedprune.converters.chunking)
     TRAINABLE_MODEL = 4  # aggregator -> all: the trainable TFLite file of an architecture (model_messages)
     FINAL_MODEL = 5  # aggregator -> all: the exported global model after the last round (model_messages)
+    SIGNED = 6  # an aggregator message in a signed envelope (fedprune.converters.signing)
 
 
 class Topics:
@@ -139,7 +142,9 @@ def _load(data: bytes, kind: str, max_bytes: int = 1 << 20) -> dict[str, Any]:
     if not isinstance(obj, dict) or obj.get("type") != kind:
         raise CodecError(f"not a {kind} message")
     if obj.get("v") != PROTOCOL_VERSION:
-        raise CodecError(f"{kind} message speaks protocol {obj.get('v')}, expected {PROTOCOL_VERSION}")
+        raise CodecError(f"{kind} message speaks protocol version {str(obj.get('v'))[:20]}, this side speaks "
+                         f"{PROTOCOL_VERSION}; upgrade the side that sent it (fedprune-agent and "
+                         "fedprune-aggregator must speak the same version)")
     obj.pop("v"), obj.pop("type")
     return obj
 
@@ -341,10 +346,16 @@ class TrainTask:
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
                 "stochastic_rounding", "compression", "device_sparsity", "gradient_fraction")
-_TASK_OPTIONAL = {"device_sparsity": None, "gradient_fraction": None}  # fields a receiver may find missing, with their defaults
+
+
+MAX_ATTEMPT = 2**16 - 1  # an update carries its attempt in a u16: a task must not name a larger one
+_HEX = frozenset("0123456789abcdef")
 
 
 def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
+    if not 0 <= task.round < 2**32 or not 0 <= task.attempt <= MAX_ATTEMPT:
+        raise ValueError(f"task round {task.round} / attempt {task.attempt} out of range: the update that answers "
+                         f"carries the round in 32 bits and the attempt in 16 (at most {MAX_ATTEMPT})")
     section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
     used, packed = compress(section, compression)
     header = {k: getattr(task, k) for k in _TASK_FIELDS}
@@ -357,45 +368,83 @@ def decode_task(
     data: bytes, names: Sequence[str], shapes: Sequence[Sequence[int]], max_bytes: int,
     limits: DecodeLimits = DEFAULT_LIMITS,
 ) -> TrainTask:
-    """Decode a task for the architecture the device holds (names and shapes must match)."""
+    """Decode a task for the architecture the device holds (names and shapes must match).
+
+    Every header value must have its JSON type (docs/protocol.md, section 12): an integer is not
+    a boolean, a number is not a string; nothing is converted from another type.
+    """
     kind, h, body = unpack_frame(data, max_bytes)
     if kind != Kind.TASK:
         raise CodecError(f"expected a task frame, got kind {kind}")
+    missing = [k for k in (*_TASK_FIELDS, "mask_digest", "section_compression", "section_bytes") if k not in h]
+    if missing:
+        raise CodecError(f"task header has no {missing[0]!r}")
+    fields = {k: h[k] for k in _TASK_FIELDS}
+    _check_integer(fields, "round", 0, 2**32 - 1)
+    _check_integer(fields, "attempt", 0, MAX_ATTEMPT)
+    for k in ("architecture_digest", "session", "uplink_precision", "downlink_precision", "update_content",
+              "compression"):
+        if not isinstance(fields[k], str):
+            raise CodecError(f"task {k} must be a string")
+    if not _is_hex(h["mask_digest"], 32):
+        raise CodecError("task mask_digest must be 32 lowercase hex digits")
+    for k in ("error_feedback", "stochastic_rounding"):
+        if not isinstance(fields[k], bool):
+            raise CodecError(f"task {k} must be true or false")
     try:
-        fields = {k: h[k] for k in _TASK_FIELDS if k not in _TASK_OPTIONAL}
-        fields.update({k: h.get(k, default) for k, default in _TASK_OPTIONAL.items()})
-        for k, bound in (("round", 2**32), ("attempt", 2**16)):  # the sizes the update header gives them
-            if not isinstance(fields[k], int) or isinstance(fields[k], bool) or not 0 <= fields[k] < bound:
-                raise CodecError(f"task {k} must be an integer in [0, {bound})")
+        fields["training"] = TrainingSettings.from_mapping(fields["training"])
+    except ValueError as e:
+        raise CodecError(f"task {e}") from None
+    for k in ("uplink_precision", "downlink_precision"):
         try:
-            fields["training"] = TrainingSettings.from_mapping(fields["training"])
-        except ValueError as e:
-            raise CodecError(f"task {e}") from None
-        for k in ("uplink_precision", "downlink_precision"):
             precision_named(fields[k])
-        if fields["update_content"] not in ("delta", "weights"):
-            raise CodecError("task update_content must be 'delta' or 'weights'")
-        if fields["compression"] not in ("none", "zlib", "zstd"):
-            raise CodecError("task compression must be none, zlib or zstd")
-        fields["deadline_s"] = float(fields["deadline_s"])
-        if fields["gradient_fraction"] is not None:
-            fields["gradient_fraction"] = float(fields["gradient_fraction"])
-            if not 0.0 < fields["gradient_fraction"] <= 1.0:
-                raise CodecError("task gradient_fraction must be in (0, 1]")
-        if fields["device_sparsity"] is not None:
-            fields["device_sparsity"] = float(fields["device_sparsity"])
-            if not 0.0 <= fields["device_sparsity"] < 1.0:
-                raise CodecError("task device_sparsity must be in [0, 1)")
-        section = decompress(body, int(h["section_compression"]), int(h["section_bytes"]),
-                             self_describing_bound(names, shapes))
-    except CodecError:
-        raise
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        raise CodecError(f"task header is malformed ({type(e).__name__}: {e})") from None
+        except ValueError as e:
+            raise CodecError(f"task {k}: {e}") from None
+    if fields["update_content"] not in ("delta", "weights"):
+        raise CodecError("task update_content must be 'delta' or 'weights'")
+    if fields["compression"] not in ("none", "zlib", "zstd"):
+        raise CodecError("task compression must be none, zlib or zstd")
+    fields["deadline_s"] = _number(fields, "deadline_s")
+    if fields["gradient_fraction"] is not None:
+        fields["gradient_fraction"] = _number(fields, "gradient_fraction")
+        if not 0.0 < fields["gradient_fraction"] <= 1.0:
+            raise CodecError("task gradient_fraction must be in (0, 1]")
+    if fields["device_sparsity"] is not None:
+        fields["device_sparsity"] = _number(fields, "device_sparsity")
+        if not 0.0 <= fields["device_sparsity"] < 1.0:
+            raise CodecError("task device_sparsity must be in [0, 1)")
+    method = _check_integer(h, "section_compression", 0, len(Compression) - 1)
+    raw_bytes = _check_integer(h, "section_bytes", 0, 2**63)
+    section = decompress(body, method, raw_bytes, self_describing_bound(names, shapes))
     decoded = decode_self_describing(section, limits, expected=list(zip(names, shapes)))
-    if mask_digest(decoded.masks) != h.get("mask_digest"):
+    if mask_digest(decoded.masks) != h["mask_digest"]:
         raise CodecError("mask digest does not match the mask bits")
     return TrainTask(weights=decoded.tensors, masks=decoded.masks, **fields)
+
+
+def _check_integer(h: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = h[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise CodecError(f"task {key} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _number(h: Mapping[str, Any], key: str) -> float:
+    """A JSON number (not a boolean, not a string) as a finite float."""
+    value = h[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CodecError(f"task {key} must be a number")
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise CodecError(f"task {key} must be a finite number")
+    return out
+
+
+def _is_hex(value: Any, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and set(value) <= _HEX
 
 
 # --- update: device -> aggregator ------------------------------------------------------------------
@@ -450,6 +499,8 @@ def encode_update(
 ) -> bytes:
     """Frame an update. ``masks`` are the task's (values-only) or the device's own (self-describing)."""
     precision = precision_named(update.precision)
+    if not 0 <= update.round < 2**32 or not 0 <= update.attempt <= MAX_ATTEMPT:
+        raise ValueError(f"update round {update.round} / attempt {update.attempt} out of range (u32 / u16)")
     section = b""
     if update.tensors is not None:
         if update.encoding == Encoding.SELF_DESCRIBING:
@@ -607,3 +658,14 @@ def update_size_bound(shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarra
 
 
 UPDATE_OVERHEAD_BYTES = FRAME_OVERHEAD + _UPDATE_FIXED.size  # + device id, metrics, error text
+
+# The most an update's texts can add: a device id, 255 metrics with 255-byte keys, an error text,
+# their length bytes, and the raw length of a compressed section.
+_UPDATE_TEXT_BOUND = (1 + 255) + 1 + 255 * (1 + 255 + 4) + (2 + 65535) + 4
+
+
+def largest_update_bytes(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
+    """The most bytes a valid update for this layout can take: any precision, any mask, any texts,
+    self-describing, with a regrowth gradient section. (A sender compresses only what shrinks.)"""
+    section = self_describing_bound(names, shapes)
+    return UPDATE_OVERHEAD_BYTES + _UPDATE_TEXT_BOUND + section + 4 + section

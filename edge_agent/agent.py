@@ -20,6 +20,7 @@ import numpy as np
 
 from fedprune.converters.model_messages import FinalModel
 from fedprune.converters.protocol import TOPIC_ROOT
+from fedprune.converters.signing import VerifyKey
 from fedprune.edge_agent.device import DeviceSession, Outgoing, Trainer, TrainJob, prepare_trainer, run_job
 from fedprune.edge_agent.emulation import SlowLink
 from fedprune.edge_agent.final_model import install_final_model
@@ -41,6 +42,7 @@ class EdgeAgent:
         y: np.ndarray | None,
         trainer: Trainer,
         *,
+        aggregator_key: VerifyKey,
         num_samples: int | None = None,
         federation: str = "default",
         max_payload_bytes: int = 1_000_000,
@@ -55,18 +57,19 @@ class EdgeAgent:
         final_model: str | None = None,
     ) -> None:
         """``x``, ``y``: the local data, for an in-process trainer; a trainer that reads the data
-        itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``link``: an emulated
-        slow uplink (``fedprune.edge_agent.emulation``). ``trainer_kind``, ``runtime``: what the
-        presence announces (``"litert"`` devices receive trainable files into ``trainable_files``,
-        which their trainer reads). ``final_model``: the precision of the final global model to
-        install into ``<state_dir>/model`` after the last round (None: none)."""
+        itself (``ChildProcessTrainer``) takes None and ``num_samples``. ``aggregator_key``: the
+        public key whose signature every message from the aggregator must carry. ``link``: an
+        emulated slow uplink (``fedprune.edge_agent.emulation``). ``trainer_kind``, ``runtime``:
+        what the presence announces (``"litert"`` devices receive trainable files into
+        ``trainable_files``, which their trainer reads). ``final_model``: the precision of the final
+        global model to install into ``<state_dir>/model`` after the last round (None: none)."""
         if num_samples is None:
             if x is None:
                 raise ValueError("give the local data (x, y) or num_samples")
             num_samples = len(x)
         if final_model is not None and state_dir is None:
             raise ValueError("installing the final model needs a state folder (state_dir)")
-        self.device = DeviceSession(device_id, num_samples, federation=federation,
+        self.device = DeviceSession(device_id, num_samples, aggregator_key=aggregator_key, federation=federation,
                                     max_message_bytes=max(max_message_bytes, max_payload_bytes),
                                     state_dir=state_dir, seed=seed, trainer=trainer_kind, runtime=runtime,
                                     trainable_files=trainable_files, final_model=final_model)

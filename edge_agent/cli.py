@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--label-column", help="a .csv's column of integer class ids (config: device.label_column, "
                                             "default 'label')")
     run.add_argument("--federation", help="federation id (config: broker.federation, default 'default')")
+    run.add_argument("--aggregator-key", metavar="KEY",
+                     help="the aggregator's public key, ed25519:... as fedprune-aggregator prints it, or the path "
+                          "of its aggregator.pub; the agent accepts only messages it signed (config: "
+                          "broker.aggregator_key; a --connection file holds it)")
     run.add_argument("--max-payload-bytes", type=int,
                      help="largest MQTT message sent; larger ones go in chunks (default 1,000,000)")
     run.add_argument("--max-message-bytes", type=int, help="largest whole message accepted (default 64,000,000)")
@@ -124,11 +128,13 @@ def _config(args: argparse.Namespace, require_run: bool):
             "broker.max_message_bytes": args.max_message_bytes,
             "budgets.max_train_memory_mb": args.max_train_memory_mb, "budgets.max_round_s": args.max_round_s,
             "model.export": args.model_export, "device.trainer": args.trainer,
+            "broker.aggregator_key": args.aggregator_key,
         })
         connection = _connection(args)
         if connection is not None:  # the file names the broker (with credentials), the device and federation
             overrides.update({"broker.url": connection.broker.url, "device.id": connection.device_id,
-                              "broker.federation": args.federation or connection.federation})
+                              "broker.federation": args.federation or connection.federation,
+                              "broker.aggregator_key": args.aggregator_key or connection.aggregator_key})
     config = config.with_overrides(overrides).check(require_run=require_run)
     setup_logging(config.logging.level)
     return config
@@ -168,11 +174,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device_id = config.device.id
+    aggregator_key = config.verify_key()
     register_custom_layers(config.model.custom_layers)  # from this device's config only
     try:
         x, y = load_device_data(config.device.data, config.data_options)  # checked here: a bad file fails at start
         trainer, data, trainable_files = _trainer(args, config, capabilities.trainer, x, y)
-        agent = EdgeAgent(broker_url, device_id, *data, trainer, num_samples=len(x),
+        agent = EdgeAgent(broker_url, device_id, *data, trainer, aggregator_key=aggregator_key, num_samples=len(x),
                           federation=config.broker.federation, max_payload_bytes=config.broker.max_payload_bytes,
                           max_message_bytes=config.broker.max_message_bytes, state_dir=config.state_dir,
                           link=SlowLink(args.emulate_uplink_kbps, args.emulate_latency_ms)
@@ -192,7 +199,8 @@ def _run(args: argparse.Namespace) -> int:
              f"in a child process; budgets: memory {_limit(budgets.max_train_memory_mb, 'MB')}, "
              f"round {_limit(budgets.max_round_s, 's')}"))
     print(f"{device_id}: {n} local samples; connecting to {agent.session.address.url}, federation "
-          f"'{config.broker.federation}'; training {where}", flush=True)
+          f"'{config.broker.federation}'; training {where}; accepting messages signed by {aggregator_key.text}",
+          flush=True)
     # Do not wait for the first connection: paho keeps retrying, so a device may start before the broker.
     agent.start(timeout_s=None)
     with WaitNotices(agent.activity, log):  # never silent for long: says what it waits for

@@ -9,6 +9,7 @@ falls back to a default in silence.
     username = "pi-07"                          # optional
     password_file = "/etc/fedprune/password"    # optional; the file holds the password only
     ca_file = "/etc/fedprune/ca.crt"            # optional; with mqtts:// URLs
+    aggregator_key = "ed25519:..."              # the aggregator's public key, or a .pub file
 
     [device]
     id = "pi-07"
@@ -36,7 +37,9 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from fedprune.aggregator_key import KeyFileError, parse_aggregator_key
 from fedprune.architecture import ArchitectureError, parse_custom_layer_spec
+from fedprune.converters.signing import VerifyKey
 from fedprune.converters.protocol import valid_device_id
 from fedprune.data_files import DataOptions
 from fedprune.edge_agent.budgets import Budgets
@@ -55,6 +58,9 @@ class BrokerSection:
     username: str = ""
     password_file: str = ""  # a file that holds only the password (mode 600)
     ca_file: str = ""  # the CA that signed the broker's certificate (mqtts:// only)
+    # The aggregator's public key ("ed25519:..." or the path of its aggregator.pub): the agent
+    # accepts only messages it signed. Required to run.
+    aggregator_key: str = ""
     federation: str = "default"
     max_payload_bytes: int = 1_000_000  # largest MQTT message sent; larger ones go in chunks
     max_message_bytes: int = 64_000_000  # largest whole message accepted
@@ -118,6 +124,14 @@ class AgentConfig:
     def budget_limits(self) -> Budgets:
         return Budgets(self.budgets.max_train_memory_mb, self.budgets.max_round_s)
 
+    def verify_key(self) -> VerifyKey:
+        """The aggregator's public key (``broker.aggregator_key``); ConfigError when it is unusable."""
+        where = f"{self.source}: " if self.source else ""
+        try:
+            return parse_aggregator_key(self.broker.aggregator_key)
+        except KeyFileError as e:
+            raise ConfigError(f"{where}broker.aggregator_key: {e}") from None
+
     def broker_url(self) -> str:
         """The broker URL with the credentials of ``username``/``password_file`` (and ``ca_file``).
 
@@ -142,6 +156,13 @@ class AgentConfig:
                                ("device.data", self.device.data)):
                 if not value:
                     raise ConfigError(f"{where}{key} is required (in the config file or as a flag)")
+            if not self.broker.aggregator_key:
+                raise ConfigError(f"{where}broker.aggregator_key is required: the agent accepts only messages "
+                                  "the aggregator signed. Give --aggregator-key with the key fedprune-aggregator "
+                                  "prints at start (also in its aggregator.pub), or use the connection file "
+                                  "init-broker wrote (--connection)")
+        if self.broker.aggregator_key.strip().startswith("ed25519:"):
+            self.verify_key()  # a .pub file is read when the agent starts (verify_key)
         if self.broker.url:
             try:
                 address = parse_broker_url(self.broker.url)

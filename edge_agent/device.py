@@ -29,6 +29,8 @@ from fedprune.converters.chunking import retained_subscriptions
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import unpack_frame
 from fedprune.converters.model_messages import FINAL_PRECISIONS, FinalModel, decode_final_model, decode_trainable_model
+from fedprune.converters.signing import VerifyKey, open_signed
+from fedprune.converters.text import one_line
 from fedprune.converters.protocol import (
     TRAINERS,
     Ack,
@@ -43,6 +45,7 @@ from fedprune.converters.protocol import (
     valid_device_id,
 )
 from fedprune import __version__
+from fedprune.converters.log_rate import worth_logging
 from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
@@ -114,6 +117,8 @@ class DeviceSession:
     takes a task only once it holds its architecture's trainable file, which it receives into
     ``trainable_files``. ``runtime``: its TFLite runtime, announced. ``final_model``: the
     precision of the final global model to receive after the last round (None: not received).
+    ``aggregator_key``: the one key whose signature this device accepts. Every message it
+    receives is opened with it before anything else looks at it (``receive``), so a message of a
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class DeviceSession:
         device_id: str,
         num_samples: int,
         *,
+        aggregator_key: VerifyKey,
         federation: str = "default",
         max_message_bytes: int = 64_000_000,
         state_dir: str | Path | None = None,
@@ -138,7 +144,11 @@ class DeviceSession:
             raise ValueError("a device that trains without TensorFlow needs a TrainableFiles store for its files")
         if final_model is not None and final_model not in FINAL_PRECISIONS:
             raise ValueError(f"final_model must be one of {list(FINAL_PRECISIONS)} or None, got {final_model!r}")
+        if not isinstance(aggregator_key, VerifyKey):
+            raise ValueError("a device needs the aggregator's public key (a VerifyKey) to accept its messages")
         self.device_id = device_id
+        self.aggregator_key = aggregator_key
+        self.refused_messages = 0  # unsigned, forged or undecodable messages, each logged
         self.num_samples = int(num_samples)
         self.trainer, self.runtime = trainer, runtime
         self.trainable_files = trainable_files
@@ -183,47 +193,57 @@ class DeviceSession:
     def receive(self, topic: str, payload: bytes) -> TrainJob | Outgoing | FinalModel | None:
         """Take one incoming message; returns a job when a task is ready to train, the update to
         send again when a task already answered comes again, and the final global model when it
-        arrives (for the caller to install)."""
+        arrives (for the caller to install).
+
+        Every non-empty payload must be a message the aggregator signed for ``topic``; anything
+        else is refused (logged and counted) before its content is read.
+        """
+        if not payload:
+            return None  # an empty retained message clears a task, a model file: nothing to do
+        try:
+            message = open_signed(topic, payload, self.aggregator_key, self.max_message_bytes)
+        except CodecError as e:
+            self._refuse(topic, e.reason)
+            return None
         if topic == self.topics.trainable_model and self.trainable_files is not None:
-            return self._take_trainable_file(payload) if payload else None  # empty: cleared
+            return self._take_trainable_file(message)
         if self.final_model_precision is not None and topic == self.topics.final_model(self.final_model_precision):
-            if not payload:
-                return None  # cleared at the start of a run
             try:
-                return decode_final_model(payload, self.max_message_bytes)
+                return decode_final_model(message, self.max_message_bytes)
             except CodecError as e:
-                log.error("%s: ignored bad final model message: %s", self.device_id, e)
+                self._refuse(topic, e.reason)
                 return None
         if topic == self.topics.architecture:
             try:
-                arch = Architecture.decode(payload)
+                arch = Architecture.decode(message)
                 check_architecture(arch.model_json)  # refuse code before any trainer sees it
             except (CodecError, ArchitectureError) as e:
-                log.error("%s: ignored bad architecture message: %s", self.device_id, e)
+                self._refuse(topic, str(e))
                 return None
             with self._lock:
                 self._architecture = arch
                 pending, self._pending_task = self._pending_task, None
+            log.info("%s: took architecture %s (%d tensors)", self.device_id, one_line(arch.digest, 32),
+                     len(arch.names))
             return self._accept_task(pending) if pending else None
         if topic == self.topics.task(self.device_id):
-            # An empty retained message clears the task after its round.
-            return self._accept_task(payload) if payload else None
+            return self._accept_task(message)
         if topic == self.topics.ack(self.device_id):
             try:
-                ack = Ack.decode(payload)
+                ack = Ack.decode(message)
             except CodecError as e:
-                log.warning("%s: ignored bad ack: %s", self.device_id, e)
+                self._refuse(topic, e.reason)
                 return None
             if not ack.accepted:
-                log.warning("%s: aggregator rejected the update for round %d: %s", self.device_id, ack.round,
-                            ack.reason)
+                log.warning("%s: aggregator rejected the update for round %s: %s", self.device_id,
+                            one_line(str(ack.round), 20), one_line(str(ack.reason)))
         return None
 
     def _take_trainable_file(self, payload: bytes) -> TrainJob | Outgoing | None:
         try:
             model = decode_trainable_model(payload, self.max_message_bytes)
         except CodecError as e:
-            log.error("%s: ignored bad trainable model message: %s", self.device_id, e)
+            self._refuse(self.topics.trainable_model, e.reason)
             return None
         if self.trainable_files.add(model):
             log.info("%s: received the trainable TFLite file of architecture %s (batch %d, %d bytes)", self.device_id,
@@ -238,13 +258,21 @@ class DeviceSession:
             return False
         return self.trainer != "litert" or self.trainable_files.get(self._architecture.digest) is not None
 
+    def _refuse(self, topic: str, reason: str) -> None:
+        with self._lock:
+            self.refused_messages += 1
+            count = self.refused_messages
+        if worth_logging(count):  # whoever can publish on our topics decides how many there are
+            log.error("%s: refused a message on %s: %s (%d refused so far)", self.device_id, one_line(topic),
+                      one_line(reason), count)
+
     def _accept_task(self, payload: bytes) -> TrainJob | Outgoing | None:
         with self._lock:
             try:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
             except (CodecError, KeyError, TypeError, ValueError) as e:
-                log.error("%s: ignored undecodable task: %s", self.device_id, e)
+                log.error("%s: ignored undecodable task: %s", self.device_id, one_line(str(e)))
                 return None
             if not self._ready_for(header.get("architecture_digest")):
                 # Its architecture (retained, or a new one), and for a device without TensorFlow
@@ -277,7 +305,8 @@ class DeviceSession:
     def failure(self, job: TrainJob, error: str) -> Outgoing:
         """The update that tells the aggregator training failed, and why."""
         task = self._task(job)
-        update = Update(task.round, task.attempt, self.device_id, self.num_samples, error=error[:500])
+        # One line of at most 200 characters: the aggregator logs it and echoes it back.
+        update = Update(task.round, task.attempt, self.device_id, self.num_samples, error=one_line(error))
         return Outgoing(self.topics.update(self.device_id), encode_update(update, task.masks))
 
     def finish(self, job: TrainJob, result: TrainResult) -> Outgoing:

@@ -23,6 +23,7 @@ from fedprune.tomlfile import coerce, read_toml
 # run's records grow with its rounds: bounds far above any real fleet, far below an overflow.
 MAX_DEVICES_PER_ROUND = 10_000
 MAX_ROUNDS = 1_000_000
+MAX_ROUND_RETRIES = 2**16 - 2  # attempts 1 .. max_round_retries + 1 fit the update's u16
 
 
 class TaskError(ValueError):
@@ -106,8 +107,9 @@ class FederationSection:
             )
         if self.round_timeout_s <= 0 or self.wait_for_devices_s <= 0:
             raise TaskError("federation.round_timeout_s and wait_for_devices_s must be > 0")
-        if self.max_round_retries < 0:
-            raise TaskError("federation.max_round_retries must be >= 0")
+        if not 0 <= self.max_round_retries <= MAX_ROUND_RETRIES:
+            raise TaskError(f"federation.max_round_retries must be in [0, {MAX_ROUND_RETRIES:,}] (an update carries "
+                            f"its attempt in 16 bits), got {self.max_round_retries:,}")
         if not 0.0 <= self.stop_at_accuracy <= 1.0:
             raise TaskError(f"federation.stop_at_accuracy must be in [0, 1] (0: run every round), got "
                             f"{self.stop_at_accuracy}")
@@ -273,6 +275,13 @@ class TransportSection:
     compression: Literal["none", "zlib", "zstd"] = "none"  # lossless stage, used only when it shrinks
     max_payload_bytes: int = 1_000_000  # one MQTT message; larger ones are sent in chunks
     max_message_bytes: int = 64_000_000  # a whole (reassembled) message
+    # What one device may send the aggregator per round (its update, retries, redeliveries,
+    # presence), counted before anything is buffered; past either, it is ignored for the rest of
+    # the round. 0: derived from the model (fedprune.aggregator.peer_budgets.default_budget).
+    max_device_messages_per_round: int = 0
+    max_device_bytes_per_round: int = 0
+    # Update messages waiting for the round loop, all devices together; beyond, new ones are dropped.
+    max_inbox_bytes: int = 256_000_000
 
     def check(self) -> None:
         for key in ("uplink_precision", "downlink_precision"):
@@ -287,6 +296,12 @@ class TransportSection:
                 f"transport.max_message_bytes ({self.max_message_bytes}) must be >= "
                 f"transport.max_payload_bytes ({self.max_payload_bytes})"
             )
+        for key in ("max_device_messages_per_round", "max_device_bytes_per_round"):
+            if getattr(self, key) < 0:
+                raise TaskError(f"transport.{key} must be >= 0 (0: derived from the model), got {getattr(self, key)}")
+        if self.max_inbox_bytes < self.max_message_bytes:
+            raise TaskError(f"transport.max_inbox_bytes ({self.max_inbox_bytes}) must be >= "
+                            f"transport.max_message_bytes ({self.max_message_bytes}): a whole update must fit")
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,25 @@ from fedprune.converters.chunking import (
     split_message,
 )
 from fedprune.converters.errors import CodecError
+from fedprune.converters.text import one_line
+from fedprune.converters.log_rate import worth_logging
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+# Called on the network thread with (topic, payload size) before a message is buffered anywhere;
+# False drops it there (the caller counts what it drops).
+AdmitCheck = Callable[[str, int], bool]
+OUTBOX_POLL_S = 0.01
 
 
 class PayloadTooLarge(ValueError):
     """A message over the application limit; raise the limit or shrink the model."""
+
+
+class OutboxFull(RuntimeError):
+    """A publish that waited ``outbox_wait_s`` for room in a full outbox (the broker has not
+    acknowledged the messages before it: it is gone or far too slow)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,14 @@ class MqttSession:
     """A paho client that reconnects by itself and resubscribes after every (re)connection.
 
     ``on_message(topic, payload)`` runs on paho's network thread: it must be quick (enqueue work).
-    ``on_connected()`` runs after each (re)connection, e.g. to republish presence.
+    ``on_connected()`` runs after each (re)connection, e.g. to republish presence. ``admit(topic,
+    size)``, if given, runs first for every message, before chunks are buffered: False drops it.
+
+    The outbox (messages published and not yet acknowledged by the broker) holds at most
+    ``max_queued_messages``: paho's own queue is unbounded by default, and a peer that made us
+    answer each of its messages filled it until the aggregator ran out of memory (issue 16). When
+    it is full, a ``best_effort`` publish is dropped (counted in ``outbox_dropped``); any other
+    waits for room, at most ``outbox_wait_s``.
     """
 
     def __init__(
@@ -114,20 +132,32 @@ class MqttSession:
         subscriptions: list[str] | None = None,
         on_message: MessageHandler | None = None,
         on_connected: Callable[[], None] | None = None,
+        admit: AdmitCheck | None = None,
         will: tuple[str, bytes, bool] | None = None,
         max_payload_bytes: int = 1_000_000,
         max_message_bytes: int = 64_000_000,
         clean_session: bool = True,
         keepalive_s: int = 30,
         reconnect_max_delay_s: int = 30,
+        max_queued_messages: int = 1000,
+        outbox_wait_s: float = 300.0,
+        reassembler: Reassembler | None = None,
     ) -> None:
+        """``reassembler``: where chunks are put back together (default: one sized by
+        ``max_message_bytes`` with its default bounds)."""
+        if max_queued_messages < 1:
+            raise ValueError(f"max_queued_messages must be at least 1, got {max_queued_messages}")
         self.address = parse_broker_url(broker_url)
         self.client_id = client_id
         self.max_payload_bytes = max_payload_bytes
         self.max_message_bytes = max(max_message_bytes, max_payload_bytes)
-        self.reassembler = Reassembler(self.max_message_bytes, max_pending_messages=16)
+        self.reassembler = reassembler or Reassembler(self.max_message_bytes)
         self.chunk_errors = 0
-        self.subscriptions = list(subscriptions or [])
+        self._admit = admit
+        self.outbox_wait_s = outbox_wait_s
+        self.outbox_dropped = 0
+        self._subscriptions = list(dict.fromkeys(subscriptions or []))
+        self._live = False  # connected, and the subscriptions sent
         self._on_message = on_message
         self._on_connected = on_connected
         self._keepalive = keepalive_s
@@ -151,7 +181,7 @@ class MqttSession:
             clean_session=clean_session,
         )
         c.max_inflight_messages_set(100)
-        c.max_queued_messages_set(0)
+        c.max_queued_messages_set(max_queued_messages)
         c.reconnect_delay_set(min_delay=self._reconnect_delays[0], max_delay=reconnect_max_delay_s)
         if self.address.username:
             c.username_pw_set(self.address.username, self.address.password)
@@ -216,10 +246,39 @@ class MqttSession:
         self.client.disconnect()
         self.client.loop_stop()
 
+    # -- subscriptions --
+    @property
+    def subscriptions(self) -> list[str]:
+        """The topic filters subscribed to now (and again after every reconnection)."""
+        with self._lock:
+            return list(self._subscriptions)
+
+    def subscribe(self, topics: list[str]) -> None:
+        """Add topic filters (QoS 1). Sent at once when connected: a message this client publishes
+        afterwards reaches the broker after the subscription, so an answer to it is delivered."""
+        with self._lock:
+            new = [t for t in dict.fromkeys(topics) if t not in self._subscriptions]
+            self._subscriptions += new
+            live = self._live
+        if new and live:
+            self.client.subscribe([(t, 1) for t in new])
+
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Drop topic filters: the broker routes no more of their messages here (those already
+        queued for this client still come). Safe to call from ``on_message`` or ``admit``."""
+        with self._lock:
+            gone = [t for t in dict.fromkeys(topics) if t in self._subscriptions]
+            self._subscriptions = [t for t in self._subscriptions if t not in gone]
+            live = self._live
+        if gone and live:
+            self.client.unsubscribe(gone)
+
     # -- messaging --
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, *,
+                best_effort: bool = False) -> mqtt.MQTTMessageInfo | None:
         """Publish at QoS 1; a message over ``max_payload_bytes`` goes as chunks (never retained:
-        a broker keeps only the last retained message of a topic). Returns the last publish's info."""
+        a broker keeps only the last retained message of a topic). Returns the last publish's info,
+        or None for a ``best_effort`` message dropped because the outbox was full."""
         if len(payload) > self.max_message_bytes:
             raise PayloadTooLarge(
                 f"message of {len(payload)} bytes for {topic} exceeds the limit of "
@@ -228,8 +287,11 @@ class MqttSession:
         pieces = split_message(payload, self.max_payload_bytes)
         if len(pieces) > 1 and retain:
             log.debug("%s: a %d-byte message goes in %d chunks, not retained", topic, len(payload), len(pieces))
+        info = None
         for piece in pieces:
-            info = self.client.publish(topic, piece, qos=1, retain=retain and len(pieces) == 1)
+            info = self._publish_piece(topic, piece, retain and len(pieces) == 1, best_effort)
+            if info is None:
+                return None
         with self._lock:
             self.bytes_published += sum(len(p) for p in pieces)
         return info
@@ -252,10 +314,25 @@ class MqttSession:
             self._retained_chunks[topic] = len(pieces)
         stale = retained_chunk_topics(topic, before)[len(pieces):]
         for chunk_topic, piece in zip(topics + stale, pieces + [b""] * len(stale)):
-            info = self.client.publish(chunk_topic, piece, qos=1, retain=True)
+            info = self._publish_piece(chunk_topic, piece, True, False)
         with self._lock:
             self.bytes_published += sum(len(p) for p in pieces)
         return info
+
+    def _publish_piece(self, topic: str, piece: bytes, retain: bool, best_effort: bool) -> mqtt.MQTTMessageInfo | None:
+        deadline = time.monotonic() + self.outbox_wait_s
+        while True:
+            info = self.client.publish(topic, piece, qos=1, retain=retain)
+            if info.rc != mqtt.MQTT_ERR_QUEUE_SIZE:
+                return info
+            if best_effort:
+                with self._lock:
+                    self.outbox_dropped += 1
+                return None
+            if self._stopping or time.monotonic() > deadline:
+                raise OutboxFull(f"no room in the outbox for {topic} within {self.outbox_wait_s:.0f} s: the broker at "
+                                 f"{self.address.url} has not acknowledged the messages before it")
+            time.sleep(OUTBOX_POLL_S)
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -266,8 +343,11 @@ class MqttSession:
             return
         self.refused = None
         self.failed_attempts, self.last_failure = 0, None
-        for topic in self.subscriptions:
-            client.subscribe(topic, qos=1)
+        with self._lock:
+            topics = list(self._subscriptions)
+            self._live = True  # from here on, subscribe() sends what it adds
+        if topics:
+            client.subscribe([(topic, 1) for topic in topics])
         self.connected.set()
         self._connect_answered.set()
         log.info("connected to %s as %s", self.address.url, self.client_id)
@@ -294,16 +374,21 @@ class MqttSession:
         log.warning("cannot connect to the MQTT broker at %s (%s); retrying in %d s", self.address.url, reason, delay)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._lock:
+            self._live = False
         self.connected.clear()
         if not self._stopping:
             log.warning("lost connection to %s (%s); reconnecting", self.address.url, reason_code)
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         payload = msg.payload
+        if self._admit is not None and not self._admit(msg.topic, len(payload)):
+            return
         if len(payload) > self.max_payload_bytes:
             self.oversize_dropped += 1
-            log.warning("dropped %d-byte message on %s: over the %d-byte limit",
-                        len(payload), msg.topic, self.max_payload_bytes)
+            if worth_logging(self.oversize_dropped):
+                log.warning("dropped %d-byte message on %s: over the %d-byte limit (%d dropped so far)",
+                            len(payload), one_line(msg.topic), self.max_payload_bytes, self.oversize_dropped)
             return
         with self._lock:
             self.bytes_received += len(payload)
@@ -313,7 +398,9 @@ class MqttSession:
                 payload = self.reassembler.add(topic, payload)
             except CodecError as e:
                 self.chunk_errors += 1
-                log.warning("dropped a chunk on %s: %s", msg.topic, e.reason)
+                if worth_logging(self.chunk_errors):
+                    log.warning("dropped a chunk on %s: %s (%d dropped so far)", one_line(msg.topic), e.reason,
+                                self.chunk_errors)
                 return
             if payload is None:
                 return  # more chunks to come

@@ -121,6 +121,7 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
     sys.path.insert(0, str(ROOT / "tests"))
     from edge_helpers import training_child_pid, wait_for
     from federation_helpers import Spy
+    from signing_helpers import VERIFY_KEY, signed  # the bench plays the aggregator's part
 
     idx = partition(ds.y_train, 10, "iid", seed=0)[0]
     data = work / "device.npz"
@@ -136,7 +137,8 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
         log = open(work / "agent.log", "wb")  # noqa: SIM115
         agent = subprocess.Popen([*prefix, sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", broker.url,
                                   "--device-id", "bench-pi", "--data", str(data), "--state-dir", str(work / "state"),
-                                  "--max-round-s", "600", "--log-level", "INFO", *link],
+                                  "--max-round-s", "600", "--log-level", "INFO", "--aggregator-key", VERIFY_KEY.text,
+                                  *link],
                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for(lambda: spy.on("/presence/bench-pi"), 60, "the agent's presence")
@@ -148,10 +150,12 @@ def agent_round(m: dict, ds, profile: DeviceProfile | None, work: Path, idle_s: 
                              masks=m["masks"], training={"local_epochs": epochs, "batch_size": 16,
                                                          "optimizer": "adam", "learning_rate": 0.002},
                              uplink_precision="int8", deadline_s=600, session="bench")
-            spy.client.publish(topics.architecture, m["arch"].encode(), qos=1, retain=True).wait_for_publish(5)
-            start = time.monotonic()
-            spy.client.publish(topics.task("bench-pi"), encode_task(task, m["arch"].names), qos=1,
+            spy.client.publish(topics.architecture, signed(topics.architecture, m["arch"].encode()), qos=1,
                                retain=True).wait_for_publish(5)
+            start = time.monotonic()
+            task_topic = topics.task("bench-pi")
+            spy.client.publish(task_topic, signed(task_topic, encode_task(task, m["arch"].names)),
+                               qos=1, retain=True).wait_for_publish(5)
             child_peak, update = 0.0, None
             while update is None or training_child_pid(work / "state") is not None:
                 pid = training_child_pid(work / "state")

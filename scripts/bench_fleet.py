@@ -69,8 +69,12 @@ def _scale_task(args) -> Task:
 def phase_idle(args) -> dict:
     from fedprune.simulation.cli import _fleet
 
+    from fedprune.converters.signing import SigningKey
+
     task = _scale_task(args)
-    fleet, _ = _fleet(task, max(args.devices, 1), range(args.devices), args.broker_url)  # loads TF, the trainer
+    # No aggregator here: the devices only connect, so any key will do.
+    fleet, _ = _fleet(task, max(args.devices, 1), range(args.devices), args.broker_url,  # loads TF, the trainer
+                      SigningKey.generate().public)
     started = time.monotonic()
     fleet.start(900)
     connect_s = time.monotonic() - started
@@ -84,11 +88,13 @@ def phase_idle(args) -> dict:
 def phase_devices(args) -> dict:
     """The scale phase's 1,000 devices, in a process of their own: says "ready" once connected,
     then serves rounds until the aggregator (another process) announces the end of its run."""
+    from fedprune.converters.signing import VerifyKey
     from fedprune.models import architecture_of, build_model
     from fedprune.simulation.cli import _fleet
 
     task = _scale_task(args)
-    fleet, ds = _fleet(task, args.devices, range(args.devices), args.broker_url)
+    fleet, ds = _fleet(task, args.devices, range(args.devices), args.broker_url,
+                       VerifyKey.from_text(args.aggregator_key))
     # Agents that have been running a while have traced their training step (as run_simulation
     # does); the same factory gives the aggregator's architecture, digest included.
     fleet.prepare(architecture_of(build_model(task.model.factory, ds.input_shape, ds.num_classes)))
@@ -106,11 +112,14 @@ def phase_scale(args) -> dict:
     aggregation are then the aggregator's, not slowed by the devices' training in the same
     interpreter (as they are with everything in one process: session 2's measurement)."""
     from fedprune.aggregator.server import Aggregator
+    from fedprune.converters.signing import SigningKey
     from fedprune.data import load_dataset
 
     task = _scale_task(args)
-    devices = subprocess.Popen(_child_command("devices", args, args.broker_url), stdout=subprocess.PIPE, text=True,
-                               cwd=ROOT)
+    key = SigningKey.generate()  # the devices' process starts first: it is told the key
+    devices = subprocess.Popen(_child_command("devices", args, args.broker_url,
+                                              ["--aggregator-key", key.public.text]),
+                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         for line in devices.stdout:  # the devices' process says when all are connected
             if line.strip() == "ready":
@@ -122,7 +131,7 @@ def phase_scale(args) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.monotonic()
             result = Aggregator(task, ds, args.broker_url, Path(tmp) / "run", on_round=_print_round,
-                                export_tflite=False).run()
+                                export_tflite=False, signing_key=key).run()
             wall = time.monotonic() - started
         rest = devices.communicate(timeout=300)[0]
     finally:
@@ -284,6 +293,7 @@ def main() -> int:
     parser.add_argument("--report-dir", type=Path, help="keep the thin-link runs and their report here")
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--broker-url", help=argparse.SUPPRESS)
+    parser.add_argument("--aggregator-key", help=argparse.SUPPRESS)  # the devices' phase: the key to trust
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(PHASES[args.phase](args)))

@@ -14,9 +14,10 @@ For every target (Linux x86_64, aarch64 and armv7l; Python 3.10-3.13) and every 
    accepts on that board (pip does not widen ``--platform manylinux_2_28_aarch64`` to the older
    ``manylinux_2_27``/``manylinux_2_17`` tags a real board accepts, so each is passed).
 
-On armv7l, NumPy is Debian's ``python3-numpy`` 1.24.2 (no NumPy wheel exists for armv7l; the venv
-is made with ``--system-site-packages``): a metadata-only stand-in wheel of that version is offered
-to pip, so a requirement NumPy 1.24.2 cannot satisfy still fails.
+On armv7l, NumPy is Debian's ``python3-numpy`` 1.24.2 and cffi (which cryptography needs) Debian's
+``python3-cffi`` 1.15.1 (no NumPy or cffi wheel exists for armv7l; the venv is made with
+``--system-site-packages``): a metadata-only stand-in wheel of each version is offered to pip, so a
+requirement that version cannot satisfy still fails.
 
 Prints a table and, last, one JSON line: ``{"results": [{"platform", "python", "extra", "ok",
 "packages" | "error"}, ...], ...}``. Exit status 0 when every expected combination resolved.
@@ -69,6 +70,9 @@ DEFAULT_GLIBC = (2, 36)
 
 #: Debian's python3-numpy on Bookworm armhf, which the armv7l board uses (--system-site-packages).
 DEBIAN_NUMPY = "1.24.2"
+#: Debian's python3-cffi on Bookworm armhf: cryptography's armv7l wheels need cffi, which has no
+#: armv7l wheel on PyPI (cryptography < 46, which accepts cffi 1.x, see pyproject.toml).
+DEBIAN_CFFI = "1.15.1"
 
 
 @dataclass(frozen=True)
@@ -120,8 +124,8 @@ TARGETS: dict[str, Target] = {
     "x86_64": Target("x86_64", "x86_64"),
     # 64-bit Raspberry Pi OS (Pi 3, 4, 5, Zero 2 W).
     "aarch64": Target("aarch64", "aarch64"),
-    # 32-bit Raspberry Pi OS (armhf): NumPy comes from Debian (python3-numpy), see DEBIAN_NUMPY.
-    "armv7l": Target("armv7l", "armv7l", {"numpy": DEBIAN_NUMPY}),
+    # 32-bit Raspberry Pi OS (armhf): NumPy and cffi come from Debian (python3-numpy, python3-cffi).
+    "armv7l": Target("armv7l", "armv7l", {"numpy": DEBIAN_NUMPY, "cffi": DEBIAN_CFFI}),
 }
 
 #: Which (target, python) pairs each extra is expected to resolve on; the rest are reported but do

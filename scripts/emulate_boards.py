@@ -668,12 +668,16 @@ def stage_federation(runner: BoardRunner, site: Path, work: Path, host: Host, *,
     agg_log = open(work / "aggregator.log", "wb")  # noqa: SIM115
     agent_log = open(work / "agent.log", "wb")  # noqa: SIM115
     start = time.monotonic()
+    from fedprune.aggregator_key import public_key_file, write_key_pair
+
+    write_key_pair(work / "aggregator.key")  # the agent trusts it from the start (protocol version 2)
     aggregator = subprocess.Popen([host.python, "-m", agg_module, "--task", str(task), "--broker", broker.url,
-                                   "--run-dir", str(work / "run")], cwd=work, env=host.env(), stdout=agg_log,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
+                                   "--run-dir", str(work / "run"), "--signing-key", str(work / "aggregator.key")],
+                                  cwd=work, env=host.env(), stdout=agg_log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     agent_args = ["-m", module, "run", "--broker", broker.url, "--device-id", f"{runner.board.name}-01",
                   "--data", str(data), "--state-dir", str(work / "state"), "--federation", federation,
-                  "--log-level", "INFO"]
+                  "--log-level", "INFO", "--aggregator-key", str(public_key_file(work / "aggregator.key"))]
     if trainer is not None:
         agent_args += ["--trainer", trainer]
     agent = subprocess.Popen(runner.cmd(*agent_args), env=runner.env({"TF_CPP_MIN_LOG_LEVEL": "2"}), cwd=work,

@@ -66,9 +66,12 @@ ENTRY_POINTS = (
     "Architecture.decode",
     "Ack.decode",
     "RoundAnnouncement.decode",
+    "open_signed",
 )
 EP = {name: i for i, name in enumerate(ENTRY_POINTS)}
-FRAME_EPS = frozenset({EP["decode_update"], EP["decode_task"], EP["reassembler_add"]})
+FRAME_EPS = frozenset({EP["decode_update"], EP["decode_task"], EP["reassembler_add"], EP["open_signed"]})
+SIGNED_TOPIC = "fedprune/v1/fuzz/device/dev-1/task"
+SIGNING_SEED = bytes(range(32))  # the aggregator key the harness trusts
 
 # The fixed layout a receiver holds: a small CNN (conv 3x3x1x8, dense 72x10).
 NAMES = ["conv/kernel", "conv/bias", "dense/kernel", "dense/bias"]
@@ -113,17 +116,18 @@ class Harness:
     """Decodes one input on the entry point its first byte names; knows nothing of the fuzzer."""
 
     def __init__(self) -> None:
-        from fedprune.converters import chunking, codec, mask_coding, protocol, quantize
+        from fedprune.converters import chunking, codec, mask_coding, protocol, quantize, signing
         from fedprune.converters.errors import CodecError
 
         self.chunking, self.codec, self.mask_coding = chunking, codec, mask_coding
         self.protocol, self.quantize, self.CodecError = protocol, quantize, CodecError
+        self.signing, self.verify_key = signing, signing.SigningKey.from_seed(SIGNING_SEED).public
         self.masks = make_masks()
         self.dense = [None] * len(SHAPES)
         self.limits = codec.DecodeLimits(max_elements=1 << 20)
         self.table = [
             self.update, self.task, self.self_describing, self.values_only, self.chunk, self.mask,
-            self.values, self.presence, self.architecture, self.ack, self.round,
+            self.values, self.presence, self.architecture, self.ack, self.round, self.signed,
         ]
         assert len(self.table) == len(ENTRY_POINTS)
 
@@ -259,6 +263,10 @@ class Harness:
     def round(self, b: bytes):
         return self.protocol.RoundAnnouncement.decode(b)
 
+    def signed(self, b: bytes):
+        """A signed envelope: the payload of one the trusted key signed for the topic, else CodecError."""
+        return self.signing.open_signed(SIGNED_TOPIC, b, self.verify_key, MAX_BYTES)
+
     def describe(self, ep: int, data: bytes) -> str:
         """The call an input makes, for a crash report."""
         b = data[1:]
@@ -285,7 +293,7 @@ class Harness:
 
 def build_seeds() -> list[bytes]:
     """Valid encodings for every entry point, each prefixed with its entry-point byte."""
-    from fedprune.converters import chunking, codec, mask_coding, protocol, quantize
+    from fedprune.converters import chunking, codec, mask_coding, protocol, quantize, signing
 
     rng = np.random.default_rng(7)
     masks = make_masks()
@@ -339,6 +347,7 @@ def build_seeds() -> list[bytes]:
             frame = protocol.encode_task(task, NAMES, compression=compression)
             add("decode_task", frame)
             payloads.append(frame)
+            add("open_signed", signing.sign_message(SIGNED_TOPIC, frame, signing.SigningKey.from_seed(SIGNING_SEED)))
 
     # self-describing sections: the layout, and other layouts (no expected layout is given)
     for precision in precisions:
@@ -430,6 +439,7 @@ def worker(args: argparse.Namespace) -> None:
         import fedprune.converters.mask_coding  # noqa: F401
         import fedprune.converters.protocol  # noqa: F401
         import fedprune.converters.quantize  # noqa: F401
+        import fedprune.converters.signing  # noqa: F401
 
     work = Path(args.workdir)
     harness = Harness()

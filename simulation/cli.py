@@ -20,19 +20,27 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
+from fedprune.converters.signing import VerifyKey
 from fedprune.simulation.attacks import Attack
 from fedprune.task import Task
+
+if TYPE_CHECKING:
+    from fedprune.data import Dataset
 
 log = logging.getLogger("fedprune.simulation.cli")
 
 
-def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: str, attack: Attack | None = None):
-    """The (not yet started) fleet of this process, and the data set it was split from. With
-    ``attack``, that fraction of the whole fleet is hostile (``fedprune.simulation.attacks``)."""
+def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: str, aggregator_key: VerifyKey,
+           attack: Attack | None = None, ds: Dataset | None = None):
+    """The (not yet started) fleet of this process, trusting ``aggregator_key``, and the data set
+    it was split from (``ds``, loaded as the task says when None). With ``attack``, that fraction
+    of the whole fleet is hostile (``fedprune.simulation.attacks``)."""
     from fedprune.data import load_dataset, partition
     from fedprune.simulation.fleet import Fleet, device_id
 
-    ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
+    ds = ds or load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
     ids = device_ids if device_ids is not None else range(num_devices)
@@ -41,8 +49,8 @@ def _fleet(task: Task, num_devices: int, device_ids: range | None, broker_url: s
     if hostile:
         log.warning("hostile devices (%s x%g): %s", attack.kind, attack.scale,
                     ", ".join(device_id(i) for i in sorted(hostile)))
-    return Fleet(task, ds.x_train, ds.y_train, shards, ids, broker_url, trainers, hostile=hostile,
-                 hostile_trainers={k: attack.wrap(t) for k, t in trainers.items()} if attack else None,
+    return Fleet(task, ds.x_train, ds.y_train, shards, ids, broker_url, trainers, aggregator_key=aggregator_key,
+                 hostile=hostile, hostile_trainers={k: attack.wrap(t) for k, t in trainers.items()} if attack else None,
                  trainable_files=trainable_files, runtime=runtime), ds
 
 
@@ -86,18 +94,23 @@ def run_simulation(
     ``broker_url``: a running broker's URL, or None (or ``"embedded"``) for the embedded broker,
     or ``"mosquitto"`` for a private Mosquitto started here (``simulation.private_broker``).
     ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all); the
-    rest are expected to join from other processes on the same broker. The fleet's counters go to
-    ``fleet.json`` in the run folder. ``resume``: continue the run in ``run_dir`` from its last
-    checkpoint. ``status_at``: (host, port) of a live status page (its address is printed).
+    rest are expected to join from other processes on the same broker (trusting the key in
+    ``<run_dir>/aggregator.pub``). The fleet's counters go to ``fleet.json`` in the run folder.
+    ``resume``: continue the run in ``run_dir`` from its last checkpoint. ``status_at``: (host,
+    port) of a live status page (its address is printed).
     """
     from fedprune.aggregator.server import Aggregator
     from fedprune.aggregator.status_page import StatusPage
+    from fedprune.data import load_dataset
 
     with ExitStack() as stack:
         broker_url = _start_broker(stack, broker_url)
-        fleet, ds = _fleet(task, num_devices, device_ids, broker_url, attack)
+        ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
+        # The devices are given the aggregator's key in-process, as a real device gets it in its
+        # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite, resume=resume)
+        fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator.verify_key, attack, ds)
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
             print(f"status page: {page.url}", flush=True)
@@ -139,11 +152,12 @@ def _broker_line(choice, url: str) -> str:
     return f"broker: {url} ({choice.why})"
 
 
-def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str,
+def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str, aggregator_key: VerifyKey,
                 connect_timeout_s: float = 600.0, timeout_s: float | None = None) -> dict:
-    """Run devices ``device_ids`` of the fleet (no aggregator) until the aggregator announces the
-    end of its run, ``timeout_s`` passes, or Ctrl-C; returns the fleet's counters."""
-    fleet, _ = _fleet(task, num_devices, device_ids, broker_url)
+    """Run devices ``device_ids`` of the fleet (no aggregator), trusting ``aggregator_key``, until
+    the aggregator announces the end of its run, ``timeout_s`` passes, or Ctrl-C; returns the
+    fleet's counters."""
+    fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator_key)
     try:
         fleet.start(connect_timeout_s)
         log.info("%d devices (%s) connected to %s; waiting for the aggregator's rounds",
@@ -177,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of a running broker (mqtt://host:port)")
     parser.add_argument("--rounds", type=int,
                         help="run this many rounds instead of the task's federation.rounds (e.g. 1 for a quick check)")
+    parser.add_argument("--aggregator-key", metavar="KEY",
+                        help="with --no-aggregator: the aggregator's public key (ed25519:..., or its aggregator.pub); "
+                             "the devices accept only messages it signed")
     parser.add_argument("--run-dir", type=Path, help="where to write results (default runs/<task>-<time>)")
     parser.add_argument("--attack", choices=["sign_flip"],
                         help="make some devices hostile: sign_flip sends -scale x the trained delta")
@@ -203,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.compare if not (p / "metrics.jsonl").is_file()]
     if missing:
         parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
-    if args.no_aggregator and "://" not in args.broker:
-        parser.error("--no-aggregator needs --broker URL: the broker that fedprune-aggregator and the other hosts use")
+    if args.no_aggregator and not ("://" in args.broker and args.aggregator_key):
+        parser.error("--no-aggregator needs --broker URL and --aggregator-key: the broker that fedprune-aggregator "
+                     "and the other hosts use, and the key the aggregator prints at start (its aggregator.pub)")
     from fedprune.simulation.private_broker import choose_broker
 
     try:
@@ -224,8 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_aggregator:
         ids = device_ids or range(args.devices)
         print(f"running devices {ids.start}-{ids.stop - 1} of {args.devices} against {args.broker}", flush=True)
+        from fedprune.aggregator_key import KeyFileError, parse_aggregator_key
+
         try:
-            stats = run_devices(task, args.devices, ids, args.broker)
+            key = parse_aggregator_key(args.aggregator_key)
+        except KeyFileError as e:
+            parser.error(f"--aggregator-key: {e}")
+        try:
+            stats = run_devices(task, args.devices, ids, args.broker, key)
         except KeyboardInterrupt:
             return 130
         except (ConnectionError, ValueError) as e:

@@ -1,4 +1,5 @@
-"""Helpers for the lean-agent tests: a digits task as the aggregator would send it, and its data."""
+"""Helpers for the device-side tests (and scripts/bench_trust.py): a digits task as the aggregator
+would send it, its data, and a module an attacker would name in a forged architecture."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ from pathlib import Path
 import numpy as np
 
 from fedprune.converters.protocol import Architecture, TrainTask
+
+# A module an attacker names: importing it, or calling its function, leaves a marker file.
+MARKER_MODULE = """
+import pathlib
+pathlib.Path({marker!r} + ".imported").touch()
+def run(*args, **kwargs):
+    pathlib.Path({marker!r} + ".called").touch()
+    return args[0] if args else None
+class Boom:
+    @classmethod
+    def from_config(cls, config):
+        run()
+"""
 
 
 def digits_arrays(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -86,12 +86,13 @@ def wire_updates(spy: Spy) -> list[tuple[bytes, object, object]]:
     """Every update the spy saw (it must watch the architecture, task and update topics), decoded
     against the task it answers: ``(payload, task, update)`` triples."""
     from fedprune.converters.protocol import Architecture, decode_task, decode_update, peek_update
+    from signing_helpers import content
 
-    arch = Architecture.decode(spy.on("/model/architecture")[0][1])
+    arch = Architecture.decode(content(spy.on("/model/architecture")[0][1]))
     tasks = {}
     for topic, payload in spy.on("/task"):
         if payload:
-            t = decode_task(payload, arch.names, arch.shapes, 10**8)
+            t = decode_task(content(payload), arch.names, arch.shapes, 10**8)
             tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
     out = []
     for topic, payload in spy.on("/update"):

@@ -122,6 +122,13 @@ class Fleet:
     devices: list[str]
     rounds: int = 3
     round_timeout_s: float = 90  # generous: 2 shared cores, 4 TensorFlow processes
+    # Logins for devices that run no agent here (an attacker with valid credentials, say).
+    extra_logins: list[str] = field(default_factory=list)
+    agent_args: list[str] = field(default_factory=list)  # more fedprune-agent options, for every agent
+    aggregator_args: list[str] = field(default_factory=list)  # more fedprune-aggregator options
+    devices_per_round: int | None = None  # default: every device here
+    # transport.max_payload_bytes for the task, the agents and the broker (default: the task's 1,000,000)
+    max_payload_bytes: int | None = None
     folder: BrokerFolder = field(init=False)
     broker: MosquittoProcess = field(init=False)
     agents: dict[str, subprocess.Popen] = field(default_factory=dict, init=False)
@@ -130,11 +137,16 @@ class Fleet:
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.task_path = self.workdir / "task.toml"
-        self.task_path.write_text(TASK.format(rounds=self.rounds, devices=len(self.devices),
-                                              round_timeout_s=self.round_timeout_s))
+        text = TASK.format(rounds=self.rounds, devices=self.devices_per_round or len(self.devices),
+                           round_timeout_s=self.round_timeout_s)
+        if self.max_payload_bytes:
+            text += f"[transport]\nmax_payload_bytes = {self.max_payload_bytes}\n"
+            self.agent_args = [*self.agent_args, "--max-payload-bytes", str(self.max_payload_bytes)]
+        self.task_path.write_text(text)
         task = load_task(self.task_path)
-        self.folder = init_broker(self.workdir / "broker", task.federation.id, self.devices, ["localhost"],
-                                  port=free_port(), bind="127.0.0.1")
+        self.folder = init_broker(self.workdir / "broker", task.federation.id, self.devices + self.extra_logins,
+                                  ["localhost"], port=free_port(), bind="127.0.0.1",
+                                  max_payload_bytes=task.transport.max_payload_bytes)
         self.tool_url = add_tool_login(self.folder)
         self.broker = MosquittoProcess(port=self.folder.port, base_config=self.folder.mosquitto_conf.read_text())
         self.run_dir = self.workdir / "run"
@@ -161,7 +173,7 @@ class Fleet:
         self.agents[device] = subprocess.Popen(
             command("fedprune-agent", "fedprune.edge_agent.cli")
             + ["--connection", str(self.folder.device_connection(device)), "--data", str(self.workdir / f"{device}.npz"),
-               "--state-dir", str(self.workdir / "state" / device)],
+               "--state-dir", str(self.workdir / "state" / device), *self.agent_args],
             stdout=log, stderr=subprocess.STDOUT, env=ENV)
         log.close()
         return self.agents[device]
@@ -171,7 +183,7 @@ class Fleet:
         would fill with its warnings and block it), read by :meth:`wait_for_line`."""
         cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + [
             "--task", str(self.task_path), "--connection", str(self.folder.aggregator_connection),
-            "--run-dir", str(self.run_dir)]
+            "--run-dir", str(self.run_dir), *self.aggregator_args]
         self._aggregator_runs += 1
         self.aggregator_log = self.logs / f"aggregator-{self._aggregator_runs}.log"
         with open(self.aggregator_log, "wb") as log:

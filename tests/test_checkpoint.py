@@ -132,3 +132,19 @@ def test_atomic_write_bytes_gives_a_secret_its_mode_from_the_start(tmp_path):
     atomic_write_bytes(target, b"secret", mode=0o600)
     assert target.read_bytes() == b"secret" and target.stat().st_mode & 0o777 == 0o600
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_file(tmp_path, bad):
+    from fedprune.aggregator.checkpoint import CheckpointError
+
+    save_checkpoint(tmp_path, make_state(1))
+    diverged = make_state(2)
+    diverged.weights[1][2] = bad
+    path = save_checkpoint(tmp_path, diverged)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} holds NaN or infinite weights "
+                                              r"\(tensor 1 of 3\).*moving this one away") as raised:
+        load_latest_checkpoint(tmp_path)
+    assert "\n" not in str(raised.value)
+    path.rename(tmp_path / "diverged.npz")  # what the message says to do: the one before resumes
+    assert load_latest_checkpoint(tmp_path).completed_rounds == 1

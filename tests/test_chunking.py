@@ -292,7 +292,8 @@ def test_non_chunk_frames_refused() -> None:
     with pytest.raises(CodecError):
         r.add("dev", b"")
     with pytest.raises(CodecError, match="checksum"):
-        r.add("dev", split_message(bytes(300), 100)[0][:-1] + b"\0")
+        chunk = split_message(bytes(300), 100)[0]
+        r.add("dev", chunk[:-1] + bytes([chunk[-1] ^ 1]))  # (a zeroed byte was already 0 once in 256 runs)
 
 
 # --------------------------------------------------------------------------- sources, eviction, threads
@@ -313,7 +314,7 @@ def test_two_sources_same_message_id_do_not_mix() -> None:
 
 
 def test_eviction_bounds_memory(caplog: pytest.LogCaptureFixture) -> None:
-    r = Reassembler(max_message_bytes=1000, max_pending_messages=3)
+    r = Reassembler(max_message_bytes=1000, max_pending_per_source=3, max_source_bytes=3000)
     ids = [os.urandom(16) for _ in range(10)]
     msgs = [split_message(os.urandom(1000), 378, message_id=m) for m in ids]
     with caplog.at_level(logging.WARNING, logger="fedprune.converters.chunking"):
@@ -325,13 +326,35 @@ def test_eviction_bounds_memory(caplog: pytest.LogCaptureFixture) -> None:
     assert r.pending_messages == 3 and r.evicted == 7
     assert r.pending_bytes == 3 * 900
     assert sum("evicted" in rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING) == 7
+    assert "more than 3 of its messages in progress" in caplog.text
     assert r.missing("dev", ids[0]) == []  # the oldest went first
     assert r.missing("dev", ids[-1]) == [3]
     assert r.add("dev", msgs[-1][-1]) is not None  # the newest still completes
 
 
+def test_no_source_evicts_another_and_all_together_stay_bounded() -> None:
+    """A device that opens message after message evicts only its own; when all sources together
+    are full, a new message is refused, and the partial messages of others complete."""
+    r = Reassembler(max_message_bytes=1000, max_pending_per_source=2, max_pending_bytes=1600)
+    honest = split_message(os.urandom(1000), 378)  # 4 chunks
+    assert r.add("honest", honest[0]) is None
+    for _ in range(20):  # the flooder's messages: first chunk only, never complete
+        try:
+            r.add("flooder", split_message(os.urandom(1000), 378)[0])
+        except CodecError:
+            pass
+        assert r.pending_bytes <= 1600
+    assert r.evicted == 18 and r.missing("honest", honest[0][10:26]) == [1, 2, 3]
+    assert [r.add("honest", c) for c in honest[1:3]] == [None, None] and r.add("honest", honest[3]) is not None
+    for source in ("third", "fourth", "fifth"):  # 600 + 3 x 300 bytes: full
+        assert r.add(source, split_message(os.urandom(1000), 378)[0]) is None
+    with pytest.raises(CodecError, match="all sources together"):
+        r.add("sixth", split_message(os.urandom(1000), 378)[0])
+    assert r.refused == 1 and r.pending_bytes == 1500
+
+
 def test_concurrent_sources() -> None:
-    r = Reassembler(MAX_MSG, max_pending_messages=16)
+    r = Reassembler(MAX_MSG)
     payloads = {f"dev{i}": os.urandom(5000) for i in range(8)}
     results: dict[str, bytes | None] = {}
     errors: list[BaseException] = []
@@ -358,7 +381,9 @@ def test_concurrent_sources() -> None:
 
 def test_constructor_validates() -> None:
     for kwargs in ({"max_message_bytes": 0}, {"max_message_bytes": 10, "max_pending_messages": 0},
-                   {"max_message_bytes": 10, "timeout_s": 0}):
+                   {"max_message_bytes": 10, "max_pending_per_source": 0}, {"max_message_bytes": 10, "timeout_s": 0},
+                   {"max_message_bytes": 10, "max_source_bytes": 9},
+                   {"max_message_bytes": 10, "max_source_bytes": 20, "max_pending_bytes": 19}):
         with pytest.raises(ValueError):
             Reassembler(**kwargs)
 
@@ -408,7 +433,7 @@ def mutated_chunk(draw) -> bytes:
 @PROP
 @given(items=st.lists(st.one_of(st.binary(max_size=200), mutated_chunk(), st.sampled_from(_VALID)), max_size=12))
 def test_untrusted_bytes_raise_only_codec_error(items: list[bytes]) -> None:
-    r = Reassembler(max_message_bytes=2048, max_pending_messages=2, timeout_s=10)
+    r = Reassembler(max_message_bytes=2048, max_pending_per_source=2, timeout_s=10)
     for item in items:
         is_chunk(item)
         try:

@@ -58,9 +58,14 @@ def test_bad_task_file_is_rejected_with_the_key_named(tmp_path):
 
 
 def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosquitto_url, tmp_path):
+    from fedprune.aggregator_key import write_key_pair
+
     task_file = tmp_path / "task.toml"
     task_file.write_text(TASK)
     ds = load_dataset("digits", seed=1)
+    # The agents start first (as on a fleet whose devices run all the time): they are given the
+    # public key of the key the aggregator will sign with.
+    key = write_key_pair(tmp_path / "aggregator.key")
     agents = []
     for i, idx in enumerate(partition(ds.y_train, 2, "iid", seed=1)):
         data = tmp_path / f"device{i}.npz"
@@ -68,14 +73,16 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
         agents.append(subprocess.Popen(
             command("fedprune-agent", "fedprune.edge_agent.cli")
             + ["--broker", mosquitto_url, "--device-id", f"pi-{i:02d}", "--data", str(data),
-               "--state-dir", str(tmp_path / f"state{i}")],
+               "--state-dir", str(tmp_path / f"state{i}"), "--aggregator-key", str(tmp_path / "aggregator.pub")],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     run_dir = tmp_path / "run"
     aggregator_cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + [
-        "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir)]
+        "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir),
+        "--signing-key", str(tmp_path / "aggregator.key")]
     try:
         agg = subprocess.Popen(aggregator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         first = read_until(agg, "round   1", 240)
+        assert any(f"--aggregator-key {key.public.text}" in line for line in first)
         assert "devices   2/2" in first[-1]
         agg.send_signal(signal.SIGINT)  # Ctrl-C during round 2
         out, _ = agg.communicate(timeout=60)
@@ -140,7 +147,15 @@ def test_init_broker_command_and_connection_files_on_both_commands(tmp_path, cap
                             "--host", "laptop.local", "--port", "8884"]) == 0
     assert "mosquitto -c" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "devices").iterdir()) == ["device-01", "device-02"]
-    assert 'url = "mqtts://laptop.local:8884"' in (out / "devices" / "device-01" / "connection.toml").read_text()
+    device_file = (out / "devices" / "device-01" / "connection.toml").read_text()
+    assert 'url = "mqtts://laptop.local:8884"' in device_file
+    # the aggregator's signing key, private beside its connection file, public in every device's
+    from fedprune.aggregator_key import load_signing_key
+
+    key = load_signing_key(out / "aggregator.key")
+    assert (out / "aggregator.key").stat().st_mode & 0o777 == 0o600
+    assert f'aggregator_key = "{key.public.text}"' in device_file
+    assert 'signing_key = "aggregator.key"' in (out / "aggregator.toml").read_text()
     assert aggregator_main(["init-broker", "--out", str(out), "--devices", "x"]) == 2  # never overwrites
     assert "already holds a broker set-up" in capsys.readouterr().err
 

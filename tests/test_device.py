@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from fedprune.converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, decode_update, encode_task
+from fedprune.converters.signing import open_signed
 from fedprune.edge_agent.device import DeviceSession, TrainResult, run_job
+from signing_helpers import VERIFY_KEY, signed
 
 SHAPES = [[6, 4], [4]]
 NAMES = ["dense/kernel", "dense/bias"]
@@ -25,7 +27,7 @@ def task_payload(round_=1, attempt=1, digest="d1", precision="float32", session=
     task = TrainTask(round=round_, attempt=attempt, architecture_digest=digest, weights=weights, masks=[mask, None],
                      training={"local_epochs": 1, "batch_size": 4, "optimizer": "adam", "learning_rate": 0.01},
                      uplink_precision=precision, deadline_s=60.0, session=session, **kw)
-    return encode_task(task, NAMES)
+    return signed(TOPICS.task("dev-1"), encode_task(task, NAMES))
 
 
 class AddOne:
@@ -42,8 +44,15 @@ class AddOne:
         return TrainResult(delta, task.masks, {"loss": 0.5})
 
 
+ARCH_MESSAGE = signed(TOPICS.architecture, ARCH.encode())
+
+
+def opened(topic: str, payload: bytes) -> bytes:
+    return open_signed(topic, payload, VERIFY_KEY, 1 << 20)
+
+
 def device(**kw) -> DeviceSession:
-    return DeviceSession("dev-1", 10, federation="fed", **kw)
+    return DeviceSession("dev-1", 10, federation="fed", aggregator_key=VERIFY_KEY, **kw)
 
 
 def test_presence_and_subscriptions():
@@ -59,8 +68,8 @@ def test_task_waits_for_its_architecture_then_runs_once():
     d = device()
     payload = task_payload()
     assert d.receive(TOPICS.task("dev-1"), payload) is None  # no architecture yet: held
-    job = d.receive(TOPICS.architecture, ARCH.encode())
-    assert job is not None and job.payload == payload
+    job = d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert job is not None and job.payload == opened(TOPICS.task("dev-1"), payload)
     assert d.receive(TOPICS.task("dev-1"), payload) is None  # QoS-1 redelivery: taken on once
     assert d.receive(TOPICS.task("dev-1"), task_payload(attempt=2)) is not None  # a retry is new work
     assert d.receive(TOPICS.task("dev-1"), b"") is None  # cleared retained task
@@ -69,16 +78,16 @@ def test_task_waits_for_its_architecture_then_runs_once():
 def test_garbage_is_ignored_not_raised():
     d = device()
     assert d.receive(TOPICS.architecture, b"\x00junk") is None
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     assert d.receive(TOPICS.task("dev-1"), b"FPRN\x00garbage") is None
     assert d.receive(TOPICS.ack("dev-1"), b"nope") is None
-    assert d.receive(TOPICS.ack("dev-1"), Ack(1, "dev-1", False, "stale").encode()) is None
+    assert d.receive(TOPICS.ack("dev-1"), signed(TOPICS.ack("dev-1"), Ack(1, "dev-1", False, "stale").encode())) is None
     assert d.receive("some/other/topic", b"x") is None
 
 
 def test_run_job_encodes_an_update_the_aggregator_decodes():
     d = device()
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     job = d.receive(TOPICS.task("dev-1"), task_payload(round_=3))
     message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
     assert message.topic == TOPICS.update("dev-1") and not message.retain
@@ -121,7 +130,7 @@ def test_a_training_failure_is_one_log_line_without_a_traceback(caplog):
 
 def test_training_failure_becomes_an_error_update():
     d = device()
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     job = d.receive(TOPICS.task("dev-1"), task_payload())
     message = run_job(d, job, AddOne(fail=True), np.zeros((10, 6)), np.zeros(10))
     update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
@@ -130,7 +139,7 @@ def test_training_failure_becomes_an_error_update():
 
 def test_error_feedback_keeps_what_int4_lost(tmp_path):
     d = device(state_dir=tmp_path)
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     job = d.receive(TOPICS.task("dev-1"), task_payload(precision="int4", error_feedback=True))
     trainer = AddOne()
     trainer.train = lambda a, t, x, y: TrainResult(  # values int4 cannot hold exactly
@@ -144,14 +153,14 @@ def test_error_feedback_keeps_what_int4_lost(tmp_path):
 
 def test_bad_device_id_is_refused():
     with pytest.raises(ValueError, match="device id"):
-        DeviceSession("a/b", 1)
+        DeviceSession("a/b", 1, aggregator_key=VERIFY_KEY)
 
 
 def test_clip_norm_in_the_task_bounds_the_update_on_the_device():
     from fedprune.clipping import global_norm
 
     d = device()
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     payload = task_payload()
     job = d.receive(TOPICS.task("dev-1"), payload)
     task = d.decode(job)
@@ -180,7 +189,7 @@ def test_the_announced_architecture_is_what_a_trainer_prepares_for():
 
     d = device()
     assert d.architecture is None
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     assert d.architecture == ARCH
     trainer = Preparing()
     prepare_trainer(trainer, d.architecture)
@@ -208,12 +217,13 @@ def test_a_device_without_tensorflow_announces_it_and_takes_a_task_once_it_has_t
             f"{TOPICS.final_model('float32')}/chunk/+"} <= set(d.subscriptions)
     digest = "ab" * 16
     arch = dataclasses.replace(ARCH, digest=digest)
-    assert d.receive(TOPICS.architecture, arch.encode()) is None
+    assert d.receive(TOPICS.architecture, signed(TOPICS.architecture, arch.encode())) is None
     assert d.receive(TOPICS.task("dev-1"), task_payload(digest=digest)) is None  # no file for it yet
     other = encode_trainable_model(TrainableModel("cd" * 16, 4, b"another architecture's file"))
-    assert d.receive(TOPICS.trainable_model, other) is None  # still waiting
+    assert d.receive(TOPICS.trainable_model, signed(TOPICS.trainable_model, other)) is None  # still waiting
     assert d.receive(TOPICS.trainable_model, b"") is None  # a cleared topic
-    job = d.receive(TOPICS.trainable_model, encode_trainable_model(TrainableModel(digest, 4, b"the file")))
+    job = d.receive(TOPICS.trainable_model,
+                    signed(TOPICS.trainable_model, encode_trainable_model(TrainableModel(digest, 4, b"the file"))))
     assert job is not None and job.architecture.digest == digest
     assert d.trainable_files.get(digest).content == b"the file"
 
@@ -223,12 +233,46 @@ def test_the_final_model_is_handed_to_the_caller_and_a_damaged_one_is_dropped(ca
 
     d = _lite_device()
     final = FinalModel(15, "float32", 0.8, 0.95, "ab" * 16, b"tflite bytes")
-    assert d.receive(TOPICS.final_model("float32"), encode_final_model(final)) == final
-    assert d.receive(TOPICS.final_model("int8"), encode_final_model(final)) is None  # not the precision it takes
+    topic = TOPICS.final_model("float32")
+    assert d.receive(topic, signed(topic, encode_final_model(final))) == final
+    int8 = TOPICS.final_model("int8")
+    assert d.receive(int8, signed(int8, encode_final_model(final))) is None  # not the precision it takes
     damaged = bytearray(encode_final_model(final))
     damaged[-8] ^= 0xFF
-    assert d.receive(TOPICS.final_model("float32"), bytes(damaged)) is None
-    assert "ignored bad final model message" in caplog.text
+    assert d.receive(topic, signed(topic, bytes(damaged))) is None  # signed, but not the file its sha256 names
+    assert d.receive(topic, encode_final_model(final)) is None  # unsigned
+    assert d.refused_messages == 2 and "refused a message on" in caplog.text
     assert d.receive(TOPICS.final_model("float32"), b"") is None  # cleared at the start of a run
     with pytest.raises(ValueError, match="TrainableFiles"):
         device(trainer="litert")
+
+
+def test_only_messages_the_aggregator_signed_for_their_topic_are_taken():
+    from fedprune.converters.signing import SigningKey, sign_message
+
+    d = device()
+    arch, task = ARCH.encode(), task_payload()
+    forged_key = SigningKey.from_seed(b"\x07" * 32)
+    refused = [
+        (TOPICS.architecture, arch),  # unsigned (what a version-1 aggregator sends)
+        (TOPICS.architecture, sign_message(TOPICS.architecture, arch, forged_key)),  # another key
+        (TOPICS.architecture, signed(TOPICS.task("dev-1"), arch)),  # signed for another topic
+        (TOPICS.architecture, ARCH_MESSAGE[:30] + bytes([ARCH_MESSAGE[30] ^ 1]) + ARCH_MESSAGE[31:]),  # altered
+        (TOPICS.task("dev-1"), signed(TOPICS.task("dev-2"), opened(TOPICS.task("dev-1"), task))),  # another's task
+    ]
+    for topic, payload in refused:
+        assert d.receive(topic, payload) is None
+    assert d.architecture is None and d.refused_messages == len(refused)
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert d.architecture == ARCH and d.refused_messages == len(refused)
+
+
+def test_a_failure_text_leaves_the_device_as_one_short_line():
+    d = device()
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    job = d.receive(TOPICS.task("dev-1"), task_payload())
+    d.decode(job)
+    update = decode_update(d.failure(job, "Traceback\nforged: line\x1b[31m" + "x" * 5000).payload, SHAPES,
+                           job.task.masks, 1 << 20, names=NAMES)
+    assert "\n" not in update.error and "\x1b" not in update.error and len(update.error) <= 200
+    assert update.error.startswith("Traceback forged: line")

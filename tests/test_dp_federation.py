@@ -12,6 +12,7 @@ from fedprune.aggregator.privacy import PrivacyAccountant, ReleasedRound
 from fedprune.aggregator.server import Aggregator
 from fedprune.converters.protocol import RoundAnnouncement, Topics
 from federation_helpers import Spy, small_task, wire_updates
+from signing_helpers import content
 from fedprune.clipping import global_norm
 from fedprune.data import load_dataset
 from fedprune.simulation.cli import run_simulation
@@ -51,7 +52,7 @@ def test_dp_federation_clips_on_the_device_and_reports_epsilon_each_round(embedd
     for _, _, u in updates:
         assert global_norm(u.tensors) <= 1.05 * clip
     # The round announcements name no device: who was drawn stays secret.
-    opened = [RoundAnnouncement.decode(p) for _, p in spy.on(topics.round) if b'"open"' in p]
+    opened = [RoundAnnouncement.decode(content(p)) for _, p in spy.on(topics.round) if b'"open"' in p]
     assert opened and all(a.selected == [] for a in opened)
 
     # Noise only at kept positions: the pruned weights are exactly zero.

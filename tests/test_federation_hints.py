@@ -13,6 +13,7 @@ from federation_helpers import Spy
 from fleet import ENV, command
 
 from fedprune.converters.protocol import Presence, Topics
+from signing_helpers import VERIFY_KEY
 
 TASK = """
 seed = 1
@@ -78,7 +79,8 @@ def test_the_agent_names_the_federation_an_aggregator_announces(embedded_broker_
     spy = Spy(embedded_broker_url, [])
     spy.ready.wait(10)
     spy.client.publish(other.architecture, b'{"an": "architecture"}', qos=1, retain=True).wait_for_publish(5)
-    agent = EdgeAgent(embedded_broker_url, "pi-01", None, None, _NoTrainer(), num_samples=10).start()
+    agent = EdgeAgent(embedded_broker_url, "pi-01", None, None, _NoTrainer(), aggregator_key=VERIFY_KEY,
+                      num_samples=10).start()
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "newuser" not in agent.aggregators_seen:

@@ -15,11 +15,13 @@ from fedprune.edge_agent.inference import Predictor
 from fedprune.edge_agent.litert_trainer import TrainableFileTrainer
 from fedprune.edge_agent.model_store import ModelStore
 from fedprune.edge_agent.trainable_files import TrainableFiles
+from signing_helpers import AGGREGATOR_KEY, VERIFY_KEY
 
 
 def _lite_agent(url, device_id, x, y, state_dir, precision):
     files = TrainableFiles()  # each device its own, as on a board
-    return EdgeAgent(url, device_id, x, y, TrainableFileTrainer(files, seed=0), state_dir=state_dir,
+    return EdgeAgent(url, device_id, x, y, TrainableFileTrainer(files, seed=0), aggregator_key=VERIFY_KEY,
+                     state_dir=state_dir,
                      trainer_kind="litert", runtime=tflite_runtime(), trainable_files=files, final_model=precision)
 
 
@@ -40,13 +42,14 @@ def test_every_device_installs_the_exported_final_model_byte_for_byte(mosquitto_
     wanted = {"lite": "int8", "keras": "float32", "late": "int8"}
     agents = [
         _lite_agent(mosquitto_url, "lite", x[:400], y[:400], tmp_path / "lite", wanted["lite"]),
-        EdgeAgent(mosquitto_url, "keras", x[400:800], y[400:800], KerasTrainer(), state_dir=tmp_path / "keras",
+        EdgeAgent(mosquitto_url, "keras", x[400:800], y[400:800], KerasTrainer(), aggregator_key=VERIFY_KEY,
+                  state_dir=tmp_path / "keras",
                   final_model=wanted["keras"]),
     ]
     try:
         for agent in agents:
             agent.start(10)
-        result = Aggregator(task, data, mosquitto_url, tmp_path / "run").run()
+        result = Aggregator(task, data, mosquitto_url, tmp_path / "run", signing_key=AGGREGATOR_KEY).run()
         assert [r.reported for r in result.rounds] == [2, 2]  # a Keras and a TensorFlow-free device each round
         agents.append(_lite_agent(mosquitto_url, "late", x[800:900], y[800:900], tmp_path / "late", wanted["late"]))
         agents[-1].start(10)  # after the run: the retained message is all it gets

@@ -133,12 +133,14 @@ def test_two_processes_with_device_id_ranges_form_one_federation(mosquitto_url, 
         "[model]\nfactory = 'fedprune.models:mlp'\n[data]\npartition = 'iid'\n"
         "[federation]\nrounds = 2\ndevices_per_round = 16\nmin_devices = 16\nround_timeout_s = 120\n"
         "wait_for_devices_s = 120\n[training]\nlocal_epochs = 1\n[transport]\nuplink_precision = 'int8'\n")
+    from fedprune.aggregator_key import write_key_pair
     from fedprune.task import load_task
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    key = write_key_pair(tmp_path / "run" / "aggregator.key")  # the run's key, which the other devices trust
     other = subprocess.Popen(
         [sys.executable, "-m", "fedprune.simulation.cli", "--task", str(task_file), "--devices", "16",
-         "--device-ids", "8-15", "--no-aggregator", "--broker", mosquitto_url],
+         "--device-ids", "8-15", "--no-aggregator", "--broker", mosquitto_url, "--aggregator-key", key.public.text],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     try:
         result = run_simulation(load_task(task_file), 16, tmp_path / "run", broker_url=mosquitto_url,

@@ -9,6 +9,7 @@ import pytest
 from fedprune.converters.protocol import Architecture, TrainTask, encode_task
 from fedprune.edge_agent.device import DeviceSession, TrainJob
 from fedprune.simulation.fleet.shared_tasks import SharedTasks
+from signing_helpers import VERIFY_KEY
 
 ARCH = Architecture(model_json="{}", digest="arch-1", shapes=[[4, 3], [3]], names=["dense/kernel", "dense/bias"])
 
@@ -27,7 +28,7 @@ def job(data: bytes) -> TrainJob:
 
 def test_each_payload_is_decoded_once_and_shared_read_only():
     tasks = SharedTasks()
-    sessions = [DeviceSession(f"sim-{i:03d}", 5) for i in range(3)]
+    sessions = [DeviceSession(f"sim-{i:03d}", 5, aggregator_key=VERIFY_KEY) for i in range(3)]
     data = payload(1)
     jobs = [job(bytes(data)) for _ in sessions]  # each device its own copy of the bytes, as from MQTT
     got = [tasks.decode(s, j) for s, j in zip(sessions, jobs)]
@@ -40,7 +41,7 @@ def test_each_payload_is_decoded_once_and_shared_read_only():
 
 def test_a_different_payload_with_the_same_key_is_not_taken_for_the_cached_one():
     tasks = SharedTasks()
-    session = DeviceSession("sim-000", 5)
+    session = DeviceSession("sim-000", 5, aggregator_key=VERIFY_KEY)
     first = payload(1, scale=1.0)
     other = bytearray(payload(1, scale=2.0))
     other[-4:] = first[-4:]  # same length and last bytes (the cache's key); the bytes differ
@@ -52,7 +53,7 @@ def test_a_different_payload_with_the_same_key_is_not_taken_for_the_cached_one()
 
 def test_least_recently_used_payloads_leave_first():
     tasks = SharedTasks(capacity=2)
-    session = DeviceSession("sim-000", 5)
+    session = DeviceSession("sim-000", 5, aggregator_key=VERIFY_KEY)
     for r in (1, 2, 1, 3):  # round 1 used again before round 3 arrives: round 2 leaves
         tasks.decode(session, job(payload(r)))
     assert (tasks.misses, tasks.hits) == (3, 1)

@@ -58,7 +58,7 @@ def unpack_codec_error(data: bytes, max_bytes: int = MAX, match: str | None = No
 
 
 def test_constants_and_overhead():
-    assert MAGIC == b"FPRN" and FRAME_VERSION == 1
+    assert MAGIC == b"FPRN" and FRAME_VERSION == 2
     assert PREFIX.size == 10 and CRC.size == 4 and FRAME_OVERHEAD == 14
     assert issubclass(CodecError, ValueError)
     e = CodecError("why")
@@ -147,7 +147,9 @@ VALID = pack_frame(2, {"k": "v"}, b"payload")
         pytest.param(raw_frame(2, b"{}", magic=b"fprn"), MAX, "bad magic", id="magic-case"),
         pytest.param(bytes(FRAME_OVERHEAD), MAX, "bad magic", id="zeros"),
         pytest.param(raw_frame(2, b"{}", version=0), MAX, "version 0", id="version-0"),
-        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 2", id="version-2"),
+        pytest.param(raw_frame(2, b"{}", version=1), MAX, "version 1 not supported: this side speaks protocol "
+                     "version 2; upgrade the side that sent it", id="version-1"),
+        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 3", id="version-3"),
         pytest.param(raw_frame(2, b"{}", version=255), MAX, "version 255", id="version-255"),
         pytest.param(raw_frame(2, b"{}", hlen=3), MAX, "header length 3", id="hlen-past-end"),
         pytest.param(raw_frame(2, b"", hlen=1), MAX, "header length 1", id="hlen-1-empty"),
@@ -284,7 +286,7 @@ def test_random_bytes_unpack_or_raise_codec_error(data, max_bytes):
 
 
 @PROP
-@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 2]),
+@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 1, 3]),
        head=st.binary(max_size=64) | st.text(max_size=30).map(str.encode), body=st.binary(max_size=64),
        hlen_delta=st.integers(-3, 3))
 def test_frames_with_valid_crc_unpack_or_raise_codec_error(kind, version, head, body, hlen_delta):

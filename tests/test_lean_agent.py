@@ -15,6 +15,7 @@ from federation_helpers import Spy
 from fedprune.converters.protocol import Topics, decode_update, encode_task
 from fedprune.edge_agent.budgets import rss_mb
 from fedprune.edge_agent.model_store import ModelStore
+from signing_helpers import VERIFY_KEY, signed
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPICS = Topics("default")
@@ -26,14 +27,15 @@ def _start_agent(url: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", url, "--device-id", "pi-01",
          "--data", str(tmp_path / "local.npz"), "--state-dir", str(tmp_path / "state"), "--log-level", "INFO",
-         *extra],
+         "--aggregator-key", VERIFY_KEY.text, *extra],
         cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _send_round(spy: Spy, round_: int):
     arch, task = small_mlp_task(sparsity=0.8, round_=round_)
-    spy.client.publish(TOPICS.architecture, arch.encode(), qos=1, retain=True).wait_for_publish(5)
-    spy.client.publish(TOPICS.task("pi-01"), encode_task(task, arch.names), qos=1,
+    spy.client.publish(TOPICS.architecture, signed(TOPICS.architecture, arch.encode()), qos=1,
+                       retain=True).wait_for_publish(5)
+    spy.client.publish(TOPICS.task("pi-01"), signed(TOPICS.task("pi-01"), encode_task(task, arch.names)), qos=1,
                        retain=True).wait_for_publish(5)
     return arch, task
 

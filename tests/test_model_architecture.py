@@ -24,18 +24,7 @@ from fedprune.architecture import (
 from fedprune.keras_setup import keras
 from fedprune.models import architecture_of, digits_cnn, mlp, mnist1d_cnn
 
-# A module an attacker names: importing it, or calling its function, leaves a marker file.
-PAYLOAD = """
-import pathlib
-pathlib.Path({marker!r} + ".imported").touch()
-def run(*args, **kwargs):
-    pathlib.Path({marker!r} + ".called").touch()
-    return args[0] if args else None
-class Boom:
-    @classmethod
-    def from_config(cls, config):
-        run()
-"""
+from edge_helpers import MARKER_MODULE as PAYLOAD  # importing it, or calling its function, leaves a marker file
 
 
 @pytest.fixture(autouse=True)
@@ -307,15 +296,19 @@ def test_the_device_refuses_a_forged_architecture_message_and_logs_it(payload, c
     from fedprune.converters.protocol import Architecture
     from fedprune.edge_agent.device import DeviceSession
 
+    from signing_helpers import VERIFY_KEY, signed
+
     module, marker = payload
     honest = architecture_of(mlp((4,), 2))
-    session = DeviceSession("pi-01", 10)
+    session = DeviceSession("pi-01", 10, aggregator_key=VERIFY_KEY)
+    topic = session.topics.architecture
+    # Signed by the aggregator's own key (a compromised aggregator): the allow-list still holds.
     message = Architecture(forged(lambda_layer(module)), honest.digest, honest.shapes, honest.names).encode()
     with caplog.at_level(logging.ERROR):
-        assert session.receive(session.topics.architecture, message) is None
+        assert session.receive(topic, signed(topic, message)) is None
     assert session.architecture is None
-    assert "'Lambda'" in caplog.text and "bad architecture" in caplog.text
-    session.receive(session.topics.architecture, honest.encode())
+    assert "'Lambda'" in caplog.text and "refused a message on" in caplog.text
+    session.receive(topic, signed(topic, honest.encode()))
     assert session.architecture == honest
     assert code_ran(marker) == []
 

@@ -147,11 +147,16 @@ def test_a_newcomer_runs_an_aggregator_and_three_agents_with_their_own_task_data
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
         return Output(name, proc)
 
+    from fedprune.aggregator_key import write_key_pair
+
+    write_key_pair(tmp_path / "aggregator.key")  # the agents trust its public half, aggregator.pub
     aggregator = start("aggregator", command("fedprune-aggregator", "fedprune.aggregator.cli")
-                       + ["--task", "task.toml", "--port", str(port), "--run-dir", "run"])
+                       + ["--task", "task.toml", "--port", str(port), "--run-dir", "run",
+                          "--signing-key", "aggregator.key"])
     agents = [start(d, command("fedprune-agent", "fedprune.edge_agent.cli")
                     + ["--broker", f"mqtt://127.0.0.1:{port}", "--device-id", d, "--data", f"{d}.csv",
-                       "--label-column", "diagnosis", "--federation", "clinic", "--state-dir", f"state/{d}"])
+                       "--label-column", "diagnosis", "--federation", "clinic", "--state-dir", f"state/{d}",
+                       "--aggregator-key", "aggregator.pub"])
               for d in devices]
     try:
         assert aggregator.proc.wait(timeout=540) == 0, aggregator.text()

@@ -22,9 +22,10 @@ def _federation(url, tmp_path, task, n_agents, silent_ids):
     for d in silent_ids:
         silent.client.publish(topics.presence(d), Presence(d, True, 100).encode(), qos=1, retain=True).wait_for_publish(5)
     trainer = KerasTrainer()
-    agents = [EdgeAgent(url, f"dev-{i}", ds.x_train[idx], ds.y_train[idx], trainer).start()
-              for i, idx in enumerate(partition(ds.y_train, n_agents, "iid"))]
     agg = Aggregator(task, ds, url, tmp_path / "run", export_tflite=False)
+    agents = [EdgeAgent(url, f"dev-{i}", ds.x_train[idx], ds.y_train[idx], trainer,
+                        aggregator_key=agg.verify_key).start()
+              for i, idx in enumerate(partition(ds.y_train, n_agents, "iid"))]
     return agg, agents, silent
 
 

@@ -146,6 +146,15 @@ def test_mosquitto_runs_the_generated_config_as_documented(setup_folder):
      "federation 'a\\nb' must be 1-128 bytes"),
     ("role = 'device'\ndevice_id = 'a/b'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
      "device_id 'a/b' must be"),
+    # protocol version 2: each role's key, in its own role's file only
+    ("role = 'device'\ndevice_id = 'd'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
+     "no aggregator_key (the aggregator's public key); it was written before signed messages"),
+    ("role = 'aggregator'\nfederation = 'f'\n[broker]\nurl='mqtt://h'\nusername='u'\npassword='p'\n",
+     "no signing_key"),
+    ("role = 'device'\ndevice_id = 'd'\nfederation = 'f'\naggregator_key = 'ed25519:AAAA'\n[broker]\nurl='mqtt://h'\n"
+     "username='u'\npassword='p'\n", "aggregator_key: an aggregator key looks like"),
+    ("role = 'device'\ndevice_id = 'd'\nfederation = 'f'\nsigning_key = 'k'\n[broker]\nurl='mqtt://h'\n"
+     "username='u'\npassword='p'\n", "signing_key belongs in the aggregator's connection file"),
 ])
 def test_malformed_connection_files_are_refused_with_the_key_named(tmp_path, text, match):
     path = tmp_path / "connection.toml"

@@ -165,3 +165,32 @@ def test_the_task_names_its_strategy_by_config(sections, expected):
     task = small_task(**sections)
     assert strategy_config(task) == expected
     assert strategy_for_task(task).get_config() == expected
+
+
+def test_fedavg_and_device_mask_averaging_compute_what_the_protocol_document_says():
+    """docs/protocol.md, section 16: the arithmetic, bit for bit."""
+    rng = np.random.default_rng(3)
+    old = [rng.normal(size=(4, 5)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)]
+    masks = [MASK, None]
+    counts = [3, 7, 11]
+    deltas = [[rng.normal(size=w.shape).astype(np.float32) * (MASK if w.ndim == 2 else 1) for w in old]
+              for _ in counts]
+    results = [ClientResult(f"d{i}", n, d) for i, (n, d) in enumerate(zip(counts, deltas))]
+    total = float(sum(counts))
+    fedavg = strategy_from_config({"strategy": "fedavg"}).aggregate(old, results, masks)
+    for t, w in enumerate(old):
+        mean = sum(d[t].astype(np.float64) * (n / total) for n, d in zip(counts, deltas))
+        expected = (w.astype(np.float64) + mean).astype(np.float32) * (MASK if t == 0 else 1)
+        np.testing.assert_array_equal(fedavg[t], expected)
+
+    own = [[rng.random((4, 5)) > 0.5, None] for _ in counts]
+    weights = [[rng.normal(size=w.shape).astype(np.float32) * (m if m is not None else 1) for w, m in zip(old, mk)]
+               for mk in own]
+    results = [ClientResult(f"d{i}", n, w, masks=mk) for i, (n, w, mk) in enumerate(zip(counts, weights, own))]
+    averaged = strategy_from_config({"strategy": "device_mask_averaging"}).aggregate(old, results, masks)
+    for t in range(len(old)):
+        keep = [np.ones(old[t].shape, bool) if mk[t] is None else mk[t] for mk in own]
+        num = sum(np.where(k, w[t].astype(np.float64), 0.0) * n for k, w, n in zip(keep, weights, counts))
+        den = sum(k * float(n) for k, n in zip(keep, counts))
+        expected = np.divide(num, den, out=np.zeros_like(num), where=den > 0).astype(np.float32)
+        np.testing.assert_array_equal(averaged[t], expected)

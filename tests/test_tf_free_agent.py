@@ -19,6 +19,7 @@ from edge_helpers import wait_for, write_digits_npz
 from federation_helpers import Spy, small_task
 from fedprune.converters.protocol import Presence, Topics
 from fedprune.edge_agent.model_store import ModelStore
+from signing_helpers import AGGREGATOR_KEY, VERIFY_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 TENSORFLOW = ("tensorflow", "tf_keras", "tensorflow_model_optimization", "keras")
@@ -38,7 +39,8 @@ def _env_without(tmp_path: Path, modules: tuple[str, ...]) -> dict:
 
 def _agent(tmp_path: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--device-id", "pi-01",
-            "--data", str(tmp_path / "local.npz"), "--state-dir", str(tmp_path / "state"), *args]
+            "--data", str(tmp_path / "local.npz"), "--state-dir", str(tmp_path / "state"),
+            "--aggregator-key", VERIFY_KEY.text, *args]
 
 
 @pytest.mark.parametrize("missing, trainer, extra", [
@@ -73,7 +75,7 @@ def test_a_device_without_tensorflow_trains_and_installs_the_final_model(mosquit
                             "the agent's presence", log)[-1]
         assert presence.trainer == "litert" and presence.runtime.startswith("ai-edge-litert ")
         dataset = load_dataset("digits", test_fraction=0.2, seed=0)
-        aggregator = Aggregator(task, dataset, mosquitto_url, tmp_path / "run")
+        aggregator = Aggregator(task, dataset, mosquitto_url, tmp_path / "run", signing_key=AGGREGATOR_KEY)
         done: list = []
         runner = threading.Thread(target=lambda: done.append(aggregator.run()), daemon=True)
         runner.start()

@@ -139,3 +139,51 @@ def test_a_failed_connection_is_logged_at_warning_with_its_reason_and_the_wait(c
                         f"Connection refused); retrying in {s} s" for s in (3, 4)], lines
     assert any("no-such-host.invalid" in line and "gaierror" in line and "retrying in 3 s" in line for line in lines)
     assert refused.last_failure.startswith("ConnectionRefusedError")
+
+
+def test_the_outbox_is_bounded_best_effort_messages_are_dropped_and_others_wait():
+    from fedprune.transport import OutboxFull
+
+    # Never connected: paho keeps every publish in its outbox, as it would for a broker that
+    # stopped acknowledging.
+    session = MqttSession("mqtt://127.0.0.1:1", "no-broker", max_queued_messages=3, outbox_wait_s=0.2)
+    for i in range(3):
+        assert session.publish("t/x", b"%d" % i) is not None
+    assert session.publish("t/x", b"ack", best_effort=True) is None and session.outbox_dropped == 1
+    started = time.monotonic()
+    with pytest.raises(OutboxFull, match="no room in the outbox for t/x within 0 s"):
+        session.publish("t/x", b"task")
+    assert time.monotonic() - started >= 0.2
+
+
+def test_the_admit_gate_sees_every_message_before_it_is_buffered(broker_url):
+    """What the aggregator's per-device budgets stand on: a gate that says no costs a lookup, and
+    nothing it refuses reaches the handler or the reassembler."""
+    from fedprune.converters.chunking import split_message
+
+    seen, handled = [], []
+    done = threading.Event()
+
+    def admit(topic, size):
+        seen.append((topic, size))
+        return topic != "gate/flood"
+
+    def on_message(topic, payload):
+        handled.append(payload)
+        if payload == b"last":
+            done.set()
+
+    sub = MqttSession(broker_url, "gate-sub", subscriptions=["gate/#"], on_message=on_message, admit=admit).start(10)
+    pub = MqttSession(broker_url, "gate-pub").start(10)
+    try:
+        for i in range(5):
+            pub.publish("gate/a", b"m%d" % i)
+        for chunk in split_message(bytes(5000), 1000):  # refused one by one: never buffered
+            pub.client.publish("gate/flood", chunk, qos=1)
+        pub.publish("gate/a", b"last").wait_for_publish(5)
+        assert done.wait(10)
+    finally:
+        sub.stop()
+        pub.stop()
+    assert handled == [b"m0", b"m1", b"m2", b"m3", b"m4", b"last"]
+    assert len(seen) == 5 + 6 + 1 and sub.reassembler.pending_messages == 0

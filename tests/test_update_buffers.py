@@ -28,3 +28,11 @@ def test_rows_are_separate_contiguous_float32_arrays_of_the_shapes():
 def test_at_least_one_row():
     with pytest.raises(ValueError, match="rows"):
         UpdateBuffers(SHAPES, 0)
+
+
+def test_a_round_the_machine_cannot_hold_says_what_to_lower():
+    from fedprune.aggregator.update_buffers import UpdateMemoryError
+
+    with pytest.raises(UpdateMemoryError, match=r"cannot reserve .* MB .*: lower federation.devices_per_round") as e:
+        UpdateBuffers([(2**22, 2**22)], 4096)  # 256 PiB: beyond any address space
+    assert "\n" not in str(e.value)

@@ -13,6 +13,7 @@ import pytest
 
 from codec_helpers import recrc
 from fedprune.aggregator.collect import AttemptCollector, DeviceLink, RoundProgress
+from fedprune.aggregator.inbox import BoundedInbox
 from fedprune.aggregator.intake import Rejection, RoundContext, check_update
 from fedprune.aggregator.registry import DeviceRegistry
 from fedprune.aggregator.strategies import ClientResult
@@ -129,22 +130,25 @@ def test_weights_become_deltas_and_device_masks_need_weights_with_masks():
     assert refused.reason.startswith("wrong encoding: device-side pruning needs weights")
 
 
-class _Session:
-    """Records what would be published."""
+class _Publisher:
+    """Records what would be signed and published."""
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, bool]] = []
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, best_effort: bool = False) -> None:
         self.published.append((topic, payload, retain))
+
+    def clear(self, topic: str) -> None:
+        self.published.append((topic, b"", True))
 
 
 def _collector(devices, ctx, buffers=None, progress=None):
     registry = DeviceRegistry()
     for d in devices:
         registry.update(d, True, 50)
-    inbox: queue.Queue = queue.Queue()
-    link = DeviceLink(_Session(), TOPICS, registry, inbox)
+    inbox = BoundedInbox(1 << 30)
+    link = DeviceLink(_Publisher(), TOPICS, registry, inbox)
     return AttemptCollector(link, ctx, {}, buffers, progress), inbox
 
 
@@ -179,7 +183,7 @@ def test_an_attempt_acks_rejects_counts_and_clears_its_tasks():
     out = collector.collect(now, now + 30)
     assert [r.device_id for r in out.results] == ["dev-1"] and out.received == 2
     assert collector.rejections == {"wrong round": 1} and (out.offline, out.lost) == (1, 0)
-    published = collector.link.session.published
+    published = collector.link.publisher.published
     acks = [Ack.decode(p) for t, p, _ in published if t.endswith("/ack")]
     assert [(a.device_id, a.accepted) for a in acks] == [("dev-2", False), ("dev-1", True)]
     assert [(t, p) for t, p, _ in published if t.endswith("/task")] == [(TOPICS.task(d), b"") for d in devices]
@@ -218,3 +222,35 @@ def test_a_byte_identical_copy_of_an_accepted_update_is_a_redelivery_not_a_rejec
     out = collector.collect(now, now + 30)
     assert sorted(r.device_id for r in out.results) == devices and out.received == 4
     assert out.redelivered == 1 and collector.rejections == {"duplicate": 1}
+
+
+def test_a_device_gets_one_rejection_ack_per_round_however_many_it_sends():
+    devices = ["dev-1", "dev-2"]
+    collector, inbox = _collector(devices, _context(selected=devices, known=devices))
+    now = time.monotonic()
+    error = "Traceback (most recent call last):\n  forged log line\n" + "x" * 70_000
+    for _ in range(50):  # stale updates, then failure reports with a long multi-line text
+        inbox.put((TOPICS.update("dev-2"), _update(device_id="dev-2", round=1), now))
+    inbox.put((TOPICS.update("dev-2"), encode_update(Update(2, 1, "dev-2", 50, error=error), MASKS), now))
+    inbox.put((TOPICS.update("dev-1"), _update(), now))
+    collector.link.registry.update("dev-2", False, 50)
+    collector.collect(now, now + 30)
+    acks = [Ack.decode(p) for t, p, _ in collector.link.publisher.published if t.endswith("/ack")]
+    assert [(a.device_id, a.accepted) for a in acks] == [("dev-2", False), ("dev-1", True)]
+    assert collector.rejections == {"wrong round": 50, "device error": 1}
+    # the next attempt of the same round shares the record: still no second ack for dev-2
+    again, inbox2 = _collector(devices, _context(selected=devices, known=devices))
+    again.rejection_acked, again.rejections = collector.rejection_acked, collector.rejections
+    inbox2.put((TOPICS.update("dev-2"), encode_update(Update(2, 1, "dev-2", 50, error=error), MASKS), now))
+    again.link.registry.update("dev-2", False, 50)
+    again.collect(now, now + 1)
+    assert not [t for t, _, _ in again.link.publisher.published if t.endswith("/ack")]
+
+
+def test_a_failure_text_is_logged_and_echoed_as_one_short_line():
+    error = "Traceback\n2026-01-01 INFO forged: everything is fine\r\n\x1b[2J" + "y" * 70_000
+    data = encode_update(Update(2, 1, "dev-1", 50, error=error), MASKS)
+    rejection = check_update(_context(), TOPICS.update("dev-1"), data)
+    assert rejection.reason.startswith("device error: Traceback 2026-01-01 INFO forged: everything is fine")
+    assert "\n" not in rejection.reason and "\r" not in rejection.reason and "\x1b" not in rejection.reason
+    assert len(rejection.reason) <= len("device error: ") + 200

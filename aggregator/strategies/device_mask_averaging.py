@@ -45,7 +45,8 @@ class DeviceMaskAveraging(Strategy):
             den = np.zeros_like(num)
             for r in results:
                 keep = np.ones(num.shape, bool) if r.masks[i] is None else r.masks[i]
-                num += np.where(keep, r.delta[i].astype(np.float64), 0.0) * r.num_samples  # exact products
+                # In double precision from the product on (a float32 product would round each term).
+                num += np.where(keep, r.delta[i].astype(np.float64), 0.0) * r.num_samples
                 den += keep * float(r.num_samples)
             out.append(np.divide(num, den, out=np.zeros_like(num), where=den > 0).astype(np.float32))
         return out

@@ -105,7 +105,7 @@ class AsyncConnection:
             source = chunk_source(topic)  # a retained chunk's topic names its message's topic
             if is_chunk(payload):
                 if self._reassembler is None:
-                    self._reassembler = Reassembler(self.max_message_bytes, max_pending_messages=4)
+                    self._reassembler = Reassembler(self.max_message_bytes)
                 try:
                     whole = self._reassembler.add(source, payload)
                 except CodecError as e:

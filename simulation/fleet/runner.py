@@ -21,6 +21,7 @@ import numpy as np
 
 from fedprune.converters.protocol import Architecture, RoundAnnouncement, Topics
 from fedprune.converters.errors import CodecError
+from fedprune.converters.signing import VerifyKey, open_signed
 from fedprune.edge_agent.device import DeviceSession, Trainer, prepare_trainer
 from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.simulation.fleet.connection import AsyncConnection, MqttError
@@ -59,13 +60,15 @@ class Fleet:
         broker_url: str,
         trainers: dict[str, Trainer],
         *,
+        aggregator_key: VerifyKey,
         connect_concurrency: int = 32,
         hostile: frozenset[int] = frozenset(),
         hostile_trainers: dict[str, Trainer] | None = None,
         trainable_files: TrainableFiles | None = None,
         runtime: str = "",
     ) -> None:
-        """``trainers``: the trainer of each kind the profiles name (``"keras"``, ``"litert"``).
+        """``aggregator_key``: the key every device accepts the aggregator's messages signed with.
+        ``trainers``: the trainer of each kind the profiles name (``"keras"``, ``"litert"``).
         ``hostile``: indices of devices that train with ``hostile_trainers`` of their kind
         (``fedprune.simulation.attacks``). ``trainable_files``: where the ``"litert"`` devices'
         sessions put the trainable files their trainer reads; ``runtime``: the TFLite runtime
@@ -79,6 +82,7 @@ class Fleet:
         if "litert" in kinds and trainable_files is None:
             raise ValueError("devices that train without TensorFlow need a TrainableFiles store")
         self.task = task
+        self.aggregator_key = aggregator_key
         self.broker_url = broker_url
         self.trainers = trainers
         self.hostile, self.hostile_trainers = hostile, hostile_trainers or {}
@@ -163,7 +167,8 @@ class Fleet:
         t = self.task
         for b, (x, y) in zip(self.behaviours, self._data):
             kind = b.profile.trainer
-            session = DeviceSession(device_id(b.index), len(x), federation=t.federation.id,
+            session = DeviceSession(device_id(b.index), len(x), aggregator_key=self.aggregator_key,
+                                    federation=t.federation.id,
                                     max_message_bytes=max(t.transport.max_message_bytes, t.transport.max_payload_bytes),
                                     seed=device_seed(t.seed, b.index), trainer=kind,
                                     runtime=self.runtime if kind == "litert" else "",
@@ -194,9 +199,10 @@ class Fleet:
         while True:
             try:
                 async with AsyncConnection(self.broker_url, name, subscriptions=[topics.round]) as conn:
-                    async for _, payload in conn.messages():
+                    async for topic, payload in conn.messages():
                         try:
-                            state = RoundAnnouncement.decode(payload).state
+                            state = RoundAnnouncement.decode(open_signed(
+                                topic, payload, self.aggregator_key, 1 << 20)).state
                         except CodecError:
                             continue
                         seen_open = seen_open or state == "open"
