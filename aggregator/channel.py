@@ -30,6 +30,8 @@ __all__ = ["DeviceChannel", "open_channel", "run_signing_key", "task_budget"]
 
 log = logging.getLogger(__name__)
 
+OTHER_PRESENCE_MAX_BYTES = 4096  # a presence is a few hundred bytes of JSON
+
 
 def run_signing_key(run_dir: Path) -> SigningKey:
     """The key in ``<run_dir>/aggregator.key``, made there (with its ``aggregator.pub``) if there
@@ -81,7 +83,7 @@ class DeviceChannel:
         self.session = MqttSession(
             broker_url, client_id=f"fedprune-aggregator-{task.federation.id}",
             subscriptions=[self._presences], on_message=self._on_message, on_connected=self._connected,
-            admit=self.budgets.admit, max_payload_bytes=transport.max_payload_bytes,
+            admit=self._admit, max_payload_bytes=transport.max_payload_bytes,
             max_message_bytes=transport.max_message_bytes,
             clean_session=False,  # the broker keeps updates that arrive while we reconnect
             # Each device's partial messages in a room of its own: none can evict another's.
@@ -118,6 +120,13 @@ class DeviceChannel:
                         r, self.inbox.max_bytes, dropped, dropped_bytes)
 
     # --- the network thread ---
+    def _admit(self, topic: str, size: int) -> bool:
+        if self._on_other_presence is not None and not topic.startswith(self.topics.root + "/"):
+            # Another federation's presence (an open broker): read only to name it in a hint,
+            # charged to no budget; anything large there is no presence.
+            return size <= OTHER_PRESENCE_MAX_BYTES
+        return self.budgets.admit(topic, size)
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         if "/presence/" in topic:
             if topic.startswith(self.topics.root + "/"):

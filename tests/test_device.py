@@ -104,7 +104,7 @@ def test_a_task_already_answered_is_answered_again_with_the_same_bytes_not_train
     have taken the update, or a restarted broker lost it. Training again made devices train a
     round twice and the resumed aggregator count the second update as rejected."""
     d = device()
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     payload = task_payload(round_=4)
     job = d.receive(TOPICS.task("dev-1"), payload)
     assert d.receive(TOPICS.task("dev-1"), payload) is None  # still training: its update follows
@@ -118,7 +118,7 @@ def test_a_task_already_answered_is_answered_again_with_the_same_bytes_not_train
 
 def test_a_training_failure_is_one_log_line_without_a_traceback(caplog):
     d = device()
-    d.receive(TOPICS.architecture, ARCH.encode())
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
     job = d.receive(TOPICS.task("dev-1"), task_payload())
     caplog.set_level("INFO")
     run_job(d, job, AddOne(fail=True), np.zeros((10, 6)), np.zeros(10))

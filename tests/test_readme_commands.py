@@ -46,7 +46,7 @@ COVERAGE = {
     'pip install "fedprune[agent-lite]"': "test_pip_install_lines_resolve",
     'pip install "fedprune[agent]"': "test_pip_install_lines_resolve",
     'fedprune-aggregator --task examples/digits.toml': "test_aggregator_and_agents_as_shown",
-    'fedprune-agent --broker mqtt://LAPTOP:1883 --device-id pi-07 --data local.npz':
+    'fedprune-agent --broker mqtt://LAPTOP:1883 --device-id pi-07 --data local.npz --aggregator-key ed25519:...':
         "test_aggregator_and_agents_as_shown",
     'fedprune-aggregator init-broker --out broker --federation clinic --host laptop.local --devices pi-01 pi-02':
         "test_secured_fleet_as_shown",
@@ -57,11 +57,12 @@ COVERAGE = {
     'fedprune-simulate --task examples/fleet.toml --devices 1000': "test_fleet_command_as_shown",
     'fedprune-simulate --task examples/digits.toml --devices 20 --compare runs/<a dense run>':
         "test_simulate_digits_as_shown",
-    'fedprune-aggregator --task fleet.toml --broker mqtt://hostA:1883': "test_several_hosts_as_shown",
-    'fedprune-simulate --task fleet.toml --devices 1000 --device-ids 0-499 --no-aggregator --broker mqtt://hostA:1883':
+    'fedprune-aggregator --task fleet.toml --broker mqtt://hostA:1883 --signing-key fleet.key':
         "test_several_hosts_as_shown",
+    'fedprune-simulate --task fleet.toml --devices 1000 --device-ids 0-499 --no-aggregator --broker mqtt://hostA:1883 '
+    '--aggregator-key fleet.pub': "test_several_hosts_as_shown",
     'fedprune-simulate --task fleet.toml --devices 1000 --device-ids 500-999 --no-aggregator --broker '
-    'mqtt://hostA:1883': "test_several_hosts_as_shown",
+    'mqtt://hostA:1883 --aggregator-key fleet.pub': "test_several_hosts_as_shown",
 }
 
 
@@ -187,8 +188,10 @@ def test_several_hosts_as_shown(tmp_path):
         host = broker.url.removeprefix("mqtt://")
         commands = [c.replace("hostA:1883", host) for c in readme_commands() if "hostA" in c]
         assert len(commands) == 3
-        procs = [_start(c, work, tmp_path / f"part{i}.log") for i, c in enumerate(commands)]
+        procs = [_start(commands[0], work, tmp_path / "part0.log")]
         try:
+            _printed_key(tmp_path / "part0.log")  # fleet.pub is written by then: "copy it to each host"
+            procs += [_start(c, work, tmp_path / f"part{i}.log") for i, c in enumerate(commands[1:], 1)]
             assert procs[0].wait(3000) == 0, (tmp_path / "part0.log").read_text()[-4000:]
             for i, p in enumerate(procs[1:], 1):
                 assert p.wait(120) == 0, (tmp_path / f"part{i}.log").read_text()[-4000:]
@@ -196,6 +199,17 @@ def test_several_hosts_as_shown(tmp_path):
             for p in procs:
                 _stop(p)
     assert (_finished_run(work) / "metrics.jsonl").read_text().count("\n") == 5
+
+
+def _printed_key(log: Path, timeout_s: float = 120) -> str:
+    """The public key the aggregator printed at start (``--aggregator-key ed25519:...``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(r"--aggregator-key (ed25519:\S+)", log.read_text() if log.exists() else "")
+        if found:
+            return found.group(1)
+        time.sleep(0.5)
+    raise AssertionError(f"the aggregator printed no key within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def _write_shards(work: Path, names: list[str], seed: int = 0) -> None:
@@ -220,8 +234,9 @@ def test_aggregator_and_agents_as_shown(tmp_path):
     aggregator = _start("fedprune-aggregator --task examples/digits.toml", work, tmp_path / "aggregator.log")
     agents = []
     try:
-        time.sleep(5)
+        key = _printed_key(tmp_path / "aggregator.log")  # what the README says to give the agents
         agent = next(c for c in readme_commands() if "LAPTOP" in c).replace("LAPTOP", "127.0.0.1")
+        agent = agent.replace("ed25519:...", key)
         agents = [_start(agent.replace("pi-07", n).replace("local.npz", f"{n}/local.npz"), work,
                          tmp_path / f"{n}.log") for n in names]
         assert aggregator.wait(3000) == 0, (tmp_path / "aggregator.log").read_text()[-4000:]
