@@ -2,14 +2,12 @@
 quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 
 Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
-each through ``intake.check_update``), the ``strategies`` (aggregation), the pruning controller
-(``fedprune.pruning.controller``: every pruning decision), ``structured_step`` (the model
-surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``, ``run_state``
-(the start state), ``run_status`` (what the run is doing, for the status page and the wait
-notices) and ``tensorboard_log``. What stays here is the order of the steps, the quorum and
-retries, and the federation's state.
+each through ``intake.check_update``), the ``strategies`` (aggregation; ``batchnorm_pool`` pools
+BatchNorm statistics), the pruning controller (``fedprune.pruning.controller``), ``structured_step``
+(the model surgery), ``records``, ``checkpoint``, ``export``, ``run_state``, ``run_status`` (for the
+status page and the wait notices) and ``tensorboard_log``. What stays here is the order of the
+steps, the quorum and retries, and the federation's state.
 """
-
 from __future__ import annotations
 
 import json
@@ -23,14 +21,15 @@ from typing import Callable
 
 import numpy as np
 
+from fedprune.aggregator.batchnorm_pool import batchnorm_pairs, pool_batchnorm_variance
 from fedprune.aggregator.checkpoint import save_checkpoint
 from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
 from fedprune.aggregator.collect import publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
 from fedprune.aggregator.privacy import PrivacyAccountant
-from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.model_files import DeviceModelFiles
+from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.records import round_record, run_complete, run_result, write_summary
 from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, take_presence, wait_for_devices
 from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
@@ -118,6 +117,7 @@ class Aggregator:
         self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
+        self.bn_pairs = batchnorm_pairs(self.architecture.names)  # moving (mean, variance) of each BatchNorm
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         self.layer_of = kernel_positions(model, prunable_layers(model, self.task.pruning.leave_dense))
@@ -134,8 +134,7 @@ class Aggregator:
             self._inbox.put((topic, payload, time.monotonic()))
 
     def _publish_architecture(self) -> None:
-        """The architecture, and its trainable file once built (retained: on every (re)connection,
-        since a restarted broker has forgotten them)."""
+        """The architecture, and its trainable file once built (retained, on every (re)connection)."""
         self.session.publish(self.topics.architecture, self.architecture.encode(), retain=True)
         self.model_files.republish(self.architecture.digest)
 
@@ -210,6 +209,9 @@ class Aggregator:
         t, results = time.perf_counter(), gathered.last.results
         self.status.phase(f"round {r}: aggregating, pruning and evaluating")
         weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
+        if self.strategy.sample_weighted and self.accountant is None:  # the devices' statistics, pooled
+            weights = pool_batchnorm_variance(weights, self.state.weights, results, self.bn_pairs,
+                                              deltas=not self.device_masks)
         step = self.controller.step(r, weights, self.state.masks, [(res.gradients, res.num_samples) for res in results])
         agreement = mask_agreement(results) if self.device_masks else None  # how much the devices' masks agreed
         epsilon = None
