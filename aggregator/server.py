@@ -23,6 +23,7 @@ import numpy as np
 
 from fedprune.aggregator.batchnorm_pool import batchnorm_pairs, pool_batchnorm_variance
 from fedprune.aggregator.checkpoint import save_checkpoint
+from fedprune.aggregator.downlink import Downlink
 from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
 from fedprune.aggregator.collect import publish_round, train_task
 from fedprune.aggregator.export import export_models, latency_ms
@@ -42,7 +43,7 @@ from fedprune.aggregator.tensorboard_log import TensorBoardLog
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
-from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
+from fedprune.converters.protocol import RoundAnnouncement, Topics
 from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
 from fedprune.pruning.masks import sparsity
@@ -117,7 +118,9 @@ class Aggregator:
         self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
-        self.bn_pairs = batchnorm_pairs(self.architecture.names)  # moving (mean, variance) of each BatchNorm
+        pooled = self.strategy.sample_weighted and self.accountant is None  # BatchNorm statistics pooled (FedAvg)
+        self.bn_pairs = batchnorm_pairs(self.architecture.names) if pooled else []
+        self.downlink = Downlink(self.task.transport, self.architecture.names)  # a new one for new shapes
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         self.layer_of = kernel_positions(model, prunable_layers(model, self.task.pruning.leave_dense))
@@ -208,10 +211,8 @@ class Aggregator:
         gathered = self._gather(r)
         t, results = time.perf_counter(), gathered.last.results
         self.status.phase(f"round {r}: aggregating, pruning and evaluating")
-        weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
-        if self.strategy.sample_weighted and self.accountant is None:  # the devices' statistics, pooled
-            weights = pool_batchnorm_variance(weights, self.state.weights, results, self.bn_pairs,
-                                              deltas=not self.device_masks)
+        weights = pool_batchnorm_variance(self.strategy.aggregate(self.state.weights, results, self.state.masks),
+                                          self.state.weights, results, self.bn_pairs, deltas=not self.device_masks)
         step = self.controller.step(r, weights, self.state.masks, [(res.gradients, res.num_samples) for res in results])
         agreement = mask_agreement(results) if self.device_masks else None  # how much the devices' masks agreed
         epsilon = None
@@ -258,23 +259,22 @@ class Aggregator:
     def _collect(self, r: int, attempt: int, selected: list[str], rejections: dict[str, int]) -> Collected:
         """Send the task to the selected devices and gather valid updates until all or the deadline."""
         fed, transport = self.task.federation, self.task.transport
-        deadline = time.monotonic() + fed.round_timeout_s
-        t = time.perf_counter()
+        deadline, t = time.monotonic() + fed.round_timeout_s, time.perf_counter()
         task = train_task(self.task, r, attempt, self.architecture.digest, self.state.weights, self.state.masks,
                           self.session_id, device_sparsity=self.controller.device_target(r),
                           gradient_fraction=self.controller.gradient_fraction(r, self.state.masks))
-        payload = encode_task(task, self.architecture.names, transport.compression)
+        payloads = self.downlink.payloads(task, selected, self.registry)  # values-only where a device holds the masks
         ctx = RoundContext(r, attempt, tuple(selected), self.registry.known, self.topics, self.shapes,
                            self.state.masks, self.architecture.names, transport.max_message_bytes,
                            transport.uplink_precision, self.device_masks, self.state.weights,
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
         link = DeviceLink(self.session, self.topics, self.registry, self._inbox)
-        self.status.attempt_opened(r, attempt, selected, len(payload), fed.round_timeout_s)
-        published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
+        self.status.attempt_opened(r, attempt, selected, max([0, *map(len, payloads.values())]), fed.round_timeout_s)
+        published = publish_round(link, ctx, payloads, fed.round_timeout_s, name_devices=self.accountant is None)
         collector = AttemptCollector(link, ctx, rejections, self._buffers, self._progress)
         out = collector.collect(published, deadline)
-        out.encode_s, out.bytes_down = encode_s, len(payload) * len(selected)
+        out.encode_s, out.bytes_down = encode_s, sum(len(payloads[d]) for d in selected)
         return out
 
     def _progress(self, progress: RoundProgress) -> None:
