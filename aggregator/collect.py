@@ -134,6 +134,7 @@ def train_task(task: Task, round_number: int, attempt: int, architecture_digest:
         session=session, update_content=transport.update, error_feedback=transport.error_feedback,
         stochastic_rounding=transport.stochastic_rounding, compression=transport.compression,
         device_sparsity=device_sparsity, gradient_fraction=gradient_fraction,
+        uplink_sparsifier=transport.sparsifier_config() if device_sparsity is None else None,
     )
 
 

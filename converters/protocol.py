@@ -346,6 +346,10 @@ class TrainTask:
     # Regrowth: report the loss gradient at the largest-gradient pruned positions, this fraction of
     # each masked tensor's kept count (None: do not report).
     gradient_fraction: float | None = None
+    # Sparsified updates: the config of a registered sparsifier (fedprune.sparsify), e.g.
+    # {"sparsifier": "top_k", "fraction": 0.01}: the device sends only the positions it chooses,
+    # self-describing, and carries the rest in its error-feedback residual. None: not sparsified.
+    uplink_sparsifier: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, TrainingSettings):
@@ -355,7 +359,7 @@ class TrainTask:
 _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_precision", "deadline_s",
                 "downlink_precision", "session", "update_content", "error_feedback",
                 "stochastic_rounding", "compression", "device_sparsity", "gradient_fraction")
-_TASK_OPTIONAL = {"device_sparsity": None, "gradient_fraction": None}  # fields a receiver may find missing, with their defaults
+_TASK_OPTIONAL = {"device_sparsity": None, "gradient_fraction": None, "uplink_sparsifier": None}  # fields a receiver may find missing, with their defaults
 
 
 #: Task header ``section_encoding``: the body is a values-only section for the mask list the task's
@@ -374,6 +378,8 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     used, packed = compress(section, compression)
     header = {k: getattr(task, k) for k in _TASK_FIELDS}
     header["training"] = task.training.as_dict()
+    if task.uplink_sparsifier is not None:  # absent otherwise: the header every earlier task had
+        header["uplink_sparsifier"] = dict(task.uplink_sparsifier)
     header.update(mask_digest=digest or mask_digest(task.masks), section_compression=int(used),
                   section_bytes=len(section))
     if values_only:
@@ -420,6 +426,11 @@ def decode_task(
             fields["gradient_fraction"] = float(fields["gradient_fraction"])
             if not 0.0 < fields["gradient_fraction"] <= 1.0:
                 raise CodecError("task gradient_fraction must be in (0, 1]")
+        sparsifier = fields["uplink_sparsifier"]
+        if sparsifier is not None and not (isinstance(sparsifier, dict) and isinstance(sparsifier.get("sparsifier"), str)
+                                           and all(isinstance(v, (int, float, str, bool)) for v in sparsifier.values())):
+            raise CodecError("task uplink_sparsifier must be null or an object with a string 'sparsifier' and "
+                             "scalar parameters")
         if fields["device_sparsity"] is not None:
             fields["device_sparsity"] = float(fields["device_sparsity"])
             if not 0.0 <= fields["device_sparsity"] < 1.0:
