@@ -2,9 +2,9 @@
 quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 
 Each step is a call to one collaborator: ``collect`` (sending the task and taking the updates,
-each through ``intake.check_update``), the ``strategies`` (aggregation; ``batchnorm_pool`` pools
-BatchNorm statistics), the pruning controller (``fedprune.pruning.controller``), ``structured_step``
-(the model surgery), ``records``, ``checkpoint``, ``export``, ``run_state``, ``run_status`` (for the
+each through ``intake.check_update``; ``downlink``: what each device is sent), the ``strategies``
+(aggregation), the pruning controller (``fedprune.pruning.controller``), ``structured_step`` (the
+model surgery), ``records``, ``checkpoint``, ``export``, ``run_state``, ``run_status`` (for the
 status page and the wait notices) and ``tensorboard_log``. What stays here is the order of the
 steps, the quorum and retries, and the federation's state.
 """
@@ -21,7 +21,6 @@ from typing import Callable
 
 import numpy as np
 
-from fedprune.aggregator.batchnorm_pool import batchnorm_pairs, pool_batchnorm_variance
 from fedprune.aggregator.checkpoint import save_checkpoint
 from fedprune.aggregator.downlink import Downlink
 from fedprune.aggregator.collect import AttemptCollector, Collected, DeviceLink, Gathered, RoundProgress
@@ -118,8 +117,6 @@ class Aggregator:
         self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
-        pooled = self.strategy.sample_weighted and self.accountant is None  # BatchNorm statistics pooled (FedAvg)
-        self.bn_pairs = batchnorm_pairs(self.architecture.names) if pooled else []
         self.downlink = Downlink(self.task.transport, self.architecture.names)  # a new one for new shapes
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
@@ -211,8 +208,7 @@ class Aggregator:
         gathered = self._gather(r)
         t, results = time.perf_counter(), gathered.last.results
         self.status.phase(f"round {r}: aggregating, pruning and evaluating")
-        weights = pool_batchnorm_variance(self.strategy.aggregate(self.state.weights, results, self.state.masks),
-                                          self.state.weights, results, self.bn_pairs, deltas=not self.device_masks)
+        weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
         step = self.controller.step(r, weights, self.state.masks, [(res.gradients, res.num_samples) for res in results])
         agreement = mask_agreement(results) if self.device_masks else None  # how much the devices' masks agreed
         epsilon = None

@@ -10,9 +10,8 @@ too large (the BatchNorm digits CNN scored 0.28 after 8 rounds; docs/pruning.md)
 After local training the device therefore replaces each layer's moving statistics by the exact
 statistics of the layer's input over its local data, computed with the trained weights in
 inference mode (so every earlier BatchNormalization already normalizes with its new statistics):
-the statistics the trained model would converge to with any momentum. The aggregator averages them
-by sample count (``fedprune.batchnorm.pool_statistics``), which gives the statistics of the
-devices' pooled data.
+the statistics the trained model would converge to with any momentum. FedAvg averages them by
+sample count, as every other tensor (docs/pruning.md, BatchNormalization: what was measured).
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ The digits CNN with a BatchNormalization after each hidden layer (``fedprune.mod
 3 simulated devices (Dirichlet 1.0), 8 rounds, 2 local epochs of batch 16 (Adam 0.002), dense,
 float32 uplink. Rows: ``<statistics>-<momentum>``, statistics ``moving`` (the moving averages
 Keras's momentum leaves after local training, averaged by FedAvg: what every release before
-issue 19 did), ``device-mean`` (each device sets them to the exact statistics of its trained
-weights on its local data, ``edge_agent/batchnorm_stats.py``; FedAvg averages them) or ``device``
-(the same, and the aggregator pools the variances: ``aggregator/batchnorm_pool.py``),
+issue 19 did), ``device`` (each device sets them to the exact statistics of its trained weights
+on its local data, ``edge_agent/batchnorm_stats.py``; FedAvg averages them: what fedprune does) or
+``device-pooled`` (an experiment, not in the product: the same, and FedAvg's variance raised by the
+sample-weighted spread of the device means, the variance of the union of the devices' data),
 at momentum 0.99 (Keras's default) or 0.9. ``pruned-device-0.99`` adds the example's pruning (80 %,
 int8 uplink). For each row: the final held-out accuracy of the global model (its moving
 statistics), of the same weights normalized with batch statistics instead, and of the exported int8
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fedprune.cli_common import setup_logging  # noqa: E402
 from fedprune.task import parse_task  # noqa: E402
 
-STATISTICS = ("moving", "device-mean", "device")
+STATISTICS = ("moving", "device", "device-pooled")
 MOMENTA = ("0.99", "0.9")
 ROWS = [f"{s}-{m}" for s in STATISTICS for m in MOMENTA] + ["pruned-device-0.99"]
 
@@ -79,13 +80,28 @@ def batch_statistics_accuracy(task, weights) -> float:
     return float(np.mean(np.argmax(np.asarray(logits), axis=1) == ds.y_test))
 
 
-def _pool():
-    from fedprune.aggregator.batchnorm_pool import pool_batchnorm_variance
+def pooled_fedavg(names: list[str]):
+    """FedAvg whose moving variances get the spread of the device means added (the pooled
+    variance of the union of the devices' data), for the ``device-pooled`` rows."""
+    import numpy as np
 
-    return pool_batchnorm_variance
+    from fedprune.aggregator.strategies.fedavg import FedAvg
 
+    index = {n: i for i, n in enumerate(names)}
+    pairs = [(i, index[n.removesuffix("moving_mean") + "moving_variance"]) for n, i in index.items()
+             if n.endswith("/moving_mean")]
+    plain = FedAvg.aggregate
 
-POOL = None
+    def aggregate(self, global_weights, results, masks):
+        new = plain(self, global_weights, results, masks)
+        total = float(sum(r.num_samples for r in results))
+        for m, v in pairs:
+            spread = sum((r.num_samples / total) * (np.float64(global_weights[m]) + r.delta[m] - new[m]) ** 2
+                         for r in results)
+            new[v] = (new[v] + spread).astype(np.float32)
+        return new
+
+    return plain, aggregate
 
 
 def run_row(row: str, rounds: int, devices: int, seed: int, **setup) -> dict:
@@ -93,15 +109,19 @@ def run_row(row: str, rounds: int, devices: int, seed: int, **setup) -> dict:
     from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.simulation.cli import run_simulation
 
-    import fedprune.aggregator.server as server
+    from fedprune.aggregator.strategies.fedavg import FedAvg
+    from fedprune.models import digits_bn_cnn, weight_names
 
     KerasTrainer.recalibrate_batchnorm = not row.startswith("moving-")
-    pooled = not row.startswith(("moving-", "device-mean-"))
-    server.pool_batchnorm_variance = POOL if pooled else (lambda new, *args, **kwargs: new)
+    plain, pooled = pooled_fedavg(weight_names(digits_bn_cnn((8, 8, 1), 10)))
+    FedAvg.aggregate = pooled if row.startswith("device-pooled-") else plain
     task = task_for(row, rounds, devices, seed, **setup)
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_simulation(task, devices, Path(tmp) / "run")
+        try:
+            res = run_simulation(task, devices, Path(tmp) / "run")
+        finally:
+            FedAvg.aggregate = plain
         weights = load_latest_checkpoint(Path(tmp) / "run" / "checkpoints").weights
     int8 = next(e for e in res.exports if e["precision"] == "int8")
     return {"row": row, "seed": seed, "rounds": rounds, "devices": devices,
@@ -124,8 +144,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results (JSON) here too")
     args = parser.parse_args()
     setup_logging("ERROR")
-    global POOL
-    POOL = _pool()
     rows = args.rows.split(",")
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:

@@ -1,6 +1,6 @@
 """BatchNormalization under federated averaging (issue 19): the statistics a device reports are
-those of the weights it trained, the aggregator pools them into the statistics of the union of the
-devices' data, and the exported TFLite model has the normalization folded into its kernels.
+those of the weights it trained, and the exported TFLite model has the normalization folded into
+its kernels.
 
 Real TensorFlow, no broker (the federation itself: scripts/bench_batchnorm.py, docs/benchmarks.md).
 """
@@ -10,9 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedprune.aggregator.batchnorm_pool import batchnorm_pairs, pool_batchnorm_variance
-from fedprune.aggregator.strategies.base import ClientResult
-from fedprune.aggregator.strategies.fedavg import FedAvg
 from fedprune.converters.protocol import TrainTask
 from fedprune.edge_agent.batchnorm_stats import recalibrate_batchnorm
 from fedprune.edge_agent.trainer import KerasTrainer
@@ -97,36 +94,6 @@ def test_recalibration_measures_layer_after_layer(digits):
         mean, var = _exact_statistics(model, bn, x[:300])
         np.testing.assert_allclose(model.get_layer(bn).moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(model.get_layer(bn).moving_variance.numpy(), var, rtol=1e-3, atol=1e-6)
-
-
-def test_pooled_variance_is_the_variance_of_the_union():
-    """Two devices with different data (non-IID): FedAvg gives the pooled mean; the pooled
-    variance adds the spread of the device means, so it equals the variance of all the data."""
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(0.0, 1.0, (300, 4)), rng.normal(3.0, 0.5, (100, 4))
-    names = ["conv/kernel", "bn/gamma", "bn/beta", "bn/moving_mean", "bn/moving_variance"]
-    assert batchnorm_pairs(names) == [(3, 4)]
-    old = [np.zeros((3, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32),
-           np.full(4, 0.5, np.float32), np.ones(4, np.float32)]
-
-    def result(data, device):
-        stats = [np.zeros((3, 4), np.float32), np.ones(4, np.float32), np.zeros(4, np.float32),
-                 data.mean(0).astype(np.float32), data.var(0).astype(np.float32)]
-        return ClientResult(device, len(data), [s - o for s, o in zip(stats, old)])
-
-    results = [result(a, "a"), result(b, "b")]
-    averaged = FedAvg().aggregate(old, results, [None] * 5)
-    union = np.concatenate([a, b])
-    np.testing.assert_allclose(averaged[3], union.mean(0), rtol=1e-5)
-    assert np.all(averaged[4] < 0.8 * union.var(0))  # the average of variances misses the spread
-    pooled = pool_batchnorm_variance(averaged, old, results, [(3, 4)])
-    np.testing.assert_allclose(pooled[4], union.var(0), rtol=1e-5)
-    np.testing.assert_array_equal(pooled[3], averaged[3])
-    # Weights instead of deltas (device-side masks): the same result.
-    as_weights = [ClientResult(r.device_id, r.num_samples, [d + o for d, o in zip(r.delta, old)]) for r in results]
-    np.testing.assert_allclose(pool_batchnorm_variance(averaged, old, as_weights, [(3, 4)], deltas=False)[4],
-                               union.var(0), rtol=1e-5)
-    assert pool_batchnorm_variance(averaged, old, results[:1], [(3, 4)]) is averaged  # one device: nothing to pool
 
 
 def test_exported_tflite_folds_batchnorm_into_the_kernels(digits, tmp_path):
