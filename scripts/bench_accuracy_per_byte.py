@@ -16,7 +16,10 @@ Every row trains the same model on the same split (Dirichlet 0.5 over --devices 
   layer dense, int8 both ways with error feedback, values-only downlink once a device holds the
   masks;
 - ``device-90``: device-side masks (each device prunes with tfmot to the schedule's sparsity,
-  polynomial from --ramp), int8 both ways.
+  polynomial from --ramp), int8 both ways;
+- diagnostic rows (``--rows``, not plotted), for why device-side masks lose: ``device-90-f32``,
+  ``device-90-int4`` (float32 downlink), and aggregator masks on device-90's ramp: ``ramp-90``
+  (int8 both ways), ``ramp-90-int4`` (int4 uplink with error feedback, float32 downlink).
 
 Per row: accuracy after every round with the cumulative bytes up and down, the final accuracy,
 the exported int8 TFLite model's size, and (summary) each row's accuracy at the uplink budget that
@@ -63,6 +66,20 @@ ROWS: dict[str, dict] = {
     "device-90": {"pruning": {"final_sparsity": 0.9, "initial_sparsity": 0.5, "mask_owner": "device",
                               "frequency": 1}, "transport": INT8_BOTH},
 }
+# Why device-side masks lose (not in the default rows): the same at float32 both ways, with the int4
+# uplink of scripts/bench_pruning.py's device-masks-90 row, and aggregator masks on the same ramp. Device-side masks send WEIGHTS
+# (the device's own mask needs its own values), so a lossy uplink quantizes the weights themselves,
+# every round, with no error feedback (it applies to deltas only).
+DIAGNOSTIC_ROWS: dict[str, dict] = {
+    "device-90-f32": {"pruning": ROWS["device-90"]["pruning"],
+                      "transport": {"uplink_precision": "float32", "downlink_precision": "float32"}},
+    "device-90-int4": {"pruning": ROWS["device-90"]["pruning"],
+                       "transport": {"uplink_precision": "int4", "downlink_precision": "float32"}},
+    "ramp-90": {"pruning": {"final_sparsity": 0.9, "initial_sparsity": 0.5, "frequency": 1}, "transport": INT8_BOTH},
+    "ramp-90-int4": {"pruning": {"final_sparsity": 0.9, "initial_sparsity": 0.5, "frequency": 1},
+                     "transport": {"uplink_precision": "int4", "error_feedback": True}},
+}
+ALL_ROWS = {**ROWS, **DIAGNOSTIC_ROWS}
 
 
 def task_for(dataset: str, row: str, rounds: int, devices: int, per_round: int, seed: int,
@@ -76,7 +93,7 @@ def task_for(dataset: str, row: str, rounds: int, devices: int, per_round: int, 
         "training": {"local_epochs": 2, "batch_size": 16, "learning_rate": 0.002},
     }
     raw["data"].update({"partition": "dirichlet", "alpha": 0.5})
-    for section, values in ROWS[row].items():
+    for section, values in ALL_ROWS[row].items():
         raw.setdefault(section, {}).update(copy.deepcopy(values))
     p = raw["pruning"]
     if p.get("final_sparsity", 0) > 0:
@@ -121,7 +138,7 @@ def summary(results: list[dict]) -> list[dict]:
     for ds in sorted({r["dataset"] for r in results}):
         by = {(r["row"], r["seed"]): r for r in results if r["dataset"] == ds}
         seeds = sorted({s for _, s in by})
-        for row in ROWS:
+        for row in ALL_ROWS:
             runs = [by[(row, s)] for s in seeds if (row, s) in by]
             if not runs:
                 continue
@@ -160,6 +177,8 @@ def plot(results: list[dict], path: Path) -> bool:
         seed = min(r["seed"] for r in results if r["dataset"] == ds)  # one seed: a readable plot
         for r in (r for r in results if r["dataset"] == ds and r["seed"] == seed):
             acc = [c["accuracy"] for c in r["curve"]]
+            if r["row"] in DIAGNOSTIC_ROWS:
+                continue
             style = "-" if r["row"].startswith(("pruned", "device")) else "--"
             up_ax.plot([c["bytes_up"] / 1e6 for c in r["curve"]], acc, style, label=r["row"])
             down_ax.plot([c["bytes_down"] / 1e6 for c in r["curve"]], acc, style, label=r["row"])
@@ -178,7 +197,7 @@ def plot(results: list[dict], path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="digits,breast_cancer,mnist1d")
-    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"of {list(ALL_ROWS)}")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--devices", type=int, default=10)
     parser.add_argument("--per-round", type=int, default=5)
