@@ -220,14 +220,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-accuracy-per-byte"))
     parser.add_argument("--plot-with", type=Path, action="append", default=[],
                         help="results.json of an earlier invocation to plot and summarize together")
+    parser.add_argument("--combine", action="store_true",
+                        help="run nothing: only plot and summarize the --plot-with results into --out")
     args = parser.parse_args()
     args.ramp = tuple(int(v) for v in args.ramp.split(","))
     setup_logging("ERROR")
-    runs = [(ds, row, s) for ds in args.datasets.split(",") for row in args.rows.split(",") for s in args.seed]
+    runs = [] if args.combine else [(ds, row, s) for ds in args.datasets.split(",") for row in args.rows.split(",")
+                                    for s in args.seed]
     for ds, row, s in runs:  # every task valid before the runs start
         task_for(ds, row, args.rounds, args.devices, args.per_round, s, args.ramp)
     args.out.mkdir(parents=True, exist_ok=True)
     results = [r for path in args.plot_with for r in json.loads(path.read_text())]
+    if args.combine:
+        (args.out / "results.json").write_text(json.dumps(results, indent=1))
     for ds, row, s in runs:
         r = run_row(ds, row, s, args)
         results.append(r)
