@@ -21,6 +21,7 @@ import numpy as np
 
 from fedprune.aggregator.intake import Rejection, RoundContext, check_update
 from fedprune.aggregator.registry import DeviceRegistry
+from fedprune.aggregator.round_fold import RoundFold
 from fedprune.aggregator.strategies.base import ClientResult
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.pruning.masks import Masks
@@ -62,9 +63,12 @@ class Collected:
     decode_s: float = 0.0
     failures: dict[str, str] = field(default_factory=dict)  # device -> the failure it reported
     redelivered: int = 0  # byte-identical copies of updates already accepted (QoS 1 delivers at least once)
+    fold_s: float = 0.0  # folding the updates into the running sums as they came
+    fold: RoundFold | None = None  # the attempt's aggregation: fold.weights(results) is the new model
 
     def add(self, other: Collected) -> None:
-        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s", "redelivered"):
+        for name in ("bytes_down", "bytes_up", "received", "offline", "lost", "encode_s", "decode_s", "redelivered",
+                     "fold_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures.update(other.failures)
 
@@ -153,13 +157,15 @@ def publish_round(link: DeviceLink, ctx: RoundContext, payloads: Mapping[str, by
 
 class AttemptCollector:
     """Collects one attempt's updates (``collect``); ``rejections`` counts rejected updates by
-    kind and is shared by the attempts of a round."""
+    kind and is shared by the attempts of a round. ``fold`` takes each accepted update (into the
+    strategy's running sums, or kept); reserved ``UpdateBuffers`` alone keep every update."""
 
     def __init__(self, link: DeviceLink, ctx: RoundContext, rejections: dict[str, int],
-                 buffers: UpdateBuffers | None = None,
+                 fold: RoundFold | UpdateBuffers | None = None,
                  on_progress: Callable[[RoundProgress], None] | None = None) -> None:
         self.link, self.ctx, self.rejections = link, ctx, rejections
-        self.buffers, self.on_progress = buffers, on_progress
+        self.fold = fold if isinstance(fold, RoundFold) else RoundFold(None, ctx.global_weights, ctx.masks, fold)
+        self.on_progress = on_progress
         self.results: dict[str, ClientResult] = {}
         self.waiting = set(ctx.selected)
         self.rejected_due: set[str] = set()  # due devices with an update rejected (maybe forged)
@@ -189,10 +195,13 @@ class AttemptCollector:
         if digest in self.accepted_digests.values() and self._redelivered(topic, digest):
             return
         t = time.perf_counter()
-        # Each accepted update of the round its own row of the reserved buffers.
-        row = self.buffers.row(len(self.results)) if self.buffers else None
-        got = check_update(self.ctx, topic, data, self.results, row)
+        # A row of the reserved buffers: the same one for every update when the strategy streams.
+        got = check_update(self.ctx, topic, data, self.results, self.fold.row(len(self.results)))
         self.out.decode_s += time.perf_counter() - t
+        if not isinstance(got, Rejection):
+            t = time.perf_counter()
+            got = self.fold.take(got)  # folded into the running sums (streaming), or kept
+            self.out.fold_s += time.perf_counter() - t
         if isinstance(got, Rejection):
             self._reject(topic, got)
         else:
@@ -237,7 +246,8 @@ class AttemptCollector:
             # A device that answered decoded the task: it holds its masks (values-only next time).
             answered = device_id in self.results or device_id in self.out.failures
             self.link.registry.holds_masks(device_id, self.ctx.layout.digest if answered else "")
-        self.out.results = list(self.results.values())
+        self.out.results = sorted(self.results.values(), key=lambda r: r.device_id)  # not arrival order
+        self.out.fold = self.fold
         dropped = {d for d in self.waiting if self.link.registry.went_offline_since(d, published)}
         lost = self.waiting - dropped - self.rejected_due  # the rejected ones are counted in `rejections`
         self.out.offline, self.out.lost = len(dropped), len(lost)

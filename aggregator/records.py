@@ -62,7 +62,7 @@ class RoundRecord:
     transfer_s: float = 0.0
     encode_s: float = 0.0  # encoding the task
     decode_s: float = 0.0  # checking and decoding the updates
-    aggregate_s: float = 0.0  # aggregation and the pruning step
+    aggregate_s: float = 0.0  # aggregation (streaming: with folding each update in) and the pruning step
     evaluate_s: float = 0.0
     # The round's time as a fleet with one processor per device would take it: wall time less what
     # simulated devices report waiting for their process's shared trainer (``sim_wait_s``).
@@ -138,7 +138,7 @@ def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, n
         transfer_s=transfer_s,
         encode_s=totals.encode_s,
         decode_s=totals.decode_s,
-        aggregate_s=outcome.aggregate_s,
+        aggregate_s=outcome.aggregate_s + gathered.last.fold_s,  # with the folding as updates came
         evaluate_s=outcome.evaluate_s,
         fleet_s=wall_s - sim_saved_s,
         sparsity_all=sparsity_of_all(outcome.masks, outcome.weight_count),

@@ -165,7 +165,6 @@ class RunStatus:
             devices.append({"device_id": info.device_id, "online": info.online, "num_samples": info.num_samples,
                             # Heard from: its last presence, or its last update.
                             "last_seen": max(info.last_seen, mine["last_update"]),
-                            # Issue 15 adds the device's trainer and runtime to its presence.
-                            "trainer": getattr(info, "trainer", None) or UNKNOWN,
-                            "runtime": getattr(info, "runtime", None) or UNKNOWN, **mine})
+                            # From its presence; an older agent names neither (it trains with Keras).
+                            "trainer": info.trainer or UNKNOWN, "runtime": info.runtime or UNKNOWN, **mine})
         return {"run": run, "devices": devices, "rounds": rounds, "time": time.time()}

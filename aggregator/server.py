@@ -39,6 +39,7 @@ from fedprune.aggregator.selection import DeviceSelection, can_ever_train
 from fedprune.aggregator.strategies import mask_agreement, strategy_for_task
 from fedprune.aggregator.structured_step import prune_structured
 from fedprune.aggregator.tensorboard_log import TensorBoardLog
+from fedprune.aggregator.round_fold import RoundFold, buffer_rows
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
@@ -144,7 +145,7 @@ class Aggregator:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "task.json").write_text(json.dumps(asdict(self.task), indent=2, default=str))
         if not self.device_masks:  # device-side masks: self-describing updates, decoded as they come
-            self._buffers = UpdateBuffers(self.shapes, fed.devices_per_round)
+            self._buffers = UpdateBuffers(self.shapes, buffer_rows(self.strategy, fed.devices_per_round))
         self.session.start()
         try:
             self.model_files.clear_earlier_run()
@@ -208,7 +209,7 @@ class Aggregator:
         gathered = self._gather(r)
         t, results = time.perf_counter(), gathered.last.results
         self.status.phase(f"round {r}: aggregating, pruning and evaluating")
-        weights = self.strategy.aggregate(self.state.weights, results, self.state.masks)
+        weights = gathered.last.fold.weights(results)  # streamed as the updates came, or all at once now
         step = self.controller.step(r, weights, self.state.masks, [(res.gradients, res.num_samples) for res in results])
         agreement = mask_agreement(results) if self.device_masks else None  # how much the devices' masks agreed
         epsilon = None
@@ -268,7 +269,8 @@ class Aggregator:
         link = DeviceLink(self.session, self.topics, self.registry, self._inbox)
         self.status.attempt_opened(r, attempt, selected, max([0, *map(len, payloads.values())]), fed.round_timeout_s)
         published = publish_round(link, ctx, payloads, fed.round_timeout_s, name_devices=self.accountant is None)
-        collector = AttemptCollector(link, ctx, rejections, self._buffers, self._progress)
+        fold = RoundFold(self.strategy, self.state.weights, self.state.masks, self._buffers)
+        collector = AttemptCollector(link, ctx, rejections, fold, self._progress)
         out = collector.collect(published, deadline)
         out.encode_s, out.bytes_down = encode_s, sum(len(payloads[d]) for d in selected)
         return out

@@ -66,10 +66,13 @@ class Trainer(Protocol):
     """Local training (``fedprune.edge_agent.trainer.KerasTrainer`` is the real one).
 
     A trainer may also have ``prepare(architecture)``: get ready to train that architecture (build
-    and trace) before its first task; ``prepare_trainer`` calls it where it exists.
+    and trace) before its first task; ``prepare_trainer`` calls it where it exists. ``seed``
+    (given by the simulator, which shares one trainer between devices): the task's own seed for its
+    batches, so that it trains the same whichever device the trainer served before.
     """
 
-    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult: ...
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray,
+              seed: int | None = None) -> TrainResult: ...
 
 
 def prepare_trainer(trainer: Trainer, architecture: Architecture) -> None:

@@ -72,9 +72,13 @@ class LiteRTTrainer:
         log.info("trainable TFLite file loaded in %s: %d weight tensors (%d maskable), batch %d",
                  self.runtime, len(self.shapes), sum(self.maskable), self.batch_size)
 
-    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        """Train on ``(x, y)`` from the task's global weights."""
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray,
+              seed: int | None = None) -> TrainResult:
+        """Train on ``(x, y)`` from the task's global weights; ``seed``: draw this task's batches
+        and dropout noise from it instead of the trainer's own generator (the same task trains the
+        same whichever tasks this trainer trained before)."""
         with self._lock:
+            rng = self.rng if seed is None else np.random.default_rng(seed)
             start = time.perf_counter()
             settings = self._check(architecture, task, x, y)
             self._set_weights(task)
@@ -87,10 +91,10 @@ class LiteRTTrainer:
             for _ in range(settings.local_epochs):
                 epoch_start = time.perf_counter()
                 loss = correct = 0.0  # the metrics are the last pass's, as Keras reports them
-                order = self.rng.permutation(len(x))
+                order = rng.permutation(len(x))
                 for first in range(0, len(x), self.batch_size):
                     rows = order[first:first + self.batch_size]
-                    out = train(**self._batch(x, onehot, rows), lr=learning_rate, **self._dropout_noise())
+                    out = train(**self._batch(x, onehot, rows), lr=learning_rate, **self._dropout_noise(rng))
                     loss += float(out[file_format.OUTPUT_LOSS]) * len(rows)
                     correct += float(out[file_format.OUTPUT_CORRECT])
                 last_epoch_s = time.perf_counter() - epoch_start
@@ -155,8 +159,8 @@ class LiteRTTrainer:
             yb = np.concatenate([yb, np.zeros((missing, yb.shape[1]), np.float32)])
         return {file_format.INPUT_X: xb, file_format.INPUT_LABELS: yb}
 
-    def _dropout_noise(self) -> dict[str, np.ndarray]:
-        return {name: self.rng.random(shape, dtype=np.float32) for name, shape in self._dropout_shapes.items()}
+    def _dropout_noise(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {name: rng.random(shape, dtype=np.float32) for name, shape in self._dropout_shapes.items()}
 
     def _mean_gradients(self, x: np.ndarray, onehot: np.ndarray) -> list[np.ndarray]:
         """The mean loss's gradient over ``x``, in inference mode: the file's per-batch sums added
@@ -186,8 +190,9 @@ class TrainableFileTrainer:
         self._loaded: tuple[str, LiteRTTrainer] | None = None  # (the file's sha256, its trainer)
         self._lock = threading.Lock()
 
-    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        return self._trainer_for(architecture).train(architecture, task, x, y)
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray,
+              seed: int | None = None) -> TrainResult:
+        return self._trainer_for(architecture).train(architecture, task, x, y, seed=seed)
 
     def _trainer_for(self, architecture: Architecture) -> LiteRTTrainer:
         model = self.files.get(architecture.digest)

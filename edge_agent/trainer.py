@@ -132,9 +132,14 @@ class KerasTrainer:
             log.info("prepared the training step for architecture %s in %.1f s",
                      architecture.digest[:8], time.perf_counter() - start)
 
-    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        """Train on ``(x, y)`` from the task's global weights."""
+    def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray,
+              seed: int | None = None) -> TrainResult:
+        """Train on ``(x, y)`` from the task's global weights. ``seed``: draw this task's batches
+        (and reseed TensorFlow's and NumPy's global generators) from it, so that a task trains the
+        same whichever device trained on this trainer before (a shared trainer in a simulation)."""
         with self._lock:
+            if seed is not None:
+                keras.utils.set_random_seed(seed)
             start = time.perf_counter()
             compiled = self._compiled(architecture)
             check_local_data(x, y, compiled.model.input_shape[1:], compiled.model.output_shape[-1])

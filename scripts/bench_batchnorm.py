@@ -114,14 +114,16 @@ def run_row(row: str, rounds: int, devices: int, seed: int, **setup) -> dict:
 
     KerasTrainer.recalibrate_batchnorm = not row.startswith("moving-")
     plain, pooled = pooled_fedavg(weight_names(digits_bn_cnn((8, 8, 1), 10)))
-    FedAvg.aggregate = pooled if row.startswith("device-pooled-") else plain
+    streaming = FedAvg.running
+    if row.startswith("device-pooled-"):  # FedAvg on every update at once (not streamed), then pooled
+        FedAvg.aggregate, FedAvg.running = pooled, lambda self, global_weights, masks: None
     task = task_for(row, rounds, devices, seed, **setup)
     start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             res = run_simulation(task, devices, Path(tmp) / "run")
         finally:
-            FedAvg.aggregate = plain
+            FedAvg.aggregate, FedAvg.running = plain, streaming
         weights = load_latest_checkpoint(Path(tmp) / "run" / "checkpoints").weights
     int8 = next(e for e in res.exports if e["precision"] == "int8")
     return {"row": row, "seed": seed, "rounds": rounds, "devices": devices,

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from fedprune.task import Task, load_task  # noqa: E402
+from fedprune.task import Task, load_task  # noqa: E402  (installed: pip install -e .)
 
 
 def dense(task: Task, seed: int) -> Task:
@@ -47,8 +46,23 @@ def dense(task: Task, seed: int) -> Task:
 
 # --- Flower ------------------------------------------------------------------------------------
 
-def run_flower(task: Task, num_devices: int) -> list[dict]:
-    """Rounds of dense FedAvg in Flower's simulation engine: accuracy, bytes, wall time."""
+def actor_trainer():
+    """The one ``KerasTrainer`` of this process (a Ray actor runs many clients' ``fit`` calls: the
+    model is wrapped, compiled and traced once per actor, as once per fedprune simulator process).
+    Kept in ``sys.modules``, which outlives the client objects Flower makes for every call."""
+    import types
+
+    holder = sys.modules.setdefault("_fedprune_bench_actor", types.ModuleType("_fedprune_bench_actor"))
+    if not hasattr(holder, "trainer"):
+        from fedprune.edge_agent.trainer import KerasTrainer
+
+        holder.trainer = KerasTrainer()
+    return holder.trainer
+
+
+def run_flower(task: Task, num_devices: int, actors: int) -> list[dict]:
+    """Rounds of dense FedAvg in Flower's simulation engine (``actors`` Ray actors sharing the
+    host's cores): accuracy, bytes, wall time."""
     import flwr
     from flwr.client import NumPyClient
     from flwr.common import ndarrays_to_parameters
@@ -56,37 +70,42 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
     from flwr.server.client_manager import SimpleClientManager
     from flwr.server.strategy import FedAvg
 
+    from fedprune.aggregator.evaluation import HeldOutEvaluator
     from fedprune.data import load_dataset, partition
     from fedprune.keras_setup import keras
-    from fedprune.models import build_model
+    from fedprune.models import architecture_of, build_model
 
     ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
     shards = partition(ds.y_train, num_devices, task.data.partition, task.data.alpha,
                        task.data.shards_per_device, seed=task.seed, min_samples=task.data.min_samples)
-    train = task.training
-    factory, seed = task.model.factory, task.seed
-
-    def compiled(input_shape, classes):
-        model = build_model(factory, input_shape, classes)
-        opt = keras.optimizers.Adam if train.optimizer == "adam" else keras.optimizers.SGD
-        model.compile(optimizer=opt(learning_rate=train.learning_rate),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-        return model
+    seed = task.seed
+    keras.utils.set_random_seed(seed)
+    server_model = build_model(task.model.factory, ds.input_shape, ds.num_classes)
+    server_model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    architecture = architecture_of(server_model)
 
     class DigitsClient(NumPyClient):
-        def __init__(self, x, y):
-            self.x, self.y = x, y
-            self.model = compiled(ds.input_shape, ds.num_classes)
+        """Trains with fedprune's own training step (``KerasTrainer``: the model wrapped, compiled
+        and traced once per actor, the optimizer reset for every task, batches seeded by device and
+        round), exactly as a simulated fedprune device does; only the transport differs."""
+
+        def __init__(self, index: int):
+            self.index = index
+            self.x, self.y = ds.x_train[shards[index]], ds.y_train[shards[index]]
 
         def fit(self, parameters, config):
-            self.model.set_weights(parameters)
-            self.model.fit(self.x, self.y, epochs=train.local_epochs, batch_size=train.batch_size,
-                           shuffle=True, verbose=0)
-            return self.model.get_weights(), len(self.x), {}
+            from fedprune.aggregator.collect import train_task
+
+            r = int(config.get("round", 1))
+            weights = [np.asarray(p, np.float32) for p in parameters]
+            work = train_task(task, r, 1, architecture.digest, weights, [None] * len(weights), "flower",
+                              device_sparsity=None, gradient_fraction=None)
+            key = np.random.SeedSequence([seed, self.index, 7, r, 1]).generate_state(1)[0]
+            result = actor_trainer().train(architecture, work, self.x, self.y, seed=int(key))
+            return [w + d for w, d in zip(weights, result.delta)], len(self.x), {}
 
     def client_fn(context):
-        idx = shards[int(context.node_config["partition-id"])]
-        return DigitsClient(ds.x_train[idx], ds.y_train[idx]).to_client()
+        return DigitsClient(int(context.node_config["partition-id"])).to_client()
 
     class SameSelection(SimpleClientManager):
         """fedprune's draw: ``rng.choice`` over the devices in id order, one generator per run."""
@@ -99,14 +118,14 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
             chosen = self.rng.choice(len(by_partition), size=min(num_clients, len(by_partition)), replace=False)
             return [by_partition[i] for i in sorted(chosen.tolist())]
 
-    keras.utils.set_random_seed(seed)
-    server_model = compiled(ds.input_shape, ds.num_classes)
     rounds: list[dict] = []
     clock = {"t": time.monotonic()}
 
+    evaluate = HeldOutEvaluator(server_model, ds.x_test, ds.y_test)  # fedprune's aggregator evaluates so
+
     def evaluate_fn(server_round, parameters, config):
         server_model.set_weights(parameters)
-        loss, acc = server_model.evaluate(ds.x_test, ds.y_test, verbose=0, batch_size=256)
+        loss, acc = evaluate()
         now = time.monotonic()
         if server_round > 0:
             rounds.append({"round": server_round, "accuracy": float(acc), "wall_s": now - clock["t"]})
@@ -135,14 +154,17 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
     k = task.federation.devices_per_round
     strategy = CountingFedAvg(
         fraction_fit=k / num_devices, min_fit_clients=k, min_available_clients=num_devices, fraction_evaluate=0.0,
-        min_evaluate_clients=0, evaluate_fn=evaluate_fn,
+        min_evaluate_clients=0, evaluate_fn=evaluate_fn, on_fit_config_fn=lambda r: {"round": r},
         initial_parameters=ndarrays_to_parameters(server_model.get_weights()),
     )
-    env = {"PYTHONPATH": str(ROOT), "TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # No PYTHONPATH: fedprune is imported as installed (fedprune.aggregator, ...), which a checkout's
+    # root on the path would shadow with its bare fedprune/ folder.
+    env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cpus = os.cpu_count() or 1
     flwr.simulation.start_simulation(
         client_fn=client_fn, num_clients=num_devices, config=ServerConfig(num_rounds=task.federation.rounds),
         strategy=strategy, client_manager=SameSelection(),
-        client_resources={"num_cpus": 1, "num_gpus": 0.0},
+        client_resources={"num_cpus": max(1, cpus // actors), "num_gpus": 0.0},
         ray_init_args={"num_cpus": os.cpu_count(), "include_dashboard": False, "runtime_env": {"env_vars": env},
                        "object_store_memory": 200 * 1024 * 1024, "logging_level": logging.WARNING},
     )
@@ -151,11 +173,12 @@ def run_flower(task: Task, num_devices: int) -> list[dict]:
 
 # --- fedprune ------------------------------------------------------------------------------------
 
-def run_ours(task: Task, num_devices: int) -> list[dict]:
+def run_ours(task: Task, num_devices: int, broker: str = "embedded") -> list[dict]:
+    """``broker``: ``embedded`` (amqtt in this process), ``mosquitto`` (a private one), or a URL."""
     from fedprune.simulation.cli import run_simulation
 
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_simulation(task, num_devices, Path(tmp) / "run", export_tflite=False)
+        result = run_simulation(task, num_devices, Path(tmp) / "run", broker, export_tflite=False)
     return [{"round": r.round, "accuracy": r.accuracy, "wall_s": r.wall_s, "bytes_down": r.bytes_down,
              "bytes_up": r.bytes_up, "reported": r.reported} for r in result.rounds]
 
@@ -174,24 +197,38 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="runs per framework, seeds 0, 1, ...")
     parser.add_argument("--skip-flower", action="store_true")
+    parser.add_argument("--broker", default="embedded",
+                        help="fedprune's broker: embedded (default), mosquitto (a private one), or a URL")
+    parser.add_argument("--rounds", type=int, help="rounds instead of the task's")
+    parser.add_argument("--devices-per-round", type=int, help="devices per round instead of the task's")
+    parser.add_argument("--flower-actors", type=int, default=os.cpu_count() or 1,
+                        help="Ray actors training at once, sharing the cores (default: one per core)")
+    parser.add_argument("--skip-pruned", action="store_true", help="leave out the run of the task as written")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_task(args.task)
+    fed = dataclasses.replace(base.federation, rounds=args.rounds or base.federation.rounds,
+                              devices_per_round=args.devices_per_round or base.federation.devices_per_round)
+    fed = dataclasses.replace(fed, min_devices=min(fed.min_devices, fed.devices_per_round))
+    base = dataclasses.replace(base, federation=fed)
 
     out: dict = {"task": str(args.task), "devices": args.devices, "rounds": base.federation.rounds,
-                 "devices_per_round": base.federation.devices_per_round}
+                 "devices_per_round": base.federation.devices_per_round, "flower_actors": args.flower_actors,
+                 "broker": args.broker,
+                 "cpus": os.cpu_count()}
     runs: dict[str, list[list[dict]]] = {"fedprune dense": [], "flower dense": []}
     for seed in range(args.repeats):
-        rounds = run_ours(dense(base, seed), args.devices)
+        rounds = run_ours(dense(base, seed), args.devices, args.broker)
         _print_rounds(f"fedprune, dense FedAvg float32, seed {seed}", rounds)
         runs["fedprune dense"].append(rounds)
         if not args.skip_flower:
-            rounds = run_flower(dense(base, seed), args.devices)
+            rounds = run_flower(dense(base, seed), args.devices, args.flower_actors)
             _print_rounds(f"Flower {__import__('flwr').__version__} simulation, FedAvg, seed {seed}", rounds)
             runs["flower dense"].append(rounds)
-    pruned = run_ours(base, args.devices)
-    _print_rounds(f"fedprune, the task as written (pruned to {base.pruning.final_sparsity:.0%}, "
-                  f"{base.transport.uplink_precision} uplink), seed {base.seed}", pruned)
+    pruned = None if args.skip_pruned else run_ours(base, args.devices, args.broker)
+    if pruned:
+        _print_rounds(f"fedprune, the task as written (pruned to {base.pruning.final_sparsity:.0%}, "
+                      f"{base.transport.uplink_precision} uplink), seed {base.seed}", pruned)
 
     summary = {}
     for name, reps in runs.items():
@@ -205,20 +242,26 @@ def main() -> int:
             "bytes_up_per_round": float(np.mean([x["bytes_up"] for r in reps for x in r])),
             "bytes_down_per_round": float(np.mean([x["bytes_down"] for r in reps for x in r])),
             "wall_s_per_round": float(np.mean([x["wall_s"] for r in reps for x in r])),
+            # steady state: round 1 holds Flower's actor start-up (Ray, TensorFlow in each actor)
+            "wall_s_per_round_after_1": float(np.mean([x["wall_s"] for r in reps for x in r[1:]])),
+            "device_rounds_per_s_after_1": float(np.mean([x["reported"] for r in reps for x in r[1:]])
+                                                 / np.mean([x["wall_s"] for r in reps for x in r[1:]])),
             "accuracy_per_round": [[round(x["accuracy"], 4) for x in r] for r in reps],
         }
     ours = summary["fedprune dense"]
-    summary["fedprune pruned"] = {
-        "final_accuracy": pruned[-1]["accuracy"],
-        "bytes_up_total": sum(x["bytes_up"] for x in pruned),
-        "uplink_ratio_vs_dense": ours["bytes_up_per_round"] * len(pruned) / sum(x["bytes_up"] for x in pruned),
-        "downlink_ratio_vs_dense": ours["bytes_down_per_round"] * len(pruned) / sum(x["bytes_down"] for x in pruned),
-    }
+    if pruned:
+        summary["fedprune pruned"] = {
+            "final_accuracy": pruned[-1]["accuracy"],
+            "bytes_up_total": sum(x["bytes_up"] for x in pruned),
+            "uplink_ratio_vs_dense": ours["bytes_up_per_round"] * len(pruned) / sum(x["bytes_up"] for x in pruned),
+            "downlink_ratio_vs_dense": ours["bytes_down_per_round"] * len(pruned) / sum(x["bytes_down"] for x in pruned),
+        }
     if "flower dense" in summary:
         flower = summary["flower dense"]
         spread = max(np.ptp(ours["final_accuracy"]), np.ptp(flower["final_accuracy"]), 0.0)
         summary["accuracy_gap"] = ours["mean_final_accuracy"] - flower["mean_final_accuracy"]
         summary["run_to_run_spread"] = float(spread)
+        summary["speedup_device_rounds_per_s"] = ours["device_rounds_per_s_after_1"] / flower["device_rounds_per_s_after_1"]
         print(f"dense FedAvg final accuracy: fedprune {ours['final_accuracy']}, Flower {flower['final_accuracy']}; "
               f"gap {summary['accuracy_gap']:+.4f}, largest spread between repeats {spread:.4f}", flush=True)
     out["summary"] = summary

@@ -63,8 +63,8 @@ class SignFlipTrainer:
         self.inner = inner
         self.scale = scale
 
-    def train(self, architecture: Any, task: Any, x: np.ndarray, y: np.ndarray) -> Any:
-        result = self.inner.train(architecture, task, x, y)
+    def train(self, architecture: Any, task: Any, x: np.ndarray, y: np.ndarray, **options: Any) -> Any:
+        result = self.inner.train(architecture, task, x, y, **options)
         flipped = [(-self.scale * d).astype(d.dtype) for d in result.delta]
         return dataclasses.replace(result, delta=flipped)
 

@@ -83,6 +83,8 @@ def run_simulation(
 ):
     """Run a simulated federation and return the aggregator's ``RunResult``.
 
+    ``broker_url``: a running broker's URL, or None (or ``"embedded"``) for the embedded broker,
+    or ``"mosquitto"`` for a private Mosquitto started here (``simulation.private_broker``).
     ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all); the
     rest are expected to join from other processes on the same broker. The fleet's counters go to
     ``fleet.json`` in the run folder. ``resume``: continue the run in ``run_dir`` from its last
@@ -92,12 +94,7 @@ def run_simulation(
     from fedprune.aggregator.status_page import StatusPage
 
     with ExitStack() as stack:
-        if broker_url is None:
-            from fedprune.aggregator.embedded_broker import EmbeddedBroker
-
-            broker = stack.enter_context(EmbeddedBroker())
-            broker_url = broker.url
-            log.info("embedded MQTT broker on %s", broker_url)
+        broker_url = _start_broker(stack, broker_url)
         fleet, ds = _fleet(task, num_devices, device_ids, broker_url, attack)
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite, resume=resume)
@@ -111,6 +108,35 @@ def run_simulation(
         stats = fleet.stats()
     (Path(run_dir) / "fleet.json").write_text(json.dumps(stats, indent=2))
     return result
+
+
+def _start_broker(stack: ExitStack, broker_url: str | None) -> str:
+    """The URL of the broker to use: ``broker_url`` itself, or one started here and stopped with
+    ``stack`` (None or ``"embedded"``: the embedded broker; ``"mosquitto"``: a private Mosquitto)."""
+    if broker_url == "mosquitto":
+        from fedprune.simulation.private_broker import PrivateMosquitto
+
+        mosquitto = stack.enter_context(PrivateMosquitto())
+        log.info("private Mosquitto on %s", mosquitto.url)
+        return mosquitto.url
+    if broker_url in (None, "embedded"):
+        from fedprune.aggregator.embedded_broker import EmbeddedBroker
+
+        broker = stack.enter_context(EmbeddedBroker())
+        log.info("embedded MQTT broker on %s", broker.url)
+        return broker.url
+    return broker_url
+
+
+def _broker_line(choice, url: str) -> str:
+    """The line saying which broker the simulation uses, where, and why."""
+    if choice.kind == "mosquitto":
+        from fedprune.simulation.private_broker import mosquitto_executable
+
+        return f"broker: a private Mosquitto ({mosquitto_executable()}) on {url}, started for this run; {choice.why}"
+    if choice.kind == "embedded":
+        return f"broker: the embedded broker (amqtt, MQTT 3.1.1) on {url}; {choice.why}"
+    return f"broker: {url} ({choice.why})"
 
 
 def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str,
@@ -145,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-ids", help="the devices this process runs, e.g. 0-499 (default: all)")
     parser.add_argument("--no-aggregator", action="store_true",
                         help="run devices only, against --broker, until the aggregator finishes its run")
-    parser.add_argument("--broker", help="use this broker (mqtt://host:port) instead of the embedded one")
+    parser.add_argument("--broker", default="auto",
+                        help="auto (default: the embedded broker for up to 200 devices, a private Mosquitto "
+                             "started here for more where one is installed), embedded, mosquitto, or the URL "
+                             "of a running broker (mqtt://host:port)")
+    parser.add_argument("--rounds", type=int,
+                        help="run this many rounds instead of the task's federation.rounds (e.g. 1 for a quick check)")
     parser.add_argument("--run-dir", type=Path, help="where to write results (default runs/<task>-<time>)")
     parser.add_argument("--attack", choices=["sign_flip"],
                         help="make some devices hostile: sign_flip sends -scale x the trained delta")
@@ -172,11 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.compare if not (p / "metrics.jsonl").is_file()]
     if missing:
         parser.error(f"--compare: no metrics.jsonl in {', '.join(missing)}; give run folders of earlier runs")
-    if args.no_aggregator and not args.broker:
-        parser.error("--no-aggregator needs --broker: the broker that fedprune-aggregator and the other hosts use")
+    if args.no_aggregator and "://" not in args.broker:
+        parser.error("--no-aggregator needs --broker URL: the broker that fedprune-aggregator and the other hosts use")
+    from fedprune.simulation.private_broker import choose_broker
+
+    try:
+        choice = choose_broker(args.broker, len(device_ids) if device_ids else args.devices)
+    except ValueError as e:
+        parser.error(str(e))
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir: the folder of the run to continue")
     task = load_task_or_exit(args.task, check=strategy_for_task)
+    if args.rounds is not None:
+        if args.rounds < 1:
+            parser.error("--rounds must be >= 1")
+        from dataclasses import replace
+
+        task = replace(task, federation=replace(task.federation, rounds=args.rounds))
 
     if args.no_aggregator:
         ids = device_ids or range(args.devices)
@@ -200,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     console = log_console()  # tables and lines whole in a log file, not cut to 80 columns
     with ExitStack() as stack:
+        try:
+            broker = _start_broker(stack, choice.url if choice.kind == "url" else choice.kind)
+        except (RuntimeError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(_broker_line(choice, broker), flush=True)
         callbacks: dict = {"on_round": print_round}
         if not args.no_progress:
             from fedprune.simulation.progress import FederationProgress
@@ -207,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             progress = stack.enter_context(FederationProgress(task.federation.rounds, console))
             callbacks = {"on_round": progress.on_round, "on_update": progress.on_update}
         try:
-            result = run_simulation(task, args.devices, run_dir, args.broker, device_ids=device_ids, attack=attack,
+            result = run_simulation(task, args.devices, run_dir, broker, device_ids=device_ids, attack=attack,
                                     resume=args.resume, status_at=None if args.status_port is None
                                     else (args.status_host, args.status_port), **callbacks)
         except KeyboardInterrupt:

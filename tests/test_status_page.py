@@ -52,8 +52,9 @@ def test_the_page_serves_its_own_files_and_json_read_only_on_loopback_names():
 def test_run_status_follows_attempts_devices_and_refusals():
     task = small_task()
     registry = DeviceRegistry()
-    for d in ("pi-1", "pi-2", "pi-3"):
-        registry.update(d, True, 40)
+    for d in ("pi-1", "pi-2"):
+        registry.update(d, True, 40, trainer="litert", runtime="ai-edge-litert 2.3.0")
+    registry.update("pi-3", True, 40)  # an agent older than the presence's trainer and runtime
     others = OtherFederations(task.federation.id)
     status = RunStatus(task, registry, others, name="run-x")
     status.waiting_for_devices(3, 2, 60)
@@ -66,7 +67,8 @@ def test_run_status_follows_attempts_devices_and_refusals():
     assert devices["pi-1"]["rounds_done"] == 1 and devices["pi-1"]["bytes_up"] == 300
     assert devices["pi-2"]["last_error"].startswith("device error: TrainingError") and devices["pi-2"]["rounds_done"] == 0
     assert {d["bytes_down"] for d in devices.values()} == {1000}
-    assert devices["pi-3"]["trainer"] == devices["pi-3"]["runtime"] == "unknown"  # until presence carries them
+    assert (devices["pi-1"]["trainer"], devices["pi-1"]["runtime"]) == ("litert", "ai-edge-litert 2.3.0")
+    assert (devices["pi-3"]["trainer"], devices["pi-3"]["runtime"]) == ("keras", "unknown")
     snap = status.snapshot()["run"]
     assert snap["progress"]["selected"] == 3 and snap["progress"]["refused"] == 1 and snap["round"] == 1
     assert "broker" not in json.dumps(status.snapshot())  # no address, no credentials

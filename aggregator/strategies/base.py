@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from fedprune.aggregator.strategies.running import RunningAggregate
 from fedprune.aggregator.strategies.sparse import add_at_kept, kept_deltas
 from fedprune.configs import config_of
 from fedprune.pruning.masks import Masks
@@ -65,6 +66,12 @@ class Strategy(ABC):
     def min_results(self) -> int:
         """The fewest updates ``aggregate`` accepts."""
         return 1
+
+    def running(self, global_weights: Sequence[np.ndarray], masks: Masks) -> RunningAggregate | None:
+        """This round's aggregation fed one update at a time (streaming: memory independent of the
+        updates' number, result independent of their order), or None when the strategy needs all
+        of a round's updates at once (then they are aggregated sorted by device id)."""
+        return None
 
     def get_config(self) -> dict[str, Any]:
         """``{"strategy": name, **parameters}``; ``strategy_from_config`` builds an equal one."""

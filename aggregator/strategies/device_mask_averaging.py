@@ -8,6 +8,7 @@ from typing import ClassVar, Sequence
 import numpy as np
 
 from fedprune.aggregator.strategies.base import ClientResult, Strategy
+from fedprune.aggregator.strategies.running import RunningAggregate, sums_for
 from fedprune.pruning.masks import Masks
 
 
@@ -44,10 +45,38 @@ class DeviceMaskAveraging(Strategy):
             den = np.zeros_like(num)
             for r in results:
                 keep = np.ones(num.shape, bool) if r.masks[i] is None else r.masks[i]
-                num += np.where(keep, r.delta[i], 0.0) * r.num_samples
+                num += np.where(keep, r.delta[i].astype(np.float64), 0.0) * r.num_samples  # exact products
                 den += keep * float(r.num_samples)
             out.append(np.divide(num, den, out=np.zeros_like(num), where=den > 0).astype(np.float32))
         return out
+
+    def running(self, global_weights: Sequence[np.ndarray], masks: Masks) -> RunningAggregate:
+        return RunningDeviceMaskAveraging([np.shape(w) for w in global_weights])
+
+
+class RunningDeviceMaskAveraging(RunningAggregate):
+    """Device-mask averaging streamed: per weight, the sample-weighted sum over the devices that
+    kept it and their total sample count (exact integers), divided at the end."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]]) -> None:
+        super().__init__()
+        self.sums = sums_for(shapes)
+        self.counts = [np.zeros(s, np.int64) for s in shapes]
+
+    def add(self, result: ClientResult) -> None:
+        if result.masks is None:
+            raise ValueError("DeviceMaskAveraging needs results that carry their masks "
+                             "(device-side pruning: pruning.mask_owner = 'device')")
+        for total, count, tensor, mask in zip(self.sums, self.counts, result.delta, result.masks, strict=True):
+            keep = np.ones(count.shape, bool) if mask is None else np.asarray(mask, bool)
+            total.add(np.where(keep, np.asarray(tensor, np.float64) * result.num_samples, 0.0))
+            count += keep * int(result.num_samples)
+        self.count += 1
+
+    def result(self) -> list[np.ndarray]:
+        self._require()
+        return [np.divide(total.value(), count, out=np.zeros(count.shape), where=count > 0).astype(np.float32)
+                for total, count in zip(self.sums, self.counts)]
 
 
 def mask_agreement(results: Sequence[ClientResult]) -> float:

@@ -9,13 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
+import logging
+
 import numpy as np
 
 from fedprune.aggregator.strategies.base import ClientResult, Strategy
 from fedprune.aggregator.strategies.norm_clipping import clip_results
+from fedprune.aggregator.strategies.running import RunningAggregate, sums_for
 from fedprune.aggregator.strategies.sparse import add_at_kept, kept_deltas
+from fedprune.clipping import clip_to_norm
 from fedprune.configs import check_int, check_real
-from fedprune.pruning.masks import Masks
+from fedprune.pruning.masks import Masks, apply_masks
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,4 +72,40 @@ class DPFedAvg(Strategy):
             total = kept_deltas(clipped, i, m).sum(axis=0, dtype=np.float64)
             total += self.rng.normal(0.0, self.noise_multiplier * self.clip_norm, size=total.shape)
             out.append(add_at_kept(w, m, total / self.sampled))
+        return out
+
+    def running(self, global_weights: Sequence[np.ndarray], masks: Masks) -> RunningAggregate:
+        return RunningDPFedAvg(self, global_weights, masks)
+
+
+class RunningDPFedAvg(RunningAggregate):
+    """DP-FedAvg streamed: each update clipped as it comes and added (at the kept positions); the
+    noise (drawn as ``aggregate`` draws it) and the division at the end."""
+
+    def __init__(self, strategy: DPFedAvg, global_weights: Sequence[np.ndarray], masks: Masks) -> None:
+        super().__init__()
+        self.strategy, self.global_weights, self.masks = strategy, global_weights, masks
+        self.keep = [None if m is None else np.asarray(m, bool).ravel() for m in masks]
+        self.sums = sums_for([(np.size(w) if k is None else int(k.sum()),) for w, k in zip(global_weights, self.keep)])
+        self.clipped = 0
+
+    def add(self, result: ClientResult) -> None:
+        delta, norm = clip_to_norm(apply_masks(result.delta, self.masks), self.strategy.clip_norm)
+        self.clipped += norm > self.strategy.clip_norm
+        for total, d, keep in zip(self.sums, delta, self.keep, strict=True):
+            total.add(d.ravel() if keep is None else d.ravel()[keep])
+        self.count += 1
+
+    def result(self) -> list[np.ndarray]:
+        self._require()
+        s = self.strategy
+        if self.count > s.sampled:
+            raise ValueError(f"DPFedAvg got {self.count} updates but divides by {s.sampled} sampled devices")
+        if self.clipped:
+            log.info("clipped %d of %d updates to norm %g", self.clipped, self.count, s.clip_norm)
+        out = []
+        for w, m, total in zip(self.global_weights, self.masks, self.sums):
+            value = total.value()
+            value += s.rng.normal(0.0, s.noise_multiplier * s.clip_norm, size=value.shape)
+            out.append(add_at_kept(w, m, value / s.sampled))
         return out

@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from fedprune.aggregator.strategies.base import ClientResult, Strategy
+from fedprune.aggregator.strategies.running import RunningAggregate
 from fedprune.clipping import clip_to_norm
 from fedprune.configs import check_real
 from fedprune.pruning.masks import Masks, apply_masks
@@ -65,3 +66,22 @@ class NormClipping(Strategy):
         self, global_weights: Sequence[np.ndarray], results: Sequence[ClientResult], masks: Masks
     ) -> list[np.ndarray]:
         return self.inner.aggregate(global_weights, clip_results(results, self.clip_norm, masks), masks)
+
+    def running(self, global_weights: Sequence[np.ndarray], masks: Masks) -> RunningAggregate | None:
+        inner = self.inner.running(global_weights, masks)
+        return None if inner is None else RunningClipped(inner, self.clip_norm, masks)
+
+
+class RunningClipped(RunningAggregate):
+    """Norm clipping streamed: each update clipped as it comes, then folded into ``inner``'s."""
+
+    def __init__(self, inner: RunningAggregate, clip_norm: float, masks: Masks) -> None:
+        super().__init__()
+        self.inner, self.clip_norm, self.masks = inner, clip_norm, masks
+
+    def add(self, result: ClientResult) -> None:
+        self.inner.add(clip_results([result], self.clip_norm, self.masks)[0])
+        self.count += 1
+
+    def result(self) -> list[np.ndarray]:
+        return self.inner.result()

@@ -34,17 +34,28 @@ log = logging.getLogger(__name__)
 _RECONNECT_MAX_S = 30.0
 
 
+_TRAIN_STREAM = 7  # seed-sequence tag of a device's training (profiles.py tags its other streams)
+
+
 class _TimedTrainer:
     """The shared trainer as one device sees it: adds its emulated compute time and the time it
     waited for the trainer (and, before, ``waited_s`` for other shared resources) to the result's
     metrics."""
 
-    def __init__(self, shared: Trainer, speed: float, enqueued: float, waited_s: float = 0.0) -> None:
+    def __init__(self, shared: Trainer, speed: float, enqueued: float, waited_s: float = 0.0,
+                 seed_key: tuple[int, ...] = ()) -> None:
         self.shared, self.speed, self.enqueued, self.waited_s = shared, speed, enqueued, waited_s
+        self.seed_key = seed_key  # (task seed, device index): with the round, the seed of its training
         self.extra_s = 0.0  # what to sleep after training: a slower device is not done yet
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
-        result = self.shared.train(architecture, task, x, y)
+        # Seeded by device and round, not by the order the shared trainer took the devices in.
+        if self.seed_key:
+            key = [*self.seed_key, _TRAIN_STREAM, task.round, task.attempt]
+            result = self.shared.train(architecture, task, x, y,
+                                       seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
+        else:
+            result = self.shared.train(architecture, task, x, y)
         real = time.perf_counter() - self.enqueued  # queued + trained
         train_s = float(result.metrics.get("train_s", real))
         compute_s = train_s * self.speed
@@ -186,7 +197,7 @@ class SimulatedDevice:
                 self._drop.set()
                 return
             timed = _TimedTrainer(self.trainer, self.behaviour.profile.speed, time.perf_counter(),
-                                  waited_s=started - submitted)
+                                  waited_s=started - submitted, seed_key=(self.behaviour.seed, self.behaviour.index))
             message = await loop.run_in_executor(self.executor, run_job, self.session, job, timed, self.x, self.y)
             if message is None:
                 return
