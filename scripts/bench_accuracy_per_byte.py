@@ -194,8 +194,9 @@ def plot(results: list[dict], path: Path) -> bool:
             if r["row"] in DIAGNOSTIC_ROWS:
                 continue
             style = "-" if r["row"].startswith(("pruned", "device")) else "--"
-            up_ax.plot([c["bytes_up"] / 1e6 for c in r["curve"]], acc, style, label=r["row"])
-            down_ax.plot([c["bytes_down"] / 1e6 for c in r["curve"]], acc, style, label=r["row"])
+            color = f"C{list(ROWS).index(r['row'])}"  # one colour per row in every panel
+            up_ax.plot([c["bytes_up"] / 1e6 for c in r["curve"]], acc, style, color=color, label=r["row"])
+            down_ax.plot([c["bytes_down"] / 1e6 for c in r["curve"]], acc, style, color=color, label=r["row"])
         for ax, direction in ((up_ax, "uplink"), (down_ax, "downlink")):
             ax.set_xscale("log")
             ax.set_xlabel(f"cumulative {direction} MB (all devices, log scale)")
