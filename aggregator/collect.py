@@ -17,7 +17,7 @@ import logging
 import queue
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -144,15 +144,17 @@ def train_task(task: Task, round_number: int, attempt: int, architecture_digest:
         session=session, update_content=transport.update, error_feedback=transport.error_feedback,
         stochastic_rounding=transport.stochastic_rounding, compression=transport.compression,
         device_sparsity=device_sparsity, gradient_fraction=gradient_fraction,
+        uplink_sparsifier=transport.sparsifier_config() if device_sparsity is None else None,
     )
 
 
-def publish_round(link: DeviceLink, ctx: RoundContext, payload: bytes, timeout_s: float, name_devices: bool) -> float:
-    """Send the task to the selected devices and announce the attempt (naming the devices only
-    with ``name_devices``: under DP who was drawn stays between each device and the aggregator).
-    Returns when it was sent (``time.monotonic()``)."""
+def publish_round(link: DeviceLink, ctx: RoundContext, payloads: Mapping[str, bytes], timeout_s: float,
+                  name_devices: bool) -> float:
+    """Send each selected device its task (``payloads``, by device) and announce the attempt
+    (naming the devices only with ``name_devices``: under DP who was drawn stays between each
+    device and the aggregator). Returns when it was sent (``time.monotonic()``)."""
     for device_id in ctx.selected:
-        link.publisher.publish(link.topics.task(device_id), payload, retain=True)
+        link.publisher.publish(link.topics.task(device_id), payloads[device_id], retain=True)
     announcement = RoundAnnouncement(ctx.round, ctx.attempt, list(ctx.selected) if name_devices else [],
                                      time.time() + timeout_s)
     link.publisher.publish(link.topics.round, announcement.encode(), retain=True)
@@ -264,6 +266,9 @@ class AttemptCollector:
         """Clear the retained tasks (the attempt is closed) and count who did not report."""
         for device_id in self.ctx.selected:
             self.link.publisher.clear(self.link.topics.task(device_id))
+            # A device that answered decoded the task: it holds its masks (values-only next time).
+            answered = device_id in self.results or device_id in self.out.failures
+            self.link.registry.holds_masks(device_id, self.ctx.layout.digest if answered else "")
         self.out.results = sorted(self.results.values(), key=lambda r: r.device_id)  # not arrival order
         self.out.fold = self.fold
         dropped = {d for d in self.waiting if self.link.registry.went_offline_since(d, published)}

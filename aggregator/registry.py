@@ -38,6 +38,9 @@ class DeviceInfo:
     trainer: str = "keras"  # what it trains with (converters.protocol.TRAINERS): "keras", "litert", "none"
     runtime: str = ""  # its TFLite runtime and version, "" if it named none
     agent_version: str = ""
+    # The mask list the device holds, for values-only tasks ("" none); None: it takes
+    # self-describing tasks only (it announced no mask digest: an older agent).
+    mask_digest: str | None = None
 
 
 class DeviceRegistry:
@@ -51,7 +54,7 @@ class DeviceRegistry:
         self.bad_presences = 0  # malformed presence messages ignored (counted on the network thread)
 
     def update(self, device_id: str, online: bool, num_samples: int, *, trainer: str = "keras", runtime: str = "",
-               agent_version: str = "") -> None:
+               agent_version: str = "", mask_digest: str | None = None) -> None:
         """Record a presence. ``ValueError`` for an id no device can have (it may come from a
         topic): such a device is never known, so its updates are refused as unknown."""
         if not valid_device_id(device_id):
@@ -61,9 +64,23 @@ class DeviceRegistry:
             before = self._devices.get(device_id)
             last_offline = time.monotonic() if not online else (before.last_offline if before else float("-inf"))
             self._devices[device_id] = DeviceInfo(device_id, online, num_samples, time.time(), last_offline,
-                                                  trainer, runtime, agent_version)
+                                                  trainer, runtime, agent_version, mask_digest)
             self._last_update = time.monotonic()
             self._changed.notify_all()
+
+    def mask_digest(self, device_id: str) -> str | None:
+        """The mask list ``device_id`` holds ("" none), or None if it takes no values-only task."""
+        with self._lock:
+            info = self._devices.get(device_id)
+            return info.mask_digest if info else None
+
+    def holds_masks(self, device_id: str, digest: str) -> None:
+        """Record that ``device_id`` now holds the mask list ``digest`` ("" unknown: it is sent the
+        masks again); nothing for a device that takes no values-only task."""
+        with self._lock:
+            info = self._devices.get(device_id)
+            if info is not None and info.mask_digest is not None:
+                info.mask_digest = digest
 
     def online(self) -> list[str]:
         with self._lock:
@@ -142,7 +159,7 @@ def take_presence(registry: DeviceRegistry, topics: Topics, topic: str, payload:
             log.warning("presence on %s claims device %s; ignored", topic, one_line(repr(p.device_id)))
             return
         registry.update(device_id, p.online, p.num_samples, trainer=p.trainer, runtime=p.runtime,
-                        agent_version=p.agent_version)
+                        agent_version=p.agent_version, mask_digest=p.mask_digest)
     except (CodecError, ValueError) as e:
         registry.bad_presences += 1
         if worth_logging(registry.bad_presences):

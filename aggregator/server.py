@@ -2,14 +2,13 @@
 quorum or a deadline, aggregate, prune on the schedule, evaluate, checkpoint.
 
 Each step is a call to one collaborator: ``channel`` (the broker: budgets, inbox, signing),
-``collect`` (the task out, each update in through ``intake.check_update``), ``strategies``, the
-pruning controller (``fedprune.pruning.controller``: every pruning decision), ``structured_step``
-(the model surgery), ``records`` (metrics.jsonl, summary.json), ``checkpoint``, ``export``,
-``model_files`` (the trainable and final model files for devices), ``run_state`` (the start
-state), ``run_status`` (for the status page and the wait notices) and ``tensorboard_log``. What
-stays here is the order of the steps, the quorum and retries, and the federation's state.
+``collect`` (the task out, each update in through ``intake.check_update``; ``downlink``: what each
+device is sent), ``strategies``, the pruning controller (``fedprune.pruning.controller``),
+``structured_step`` (the model surgery), ``records``, ``checkpoint``, ``export``, ``model_files``
+(the trainable and final model files for devices), ``run_state``, ``run_status`` (for the status
+page and the wait notices) and ``tensorboard_log``. What stays here is the order of the steps, the
+quorum and retries, and the federation's state.
 """
-
 from __future__ import annotations
 
 import json
@@ -25,11 +24,12 @@ import numpy as np
 from fedprune.aggregator.channel import open_channel
 from fedprune.aggregator.checkpoint import save_checkpoint
 from fedprune.aggregator.collect import AttemptCollector, Collected, Gathered, RoundProgress, publish_round, train_task
+from fedprune.aggregator.downlink import Downlink
 from fedprune.aggregator.export import export_models, latency_ms
 from fedprune.aggregator.intake import RoundContext
 from fedprune.aggregator.privacy import PrivacyAccountant
-from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.model_files import DeviceModelFiles
+from fedprune.aggregator.records import RoundOutcome, RoundRecord, RunResult, aggregation_summary, append_metrics
 from fedprune.aggregator.records import round_record, run_complete, run_result, write_summary
 from fedprune.aggregator.registry import DeviceRegistry, OtherFederations, wait_for_devices
 from fedprune.aggregator.run_folder import FederationError, check_new_run, check_resumable
@@ -43,7 +43,7 @@ from fedprune.aggregator.round_fold import RoundFold, buffer_rows
 from fedprune.aggregator.update_buffers import UpdateBuffers
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
-from fedprune.converters.protocol import RoundAnnouncement, Topics, encode_task
+from fedprune.converters.protocol import RoundAnnouncement, Topics
 from fedprune.converters.signing import SigningKey, VerifyKey
 from fedprune.data import Dataset
 from fedprune.pruning.controller import PruningController
@@ -119,6 +119,7 @@ class Aggregator:
         self._evaluate = HeldOutEvaluator(model, self.dataset.x_test, self.dataset.y_test)
         self.architecture = architecture_of(model)
         self.shapes = [tuple(s) for s in self.architecture.shapes]
+        self.downlink = Downlink(self.task.transport, self.architecture.names)  # a new one for new shapes
         if self._buffers is not None:  # structured pruning changed the shapes
             self._buffers = UpdateBuffers(self.shapes, self._buffers.rows)
         self.layer_of = kernel_positions(model, prunable_layers(model, self.task.pruning.leave_dense))
@@ -252,12 +253,11 @@ class Aggregator:
                  rejection_acked: set[str]) -> Collected:
         """Send the task to the selected devices and gather valid updates until all or the deadline."""
         fed, transport = self.task.federation, self.task.transport
-        deadline = time.monotonic() + fed.round_timeout_s
-        t = time.perf_counter()
+        deadline, t = time.monotonic() + fed.round_timeout_s, time.perf_counter()
         task = train_task(self.task, r, attempt, self.architecture.digest, self.state.weights, self.state.masks,
                           self.session_id, device_sparsity=self.controller.device_target(r),
                           gradient_fraction=self.controller.gradient_fraction(r, self.state.masks))
-        payload = encode_task(task, self.architecture.names, transport.compression)
+        payloads = self.downlink.payloads(task, selected, self.registry)  # values-only where a device holds the masks
         ctx = RoundContext(r, attempt, tuple(selected), self.registry.known, self.topics, self.shapes,
                            self.state.masks, self.architecture.names, transport.max_message_bytes,
                            transport.uplink_precision, self.device_masks, self.state.weights,
@@ -265,12 +265,12 @@ class Aggregator:
         encode_s = time.perf_counter() - t
         link = self.channel.link()
         self.channel.listen(selected)  # before the tasks go out: the broker then routes every answer here
-        self.status.attempt_opened(r, attempt, selected, len(payload), fed.round_timeout_s)
-        published = publish_round(link, ctx, payload, fed.round_timeout_s, name_devices=self.accountant is None)
+        self.status.attempt_opened(r, attempt, selected, max([0, *map(len, payloads.values())]), fed.round_timeout_s)
+        published = publish_round(link, ctx, payloads, fed.round_timeout_s, name_devices=self.accountant is None)
         fold = RoundFold(self.strategy, self.state.weights, self.state.masks, self._buffers)
         collector = AttemptCollector(link, ctx, rejections, fold, self._progress, rejection_acked)
         out = collector.collect(published, deadline)
-        out.encode_s, out.bytes_down = encode_s, len(payload) * len(selected)
+        out.encode_s, out.bytes_down = encode_s, sum(len(payloads[d]) for d in selected)
         return out
 
     def _progress(self, progress: RoundProgress) -> None:

@@ -170,9 +170,15 @@ class Presence:
     agent_version: str = ""
     trainer: str = "keras"  # one of TRAINERS
     runtime: str = ""  # the device's TFLite runtime and its version, e.g. "ai-edge-litert 2.3.0"; "" none
+    # The digest of the mask list the device holds ("" none), which a values-only task may use;
+    # None (the key absent): a device that takes self-describing tasks only (every agent before it).
+    mask_digest: str | None = None
 
     def encode(self) -> bytes:
-        return _dump("presence", self)
+        body = {"v": PROTOCOL_VERSION, "type": "presence", **asdict(self)}
+        if self.mask_digest is None:  # what an agent without values-only tasks sends, byte for byte
+            body.pop("mask_digest")
+        return json.dumps(body, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "Presence":
@@ -187,7 +193,15 @@ class Presence:
             value = getattr(p, key)
             if not isinstance(value, str) or len(value) > 200:
                 raise CodecError(f"presence.{key} must be a string of at most 200 characters")
+        if p.mask_digest is not None and not _is_digest(p.mask_digest, allow_empty=True):
+            raise CodecError("presence.mask_digest must be \"\" or 32 lowercase hex digits")
         return p
+
+
+def _is_digest(value: object, allow_empty: bool = False) -> bool:
+    if not isinstance(value, str):
+        return False
+    return (allow_empty and value == "") or (len(value) == 32 and all(c in "0123456789abcdef" for c in value))
 
 
 @dataclass(frozen=True)
@@ -337,6 +351,10 @@ class TrainTask:
     # Regrowth: report the loss gradient at the largest-gradient pruned positions, this fraction of
     # each masked tensor's kept count (None: do not report).
     gradient_fraction: float | None = None
+    # Sparsified updates: the config of a registered sparsifier (fedprune.sparsify), e.g.
+    # {"sparsifier": "top_k", "fraction": 0.01}: the device sends only the positions it chooses,
+    # self-describing, and carries the rest in its error-feedback residual. None: not sparsified.
+    uplink_sparsifier: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, TrainingSettings):
@@ -351,24 +369,50 @@ _TASK_FIELDS = ("round", "attempt", "architecture_digest", "training", "uplink_p
 MAX_ATTEMPT = 2**16 - 1  # an update carries its attempt in a u16: a task must not name a larger one
 _HEX = frozenset("0123456789abcdef")
 
+#: Task header ``section_encoding``: the body is a values-only section for the mask list the task's
+#: ``mask_digest`` names, which the device already holds (absent: a self-describing section).
+VALUES_ONLY_TASK = "values-only"
 
-def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none") -> bytes:
+
+def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none", *, values_only: bool = False,
+                digest: str | None = None) -> bytes:
+    """The task frame. ``values_only``: only the kept values travel, for a device that holds the
+    task's masks (it said so in its presence); ``digest``: ``mask_digest(task.masks)``, if known."""
     if not 0 <= task.round < 2**32 or not 0 <= task.attempt <= MAX_ATTEMPT:
         raise ValueError(f"task round {task.round} / attempt {task.attempt} out of range: the update that answers "
                          f"carries the round in 32 bits and the attempt in 16 (at most {MAX_ATTEMPT})")
-    section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
+    if values_only:
+        section = encode_values_only(task.weights, task.masks, task.downlink_precision)
+    else:
+        section = encode_self_describing(task.weights, task.masks, names, task.downlink_precision)
     used, packed = compress(section, compression)
     header = {k: getattr(task, k) for k in _TASK_FIELDS}
     header["training"] = task.training.as_dict()
-    header.update(mask_digest=mask_digest(task.masks), section_compression=int(used), section_bytes=len(section))
+    if task.uplink_sparsifier is not None:  # absent otherwise: the header every earlier task had
+        header["uplink_sparsifier"] = dict(task.uplink_sparsifier)
+    header.update(mask_digest=digest or mask_digest(task.masks), section_compression=int(used),
+                  section_bytes=len(section))
+    if values_only:
+        header["section_encoding"] = VALUES_ONLY_TASK
     return pack_frame(Kind.TASK, header, packed)
+
+
+def task_mask_digest(data: bytes, max_bytes: int) -> tuple[str, bool]:
+    """The ``mask_digest`` of a task frame and whether its body is values-only (no decoding)."""
+    kind, h, _ = unpack_frame(data, max_bytes)
+    if kind != Kind.TASK:
+        raise CodecError(f"expected a task frame, got kind {kind}")
+    return str(h.get("mask_digest", "")), h.get("section_encoding") == VALUES_ONLY_TASK
 
 
 def decode_task(
     data: bytes, names: Sequence[str], shapes: Sequence[Sequence[int]], max_bytes: int,
-    limits: DecodeLimits = DEFAULT_LIMITS,
+    limits: DecodeLimits = DEFAULT_LIMITS, *, held_masks: Sequence[np.ndarray | None] | None = None,
 ) -> TrainTask:
     """Decode a task for the architecture the device holds (names and shapes must match).
+
+    ``held_masks``: the mask list the device holds, which a values-only task's values align with
+    (a values-only task for any other mask list is refused).
 
     Every header value must have its JSON type (docs/protocol.md, section 12): an integer is not
     a boolean, a number is not a string; nothing is converted from another type.
@@ -413,8 +457,21 @@ def decode_task(
         fields["device_sparsity"] = _number(fields, "device_sparsity")
         if not 0.0 <= fields["device_sparsity"] < 1.0:
             raise CodecError("task device_sparsity must be in [0, 1)")
+    sparsifier = fields["uplink_sparsifier"] = h.get("uplink_sparsifier")  # absent: updates are not sparsified
+    if sparsifier is not None and not (isinstance(sparsifier, dict) and isinstance(sparsifier.get("sparsifier"), str)
+                                       and all(isinstance(v, (int, float, str, bool)) for v in sparsifier.values())):
+        raise CodecError("task uplink_sparsifier must be null or an object with a string 'sparsifier' and "
+                         "scalar parameters")
     method = _check_integer(h, "section_compression", 0, len(Compression) - 1)
     raw_bytes = _check_integer(h, "section_bytes", 0, 2**63)
+    encoding = h.get("section_encoding")
+    if encoding is not None and encoding != VALUES_ONLY_TASK:
+        raise CodecError(f"task section_encoding must be {VALUES_ONLY_TASK!r} or absent, got {encoding!r}")
+    if encoding == VALUES_ONLY_TASK:
+        layout = _held_layout(h["mask_digest"], shapes, held_masks)
+        section = decompress(body, method, raw_bytes, layout.section_size(fields["downlink_precision"]))
+        weights = decode_values_only(section, shapes, held_masks, fields["downlink_precision"], layout=layout)
+        return TrainTask(weights=weights, masks=list(held_masks), **fields)
     section = decompress(body, method, raw_bytes, self_describing_bound(names, shapes))
     decoded = decode_self_describing(section, limits, expected=list(zip(names, shapes)))
     if mask_digest(decoded.masks) != h["mask_digest"]:
@@ -445,6 +502,18 @@ def _number(h: Mapping[str, Any], key: str) -> float:
 
 def _is_hex(value: Any, digits: int) -> bool:
     return isinstance(value, str) and len(value) == digits and set(value) <= _HEX
+
+
+def _held_layout(digest: object, shapes: Sequence[Sequence[int]],
+                 held_masks: Sequence[np.ndarray | None] | None) -> MaskLayout:
+    """The layout of a values-only task: the device's held masks, which must be the ones named."""
+    if held_masks is None:
+        raise CodecError(f"values-only task for masks {digest}, and this device holds no masks; it needs a "
+                         "self-describing task (its presence says which masks it holds)")
+    layout = MaskLayout.of(shapes, held_masks)
+    if layout.digest != digest:
+        raise CodecError(f"values-only task for masks {digest}, and this device holds {layout.digest}")
+    return layout
 
 
 # --- update: device -> aggregator ------------------------------------------------------------------

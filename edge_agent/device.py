@@ -28,6 +28,7 @@ from fedprune.error_feedback import ErrorFeedback
 from fedprune.converters.chunking import retained_subscriptions
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import unpack_frame
+from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.model_messages import FINAL_PRECISIONS, FinalModel, decode_final_model, decode_trainable_model
 from fedprune.converters.signing import VerifyKey, open_signed
 from fedprune.converters.text import one_line
@@ -42,6 +43,7 @@ from fedprune.converters.protocol import (
     Update,
     decode_task,
     encode_update,
+    task_mask_digest,
     valid_device_id,
 )
 from fedprune import __version__
@@ -167,6 +169,9 @@ class DeviceSession:
         # The last update sent, by its task's key: sent again when that task comes again (below).
         self._last_answer: tuple[tuple[str, int, int], Outgoing] | None = None
         self.completed_rounds: list[int] = []
+        # The masks of the last task decoded: a values-only task's values align with them.
+        self._held_masks: list[np.ndarray | None] | None = None
+        self._held_digest = ""
 
     @property
     def architecture(self) -> Architecture | None:
@@ -185,8 +190,10 @@ class DeviceSession:
 
     def presence(self, online: bool) -> Outgoing:
         """The retained presence message; ``online=False`` is also the last will."""
+        with self._lock:
+            held = self._held_digest
         body = Presence(self.device_id, online, self.num_samples if online else 0, __version__ if online else "",
-                        self.trainer, self.runtime)
+                        self.trainer, self.runtime, mask_digest=held)
         return Outgoing(self.topics.presence(self.device_id), body.encode(), retain=True)
 
     # --- messages in ---
@@ -294,12 +301,36 @@ class DeviceSession:
         """Decode the job's task (on the worker); None, logged, if it is undecodable."""
         if job.task is None:
             arch = job.architecture
+            with self._lock:
+                held = self._held_masks
             try:
-                job.task = decode_task(job.payload, arch.names, arch.shapes, self.max_message_bytes)
+                job.task = decode_task(job.payload, arch.names, arch.shapes, self.max_message_bytes, held_masks=held)
             except CodecError as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, e)
                 return None
+            self._hold(job.task, mask_digest(job.task.masks))
         return job.task
+
+    def take_decoded(self, job: TrainJob, task: TrainTask) -> TrainTask | None:
+        """``decode`` for a task already decoded from the same bytes (the simulator decodes a
+        round's task once for all its devices): a values-only one only if this device holds its
+        masks, else it goes to ``decode``, which refuses it."""
+        try:
+            digest, values_only = task_mask_digest(job.payload, self.max_message_bytes)
+        except CodecError:
+            return self.decode(job)
+        with self._lock:
+            held = self._held_digest if self._held_masks is not None else None
+        if values_only and digest != held:
+            return self.decode(job)
+        job.task = task
+        self._hold(task, digest)
+        return task
+
+    def _hold(self, task: TrainTask, digest: str) -> None:
+        """The masks of the task taken on: a values-only task's values align with them."""
+        with self._lock:
+            self._held_masks, self._held_digest = list(task.masks), digest
 
     # --- messages out ---
     def failure(self, job: TrainJob, error: str) -> Outgoing:

@@ -15,13 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from fedprune.architecture import model_from_architecture_json
 from fedprune.converters.protocol import Architecture, TrainTask
+from fedprune.edge_agent.batchnorm_stats import recalibrate_batchnorm
 from fedprune.edge_agent.device import TrainResult
 from fedprune.edge_agent.training_checks import TrainingError, check_local_data
 from fedprune.keras_setup import keras, tf
@@ -67,6 +68,7 @@ class _Compiled:
     schedules: dict[int, TaskSchedule]  # weight index of each prunable kernel -> its wrapper's schedule
     optimizer_name: str = ""
     step: Callable[..., dict] | None = None  # the traced training step (``_step_function``), once needed
+    probes: dict = field(default_factory=dict)  # BatchNormalization layer -> the sub-model giving its input
 
 
 def _reset_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> None:
@@ -98,7 +100,13 @@ class KerasTrainer:
     task of an architecture, and ``prepare`` can trace it before the first task arrives.
 
     Thread-safe: one trainer can serve many simulated devices in one process, one at a time.
+
+    After training, BatchNormalization layers get the exact moving statistics of the trained
+    weights on the local data (``batchnorm_stats``); ``recalibrate_batchnorm = False`` leaves them
+    as Keras's momentum left them (benchmarks switch it off to measure what it buys).
     """
+
+    recalibrate_batchnorm: bool = True
 
     def __init__(self) -> None:
         self._cache: dict[str, _Compiled] = {}
@@ -153,6 +161,8 @@ class KerasTrainer:
             settings = task.training
             _reset_optimizer(compiled, settings.optimizer, float(settings.learning_rate))
             logs, last_epoch_s = _fit(compiled, x, y, epochs=settings.local_epochs, batch_size=settings.batch_size)
+            if self.recalibrate_batchnorm:
+                recalibrate_batchnorm(compiled.model, np.asarray(x, np.float32), compiled.probes)
             masks = list(task.masks)
             if device_pruning:
                 for idx, (_, mask_var) in compiled.kernels.items():

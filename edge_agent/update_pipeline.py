@@ -8,8 +8,11 @@ alone, and ``DeviceSession`` runs them in order for every trained job (``default
 2. ``SendWeights``: the trained weights instead of the delta, where the task asks for them or the
    device prunes on its own;
 3. ``CompensateErrors``: error feedback: adds the carried residual before encoding, and once the
-   update has been published keeps what quantization lost (docs/protocol.md, section 15);
-4. ``Encode``: quantizes and frames the update (the payload to publish).
+   update has been published keeps what quantization (and sparsification) lost (docs/protocol.md,
+   section 15);
+4. ``Sparsify``: where the task names a sparsifier (top-k), only the positions it chooses travel,
+   in a self-describing update (``fedprune.sparsify``);
+5. ``Encode``: quantizes and frames the update (the payload to publish).
 
 A step is a callable that changes the ``OutgoingUpdate`` it is given; one that must act after the
 update has left (error feedback) appends a callback to ``outgoing.after_sent``. To add one (top-k
@@ -20,15 +23,20 @@ into the next round, before ``Encode`` in any case.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedprune.clipping import clip_to_norm
-from fedprune.converters.protocol import Architecture, TrainTask, Update, decode_update, encode_update
+from fedprune.converters.protocol import Architecture, Encoding, TrainTask, Update, decode_update, encode_update
 from fedprune.converters.quantize import precision_named
 from fedprune.error_feedback import ErrorFeedback
+from fedprune.pruning.masks import apply_masks
+from fedprune.sparsify import sparsifier_from_config
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ClipToNorm",
@@ -36,6 +44,7 @@ __all__ = [
     "Encode",
     "OutgoingUpdate",
     "SendWeights",
+    "Sparsify",
     "UpdateStep",
     "default_steps",
     "run_steps",
@@ -109,7 +118,7 @@ class CompensateErrors:
 
     def __call__(self, outgoing: OutgoingUpdate) -> None:
         task, update = outgoing.task, outgoing.update
-        lossy = not precision_named(update.precision).exact
+        lossy = not precision_named(update.precision).exact or task.uplink_sparsifier is not None
         if not (task.error_feedback and lossy and update.content == "delta"):
             return
         compensated = self.error_feedback.compensate(update.tensors, outgoing.masks)
@@ -120,6 +129,29 @@ class CompensateErrors:
         arch = outgoing.architecture
         decoded = decode_update(payload, arch.shapes, outgoing.masks, len(payload), names=arch.names)
         self.error_feedback.record(compensated, decoded.tensors)
+
+
+@dataclass(frozen=True)
+class Sparsify:
+    """Sparsified updates: where the task names a sparsifier, each tensor's delta keeps only the
+    positions it chooses (within the task's mask), and the update goes self-describing with those
+    positions as its masks. After ``CompensateErrors``, so what is left out is carried into the
+    next round. An unknown sparsifier (a newer aggregator's) leaves the update dense, which is
+    always valid, and says so."""
+
+    def __call__(self, outgoing: OutgoingUpdate) -> None:
+        task, update = outgoing.task, outgoing.update
+        if task.uplink_sparsifier is None or update.content != "delta" or task.device_sparsity is not None:
+            return
+        try:
+            sparsifier = sparsifier_from_config(task.uplink_sparsifier)
+        except ValueError as e:
+            log.warning("the task's uplink_sparsifier cannot be used (%s); the update is sent dense", e)
+            return
+        masks = [sparsifier.select(t, m) for t, m in zip(update.tensors, outgoing.masks)]
+        update.tensors = apply_masks(update.tensors, masks)
+        update.encoding = Encoding.SELF_DESCRIBING
+        outgoing.masks = masks
 
 
 @dataclass(frozen=True)
@@ -135,5 +167,6 @@ class Encode:
 
 
 def default_steps(error_feedback: ErrorFeedback, rng: np.random.Generator) -> list[UpdateStep]:
-    """Clip, send weights where asked, compensate errors, encode: every device's pipeline."""
-    return [ClipToNorm(), SendWeights(), CompensateErrors(error_feedback), Encode(rng)]
+    """Clip, send weights where asked, compensate errors, sparsify where asked, encode: every
+    device's pipeline."""
+    return [ClipToNorm(), SendWeights(), CompensateErrors(error_feedback), Sparsify(), Encode(rng)]

@@ -42,6 +42,35 @@ def digits_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     )
 
 
+def digits_bn_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The digits CNN with a BatchNormalization after each hidden layer, at Keras's defaults
+    (momentum 0.99), as most edge models (MobileNet-style) have it: the model that showed the
+    moving statistics going wrong under federated averaging (docs/pruning.md, BatchNorm)."""
+    return _digits_bn(input_shape, num_classes, momentum=0.99, name="digits_bn_cnn")
+
+
+def _digits_bn(input_shape: tuple[int, ...], num_classes: int, momentum: float, name: str) -> keras.Model:
+    L = keras.layers
+    return keras.Sequential(
+        [
+            L.Input(shape=input_shape),
+            L.Conv2D(32, 3, padding="same", use_bias=False, name="conv1"),
+            L.BatchNormalization(momentum=momentum, name="bn1"),
+            L.ReLU(name="relu1"),
+            L.Conv2D(64, 3, padding="same", use_bias=False, name="conv2"),
+            L.BatchNormalization(momentum=momentum, name="bn2"),
+            L.ReLU(name="relu2"),
+            L.MaxPooling2D(2, name="pool"),
+            L.Flatten(name="flatten"),
+            L.Dense(128, use_bias=False, name="dense1"),
+            L.BatchNormalization(momentum=momentum, name="bn3"),
+            L.ReLU(name="relu3"),
+            L.Dense(num_classes, name="logits"),
+        ],
+        name=name,
+    )
+
+
 def mnist1d_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
     """A 1-D CNN for MNIST-1D sequences (40 x 1), about 420k parameters.
 

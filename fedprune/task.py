@@ -282,8 +282,26 @@ class TransportSection:
     max_device_bytes_per_round: int = 0
     # Update messages waiting for the round loop, all devices together; beyond, new ones are dropped.
     max_inbox_bytes: int = 256_000_000
+    # Sparsified updates (fedprune.sparsify.SPARSIFIERS): "none", or e.g. "top_k" with
+    # [transport.sparsifier_params] fraction = 0.01: each device sends that share of each kernel's delta
+    sparsifier: str = "none"
+    sparsifier_params: dict = field(default_factory=dict)
+
+    def sparsifier_config(self) -> dict | None:
+        """The config the tasks carry to the devices (None: updates are not sparsified)."""
+        return None if self.sparsifier == "none" else {"sparsifier": self.sparsifier, **self.sparsifier_params}
 
     def check(self) -> None:
+        if self.sparsifier_config() is not None:
+            from fedprune.sparsify import sparsifier_from_config
+
+            try:
+                sparsifier_from_config(self.sparsifier_config())
+            except ValueError as e:
+                raise TaskError(f"transport.sparsifier: {e} ([transport.sparsifier_params] holds its parameters)") \
+                    from None
+            if self.update != "delta":
+                raise TaskError("transport.sparsifier sparsifies deltas: it needs transport.update = \"delta\"")
         for key in ("uplink_precision", "downlink_precision"):
             if getattr(self, key) not in PRECISION_NAMES:
                 raise TaskError(f"transport.{key} must be one of {list(PRECISION_NAMES)}, got {getattr(self, key)!r}")

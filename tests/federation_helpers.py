@@ -90,10 +90,13 @@ def wire_updates(spy: Spy) -> list[tuple[bytes, object, object]]:
 
     arch = Architecture.decode(content(spy.on("/model/architecture")[0][1]))
     tasks = {}
+    held: dict[str, list] = {}  # device -> the masks of its last task: what a values-only task carries values for
     for topic, payload in spy.on("/task"):
         if payload:
-            t = decode_task(content(payload), arch.names, arch.shapes, 10**8)
-            tasks[(topic.split("/")[-2], t.round, t.attempt)] = t
+            device = topic.split("/")[-2]
+            t = decode_task(content(payload), arch.names, arch.shapes, 10**8, held_masks=held.get(device))
+            tasks[(device, t.round, t.attempt)] = t
+            held[device] = t.masks
     out = []
     for topic, payload in spy.on("/update"):
         header, _ = peek_update(payload, 10**8)

@@ -13,6 +13,7 @@ from fedprune.edge_agent.update_pipeline import (
     Encode,
     OutgoingUpdate,
     SendWeights,
+    Sparsify,
     default_steps,
     run_steps,
 )
@@ -99,7 +100,8 @@ def test_encode_frames_the_update_at_the_task_precision():
 def test_default_steps_clip_before_weights_and_errors_then_encode():
     feedback = ErrorFeedback()
     steps = default_steps(feedback, np.random.default_rng(0))
-    assert [type(s) for s in steps] == [ClipToNorm, SendWeights, CompensateErrors, Encode]
+    # Sparsify after error feedback: what it leaves out is carried (tests/test_sparsify.py).
+    assert [type(s) for s in steps] == [ClipToNorm, SendWeights, CompensateErrors, Sparsify, Encode]
     o = outgoing("float32", clip_norm=0.5, update_content="weights")
     got = decode_update(run_steps(steps, o), SHAPES, o.masks, len(o.payload), names=NAMES)
     clipped = [d * (0.5 / global_norm(DELTA)) for d in DELTA]

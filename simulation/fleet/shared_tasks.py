@@ -50,8 +50,9 @@ class SharedTasks:
             if entry is not None and entry[0] == payload:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                job.task = entry[1]
-                return entry[1]
+                cached = entry[1]
+        if entry is not None and entry[0] == payload:  # the session takes it (its masks, or a refusal)
+            return session.take_decoded(job, cached)
         task = session.decode(job)
         if task is None:
             return None

@@ -1,0 +1,124 @@
+"""BatchNormalization under federated averaging (issue 19): the statistics a device reports are
+those of the weights it trained, and the exported TFLite model has the normalization folded into
+its kernels.
+
+Real TensorFlow, no broker (the federation itself: scripts/bench_batchnorm.py, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedprune.converters.protocol import TrainTask
+from fedprune.edge_agent.batchnorm_stats import recalibrate_batchnorm
+from fedprune.edge_agent.trainer import KerasTrainer
+from fedprune.keras_setup import keras
+from fedprune.models import architecture_of, digits_bn_cnn, get_layer_weights, set_layer_weights, weight_names
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+    order = np.random.default_rng(0).permutation(len(x))
+    return x[order], y[order].astype(np.int64)
+
+
+def _task(model, **training) -> TrainTask:
+    return TrainTask(round=1, attempt=1, architecture_digest=architecture_of(model).digest,
+                     weights=get_layer_weights(model), masks=[None] * len(model.weights), deadline_s=60,
+                     uplink_precision="float32",
+                     training={"local_epochs": 1, "batch_size": 32, "learning_rate": 0.002, "optimizer": "adam",
+                               **training})
+
+
+def _accuracy(model, x, y) -> float:
+    return float(np.mean(np.argmax(np.asarray(model(x, training=False)), axis=1) == y))
+
+
+def _exact_statistics(model, layer_name, x):
+    """Mean and biased variance per channel of the named layer's input, the model in inference mode."""
+    layer = model.get_layer(layer_name)
+    out = np.asarray(keras.Model(model.inputs, layer.input)(x, training=False), np.float64)
+    axes = tuple(range(out.ndim - 1))
+    return out.mean(axis=axes), out.var(axis=axes)
+
+
+def test_device_reports_the_statistics_of_the_weights_it_trained(digits):
+    """15 local steps at Keras's default momentum (0.99) move the moving statistics 14 % of the
+    way: as Keras leaves them they are wrong for the trained weights (the model scores far below
+    what the same weights score), and the device reports the exact ones instead."""
+    x, y = digits
+    x_dev, y_dev, x_test, y_test = x[:480], y[:480], x[-360:], y[-360:]
+    keras.utils.set_random_seed(0)
+    model = digits_bn_cnn((8, 8, 1), 10)
+    arch, task = architecture_of(model), _task(model)
+
+    lagging = KerasTrainer()
+    lagging.recalibrate_batchnorm = False
+    keras.utils.set_random_seed(1)
+    stale = lagging.train(arch, task, x_dev, y_dev)
+    keras.utils.set_random_seed(1)
+    fixed = KerasTrainer().train(arch, task, x_dev, y_dev)
+
+    trained_stale = digits_bn_cnn((8, 8, 1), 10)
+    set_layer_weights(trained_stale, [w + d for w, d in zip(task.weights, stale.delta)])
+    trained = digits_bn_cnn((8, 8, 1), 10)
+    set_layer_weights(trained, [w + d for w, d in zip(task.weights, fixed.delta)])
+    names = weight_names(trained)
+    # Same seed, same steps: the trainable weights agree; only the statistics differ.
+    for name, a, b in zip(names, stale.delta, fixed.delta):
+        if "moving_" not in name:
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+    for bn in ("bn1", "bn2", "bn3"):
+        mean, var = _exact_statistics(trained, bn, x_dev)
+        layer = trained.get_layer(bn)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-3, atol=1e-6)
+        stale_var = trained_stale.get_layer(bn).moving_variance.numpy()
+        assert np.median(np.abs(np.log(stale_var / np.maximum(var, 1e-12)))) > np.log(1.5), bn  # far off before
+    assert _accuracy(trained, x_test, y_test) >= _accuracy(trained_stale, x_test, y_test) + 0.15  # 0.96 vs 0.68, seen
+    assert _accuracy(trained, x_test, y_test) >= 0.85
+
+
+def test_recalibration_measures_layer_after_layer(digits):
+    """A later layer's statistics are measured with the earlier layers' new statistics in place."""
+    x, _ = digits
+    keras.utils.set_random_seed(2)
+    model = digits_bn_cnn((8, 8, 1), 10)
+    assert recalibrate_batchnorm(model, x[:300]) == 3
+    for bn in ("bn1", "bn2", "bn3"):  # measured after the fact, with every statistic in place: unchanged
+        mean, var = _exact_statistics(model, bn, x[:300])
+        np.testing.assert_allclose(model.get_layer(bn).moving_mean.numpy(), mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(model.get_layer(bn).moving_variance.numpy(), var, rtol=1e-3, atol=1e-6)
+
+
+def test_exported_tflite_folds_batchnorm_into_the_kernels(digits, tmp_path):
+    """The converter folds each BatchNormalization (its statistics, scale and shift) into the
+    preceding kernel: no multiply or add op is left, the pruned zeros stay stored sparse, and the
+    file gives the Keras model's outputs."""
+    from fedprune.converters.tflite_export import export_sparse_tflite, open_interpreter, predict_tflite
+
+    x, y = digits
+    keras.utils.set_random_seed(3)
+    model = digits_bn_cnn((8, 8, 1), 10)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:1000], y[:1000], epochs=2, batch_size=32, verbose=0)
+    weights = get_layer_weights(model)
+    for i, name in enumerate(weight_names(model)):  # prune 80 % of conv2 and dense1 by magnitude
+        if name in ("conv2/kernel", "dense1/kernel"):
+            weights[i] = np.where(np.abs(weights[i]) > np.quantile(np.abs(weights[i]), 0.8), weights[i], 0.0)
+    set_layer_weights(model, weights)
+    recalibrate_batchnorm(model, x[:1000])
+    result = export_sparse_tflite(model, tmp_path / "bn.tflite", eval_x=x[-300:], eval_y=y[-300:])
+    interpreter, _ = open_interpreter(result.path)
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert not ops & {"MUL", "ADD", "SUB", "RSQRT", "SQUARED_DIFFERENCE", "MEAN"}, ops
+    assert {"CONV_2D", "FULLY_CONNECTED"} <= ops
+    expected = np.asarray(model(x[-300:], training=False))
+    np.testing.assert_allclose(predict_tflite(interpreter, x[-300:]), expected, rtol=1e-3, atol=1e-3)
+    assert result.accuracy == pytest.approx(_accuracy(model, x[-300:], y[-300:]), abs=0.01)
+    assert result.size_bytes < 0.5 * sum(w.size for w in weights) * 4  # the folded kernels stayed sparse
