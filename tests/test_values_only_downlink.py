@@ -138,6 +138,7 @@ def test_a_federation_sends_the_masks_only_when_they_changed(embedded_broker_url
     from fedprune.simulation.cli import run_simulation
 
     from federation_helpers import Spy, small_task
+    from signing_helpers import content
 
     task = small_task(federation={"rounds": 4, "devices_per_round": 3, "min_devices": 3},
                       pruning={"final_sparsity": 0.9, "begin_round": 1, "end_round": 1, "frequency": 1},
@@ -151,7 +152,7 @@ def test_a_federation_sends_the_masks_only_when_they_changed(embedded_broker_url
     kinds: dict[int, set[bool]] = {}
     for _, payload in spy.on("/task"):
         if payload:
-            _, header, _ = unpack_frame(payload, 10**8)
+            _, header, _ = unpack_frame(content(payload), 10**8)  # the task inside its signed envelope
             kinds.setdefault(header["round"], set()).add(header.get("section_encoding") == "values-only")
     assert kinds == {1: {False}, 2: {False}, 3: {True}, 4: {True}}
     down = {r.round: r.bytes_down for r in result.rounds}
