@@ -77,8 +77,8 @@ def test_aggregator_and_agents_as_processes_with_ctrl_c_kill_9_and_resume(mosqui
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV))
     run_dir = tmp_path / "run"
     aggregator_cmd = command("fedprune-aggregator", "fedprune.aggregator.cli") + [
-        "--task", str(task_file), "--broker", mosquitto_url, "--run-dir", str(run_dir),
-        "--signing-key", str(tmp_path / "aggregator.key")]
+        "--task", str(task_file), "--broker", mosquitto_url, "--signing-key", str(tmp_path / "aggregator.key"),
+        "--run-dir", str(run_dir)]
     try:
         agg = subprocess.Popen(aggregator_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
         first = read_until(agg, "round   1", 240)

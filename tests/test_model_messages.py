@@ -22,7 +22,7 @@ from fedprune.converters.model_messages import (
     encode_final_model,
     encode_trainable_model,
 )
-from fedprune.converters.protocol import Kind, Presence
+from fedprune.converters.protocol import PROTOCOL_VERSION, Kind, Presence
 from fedprune.transport import MqttSession
 
 DIGEST = "0123456789abcdef" * 2
@@ -89,8 +89,8 @@ def test_mutated_model_messages_decode_or_raise_codec_error():
 def test_presence_says_what_the_device_trains_with_and_old_presences_still_decode():
     p = Presence("pi-07", True, 412, "0.1.0", "litert", "ai-edge-litert 2.3.0")
     assert Presence.decode(p.encode()) == p
-    old = json.dumps({"v": 1, "type": "presence", "device_id": "pi-07", "online": True, "num_samples": 4,
-                      "agent_version": "0.1.0"}).encode()
+    old = json.dumps({"v": PROTOCOL_VERSION, "type": "presence", "device_id": "pi-07", "online": True,
+                      "num_samples": 4, "agent_version": "0.1.0"}).encode()  # from an agent before the field
     assert Presence.decode(old).trainer == "keras"  # agents before the field trained with Keras only
     for bad in ({"trainer": "pytorch"}, {"trainer": 1}, {"runtime": 5}, {"runtime": "x" * 201}):
         with pytest.raises(CodecError, match="presence"):
