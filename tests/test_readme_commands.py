@@ -263,6 +263,8 @@ def test_secured_fleet_as_shown(tmp_path):
     _set(work / "task.toml", {"rounds": "1", "devices_per_round": "2", "min_devices": "2", "end_round": "1",
                               "begin_round": "1"})
     _write_shards(work, ["pi-01", "pi-02"])
+    for name in ("pi-01", "pi-02"):  # "copied to the device": each device's folder beside its data
+        shutil.copytree(work / "broker" / "devices" / name, work / name, dirs_exist_ok=True)
     procs = [_start(mosquitto, work, tmp_path / "mosquitto.log")]  # _env() has /usr/sbin on PATH
     try:
         time.sleep(1)
