@@ -207,12 +207,14 @@ sys.exit(rc)
 def _predict(prefix: list[str], work: Path) -> dict:
     start = time.monotonic()
     proc = subprocess.run([*prefix, sys.executable, "-c", _PREDICT, "predict", "--state-dir", str(work / "state"),
-                           "--input", str(work / "test.npy")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           "--input", str(work / "test.npy"), "--json", "--output", str(work / "probabilities.npy")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"fedprune-agent predict failed: {proc.stderr}")
     lines = proc.stdout.strip().splitlines()
     result, process = json.loads(lines[-2]), json.loads(lines[-1])
-    return {"runtime": f"{result['runtime']} ({result['delegates']})", "classes": result["classes"],
+    classes = np.load(work / "probabilities.npy").argmax(axis=1).tolist()
+    return {"runtime": f"{result['runtime']} ({result['delegates']})", "classes": classes,
             "process_peak_rss_mb": round(process["peak_rss_mb"], 1), "tensorflow_loaded": process["tensorflow_loaded"],
             "process_wall_s": round(time.monotonic() - start, 2)}
 
