@@ -165,6 +165,10 @@ class PruningSection:
     rule: str = "magnitude"  # or any registered rule (fedprune.pruning.rules)
     rule_params: dict = field(default_factory=dict)  # [pruning.rule_params]: a plug-in rule's parameters
     scope: Literal["layer", "global"] = "layer"
+    # With scope = "global": each layer keeps at least this share of the overall density (0.5: at
+    # 95 % sparsity no layer keeps under 2.5 % of its weights); 0 ranks by magnitude alone, which can
+    # empty a layer of small weights (fedprune.pruning.masks.global_magnitude_masks).
+    global_floor: float = 0.5
     threshold: float = 0.0
     rate: float = 0.0
     scale: float = 1.0
@@ -208,6 +212,12 @@ class PruningSection:
         if self.scope == "global" and (self.rule != "magnitude" or self.layers):
             raise TaskError("pruning.scope = 'global' ranks all layers by magnitude: use rule = 'magnitude' "
                             "and no [pruning.layers] tables")
+        if not 0.0 <= self.global_floor <= 1.0:
+            raise TaskError(f"pruning.global_floor must be in [0, 1] (a share of the overall density), "
+                            f"got {self.global_floor}")
+        if self.global_floor != 0.5 and self.scope != "global":
+            raise TaskError("pruning.global_floor applies to scope = 'global' only: set scope = 'global' "
+                            "or remove global_floor")
         if self.mask_owner == "device" and (self.schedule != "polynomial" or self.rule != "magnitude"):
             raise TaskError("pruning.mask_owner = 'device' prunes with tfmot by magnitude on a polynomial "
                             "schedule: use schedule = 'polynomial' and rule = 'magnitude'")
