@@ -127,6 +127,10 @@ class PrivateMosquitto:
 
     def config_text(self) -> str:
         lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
+                 # No cap on connections (ten thousand simulated devices; the default, said here so it
+                 # stays): what bounds them is the open-files limit it inherits from the simulator,
+                 # which raises it (simulation.processes.raise_open_files_limit).
+                 "max_connections -1",
                  "max_queued_messages 10000", "max_inflight_messages 20", "sys_interval 0",
                  f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type error", "log_type warning"]
         if os.geteuid() == 0:  # as root it would switch to the `mosquitto` user, who cannot write the log here
