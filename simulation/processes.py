@@ -75,12 +75,17 @@ def raise_open_files_limit(needed: int) -> int:
 
 def merge_counters(counters: list[dict]) -> dict:
     """The fleet counters of several device processes (each ``Fleet.stats()``) as one: numbers
-    summed, and each process's own under ``"processes"``."""
+    summed, tables of numbers (``train_s_by_round``) summed key by key, and each process's own
+    under ``"processes"``."""
     merged: dict = {}
     for c in counters:
         for name, value in c.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 merged[name] = merged.get(name, 0) + value
+            elif isinstance(value, dict):
+                table = merged.setdefault(name, {})
+                for key, number in value.items():
+                    table[key] = table.get(key, 0) + number
     merged["processes"] = counters
     return merged
 

@@ -76,11 +76,14 @@ def test_ranges_cover_the_fleet_in_order_without_overlap():
 
 
 def test_counters_of_the_processes_are_summed_and_kept():
-    a = {"devices": 20, "online": 20, "updates_sent": 40, "send_errors": 0, "link_delay_s": 1.5, "peak_rss_kb": 10}
-    b = {"devices": 20, "online": 19, "updates_sent": 38, "send_errors": 1, "link_delay_s": 0.5, "peak_rss_kb": 12}
+    a = {"devices": 20, "online": 20, "updates_sent": 40, "send_errors": 0, "link_delay_s": 1.5, "peak_rss_kb": 10,
+         "train_s_by_round": {"1": 1.0, "2": 2.0}}
+    b = {"devices": 20, "online": 19, "updates_sent": 38, "send_errors": 1, "link_delay_s": 0.5, "peak_rss_kb": 12,
+         "train_s_by_round": {"2": 0.5, "3": 1.0}}
     merged = merge_counters([a, b])
     assert {k: merged[k] for k in a} == {"devices": 40, "online": 39, "updates_sent": 78, "send_errors": 1,
-                                         "link_delay_s": 2.0, "peak_rss_kb": 22}
+                                         "link_delay_s": 2.0, "peak_rss_kb": 22,
+                                         "train_s_by_round": {"1": 1.0, "2": 2.5, "3": 1.0}}
     assert merged["processes"] == [a, b]
 
 
@@ -124,6 +127,7 @@ def test_two_device_processes_and_the_aggregator_account_for_every_update(tmp_pa
     fleet = json.loads((run / "fleet.json").read_text())
     assert (fleet["devices"], fleet["online"], fleet["updates_sent"], fleet["send_errors"]) == (40, 40, 40, 0)
     assert [p["devices"] for p in fleet["processes"]] == [20, 20] and fleet["peak_rss_kb"] > 0
+    assert set(fleet["train_s_by_round"]) == {"1", "2"} and 0 < fleet["train_s"] < sum(r["wall_s"] for r in rounds) * 2
     assert "running devices 0-19 of 40" in (run / "devices-0.log").read_text()
     assert "devices in 2 processes" in (run / "report.md").read_text()
     print(f"two processes, 40 devices, 2 rounds: {time.monotonic() - started:.1f} s")
@@ -163,3 +167,19 @@ def _child_pid(parent: int, needle: str, missing_ok: bool = False) -> int | None
     if missing_ok:
         return None
     raise AssertionError(f"no child of {parent} runs {needle!r}")
+
+
+def test_tensorflow_is_seeded_per_task_only_for_models_with_random_layers():
+    # tf.random.set_seed clears TensorFlow's kernel cache: 0.1 s per traced call after it.
+    from tensorflow.python.eager import context
+
+    from fedprune.edge_agent.trainer import _seed_task
+    from fedprune.keras_setup import keras
+
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    noisy = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    keras.utils.set_random_seed(1)
+    _seed_task(plain, 7)
+    assert context.global_seed() == 1 and np.random.get_state()[1][0] == np.random.RandomState(7).get_state()[1][0]
+    _seed_task(noisy, 7)
+    assert context.global_seed() == 7
