@@ -357,7 +357,8 @@ def partition(
     if n < num_devices * min_samples:
         raise DataError(
             f"{n} samples cannot give {num_devices} devices {min_samples} samples each; "
-            "use fewer devices or more data"
+            "use fewer devices or more data (or, for a scale test of the simulator only, "
+            "partition = \"iid_with_replacement\": devices then share samples)"
         )
     rng = np.random.default_rng(seed)
     if method == "iid":
