@@ -323,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     processes = None
     with ExitStack() as stack:
         try:
-            if choice.kind != "url":  # one descriptor per device connection, in the broker and the devices
-                from fedprune.simulation.processes import BASE_OPEN_FILES, raise_open_files_limit
+            from fedprune.simulation.processes import BASE_OPEN_FILES, raise_open_files_limit
 
-                raise_open_files_limit(args.devices + BASE_OPEN_FILES)
+            # One descriptor per device connection: in a broker started here (all of them), and in
+            # the devices' processes (this one's, or the children's, which inherit the limit).
+            here = 0 if ranges is not None else (len(device_ids) if device_ids else args.devices)
+            raise_open_files_limit(BASE_OPEN_FILES + (here if choice.kind == "url" else args.devices))
             broker = _start_broker(stack, choice.url if choice.kind == "url" else choice.kind)
         except (RuntimeError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ A-B --no-aggregator``) against the same broker, trusting the run's aggregator ke
 the aggregator. This module starts those children, watches them, stops them, and merges the
 counters each prints as its last line.
 
-A child that ends before the aggregator's run does (a crash, killed for memory) stops the
+A child that fails before the aggregator's run ends (a crash, killed for memory) stops the
 simulation: the watcher records which child and where its log is, and interrupts the parent's main
 thread (a SIGINT to itself, as Ctrl-C would), which reports it (``DeviceProcesses.failure``).
 """
@@ -165,7 +165,9 @@ class DeviceProcesses:
         while not self._finishing.is_set():
             for k, proc in enumerate(self.procs):
                 code = proc.poll()
-                if code is not None and not self._finishing.is_set():
+                # Status 0: the child saw the aggregator announce the run's end (it may exit before
+                # the parent's run returns); anything else ends the run.
+                if code is not None and code != 0 and not self._finishing.is_set():
                     self.failure = ChildFailure(k, self.ranges[k], code, self.log_path(k))
                     log.error("%s", self.failure.message())
                     # A real signal, not _thread.interrupt_main(): it also wakes a main thread
