@@ -187,6 +187,21 @@ def _device_processes(args: argparse.Namespace, task: Task, ranges: list[range],
     return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment())
 
 
+def _stop_on_sigterm(stack: ExitStack) -> None:
+    """Until ``stack`` closes, ``kill`` (SIGTERM) stops the run as Ctrl-C does: the device
+    processes and the broker stopped first, not left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, terminated))
+
+
 def _merged_counters(counters: list[dict], run_dir: Path) -> dict:
     """The device processes' counters as one, written to ``fleet.json`` as a one-process run's."""
     from fedprune.simulation.processes import merge_counters
@@ -335,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(_broker_line(choice, broker), flush=True)
         if ranges is not None:
+            _stop_on_sigterm(stack)
             processes = stack.enter_context(_device_processes(args, task, ranges, run_dir, broker))
             device_ids = range(0)  # the aggregator only, here
         callbacks: dict = {"on_round": print_round}

@@ -24,9 +24,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedprune.simulation.processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +148,9 @@ class PrivateMosquitto:
             with open(self.workdir / "mosquitto.out", "ab") as out:
                 self._proc = subprocess.Popen([self.executable, "-c", str(conf)], stdin=subprocess.DEVNULL,
                                               stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                              start_new_session=True)  # Ctrl-C goes to the simulator
+                                              start_new_session=True,  # Ctrl-C goes to the simulator
+                                              # and it ends with the simulator, even one killed outright
+                                              preexec_fn=exit_with_parent if sys.platform == "linux" else None)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self._proc.poll() is None and not _port_open(self.host, self.port):
                 time.sleep(0.02)

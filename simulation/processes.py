@@ -115,15 +115,23 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return ("\n  " + "\n  ".join(tail)) if tail else ""
 
 
-def _exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the child gets SIGTERM if the parent dies (even by SIGKILL), so no orphaned devices
-    keep waiting for an aggregator that is gone."""
+    (or broker) keep running for an aggregator that is gone."""
     try:
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _device_process_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """A device process ends with the parent, and takes SIGINT as Ctrl-C (a simulator started in
+    the background or under nohup ignores SIGINT, and a child would inherit that: the parent's
+    clean stop would then wait for the SIGKILL)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    exit_with_parent()
 
 
 class DeviceProcesses:
@@ -154,7 +162,7 @@ class DeviceProcesses:
                     [*self.base_command, "--device-ids", f"{ids.start}-{ids.stop - 1}"],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=self.env,
                     # Ctrl-C reaches the parent only: it stops the children in order and says so.
-                    start_new_session=True, preexec_fn=_exit_with_parent if sys.platform == "linux" else None))
+                    start_new_session=True, preexec_fn=_device_process_setup if sys.platform == "linux" else None))
             log.info("device process %d (pid %d): devices %d-%d, log %s", k, self.procs[-1].pid, ids.start,
                      ids.stop - 1, self.log_path(k))
         self._watcher = threading.Thread(target=self._watch, name="device-processes", daemon=True)
