@@ -80,7 +80,7 @@ def _seed_task(model: keras.Model, seed: int) -> None:
     TensorFlow's global seed only for a model whose training step draws random numbers.
 
     ``tf.random.set_seed`` also clears TensorFlow's kernel cache, so the traced training step is
-    instantiated again at its next call: 0.1 s per call, 0.19 s instead of 0.005 s for a digits
+    instantiated again at its next call: 0.1 s per call, 0.19 s instead of 0.016 s for a digits CNN
     task on a shared trainer (measured for issue 17), which made a simulated round's "training"
     mostly TensorFlow set-up. A model without random layers trains the same either way.
     """
