@@ -156,15 +156,18 @@ def _broker_line(choice, url: str) -> str:
 
 
 def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str, aggregator_key: VerifyKey,
-                connect_timeout_s: float = 600.0, timeout_s: float | None = None) -> dict:
+                connect_timeout_s: float = 600.0, timeout_s: float | None = None,
+                on_connected: Callable[[int], None] | None = None) -> dict:
     """Run devices ``device_ids`` of the fleet (no aggregator), trusting ``aggregator_key``, until
     the aggregator announces the end of its run, ``timeout_s`` passes, or Ctrl-C; returns the
-    fleet's counters."""
+    fleet's counters. ``on_connected(n)``: once the ``n`` devices online by their profiles are."""
     fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator_key)
     try:
         fleet.start(connect_timeout_s)
         log.info("%d devices (%s) connected to %s; waiting for the aggregator's rounds",
                  fleet.online_count, device_ids, broker_url)
+        if on_connected is not None:
+            on_connected(fleet.online_count)
         fleet.wait_finished(timeout_s)
     finally:
         fleet.stop()
@@ -175,7 +178,7 @@ def _device_processes(args: argparse.Namespace, task: Task, ranges: list[range],
     """The (not yet started) device processes of ``--processes``: each ``--no-aggregator`` on
     ``broker_url``, trusting the run's key (made now in ``run_dir`` if it is new)."""
     from fedprune.aggregator.channel import run_signing_key
-    from fedprune.simulation.processes import DeviceProcesses, child_environment, device_command
+    from fedprune.simulation.processes import CONNECTED_MARKER, DeviceProcesses, child_environment, device_command
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     key = run_signing_key(Path(run_dir))
@@ -184,7 +187,11 @@ def _device_processes(args: argparse.Namespace, task: Task, ranges: list[range],
     print(f"{args.devices} devices in {len(ranges)} processes ("
           + ", ".join(f"{r.start}-{r.stop - 1}" for r in ranges) + f"); their logs: {run_dir}/devices-<k>.log",
           flush=True)
-    return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment())
+    def connected(index: int, line: str, ready: int) -> None:
+        print(f"device process {index}: {line.removeprefix(CONNECTED_MARKER).strip()} ({ready} of {len(ranges)} "
+              "processes ready)", flush=True)
+
+    return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment(), on_connected=connected)
 
 
 def _stop_on_sigterm(stack: ExitStack) -> None:
@@ -311,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             key = parse_aggregator_key(args.aggregator_key)
         except KeyFileError as e:
             parser.error(f"--aggregator-key: {e}")
-        from fedprune.simulation.processes import BASE_OPEN_FILES, raise_open_files_limit
+        from fedprune.simulation.processes import BASE_OPEN_FILES, CONNECTED_MARKER, raise_open_files_limit
+
+        def connected(n: int) -> None:  # the line --processes waits for in this process's log
+            print(f"{CONNECTED_MARKER} {n:,} of devices {ids.start}-{ids.stop - 1} online; waiting for the "
+                  "aggregator's rounds", flush=True)
 
         try:
             raise_open_files_limit(len(ids) + BASE_OPEN_FILES)  # one descriptor per device connection
-            stats = run_devices(task, args.devices, ids, args.broker, key)
+            stats = run_devices(task, args.devices, ids, args.broker, key, on_connected=connected)
         except KeyboardInterrupt:
             return 130
         except (ConnectionError, ValueError, RuntimeError) as e:

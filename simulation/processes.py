@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ __all__ = ["ChildFailure", "DeviceProcesses", "merge_counters", "raise_open_file
 
 #: file descriptors a process needs beside its MQTT connections (TensorFlow's libraries, logs, pipes)
 BASE_OPEN_FILES = 1024
+#: how a ``--no-aggregator`` process's line saying its devices are connected begins
+CONNECTED_MARKER = "connected:"
 #: the fewest devices per process worth a TensorFlow runtime (about 700 MB) of its own
 MIN_DEVICES_PER_PROCESS = 1
 
@@ -143,9 +146,15 @@ class DeviceProcesses:
     """
 
     def __init__(self, base_command: list[str], ranges: list[range], log_dir: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 on_connected: Callable[[int, str, int], None] | None = None) -> None:
+        """``on_connected(index, line, ready)``: child ``index`` printed ``line`` (its devices are
+        connected); ``ready`` children have so far. Called from the watching thread."""
         self.base_command, self.ranges, self.log_dir = base_command, ranges, Path(log_dir)
         self.env = env
+        self.on_connected = on_connected
+        self.connected: set[int] = set()  # children whose devices are all connected
+        self._log_offsets: dict[int, int] = {}
         self.procs: list[subprocess.Popen] = []
         self.failure: ChildFailure | None = None
         self._finishing = threading.Event()  # the run is over: children ending now is expected
@@ -172,6 +181,8 @@ class DeviceProcesses:
     def _watch(self) -> None:
         while not self._finishing.is_set():
             for k, proc in enumerate(self.procs):
+                if k not in self.connected:
+                    self._look_for_connected(k)
                 code = proc.poll()
                 # Status 0: the child saw the aggregator announce the run's end (it may exit before
                 # the parent's run returns); anything else ends the run.
@@ -183,6 +194,24 @@ class DeviceProcesses:
                     os.kill(os.getpid(), signal.SIGINT)
                     return
             time.sleep(0.2)
+
+    def _look_for_connected(self, index: int) -> None:
+        """Read what child ``index`` wrote since the last look (only until its devices are
+        connected: its log may grow long) for the line that says so."""
+        try:
+            with open(self.log_path(index), "rb") as f:
+                f.seek(self._log_offsets.get(index, 0))
+                text = f.read()
+        except OSError:
+            return
+        whole = text[:text.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._log_offsets[index] = self._log_offsets.get(index, 0) + len(whole)
+        for line in whole.decode(errors="replace").splitlines():
+            if line.startswith(CONNECTED_MARKER):
+                self.connected.add(index)
+                if self.on_connected is not None:
+                    self.on_connected(index, line, len(self.connected))
+                return
 
     def finish(self, timeout_s: float = 120.0) -> list[dict]:
         """After the aggregator's run: wait for every child to see its end and exit; their

@@ -120,6 +120,7 @@ def test_two_device_processes_and_the_aggregator_account_for_every_update(tmp_pa
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert "40 devices in 2 processes (0-19, 20-39)" in out and "private Mosquitto" in out
+    assert "device process 1: 20 of devices 20-39 online" in out and "(2 of 2 processes ready)" in out, out
     run = tmp_path / "run"
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
     assert [(r["selected"], r["reported"], r["rejected"], r["offline"], r["lost"]) for r in rounds] == \
