@@ -184,3 +184,17 @@ def test_tensorflow_is_seeded_per_task_only_for_models_with_random_layers():
     assert context.global_seed() == 1 and np.random.get_state()[1][0] == np.random.RandomState(7).get_state()[1][0]
     _seed_task(noisy, 7)
     assert context.global_seed() == 7
+
+
+def test_equal_task_payloads_received_by_many_devices_are_held_once():
+    from fedprune.simulation.fleet.shared_tasks import SharedTasks
+
+    tasks = SharedTasks()
+    first = bytes(range(256)) * 64
+    copy = bytes(bytearray(first))
+    assert copy is not first and tasks.intern(copy) is copy
+    assert tasks.intern(bytes(bytearray(first))) is copy  # the one held already
+    other = first[:-1] + b"x"  # same length, other bytes: itself
+    assert tasks.intern(other) is other
+    small = b"presence"
+    assert tasks.intern(small) is small

@@ -168,7 +168,7 @@ class SimulatedDevice:
 
     async def _read(self, conn: AsyncConnection) -> None:
         async for topic, payload in conn.messages():
-            job = self.session.receive(topic, payload)
+            job = self.session.receive(topic, self.tasks.intern(payload))
             if isinstance(job, Outgoing):  # a task it answered came again: the same update again
                 t = asyncio.ensure_future(self._publish(job))
                 self._jobs.add(t)
