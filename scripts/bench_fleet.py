@@ -12,6 +12,12 @@
 
 Each phase runs in a child process of its own, so that one phase's memory does not count in the
 next one's. Prints one line per phase, then one JSON line.
+
+With ``--processes P`` (issue 17) only the scale case runs, through ``fedprune-simulate
+--processes P`` on a private Mosquitto (``scale_in_processes``): peak RSS of the whole process
+tree (each process's peak, summed), updates lost, each round's accounting (selected = reported +
+rejected + offline + lost), its time split and the device processes' training share, and the
+aggregator's peak. Beyond the data set's samples the fleet is split ``iid_with_replacement``.
 """
 
 from __future__ import annotations
