@@ -30,14 +30,13 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChildFailure", "DeviceProcesses", "merge_counters", "raise_open_files_limit", "split_ranges"]
+__all__ = ["BASE_OPEN_FILES", "CONNECTED_MARKER", "ChildFailure", "DeviceProcesses", "child_environment",
+           "device_command", "exit_with_parent", "merge_counters", "raise_open_files_limit", "split_ranges"]
 
 #: file descriptors a process needs beside its MQTT connections (TensorFlow's libraries, logs, pipes)
 BASE_OPEN_FILES = 1024
 #: how a ``--no-aggregator`` process's line saying its devices are connected begins
 CONNECTED_MARKER = "connected:"
-#: the fewest devices per process worth a TensorFlow runtime (about 700 MB) of its own
-MIN_DEVICES_PER_PROCESS = 1
 
 
 def split_ranges(num_devices: int, processes: int) -> list[range]:
@@ -45,9 +44,9 @@ def split_ranges(num_devices: int, processes: int) -> list[range]:
     most one (the first ones larger), in order: ``split_ranges(10, 3)`` is 0-3, 4-6, 7-9."""
     if processes < 1:
         raise ValueError(f"--processes must be >= 1, got {processes}")
-    if num_devices < processes * MIN_DEVICES_PER_PROCESS:
+    if num_devices < processes:
         raise ValueError(f"{num_devices} devices cannot fill {processes} device processes; "
-                         f"use at most {num_devices // MIN_DEVICES_PER_PROCESS} processes")
+                         f"use at most {num_devices} processes")
     size, extra = divmod(num_devices, processes)
     ranges, start = [], 0
     for k in range(processes):
@@ -118,15 +117,28 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     return ("\n  " + "\n  ".join(tail)) if tail else ""
 
 
-def exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if the parent dies (even by SIGKILL), so no orphaned devices
-    (or broker) keep running for an aggregator that is gone."""
+def _load_prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, looked up here: between fork and exec a child must not import or load
+    anything (another thread of the parent may have held the import lock at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM if the parent dies (even by SIGKILL), so no orphaned devices
+    (or broker) keep running for an aggregator that is gone."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _device_process_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
