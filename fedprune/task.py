@@ -46,7 +46,8 @@ class DataSection:
     dataset: str = "digits"  # a name in fedprune.data.LOADERS
     path: str = ""  # for a user's file or folder (dataset = "npz", "csv" or "images")
     test_fraction: float = 0.2
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    # "iid_with_replacement": devices may share samples; for scale tests of more devices than samples only
+    partition: Literal["iid", "dirichlet", "shards", "iid_with_replacement"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
     shards_per_device: int = 2
     min_samples: int = 2  # the fewest training samples a simulated device may hold

@@ -24,9 +24,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedprune.simulation.processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,10 @@ class PrivateMosquitto:
 
     def config_text(self) -> str:
         lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
+                 # No cap on connections (ten thousand simulated devices; the default, said here so it
+                 # stays): what bounds them is the open-files limit it inherits from the simulator,
+                 # which raises it (simulation.processes.raise_open_files_limit).
+                 "max_connections -1",
                  "max_queued_messages 10000", "max_inflight_messages 20", "sys_interval 0",
                  f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type error", "log_type warning"]
         if os.geteuid() == 0:  # as root it would switch to the `mosquitto` user, who cannot write the log here
@@ -141,7 +148,9 @@ class PrivateMosquitto:
             with open(self.workdir / "mosquitto.out", "ab") as out:
                 self._proc = subprocess.Popen([self.executable, "-c", str(conf)], stdin=subprocess.DEVNULL,
                                               stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                              start_new_session=True)  # Ctrl-C goes to the simulator
+                                              start_new_session=True,  # Ctrl-C goes to the simulator
+                                              # and it ends with the simulator, even one killed outright
+                                              preexec_fn=exit_with_parent if sys.platform == "linux" else None)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline and self._proc.poll() is None and not _port_open(self.host, self.port):
                 time.sleep(0.02)
