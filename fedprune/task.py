@@ -17,7 +17,7 @@ from fedprune.converters.quantize import PRECISION_NAMES
 from fedprune.names import ID_RULE, parse_import_spec, valid_federation_id
 from fedprune.pruning.rules import Rule, rule_from_config
 from fedprune.pruning.schedules import PruningSchedule, schedule_from_config
-from fedprune.tomlfile import coerce, read_toml
+from fedprune.tomlfile import coerce, read_toml, toml_text
 
 # The aggregator reserves a round's decoded updates up front (one row per device drawn), and a
 # run's records grow with its rounds: bounds far above any real fleet, far below an overflow.
@@ -554,3 +554,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _in_open_interval(key: str, v: float, lo: float, hi: float) -> None:
     if not lo < v < hi:
         raise TaskError(f"{key} must be in ({lo}, {hi}), got {v}")
+
+
+def task_toml(task: Task) -> str:
+    """``task`` as a task file's text: ``load_task`` reads it back as the same task (but for
+    ``source``). For scripts that hand ``fedprune-simulate`` a task they changed."""
+    raw = dataclasses.asdict(task)
+    raw.pop("source")
+    return toml_text(raw)

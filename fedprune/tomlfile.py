@@ -1,8 +1,10 @@
-"""What the TOML files (the task file, the agent's config) share: reading one, and checking each
-value against the type of its dataclass field, with errors that name the key."""
+"""What the TOML files (the task file, the agent's config) share: reading one, checking each
+value against the type of its dataclass field, with errors that name the key, and writing one
+(for scripts that hand a task to ``fedprune-simulate``)."""
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 import types
@@ -70,3 +72,34 @@ def coerce(value: Any, tp: Any, key: str, error: type[Exception]) -> Any:
             raise error(f"{key} must be a string, got {value!r}")
         return value
     raise error(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_text(raw: dict[str, Any]) -> str:
+    """``raw`` (a task as ``dataclasses.asdict`` or ``tomllib`` gives it: scalars, lists, tables, arrays
+    of tables) as TOML text; keys whose value is None are left out (TOML has no null)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict) and v is not None]
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            continue
+        lines.append(f"[{section}]")
+        tables = {k: v for k, v in table.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items() if k not in tables and v is not None]
+        for k, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{k}]]")
+                lines += [f"{ik} = {_toml_value(iv)}" for ik, iv in item.items() if iv is not None]
+    return "\n".join(lines) + "\n"

@@ -242,35 +242,6 @@ def _print_round(r) -> None:
 
 # --- scale through `fedprune-simulate --processes P` (issue 17) -------------------------------------
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is a JSON string
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
-
-
-def _toml(raw: dict) -> str:
-    """A task as TOML (scalars, lists of scalars, tables, arrays of tables: what task files hold)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
-    for section, table in raw.items():
-        if not isinstance(table, dict):
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()
-                  if not (isinstance(v, list) and v and isinstance(v[0], dict))]
-        for k, v in table.items():
-            if isinstance(v, list) and v and isinstance(v[0], dict):
-                for item in v:
-                    lines.append(f"[[{section}.{k}]]")
-                    lines += [f"{ik} = {_toml_value(iv)}" for ik, iv in item.items()]
-    return "\n".join(lines) + "\n"
-
-
 def _process_tree(root: int) -> list[int]:
     """``root`` and every process below it (children, Mosquitto, the device processes)."""
     parents: dict[int, list[int]] = {}
@@ -334,6 +305,7 @@ def scale_in_processes(args) -> dict:
     import tomllib
 
     from fedprune.data import load_dataset
+    from fedprune.tomlfile import toml_text
 
     raw = tomllib.loads(args.task.read_text())
     base = parse_task(raw, source=str(args.task))
@@ -348,7 +320,7 @@ def scale_in_processes(args) -> dict:
         raw.setdefault(section, {}).update(values)
     with tempfile.TemporaryDirectory(prefix="bench-fleet-procs-") as tmp:
         task_file = Path(tmp) / "scale.toml"
-        task_file.write_text(_toml(raw))
+        task_file.write_text(toml_text(raw))
         run_dir = args.report_dir or Path(tmp) / "run"
         cmd = [sys.executable, "-m", "fedprune.simulation.cli", "--task", str(task_file), "--devices",
                str(args.devices), "--processes", str(args.processes), "--broker", "mosquitto", "--run-dir",

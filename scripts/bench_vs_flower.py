@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,14 +174,29 @@ def run_flower(task: Task, num_devices: int, actors: int) -> list[dict]:
 
 # --- fedprune ------------------------------------------------------------------------------------
 
-def run_ours(task: Task, num_devices: int, broker: str = "embedded") -> list[dict]:
-    """``broker``: ``embedded`` (amqtt in this process), ``mosquitto`` (a private one), or a URL."""
-    from fedprune.simulation.cli import run_simulation
-
+def run_ours(task: Task, num_devices: int, broker: str = "embedded", processes: int = 1) -> list[dict]:
+    """``broker``: ``embedded`` (amqtt in this process), ``mosquitto`` (a private one), or a URL.
+    ``processes`` > 1: ``fedprune-simulate --processes P`` (the devices in P processes of their own,
+    training at once as Flower's actors do; the aggregator in the parent)."""
+    keys = ("round", "accuracy", "wall_s", "bytes_down", "bytes_up", "reported")
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_simulation(task, num_devices, Path(tmp) / "run", broker, export_tflite=False)
-    return [{"round": r.round, "accuracy": r.accuracy, "wall_s": r.wall_s, "bytes_down": r.bytes_down,
-             "bytes_up": r.bytes_up, "reported": r.reported} for r in result.rounds]
+        if processes == 1:
+            from fedprune.simulation.cli import run_simulation
+
+            result = run_simulation(task, num_devices, Path(tmp) / "run", broker, export_tflite=False)
+            return [{k: getattr(r, k) for k in keys} for r in result.rounds]
+        from fedprune.task import task_toml
+
+        (Path(tmp) / "task.toml").write_text(task_toml(task))
+        cmd = [sys.executable, "-m", "fedprune.simulation.cli", "--task", str(Path(tmp) / "task.toml"), "--devices",
+               str(num_devices), "--processes", str(processes), "--broker", broker, "--run-dir",
+               str(Path(tmp) / "run"), "--no-progress"]
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            raise RuntimeError(f"fedprune-simulate --processes {processes} failed ({done.returncode}):\n"
+                               f"{(done.stdout + done.stderr)[-3000:]}")
+        metrics = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        return [{k: json.loads(line)[k] for k in keys} for line in metrics if line.strip()]
 
 
 def _print_rounds(name: str, rounds: list[dict]) -> None:
@@ -204,6 +220,8 @@ def main() -> int:
     parser.add_argument("--flower-actors", type=int, default=os.cpu_count() or 1,
                         help="Ray actors training at once, sharing the cores (default: one per core)")
     parser.add_argument("--skip-pruned", action="store_true", help="leave out the run of the task as written")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="fedprune's device processes (fedprune-simulate --processes; default 1: one process)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     base = load_task(args.task)
@@ -214,18 +232,18 @@ def main() -> int:
 
     out: dict = {"task": str(args.task), "devices": args.devices, "rounds": base.federation.rounds,
                  "devices_per_round": base.federation.devices_per_round, "flower_actors": args.flower_actors,
-                 "broker": args.broker,
+                 "broker": args.broker, "fedprune_processes": args.processes,
                  "cpus": os.cpu_count()}
     runs: dict[str, list[list[dict]]] = {"fedprune dense": [], "flower dense": []}
     for seed in range(args.repeats):
-        rounds = run_ours(dense(base, seed), args.devices, args.broker)
+        rounds = run_ours(dense(base, seed), args.devices, args.broker, args.processes)
         _print_rounds(f"fedprune, dense FedAvg float32, seed {seed}", rounds)
         runs["fedprune dense"].append(rounds)
         if not args.skip_flower:
             rounds = run_flower(dense(base, seed), args.devices, args.flower_actors)
             _print_rounds(f"Flower {__import__('flwr').__version__} simulation, FedAvg, seed {seed}", rounds)
             runs["flower dense"].append(rounds)
-    pruned = None if args.skip_pruned else run_ours(base, args.devices, args.broker)
+    pruned = None if args.skip_pruned else run_ours(base, args.devices, args.broker, args.processes)
     if pruned:
         _print_rounds(f"fedprune, the task as written (pruned to {base.pruning.final_sparsity:.0%}, "
                       f"{base.transport.uplink_precision} uplink), seed {base.seed}", pruned)

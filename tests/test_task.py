@@ -218,3 +218,17 @@ def test_learning_rate_falls_along_half_a_cosine_when_final_learning_rate_is_set
     assert TrainingSection(learning_rate=0.01).learning_rate_at(4, 5) == 0.01  # no decay by default
     with pytest.raises(TaskError, match="training.final_learning_rate"):
         TrainingSection(learning_rate=0.01, final_learning_rate=0.02).check()
+
+
+@pytest.mark.parametrize("path", [ROOT / "examples" / "fleet.toml", ROOT / "examples" / "digits.toml"],
+                         ids=lambda p: p.name)
+def test_a_task_written_as_toml_reads_back_as_the_same_task(path, tmp_path):
+    """Scripts hand ``fedprune-simulate`` a task they changed by writing it out (``task_toml``)."""
+    from dataclasses import replace
+
+    from fedprune.task import task_toml
+
+    task = load_task(path)
+    written = tmp_path / "task.toml"
+    written.write_text(task_toml(task))
+    assert load_task(written) == replace(task, source=str(written))
