@@ -88,6 +88,7 @@ def run_simulation(
     connect_timeout_s: float = 600.0,
     resume: bool = False,
     status_at: tuple[str, int] | None = None,
+    aggregator_workers: int = 0,
 ):
     """Run a simulated federation and return the aggregator's ``RunResult``.
 
@@ -97,19 +98,23 @@ def run_simulation(
     rest are expected to join from other processes on the same broker (trusting the key in
     ``<run_dir>/aggregator.pub``). The fleet's counters go to ``fleet.json`` in the run folder.
     ``resume``: continue the run in ``run_dir`` from its last checkpoint. ``status_at``: (host,
-    port) of a live status page (its address is printed).
+    port) of a live status page (its address is printed). ``aggregator_workers``: the aggregator's
+    aggregation workers (``fedprune-aggregator --workers``; they need Mosquitto, not the embedded broker).
     """
     from fedprune.aggregator.server import Aggregator
     from fedprune.aggregator.status_page import StatusPage
     from fedprune.data import load_dataset
 
+    if aggregator_workers and broker_url in (None, "embedded"):
+        raise ValueError("aggregation workers need a broker with shared subscriptions ($share), such as Mosquitto 2; "
+                         "the embedded broker (amqtt) has none: use broker_url='mosquitto' or a Mosquitto URL")
     with ExitStack() as stack:
         broker_url = _start_broker(stack, broker_url)
         ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
         # The devices are given the aggregator's key in-process, as a real device gets it in its
         # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
-                                export_tflite=export_tflite, resume=resume)
+                                export_tflite=export_tflite, resume=resume, workers=aggregator_workers)
         fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator.verify_key, attack, ds)
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
