@@ -17,7 +17,9 @@ sums). It talks to the coordinator through one pipe, in messages that are tuples
 Claim before fold: an update that passes the checks is folded only once the coordinator has
 granted the claim, so no device's update is in two workers' sums (QoS 1 may deliver a copy to a
 second worker). The updates come through a shared subscription (``$share/<group>/...``) of each
-selected device's update topic: the broker hands each message to one worker of the group.
+device's update topic: the broker hands each message to one worker of the group. Updates of
+devices not selected for the open attempt are dropped unread, as the aggregator alone never
+subscribes to them.
 """
 
 from __future__ import annotations
@@ -46,16 +48,20 @@ from fedprune.converters.protocol import Topics
 from fedprune.pruning.masks import Masks
 from fedprune.transport import MqttSession
 
-__all__ = ["AttemptSpec", "Partial", "WorkerSettings", "run_worker", "shared_update_topic"]
+__all__ = ["AttemptSpec", "Partial", "WorkerSettings", "run_worker", "shared_updates_topic"]
 
 log = logging.getLogger(__name__)
 
 
-def shared_update_topic(topics: Topics, device_id: str) -> str:
-    """The shared subscription of ``device_id``'s updates: one group per federation, so the broker
-    hands each update to one worker of that federation's aggregator."""
-    group = topics.root.replace("/", "-")  # "fedprune-<federation>": a level without '/', '+', '#'
-    return f"$share/{group}/{topics.update(device_id)}"
+def shared_updates_topic(topics: Topics) -> str:
+    """The shared subscription of every device's updates: one group per federation, so the broker
+    hands each update to one worker of that federation's aggregator.
+
+    One filter for all devices, not one per device as the aggregator alone subscribes: Mosquitto
+    takes turns within each filter, so with a filter per device (one update each per attempt)
+    every update went to the same worker."""
+    group = topics.root.replace("/", "-")  # "fedprune-v1-<federation>": a level without '/', '+', '#'
+    return f"$share/{group}/{topics.all_updates}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +139,7 @@ class Worker:
         self.buffer_shapes: tuple[tuple[int, ...], ...] = ()
         self.session = MqttSession(
             settings.broker_url, client_id=f"fedprune-aggregator-{settings.federation}-worker-{settings.worker_id}",
-            on_message=self._on_message, admit=self._admit, max_payload_bytes=settings.max_payload_bytes,
+            subscriptions=[shared_updates_topic(self.topics)], on_message=self._on_message, admit=self._admit, max_payload_bytes=settings.max_payload_bytes,
             max_message_bytes=settings.max_message_bytes,
             # Clean: a killed worker's session (and its unacknowledged updates) goes with it; the
             # coordinator retries that attempt rather than wait for a redelivery.
@@ -149,13 +155,16 @@ class Worker:
         self.inbox.put((topic, payload, time.monotonic()))
 
     def _over_budget(self, device: str) -> None:
-        self.session.unsubscribe([shared_update_topic(self.topics, device)])  # the other workers get its rest
         with self._over_lock:
             self._over.append(device)
 
     # --- the worker's own thread ---
     def run(self) -> None:
         self.session.start()
+        # The broker handles one connection's packets in order: once this publish is acknowledged,
+        # the shared subscription (sent on connecting) is in place, and no update is missed.
+        ready = f"{self.topics.root}/aggregator-worker/{self.settings.worker_id}/ready"
+        self.session.publish(ready, b"").wait_for_publish(30)
         self.conn.send(("started", self.settings.worker_id))
         try:
             while True:
@@ -198,15 +207,6 @@ class Worker:
             self.buffers, self.buffer_shapes = UpdateBuffers(spec.shapes, 1), spec.shapes  # new after structured pruning
         self.attempt = _Attempt(spec, self.topics, None if spec.device_masks else self.buffers)
         self.attempt.partial = Partial(self.settings.worker_id, self.attempt.fold.running)
-        wanted = {shared_update_topic(self.topics, d) for d in spec.selected
-                  if not self.budgets.ignored(d)}
-        current = set(self.session.subscriptions)
-        self.session.unsubscribe(sorted(current - wanted))
-        self.session.subscribe(sorted(wanted - current))
-        # The broker handles one connection's packets in order: once this publish is acknowledged,
-        # the subscriptions above are in place, and the tasks the coordinator sends next are answered here.
-        ready = f"{self.topics.root}/aggregator-worker/{self.settings.worker_id}/ready"
-        self.session.publish(ready, b"").wait_for_publish(30)
         self.conn.send(("ready", spec.round, spec.attempt))
 
     def _close(self, round_number: int, attempt: int) -> None:
@@ -231,6 +231,8 @@ class Worker:
         except queue.Empty:
             return
         current = self.attempt
+        if _device_of(self.topics, topic) not in current.ctx.selected:
+            return  # not selected for this attempt: the aggregator alone would not have heard it
         partial = current.partial
         t = time.perf_counter()
         got = check_update(current.ctx, topic, data, (), current.fold.row(0))
@@ -254,6 +256,13 @@ class Worker:
             if message[0] == "verdict":
                 return message[1]
             self.pending.append(message)
+
+
+def _device_of(topics: Topics, topic: str) -> str:
+    try:
+        return topics.device_from_topic(topic)
+    except ValueError:
+        return ""
 
 
 def run_worker(settings: WorkerSettings, conn: Any, log_level: int = logging.WARNING) -> None:
