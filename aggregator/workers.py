@@ -22,6 +22,7 @@ usual retry path: nothing is counted twice, and the devices train again in the n
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import time
 from multiprocessing.connection import wait
@@ -35,7 +36,8 @@ from fedprune.aggregator.round_fold import RoundFold
 from fedprune.aggregator.strategies.base import ClientResult, Strategy
 from fedprune.aggregator.run_folder import FederationError
 from fedprune.aggregator.worker_process import AttemptSpec, Partial, WorkerSettings, run_worker
-from fedprune.converters.protocol import Ack, Architecture, largest_update_bytes
+from fedprune.converters.protocol import Ack, Architecture
+from fedprune.converters.quantize import value_section_size
 from fedprune.task import Task
 
 __all__ = ["WorkerCollector", "WorkerPool", "worker_pool", "workers_refusal"]
@@ -60,14 +62,25 @@ def workers_refusal(strategy: Strategy, task: Task, architecture: Architecture |
                 f"device_mask_averaging); {strategy.strategy_name} needs every update of a round in one process: "
                 "run without --workers")
     if architecture is not None:
-        largest = largest_update_bytes(architecture.names, architecture.shapes)
-        if largest > task.transport.max_payload_bytes:
+        dense = dense_update_bytes(architecture, task)
+        if dense > task.transport.max_payload_bytes:
             # The broker hands each message of a shared subscription to one worker: the chunks of
             # one update could reach two, and neither could put it back together.
-            return (f"--workers needs every update in one MQTT message, but this model's updates can take "
-                    f"{largest} bytes, over transport.max_payload_bytes ({task.transport.max_payload_bytes}); "
-                    f"raise it to at least {largest} (and the broker's message size limit) or run without --workers")
+            return (f"--workers needs every update in one MQTT message, but this model's dense "
+                    f"{task.transport.uplink_precision} updates take about {dense} bytes, over "
+                    f"transport.max_payload_bytes ({task.transport.max_payload_bytes}); raise it to at least {dense} "
+                    "(and the broker's message size limit) or run without --workers")
     return None
+
+
+def dense_update_bytes(architecture: Architecture, task: Task) -> int:
+    """About the most bytes one of this task's updates takes: every value at the task's uplink
+    precision, its masks as bitmaps, twice that with regrowth (a gradient section), and 64 kB for
+    headers and metrics. An estimate (``largest_update_bytes``, every precision and a gradient
+    section always, is 3x too strict for the digits CNN at int8)."""
+    counts = [math.prod(s) for s in architecture.shapes]
+    values = sum(value_section_size(n, task.transport.uplink_precision) + (n + 7) // 8 for n in counts)
+    return (2 if task.pruning.regrowth > 0 else 1) * values + 65536
 
 
 def worker_pool(count: int, broker_url: str, task: Task, strategy: Strategy,
