@@ -164,21 +164,47 @@ class WorkerPool:
                                   "with the aggregator's broker URL") from None
 
     def open_attempt(self, spec: AttemptSpec) -> None:
-        """Open ``spec`` on every worker (started on the first call) and wait until each has
-        subscribed to its devices."""
+        """Open ``spec`` on every worker (started on the first call) and wait until each is ready;
+        a worker that died, or does not answer, is started again."""
         if not self.workers:
             self.start()
         for i, worker in enumerate(self.workers):
             if not worker.process.is_alive():
                 log.warning("aggregation worker %d is gone (exit code %s); starting it again", worker.worker_id,
                             worker.process.exitcode)
-                worker.stop()
-                worker = self.workers[i] = WorkerHandle(worker.worker_id, self.settings[i], self.log_level)
-                self._started(worker)
+                self._replace(i)
         for worker in self.workers:
             worker.conn.send(("open", spec))
-        for worker in self.workers:
-            worker.expect("ready", READY_TIMEOUT_S)
+        for i, worker in enumerate(self.workers):
+            if not self._ready(worker):
+                log.warning("aggregation worker %d did not get ready for round %d attempt %d; starting it again",
+                            worker.worker_id, spec.round, spec.attempt)
+                self._replace(i).conn.send(("open", spec))
+                if not self._ready(self.workers[i]):
+                    raise ConnectionError(f"aggregation worker {worker.worker_id} started again but did not get "
+                                          f"ready within {READY_TIMEOUT_S:.0f} s; is the broker reachable?")
+
+    def _replace(self, i: int) -> WorkerHandle:
+        self.workers[i].stop()
+        worker = self.workers[i] = WorkerHandle(self.settings[i].worker_id, self.settings[i], self.log_level)
+        self._started(worker)
+        return worker
+
+    @staticmethod
+    def _ready(worker: WorkerHandle) -> bool:
+        """Whether ``worker`` says it is ready within ``READY_TIMEOUT_S``. What an attempt that was
+        given up on left in the pipe is dropped on the way (a claim: answered "drop")."""
+        until = time.monotonic() + READY_TIMEOUT_S
+        try:
+            while worker.conn.poll(max(0.0, until - time.monotonic())):
+                message = worker.conn.recv()
+                if message[0] == "ready":
+                    return True
+                if message[0] == "claim":
+                    worker.conn.send(("verdict", "drop"))
+        except (EOFError, OSError):
+            pass
+        return False
 
     def stop(self) -> None:
         for worker in self.workers:
