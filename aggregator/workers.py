@@ -284,7 +284,8 @@ class WorkerCollector(AttemptCollector):
                 self.failed = self.failed or f"aggregation worker {worker.worker_id} died"
                 continue
             if message[0] == "partial":
-                partials.append((worker.worker_id, message[3]))
+                if tuple(message[1:3]) == (self.ctx.round, self.ctx.attempt):  # not a given-up attempt's
+                    partials.append((worker.worker_id, message[3]))
             else:
                 self._handle(worker, message, closing)
         return partials

@@ -109,6 +109,7 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=1000, help="devices, all selected every round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="the worker count compared with none")
+    parser.add_argument("--keep", type=Path, help="keep the two runs' folders (metrics.jsonl, checkpoints) here")
     parser.add_argument("--phase", choices=["aggregator"], help=argparse.SUPPRESS)
     parser.add_argument("--broker-url", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", help=argparse.SUPPRESS)
@@ -122,8 +123,9 @@ def main() -> int:
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
-        runs = {w: _run(args, w, Path(tmp) / f"workers-{w}") for w in (0, args.workers)}
-        weights = {w: np.load(Path(tmp) / f"workers-{w}" / "final_weights.npz") for w in runs}
+        folder = args.keep or Path(tmp)
+        runs = {w: _run(args, w, folder / f"workers-{w}") for w in (0, args.workers)}
+        weights = {w: np.load(folder / f"workers-{w}" / "final_weights.npz") for w in runs}
         same_weights = all(np.array_equal(weights[0][k], weights[args.workers][k]) for k in weights[0].files)
     later = {w: [r for r in run["rounds"] if r["round"] > 1] for w, run in runs.items()}
     cpu = {w: sum(r["coordinator_cpu_s"] for r in rs) / len(rs) for w, rs in later.items()}
