@@ -236,3 +236,55 @@ def test_a_worker_killed_mid_round_costs_the_attempt_and_counts_nothing_twice(tm
     assert first.reported == 8 and all(r.reported == 8 for r in result.rounds)
     assert result.rounds[1].attempts == 1  # the worker was started again
     assert first.accuracy > 0.1
+
+
+def test_a_worker_killed_during_an_attempt_drops_the_attempt_and_is_started_again(mosquitto_url):
+    """The fast form of the test above, without TensorFlow: a worker is killed once the coordinator
+    has granted it a claim; the attempt reports nothing (its accepted updates count as lost, so the
+    round retries), and the next attempt starts the worker again."""
+    import paho.mqtt.client as mqtt
+    from fedprune.transport import parse_broker_url
+
+    devices = [f"dev-{i}" for i in range(4)]
+    masks = [None] * len(SHAPES)
+    weights = [np.zeros(s, np.float32) for s in SHAPES]
+    names = ["a/kernel", "a/bias", "b/kernel", "b/bias"]
+    strategy = strategy_from_config({"strategy": "fedavg"})
+
+    def context(attempt):
+        return RoundContext(1, attempt, tuple(devices), set(devices).__contains__, TOPICS, SHAPES, masks, names,
+                            10**7, "float32", False, weights, layout=MaskLayout.of(SHAPES, masks))
+
+    def update(device, attempt):
+        tensors = [np.full(s, 0.01, np.float32) for s in SHAPES]
+        return encode_update(Update(1, attempt, device, 10, {}, tensors, precision="float32"), masks)
+
+    addr = parse_broker_url(mosquitto_url)
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="devices", protocol=mqtt.MQTTv311)
+    sender.connect(addr.host, addr.port)
+    sender.loop_start()
+    pool = WorkerPool(2, mosquitto_url, small_task(federation={"id": "fed"}), Budget(100, 10**8))
+    try:
+        collector = pool.collector(_link(devices), context(1), {}, RoundFold(strategy, weights, masks))
+        first_pids = pool.pids
+        sender.publish(TOPICS.update("dev-0"), update("dev-0", 1), qos=1).wait_for_publish(5)
+        until = time.monotonic() + 10
+        while not any(collector.granted.values()) and time.monotonic() < until:
+            collector._serve(0.1)
+        owner = next(w for w, got in collector.granted.items() if got)
+        os.kill(pool.workers[owner].process.pid, signal.SIGKILL)
+        out = collector.collect(time.monotonic(), time.monotonic() + 10)
+        assert out.results == [] and out.lost == len(devices)  # dev-0 was accepted, then lost with the worker
+        assert "worker" in collector.failed
+
+        again = pool.collector(_link(devices), context(2), {}, RoundFold(strategy, weights, masks))
+        assert pool.pids[owner] != first_pids[owner] and pool.pids[1 - owner] == first_pids[1 - owner]
+        for d in devices:
+            sender.publish(TOPICS.update(d), update(d, 2), qos=1).wait_for_publish(5)
+        out = again.collect(time.monotonic(), time.monotonic() + 10)
+        assert [r.device_id for r in out.results] == devices and not again.failed
+        assert all(np.allclose(w, 0.01) for w in out.fold.weights(out.results))
+    finally:
+        pool.stop()
+        sender.loop_stop()
+        sender.disconnect()
