@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give at most one of --broker, --connection and --broker-dir")
     task = load_task_or_exit(args.task, check=strategy_for_task)
     if args.workers:
-        refusal = _workers_refusal(args, task)
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
+        cannot = _workers_refusal(args, task)
+        if cannot:
+            print(f"error: {cannot}", file=sys.stderr)
             return 2
     run_dir = args.run_dir or default_run_dir(args.task)
     stop = refusal(run_dir, args.resume)  # before anything is started: a finished run, another run's folder

@@ -97,6 +97,11 @@ def test_the_cli_refuses_workers_on_the_embedded_broker_and_with_a_robust_strate
     assert main(["--task", "examples/robust.toml", "--workers", "2", "--broker", "mqtt://127.0.0.1:1",
                  "--run-dir", str(tmp_path / "b")]) == 2
     assert "needs a strategy that streams" in capsys.readouterr().err
+    # Accepted with a streaming strategy and --broker: on to the run folder's checks (nothing to resume here)
+    (tmp_path / "c").mkdir()
+    assert main(["--task", "examples/digits.toml", "--workers", "2", "--broker", "mqtt://127.0.0.1:1",
+                 "--run-dir", str(tmp_path / "c"), "--resume"]) == 2
+    assert "--workers" not in capsys.readouterr().err
 
 
 # --- the coordinator and two real workers on a real Mosquitto ---
