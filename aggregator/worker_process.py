@@ -104,6 +104,7 @@ class Partial:
     folded: list[str] = field(default_factory=list)
     decode_s: float = 0.0
     fold_s: float = 0.0
+    inbox_dropped: int = 0  # updates the worker's full inbox dropped since its last partial
 
 
 class _Attempt:
@@ -217,6 +218,7 @@ class Worker:
             self.conn.send(("partial", round_number, attempt, None))
             return
         self.attempt = None
+        current.partial.inbox_dropped = self.inbox.take_drops()[0]
         self.conn.send(("partial", round_number, attempt, current.partial))
 
     def _report_over_budget(self) -> None:

@@ -358,6 +358,11 @@ class WorkerCollector(AttemptCollector):
         until = time.monotonic() + PARTIAL_TIMEOUT_S
         while {w.worker_id for w in self.pool.workers} - self.dead - set(got) and time.monotonic() < until:
             got.update(self._serve(min(0.5, until - time.monotonic()), closing=True))
+        dropped = sum(p.inbox_dropped for p in got.values() if p is not None)
+        if dropped:  # counted as the coordinator's own full inbox is (``DeviceChannel.count_dropped``)
+            self.rejections["inbox full"] = self.rejections.get("inbox full", 0) + dropped
+            log.warning("round %d: the aggregation workers' inboxes were full: dropped %d update(s)", self.ctx.round,
+                        dropped)
         out = []
         for worker_id in sorted(self.granted):
             partial = got.get(worker_id)
