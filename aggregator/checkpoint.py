@@ -41,6 +41,9 @@ class FederationState:
     # The aggregator session the devices' tasks carry: kept across --resume, so that a device that
     # trained the open round already answers the resumed aggregator's same task with the same update.
     session: str = ""
+    # What quantizing the last round's downlink lost (aggregator/downlink.py): the next round's
+    # weights carry it, so a resumed run's downlink error feedback goes on where it stopped.
+    downlink_residual: list[np.ndarray] | None = None
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:
@@ -50,6 +53,8 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
     for i, m in enumerate(state.masks):
         if m is not None:
             arrays[f"m{i}"] = m
+    for i, r in enumerate(state.downlink_residual or []):
+        arrays[f"r{i}"] = r
     meta = {
         "completed_rounds": state.completed_rounds,
         "num_weights": len(state.weights),
@@ -98,6 +103,7 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
                 n = meta["num_weights"]
                 weights = [f[f"w{i}"] for i in range(n)]
                 masks = [f[f"m{i}"] if f"m{i}" in f.files else None for i in range(n)]
+                residual = [f[f"r{i}"] for i in range(n)] if "r0" in f.files else None
         except Exception as e:  # noqa: BLE001 - zip, npy and JSON damage raise many types
             log.warning("skipping unreadable checkpoint %s: %s: %s", path, type(e).__name__, e)
             continue
@@ -106,5 +112,6 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
             raise CheckpointError(f"checkpoint {path} holds NaN or infinite weights (tensor {bad[0]} of {n}): the "
                                   "model diverged; resume from an earlier checkpoint by moving this one away")
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
-                               meta.get("model_json", ""), meta.get("schedule_state", {}), meta.get("session", ""))
+                               meta.get("model_json", ""), meta.get("schedule_state", {}), meta.get("session", ""),
+                               residual)
     return None

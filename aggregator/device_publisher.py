@@ -38,9 +38,6 @@ class DevicePublisher:
         return self.session.publish_retained(topic, sign_message(topic, payload, self._key))
 
     def clear(self, topic: str) -> None:
-        """Remove the retained message of ``topic`` (an empty payload, which carries nothing to sign)."""
-        self.session.publish(topic, b"", retain=True)
-
-    def clear_retained(self, topic: str) -> None:
-        """Remove the retained message of ``topic`` and its chunks (``publish_retained``'s)."""
+        """Remove the retained message of ``topic``, and its chunks if ``publish_retained`` chunked
+        it: an empty payload, which carries nothing to sign."""
         self.session.publish_retained(topic, b"")

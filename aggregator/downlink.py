@@ -11,8 +11,8 @@ With a lossy downlink precision and the task's ``error_feedback``, the aggregato
 quantizing the weights lost (the residual) and adds it to the next round's weights before they
 are quantized, so that the quantization errors of successive rounds cancel instead of being the
 same rounding of nearly the same weights, round after round (Seide et al. 2014; the downlink form,
-Tang et al., DoubleSqueeze, ICML 2019). The residual lives in memory: a resumed run starts again
-from none.
+Tang et al., DoubleSqueeze, ICML 2019). The residual goes into each round's checkpoint
+(``residual``, ``restore``), so a resumed run carries it on.
 """
 
 from __future__ import annotations
@@ -57,6 +57,17 @@ class Downlink:
                                                    digest=digest)
             out[device_id] = encoded[values_only]
         return out
+
+    @property
+    def residual(self) -> list[np.ndarray] | None:
+        """What quantizing the last encoded round's weights lost: the next round's weights carry it
+        (None without feedback, or before any round)."""
+        return self._next
+
+    def restore(self, residual: list[np.ndarray] | None) -> None:
+        """Carry on from a checkpoint's ``residual`` (ignored without feedback)."""
+        if self.feedback and residual is not None:
+            self._round, self._next = -1, [np.asarray(r, np.float32) for r in residual]
 
     def _compensated(self, task: TrainTask) -> list[np.ndarray]:
         """The weights plus the residual of the rounds before (zero at pruned positions); records

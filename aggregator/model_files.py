@@ -33,7 +33,7 @@ class DeviceModelFiles:
     def clear_earlier_run(self) -> None:
         """Clear an earlier run's final models and trainable file (maybe for another batch size)."""
         for topic in (*map(self.topics.final_model, FINAL_PRECISIONS), self.topics.trainable_model):
-            self.publisher.clear_retained(topic)
+            self.publisher.clear(topic)
 
     def republish(self, architecture_digest: str) -> None:
         """The trainable file again, if built for this architecture (on a (re)connection: a

@@ -110,6 +110,7 @@ class Aggregator:
         if [tuple(w.shape) for w in restored.weights] != self.shapes:
             raise FederationError("--resume: the checkpoint was made for another model architecture")
         self.state = restored
+        self.downlink.restore(restored.downlink_residual)
         self.status.rounds_restored(self.history)
 
     def _use_model(self, model) -> None:
@@ -221,6 +222,7 @@ class Aggregator:
         self.controller.observe(r, acc)
         self.state.schedule_state = self.controller.state()
         self.state.weights, self.state.masks, self.state.completed_rounds = weights, masks, r
+        self.state.downlink_residual = self.downlink.residual
         self.state.totals["bytes_down"] += gathered.totals.bytes_down
         self.state.totals["bytes_up"] += gathered.totals.bytes_up
         outcome = RoundOutcome(acc, loss, masks, step.pruned, agreement, epsilon, aggregate_s, evaluate_s,

@@ -16,6 +16,7 @@ an agent to 5.4 GB of resident memory when loaded as it came.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import zipfile
@@ -26,6 +27,8 @@ from typing import IO, Callable
 import numpy as np
 
 from fedprune.data_files import DataError, DataOptions, read_csv_xy, read_image_folder
+
+log = logging.getLogger(__name__)
 
 # The most bytes an .npz or .npy may unpack to: this, or half the machine's memory if that is less.
 MAX_DATA_BYTES = 8 << 30
@@ -302,6 +305,30 @@ LOADERS: dict[str, DataLoader] = {
 FILE_LOADERS = frozenset({"npz", "csv", "images"})
 
 
+#: What the report and the log say of a fleet split with ``iid_with_replacement``.
+SHARED_SAMPLES_NOTE = ("data split iid_with_replacement: devices share training samples (a scale test: "
+                       "accuracy is not comparable with a federation of disjoint shards)")
+
+
+def _sample_with_replacement(n: int, num_devices: int, per_device_min: int, seed: int) -> list[np.ndarray]:
+    """``iid_with_replacement``: distinct samples within a device, shared across devices. Drawn
+    for the whole fleet from ``seed``, so that every process of a simulation gives device ``i``
+    the same samples."""
+    per_device = max(per_device_min, n // num_devices)
+    if per_device > n:
+        raise DataError(f"{n} samples cannot give a device {per_device} distinct samples; lower data.min_samples")
+    rng = np.random.default_rng(seed)
+    # argpartition of random keys: ``per_device`` distinct indices per row, one call for the fleet
+    # (10,000 devices of digits: 14 MB of keys at once, so in blocks).
+    parts: list[np.ndarray] = []
+    for start in range(0, num_devices, 1000):
+        rows = min(1000, num_devices - start)
+        keys = rng.random((rows, n))
+        parts.extend(np.sort(row) for row in np.argpartition(keys, per_device - 1, axis=1)[:, :per_device])
+    log.warning("%s: %d devices x %d samples drawn from %d", SHARED_SAMPLES_NOTE, num_devices, per_device, n)
+    return parts
+
+
 def partition(
     y: np.ndarray,
     num_devices: int,
@@ -318,14 +345,20 @@ def partition(
       (Hsu et al., 2019); resampled until every device holds at least ``min_samples``.
     - ``shards``: sort by label, cut into ``num_devices * shards_per_device`` shards, deal each
       device ``shards_per_device`` of them (McMahan et al., 2017).
+    - ``iid_with_replacement``: for scale tests of more devices than the data set has samples
+      only: each device draws ``max(min_samples, len(y) // num_devices)`` distinct samples at
+      random, independently of the others, so devices share samples (``SHARED_SAMPLES_NOTE``).
     """
     n = len(y)
     if num_devices < 1:
         raise DataError(f"num_devices must be >= 1, got {num_devices}")
+    if method == "iid_with_replacement":
+        return _sample_with_replacement(n, num_devices, min_samples, seed)
     if n < num_devices * min_samples:
         raise DataError(
             f"{n} samples cannot give {num_devices} devices {min_samples} samples each; "
-            "use fewer devices or more data"
+            "use fewer devices or more data (or, for a scale test of the simulator only, "
+            "partition = \"iid_with_replacement\": devices then share samples)"
         )
     rng = np.random.default_rng(seed)
     if method == "iid":
@@ -360,4 +393,5 @@ def partition(
             f"Dirichlet(alpha={alpha}) left some device with fewer than {min_samples} samples "
             "after 1000 draws; raise alpha or use fewer devices"
         )
-    raise DataError(f"unknown partition method {method!r}; use 'iid', 'dirichlet' or 'shards'")
+    raise DataError(f"unknown partition method {method!r}; use 'iid', 'dirichlet', 'shards' or "
+                    "'iid_with_replacement' (scale tests only)")

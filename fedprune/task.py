@@ -46,7 +46,8 @@ class DataSection:
     dataset: str = "digits"  # a name in fedprune.data.LOADERS
     path: str = ""  # for a user's file or folder (dataset = "npz", "csv" or "images")
     test_fraction: float = 0.2
-    partition: Literal["iid", "dirichlet", "shards"] = "dirichlet"
+    # "iid_with_replacement": devices may share samples; for scale tests of more devices than samples only
+    partition: Literal["iid", "dirichlet", "shards", "iid_with_replacement"] = "dirichlet"
     alpha: float = 0.5  # Dirichlet concentration: small = more skewed label mix per device
     shards_per_device: int = 2
     min_samples: int = 2  # the fewest training samples a simulated device may hold
@@ -165,6 +166,10 @@ class PruningSection:
     rule: str = "magnitude"  # or any registered rule (fedprune.pruning.rules)
     rule_params: dict = field(default_factory=dict)  # [pruning.rule_params]: a plug-in rule's parameters
     scope: Literal["layer", "global"] = "layer"
+    # With scope = "global": each layer keeps at least this share of the overall density (0.5: at
+    # 95 % sparsity no layer keeps under 2.5 % of its weights); 0 ranks by magnitude alone, which can
+    # empty a layer of small weights (fedprune.pruning.masks.global_magnitude_masks).
+    global_floor: float = 0.5
     threshold: float = 0.0
     rate: float = 0.0
     scale: float = 1.0
@@ -208,6 +213,12 @@ class PruningSection:
         if self.scope == "global" and (self.rule != "magnitude" or self.layers):
             raise TaskError("pruning.scope = 'global' ranks all layers by magnitude: use rule = 'magnitude' "
                             "and no [pruning.layers] tables")
+        if not 0.0 <= self.global_floor <= 1.0:
+            raise TaskError(f"pruning.global_floor must be in [0, 1] (a share of the overall density), "
+                            f"got {self.global_floor}")
+        if self.global_floor != 0.5 and self.scope != "global":
+            raise TaskError("pruning.global_floor applies to scope = 'global' only: set scope = 'global' "
+                            "or remove global_floor")
         if self.mask_owner == "device" and (self.schedule != "polynomial" or self.rule != "magnitude"):
             raise TaskError("pruning.mask_owner = 'device' prunes with tfmot by magnitude on a polynomial "
                             "schedule: use schedule = 'polynomial' and rule = 'magnitude'")

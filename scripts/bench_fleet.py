@@ -12,6 +12,12 @@
 
 Each phase runs in a child process of its own, so that one phase's memory does not count in the
 next one's. Prints one line per phase, then one JSON line.
+
+With ``--processes P`` (issue 17) only the scale case runs, through ``fedprune-simulate
+--processes P`` on a private Mosquitto (``scale_in_processes``): peak RSS of the whole process
+tree (each process's peak, summed), updates lost, each round's accounting (selected = reported +
+rejected + offline + lost), its time split and the device processes' training share, and the
+aggregator's peak. Beyond the data set's samples the fleet is split ``iid_with_replacement``.
 """
 
 from __future__ import annotations
@@ -234,6 +240,162 @@ def _print_round(r) -> None:
           f"enc/dec {r.encode_s + r.decode_s:.3f}, aggregate {r.aggregate_s:.3f})", file=sys.stderr, flush=True)
 
 
+# --- scale through `fedprune-simulate --processes P` (issue 17) -------------------------------------
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _toml(raw: dict) -> str:
+    """A task as TOML (scalars, lists of scalars, tables, arrays of tables: what task files hold)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in raw.items() if not isinstance(v, dict)]
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()
+                  if not (isinstance(v, list) and v and isinstance(v[0], dict))]
+        for k, v in table.items():
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                for item in v:
+                    lines.append(f"[[{section}.{k}]]")
+                    lines += [f"{ik} = {_toml_value(iv)}" for ik, iv in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (children, Mosquitto, the device processes)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += parents.get(pid, [])
+    return tree
+
+
+class _TreeMemory:
+    """Samples the resident memory of a process tree every ``interval_s``: the peak of the sum
+    (``peak_sum_kb``) and each process's own peak (VmHWM, kept after it exits: ``sum_of_peaks_kb``,
+    an upper bound, the figure the target is checked against)."""
+
+    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+        import threading
+
+        self.root, self.interval_s = root, interval_s
+        self.peak_sum_kb = 0
+        self.peaks: dict[int, tuple[str, int]] = {}  # pid -> (command, VmHWM kB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for pid in _process_tree(self.root):
+                try:
+                    now, peak = _rss_kb(pid), _rss_kb(pid, peak=True)
+                    name = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                except (RuntimeError, OSError):
+                    continue
+                total += now
+                self.peaks[pid] = (name, max(peak, self.peaks.get(pid, ("", 0))[1]))
+            self.peak_sum_kb = max(self.peak_sum_kb, total)
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_sum_kb": self.peak_sum_kb, "sum_of_peaks_kb": sum(p for _, p in self.peaks.values()),
+                "by_process": [{"pid": pid, "command": name, "peak_rss_kb": peak}
+                               for pid, (name, peak) in sorted(self.peaks.items())]}
+
+
+def scale_in_processes(args) -> dict:
+    """The scale case through ``fedprune-simulate --processes P`` on a private Mosquitto: N
+    devices in P device processes, the aggregator in the parent. Digits has 1,437 training
+    images: beyond that many devices the fleet is split ``iid_with_replacement`` (devices share
+    samples: a scale test, accuracy is not the point)."""
+    import tomllib
+
+    from fedprune.data import load_dataset
+
+    raw = tomllib.loads(args.task.read_text())
+    base = parse_task(raw, source=str(args.task))
+    samples = len(load_dataset(base.data.dataset, base.data.path, base.data.test_fraction, base.seed,
+                               base.data.options).y_train)
+    split = "iid" if args.devices <= samples else "iid_with_replacement"
+    for section, values in {"data": {"partition": split, "min_samples": 1},
+                            "federation": {"rounds": args.rounds, "devices_per_round": args.per_round,
+                                           "min_devices": args.per_round, "round_timeout_s": 900,
+                                           "wait_for_devices_s": 900},
+                            "pruning": {"end_round": min(args.rounds, 10)}}.items():
+        raw.setdefault(section, {}).update(values)
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-procs-") as tmp:
+        task_file = Path(tmp) / "scale.toml"
+        task_file.write_text(_toml(raw))
+        run_dir = args.report_dir or Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "fedprune.simulation.cli", "--task", str(task_file), "--devices",
+               str(args.devices), "--processes", str(args.processes), "--broker", "mosquitto", "--run-dir",
+               str(run_dir), "--no-progress", "--log-level", "INFO"]
+        print("running: " + " ".join(cmd), file=sys.stderr, flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        started = time.monotonic()
+        with open(Path(tmp) / "simulate.log", "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            memory = _TreeMemory(proc.pid)
+            code = proc.wait()
+            mem = memory.stop()
+        wall = time.monotonic() - started
+        output = (Path(tmp) / "simulate.log").read_text(errors="replace")
+        if code != 0:
+            raise RuntimeError(f"fedprune-simulate exited with status {code}:\n{output[-4000:]}")
+        rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        fleet = json.loads((run_dir / "fleet.json").read_text())
+    train_by_round = fleet.get("train_s_by_round", {})
+    per_round = []
+    for r in rounds:
+        overhead = r["encode_s"] + r["decode_s"] + r["transfer_s"] + r["aggregate_s"]
+        trained = train_by_round.get(str(r["round"]), 0.0)
+        per_round.append({k: r[k] for k in ("round", "selected", "reported", "received", "rejected", "offline",
+                                             "lost", "accuracy", "wall_s", "fleet_s", "train_s", "transfer_s",
+                                             "encode_s", "decode_s", "aggregate_s", "evaluate_s")}
+                         | {"accounted": r["selected"] == r["reported"] + r["rejected"] + r["offline"] + r["lost"],
+                            "overhead_of_wall": overhead / r["wall_s"],
+                            "device_training_s": trained,  # summed over the device processes
+                            "training_share_of_wall": trained / r["wall_s"],
+                            "training_share_of_process_time": trained / (args.processes * r["wall_s"])})
+    parent = next((p for p in mem["by_process"] if p["pid"] == proc.pid), {"peak_rss_kb": 0})
+    mosquitto = [p for p in mem["by_process"] if p["command"].split(" ")[0].endswith("mosquitto")]
+    return {"processes": args.processes, "partition": split, "wall_s": wall, "command": " ".join(cmd[1:]),
+            "peak_rss_total_kb": mem["sum_of_peaks_kb"], "peak_rss_sum_sampled_kb": mem["peak_sum_kb"],
+            "aggregator_peak_rss_kb": parent["peak_rss_kb"],
+            "broker_peak_rss_kb": sum(p["peak_rss_kb"] for p in mosquitto),
+            "device_processes_peak_rss_kb": [p["peak_rss_kb"] for p in mem["by_process"]
+                                             if "--no-aggregator" in p["command"]],
+            "fleet": {k: v for k, v in fleet.items() if k != "processes"},
+            "updates_lost": sum(r["lost"] for r in rounds),
+            "every_round_accounted": all(r["accounted"] for r in per_round) and len(rounds) == args.rounds,
+            "worst_overhead_of_wall": max(r["overhead_of_wall"] for r in per_round),
+            "least_training_share_of_process_time": min(r["training_share_of_process_time"] for r in per_round),
+            "rounds": per_round, "final_accuracy": rounds[-1]["accuracy"]}
+
+
 PHASES = {"idle": phase_idle, "scale": phase_scale, "devices": phase_devices, "thin": phase_thin}
 
 
@@ -291,6 +453,9 @@ def main() -> int:
     parser.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(PHASES), help="phases to leave out")
     parser.add_argument("--report-dir", type=Path, help="keep the thin-link runs and their report here")
+    parser.add_argument("--processes", type=int,
+                        help="measure the scale case through `fedprune-simulate --processes P` on a private "
+                             "Mosquitto instead (the other phases are skipped; issue 17's ten thousand devices)")
     parser.add_argument("--phase", choices=list(PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--broker-url", help=argparse.SUPPRESS)
     parser.add_argument("--aggregator-key", help=argparse.SUPPRESS)  # the devices' phase: the key to trust
@@ -301,6 +466,23 @@ def main() -> int:
 
     out: dict = {"broker": args.broker, "devices": args.devices, "per_round": args.per_round,
                  "rounds": args.rounds}
+    if args.processes:
+        scale = scale_in_processes(args)
+        out = {"broker": "mosquitto (private)", "devices": args.devices, "per_round": args.per_round,
+               "rounds": args.rounds, "scale": scale}
+        print(f"scale in {args.processes} processes: {args.devices} devices, peak RSS "
+              f"{scale['peak_rss_total_kb'] / 1024:.0f} MB in total (sum of each process's peak), "
+              f"{scale['updates_lost']} updates lost, every round accounted: {scale['every_round_accounted']}, "
+              f"training share of the device processes' time at least "
+              f"{scale['least_training_share_of_process_time']:.1%}", flush=True)
+        out["targets_met"] = {
+            "total_ram_le_8GB": scale["peak_rss_total_kb"] <= 8 * 1024 * 1024,
+            "no_update_lost": scale["updates_lost"] == 0,
+            "every_round_accounted": scale["every_round_accounted"],
+            "training_share_ge_70pct": scale["least_training_share_of_process_time"] >= 0.70,
+        }
+        print(json.dumps(out))
+        return 0
     if "idle" not in args.skip:
         idle = {}
         for n in (0, args.devices):

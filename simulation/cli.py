@@ -94,9 +94,10 @@ def run_simulation(
 
     ``broker_url``: a running broker's URL, or None (or ``"embedded"``) for the embedded broker,
     or ``"mosquitto"`` for a private Mosquitto started here (``simulation.private_broker``).
-    ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all); the
-    rest are expected to join from other processes on the same broker (trusting the key in
-    ``<run_dir>/aggregator.pub``). The fleet's counters go to ``fleet.json`` in the run folder.
+    ``device_ids``: the devices of the ``num_devices`` fleet simulated here (default all; an empty
+    range: none, the aggregator only); the rest are expected to join from other processes on the
+    same broker (trusting the key in ``<run_dir>/aggregator.pub``). The fleet's counters go to
+    ``fleet.json`` in the run folder (not written when no device runs here).
     ``resume``: continue the run in ``run_dir`` from its last checkpoint. ``status_at``: (host,
     port) of a live status page (its address is printed). ``aggregator_workers``: the aggregator's
     aggregation workers (``fedprune-aggregator --workers``; they need Mosquitto, not the embedded broker).
@@ -115,10 +116,12 @@ def run_simulation(
         # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite, resume=resume, workers=aggregator_workers)
-        fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator.verify_key, attack, ds)
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
             print(f"status page: {page.url}", flush=True)
+        if device_ids is not None and len(device_ids) == 0:  # every device runs in other processes
+            return aggregator.run()
+        fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator.verify_key, attack, ds)
         stack.callback(fleet.stop)
         fleet.prepare(aggregator.architecture)
         fleet.start(connect_timeout_s)
@@ -158,19 +161,66 @@ def _broker_line(choice, url: str) -> str:
 
 
 def run_devices(task: Task, num_devices: int, device_ids: range, broker_url: str, aggregator_key: VerifyKey,
-                connect_timeout_s: float = 600.0, timeout_s: float | None = None) -> dict:
+                connect_timeout_s: float = 600.0, timeout_s: float | None = None,
+                on_connected: Callable[[int], None] | None = None) -> dict:
     """Run devices ``device_ids`` of the fleet (no aggregator), trusting ``aggregator_key``, until
     the aggregator announces the end of its run, ``timeout_s`` passes, or Ctrl-C; returns the
-    fleet's counters."""
+    fleet's counters. ``on_connected(n)``: once the ``n`` devices online by their profiles are."""
     fleet, _ = _fleet(task, num_devices, device_ids, broker_url, aggregator_key)
     try:
         fleet.start(connect_timeout_s)
         log.info("%d devices (%s) connected to %s; waiting for the aggregator's rounds",
                  fleet.online_count, device_ids, broker_url)
+        if on_connected is not None:
+            on_connected(fleet.online_count)
         fleet.wait_finished(timeout_s)
     finally:
         fleet.stop()
     return fleet.stats()
+
+
+def _device_processes(args: argparse.Namespace, task: Task, ranges: list[range], run_dir: Path, broker_url: str):
+    """The (not yet started) device processes of ``--processes``: each ``--no-aggregator`` on
+    ``broker_url``, trusting the run's key (made now in ``run_dir`` if it is new)."""
+    from fedprune.aggregator.channel import run_signing_key
+    from fedprune.simulation.processes import CONNECTED_MARKER, DeviceProcesses, child_environment, device_command
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    key = run_signing_key(Path(run_dir))
+    extra = ["--log-level", args.log_level] + (["--rounds", str(args.rounds)] if args.rounds is not None else [])
+    command = device_command(str(args.task), args.devices, broker_url, key.public.text, extra)
+    print(f"{args.devices} devices in {len(ranges)} processes ("
+          + ", ".join(f"{r.start}-{r.stop - 1}" for r in ranges) + f"); their logs: {run_dir}/devices-<k>.log",
+          flush=True)
+    def connected(index: int, line: str, ready: int) -> None:
+        print(f"device process {index}: {line.removeprefix(CONNECTED_MARKER).strip()} ({ready} of {len(ranges)} "
+              "processes ready)", flush=True)
+
+    return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment(), on_connected=connected)
+
+
+def _stop_on_sigterm(stack: ExitStack) -> None:
+    """Until ``stack`` closes, ``kill`` (SIGTERM) stops the run as Ctrl-C does: the device
+    processes and the broker stopped first, not left behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt
+
+    stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, terminated))
+
+
+def _merged_counters(counters: list[dict], run_dir: Path) -> dict:
+    """The device processes' counters as one, written to ``fleet.json`` as a one-process run's."""
+    from fedprune.simulation.processes import merge_counters
+
+    merged = merge_counters(counters)
+    (Path(run_dir) / "fleet.json").write_text(json.dumps(merged, indent=2))
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, help="task file (TOML)")
     parser.add_argument("--devices", type=int, default=20, help="devices in the whole fleet (default 20)")
     parser.add_argument("--device-ids", help="the devices this process runs, e.g. 0-499 (default: all)")
+    parser.add_argument("--processes", type=int, default=1, metavar="P",
+                        help="run the devices in P processes of their own (contiguous ranges of device ids, "
+                             "one TensorFlow runtime each, about 700 MB), the aggregator in this one; for "
+                             "thousands of devices (default 1: devices and aggregator in this process)")
     parser.add_argument("--no-aggregator", action="store_true",
                         help="run devices only, against --broker, until the aggregator finishes its run")
     parser.add_argument("--broker", default="auto",
@@ -228,12 +282,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_aggregator and not ("://" in args.broker and args.aggregator_key):
         parser.error("--no-aggregator needs --broker URL and --aggregator-key: the broker that fedprune-aggregator "
                      "and the other hosts use, and the key the aggregator prints at start (its aggregator.pub)")
-    from fedprune.simulation.private_broker import choose_broker
+    from fedprune.simulation.private_broker import EMBEDDED_MAX_DEVICES, choose_broker
 
     try:
         choice = choose_broker(args.broker, len(device_ids) if device_ids else args.devices)
     except ValueError as e:
         parser.error(str(e))
+    ranges = None
+    if args.processes != 1:
+        from fedprune.simulation.processes import split_ranges
+
+        if args.no_aggregator or args.device_ids or args.attack:
+            parser.error("--processes runs the whole fleet and the aggregator from one command: leave out "
+                         "--no-aggregator, --device-ids and --attack (per-host ranges: run --device-ids ranges "
+                         "yourself)")
+        try:
+            ranges = split_ranges(args.devices, args.processes)
+        except ValueError as e:
+            parser.error(str(e))
+        if choice.kind == "embedded" and args.devices > EMBEDDED_MAX_DEVICES:
+            parser.error(f"--processes {args.processes} with {args.devices} devices: the embedded broker serves up "
+                         f"to {EMBEDDED_MAX_DEVICES} devices; install Mosquitto (apt-get install mosquitto; --broker "
+                         "auto then starts a private one) or pass --broker mqtt://HOST:PORT")
     if args.resume and args.run_dir is None:
         parser.error("--resume needs --run-dir: the folder of the run to continue")
     task = load_task_or_exit(args.task, check=strategy_for_task)
@@ -253,14 +323,24 @@ def main(argv: list[str] | None = None) -> int:
             key = parse_aggregator_key(args.aggregator_key)
         except KeyFileError as e:
             parser.error(f"--aggregator-key: {e}")
+        from fedprune.simulation.processes import BASE_OPEN_FILES, CONNECTED_MARKER, raise_open_files_limit
+
+        def connected(n: int) -> None:  # the line --processes waits for in this process's log
+            print(f"{CONNECTED_MARKER} {n:,} of devices {ids.start}-{ids.stop - 1} online; waiting for the "
+                  "aggregator's rounds", flush=True)
+
         try:
-            stats = run_devices(task, args.devices, ids, args.broker, key)
+            raise_open_files_limit(len(ids) + BASE_OPEN_FILES)  # one descriptor per device connection
+            stats = run_devices(task, args.devices, ids, args.broker, key, on_connected=connected)
         except KeyboardInterrupt:
             return 130
-        except (ConnectionError, ValueError) as e:
+        except (ConnectionError, ValueError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        print(json.dumps(stats))
+        from fedprune.edge_agent.budgets import peak_rss_mb
+
+        peak = peak_rss_mb()  # for --processes: the simulation's memory is the sum over its processes
+        print(json.dumps({**stats, "peak_rss_kb": round(peak * 1024) if peak is not None else 0}))
         return 0
 
     run_dir = args.run_dir or default_run_dir(args.task)
@@ -271,13 +351,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"simulating {args.devices} devices; results in {run_dir}", flush=True)
     start = time.monotonic()
     console = log_console()  # tables and lines whole in a log file, not cut to 80 columns
+    processes = None
     with ExitStack() as stack:
         try:
+            from fedprune.simulation.processes import BASE_OPEN_FILES, raise_open_files_limit
+
+            # One descriptor per device connection: in a broker started here (all of them), and in
+            # the devices' processes (this one's, or the children's, which inherit the limit).
+            here = 0 if ranges is not None else (len(device_ids) if device_ids else args.devices)
+            raise_open_files_limit(BASE_OPEN_FILES + (here if choice.kind == "url" else args.devices))
             broker = _start_broker(stack, choice.url if choice.kind == "url" else choice.kind)
         except (RuntimeError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         print(_broker_line(choice, broker), flush=True)
+        if ranges is not None:
+            _stop_on_sigterm(stack)
+            processes = stack.enter_context(_device_processes(args, task, ranges, run_dir, broker))
+            device_ids = range(0)  # the aggregator only, here
         callbacks: dict = {"on_round": print_round}
         if not args.no_progress:
             from fedprune.simulation.progress import FederationProgress
@@ -288,7 +379,13 @@ def main(argv: list[str] | None = None) -> int:
             result = run_simulation(task, args.devices, run_dir, broker, device_ids=device_ids, attack=attack,
                                     resume=args.resume, status_at=None if args.status_port is None
                                     else (args.status_host, args.status_port), **callbacks)
+            if processes is not None:
+                fleet = _merged_counters(processes.finish(), run_dir)
         except KeyboardInterrupt:
+            if processes is not None and processes.failure is not None:
+                print(f"\nerror: {processes.failure.message()}\nthe simulation was stopped; the run folder "
+                      f"{run_dir} holds the rounds completed so far", file=sys.stderr)
+                return 1
             print("\n" + interrupted("fedprune-simulate", list(sys.argv[1:] if argv is None else argv), run_dir),
                   file=sys.stderr)
             return 130
@@ -300,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
 
     notes = [f"task `{task.source}`; {args.devices} devices, data `{task.data.dataset}` split `{task.data.partition}`",
              f"simulated wall time {time.monotonic() - start:.1f} s"]
+    if processes is not None:
+        notes.append(f"devices in {len(ranges)} processes (logs `devices-<k>.log`): {fleet['devices']} devices, "
+                     f"{fleet['online']} online, {fleet['updates_sent']} updates sent, {fleet['send_errors']} send "
+                     f"errors, {fleet['dropouts']} dropouts (`fleet.json`)")
+    if task.data.partition == "iid_with_replacement":
+        from fedprune.data import SHARED_SAMPLES_NOTE
+
+        notes.append(SHARED_SAMPLES_NOTE)
     report = write_report(run_dir, notes=notes, compare=[Run.load(p) for p in args.compare])
     if not args.no_progress:
         from fedprune.simulation.progress import summary_table

@@ -20,13 +20,10 @@ it), and is stopped, and its folder removed, when the simulation ends.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
-from pathlib import Path
+import sys
+
+from fedprune.mosquitto import MosquittoProcess, mosquitto_executable
+from fedprune.simulation.processes import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +31,7 @@ __all__ = ["BrokerChoice", "EMBEDDED_MAX_DEVICES", "PrivateMosquitto", "choose_b
 
 #: the most devices in one process that ``auto`` puts on the embedded broker
 EMBEDDED_MAX_DEVICES = 200
-_FALLBACK_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 _KEYWORDS = ("auto", "embedded", "mosquitto")
-
-
-def mosquitto_executable() -> str | None:
-    """The ``mosquitto`` program (Debian installs it in /usr/sbin, often not on a user's PATH)."""
-    found = shutil.which("mosquitto")
-    if found:
-        return found
-    return next((p for p in _FALLBACK_PATHS if os.path.isfile(p) and os.access(p, os.X_OK)), None)
 
 
 class BrokerChoice:
@@ -85,97 +73,16 @@ def choose_broker(requested: str | None, devices: int) -> BrokerChoice:
     return BrokerChoice("embedded", f"{devices} devices, but no Mosquitto is installed")
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class PrivateMosquitto:
+class PrivateMosquitto(MosquittoProcess):
     """A Mosquitto process of the simulator's own, on 127.0.0.1 and a free port (``with`` starts
-    and stops it)."""
+    it, and stops it and removes its folder): no cap on connections (what bounds them is the
+    open-files limit it inherits from the simulator, which raises it:
+    ``simulation.processes.raise_open_files_limit``), errors and warnings only in its log, and on
+    Linux it ends with the simulator, even one killed outright."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        executable = mosquitto_executable()
-        if executable is None:
+        super().__init__(host=host, extra_config="max_connections -1", log_types=("error", "warning"),
+                         preexec_fn=exit_with_parent if sys.platform == "linux" else None,
+                         prefix="fedprune-sim-mosquitto-")
+        if self.executable is None:
             raise RuntimeError("no mosquitto program found: install it (apt-get install mosquitto)")
-        self.executable, self.host, self.port = executable, host, 0
-        self.workdir = Path(tempfile.mkdtemp(prefix="fedprune-sim-mosquitto-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def version(self) -> str:
-        """``mosquitto version 2.0.11`` as the program prints it ("" if it does not say)."""
-        try:
-            out = subprocess.run([self.executable, "-h"], capture_output=True, text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            return ""
-        first = (out.stdout or out.stderr).splitlines()
-        return first[0].strip() if first else ""
-
-    def config_text(self) -> str:
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "persistence false",
-                 "max_queued_messages 10000", "max_inflight_messages 20", "sys_interval 0",
-                 f"log_dest file {self.workdir / 'mosquitto.log'}", "log_type error", "log_type warning"]
-        if os.geteuid() == 0:  # as root it would switch to the `mosquitto` user, who cannot write the log here
-            lines.append("user root")
-        return "\n".join(lines) + "\n"
-
-    def start(self, timeout_s: float = 10.0) -> PrivateMosquitto:
-        for _ in range(3):  # another process may take the free port first
-            self.port = _free_port(self.host)
-            conf = self.workdir / "mosquitto.conf"
-            conf.write_text(self.config_text())
-            with open(self.workdir / "mosquitto.out", "ab") as out:
-                self._proc = subprocess.Popen([self.executable, "-c", str(conf)], stdin=subprocess.DEVNULL,
-                                              stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                              start_new_session=True)  # Ctrl-C goes to the simulator
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline and self._proc.poll() is None and not _port_open(self.host, self.port):
-                time.sleep(0.02)
-            if self._proc.poll() is None and _port_open(self.host, self.port):
-                log.info("private Mosquitto (pid %d) on %s", self._proc.pid, self.url)
-                return self
-            self.stop()
-        raise RuntimeError(f"the private Mosquitto did not start on {self.host}: {self.log_tail()}")
-
-    def log_tail(self, lines: int = 10) -> str:
-        text = ""
-        for name in ("mosquitto.out", "mosquitto.log"):
-            path = self.workdir / name
-            if path.is_file():
-                text += path.read_text(errors="replace")
-        return " | ".join(text.strip().splitlines()[-lines:]) or "(no log)"
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def __enter__(self) -> PrivateMosquitto:
-        try:
-            return self.start()
-        except BaseException:
-            self.__exit__()
-            raise
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)

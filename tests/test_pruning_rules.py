@@ -309,6 +309,30 @@ def test_global_magnitude_respects_current_masks_and_ties():
     assert ma.tolist() == [T, F, T, T] and mb.all()
 
 
+def test_a_layer_floor_keeps_a_layer_of_small_weights_from_being_emptied():
+    rng = np.random.default_rng(3)
+    tiny = rng.normal(scale=0.001, size=(40, 50))  # 2,000 weights, all smaller than any of `big`
+    big = rng.normal(scale=1.0, size=(10, 20))  # 200
+    masks = [np.ones(tiny.shape, bool), np.ones(big.shape, bool)]
+    bare = global_magnitude_masks([tiny, big], masks, 0.95)  # keeps 110: all from `big`
+    assert bare[0].sum() == 0 and bare[1].sum() == 110
+    floored = global_magnitude_masks([tiny, big], masks, 0.95, layer_floor=0.5)
+    # tiny's floor: half the overall density (110 / 2,200 = 5 %) of 2,000 = 50 kept; big keeps the other 60
+    assert floored[0].sum() == 50 and floored[1].sum() == 60
+    assert np.abs(tiny)[floored[0]].min() >= np.abs(tiny)[~floored[0]].max()  # its largest
+    assert np.abs(big)[floored[1]].min() >= np.abs(big)[~floored[1]].max()
+    # a floor the ranking already satisfies changes nothing
+    assert all(np.array_equal(x, y) for x, y in
+               zip(global_magnitude_masks([tiny, big], masks, 0.5, 0.5), global_magnitude_masks([tiny, big], masks, 0.5)))
+    # a layer already sparser than its floor keeps what it has (pruned positions stay pruned)
+    sparse_tiny = np.zeros(tiny.shape, bool)
+    sparse_tiny[0, :10] = True
+    again = global_magnitude_masks([tiny, big], [sparse_tiny, masks[1]], 0.95, layer_floor=1.0)
+    assert again[0].sum() == 10 and again[1].sum() == 110 - 10 and not again[0][1:].any()
+    with pytest.raises(ValueError, match="layer_floor"):
+        global_magnitude_masks([tiny, big], masks, 0.9, layer_floor=1.5)
+
+
 def test_prune_globally_zeroes_pruned_and_validates():
     w = [np.array([0.3, -0.1, 0.2], np.float32), np.array([0.05, 0.9], np.float32)]
     m = [np.ones(3, bool), np.ones(2, bool)]

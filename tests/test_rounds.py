@@ -38,14 +38,14 @@ def _close(agents, silent, topics, silent_ids):
 
 
 def test_silent_device_is_dropped_at_the_deadline_and_the_quorum_closes_the_round(broker_url, tmp_path):
-    task = small_task(federation={"rounds": 2, "devices_per_round": 3, "min_devices": 2, "round_timeout_s": 15},
-                      pruning={"final_sparsity": 0.5, "end_round": 2})  # 15 s: two real trainings fit under load
+    task = small_task(federation={"rounds": 1, "devices_per_round": 3, "min_devices": 2, "round_timeout_s": 15},
+                      pruning={"final_sparsity": 0.5, "end_round": 1})  # 15 s: two real trainings fit under load
     agg, agents, silent = _federation(broker_url, tmp_path, task, 2, ["mute"])
     try:
         result = agg.run()
     finally:
         _close(agents, silent, agg.topics, ["mute"])
-    assert [r.reported for r in result.rounds] == [2, 2]
+    assert [r.reported for r in result.rounds] == [2]
     assert all(r.selected == 3 for r in result.rounds)
     assert all(r.wall_s >= 15 for r in result.rounds)  # waited for the silent one until the deadline
 

@@ -112,11 +112,11 @@ def test_mosquitto_runs_the_generated_config_as_documented(setup_folder):
     import subprocess
     import time
 
-    from brokers import mosquitto_path
+    from brokers import mosquitto_executable
 
     conf = setup_folder.mosquitto_conf
     assert f"\nuser {pwd.getpwuid(os.geteuid()).pw_name}\n" in conf.read_text()
-    proc = subprocess.Popen([mosquitto_path(), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([mosquitto_executable(), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         aggregator = load_connection(setup_folder.aggregator_connection).broker.full_url()
         deadline = time.monotonic() + WAIT_S

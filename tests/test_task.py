@@ -82,6 +82,8 @@ BAD = [
     ("begin_round = 2", "begin_round = -1", "pruning.begin_round"),
     ("begin_round = 2", "begin_round = 11", "pruning.end_round"),
     ("frequency = 2", "frequency = 0", "pruning.frequency"),
+    ("frequency = 2", "frequency = 2\nscope = \"global\"\nglobal_floor = 2.0", "pruning.global_floor"),
+    ("frequency = 2", "frequency = 2\nglobal_floor = 0.2", "pruning.global_floor applies to scope = 'global'"),
     ("end_round = 10", "end_round = 16", "pruning.end_round"),
     ("min_devices = 5", "min_devices = 11", "federation.min_devices"),
     ("min_devices = 5", "min_devices = 0", "federation.min_devices"),

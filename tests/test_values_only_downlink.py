@@ -119,6 +119,27 @@ def test_downlink_error_feedback_cancels_the_quantization_error_over_rounds():
     assert not downlink.feedback
 
 
+def test_the_downlink_residual_survives_a_checkpoint_and_a_resume(tmp_path):
+    """A run stopped after round 2 and resumed sends round 3 exactly what the uninterrupted run sends."""
+    from fedprune.aggregator.checkpoint import FederationState, load_latest_checkpoint, save_checkpoint
+
+    transport = TransportSection(downlink_precision="int4", error_feedback=True)
+    rounds = [_model(seed) for seed in (1, 2, 3)]
+
+    def send(downlink: Downlink, r: int) -> bytes:
+        return downlink.payloads(_task(*rounds[r - 1], "int4", r), ["d"], DeviceRegistry())["d"]
+
+    through = Downlink(transport, NAMES)
+    expected = [send(through, r) for r in (1, 2, 3)]
+    first = Downlink(transport, NAMES)
+    send(first, 1), send(first, 2)
+    save_checkpoint(tmp_path, FederationState(2, rounds[1][0], rounds[1][1], {}, downlink_residual=first.residual))
+    resumed = Downlink(transport, NAMES)
+    resumed.restore(load_latest_checkpoint(tmp_path).downlink_residual)
+    assert send(resumed, 3) == expected[2]
+    assert send(Downlink(transport, NAMES), 3) != expected[2]  # without the residual it differs
+
+
 def test_values_only_sections_of_both_directions_agree():
     """The task's values-only body is the uplink's values-only section (protocol section 8.1)."""
     weights, masks = _model()

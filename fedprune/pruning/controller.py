@@ -130,7 +130,7 @@ class PruningController:
     def prune(self, weights: list[np.ndarray], masks: Masks, target: float) -> tuple[list[np.ndarray], Masks]:
         """One pruning step: the section's rule per layer, or global magnitude."""
         if self.section.scope == "global":
-            return prune_globally(weights, masks, target)
+            return prune_globally(weights, masks, target, self.section.global_floor)
         rules = [None if m is None else self.section.rule_for(self.layer_of[i]) for i, m in enumerate(masks)]
         return prune_with_rules(weights, masks, rules, target)
 

@@ -47,6 +47,7 @@ class _TimedTrainer:
         self.shared, self.speed, self.enqueued, self.waited_s = shared, speed, enqueued, waited_s
         self.seed_key = seed_key  # (task seed, device index): with the round, the seed of its training
         self.extra_s = 0.0  # what to sleep after training: a slower device is not done yet
+        self.train_s = 0.0  # this host's training time (the simulator's efficiency: its share of a round)
 
     def train(self, architecture: Architecture, task: TrainTask, x: np.ndarray, y: np.ndarray) -> TrainResult:
         # Seeded by device and round, not by the order the shared trainer took the devices in.
@@ -58,6 +59,7 @@ class _TimedTrainer:
             result = self.shared.train(architecture, task, x, y)
         real = time.perf_counter() - self.enqueued  # queued + trained
         train_s = float(result.metrics.get("train_s", real))
+        self.train_s = train_s
         compute_s = train_s * self.speed
         self.extra_s = max(0.0, compute_s - train_s)
         result.metrics["compute_s"] = compute_s
@@ -72,6 +74,7 @@ class DeviceStats:
     dropouts: int = 0
     link_delay_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    train_s_by_round: dict[int, float] = field(default_factory=dict)  # this host's training time
 
 
 class SimulatedDevice:
@@ -165,7 +168,7 @@ class SimulatedDevice:
 
     async def _read(self, conn: AsyncConnection) -> None:
         async for topic, payload in conn.messages():
-            job = self.session.receive(topic, payload)
+            job = self.session.receive(topic, self.tasks.intern(payload))
             if isinstance(job, Outgoing):  # a task it answered came again: the same update again
                 t = asyncio.ensure_future(self._publish(job))
                 self._jobs.add(t)
@@ -201,6 +204,7 @@ class SimulatedDevice:
             message = await loop.run_in_executor(self.executor, run_job, self.session, job, timed, self.x, self.y)
             if message is None:
                 return
+            self.stats.train_s_by_round[task.round] = self.stats.train_s_by_round.get(task.round, 0.0) + timed.train_s
             await asyncio.sleep(timed.extra_s)
             await self._link_sleep(self.behaviour.uplink.delay_s(len(message.payload), self._rng))
             await self._publish(message)

@@ -141,7 +141,13 @@ class Fleet:
     def wait_finished(self, timeout_s: float | None = None) -> bool:
         return self.finished.wait(timeout_s)
 
-    def stats(self) -> dict[str, int | float]:
+    def stats(self) -> dict:
+        """Counters of this process's devices; ``train_s_by_round``: the seconds its shared
+        trainers spent training, by round (the simulator's efficiency, beside the round's wall)."""
+        by_round: dict[int, float] = {}
+        for d in self.devices:
+            for r, s in d.stats.train_s_by_round.items():
+                by_round[r] = by_round.get(r, 0.0) + s
         return {
             "devices": len(self.behaviours),
             "online": self.online_count,
@@ -149,6 +155,8 @@ class Fleet:
             "dropouts": sum(d.stats.dropouts for d in self.devices),
             "send_errors": sum(len(d.stats.errors) for d in self.devices),
             "link_delay_s": sum(d.stats.link_delay_s for d in self.devices),
+            "train_s": sum(by_round.values()),
+            "train_s_by_round": {str(r): s for r, s in sorted(by_round.items())},  # str: as JSON gives it back
         }
 
     # --- the event loop's side ---
