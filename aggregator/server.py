@@ -246,10 +246,8 @@ class Aggregator:
                 return Gathered(attempt, selected, population, collected, totals, rejections)
             log.warning("round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
                         r, attempt, len(collected.results), len(selected), fed.min_devices)
-        raise FederationError(
-            f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
-            f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
-        )
+        raise FederationError(f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
+                              f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}")
 
     def _trainable_file(self):  # built (and published) when a device that trains without TensorFlow is online
         return self.model_files.trainable(self.model, self.architecture.digest, self.state.masks)

@@ -140,8 +140,8 @@ class Worker:
         self.buffer_shapes: tuple[tuple[int, ...], ...] = ()
         self.session = MqttSession(
             settings.broker_url, client_id=f"fedprune-aggregator-{settings.federation}-worker-{settings.worker_id}",
-            subscriptions=[shared_updates_topic(self.topics)], on_message=self._on_message, admit=self._admit, max_payload_bytes=settings.max_payload_bytes,
-            max_message_bytes=settings.max_message_bytes,
+            subscriptions=[shared_updates_topic(self.topics)], on_message=self._on_message, admit=self._admit,
+            max_payload_bytes=settings.max_payload_bytes, max_message_bytes=settings.max_message_bytes,
             # Clean: a killed worker's session (and its unacknowledged updates) goes with it; the
             # coordinator retries that attempt rather than wait for a redelivery.
             clean_session=True,
@@ -205,7 +205,8 @@ class Worker:
         else:
             self.budgets.known = frozenset(spec.selected).__contains__
         if not spec.device_masks and (self.buffers is None or self.buffer_shapes != spec.shapes):
-            self.buffers, self.buffer_shapes = UpdateBuffers(spec.shapes, 1), spec.shapes  # new after structured pruning
+            # (new shapes after structured pruning)
+            self.buffers, self.buffer_shapes = UpdateBuffers(spec.shapes, 1), spec.shapes
         self.attempt = _Attempt(spec, self.topics, None if spec.device_masks else self.buffers)
         self.attempt.partial = Partial(self.settings.worker_id, self.attempt.fold.running)
         self.conn.send(("ready", spec.round, spec.attempt))

@@ -129,7 +129,8 @@ def main() -> int:
         same_weights = all(np.array_equal(weights[0][k], weights[args.workers][k]) for k in weights[0].files)
     later = {w: [r for r in run["rounds"] if r["round"] > 1] for w, run in runs.items()}
     cpu = {w: sum(r["coordinator_cpu_s"] for r in rs) / len(rs) for w, rs in later.items()}
-    curves = {w: [(r["round"], r["accuracy"], r["loss"], r["reported"]) for r in run["rounds"]] for w, run in runs.items()}
+    curves = {w: [(r["round"], r["accuracy"], r["loss"], r["reported"]) for r in run["rounds"]]
+              for w, run in runs.items()}
     out = {
         "devices": args.devices, "updates_per_round": args.devices, "rounds": args.rounds,
         "coordinator_cpu_s_per_round": {str(w): cpu[w] for w in cpu},

@@ -58,9 +58,11 @@ def test_partial_sums_merged_in_worker_order_equal_one_process_to_the_bit(config
     weights = [rng.normal(size=s).astype(np.float32) for s in SHAPES]
     results = _results(rng, 50, masks, device_masks=config["strategy"] == "device_mask_averaging")
     if config["strategy"] == "dp_fedavg":  # the noise is drawn once, by the coordinator's aggregate
-        make = lambda: DPFedAvg(clip_norm=0.5, noise_multiplier=1.1, sampled=60, rng=np.random.default_rng(11))  # noqa: E731
+        def make():
+            return DPFedAvg(clip_norm=0.5, noise_multiplier=1.1, sampled=60, rng=np.random.default_rng(11))
     else:
-        make = lambda: strategy_from_config(config)  # noqa: E731
+        def make():
+            return strategy_from_config(config)
     one = make().running(weights, masks)
     for r in results:
         one.add(r)
