@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                              "thousands of devices (default 1: devices and aggregator in this process)")
     parser.add_argument("--no-aggregator", action="store_true",
                         help="run devices only, against --broker, until the aggregator finishes its run")
+    parser.add_argument("--aggregator-workers", type=int, default=0, metavar="N",
+                        help="the aggregator's aggregation worker processes (fedprune-aggregator --workers N): "
+                             "need Mosquitto (--broker auto then starts a private one) and a strategy that streams")
     parser.add_argument("--broker", default="auto",
                         help="auto (default: the embedded broker for up to 200 devices, a private Mosquitto "
                              "started here for more where one is installed), embedded, mosquitto, or the URL "
@@ -284,10 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                      "and the other hosts use, and the key the aggregator prints at start (its aggregator.pub)")
     from fedprune.simulation.private_broker import EMBEDDED_MAX_DEVICES, choose_broker
 
+    if args.aggregator_workers and args.broker == "auto":
+        args.broker = "mosquitto"  # workers need shared subscriptions, which the embedded broker has not
     try:
         choice = choose_broker(args.broker, len(device_ids) if device_ids else args.devices)
     except ValueError as e:
         parser.error(str(e))
+    if args.aggregator_workers and (choice.kind == "embedded" or args.no_aggregator):
+        parser.error("--aggregator-workers needs the aggregator here and a broker with shared subscriptions "
+                     "($share), such as Mosquitto 2: the embedded broker (amqtt) has none; use --broker mosquitto "
+                     "or --broker mqtt://HOST:PORT")
     ranges = None
     if args.processes != 1:
         from fedprune.simulation.processes import split_ranges
@@ -378,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_simulation(task, args.devices, run_dir, broker, device_ids=device_ids, attack=attack,
                                     resume=args.resume, status_at=None if args.status_port is None
-                                    else (args.status_host, args.status_port), **callbacks)
+                                    else (args.status_host, args.status_port),
+                                    aggregator_workers=args.aggregator_workers, **callbacks)
             if processes is not None:
                 fleet = _merged_counters(processes.finish(), run_dir)
         except KeyboardInterrupt:

@@ -106,6 +106,14 @@ def test_the_cli_refuses_workers_on_the_embedded_broker_and_with_a_robust_strate
     assert "--workers" not in capsys.readouterr().err
 
 
+def test_fedprune_simulate_refuses_aggregator_workers_on_the_embedded_broker(capsys):
+    from fedprune.simulation.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--task", "examples/digits.toml", "--broker", "embedded", "--aggregator-workers", "2"])
+    assert stopped.value.code == 2 and "embedded broker (amqtt) has none" in capsys.readouterr().err
+
+
 # --- the coordinator and two real workers on a real Mosquitto ---
 TOPICS = Topics("fed")
 
