@@ -303,3 +303,47 @@ def test_a_worker_killed_during_an_attempt_drops_the_attempt_and_is_started_agai
         pool.stop()
         sender.loop_stop()
         sender.disconnect()
+
+
+def test_workers_log_in_to_an_init_broker_mosquitto_and_its_access_policy_lets_them_work(tmp_path):
+    """The secured set-up of ``fedprune-aggregator init-broker`` on Mosquitto (TLS, logins, access
+    policy): the workers, logged in as the aggregator, get the devices' updates through the shared
+    filter, and nothing else changes."""
+    from brokers import MosquittoProcess, free_port, mosquitto_available
+    from fedprune.aggregator.broker_setup import init_broker
+    from fedprune.connection import load_connection
+    from fedprune.transport import MqttSession
+
+    if not mosquitto_available():
+        pytest.skip("needs mosquitto and mosquitto_passwd")
+    devices = ["pi-01", "pi-02"]
+    folder = init_broker(tmp_path / "broker", "sec", devices, ["localhost"], port=free_port(), bind="127.0.0.1")
+    topics = Topics("sec")
+    masks = [None] * len(SHAPES)
+    weights = [np.zeros(s, np.float32) for s in SHAPES]
+    ctx = RoundContext(1, 1, tuple(devices), set(devices).__contains__, topics, SHAPES, masks,
+                       ["a/kernel", "a/bias", "b/kernel", "b/bias"], 10**7, "float32", False, weights,
+                       layout=MaskLayout.of(SHAPES, masks))
+    strategy = strategy_from_config({"strategy": "fedavg"})
+    link = _link(devices)
+    link = DeviceLink(link.publisher, topics, link.registry, link.inbox)
+    with MosquittoProcess(port=folder.port, base_config=folder.mosquitto_conf.read_text()):
+        aggregator_url = load_connection(folder.aggregator_connection).broker.full_url()
+        pool = WorkerPool(2, aggregator_url, small_task(federation={"id": "sec"}), Budget(100, 10**8))
+        sessions = []
+        try:
+            collector = pool.collector(link, ctx, {}, RoundFold(strategy, weights, masks))
+            for i, device in enumerate(devices):
+                url = load_connection(folder.device_connection(device)).broker.full_url()
+                session = MqttSession(url, client_id=device).start(10)
+                sessions.append(session)
+                tensors = [np.full(s, float(i + 1), np.float32) for s in SHAPES]
+                data = encode_update(Update(1, 1, device, 10, {}, tensors, precision="float32"), masks)
+                session.publish(topics.update(device), data).wait_for_publish(5)
+            out = collector.collect(time.monotonic(), time.monotonic() + 10)
+        finally:
+            for session in sessions:
+                session.stop()
+            pool.stop()
+    assert [r.device_id for r in out.results] == devices
+    assert all(np.allclose(w, 1.5) for w in out.fold.weights(out.results))
