@@ -210,7 +210,7 @@ def _accuracies(run_dir):
             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.slow  # two simulated federations: 12-33 s on the shared 2-core VM
+@pytest.mark.slow  # two simulated federations: 10-33 s on the shared 2-core VM
 def test_a_federation_with_two_workers_gives_the_same_run_as_one_process(tmp_path):
     from fedprune.simulation.cli import run_simulation
 
@@ -237,7 +237,7 @@ def _kill_a_worker_once(killed: list[int]):
     return on_update
 
 
-@pytest.mark.slow  # a simulated federation with a retried round: 4-17 s on the shared 2-core VM (fast form below)
+@pytest.mark.slow  # a simulated federation with a retried round: 3-17 s on the shared 2-core VM (fast form below)
 def test_a_worker_killed_mid_round_costs_the_attempt_and_counts_nothing_twice(tmp_path):
     from fedprune.simulation.cli import run_simulation
 
