@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     if sum(x is not None for x in (args.broker, args.connection, args.broker_dir)) > 1:
         parser.error("give at most one of --broker, --connection and --broker-dir")
     task = load_task_or_exit(args.task, check=strategy_for_task)
+    if args.workers:
+        cannot = _workers_refusal(args, task)
+        if cannot:
+            print(f"error: {cannot}", file=sys.stderr)
+            return 2
     run_dir = args.run_dir or default_run_dir(args.task)
     stop = refusal(run_dir, args.resume)  # before anything is started: a finished run, another run's folder
     if stop is not None:
@@ -110,8 +115,25 @@ def _parser() -> argparse.ArgumentParser:
                         help="serve a live status page (and status.json) on this port (0 picks a free one)")
     parser.add_argument("--status-host", default="127.0.0.1",
                         help="address the status page binds (default 127.0.0.1; read-only, no secrets)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="aggregation worker processes that take, check, decode and sum the updates (through a "
+                             "shared subscription: needs Mosquitto 2 or another broker with $share, given with "
+                             "--broker or --connection, and a strategy that streams: fedavg, dp_fedavg, "
+                             "device_mask_averaging); default 0: the aggregator does it all")
     add_logging_args(parser, default="INFO")
     return parser
+
+
+def _workers_refusal(args: argparse.Namespace, task: Task) -> str | None:
+    """Why ``--workers`` cannot run here (None: it can)."""
+    from fedprune.aggregator.workers import workers_refusal
+
+    if args.workers < 0:
+        return f"--workers must be 0 or more, got {args.workers}"
+    if args.broker is None and args.connection is None:
+        return ("--workers needs a broker with MQTT shared subscriptions ($share), such as Mosquitto 2: give "
+                "--broker mqtt://HOST:1883 or --connection; the embedded broker (amqtt, MQTT 3.1.1) has none")
+    return workers_refusal(strategy_for_task(task), task)
 
 
 def _embedded_broker(stack: ExitStack, args: argparse.Namespace, broker_url: str | None,
@@ -154,7 +176,7 @@ def _run(args: argparse.Namespace, argv: list[str], task: Task, dataset: Dataset
         with ExitStack() as stack:
             stack.enter_context(WaitNotices(lambda: built[0].status.describe() if built else starting, log))
             built.append(Aggregator(task, dataset, broker_url, run_dir, resume=args.resume, on_round=print_round,
-                                    signing_key=signing_key))
+                                    signing_key=signing_key, workers=args.workers))
             if args.status_port is not None:
                 page = stack.enter_context(StatusPage(built[0].status.snapshot, args.status_host, args.status_port))
                 print(f"status page: {page.url}", flush=True)

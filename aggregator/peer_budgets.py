@@ -142,6 +142,12 @@ class PeerBudgets:
         with self._lock:
             return len(self._report.over_budget), self._report.unknown_messages
 
+    def over_budget_devices(self) -> set[str]:
+        """The devices over their budget in this window (aggregation workers report them by name:
+        a device over budget at two workers is still one device)."""
+        with self._lock:
+            return set(self._report.over_budget)
+
     def finish(self) -> WindowReport:
         """The report of the last window (the run is over)."""
         with self._lock:

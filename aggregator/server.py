@@ -41,6 +41,7 @@ from fedprune.aggregator.structured_step import prune_structured
 from fedprune.aggregator.tensorboard_log import TensorBoardLog
 from fedprune.aggregator.round_fold import RoundFold, buffer_rows
 from fedprune.aggregator.update_buffers import UpdateBuffers
+from fedprune.aggregator.workers import worker_pool
 from fedprune.architecture import layer_classes, model_from_architecture_json
 from fedprune.converters.codec import MaskLayout
 from fedprune.converters.protocol import RoundAnnouncement, Topics
@@ -61,9 +62,9 @@ class Aggregator:
     def __init__(self, task: Task, dataset: Dataset, broker_url: str, run_dir: Path, *, resume: bool = False,
                  on_round: Callable[[RoundRecord], None] | None = None,
                  on_update: Callable[[RoundProgress], None] | None = None, export_tflite: bool = True,
-                 signing_key: SigningKey | None = None) -> None:
-        """``signing_key`` signs every message to devices; default: ``<run_dir>/aggregator.key``,
-        made there if missing (``channel.run_signing_key``), so a resumed run keeps its devices' key."""
+                 signing_key: SigningKey | None = None, workers: int = 0) -> None:
+        """``signing_key`` signs every message to devices (default: ``channel.run_signing_key``'s, so a
+        resumed run keeps its devices' key); ``workers``: aggregation worker processes (``workers``)."""
         from fedprune.keras_setup import keras  # TensorFlow only once an aggregator is built
         from fedprune.models import build_model
 
@@ -94,6 +95,7 @@ class Aggregator:
                                     signing_key, on_connected=self._publish_architecture)
         self.model_files = DeviceModelFiles(self.channel.publisher, self.topics, self.selection,
                                             task.training.batch_size)
+        self.workers = worker_pool(workers, broker_url, task, self.strategy, self.architecture)
 
     @property
     def verify_key(self) -> VerifyKey:
@@ -156,6 +158,7 @@ class Aggregator:
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode()
             self.channel.publisher.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
         finally:
+            self.workers and self.workers.stop()
             self.channel.session.stop()
         return self._finish(exports)
 
@@ -243,10 +246,8 @@ class Aggregator:
                 return Gathered(attempt, selected, population, collected, totals, rejections)
             log.warning("round %d attempt %d: %d of %d selected devices reported, quorum is %d; retrying",
                         r, attempt, len(collected.results), len(selected), fed.min_devices)
-        raise FederationError(
-            f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
-            f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}"
-        )
+        raise FederationError(f"round {r} failed {fed.max_round_retries + 1} times without a quorum of "
+                              f"{fed.min_devices} updates; the last checkpoint is round {self.state.completed_rounds}")
 
     def _trainable_file(self):  # built (and published) when a device that trains without TensorFlow is online
         return self.model_files.trainable(self.model, self.architecture.digest, self.state.masks)
@@ -266,11 +267,12 @@ class Aggregator:
                            layout=MaskLayout.of(self.shapes, self.state.masks))  # every update decodes against it
         encode_s = time.perf_counter() - t
         link = self.channel.link()
-        self.channel.listen(selected)  # before the tasks go out: the broker then routes every answer here
+        self.channel.listen([] if self.workers else selected)  # before the tasks go out (workers: in collector)
         self.status.attempt_opened(r, attempt, selected, max([0, *map(len, payloads.values())]), fed.round_timeout_s)
-        published = publish_round(link, ctx, payloads, fed.round_timeout_s, name_devices=self.accountant is None)
         fold = RoundFold(self.strategy, self.state.weights, self.state.masks, self._buffers)
-        collector = AttemptCollector(link, ctx, rejections, fold, self._progress, rejection_acked)
+        make = self.workers.collector if self.workers else AttemptCollector  # workers: open on them when made
+        collector = make(link, ctx, rejections, fold, self._progress, rejection_acked)
+        published = publish_round(link, ctx, payloads, fed.round_timeout_s, name_devices=self.accountant is None)
         out = collector.collect(published, deadline)
         out.encode_s, out.bytes_down = encode_s, sum(len(payloads[d]) for d in selected)
         return out

@@ -88,6 +88,7 @@ def run_simulation(
     connect_timeout_s: float = 600.0,
     resume: bool = False,
     status_at: tuple[str, int] | None = None,
+    aggregator_workers: int = 0,
 ):
     """Run a simulated federation and return the aggregator's ``RunResult``.
 
@@ -98,19 +99,23 @@ def run_simulation(
     same broker (trusting the key in ``<run_dir>/aggregator.pub``). The fleet's counters go to
     ``fleet.json`` in the run folder (not written when no device runs here).
     ``resume``: continue the run in ``run_dir`` from its last checkpoint. ``status_at``: (host,
-    port) of a live status page (its address is printed).
+    port) of a live status page (its address is printed). ``aggregator_workers``: the aggregator's
+    aggregation workers (``fedprune-aggregator --workers``; they need Mosquitto, not the embedded broker).
     """
     from fedprune.aggregator.server import Aggregator
     from fedprune.aggregator.status_page import StatusPage
     from fedprune.data import load_dataset
 
+    if aggregator_workers and broker_url in (None, "embedded"):
+        raise ValueError("aggregation workers need a broker with shared subscriptions ($share), such as Mosquitto 2; "
+                         "the embedded broker (amqtt) has none: use broker_url='mosquitto' or a Mosquitto URL")
     with ExitStack() as stack:
         broker_url = _start_broker(stack, broker_url)
         ds = load_dataset(task.data.dataset, task.data.path, task.data.test_fraction, task.seed, task.data.options)
         # The devices are given the aggregator's key in-process, as a real device gets it in its
         # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
-                                export_tflite=export_tflite, resume=resume)
+                                export_tflite=export_tflite, resume=resume, workers=aggregator_workers)
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
             print(f"status page: {page.url}", flush=True)
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                              "thousands of devices (default 1: devices and aggregator in this process)")
     parser.add_argument("--no-aggregator", action="store_true",
                         help="run devices only, against --broker, until the aggregator finishes its run")
+    parser.add_argument("--aggregator-workers", type=int, default=0, metavar="N",
+                        help="the aggregator's aggregation worker processes (fedprune-aggregator --workers N): "
+                             "need Mosquitto (--broker auto then starts a private one) and a strategy that streams")
     parser.add_argument("--broker", default="auto",
                         help="auto (default: the embedded broker for up to 200 devices, a private Mosquitto "
                              "started here for more where one is installed), embedded, mosquitto, or the URL "
@@ -279,10 +287,16 @@ def main(argv: list[str] | None = None) -> int:
                      "and the other hosts use, and the key the aggregator prints at start (its aggregator.pub)")
     from fedprune.simulation.private_broker import EMBEDDED_MAX_DEVICES, choose_broker
 
+    if args.aggregator_workers and args.broker == "auto":
+        args.broker = "mosquitto"  # workers need shared subscriptions, which the embedded broker has not
     try:
         choice = choose_broker(args.broker, len(device_ids) if device_ids else args.devices)
     except ValueError as e:
         parser.error(str(e))
+    if args.aggregator_workers and (choice.kind == "embedded" or args.no_aggregator):
+        parser.error("--aggregator-workers needs the aggregator here and a broker with shared subscriptions "
+                     "($share), such as Mosquitto 2: the embedded broker (amqtt) has none; use --broker mosquitto "
+                     "or --broker mqtt://HOST:PORT")
     ranges = None
     if args.processes != 1:
         from fedprune.simulation.processes import split_ranges
@@ -373,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = run_simulation(task, args.devices, run_dir, broker, device_ids=device_ids, attack=attack,
                                     resume=args.resume, status_at=None if args.status_port is None
-                                    else (args.status_host, args.status_port), **callbacks)
+                                    else (args.status_host, args.status_port),
+                                    aggregator_workers=args.aggregator_workers, **callbacks)
             if processes is not None:
                 fleet = _merged_counters(processes.finish(), run_dir)
         except KeyboardInterrupt:

@@ -74,6 +74,12 @@ class RunningDeviceMaskAveraging(RunningAggregate):
             count += keep * int(result.num_samples)
         self.count += 1
 
+    def merge(self, other: RunningAggregate) -> None:
+        self._merge_count(other)
+        for total, count, part, part_count in zip(self.sums, self.counts, other.sums, other.counts, strict=True):
+            total.merge(part)
+            count += part_count
+
     def result(self) -> list[np.ndarray]:
         self._require()
         return [np.divide(total.value(), count, out=np.zeros(count.shape), where=count > 0).astype(np.float32)

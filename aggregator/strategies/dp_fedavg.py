@@ -96,6 +96,13 @@ class RunningDPFedAvg(RunningAggregate):
             total.add(d.ravel() if keep is None else d.ravel()[keep])
         self.count += 1
 
+    def merge(self, other: RunningAggregate) -> None:
+        """The partial's clipped sums; the noise is drawn once, by the aggregate ``result`` runs on."""
+        self._merge_count(other)
+        for total, part in zip(self.sums, other.sums, strict=True):
+            total.merge(part)
+        self.clipped += other.clipped
+
     def result(self) -> list[np.ndarray]:
         self._require()
         s = self.strategy

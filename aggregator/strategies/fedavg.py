@@ -58,6 +58,12 @@ class RunningFedAvg(RunningAggregate):
         self.samples += int(result.num_samples)
         self.count += 1
 
+    def merge(self, other: RunningAggregate) -> None:
+        self._merge_count(other)
+        for total, part in zip(self.sums, other.sums, strict=True):
+            total.merge(part)
+        self.samples += other.samples
+
     def result(self) -> list[np.ndarray]:
         self._require()
         if self.samples <= 0:

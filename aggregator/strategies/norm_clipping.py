@@ -83,5 +83,9 @@ class RunningClipped(RunningAggregate):
         self.inner.add(clip_results([result], self.clip_norm, self.masks)[0])
         self.count += 1
 
+    def merge(self, other: RunningAggregate) -> None:
+        self._merge_count(other)
+        self.inner.merge(other.inner)
+
     def result(self) -> list[np.ndarray]:
         return self.inner.result()

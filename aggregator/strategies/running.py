@@ -49,6 +49,12 @@ class ExactishSum:
         """The sum (float64)."""
         return self.hi + self.lo
 
+    def merge(self, other: ExactishSum) -> None:
+        """Add another running sum (an aggregation worker's partial): its ``hi`` and its ``lo`` are
+        added as two more addends, so the result is still the exact sum to about 2^-100."""
+        self.add(other.hi)
+        self.add(other.lo)
+
 
 class RunningAggregate(ABC):
     """One round's aggregation, fed one accepted update at a time (``add``), in any order."""
@@ -59,6 +65,16 @@ class RunningAggregate(ABC):
     @abstractmethod
     def add(self, result: ClientResult) -> None:
         """Fold ``result`` in; the caller may reuse its arrays afterwards."""
+
+    def merge(self, other: RunningAggregate) -> None:
+        """Fold in ``other``, a running aggregate of the same kind over other updates of the same
+        attempt (an aggregation worker's partial sums): as if its updates had been added here."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge partial sums")
+
+    def _merge_count(self, other: RunningAggregate) -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        self.count += other.count
 
     @abstractmethod
     def result(self) -> list[np.ndarray]:
