@@ -212,11 +212,14 @@ class OtherFederations:
 
 
 def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: FederationSection,
-                     counts: Callable[[DeviceInfo], bool] | None = None) -> int:
+                     counts: Callable[[DeviceInfo], bool] | None = None, fleet_size: int | None = None) -> int:
     """Wait until ``fed.devices_per_round`` devices (those ``counts`` accepts, if given) are online
-    or ``fed.wait_for_devices_s`` has passed; how many are. Devices seen on another federation
-    meanwhile are named at WARNING once (the commonest reason none come). ``FederationError``
-    below ``fed.min_devices``, with the hint."""
+    or ``fed.wait_for_devices_s`` has passed, then until the presences stop coming in (round 1 is
+    drawn from every device already there, not from the first presences in); how many are online.
+    ``fleet_size`` (a simulation, which knows its devices): wait for that many too, within the same
+    time, so that round 1 draws from the whole fleet, however its device processes raced. Devices
+    seen on another federation meanwhile are named at WARNING once (the commonest reason none
+    come). ``FederationError`` below ``fed.min_devices``, with the hint."""
     from fedprune.aggregator.run_folder import FederationError
 
     deadline, warned = time.monotonic() + fed.wait_for_devices_s, ""
@@ -228,6 +231,12 @@ def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: Fe
             warned = hint
         if n >= fed.devices_per_round or time.monotonic() >= deadline:
             break
+    if fleet_size is not None:  # every device, whether it can train the task or not: they all connect
+        online = registry.wait_for(fleet_size, max(0.0, deadline - time.monotonic()))
+        if online < fleet_size:
+            log.warning("%d of the simulation's %d devices online after %.0f s (federation.wait_for_devices_s): "
+                        "starting with them", online, fleet_size, fed.wait_for_devices_s)
+        n = registry.wait_for(0, 0.0, counts)
     if n < fed.min_devices:
         untrained = len(registry.online()) - n
         raise FederationError(
@@ -235,4 +244,4 @@ def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: Fe
             + (f" that can train ({untrained} more without a trainer)" if untrained else "")
             + f" after {fed.wait_for_devices_s:.0f} s; need at least federation.min_devices = {fed.min_devices}. "
             + (f"But {hint}." if hint else "Start more agents or lower min_devices."))
-    return n
+    return registry.wait_until_quiet()

@@ -96,6 +96,7 @@ class Aggregator:
         self.model_files = DeviceModelFiles(self.channel.publisher, self.topics, self.selection,
                                             task.training.batch_size)
         self.workers = worker_pool(workers, broker_url, task, self.strategy, self.architecture)
+        self.fleet_size: int | None = None  # a simulation's devices: round 1 waits for all of them (reproducible)
 
     @property
     def verify_key(self) -> VerifyKey:
@@ -169,9 +170,7 @@ class Aggregator:
             _, acc = self.evaluate(self.state.weights)
             log.info("initial model: held-out accuracy %.4f, sparsity %.3f", acc, sparsity(self.state.masks))
         self.status.waiting_for_devices(fed.devices_per_round, fed.min_devices, fed.wait_for_devices_s)
-        wait_for_devices(self.registry, self.others, fed, counts=can_ever_train)
-        # Round 1 is drawn from every device already there, not from the first presences in.
-        self.registry.wait_until_quiet()
+        wait_for_devices(self.registry, self.others, fed, counts=can_ever_train, fleet_size=self.fleet_size)
 
     def _complete(self, record: RoundRecord) -> None:
         """Record the round, then checkpoint it (a crash between the two is undone on resume)."""

@@ -116,6 +116,7 @@ def run_simulation(
         # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite, resume=resume, workers=aggregator_workers)
+        aggregator.fleet_size = num_devices
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
             print(f"status page: {page.url}", flush=True)

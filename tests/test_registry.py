@@ -64,3 +64,24 @@ def test_an_id_no_device_can_have_is_refused_and_never_known():
         assert not registry.known(bad)
     registry.update("a" * 128, True, 10)
     assert registry.known("a" * 128)
+
+
+def test_a_simulation_waits_for_its_whole_fleet_when_its_device_processes_connect_apart():
+    """Two device processes whose devices connect one second apart: without ``fleet_size`` round 1
+    would draw from the first process's devices only (the presences go quiet in between)."""
+    from fedprune.aggregator.registry import OtherFederations, wait_for_devices
+    from fedprune.task import FederationSection
+
+    fed = FederationSection(devices_per_round=5, min_devices=5, wait_for_devices_s=10)
+
+    def two_processes(registry: DeviceRegistry) -> None:
+        for first in (0, 10):
+            for i in range(first, first + 10):
+                registry.update(f"dev-{i}", True, 10)
+            time.sleep(1.0)
+
+    bare, whole = DeviceRegistry(), DeviceRegistry()
+    threading.Thread(target=two_processes, args=(bare,), daemon=True).start()
+    assert wait_for_devices(bare, OtherFederations("default"), fed) == 10
+    threading.Thread(target=two_processes, args=(whole,), daemon=True).start()
+    assert wait_for_devices(whole, OtherFederations("default"), fed, fleet_size=20) == 20

@@ -132,6 +132,12 @@ def test_two_device_processes_and_the_aggregator_account_for_every_update(tmp_pa
     assert "running devices 0-19 of 40" in (run / "devices-0.log").read_text()
     assert "devices in 2 processes" in (run / "report.md").read_text()
     print(f"two processes, 40 devices, 2 rounds: {time.monotonic() - started:.1f} s")
+    # The same run as one process gives: round 1 drew 20 of all 40 devices, not of the first process's
+    from fedprune.simulation.cli import run_simulation
+    from fedprune.task import load_task
+
+    one = run_simulation(load_task(tmp_path / "task.toml"), 40, tmp_path / "one", export_tflite=False)
+    assert [r.accuracy for r in one.rounds] == [r["accuracy"] for r in rounds]
 
 
 @needs_mosquitto
