@@ -288,12 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                      "and the other hosts use, and the key the aggregator prints at start (its aggregator.pub)")
     from fedprune.simulation.private_broker import EMBEDDED_MAX_DEVICES, choose_broker
 
-    if args.aggregator_workers and args.broker == "auto":
+    workers_pick_mosquitto = bool(args.aggregator_workers) and args.broker == "auto"
+    if workers_pick_mosquitto:
         args.broker = "mosquitto"  # workers need shared subscriptions, which the embedded broker has not
     try:
         choice = choose_broker(args.broker, len(device_ids) if device_ids else args.devices)
     except ValueError as e:
         parser.error(str(e))
+    if workers_pick_mosquitto:
+        choice.why = "aggregation workers need shared subscriptions, which the embedded broker has not"
     if args.aggregator_workers and (choice.kind == "embedded" or args.no_aggregator):
         parser.error("--aggregator-workers needs the aggregator here and a broker with shared subscriptions "
                      "($share), such as Mosquitto 2: the embedded broker (amqtt) has none; use --broker mosquitto "
