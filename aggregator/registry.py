@@ -236,7 +236,7 @@ def wait_for_devices(registry: DeviceRegistry, others: OtherFederations, fed: Fe
         if online < fleet_size:
             log.warning("%d of the simulation's %d devices online after %.0f s (federation.wait_for_devices_s): "
                         "starting with them", online, fleet_size, fed.wait_for_devices_s)
-        n = registry.wait_for(0, 0.0, counts)
+        n = registry.wait_for(0, 0.0, counts)  # of those, how many ``counts`` accepts, now
     if n < fed.min_devices:
         untrained = len(registry.online()) - n
         raise FederationError(
