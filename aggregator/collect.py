@@ -16,6 +16,7 @@ import hashlib
 import logging
 import queue
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -148,17 +149,39 @@ def train_task(task: Task, round_number: int, attempt: int, architecture_digest:
     )
 
 
+#: the most bytes of a round's tasks published and not yet acknowledged by the broker (``publish_round``)
+TASKS_IN_FLIGHT_BYTES = 32 * 2**20
+
+
 def publish_round(link: DeviceLink, ctx: RoundContext, payloads: Mapping[str, bytes], timeout_s: float,
                   name_devices: bool) -> float:
     """Send each selected device its task (``payloads``, by device) and announce the attempt
     (naming the devices only with ``name_devices``: under DP who was drawn stays between each
-    device and the aggregator). Returns when it was sent (``time.monotonic()``)."""
+    device and the aggregator). Returns when the first task went out (``time.monotonic()``): the
+    round's clock starts there, as devices may train while later tasks wait for room.
+
+    At most ``TASKS_IN_FLIGHT_BYTES`` of tasks wait for the broker's acknowledgement at a time:
+    each device's task is signed for its own topic, so a round's tasks are as many copies of the
+    model, and with the outbox bounded only by count, a thousand dense digits tasks (0.6 MB each)
+    held the aggregator 80-180 MB above its size at a hundred a round (bench_fleet.py)."""
+    pending: deque[tuple[Any, int]] = deque()
+    started = time.monotonic()
+    in_flight, deadline = 0, started + timeout_s
     for device_id in ctx.selected:
-        link.publisher.publish(link.topics.task(device_id), payloads[device_id], retain=True)
+        info = link.publisher.publish(link.topics.task(device_id), payloads[device_id], retain=True)
+        pending.append((info, len(payloads[device_id])))
+        in_flight += len(payloads[device_id])
+        while in_flight > TASKS_IN_FLIGHT_BYTES:
+            oldest, size = pending.popleft()
+            in_flight -= size
+            try:  # a broker that does not answer: the round's deadline, not this loop, decides
+                oldest.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
     announcement = RoundAnnouncement(ctx.round, ctx.attempt, list(ctx.selected) if name_devices else [],
                                      time.time() + timeout_s)
     link.publisher.publish(link.topics.round, announcement.encode(), retain=True)
-    return time.monotonic()
+    return started
 
 
 class AttemptCollector:
