@@ -150,10 +150,10 @@ def dense_float32_tflite_bytes(dataset: str) -> int:
     from fedprune import keras_setup  # noqa: F401 - Keras 2 before TensorFlow loads
     from fedprune.converters.tflite_export import export_sparse_tflite
     from fedprune.data import load_dataset
-    from fedprune.models import load_factory
+    from fedprune.models import build_model
 
     data = load_dataset(DATASETS[dataset]["data"]["dataset"])
-    model = load_factory(DATASETS[dataset]["model"]["factory"])(data.x_train.shape[1:], data.num_classes)
+    model = build_model(DATASETS[dataset]["model"]["factory"], data.input_shape, data.num_classes)
     with tempfile.TemporaryDirectory() as tmp:
         return export_sparse_tflite(model, Path(tmp) / "dense.tflite", "float32").size_bytes
 

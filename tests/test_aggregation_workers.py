@@ -31,20 +31,7 @@ from fedprune.converters.codec import MaskLayout
 from fedprune.converters.protocol import Ack, Topics, Update, encode_update
 from federation_helpers import small_task
 from test_fleet import fleet_task
-
-SHAPES = [(3, 3, 1, 8), (8,), (72, 10), (10,)]
-
-
-def _results(rng, n, masks, device_masks=False):
-    out = []
-    for i in range(n):
-        delta = [(rng.normal(size=s) * 10.0 ** rng.integers(-4, 2)).astype(np.float32) for s in SHAPES]
-        own = [None if m is None else rng.random(m.shape) > 0.3 for m in masks] if device_masks else None
-        if not device_masks:
-            delta = [d if m is None else d * m for d, m in zip(delta, masks)]
-        out.append(ClientResult(f"dev-{i:03d}", int(rng.integers(1, 500)), delta, masks=own))
-    return out
-
+from test_streaming_aggregation import SHAPES, _results
 
 @pytest.mark.parametrize("config", [
     {"strategy": "fedavg"},

@@ -75,10 +75,9 @@ class RunningDeviceMaskAveraging(RunningAggregate):
         self.count += 1
 
     def merge(self, other: RunningAggregate) -> None:
-        self._merge_count(other)
-        for total, count, part, part_count in zip(self.sums, self.counts, other.sums, other.counts, strict=True):
-            total.merge(part)
-            count += part_count
+        self._merge_sums(other)
+        for count, part_count in zip(self.counts, other.counts, strict=True):
+            count += part_count  # in place: the arrays in self.counts
 
     def result(self) -> list[np.ndarray]:
         self._require()

@@ -98,9 +98,7 @@ class RunningDPFedAvg(RunningAggregate):
 
     def merge(self, other: RunningAggregate) -> None:
         """The partial's clipped sums; the noise is drawn once, by the aggregate ``result`` runs on."""
-        self._merge_count(other)
-        for total, part in zip(self.sums, other.sums, strict=True):
-            total.merge(part)
+        self._merge_sums(other)
         self.clipped += other.clipped
 
     def result(self) -> list[np.ndarray]:

@@ -59,9 +59,7 @@ class RunningFedAvg(RunningAggregate):
         self.count += 1
 
     def merge(self, other: RunningAggregate) -> None:
-        self._merge_count(other)
-        for total, part in zip(self.sums, other.sums, strict=True):
-            total.merge(part)
+        self._merge_sums(other)
         self.samples += other.samples
 
     def result(self) -> list[np.ndarray]:

@@ -76,6 +76,13 @@ class RunningAggregate(ABC):
             raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
         self.count += other.count
 
+    def _merge_sums(self, other: RunningAggregate) -> None:
+        """``_merge_count``, then ``other``'s compensated sums into this one's, tensor by tensor
+        (for the aggregates that keep one ``ExactishSum`` per tensor in ``sums``)."""
+        self._merge_count(other)
+        for total, part in zip(self.sums, other.sums, strict=True):
+            total.merge(part)
+
     @abstractmethod
     def result(self) -> list[np.ndarray]:
         """The new global weights (float32), as the strategy's ``aggregate`` of the same updates
