@@ -36,7 +36,8 @@ def export_models(model: Any, weights: list[np.ndarray], run_dir: Path, dataset:
                                           representative_x=dataset.x_test, eval_x=dataset.x_test,
                                           eval_y=dataset.y_test)
         out.append({"path": str(result.path), "precision": precision, "size_bytes": result.size_bytes,
-                    "accuracy": result.accuracy, "runtime": result.runtime})
+                    "accuracy": result.accuracy, "runtime": result.runtime}
+                   | ({"granularity": result.granularity} if result.granularity else {}))
         log.info("wrote %s (%d bytes, TFLite accuracy %.4f on %s)", result.path, result.size_bytes,
                  result.accuracy or float("nan"), result.runtime)
     return note_sizes(out)

@@ -30,6 +30,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from fedprune.converters.tflite_size import (
+    INT8_GRANULARITIES,
+    Int8Granularity,
+    choose_int8_granularity,
+    compact_flatbuffer,
+)
+
 if TYPE_CHECKING:  # pragma: no cover - typing only; never imported at run time here
     from ai_edge_litert.interpreter import Interpreter
 
@@ -76,6 +83,8 @@ class TFLiteExport:
             ``"ai-edge-litert 2.3.0 (builtin ops, no default delegates)"``.
         accuracy: Top-1 accuracy of the TFLite model on ``eval_x``/``eval_y``, or ``None`` when
             no evaluation data were given.
+        granularity: For int8, ``"per_channel"`` or ``"per_tensor"`` quantization of the
+            weights; ``None`` for float32.
     """
 
     path: Path
@@ -83,6 +92,7 @@ class TFLiteExport:
     size_bytes: int
     runtime: str
     accuracy: float | None
+    granularity: str | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -553,7 +563,8 @@ def _representative_subset(x: np.ndarray) -> np.ndarray:
     return x[np.sort(rng.choice(len(x), MAX_REPRESENTATIVE_SAMPLES, replace=False))]
 
 
-def _convert(model: keras.Model, precision: str, representative: np.ndarray | None) -> bytes:
+def _convert(model: keras.Model, precision: str, representative: np.ndarray | None,
+             per_channel: bool = True) -> bytes:
     import tensorflow as tf  # the model was built, so TensorFlow (and its Keras choice) is loaded
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -577,10 +588,23 @@ def _convert(model: keras.Model, precision: str, representative: np.ndarray | No
         # parameters. int8 weights in a sparse FULLY_CONNECTED are what trips LiteRT 2.3.0's
         # XNNPACK delegate (tensorflow#60762); open_interpreter falls back for those.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # The converter's only switch for per-tensor weights (tensorflow/lite/python/lite.py).
+        converter._experimental_disable_per_channel = not per_channel
     try:
-        return bytes(converter.convert())
+        return compact_flatbuffer(bytes(converter.convert()))
     except Exception as exc:  # the converter raises ConverterError and friends
         raise ExportError(f"TFLite conversion ({precision}, sparse) failed: {exc}") from exc
+
+
+def _convert_int8(model: keras.Model, representative: np.ndarray, granularity: Int8Granularity,
+                  fidelity_x: np.ndarray) -> tuple[bytes, str]:
+    if granularity != "auto":
+        return _convert(model, "int8", representative, per_channel=granularity == "per_channel"), granularity
+    per_channel = _convert(model, "int8", representative)
+    per_tensor = _convert(model, "int8", representative, per_channel=False)
+    keras_top1 = np.argmax(model.predict(fidelity_x, verbose=0, batch_size=256), axis=-1)
+    choice = choose_int8_granularity(per_channel, per_tensor, keras_top1, fidelity_x)
+    return choice.content, choice.granularity
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -603,6 +627,7 @@ def export_sparse_tflite(
     representative_x: np.ndarray | None = None,
     eval_x: np.ndarray | None = None,
     eval_y: np.ndarray | None = None,
+    int8_granularity: Int8Granularity = "auto",
 ) -> TFLiteExport:
     """Convert a (pruned) tf-keras model to a sparse ``.tflite`` file and verify it.
 
@@ -610,7 +635,8 @@ def export_sparse_tflite(
     (plus ``Optimize.DEFAULT``, a representative data set of at most
     :data:`MAX_REPRESENTATIVE_SAMPLES` samples and int8 builtin ops for ``"int8"``: int8
     weights and activations, float32 input and output). Apply ``strip_pruning`` first if the
-    model is wrapped by tfmot.
+    model is wrapped by tfmot. Tensor names, the converter's metadata and empty buffers are left out
+    (:func:`~fedprune.converters.tflite_size.compact_flatbuffer`); signatures stay.
 
     The bytes go to a temporary file next to ``path``, are fsynced, loaded by
     :func:`open_interpreter` and run on one batch (and on ``eval_x`` if given); only then is the
@@ -625,6 +651,11 @@ def export_sparse_tflite(
         eval_x: Optional held-out inputs.
         eval_y: Integer class labels for ``eval_x``; accuracy is the share of samples where the
             argmax of the TFLite output over the last axis equals the label.
+        int8_granularity: Weight quantization for ``"int8"``: ``"per_channel"`` (the converter's
+            default), ``"per_tensor"``, or ``"auto"``: both are converted and the per-tensor file
+            is kept when it is smaller and changes no more of the Keras model's top-1
+            predictions (on ``eval_x``, else ``representative_x``) than per-channel does, plus
+            half a percent (:func:`~fedprune.converters.tflite_size.choose_int8_granularity`).
 
     Returns:
         A :class:`TFLiteExport`.
@@ -636,6 +667,8 @@ def export_sparse_tflite(
     """
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if int8_granularity not in INT8_GRANULARITIES:
+        raise ValueError(f"int8_granularity must be one of {INT8_GRANULARITIES}, got {int8_granularity!r}")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError("export_sparse_tflite supports single-input, single-output models")
     representative = None
@@ -658,7 +691,12 @@ def export_sparse_tflite(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = _convert(model, precision, representative)
+    granularity = None
+    if representative is not None:
+        fidelity_x = eval_x if eval_x is not None else representative
+        content, granularity = _convert_int8(model, representative, int8_granularity, fidelity_x)
+    else:
+        content = _convert(model, precision, None)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
@@ -702,11 +740,12 @@ def export_sparse_tflite(
         size_bytes=len(content),
         runtime=runtime,
         accuracy=accuracy,
+        granularity=granularity,
     )
     logger.info(
         "exported %s (%s, %d bytes) verified by %s%s",
         path,
-        precision,
+        precision if granularity is None else f"{precision} {granularity.replace('_', '-')}",
         result.size_bytes,
         runtime,
         "" if accuracy is None else f", accuracy {accuracy:.4f}",
