@@ -121,7 +121,9 @@ BOARDS = {
     "arm64": Board("arm64", "arm64", "qemu-aarch64-static", "aarch64-linux-gnu", "aarch64",
                    qemu_cpu="cortex-a72", cpuinfo=PI4_CPUINFO_64),
     "armhf": Board("armhf", "armhf", "qemu-arm-static", "arm-linux-gnueabihf", "armv7l",
-                   extra_debs=("python3-numpy", "libblas3", "liblapack3", "libgfortran5"), system_site=True,
+                   # cryptography's armv7l wheel needs cffi's backend, which has no armv7l wheel (docs/edge.md)
+                   extra_debs=("python3-numpy", "libblas3", "liblapack3", "libgfortran5", "python3-cffi-backend"),
+                   system_site=True,
                    cpuinfo=PI4_CPUINFO_32),
 }
 
@@ -484,11 +486,15 @@ print(json.dumps(result))
 def export_models(folder: Path, host: Host) -> dict:
     """The digits CNN, trained and pruned on the host, exported as sparse float32 and int8."""
     stamp = folder / "export.json"
-    if stamp.is_file() and all((folder / f"digits-{p}.tflite").is_file() for p in ("float32", "int8")):
+    # The files are exported again whenever the exporter changed: the boards must run what it writes now.
+    exporter = hashlib.sha256(b"".join((REPO / "converters" / name).read_bytes()
+                                       for name in ("tflite_export.py", "tflite_size.py"))).hexdigest()
+    if (stamp.is_file() and json.loads(stamp.read_text()).get("exporter") == exporter
+            and all((folder / f"digits-{p}.tflite").is_file() for p in ("float32", "int8"))):
         return json.loads(stamp.read_text())
     log("host: training the digits CNN and exporting sparse float32/int8 TFLite")
     proc = run([host.python, "-c", EXPORT_SCRIPT, str(folder)], env=host.env(), timeout=900, cwd=host.cwd)
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    info = json.loads(proc.stdout.strip().splitlines()[-1]) | {"exporter": exporter}
     stamp.write_text(json.dumps(info))
     return info
 
