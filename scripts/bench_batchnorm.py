@@ -167,7 +167,8 @@ def main() -> None:
                         alpha=args.alpha, trainer=args.trainer)
             results.append(r)
             print(f"{row:<20} {args.trainer:<6} seed {seed} acc {r['accuracy']:.4f}  "
-                  f"batch-stats {r['batch_statistics_accuracy']:.4f}  int8 tflite {r['tflite_int8_accuracy']:.4f}  ({r['wall_s']} s)", flush=True)
+                  f"batch-stats {r['batch_statistics_accuracy']:.4f}  int8 tflite {r['tflite_int8_accuracy']:.4f}  "
+                  f"({r['wall_s']} s)", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
