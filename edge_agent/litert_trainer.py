@@ -69,7 +69,7 @@ class LiteRTTrainer:
                              f"{sorted(signatures)}); build it with build_trainable_tflite")
         self._run = {name: self._interpreter.get_signature_runner(name) for name in names}
         # (moving mean index, moving variance index) of each BatchNormalization layer, in order;
-        # a file without the signature has none (or was built before it existed: see train)
+        # a file without the signature has none (or was built before it existed: _recalibrate_batchnorm)
         self._batchnorm: list[tuple[int, int]] = []
         if file_format.BATCHNORM_MOMENTS in signatures:
             self._run[file_format.BATCHNORM_MOMENTS] = self._interpreter.get_signature_runner(
