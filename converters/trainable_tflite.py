@@ -21,6 +21,17 @@ trainer imports without TensorFlow):
   adds the batches up and divides by the sample count).
 - ``get_weights``: ``w<i>``; ``set_weights`` (``w<i>`` and ``m<i>`` for each masked tensor): sets
   the weights (masked) and masks and resets the optimizer state (a round starts fresh, as in Keras).
+- ``batchnorm_moments`` (``x``, ``rows``: 1 for a sample, 0 for a padding row), only in the file of
+  a model with BatchNormalization: for every BatchNormalization layer, ``mean<i>`` and
+  ``variance<j>``, the per-channel mean and biased variance over the batch's real rows of the
+  layer's input, the model in inference mode (every layer normalising with the moving statistics
+  as they are), named by the flat index of the moving mean (``i``) and moving variance (``j``) they
+  measure. The device recalibrates with it after local training, as the Keras trainer does
+  (``edge_agent/batchnorm_stats.py``): one pass over its data per layer, in order, setting that
+  layer's moving statistics with ``set_weights`` before measuring the next (one signature that
+  measures every layer, rather than one per layer that stops at it: the file and its conversion
+  stay linear in the layers, at the cost of running the rest of the forward pass, at most about
+  twice the forward work the per-layer form would do).
 
 Weight tensors travel in fedprune's flat layout: ``model.layers`` order, each layer's own
 ``get_weights()`` order, non-trainable ones included, so the update a device sends is the same
@@ -79,24 +90,31 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import tf_keras as keras
 
 __all__ = [
+    "BATCHNORM_MOMENTS",
     "DROPOUT_PREFIX",
     "INFER",
     "INPUT_LABELS",
     "INPUT_LEARNING_RATE",
+    "INPUT_ROWS",
     "INPUT_X",
     "GET_WEIGHTS",
     "GRADIENTS",
+    "MOMENT_MEAN_PREFIX",
+    "MOMENT_VARIANCE_PREFIX",
     "OUTPUT_CORRECT",
     "OUTPUT_LOGITS",
     "OUTPUT_LOSS",
     "SET_WEIGHTS",
     "TRAIN",
     "UnsupportedModel",
+    "batchnorm_statistics",
     "build_trainable_tflite",
     "dropout_name",
     "gradient_name",
     "learning_rate_input",
     "mask_name",
+    "moment_mean_name",
+    "moment_variance_name",
     "weight_name",
 ]
 
@@ -108,9 +126,11 @@ INFER = "infer"
 GRADIENTS = "gradients"
 GET_WEIGHTS = "get_weights"
 SET_WEIGHTS = "set_weights"
+#: Only in the file of a model with BatchNormalization layers.
+BATCHNORM_MOMENTS = "batchnorm_moments"
 
 #: Input and output names of the signatures.
-INPUT_X, INPUT_LABELS, INPUT_LEARNING_RATE = "x", "y", "lr"
+INPUT_X, INPUT_LABELS, INPUT_LEARNING_RATE, INPUT_ROWS = "x", "y", "lr", "rows"
 OUTPUT_LOSS, OUTPUT_CORRECT, OUTPUT_LOGITS = "loss", "correct", "logits"
 
 #: Keras' Adam defaults (``keras.optimizers.Adam()``, what the Keras trainer uses).
@@ -144,6 +164,43 @@ def learning_rate_input(learning_rate: float) -> np.ndarray:
     return np.full(1, learning_rate, np.float32)
 
 
+#: ``batchnorm_moments``' outputs are named these, then the flat index of the statistic they measure.
+MOMENT_MEAN_PREFIX, MOMENT_VARIANCE_PREFIX = "mean", "variance"
+
+
+def moment_mean_name(index: int) -> str:
+    """``batchnorm_moments``' output measuring the moving mean that is weight tensor ``index``."""
+    return f"{MOMENT_MEAN_PREFIX}{index}"
+
+
+def moment_variance_name(index: int) -> str:
+    """``batchnorm_moments``' output measuring the moving variance that is weight tensor ``index``."""
+    return f"{MOMENT_VARIANCE_PREFIX}{index}"
+
+
+def batchnorm_statistics(moment_outputs: Sequence[str]) -> list[tuple[int, int]]:
+    """The BatchNormalization layers a ``batchnorm_moments`` signature measures, from its output
+    names, in the model's order: (flat index of the moving mean, of the moving variance) per layer.
+
+    Raises:
+        ValueError: the names are not those of a ``batchnorm_moments`` signature.
+    """
+    means, variances = [], []
+    for name in moment_outputs:
+        for prefix, found in ((MOMENT_VARIANCE_PREFIX, variances), (MOMENT_MEAN_PREFIX, means)):
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                found.append(int(name[len(prefix):]))
+                break
+        else:
+            raise ValueError(f"{BATCHNORM_MOMENTS} has an output {name!r}, neither {MOMENT_MEAN_PREFIX}<i> nor "
+                             f"{MOMENT_VARIANCE_PREFIX}<i>: not a file build_trainable_tflite wrote")
+    if len(means) != len(variances):
+        raise ValueError(f"{BATCHNORM_MOMENTS} measures {len(means)} moving means and {len(variances)} moving "
+                         "variances: not a file build_trainable_tflite wrote")
+    # flat layout: layer after layer, each layer's moving mean before its moving variance
+    return list(zip(sorted(means), sorted(variances)))
+
+
 #: The train signatures' noise inputs are named this, then the Dropout layer's number.
 DROPOUT_PREFIX = "dropout"
 
@@ -171,9 +228,12 @@ class _Pass:
     weights: list  # the tf.Variables, flat layout
     training: bool
     noise: list = field(default_factory=list)  # dropout inputs, in layer order (train only)
-    row_weights: Any = None  # [batch]: 1 for a sample, 0 for a padding row (train only)
+    row_weights: Any = None  # [batch]: 1 for a sample, 0 for a padding row (train and moments only)
     softmax: tuple = ()  # (input, output) of the last softmax computed
     statistic_updates: list = field(default_factory=list)  # (variable, new value): BN moving stats
+    # batchnorm_moments only: (moving mean index, moving variance index, batch mean, batch variance)
+    # of every BN layer's input; None: not measured
+    measured: list | None = None
 
     def loss_logits(self, output: Any) -> Any:
         """What the loss takes as logits: Keras' cross-entropy with ``from_logits=True`` takes a
@@ -435,15 +495,22 @@ def _batch_norm(layer: Any, first: int, in_shape: tuple) -> _Step:
     per_sample = int(np.prod([int(d) for d in in_shape[1:-1]], dtype=np.int64))  # values per channel in a sample
     frozen = not layer.trainable  # Keras runs a frozen BatchNormalization in inference mode
 
+    def moments(h: Any, p: _Pass) -> tuple[Any, Any, Any]:
+        """tf.nn.moments over the real rows only (padding rows weigh 0): mean, biased variance, count."""
+        tf = p.tf
+        rows = tf.reshape(p.row_weights, [-1] + [1] * (rank - 1))
+        n = tf.reduce_sum(p.row_weights) * per_sample
+        mean = tf.reduce_sum(h * rows, reduce) / n
+        variance = tf.reduce_sum(tf.math.squared_difference(h, tf.stop_gradient(mean)) * rows, reduce) / n
+        return mean, variance, n
+
     def run(h: Any, p: _Pass) -> Any:
         tf = p.tf
         w = p.weights
+        if p.measured is not None:  # every layer, frozen ones too: the Keras trainer recalibrates them all
+            p.measured.append((mean_index, variance_index, *moments(h, p)[:2]))
         if p.training and not frozen:
-            # tf.nn.moments over the real rows only: padding rows weigh 0
-            rows = tf.reshape(p.row_weights, [-1] + [1] * (rank - 1))
-            n = tf.reduce_sum(p.row_weights) * per_sample
-            mean = tf.reduce_sum(h * rows, reduce) / n
-            variance = tf.reduce_sum(tf.math.squared_difference(h, tf.stop_gradient(mean)) * rows, reduce) / n
+            mean, variance, n = moments(h, p)
             target = variance * n / tf.maximum(n - 1.0, 1.0) if fused else variance
             p.statistic_updates.append((w[mean_index], w[mean_index] * momentum + mean * (1.0 - momentum)))
             p.statistic_updates.append(
@@ -603,7 +670,10 @@ def build_trainable_tflite(model: keras.Model, masked: Sequence[bool], batch_siz
         raise ValueError(f"weight tensors {non_trainable_masked} are masked but not trained by the optimizer")
     module = _trainable_module(tf, steps, noise_shapes, [tuple(int(d) for d in v.shape) for v in variables],
                                [bool(m) for m in masked], trainable_indices, model, batch_size)
-    functions = [getattr(module, name) for name in (*TRAIN.values(), INFER, GRADIENTS, GET_WEIGHTS, SET_WEIGHTS)]
+    names = [*TRAIN.values(), INFER, GRADIENTS, GET_WEIGHTS, SET_WEIGHTS]
+    if any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
+        names.append(BATCHNORM_MOMENTS)  # a model without BatchNormalization has nothing to measure
+    functions = [getattr(module, name) for name in names]
     converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function() for f in functions],
                                                                 module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -623,6 +693,7 @@ def _trainable_module(tf: Any, steps: list[_Step], noise_shapes: list[list[int]]
     in_shape = [int(d) for d in model.input_shape[1:]]
     classes = int(model.output_shape[-1])
     x_batch = tf.TensorSpec([batch_size, *in_shape], tf.float32, name=INPUT_X)
+    rows_batch = tf.TensorSpec([batch_size], tf.float32, name=INPUT_ROWS)
     y_batch = tf.TensorSpec([batch_size, classes], tf.float32, name=INPUT_LABELS)
     # [1], not a scalar: LiteRT 2.3.0 on (emulated) aarch64 crashes (SIGSEGV) when a signature
     # runner is handed a 0-d input; a 1-element one runs (seen under qemu-aarch64).
@@ -706,6 +777,16 @@ def _trainable_module(tf: Any, steps: list[_Step], noise_shapes: list[list[int]]
                 loss = summed_loss(p.loss_logits(self.forward(x, p)), y)
             grads = tape.gradient(loss, self.w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             return {gradient_name(i): g for i, g in enumerate(grads)}
+
+        @tf.function(input_signature=[x_batch, rows_batch], autograph=False)
+        def batchnorm_moments(self, x, rows):
+            p = _Pass(tf, self.w, training=False, row_weights=rows, measured=[])
+            self.forward(x, p)  # what follows the last BatchNormalization is not an output: not converted
+            out = {}
+            for mean_index, variance_index, mean, variance in p.measured:
+                out[moment_mean_name(mean_index)] = mean
+                out[moment_variance_name(variance_index)] = variance
+            return out
 
         @tf.function(input_signature=[], autograph=False)
         def get_weights(self):

@@ -10,8 +10,12 @@ A round does what the Keras trainer's does: ``local_epochs`` shuffled passes in 
 ``batch_size`` (the last batch of a pass smaller, padded in the file's fixed batch with rows that
 count for nothing), one SGD or Adam step per batch at the task's learning rate, from fresh
 optimizer state; the aggregator's mask held (pruned weights exactly 0 after every step); the
-delta, the last pass's mean loss and accuracy, and the regrowth gradients when the task asks. Not
-done here: device-side pruning (``task.device_sparsity``), refused with a TrainingError.
+delta, the last pass's mean loss and accuracy, and the regrowth gradients when the task asks.
+After training, every BatchNormalization layer's moving mean and variance are set to the exact mean
+and biased variance of its input over the local data, the trained weights in inference mode, layer
+after layer, as the Keras trainer sets them (``batchnorm_stats``; docs/pruning.md): the file's
+``batchnorm_moments`` measures each batch, and the batches are merged here in float64. Not done
+here: device-side pruning (``task.device_sparsity``), refused with a TrainingError.
 """
 
 from __future__ import annotations
@@ -38,7 +42,12 @@ class LiteRTTrainer:
     """A ``Trainer`` over one trainable TFLite file (one architecture, one batch size).
 
     Thread-safe: one trainer can serve many simulated devices, one at a time.
+
+    ``recalibrate_batchnorm = False`` leaves BatchNormalization's moving statistics as the layers'
+    momentum left them in training (benchmarks switch it off to measure what it buys).
     """
+
+    recalibrate_batchnorm: bool = True
 
     def __init__(self, trainable_tflite: bytes, seed: int | None = None, num_threads: int | None = None,
                  runtimes: tuple[str, ...] = RUNTIMES) -> None:
@@ -50,6 +59,7 @@ class LiteRTTrainer:
         self._interpreter = loaded.interpreter
         self._lock = threading.Lock()
         self.rng = np.random.default_rng(seed)
+        self._warned_stale = False
         names = (*file_format.TRAIN.values(), file_format.INFER, file_format.GRADIENTS, file_format.GET_WEIGHTS,
                  file_format.SET_WEIGHTS)
         signatures = self._interpreter.get_signature_list()
@@ -58,6 +68,14 @@ class LiteRTTrainer:
             raise ValueError(f"not a trainable TFLite file: it has no signature {missing} (signatures: "
                              f"{sorted(signatures)}); build it with build_trainable_tflite")
         self._run = {name: self._interpreter.get_signature_runner(name) for name in names}
+        # (moving mean index, moving variance index) of each BatchNormalization layer, in order;
+        # a file without the signature has none (or was built before it existed: _recalibrate_batchnorm)
+        self._batchnorm: list[tuple[int, int]] = []
+        if file_format.BATCHNORM_MOMENTS in signatures:
+            self._run[file_format.BATCHNORM_MOMENTS] = self._interpreter.get_signature_runner(
+                file_format.BATCHNORM_MOMENTS)
+            self._batchnorm = file_format.batchnorm_statistics(
+                list(self._run[file_format.BATCHNORM_MOMENTS].get_output_details()))
         train_inputs = self._run[file_format.TRAIN["sgd"]].get_input_details()
         x_shape = [int(d) for d in train_inputs[file_format.INPUT_X]["shape"]]
         self.batch_size, self.sample_shape = x_shape[0], tuple(x_shape[1:])
@@ -81,7 +99,7 @@ class LiteRTTrainer:
             rng = self.rng if seed is None else np.random.default_rng(seed)
             start = time.perf_counter()
             settings = self._check(architecture, task, x, y)
-            self._set_weights(task)
+            self._set_weights(task.weights, task.masks)
             x = np.asarray(x, np.float32)
             onehot = np.eye(self.classes, dtype=np.float32)[np.asarray(y, np.int64)]
             train = self._run[file_format.TRAIN[settings.optimizer]]
@@ -99,6 +117,8 @@ class LiteRTTrainer:
                     correct += float(out[file_format.OUTPUT_CORRECT])
                 last_epoch_s = time.perf_counter() - epoch_start
             trained = self._get_weights()
+            if self.recalibrate_batchnorm:
+                trained = self._recalibrate_batchnorm(architecture, x, trained, task.masks)
             delta = [t - w.astype(np.float32) for t, w in zip(trained, task.weights)]
             metrics = {"loss": loss / max(len(x), 1), "accuracy": correct / max(len(x), 1),
                        "train_s": time.perf_counter() - start, "last_epoch_s": last_epoch_s}
@@ -135,11 +155,11 @@ class LiteRTTrainer:
         check_local_data(x, y, self.sample_shape, self.classes)
         return settings
 
-    def _set_weights(self, task: TrainTask) -> None:
-        """The task's weights and masks (ones where a maskable tensor has none); resets the
-        optimizer state."""
-        tensors = {file_format.weight_name(i): np.asarray(w, np.float32) for i, w in enumerate(task.weights)}
-        for i, (shape, mask) in enumerate(zip(self.shapes, task.masks)):
+    def _set_weights(self, weights: list[np.ndarray], masks: list) -> None:
+        """These weights and masks (ones where a maskable tensor has none); resets the optimizer
+        state."""
+        tensors = {file_format.weight_name(i): np.asarray(w, np.float32) for i, w in enumerate(weights)}
+        for i, (shape, mask) in enumerate(zip(self.shapes, masks)):
             if self.maskable[i]:
                 tensors[file_format.mask_name(i)] = (np.ones(shape, np.float32) if mask is None
                                                      else mask.astype(np.float32))
@@ -152,12 +172,53 @@ class LiteRTTrainer:
     def _batch(self, x: np.ndarray, onehot: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
         """One batch in the file's fixed size: a short batch is padded with zero samples whose
         labels are all zero, which the file counts as absent (loss, accuracy, BN statistics)."""
-        xb, yb = x[rows], onehot[rows]
-        missing = self.batch_size - len(rows)
-        if missing:
-            xb = np.concatenate([xb, np.zeros((missing, *xb.shape[1:]), np.float32)])
-            yb = np.concatenate([yb, np.zeros((missing, yb.shape[1]), np.float32)])
-        return {file_format.INPUT_X: xb, file_format.INPUT_LABELS: yb}
+        return {file_format.INPUT_X: self._padded(x[rows]), file_format.INPUT_LABELS: self._padded(onehot[rows])}
+
+    def _padded(self, batch: np.ndarray) -> np.ndarray:
+        """``batch`` with rows of zeros up to the file's batch size."""
+        missing = self.batch_size - len(batch)
+        if not missing:
+            return batch
+        return np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), np.float32)])
+
+    def _recalibrate_batchnorm(self, architecture: Architecture, x: np.ndarray, weights: list[np.ndarray],
+                               masks: list) -> list[np.ndarray]:
+        """``weights`` with each BatchNormalization layer's moving mean and variance set to the
+        mean and biased variance of its input over ``x`` (inference mode), layer after layer: each
+        layer is measured with the earlier layers' new statistics set in the file. The file is left
+        holding the returned weights (the regrowth gradients and ``predict`` use them)."""
+        if not self._batchnorm:
+            if not self._warned_stale and any(n.endswith("moving_mean") for n in architecture.names):
+                self._warned_stale = True
+                log.warning("the trainable file has no %s signature (built before it existed): BatchNormalization's "
+                            "moving statistics are left as the momentum left them", file_format.BATCHNORM_MOMENTS)
+            return weights
+        weights = list(weights)
+        for mean_index, variance_index in self._batchnorm:
+            weights[mean_index], weights[variance_index] = self._moments(x, mean_index, variance_index)
+            self._set_weights(weights, masks)
+        return weights
+
+    def _moments(self, x: np.ndarray, mean_index: int, variance_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and biased variance of one BatchNormalization layer's input over ``x``: the file's
+        per-batch means and variances, merged in float64 by the law of total variance (each batch
+        weighs its real rows; a padding row counts nowhere)."""
+        measure = self._run[file_format.BATCHNORM_MOMENTS]
+        mean_name = file_format.moment_mean_name(mean_index)
+        variance_name = file_format.moment_variance_name(variance_index)
+        means, variances, counts = [], [], []
+        for first in range(0, len(x), self.batch_size):
+            batch = x[first:first + self.batch_size]
+            rows = self._padded(np.ones(len(batch), np.float32))
+            out = measure(**{file_format.INPUT_X: self._padded(batch), file_format.INPUT_ROWS: rows})
+            means.append(np.asarray(out[mean_name], np.float64))
+            variances.append(np.asarray(out[variance_name], np.float64))
+            counts.append(len(batch))
+        share = np.asarray(counts, np.float64) / sum(counts)
+        batch_means = np.stack(means)
+        mean = share @ batch_means
+        variance = share @ np.stack(variances) + share @ (batch_means - mean) ** 2
+        return mean.astype(np.float32), variance.astype(np.float32)
 
     def _dropout_noise(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
         return {name: rng.random(shape, dtype=np.float32) for name, shape in self._dropout_shapes.items()}

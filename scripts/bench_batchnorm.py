@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_batchnorm.py                       # every row, seed 0
     .venv/bin/python scripts/bench_batchnorm.py --rows device-0.99,moving-0.99 --seed 0 1
+    .venv/bin/python scripts/bench_batchnorm.py --trainer litert --rows device-0.99,device-0.9,moving-0.99
 
 The digits CNN with a BatchNormalization after each hidden layer (``fedprune.models:digits_bn_cnn``),
 3 simulated devices (Dirichlet 1.0), 8 rounds, 2 local epochs of batch 16 (Adam 0.002), dense,
@@ -14,7 +15,9 @@ sample-weighted spread of the device means, the variance of the union of the dev
 at momentum 0.99 (Keras's default) or 0.9. ``pruned-device-0.99`` adds the example's pruning (80 %,
 int8 uplink). For each row: the final held-out accuracy of the global model (its moving
 statistics), of the same weights normalized with batch statistics instead, and of the exported int8
-TFLite model. Last line: JSON.
+TFLite model. ``--trainer litert``: the devices train without TensorFlow (the aggregator's
+trainable TFLite file in LiteRT, ``edge_agent/litert_trainer.py``) instead of with Keras; the
+statistics switch is ``LiteRTTrainer.recalibrate_batchnorm`` then. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def digits_bn_cnn_momentum_09(input_shape: tuple[int, ...], num_classes: int):
     return _digits_bn(input_shape, num_classes, momentum=0.9, name="digits_bn_cnn_09")
 
 
-def task_for(row: str, rounds: int, devices: int, seed: int, epochs: int = 2, batch: int = 16, alpha: float = 1.0):
+def task_for(row: str, rounds: int, devices: int, seed: int, epochs: int = 2, batch: int = 16, alpha: float = 1.0,
+             trainer: str = "keras"):
     momentum = row.rsplit("-", 1)[1]
     factory = "fedprune.models:digits_bn_cnn" if momentum == "0.99" else "bench_batchnorm:digits_bn_cnn_momentum_09"
     raw = {
@@ -56,6 +60,7 @@ def task_for(row: str, rounds: int, devices: int, seed: int, epochs: int = 2, ba
         "training": {"local_epochs": epochs, "batch_size": batch, "learning_rate": 0.002},
         "pruning": {"final_sparsity": 0.0},
         "transport": {"uplink_precision": "float32"},
+        "simulation": {"profiles": [{"name": trainer, "trainer": trainer}]},
     }
     if row.startswith("pruned-"):
         raw["pruning"] = {"final_sparsity": 0.8, "begin_round": 2, "end_round": 6, "frequency": 2,
@@ -106,13 +111,14 @@ def pooled_fedavg(names: list[str]):
 
 def run_row(row: str, rounds: int, devices: int, seed: int, **setup) -> dict:
     from fedprune.aggregator.checkpoint import load_latest_checkpoint
+    from fedprune.edge_agent.litert_trainer import LiteRTTrainer
     from fedprune.edge_agent.trainer import KerasTrainer
     from fedprune.simulation.cli import run_simulation
 
     from fedprune.aggregator.strategies.fedavg import FedAvg
     from fedprune.models import digits_bn_cnn, weight_names
 
-    KerasTrainer.recalibrate_batchnorm = not row.startswith("moving-")
+    KerasTrainer.recalibrate_batchnorm = LiteRTTrainer.recalibrate_batchnorm = not row.startswith("moving-")
     plain, pooled = pooled_fedavg(weight_names(digits_bn_cnn((8, 8, 1), 10)))
     streaming = FedAvg.running
     if row.startswith("device-pooled-"):  # FedAvg on every update at once (not streamed), then pooled
@@ -126,7 +132,8 @@ def run_row(row: str, rounds: int, devices: int, seed: int, **setup) -> dict:
             FedAvg.aggregate, FedAvg.running = plain, streaming
         weights = load_latest_checkpoint(Path(tmp) / "run" / "checkpoints").weights
     int8 = next(e for e in res.exports if e["precision"] == "int8")
-    return {"row": row, "seed": seed, "rounds": rounds, "devices": devices,
+    return {"row": row, "trainer": task.simulation.profiles[0].trainer, "seed": seed, "rounds": rounds,
+            "devices": devices,
             "accuracy": round(res.final_accuracy, 4),
             "batch_statistics_accuracy": round(batch_statistics_accuracy(task, weights), 4),
             "tflite_int8_accuracy": round(int8["accuracy"], 4),
@@ -143,6 +150,9 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the split")
+    parser.add_argument("--trainer", choices=("keras", "litert"), default="keras",
+                        help="what the devices train with: Keras, or the trainable TFLite file in LiteRT "
+                        "(no TensorFlow)")
     parser.add_argument("--out", type=Path, help="write the results (JSON) here too")
     args = parser.parse_args()
     setup_logging("ERROR")
@@ -154,15 +164,16 @@ def main() -> None:
     for row in rows:
         for seed in args.seed:
             r = run_row(row, args.rounds, args.devices, seed, epochs=args.local_epochs, batch=args.batch_size,
-                        alpha=args.alpha)
+                        alpha=args.alpha, trainer=args.trainer)
             results.append(r)
-            print(f"{row:<20} seed {seed} acc {r['accuracy']:.4f}  batch-stats {r['batch_statistics_accuracy']:.4f}  "
-                  f"int8 tflite {r['tflite_int8_accuracy']:.4f}  ({r['wall_s']} s)", flush=True)
+            print(f"{row:<20} {args.trainer:<6} seed {seed} acc {r['accuracy']:.4f}  "
+                  f"batch-stats {r['batch_statistics_accuracy']:.4f}  int8 tflite {r['tflite_int8_accuracy']:.4f}  "
+                  f"({r['wall_s']} s)", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps({"benchmark": "batchnorm", "results": [
-        {k: r[k] for k in ("row", "seed", "accuracy", "batch_statistics_accuracy", "tflite_int8_accuracy")}
+        {k: r[k] for k in ("row", "trainer", "seed", "accuracy", "batch_statistics_accuracy", "tflite_int8_accuracy")}
         for r in results]}))
 
 

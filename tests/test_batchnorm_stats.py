@@ -1,8 +1,9 @@
 """BatchNormalization under federated averaging (issue 19): the statistics a device reports are
-those of the weights it trained, and the exported TFLite model has the normalization folded into
-its kernels.
+those of the weights it trained, whether it trains with Keras or without TensorFlow (the trainable
+TFLite file in LiteRT), and the exported TFLite model has the normalization folded into its kernels.
 
-Real TensorFlow, no broker (the federation itself: scripts/bench_batchnorm.py, docs/benchmarks.md).
+Real TensorFlow, real LiteRT, no broker (the federation itself: scripts/bench_batchnorm.py,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 from fedprune.converters.protocol import TrainTask
+from fedprune.converters.trainable_tflite import BATCHNORM_MOMENTS, TRAIN, build_trainable_tflite
 from fedprune.edge_agent.batchnorm_stats import recalibrate_batchnorm
+from fedprune.edge_agent.litert_trainer import LiteRTTrainer
 from fedprune.edge_agent.trainer import KerasTrainer
 from fedprune.keras_setup import keras
 from fedprune.models import architecture_of, digits_bn_cnn, get_layer_weights, set_layer_weights, weight_names
@@ -122,3 +125,106 @@ def test_exported_tflite_folds_batchnorm_into_the_kernels(digits, tmp_path):
     np.testing.assert_allclose(predict_tflite(interpreter, x[-300:]), expected, rtol=1e-3, atol=1e-3)
     assert result.accuracy == pytest.approx(_accuracy(model, x[-300:], y[-300:]), abs=0.01)
     assert result.size_bytes < 0.5 * sum(w.size for w in weights) * 4  # the folded kernels stayed sparse
+
+
+# --- devices without TensorFlow ----------------------------------------------------------------------
+
+def _small_bn_model() -> keras.Model:
+    """BatchNormalization on a 4-D input (Keras' fused kernel) and on a 2-D one, the second
+    measured through the first."""
+    L = keras.layers
+    return keras.Sequential([
+        L.Input((8, 8, 1)),
+        L.Conv2D(4, 3, padding="same", use_bias=False, name="conv"),
+        L.BatchNormalization(name="bn4d"),
+        L.ReLU(name="relu1"),
+        L.MaxPooling2D(2, name="pool"),
+        L.Flatten(name="flatten"),
+        L.Dense(8, use_bias=False, name="dense"),
+        L.BatchNormalization(name="bn2d"),
+        L.ReLU(name="relu2"),
+        L.Dense(10, name="logits"),
+    ], name="small_bn")
+
+
+@pytest.fixture(scope="module")
+def small_bn():
+    keras.utils.set_random_seed(4)
+    model = _small_bn_model()
+    return model, build_trainable_tflite(model, [False] * len(model.weights), 32)
+
+
+def _statistics(weights, names) -> dict[str, np.ndarray]:
+    return {n: w for n, w in zip(names, weights) if "moving_" in n}
+
+
+def test_tf_free_device_reports_the_statistics_the_keras_trainer_would(small_bn, digits):
+    """After a round in LiteRT (200 samples: 6 full batches and one padded), the moving statistics
+    are the ones the Keras trainer's recalibration gives the same trained weights on the same data;
+    with recalibration off, the same steps leave the statistics the momentum left, far from them.
+    The file is left holding the new statistics (inference uses them)."""
+    model, trainable = small_bn
+    x, y = digits[0][:200], digits[1][:200]
+    arch, task, names = architecture_of(model), _task(model), weight_names(model)
+    device = LiteRTTrainer(trainable)
+    lagging = LiteRTTrainer(trainable)
+    lagging.recalibrate_batchnorm = False
+    fixed = device.train(arch, task, x, y, seed=1)
+    stale = lagging.train(arch, task, x, y, seed=1)
+    for name, a, b in zip(names, fixed.delta, stale.delta):  # same steps: only the statistics differ
+        if "moving_" not in name:
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+
+    reference = _small_bn_model()  # the trained weights, the statistics as the momentum left them
+    set_layer_weights(reference, [w + d for w, d in zip(task.weights, stale.delta)])
+    assert recalibrate_batchnorm(reference, x) == 2  # what KerasTrainer runs after training
+    expected = _statistics(get_layer_weights(reference), names)
+    got = _statistics([w + d for w, d in zip(task.weights, fixed.delta)], names)
+    left = _statistics([w + d for w, d in zip(task.weights, stale.delta)], names)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        off = np.median(np.abs(np.log(np.abs(left[name]) / np.maximum(np.abs(expected[name]), 1e-12))))
+        assert off > np.log(1.5), name  # 7 steps at momentum 0.99: far from the exact statistics
+    np.testing.assert_allclose(device.predict(x[:50]), np.asarray(reference(x[:50], training=False)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_without_recalibration_the_statistics_move_at_the_momentum(small_bn, digits):
+    """A round of one (padded) step with recalibration off leaves the moving statistics where
+    Keras' own training step moves them at the layer's momentum."""
+    model, trainable = small_bn
+    x, y = digits[0][:20], digits[1][:20]
+    arch, task, names = architecture_of(model), _task(model), weight_names(model)
+    lagging = LiteRTTrainer(trainable)
+    lagging.recalibrate_batchnorm = False
+    result = lagging.train(arch, task, x, y, seed=1)
+    stepped = _small_bn_model()
+    set_layer_weights(stepped, task.weights)
+    stepped(x, training=True)  # one forward pass in training mode: the moving statistics move, once
+    expected = _statistics(get_layer_weights(stepped), names)
+    got = _statistics([w + d for w, d in zip(task.weights, result.delta)], names)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not np.allclose(got[name], _statistics(task.weights, names)[name]), name  # they did move
+
+
+def _ops_by_signature(content: bytes) -> dict[str, set[str]]:
+    """The builtin ops each signature's subgraph runs."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(content, 0))
+    op_names = {code: name for name, code in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+
+    def op(index: int) -> str:
+        code = model.operatorCodes[index]
+        return op_names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+
+    return {sig.signatureKey.decode(): {op(o.opcodeIndex) for o in model.subgraphs[sig.subgraphIndex].operators}
+            for sig in model.signatureDefs}
+
+
+def test_the_moments_signature_runs_only_ops_training_runs(small_bn):
+    """A runtime (a board) that trains with the file can run the measurement: no new op."""
+    ops = _ops_by_signature(small_bn[1])
+    assert ops[BATCHNORM_MOMENTS] and ops[BATCHNORM_MOMENTS] <= ops[TRAIN["sgd"]], (
+        ops[BATCHNORM_MOMENTS] - ops[TRAIN["sgd"]])

@@ -15,11 +15,14 @@ import pytest
 from edge_helpers import digits_arrays
 from fedprune.converters.protocol import TrainTask
 from fedprune.converters.trainable_tflite import (
+    BATCHNORM_MOMENTS,
     TRAIN,
     UnsupportedModel,
     build_trainable_tflite,
     dropout_name,
     learning_rate_input,
+    moment_mean_name,
+    moment_variance_name,
     weight_name,
 )
 from fedprune.converters.tflite_export import load_interpreter
@@ -165,6 +168,31 @@ def test_one_step_in_litert_is_the_keras_step(built, name, optimizer, rows):
             assert diff[clear].max(initial=0) < 1e-5 and diff.max() <= 2 * lr, f"weight tensor {i}"
 
 
+@pytest.mark.parametrize("name", ["image", "sequence"])
+def test_the_moments_signature_measures_every_batchnorm_input_over_the_real_rows(built, name):
+    """Mean and biased variance per channel of each BatchNormalization's input (4-D, 2-D and 3-D),
+    the model in inference mode, over a batch of 5 padded to 8: the padding counts nowhere."""
+    model, initial, trainable = built[name]
+    rng = np.random.default_rng(2)
+    weights = _moved_weights(model, initial, rng)
+    set_layer_weights(model, weights)
+    x = rng.normal(size=(5, *model.input_shape[1:])).astype(np.float32)
+    run = load_interpreter(trainable).interpreter.get_signature_runner
+    run("set_weights")(**{weight_name(i): w for i, w in enumerate(weights)})
+    padded = np.concatenate([x, np.full((BATCH - 5, *x.shape[1:]), 7.0, np.float32)])
+    out = run(BATCHNORM_MOMENTS)(x=padded, rows=np.array([1.0] * 5 + [0.0] * (BATCH - 5), np.float32))
+    flat = [id(w) for layer in model.layers for w in layer.weights]
+    layers = [layer for layer in model.layers if isinstance(layer, L.BatchNormalization)]
+    assert len(out) == 2 * len(layers)
+    for layer in layers:
+        h = np.asarray(keras.Model(model.inputs, layer.input)(x, training=False), np.float64)
+        axes = tuple(range(h.ndim - 1))
+        np.testing.assert_allclose(out[moment_mean_name(flat.index(id(layer.moving_mean)))], h.mean(axes),
+                                   rtol=1e-5, atol=1e-6, err_msg=layer.name)
+        np.testing.assert_allclose(out[moment_variance_name(flat.index(id(layer.moving_variance)))], h.var(axes),
+                                   rtol=1e-5, atol=1e-6, err_msg=layer.name)
+
+
 def test_max_pooling_sends_a_tied_maximum_its_gradient_as_tensorflow_does():
     """Integer inputs and kernels: most pooling windows have a tied maximum."""
     keras.utils.set_random_seed(0)
@@ -279,6 +307,10 @@ def test_digits_cnn_trains_in_litert_as_in_keras(digits_setup, keras_trainer):
         set_layer_weights(trained, [w + d for w, d in zip(task.weights, result.delta)])
         accuracy[name] = float(np.mean(trained.predict(xte, verbose=0).argmax(-1) == yte))
     assert accuracy["litert"] > 0.85 and abs(accuracy["litert"] - accuracy["keras"]) < 0.05, accuracy
+
+
+def test_a_model_without_batchnorm_has_no_moments_signature(digits_setup):
+    assert BATCHNORM_MOMENTS not in load_interpreter(digits_setup[2]).interpreter.get_signature_list()
 
 
 @pytest.mark.parametrize("factory", [mnist1d_cnn, mlp])
