@@ -141,6 +141,7 @@ def run_row(dataset: str, row: str, seed: int, args) -> dict:
             "per_round": args.per_round, "accuracy": round(res.final_accuracy, 4),
             "sparsity": round(res.final_sparsity, 4), "bytes_up": int(up), "bytes_down": int(down),
             "tflite_int8_bytes": int8.get("size_bytes"), "tflite_int8_accuracy": int8.get("accuracy"),
+            "tflite_int8_granularity": int8.get("granularity"),
             "curve": curve, "wall_s": round(time.monotonic() - start, 1)}
 
 
