@@ -49,7 +49,7 @@ READY_TIMEOUT_S = 60.0
 PARTIAL_TIMEOUT_S = 60.0
 # Rejections a single process decides before it looks at whether the device already reported
 # (``intake._header_problem``'s order); any other rejection of a device already accepted is a duplicate.
-BEFORE_DUPLICATE = ("bad topic", "device mismatch", "unknown device", "wrong round", "not selected")
+BEFORE_DUPLICATE = ("bad topic", "unknown device", "wrong round", "not selected")
 
 
 def workers_refusal(strategy: Strategy, task: Task, architecture: Architecture | None = None) -> str | None:
