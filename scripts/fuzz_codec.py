@@ -23,7 +23,7 @@ line, one JSON object.
 A custom mutator runs libFuzzer's mutation and then, with probability ``--crc-fix`` (0.75), rewrites
 the trailing CRC-32 of frame inputs so that mutations get past the checksum to the header, table
 and length checks. The seed corpus holds valid encodings (updates of every precision, both
-encodings, every compression; tasks; chunks; masks of every method; value sections; JSON messages).
+encodings, every compression, and with a regrowth gradient report; tasks; chunks; masks of every method; value sections; JSON messages).
 """
 
 from __future__ import annotations
