@@ -75,7 +75,7 @@ def workers_refusal(strategy: Strategy, task: Task, architecture: Architecture |
 
 def dense_update_bytes(architecture: Architecture, task: Task) -> int:
     """About the most bytes one of this task's updates takes: every value at the task's uplink
-    precision, its masks as bitmaps, twice that with regrowth (a gradient section), and 64 kB for
+    precision, its masks as bitmaps, twice that with regrowth (a gradient report), and 64 kB for
     headers and metrics. An estimate (``largest_update_bytes``, every precision and a gradient
     section always, is 3x too strict for the digits CNN at int8)."""
     counts = [math.prod(s) for s in architecture.shapes]

@@ -385,7 +385,7 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     task's masks (it said so in its presence); ``digest``: ``mask_digest(task.masks)``, if known."""
     if not 0 <= task.round < 2**32 or not 0 <= task.attempt <= MAX_ATTEMPT:
         raise ValueError(f"task round {task.round} / attempt {task.attempt} out of range: the update that answers "
-                         f"carries the round in 32 bits and the attempt in 16 (at most {MAX_ATTEMPT})")
+                         f"carries the round up to 2**32 - 1 and the attempt up to {MAX_ATTEMPT}")
     if values_only:
         section = encode_values_only(task.weights, task.masks, task.downlink_precision)
     else:
