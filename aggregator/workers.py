@@ -49,7 +49,7 @@ READY_TIMEOUT_S = 60.0
 PARTIAL_TIMEOUT_S = 60.0
 # Rejections a single process decides before it looks at whether the device already reported
 # (``intake._header_problem``'s order); any other rejection of a device already accepted is a duplicate.
-BEFORE_DUPLICATE = ("bad topic", "device mismatch", "unknown device", "wrong round", "not selected")
+BEFORE_DUPLICATE = ("bad topic", "unknown device", "wrong round", "not selected")
 
 
 def workers_refusal(strategy: Strategy, task: Task, architecture: Architecture | None = None) -> str | None:
@@ -75,7 +75,7 @@ def workers_refusal(strategy: Strategy, task: Task, architecture: Architecture |
 
 def dense_update_bytes(architecture: Architecture, task: Task) -> int:
     """About the most bytes one of this task's updates takes: every value at the task's uplink
-    precision, its masks as bitmaps, twice that with regrowth (a gradient section), and 64 kB for
+    precision, its masks as bitmaps, twice that with regrowth (a gradient report), and 64 kB for
     headers and metrics. An estimate (``largest_update_bytes``, every precision and a gradient
     section always, is 3x too strict for the digits CNN at int8)."""
     counts = [math.prod(s) for s in architecture.shapes]

@@ -24,7 +24,7 @@ from typing import Any
 from fedprune.converters.errors import CodecError
 
 MAGIC = b"FPRN"
-FRAME_VERSION = 2  # 2: protocol version 2 (signed aggregator messages); 1 is refused
+FRAME_VERSION = 3  # 3: compact update header; 2: signed aggregator messages; any other version is refused
 PREFIX = struct.Struct("<4sBBI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = PREFIX.size + CRC.size
@@ -98,3 +98,34 @@ class ByteReader:
 
     def unpack(self, s: struct.Struct) -> tuple:
         return s.unpack(self.take(s.size))
+
+    def varint(self, largest: int, what: str) -> int:
+        """An unsigned LEB128 integer (``pack_varint``) of at most ``largest``; a CodecError names
+        ``what`` when it is larger, runs past the end, or is not in its shortest form."""
+        value = shift = 0
+        start = self.pos
+        while True:
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if value > largest:
+                raise CodecError(f"{what} at offset {start} exceeds {largest}")
+            if not b & 0x80:
+                if b == 0 and self.pos - start > 1:
+                    raise CodecError(f"{what} at offset {start} is not in its shortest form")
+                return value
+            shift += 7
+
+
+def pack_varint(value: int) -> bytes:
+    """``value`` (>= 0) as unsigned LEB128: seven bits a byte, least significant first, the top bit
+    set on every byte but the last (0-127 take one byte, up to 16,383 two)."""
+    if value < 0:
+        raise ValueError(f"a varint is unsigned, got {value}")
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if not value:
+            out.append(low)
+            return bytes(out)
+        out.append(low | 0x80)

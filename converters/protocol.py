@@ -1,4 +1,4 @@
-"""The fedprune MQTT protocol, version 2: topics and message envelopes.
+"""The fedprune MQTT protocol, version 3: topics and message envelopes.
 
 See docs/protocol.md for the full description. All messages use QoS 1. Small control messages are
 UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages are binary frames
@@ -35,11 +35,16 @@ from fedprune.converters.codec import (
     values_only_size,
 )
 from fedprune.converters.errors import CodecError
-from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, unpack_frame
+from fedprune.converters.frame import FRAME_OVERHEAD, ByteReader, pack_frame, pack_varint, unpack_frame
+from fedprune.converters.gradient_reports import (
+    decode_gradient_report,
+    encode_gradient_report,
+    gradient_report_bound,
+)
 from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # The topic layout did not change with version 2, so the root keeps its name: peers of different
 # versions still meet, and each refuses the other's messages with a message saying so.
 TOPIC_ROOT = "fedprune/v1"
@@ -380,7 +385,7 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     task's masks (it said so in its presence); ``digest``: ``mask_digest(task.masks)``, if known."""
     if not 0 <= task.round < 2**32 or not 0 <= task.attempt <= MAX_ATTEMPT:
         raise ValueError(f"task round {task.round} / attempt {task.attempt} out of range: the update that answers "
-                         f"carries the round in 32 bits and the attempt in 16 (at most {MAX_ATTEMPT})")
+                         f"carries the round up to 2**32 - 1 and the attempt up to {MAX_ATTEMPT}")
     if values_only:
         section = encode_values_only(task.weights, task.masks, task.downlink_precision)
     else:
@@ -530,7 +535,8 @@ class Update:
 
     ``tensors`` is the weight delta against the task's weights (``content == "delta"``) or the
     trained weights themselves; None when the device reports a failure (``error`` says which).
-    With ``Encoding.SELF_DESCRIBING`` the update carries ``masks`` of its own.
+    With ``Encoding.SELF_DESCRIBING`` the update carries ``masks`` of its own. ``device_id`` does
+    not travel: the update's topic names the device, and a receiver passes it to the decoder.
     """
 
     round: int
@@ -547,15 +553,29 @@ class Update:
     mask_digest: str = ""
     error: str = ""
     # Regrowth: the loss gradient at some pruned positions, where the task asked for it (zeros
-    # elsewhere); travels as a float16 self-describing section whose masks mark the reported positions.
+    # elsewhere), and which positions those are; travels as a gradient report
+    # (fedprune.converters.gradient_reports): magnitudes only, on an 8-bit logarithmic grid, so a
+    # decoded update holds the magnitudes as the aggregator ranks them.
     gradients: list[np.ndarray] | None = None
     gradient_masks: list[np.ndarray] | None = None
 
 
-# round, attempt, samples, content, encoding, precision, compression, mask digest
-_UPDATE_FIXED = struct.Struct("<IHIBBBB16s")
 _CONTENT = ("delta", "weights")
-_HAS_GRADIENTS = 0x80  # bit of the encoding byte: a gradient section precedes the tensors
+# The flags byte of an update's header: content, encoding, what follows the metrics, compression.
+_WEIGHTS = 0x01  # content "weights" (clear: "delta")
+_SELF_DESCRIBING = 0x02  # the tensor section is self-describing (clear: values-only)
+_HAS_GRADIENTS = 0x04  # a gradient report precedes the tensor section
+_HAS_ERROR = 0x08  # an error text follows the metrics (training failed)
+_COMPRESSION_SHIFT = 4  # bits 4-5: the lossless stage (Compression); bits 6-7 are zero
+_KNOWN_FLAGS = 0x3F
+_DIGEST_BYTES = 16
+_MAX_ERROR_BYTES = 65535
+#: Metric keys that travel as one byte, their index + 1 (0: the key follows as text). Appending is a
+#: protocol change like any other: a receiver refuses an id it does not know.
+METRIC_KEYS = ("loss", "accuracy", "train_s", "last_epoch_s", "train_peak_rss_mb", "child_result_s", "compute_s",
+               "sim_wait_s")
+_METRIC_ID = {k: i + 1 for i, k in enumerate(METRIC_KEYS)}
+_F32 = struct.Struct("<f")
 
 
 def encode_update(
@@ -570,6 +590,8 @@ def encode_update(
     precision = precision_named(update.precision)
     if not 0 <= update.round < 2**32 or not 0 <= update.attempt <= MAX_ATTEMPT:
         raise ValueError(f"update round {update.round} / attempt {update.attempt} out of range (u32 / u16)")
+    if not 0 <= update.num_samples < 2**32:
+        raise ValueError(f"update num_samples {update.num_samples} out of range (u32)")
     section = b""
     if update.tensors is not None:
         if update.encoding == Encoding.SELF_DESCRIBING:
@@ -579,27 +601,30 @@ def encode_update(
         else:
             section = encode_values_only(update.tensors, masks, precision, stochastic=stochastic, rng=rng)
     used, packed = compress(section, update.compression)
-    device = update.device_id.encode()
-    if len(device) > 255:
-        raise ValueError(f"device id of {len(device)} bytes is longer than 255")
-    metrics = [(_utf8_prefix(k, 255), float(v)) for k, v in list(update.metrics.items())[:255]]
-    error = _utf8_prefix(update.error, 65535)
-    parts = [
-        _UPDATE_FIXED.pack(update.round, update.attempt, update.num_samples, _CONTENT.index(update.content),
-                           int(update.encoding) | (_HAS_GRADIENTS if update.gradients is not None else 0),
-                           precision.wire_id, int(used),
-                           bytes.fromhex(mask_digest(masks))),
-        bytes([len(device)]), device, bytes([len(metrics)]),
-        *(bytes([len(k)]) + k + np.float32(v).astype("<f4").tobytes() for k, v in metrics),  # 1e39 -> inf
-        struct.pack("<H", len(error)), error,
-    ]
+    error = _utf8_prefix(update.error, _MAX_ERROR_BYTES)
+    flags = ((_WEIGHTS if _CONTENT.index(update.content) else 0)
+             | (_SELF_DESCRIBING if update.encoding == Encoding.SELF_DESCRIBING else 0)
+             | (_HAS_GRADIENTS if update.gradients is not None else 0) | (_HAS_ERROR if error else 0)
+             | int(used) << _COMPRESSION_SHIFT)
+    metrics = list(update.metrics.items())[:255]
+    parts = [pack_varint(update.round), pack_varint(update.attempt), pack_varint(update.num_samples),
+             bytes([flags, precision.wire_id]), bytes.fromhex(mask_digest(masks)), bytes([len(metrics)])]
+    for key, value in metrics:
+        if key in _METRIC_ID:
+            parts.append(bytes([_METRIC_ID[key]]))
+        else:
+            raw = _utf8_prefix(key, 255)
+            parts.append(b"\x00" + bytes([len(raw)]) + raw)
+        parts.append(np.float32(value).astype("<f4").tobytes())  # 1e39 -> inf
+    if error:
+        parts += [pack_varint(len(error)), error]
     if used is not Compression.NONE:
-        parts.append(struct.pack("<I", len(section)))
+        parts.append(pack_varint(len(section)))
     if update.gradients is not None:
-        if names is None or update.gradient_masks is None:
-            raise ValueError("gradients need the tensor names and the masks of the reported positions")
-        grads = encode_self_describing(update.gradients, update.gradient_masks, names, "float16")
-        parts += [struct.pack("<I", len(grads)), grads]
+        if update.gradient_masks is None:
+            raise ValueError("gradients need the masks of the reported positions")
+        report = encode_gradient_report(update.gradients, update.gradient_masks)
+        parts += [pack_varint(len(report)), report]
     parts.append(packed)
     return pack_frame(Kind.UPDATE, None, b"".join(parts))
 
@@ -614,7 +639,7 @@ def _utf8_prefix(text: str, max_bytes: int) -> bytes:
 class UpdateHeader:
     round: int
     attempt: int
-    device_id: str
+    device_id: str  # the sender as its topic names it (the receiver's word: it does not travel)
     num_samples: int
     content: str
     encoding: Encoding
@@ -624,36 +649,52 @@ class UpdateHeader:
     metrics: dict[str, float]
     error: str
     raw_section_bytes: int  # the section's size before the lossless stage
-    gradient_section: memoryview | None = None  # regrowth gradients (self-describing), if any
+    gradient_section: memoryview | None = None  # the regrowth gradient report, if any
 
 
-def peek_update(data: bytes, max_bytes: int) -> tuple[UpdateHeader, memoryview]:
-    """Check the frame of an update and read its header; the tensors are not decoded yet."""
+def peek_update(data: bytes, max_bytes: int, device_id: str = "") -> tuple[UpdateHeader, memoryview]:
+    """Check the frame of an update and read its header; the tensors are not decoded yet.
+    ``device_id``: the sender, as the update's topic names it."""
     kind, _, body = unpack_frame(data, max_bytes)
     if kind != Kind.UPDATE:
         raise CodecError(f"expected an update frame, got kind {kind}")
     r = ByteReader(body)
-    rnd, attempt, n, content, encoding, pid, comp, digest = r.unpack(_UPDATE_FIXED)
-    has_gradients, encoding = bool(encoding & _HAS_GRADIENTS), encoding & ~_HAS_GRADIENTS
+    rnd = r.varint(2**32 - 1, "update round")
+    attempt = r.varint(MAX_ATTEMPT, "update attempt")
+    n = r.varint(2**32 - 1, "update num_samples")
+    flags, pid = r.byte(), r.byte()
+    comp = flags >> _COMPRESSION_SHIFT & 0x3
     try:
         precision: Precision | None = precision_with_wire_id(pid)
     except ValueError:
         precision = None
-    if content >= len(_CONTENT) or encoding not in (0, 1) or precision is None or comp not in (0, 1, 2):
-        raise CodecError("update header has an unknown content, encoding, precision or compression")
+    if flags & ~_KNOWN_FLAGS or precision is None or comp > max(Compression):
+        raise CodecError("update header has unknown flags, precision or compression")
+    digest = bytes(r.take(_DIGEST_BYTES)).hex()
     try:
-        device = bytes(r.take(r.byte())).decode()
-        metrics = {}
+        metrics: dict[str, float] = {}
         for _ in range(r.byte()):
-            key = bytes(r.take(r.byte())).decode()
-            metrics[key] = float(struct.unpack("<f", r.take(4))[0])
-        error = bytes(r.take(struct.unpack("<H", r.take(2))[0])).decode()
+            key_id = r.byte()
+            if key_id > len(METRIC_KEYS):
+                raise CodecError(f"update metric id {key_id} is not known (1..{len(METRIC_KEYS)}, or 0 and a key)")
+            key = METRIC_KEYS[key_id - 1] if key_id else bytes(r.take(r.byte())).decode()
+            if not key_id and key in _METRIC_ID:
+                raise CodecError(f"update metric {key!r} is spelled out; it travels as id {_METRIC_ID[key]}")
+            if key in metrics:
+                raise CodecError(f"update metric {key!r} appears twice")
+            metrics[key] = float(r.unpack(_F32)[0])
+        error = ""
+        if flags & _HAS_ERROR:
+            error = bytes(r.take(r.varint(_MAX_ERROR_BYTES, "update error length"))).decode()
+            if not error:
+                raise CodecError("update says it carries an error text, and the text is empty")
     except UnicodeDecodeError:
         raise CodecError("update header text is not UTF-8") from None
-    raw = struct.unpack("<I", r.take(4))[0] if comp else None
-    gradients = r.take(struct.unpack("<I", r.take(4))[0]) if has_gradients else None
-    header = UpdateHeader(rnd, attempt, device, n, _CONTENT[content], Encoding(encoding), precision,
-                          Compression(comp), digest.hex(), metrics, error,
+    raw = r.varint(2**63, "update raw section length") if comp else None
+    gradients = r.take(r.varint(r.remaining, "update gradient report length")) if flags & _HAS_GRADIENTS else None
+    header = UpdateHeader(rnd, attempt, device_id, n, _CONTENT[flags & _WEIGHTS],
+                          Encoding.SELF_DESCRIBING if flags & _SELF_DESCRIBING else Encoding.VALUES_ONLY,
+                          precision, Compression(comp), digest, metrics, error,
                           r.remaining if raw is None else raw, gradients)
     return header, r.take(r.remaining)
 
@@ -669,18 +710,21 @@ def decode_update(
     layout: MaskLayout | None = None,
     peeked: tuple[UpdateHeader, memoryview] | None = None,
     out: Sequence[np.ndarray] | None = None,
+    device_id: str = "",
 ) -> Update:
     """Decode an update against the receiver's layout.
 
     Values-only: ``masks`` are the receiver's; a different mask digest is an error, never a silent
     misalignment. Self-describing: the update's own masks are used, ``names`` and ``shapes`` must
-    match its tensor table. ``layout``: ``MaskLayout.of(shapes, masks)``, for a receiver that
-    decodes many updates against the same masks. ``peeked``: what ``peek_update(data, max_bytes)``
-    returned, for a receiver that has read the header already (the frame is then not checked twice).
-    ``out``: arrays to decode a values-only update's tensors into (see ``decode_values_only``);
-    a self-describing update ignores them.
+    match its tensor table. A gradient report is decoded against ``shapes`` and ``masks`` (the
+    receiver's: reported positions must be pruned there). ``layout``: ``MaskLayout.of(shapes,
+    masks)``, for a receiver that decodes many updates against the same masks. ``peeked``: what
+    ``peek_update(data, max_bytes, device_id)`` returned, for a receiver that has read the header
+    already (the frame is then not checked twice). ``out``: arrays to decode a values-only update's
+    tensors into (see ``decode_values_only``); a self-describing update ignores them.
+    ``device_id``: the sender, as the update's topic names it (it does not travel).
     """
-    h, section = peeked or peek_update(data, max_bytes)
+    h, section = peeked or peek_update(data, max_bytes, device_id)
     if h.num_samples < 1 and not h.error:
         raise CodecError(f"update reports {h.num_samples} samples; must be >= 1")
     tensors, own_masks = None, None
@@ -703,16 +747,11 @@ def decode_update(
             if mask_digest(decoded.masks) != h.mask_digest:
                 raise CodecError("mask digest does not match the update's mask bits")
             tensors, own_masks = decoded.tensors, decoded.masks
-    elif section or h.gradient_section is not None:
+    elif section or h.gradient_section is not None or h.compression is not Compression.NONE:
         raise CodecError("an update that reports an error carries no tensors")
     gradients = gradient_masks = None
     if h.gradient_section is not None:
-        if names is None:
-            raise CodecError("update carries gradients, but the receiver gave no tensor names")
-        g = decode_self_describing(h.gradient_section, limits, expected=list(zip(names, shapes)))
-        if any(m is None for m in g.masks):
-            raise CodecError("a gradient section masks every tensor (the reported positions)")
-        gradients, gradient_masks = g.tensors, g.masks
+        gradients, gradient_masks = decode_gradient_report(h.gradient_section, shapes, masks)
     return Update(
         round=h.round, attempt=h.attempt, device_id=h.device_id, num_samples=h.num_samples, metrics=h.metrics,
         tensors=tensors, content=h.content, precision=h.precision.name, encoding=h.encoding,
@@ -726,15 +765,18 @@ def update_size_bound(shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarra
     return values_only_size(shapes, masks, precision)
 
 
-UPDATE_OVERHEAD_BYTES = FRAME_OVERHEAD + _UPDATE_FIXED.size  # + device id, metrics, error text
+#: The most an update's header takes before its metrics: the frame, three varints (round,
+#: attempt, samples: at most 5 + 3 + 5 bytes), the flags and precision bytes, the mask digest and
+#: the metric count.
+UPDATE_OVERHEAD_BYTES = FRAME_OVERHEAD + 5 + 3 + 5 + 2 + _DIGEST_BYTES + 1
 
-# The most an update's texts can add: a device id, 255 metrics with 255-byte keys, an error text,
-# their length bytes, and the raw length of a compressed section.
-_UPDATE_TEXT_BOUND = (1 + 255) + 1 + 255 * (1 + 255 + 4) + (2 + 65535) + 4
+# The most an update's texts and lengths can add: 255 metrics with 255-byte keys, an error text and
+# its length, the raw length of a compressed section and the length of a gradient report.
+_UPDATE_TEXT_BOUND = 255 * (1 + 1 + 255 + 4) + (3 + _MAX_ERROR_BYTES) + 10 + 5
 
 
 def largest_update_bytes(names: Sequence[str], shapes: Sequence[Sequence[int]]) -> int:
     """The most bytes a valid update for this layout can take: any precision, any mask, any texts,
-    self-describing, with a regrowth gradient section. (A sender compresses only what shrinks.)"""
-    section = self_describing_bound(names, shapes)
-    return UPDATE_OVERHEAD_BYTES + _UPDATE_TEXT_BOUND + section + 4 + section
+    self-describing, with a regrowth gradient report. (A sender compresses only what shrinks.)"""
+    return (UPDATE_OVERHEAD_BYTES + _UPDATE_TEXT_BOUND + self_describing_bound(names, shapes)
+            + gradient_report_bound(shapes))

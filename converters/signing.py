@@ -177,8 +177,9 @@ def open_signed(topic: str, data: bytes, key: VerifyKey, max_bytes: int) -> byte
     (size over ``max_bytes``, checksum, another frame version).
     """
     if data[:1] == b"{":
-        raise SignatureError("an unsigned JSON message: this side speaks protocol version 2, where every "
-                             "aggregator message is signed (an aggregator of version 1, or a forgery)")
+        raise SignatureError("an unsigned JSON message: this side speaks protocol version 3, where every "
+                             "aggregator message is signed (since version 2: an aggregator of version 1, "
+                             "or a forgery)")
     kind, _, body = unpack_frame(data, max_bytes)
     if kind != SIGNED_KIND:
         raise SignatureError(f"an unsigned message (frame kind {kind}); every aggregator message is signed")

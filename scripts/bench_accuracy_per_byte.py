@@ -22,7 +22,8 @@ the embedded broker:
   polynomial from --ramp), int8 both ways;
 - diagnostic rows (``--rows``, not plotted), for why device-side masks lose: ``device-90-f32``,
   ``device-90-int4`` (float32 downlink), and aggregator masks on device-90's ramp: ``ramp-90``
-  (int8 both ways), ``ramp-90-int4`` (int4 uplink with error feedback, float32 downlink).
+  (int8 both ways), ``ramp-90-int4`` (int4 uplink with error feedback, float32 downlink); and
+  ``pruned-90-zlib``, pruned-90 with the lossless stage (zlib) on its messages.
 
 Per row: accuracy after every round with the cumulative bytes up and down, the final accuracy,
 the exported int8 TFLite model's size (in the summary also against the dense model's float32
@@ -90,6 +91,10 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     # the default is 0.5): how much of MNIST-1D's 95 % gap the floor's height explains.
     "pruned-95-floor1": {"pruning": {**ROWS["pruned-95"]["pruning"], "global_floor": 1.0},
                          "transport": INT8_BOTH, "training": {"learning_rate": 0.01}},
+    # pruned-90 with the lossless stage (zlib, which every board's Python has) on its updates and
+    # tasks: what entropy coding of the int8 values would save (issue 19, breast cancer's uplink).
+    "pruned-90-zlib": {"pruning": ROWS["pruned-90"]["pruning"], "transport": {**INT8_BOTH, "compression": "zlib"},
+                       "training": {"learning_rate": 0.01}},
     "device-90-f32": {"pruning": ROWS["device-90"]["pruning"],
                       "transport": {"uplink_precision": "float32", "downlink_precision": "float32"}},
     "device-90-int4": {"pruning": ROWS["device-90"]["pruning"],

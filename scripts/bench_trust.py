@@ -96,7 +96,7 @@ def _forgeries(topics, key, attacker_key, honest_arch, module: str) -> list[tupl
     import numpy as np
 
     from codec_helpers import recrc
-    from fedprune.converters.protocol import Architecture, TrainTask, encode_task
+    from fedprune.converters.protocol import PROTOCOL_VERSION, Architecture, TrainTask, encode_task
     from fedprune.converters.signing import sign_message
 
     config = json.loads(honest_arch.model_json)
@@ -119,7 +119,7 @@ def _forgeries(topics, key, attacker_key, honest_arch, module: str) -> list[tupl
     return [
         ("architecture, unsigned", arch_topic, evil.encode()),
         ("architecture, signed by another key", arch_topic, sign_message(arch_topic, evil.encode(), attacker_key)),
-        ("architecture, protocol version 1", arch_topic, evil.encode().replace(b'"v":2', b'"v":1')),
+        ("architecture, protocol version 1", arch_topic, evil.encode().replace(b'"v":%d' % PROTOCOL_VERSION, b'"v":1')),
         ("architecture, altered after signing", arch_topic, recrc(bytes(honest_signed))),
         ("task, unsigned", task_topic, task),
         ("task, signed by another key", task_topic, sign_message(task_topic, task, attacker_key)),

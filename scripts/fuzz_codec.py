@@ -23,7 +23,7 @@ line, one JSON object.
 A custom mutator runs libFuzzer's mutation and then, with probability ``--crc-fix`` (0.75), rewrites
 the trailing CRC-32 of frame inputs so that mutations get past the checksum to the header, table
 and length checks. The seed corpus holds valid encodings (updates of every precision, both
-encodings, every compression; tasks; chunks; masks of every method; value sections; JSON messages).
+encodings, every compression, and with a regrowth gradient report; tasks; chunks; masks of every method; value sections; JSON messages).
 """
 
 from __future__ import annotations
@@ -161,6 +161,11 @@ class Harness:
             self._check_tensors(u.tensors, self.masks, SHAPES)
         else:
             self._check_tensors(u.tensors, u.masks, SHAPES)
+        if u.gradients is not None:  # a regrowth report: magnitudes > 0 at pruned positions only
+            self._check_tensors(u.gradients, u.gradient_masks, SHAPES)
+            for g, r, m in zip(u.gradients, u.gradient_masks, self.masks):
+                if (g[r] <= 0).any() or (r.any() and (m is None or (r & m).any())):
+                    raise InvariantViolation("gradient report: a magnitude <= 0, or a position not pruned")
         return u
 
     def task(self, b: bytes):
@@ -330,6 +335,16 @@ def build_seeds() -> list[bytes]:
                 payloads.append(frame)
     add("decode_update", protocol.encode_update(
         protocol.Update(round=1, attempt=0, device_id="dev-err", num_samples=0, error="out of memory"), masks))
+    # regrowth: updates with a gradient report (the pruned positions' gradient magnitudes)
+    from fedprune.pruning.regrowth import report_pruned_gradients
+
+    grads = [rng.normal(0, 1e-3, size=shape).astype(np.float32) for shape in SHAPES]
+    reported, chosen = report_pruned_gradients(SHAPES, grads, masks, 0.2)
+    for compression in ("none", "zlib"):
+        u = protocol.Update(round=4, attempt=1, device_id="dev-g", num_samples=64, metrics={"loss": 0.5, "x": 1.0},
+                            tensors=tensors(levels=4), compression=compression, gradients=reported,
+                            gradient_masks=chosen)
+        add("decode_update", protocol.encode_update(u, masks))
     import dataclasses
 
     task_extra = {}

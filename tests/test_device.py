@@ -91,7 +91,8 @@ def test_run_job_encodes_an_update_the_aggregator_decodes():
     job = d.receive(TOPICS.task("dev-1"), task_payload(round_=3))
     message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
     assert message.topic == TOPICS.update("dev-1") and not message.retain
-    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
+    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES,
+                           device_id=TOPICS.device_from_topic(message.topic))  # the topic names the device
     assert (update.round, update.device_id, update.num_samples, update.content) == (3, "dev-1", 10, "delta")
     np.testing.assert_array_equal(update.tensors[0], job.task.masks[0].astype(np.float32))
     assert d.completed_rounds == []  # not until it is published

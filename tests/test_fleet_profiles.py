@@ -111,3 +111,7 @@ def test_waiting_for_shared_simulator_resources_counts_as_simulator_time():
     metrics = timed.train(None, None, None, None).metrics
     assert metrics["compute_s"] == 0.1 and timed.extra_s == pytest.approx(0.05)
     assert metrics["sim_wait_s"] == pytest.approx(0.3 + 0.2, abs=0.03)
+    # at speed 1 the emulated time is the measured one: compute_s is not sent (the aggregator
+    # takes train_s for it), five bytes less in every update
+    same = _TimedTrainer(SleepingTrainer(), speed=1.0, enqueued=time.perf_counter()).train(None, None, None, None)
+    assert "compute_s" not in same.metrics and set(same.metrics) == {"train_s", "sim_wait_s"}

@@ -23,6 +23,7 @@ from fedprune.converters.frame import (
     MAX_HEADER_BYTES,
     PREFIX,
     ByteReader,
+    pack_varint,
     pack_frame,
     peek_kind,
     unpack_frame,
@@ -58,7 +59,7 @@ def unpack_codec_error(data: bytes, max_bytes: int = MAX, match: str | None = No
 
 
 def test_constants_and_overhead():
-    assert MAGIC == b"FPRN" and FRAME_VERSION == 2
+    assert MAGIC == b"FPRN" and FRAME_VERSION == 3
     assert PREFIX.size == 10 and CRC.size == 4 and FRAME_OVERHEAD == 14
     assert issubclass(CodecError, ValueError)
     e = CodecError("why")
@@ -148,8 +149,10 @@ VALID = pack_frame(2, {"k": "v"}, b"payload")
         pytest.param(bytes(FRAME_OVERHEAD), MAX, "bad magic", id="zeros"),
         pytest.param(raw_frame(2, b"{}", version=0), MAX, "version 0", id="version-0"),
         pytest.param(raw_frame(2, b"{}", version=1), MAX, "version 1 not supported: this side speaks protocol "
-                     "version 2; upgrade the side that sent it", id="version-1"),
-        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 3", id="version-3"),
+                     "version 3; upgrade the side that sent it", id="version-1"),
+        pytest.param(raw_frame(2, b"{}", version=2), MAX, "version 2 not supported: this side speaks protocol "
+                     "version 3; upgrade the side that sent it", id="version-2"),
+        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 4", id="version-4"),
         pytest.param(raw_frame(2, b"{}", version=255), MAX, "version 255", id="version-255"),
         pytest.param(raw_frame(2, b"{}", hlen=3), MAX, "header length 3", id="hlen-past-end"),
         pytest.param(raw_frame(2, b"", hlen=1), MAX, "header length 1", id="hlen-1-empty"),
@@ -286,7 +289,7 @@ def test_random_bytes_unpack_or_raise_codec_error(data, max_bytes):
 
 
 @PROP
-@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 1, 3]),
+@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 1, 2, 4]),
        head=st.binary(max_size=64) | st.text(max_size=30).map(str.encode), body=st.binary(max_size=64),
        hlen_delta=st.integers(-3, 3))
 def test_frames_with_valid_crc_unpack_or_raise_codec_error(kind, version, head, body, hlen_delta):
@@ -314,3 +317,43 @@ def test_any_single_corruption_is_detected(header, body, data):
     else:
         bad = frame + data.draw(st.binary(min_size=1, max_size=8))
     unpack_codec_error(bad)
+
+
+# --------------------------------------------------------------------------- varints
+
+
+@pytest.mark.parametrize("value,encoded", [
+    (0, b"\x00"), (1, b"\x01"), (127, b"\x7f"), (128, b"\x80\x01"), (300, b"\xac\x02"), (16383, b"\xff\x7f"),
+    (16384, b"\x80\x80\x01"), (2**32 - 1, b"\xff\xff\xff\xff\x0f"),
+])
+def test_varints_are_leb128(value, encoded):
+    assert pack_varint(value) == encoded
+    r = ByteReader(memoryview(encoded + b"rest"))
+    assert r.varint(2**32 - 1, "n") == value and r.remaining == 4
+
+
+@pytest.mark.parametrize("data,largest,match", [
+    (b"\x80\x00", 2**32, "not in its shortest form"),  # 0 in two bytes
+    (b"\x81\x80\x00", 2**32, "not in its shortest form"),
+    (b"\x80", 2**32, "ends early"),
+    (b"", 10, "ends early"),
+    (b"\x0b", 10, "exceeds 10"),
+    (b"\x80\x80\x80\x80\x10", 2**32 - 1, "exceeds 4294967295"),
+    (b"\xff" * 100000, 2**63, "exceeds"),  # stops at the limit, not at the end of the buffer
+], ids=["overlong-0", "overlong-1", "truncated", "empty", "over-limit", "over-u32", "endless"])
+def test_varints_that_are_refused(data, largest, match):
+    with pytest.raises(CodecError, match=match):
+        ByteReader(memoryview(data)).varint(largest, "n")
+
+
+def test_pack_varint_refuses_negative_numbers():
+    with pytest.raises(ValueError, match="unsigned"):
+        pack_varint(-1)
+
+
+@PROP
+@given(value=st.integers(0, 2**64))
+def test_varints_round_trip_in_their_shortest_form(value):
+    data = pack_varint(value)
+    assert len(data) == max(1, -(-value.bit_length() // 7))
+    assert ByteReader(memoryview(data)).varint(2**64, "n") == value

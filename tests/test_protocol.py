@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedprune.converters.codec import Compression, compress, encode_self_describing, encode_values_only, n_channels
 from fedprune.converters.errors import CodecError
-from fedprune.converters.frame import CRC, FRAME_OVERHEAD, PREFIX, pack_frame, unpack_frame
+from fedprune.converters.frame import CRC, FRAME_OVERHEAD, FRAME_VERSION, PREFIX, pack_frame, pack_varint, unpack_frame
 from fedprune.converters.protocol import (
     PROTOCOL_VERSION,
     TOPIC_ROOT,
@@ -53,10 +53,13 @@ MAX = 1 << 22
 
 SHAPES = [(16, 12), (12,), (3, 3, 4, 8), (8,)]
 NAMES = ["dense/kernel", "dense/bias", "conv/kernel", "conv/bias"]
-# offsets in an update frame (no JSON header): prefix, then the fixed binary header
-FIXED = struct.Struct("<IHIBBBB16s")
+# offsets in an update frame (no JSON header) of make_update's: the prefix, then round, attempt and
+# samples (a varint byte each), the flags and precision bytes, the mask digest, the metrics
 BODY = PREFIX.size
-DIGEST_AT = BODY + 14
+FLAGS_AT = BODY + 3
+PRECISION_AT = BODY + 4
+DIGEST_AT = BODY + 5
+METRICS_AT = DIGEST_AT + 16
 
 
 def example_masks(seed: int = 0) -> list[np.ndarray | None]:
@@ -230,16 +233,17 @@ def test_json_messages_reject_bad_envelopes(msg):
         json.dumps(dict(obj, type=other)).encode(),
         json.dumps({k: v for k, v in obj.items() if k != "type"}).encode(),
         json.dumps(dict(obj, v=1)).encode(),  # protocol version 1: refused, saying so
-        json.dumps(dict(obj, v=3)).encode(),
-        json.dumps(dict(obj, v="2")).encode(),
+        json.dumps(dict(obj, v=2)).encode(),  # version 2 (its update header was longer): refused too
+        json.dumps(dict(obj, v=4)).encode(),
+        json.dumps(dict(obj, v="3")).encode(),
         json.dumps({k: v for k, v in obj.items() if k != "v"}).encode(),
         json.dumps(dict(obj, unknown_field=1)).encode(),
-        json.dumps({"v": 2, "type": obj["type"]}).encode(),  # required fields missing
-        b'{"v": 2, "type": "' + obj["type"].encode() + b'", "x": ' + b"9" * 5000 + b"}",
+        json.dumps({"v": 3, "type": obj["type"]}).encode(),  # required fields missing
+        b'{"v": 3, "type": "' + obj["type"].encode() + b'", "x": ' + b"9" * 5000 + b"}",
     ]
     for data in bad:
         expect_codec_error(cls.decode, data)
-    with pytest.raises(CodecError, match="speaks protocol version 1, this side speaks 2; upgrade the side"):
+    with pytest.raises(CodecError, match="speaks protocol version 1, this side speaks 3; upgrade the side"):
         cls.decode(json.dumps(dict(obj, v=1)).encode())
     with pytest.raises(CodecError, match="exceeds"):
         cls.decode(b" " * (16 << 20) + msg.encode())
@@ -483,7 +487,7 @@ def test_decode_task_zip_bomb_with_negative_claim_is_refused_cheaply():
 def test_values_only_update_round_trip(precision, compression, content):
     u, masks = make_update(precision.name, content=content, compression=compression, compressible=True)
     data = encode_update(u, masks)
-    got = decode_update(data, SHAPES, masks, MAX)
+    got = decode_update(data, SHAPES, masks, MAX, device_id="dev-7")  # the topic names the device
     assert (got.round, got.attempt, got.device_id, got.num_samples) == (3, 1, "dev-7", 42)
     assert got.metrics == u.metrics  # all exactly representable in float32
     assert (got.content, got.precision, got.encoding, got.error) == (content, precision.name,
@@ -576,7 +580,7 @@ def test_update_without_samples_is_refused():
 def test_peek_update():
     u, masks = make_update("int8-channel", content="weights", compression="zstd", compressible=True)
     data = encode_update(u, masks)
-    h, section = peek_update(data, MAX)
+    h, section = peek_update(data, MAX, "dev-7")
     assert (h.round, h.attempt, h.device_id, h.num_samples, h.content) == (3, 1, "dev-7", 42, "weights")
     assert h.encoding is Encoding.VALUES_ONLY and h.precision == precision_named("int8-channel")
     assert h.compression is Compression.ZSTD and h.mask_digest == mask_digest(masks)
@@ -590,21 +594,40 @@ def test_peek_update():
     peeked = decode_update(data, SHAPES, masks, MAX, peeked=(h, section))
     fresh = decode_update(data, SHAPES, masks, MAX)
     assert all(np.array_equal(a, b) for a, b in zip(peeked.tensors, fresh.tensors))
-    assert (peeked.device_id, peeked.metrics) == (fresh.device_id, fresh.metrics)
+    assert (peeked.device_id, fresh.device_id, peeked.metrics) == ("dev-7", "", fresh.metrics)
 
 
 def test_update_layout_and_size():
     u, masks = make_update("int8")
     data = encode_update(u, masks)
     bound = update_size_bound(SHAPES, masks, "int8")
-    header = 1 + len("dev-7") + 1 + sum(1 + len(k) + 4 for k in u.metrics) + 2
-    assert UPDATE_OVERHEAD_BYTES == FRAME_OVERHEAD + FIXED.size == 44
-    assert len(data) == UPDATE_OVERHEAD_BYTES + header + bound
-    assert len(data) <= bound + 128
-    assert struct.unpack_from("<I", data, 6)[0] == 0  # no JSON header
-    rnd, attempt, n, content, enc, pid, comp, digest = FIXED.unpack_from(data, BODY)
-    assert (rnd, attempt, n, content, enc, pid, comp) == (3, 1, 42, 0, 0, 2, 0)
-    assert digest.hex() == mask_digest(masks)
+    # round 3, attempt 1, 42 samples: a varint byte each; flags, precision; digest; 3 known metrics
+    header = 1 + 1 + 1 + 2 + 16 + 1 + 3 * (1 + 4)
+    assert len(data) == FRAME_OVERHEAD + header + bound
+    assert len(data) <= bound + 128 and UPDATE_OVERHEAD_BYTES == FRAME_OVERHEAD + 5 + 3 + 5 + 2 + 16 + 1
+    assert data[4] == FRAME_VERSION == 3 and struct.unpack_from("<I", data, 6)[0] == 0  # no JSON header
+    assert data[BODY:BODY + 3] == bytes([3, 1, 42])
+    assert (data[FLAGS_AT], data[PRECISION_AT]) == (0, 2)  # delta, values-only, nothing optional, int8
+    assert data[DIGEST_AT:DIGEST_AT + 16].hex() == mask_digest(masks)
+    assert data[METRICS_AT:METRICS_AT + 2] == bytes([3, 1])  # 3 metrics, the first "loss" (id 1)
+    # the device id does not travel: the update is the same from any device
+    assert encode_update(Update(**{**u.__dict__, "device_id": "another"}), masks) == data
+
+
+def test_update_varints_take_the_bytes_their_values_need():
+    u, masks = make_update("int8")
+    big = Update(**{**u.__dict__, "round": 300, "attempt": 65535, "num_samples": 2**32 - 1})
+    data = encode_update(big, masks)
+    assert len(data) == len(encode_update(u, masks)) + 1 + 2 + 4
+    assert data[BODY:BODY + 2] == pack_varint(300) == b"\xac\x02"
+    h = peek_update(data, MAX)[0]
+    assert (h.round, h.attempt, h.num_samples) == (300, 65535, 2**32 - 1)
+    # not the shortest form: refused (one value, one encoding)
+    overlong = recrc(data[:BODY] + b"\x83\x00" + data[BODY + 2:])
+    expect_codec_error(peek_update, overlong, MAX, match="shortest form")
+    # an attempt above 65,535
+    too_big = recrc(data[:BODY + 2] + pack_varint(65536) + data[BODY + 5:])
+    expect_codec_error(peek_update, too_big, MAX, match="exceeds 65535")
 
 
 @pytest.mark.parametrize("precision", ALL)
@@ -614,29 +637,37 @@ def test_update_size_bound_holds_for_every_precision(precision):
     assert len(data) <= update_size_bound(SHAPES, masks, precision.name) + 128
 
 
-@pytest.mark.parametrize("offset,value", [
-    (BODY + 10, 2), (BODY + 10, 255), (BODY + 11, 2), (BODY + 12, 5), (BODY + 12, 255), (BODY + 13, 3),
-], ids=["content-2", "content-255", "encoding-2", "precision-5", "precision-255", "compression-3"])
-def test_peek_update_refuses_unknown_codes(offset, value):
+@pytest.mark.parametrize("offset,value,match", [
+    (FLAGS_AT, 0x40, "unknown flags"), (FLAGS_AT, 0x80, "unknown flags"), (FLAGS_AT, 0x30, "unknown flags"),
+    (PRECISION_AT, 5, "unknown flags"), (PRECISION_AT, 255, "unknown flags"),
+], ids=["flag-6", "flag-7", "compression-3", "precision-5", "precision-255"])
+def test_peek_update_refuses_unknown_codes(offset, value, match):
     u, masks = make_update()
     data = patch(encode_update(u, masks), offset, bytes([value]))
-    expect_codec_error(peek_update, data, MAX, match="unknown content, encoding, precision or compression")
+    expect_codec_error(peek_update, data, MAX, match=match)
     expect_codec_error(decode_update, data, SHAPES, masks, MAX)
 
 
 def test_update_header_text_checks():
     u, masks = make_update()
     data = encode_update(u, masks)
-    at = BODY + FIXED.size  # device id length, then the id
-    expect_codec_error(peek_update, patch(data, at + 1, b"\xff"), MAX, match="UTF-8")
-    expect_codec_error(peek_update, patch(data, at, b"\xff"), MAX)
-    metrics_at = at + 1 + len("dev-7")
-    expect_codec_error(peek_update, patch(data, metrics_at, b"\xff"), MAX)
-    # the error text: a length past the end
+    expect_codec_error(peek_update, patch(data, METRICS_AT + 1, b"\x09"), MAX, match="metric id 9 is not known")
+    expect_codec_error(peek_update, patch(data, METRICS_AT, b"\xff"), MAX)  # 255 metrics: runs into the values
+    # a key spelled out, invalid UTF-8; a known key spelled out; the same key twice
+    odd = encode_update(Update(**{**u.__dict__, "metrics": {"ab": 1.0}}), masks)
+    expect_codec_error(peek_update, patch(odd, METRICS_AT + 3, b"\xff"), MAX, match="UTF-8")
+    spelled = encode_update(Update(**{**u.__dict__, "metrics": {"lost": 1.0}}), masks)
+    expect_codec_error(peek_update, patch(spelled, METRICS_AT + 6, b"s"), MAX, match="travels as id 1")
+    twice = patch(data, METRICS_AT + 6, b"\x01")  # the second metric's id: "loss" again
+    expect_codec_error(peek_update, twice, MAX, match="appears twice")
+    # the error text: a length past the end, not UTF-8, empty though flagged
     short = Update(round=1, attempt=0, device_id="d", num_samples=1, error="x")
     e = encode_update(short, [None])
-    expect_codec_error(peek_update, patch(e, len(e) - 4 - 3, b"\xff\xff"), MAX, match="ends early")
+    assert e[-4 - 2:-4] == b"\x01x"  # its length varint, then the text
+    expect_codec_error(peek_update, patch(e, len(e) - 6, b"\x02"), MAX, match="ends early")
     expect_codec_error(peek_update, patch(e, len(e) - 5, b"\xff"), MAX, match="UTF-8")
+    empty = recrc(e[:-6] + b"\x00" + e[-4:])
+    expect_codec_error(peek_update, empty, MAX, match="text is empty")
 
 
 def test_values_only_update_section_length_checks():
@@ -648,21 +679,22 @@ def test_values_only_update_section_length_checks():
     uz, _ = make_update("float32", compression="zlib", compressible=True)
     dz = encode_update(uz, masks)
     h, section = peek_update(dz, MAX)
-    raw_at = len(dz) - 4 - len(section) - 4
-    assert struct.unpack_from("<I", dz, raw_at)[0] == h.raw_section_bytes
+    raw = pack_varint(h.raw_section_bytes)
+    raw_at = len(dz) - 4 - len(section) - len(raw)
+    assert dz[raw_at:raw_at + len(raw)] == raw
     for claim in (h.raw_section_bytes + 1, h.raw_section_bytes - 1, 0, 2**32 - 1):
-        expect_codec_error(decode_update, patch(dz, raw_at, struct.pack("<I", claim)), SHAPES, masks, MAX,
-                           match="values section is")
-    # another compression code than the stream's
-    comp_at = BODY + 13
-    expect_codec_error(decode_update, patch(dz, comp_at, b"\x02"), SHAPES, masks, MAX, match="decompress")
+        claimed = recrc(dz[:raw_at] + pack_varint(claim) + dz[raw_at + len(raw):])
+        expect_codec_error(decode_update, claimed, SHAPES, masks, MAX, match="values section is")
+    # another compression code than the stream's (zstd for zlib)
+    assert dz[FLAGS_AT] == 0x10
+    expect_codec_error(decode_update, patch(dz, FLAGS_AT, b"\x20"), SHAPES, masks, MAX, match="decompress")
 
 
 def test_update_metrics_and_unicode_ids():
     u = Update(round=2**32 - 1, attempt=2**16 - 1, device_id="dévice-ü", num_samples=2**32 - 1,
                metrics={"loss": 1 / 3, "näme": -2.5, "inf": float("inf")}, tensors=[np.ones(3, np.float32)],
                precision="float32")
-    got = decode_update(encode_update(u, [None]), [(3,)], [None], MAX)
+    got = decode_update(encode_update(u, [None]), [(3,)], [None], MAX, device_id="dévice-ü")
     assert (got.round, got.attempt, got.device_id, got.num_samples) == (2**32 - 1, 2**16 - 1, "dévice-ü", 2**32 - 1)
     assert got.metrics["loss"] == pytest.approx(1 / 3, rel=1e-7) and got.metrics["näme"] == -2.5
     assert got.metrics["inf"] == float("inf")
@@ -736,20 +768,20 @@ def test_random_bytes_decode_or_raise_codec_error(data):
 
 
 def valid_frame(kind: int, head: bytes, body: bytes) -> bytes:
-    data = PREFIX.pack(b"FPRN", 1, kind, len(head)) + head + body
+    data = PREFIX.pack(b"FPRN", FRAME_VERSION, kind, len(head)) + head + body
     return data + CRC.pack(zlib.crc32(data))
 
 
 @PROP
 @given(body=st.binary(max_size=300), fixed=st.none() | st.tuples(
-    st.integers(0, 2**32 - 1), st.integers(0, 2**16 - 1), st.integers(0, 3), st.integers(0, 2),
-    st.integers(0, 2), st.integers(0, 5), st.integers(0, 3), st.booleans()))
+    st.integers(0, 2**32 - 1), st.integers(0, 2**16 - 1), st.integers(0, 3), st.integers(0, 0x3F),
+    st.integers(0, 5), st.booleans()))
 def test_random_update_bodies_with_valid_frames(body, fixed):
     """Frames that pass the checksum, with a plausible or random binary header."""
     if fixed is not None:
-        n, attempt, samples, content, enc, pid, comp, real_digest = fixed
+        n, attempt, samples, flags, pid, real_digest = fixed
         digest = bytes.fromhex(mask_digest(UPDATE_MASKS)) if real_digest else bytes(16)
-        body = FIXED.pack(n, attempt, samples, content, enc, pid, comp, digest) + body
+        body = pack_varint(n) + pack_varint(attempt) + pack_varint(samples) + bytes([flags, pid]) + digest + body
     decode_any(valid_frame(Kind.UPDATE, b"", body), "update")
 
 

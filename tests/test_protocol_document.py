@@ -64,7 +64,7 @@ def test_17_1_the_values_only_update_decodes_and_the_encoder_writes_exactly_it()
     assert len(data) == int(re.search(r"The (\d+)-byte payload", text).group(1))
     digest = re.search(r"= `([0-9a-f]{32})`", text).group(1)
     assert mask_digest([MASK_171, None]) == digest
-    u = decode_update(data, [(2, 3), (2,)], [MASK_171, None], 1 << 20)
+    u = decode_update(data, [(2, 3), (2,)], [MASK_171, None], 1 << 20, device_id="pi-07")  # from the topic
     assert (u.round, u.attempt, u.device_id, u.num_samples, u.metrics, u.precision) == (
         3, 1, "pi-07", 412, {"loss": 0.5}, "int8")
     np.testing.assert_allclose(u.tensors[0], [[0.503937, 0, -0.2519685], [0, 1.0, 0]], rtol=1e-6)

@@ -64,7 +64,6 @@ def test_a_valid_update_is_accepted():
     ({"round": 1}, "dev-1", ["dev-1"], "wrong round"),  # a closed round
     ({"round": 3}, "dev-1", ["dev-1"], "wrong round"),  # a future one
     ({"attempt": 2}, "dev-1", ["dev-1"], "wrong round"),
-    ({"device_id": "dev-2"}, "dev-1", ["dev-1"], "device mismatch"),
     ({"device_id": "ghost"}, "ghost", ["ghost"], "unknown device"),
     ({}, "dev-1", ["other"], "not selected"),
     ({"tensors": None, "error": "out of memory"}, "dev-1", ["dev-1"], "device error"),

@@ -78,7 +78,8 @@ def report_pruned_gradients(
     """What a device reports for regrowth: per weight tensor, the loss gradient at its pruned
     positions with the largest magnitude, ``ceil(fraction * kept)`` of them (at least one), and
     which positions those are; zeros and no positions where the tensor has no mask, no pruned
-    position, or no gradient (``None``).
+    position, or no gradient (``None``). A zero gradient is never reported: it adds nothing to any
+    position's score, so the aggregator could not regrow on its account.
 
     A pruned weight is 0, but its gradient (input activation times output error) says how much the
     loss would fall if it came back: the signal PruneFL and FedDST regrow by.
@@ -89,7 +90,7 @@ def report_pruned_gradients(
         chosen = np.zeros(tuple(shape), bool)
         if grad is not None and mask is not None and (~mask).any():
             flat = np.asarray(grad, np.float32).ravel()
-            pruned = np.flatnonzero(~mask.ravel())
+            pruned = np.flatnonzero(~mask.ravel() & (flat != 0))
             k = min(pruned.size, max(1, int(np.ceil(fraction * mask.sum()))))
             top = pruned[np.argsort(-np.abs(flat[pruned]), kind="stable")[:k]]
             chosen.ravel()[top] = True
