@@ -23,7 +23,8 @@ the embedded broker:
 - diagnostic rows (``--rows``, not plotted), for why device-side masks lose: ``device-90-f32``,
   ``device-90-int4`` (float32 downlink), and aggregator masks on device-90's ramp: ``ramp-90``
   (int8 both ways), ``ramp-90-int4`` (int4 uplink with error feedback, float32 downlink); and
-  ``pruned-90-zlib``, pruned-90 with the lossless stage (zlib) on its messages.
+  ``pruned-90-zlib``, ``pruned-90-zstd``, pruned-90 with the lossless stage (zlib, zstd) on its
+  messages, and ``dense-zlib``, dense with zlib, the fair divisor for those.
 
 Per row: accuracy after every round with the cumulative bytes up and down, the final accuracy,
 the exported int8 TFLite model's size (in the summary also against the dense model's float32
@@ -95,6 +96,11 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     # tasks: what entropy coding of the int8 values would save (issue 19, breast cancer's uplink).
     "pruned-90-zlib": {"pruning": ROWS["pruned-90"]["pruning"], "transport": {**INT8_BOTH, "compression": "zlib"},
                        "training": {"learning_rate": 0.01}},
+    "pruned-90-zstd": {"pruning": ROWS["pruned-90"]["pruning"], "transport": {**INT8_BOTH, "compression": "zstd"},
+                       "training": {"learning_rate": 0.01}},
+    # The baseline with the same lossless stage: what a fair ratio for the compressed rows divides.
+    "dense-zlib": {"pruning": {"final_sparsity": 0.0},
+                   "transport": {"uplink_precision": "float32", "downlink_precision": "float32", "compression": "zlib"}},
     "device-90-f32": {"pruning": ROWS["device-90"]["pruning"],
                       "transport": {"uplink_precision": "float32", "downlink_precision": "float32"}},
     "device-90-int4": {"pruning": ROWS["device-90"]["pruning"],
