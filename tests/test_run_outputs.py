@@ -10,7 +10,8 @@ from fedprune.aggregator.records import RoundRecord, sparsity_of_all
 
 def test_an_int8_export_not_smaller_than_float32_is_reported_as_such(tmp_path, capsys):
     """On breast cancer the int8 file (14,080 B) was larger than the float32 one (10,436 B), and
-    nothing said so."""
+    nothing said so. Per-tensor int8 made it smaller at 95 % (3,848 B against 5,464); at 99 % the
+    int8 file is still the larger."""
     from fedprune.aggregator.export import export_models
     from fedprune.aggregator.records import RunResult
     from fedprune.cli_common import print_outcome
@@ -22,15 +23,15 @@ def test_an_int8_export_not_smaller_than_float32_is_reported_as_such(tmp_path, c
     keras.utils.set_random_seed(0)
     data = load_dataset("breast_cancer")
     model = mlp(data.input_shape, 2)
-    weights, _ = prune_to_sparsity(get_layer_weights(model), full_masks(model, ("logits",)), 0.95)
+    weights, _ = prune_to_sparsity(get_layer_weights(model), full_masks(model, ("logits",)), 0.99)
     exports = {e["precision"]: e for e in export_models(model, weights, tmp_path, data)}
     assert exports["int8"]["size_bytes"] >= exports["float32"]["size_bytes"]  # this small model: int8 is larger
     assert exports["int8"]["note"].startswith(f"not smaller than float32 ({exports['int8']['size_bytes']:,} B "
                                               f"against {exports['float32']['size_bytes']:,} B)")
     assert "note" not in exports["float32"]
-    print_outcome(RunResult(tmp_path, [], 0.9, 0.95, 10_000, list(exports.values()), 0.93, {"logits": "left dense"}))
+    print_outcome(RunResult(tmp_path, [], 0.9, 0.99, 10_000, list(exports.values()), 0.93, {"logits": "left dense"}))
     out = capsys.readouterr().out
-    assert "at sparsity 0.950 of the prunable weights (0.930 of all 10,000 weights)" in out
+    assert "at sparsity 0.990 of the prunable weights (0.930 of all 10,000 weights)" in out
     assert "not pruned: logits (left dense)" in out
     assert f"model-int8.tflite: {exports['int8']['size_bytes']:,} bytes" in out and "; not smaller than float32" in out
 
