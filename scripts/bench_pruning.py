@@ -67,6 +67,10 @@ ROWS: dict[str, dict] = {
     # feedback possible, where the aggregator-mask rows send int4 deltas with error feedback).
     "device-masks-90-int8": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
                              "transport": {"uplink_precision": "int8"}},
+    # int4 weights with stochastic rounding: unbiased, so the average over the devices can move by
+    # less than a quantization step (round-to-nearest snaps a small change back to the same level).
+    "device-masks-90-int4-sr": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
+                                "transport": {"uplink_precision": "int4", "stochastic_rounding": True}},
     # Sparse from the start: the initial model pruned at round 0 (per-layer magnitude of a random
     # initialisation: a random mask at the same sparsity in every layer), so no update is ever dense.
     # With regrowth every 5 rounds (FedDST, Bibikar et al. 2022) the mask then follows training.
