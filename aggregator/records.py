@@ -47,6 +47,8 @@ class RoundRecord:
     train_loss: float
     rejections: dict[str, int] = field(default_factory=dict)
     mask_agreement: float | None = None  # device-side masks: mean pairwise Jaccard of the kept sets
+    # Jaccard index of the global mask's kept set with the previous round's (1 = unchanged)
+    mask_overlap: float | None = None
     population: int | None = None  # devices online when this round's devices were drawn
     epsilon: float | None = None  # DP-FedAvg: epsilon so far, at the task's privacy.delta
     # What became of the selected devices (summed over the round's attempts): every one of them
@@ -97,6 +99,7 @@ class RoundOutcome:
     aggregate_s: float
     evaluate_s: float
     weight_count: int = 0  # weights in the whole model, for the sparsity over all of them
+    mask_overlap: float | None = None  # the pruning step's (PruneStep.mask_overlap)
 
 
 def sparsity_of_all(masks: Masks, weight_count: int) -> float:
@@ -129,6 +132,7 @@ def round_record(round_number: int, gathered: Gathered, outcome: RoundOutcome, n
         train_loss=float(np.mean(train_losses)),
         rejections=gathered.rejections,
         mask_agreement=outcome.mask_agreement,
+        mask_overlap=outcome.mask_overlap,
         population=gathered.population,
         epsilon=outcome.epsilon,
         received=totals.received,

@@ -225,7 +225,7 @@ class Aggregator:
         self.state.totals["bytes_down"] += gathered.totals.bytes_down
         self.state.totals["bytes_up"] += gathered.totals.bytes_up
         outcome = RoundOutcome(acc, loss, masks, step.pruned, agreement, epsilon, aggregate_s, evaluate_s,
-                               weight_count=sum(int(w.size) for w in weights))
+                               weight_count=sum(int(w.size) for w in weights), mask_overlap=step.mask_overlap)
         return round_record(r, gathered, outcome, self.architecture.names, time.monotonic() - start,
                             private=self.accountant is not None)
 

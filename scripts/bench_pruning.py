@@ -63,6 +63,14 @@ ROWS: dict[str, dict] = {
     "regrowth-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "regrowth": 0.05}, "transport": LOSSY},
     "device-masks-90": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
                         "transport": {"uplink_precision": "int4"}},
+    # The same at int8: separates the device masks from their transport (int4 WEIGHTS, with no error
+    # feedback possible, where the aggregator-mask rows send int4 deltas with error feedback).
+    "device-masks-90-int8": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
+                             "transport": {"uplink_precision": "int8"}},
+    # int4 weights with stochastic rounding: unbiased, so the average over the devices can move by
+    # less than a quantization step (round-to-nearest snaps a small change back to the same level).
+    "device-masks-90-int4-sr": {"pruning": {**RAMP, "final_sparsity": 0.9, "mask_owner": "device"},
+                                "transport": {"uplink_precision": "int4", "stochastic_rounding": True}},
     # Sparse from the start: the initial model pruned at round 0 (per-layer magnitude of a random
     # initialisation: a random mask at the same sparsity in every layer), so no update is ever dense.
     # With regrowth every 5 rounds (FedDST, Bibikar et al. 2022) the mask then follows training.
@@ -187,6 +195,10 @@ def main() -> None:
             "tflite_int8_bytes": int8["size_bytes"], "wall_s": round(time.monotonic() - start, 1),
             "mask_agreement": res.rounds[-1].mask_agreement, "structured": summary.get("structured_pruning"),
             "accuracy_per_round": [round(x.accuracy, 4) for x in res.rounds],
+            # How much the devices' masks agreed, and the global mask's kept set against the previous
+            # round's (Jaccard indices; None where nothing is masked).
+            "mask_agreement_per_round": [_round(x.mask_agreement) for x in res.rounds],
+            "mask_overlap_per_round": [_round(x.mask_overlap) for x in res.rounds],
             "layer_sparsity": {k: round(v, 4) for k, v in (res.rounds[-1].layer_sparsity or {}).items()},
         }
         results.append(r)
@@ -194,6 +206,10 @@ def main() -> None:
               f"sparsity {r['sparsity']:.3f}  up {r['bytes_up']:>12,}  down {r['bytes_down']:>12,}  "
               f"({r['wall_s']} s)", flush=True)
     finish(results, args.out, [r for path in args.plot_with for r in json.loads(path.read_text())])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _seed(r: dict) -> int:

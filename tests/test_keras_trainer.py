@@ -61,6 +61,16 @@ def test_device_side_pruning_leaves_unmasked_layers_dense(model):
             assert abs(1 - m.mean() - 0.75) < 0.02
 
 
+def test_device_side_pruning_to_sparsity_0_keeps_every_weight(model):
+    # The rounds before pruning.begin_round: devices that own their masks are asked for sparsity 0.
+    arch = architecture_of(model)
+    masks = full_masks(model, ("conv1", "logits"))
+    x, y = _data(64, seed=1)
+    result = KerasTrainer().train(arch, _task(model, masks, device_sparsity=0.0), x, y)
+    kept = [m for m in result.masks if m is not None]
+    assert kept and all(m.all() for m in kept)
+
+
 def _separable_model():
     keras.utils.set_random_seed(1)
     L = keras.layers

@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 from fedprune.pruning.masks import (
     rescale_units_to_norms,
     apply_masks,
+    kept_jaccard,
     layer_sparsities,
     magnitude_mask,
     prune_to_sparsity,
@@ -143,6 +144,15 @@ def test_apply_masks_zeroes_pruned_positions_and_keeps_dtype():
 
 
 # --------------------------------------------------------------------------- sparsity, digest
+
+
+def test_kept_jaccard_counts_the_kept_positions_both_masks_share_over_either():
+    before = [np.array([True, True, False, False]), None, np.array([[True, False]])]
+    after = [np.array([True, False, True, False]), None, np.array([[True, False]])]
+    assert kept_jaccard(before, after) == pytest.approx(2 / 4)  # kept by both: 2; by either: 4
+    assert kept_jaccard(before, before) == 1.0
+    assert kept_jaccard([None], [None]) is None  # nothing masked
+    assert kept_jaccard(before, [before[0], None, np.ones((1, 1), bool)]) is None  # a smaller model
 
 
 def test_sparsity_and_layer_sparsities():

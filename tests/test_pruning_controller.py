@@ -112,6 +112,31 @@ def test_device_side_masks_ask_the_scheduled_sparsity_and_reset_the_global_mask(
     assert PruningController(PruningSection(final_sparsity=0.6), LAYERS).device_target(3) is None
 
 
+def test_each_step_says_how_much_of_the_global_kept_set_stayed():
+    weights, masks = _model()
+    c = PruningController(PruningSection(final_sparsity=0.8, begin_round=1, end_round=2), LAYERS)
+    first = c.step(1, weights, masks)
+    assert first.mask_overlap == pytest.approx(1 - sparsity(first.masks))  # a subset of all-kept
+    assert c.step(3, first.weights, first.masks).mask_overlap == 1.0  # fine-tuning: the mask is fixed
+    device = PruningController(PruningSection(final_sparsity=0.6, begin_round=1, end_round=3,
+                                              mask_owner="device"), LAYERS)
+    moved = [w + np.random.default_rng(1).normal(size=w.shape).astype(np.float32) for w in weights]
+    kept = device.step(3, weights, masks).masks
+    assert device.step(4, moved, kept).mask_overlap < 1.0  # chosen afresh from new weights: it churns
+
+
+def test_device_side_masks_prune_nothing_before_begin_round():
+    # As tfmot's PolynomialDecay (no pruning before begin_step) and aggregator masks: the schedule's
+    # initial sparsity applies from begin_round, not from round 1.
+    c = PruningController(PruningSection(initial_sparsity=0.5, final_sparsity=0.9, begin_round=4, end_round=8,
+                                         mask_owner="device"), LAYERS)
+    assert [c.device_target(r) for r in (1, 3)] == [0.0, 0.0] and c.device_target(4) == pytest.approx(0.5)
+    weights, masks = _model()
+    step = c.step(3, weights, masks)
+    assert sparsity(step.masks) == 0.0 and step.mask_overlap == 1.0
+    assert sparsity(c.step(4, weights, masks).masks) == pytest.approx(0.5, abs=0.01)
+
+
 def test_structured_pruning_is_due_after_its_round_only():
     c = PruningController(PruningSection(structured_fraction=0.5, structured_round=2), {})
     assert [r for r in range(1, 5) if c.structured_due(r)] == [2]

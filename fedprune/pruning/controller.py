@@ -20,6 +20,7 @@ It never asks which schedule it holds: every schedule answers the same calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from fedprune.pruning.masks import (
     Masks,
     prune_globally,
     prune_to_sparsity,
+    kept_jaccard,
     prune_with_rules,
     rescale_units_to_norms,
 )
@@ -52,6 +54,9 @@ class PruneStep:
     weights: list[np.ndarray]
     masks: Masks
     pruned: bool  # the masks changed this round: a pruning step, or a backoff
+    # Jaccard index of the kept set after this step with the kept set before it (1 = unchanged):
+    # how much the global mask churns from round to round (None: nothing masked).
+    mask_overlap: float | None = None
 
 
 class PruningController:
@@ -91,7 +96,13 @@ class PruningController:
 
     def device_target(self, round_number: int) -> float | None:
         """The sparsity devices prune to in this round (device-side masks only, else None)."""
-        return self.schedule.sparsity_at(round_number) if self.device_masks else None
+        return self._device_sparsity(round_number) if self.device_masks else None
+
+    def _device_sparsity(self, round_number: int) -> float:
+        # 0 before begin_round: the schedule's sparsity there is its initial one (the round clipped
+        # to the ramp, as tfmot computes it), but tfmot does not prune before begin_step, and
+        # aggregator masks do not either. Devices pruned to it from round 1 until 2026-12-07 (issue 19).
+        return self.schedule.sparsity_at(round_number) if round_number >= self.section.begin_round else 0.0
 
     def gradient_fraction(self, round_number: int, masks: Masks) -> float | None:
         """Ask devices for gradients at pruned positions in rounds that end with a pruning turn."""
@@ -104,14 +115,20 @@ class PruningController:
 
     def step(self, round_number: int, weights: list[np.ndarray], masks: Masks,
              gradients: GradientReports = ()) -> PruneStep:
-        """The masks after aggregating round ``round_number`` into ``weights`` (under ``masks``)."""
+        """The masks after aggregating round ``round_number`` into ``weights`` (under ``masks``),
+        with how much of the kept set stayed (``PruneStep.mask_overlap``)."""
+        step = self._step(round_number, weights, masks, gradients)
+        return dataclasses.replace(step, mask_overlap=kept_jaccard(masks, step.masks))
+
+    def _step(self, round_number: int, weights: list[np.ndarray], masks: Masks,
+              gradients: GradientReports) -> PruneStep:
         if self.schedule is None:
             return PruneStep(weights, masks, False)
         if self.device_masks:
             # The global mask afresh by magnitude of the average (positions may come back if the
             # devices kept them).
             fresh = [None if m is None else np.ones(m.shape, bool) for m in masks]
-            weights, masks = prune_to_sparsity(weights, fresh, self.schedule.sparsity_at(round_number))
+            weights, masks = prune_to_sparsity(weights, fresh, self._device_sparsity(round_number))
             return PruneStep(weights, masks, True)
         d = self.schedule.decision(round_number)
         if d.backoff and self._masks_before_prune is not None:

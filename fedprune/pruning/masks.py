@@ -194,6 +194,19 @@ def sparsity(masks: Masks) -> float:
     return 0.0 if total == 0 else 1.0 - kept / total
 
 
+def kept_jaccard(before: Masks, after: Masks) -> float | None:
+    """Jaccard index of two masks' kept sets over their masked positions (1 = the same weights
+    kept); None when they do not cover the same tensors in the same shapes (a structured step
+    changed the model) or nothing is masked."""
+    pairs = [(a, b) for a, b in zip(before, after) if a is not None or b is not None]
+    if len(before) != len(after) or not pairs or any(a is None or b is None or a.shape != b.shape
+                                                     for a, b in pairs):
+        return None
+    union = sum(int(np.logical_or(a, b).sum()) for a, b in pairs)
+    both = sum(int(np.logical_and(a, b).sum()) for a, b in pairs)
+    return 1.0 if union == 0 else both / union
+
+
 def layer_sparsities(masks: Masks, names: Sequence[str]) -> dict[str, float]:
     """Sparsity of each prunable tensor, by name."""
     return {n: 1.0 - float(m.mean()) for n, m in zip(names, masks, strict=True) if m is not None}
