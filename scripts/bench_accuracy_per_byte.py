@@ -107,7 +107,7 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     # Closing MNIST-1D's gap (issue 19, session 9; docs/benchmarks.md): each row is the session-8
     # pruned-90/95 (SESSION8_PRUNING, Adam 0.01 constant) with one change or two. cos: the devices'
     # rate falls along half a cosine to 0.001 (cos1) or 0.0001 (cos01) by the last round
-    # (training.final_learning_rate); fix10: the mask's last change 10 rounds before the end, not 5;
+    # (training.final_learning_rate); fixN: pruning.end_round N rounds before the end, not 5;
     # rgXfY: regrowth of X % every Y rounds; floorZ: pruning.global_floor 0.Z; lr02: Adam 0.02.
     "p90-cos1": _session9(90, lr=(0.01, 0.001)),  # = pruned-90 now
     "p90-cos01": _session9(90, lr=(0.01, 0.0001)),
