@@ -124,6 +124,7 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     "p95-rg10f2-floor5": _session9(95, frequency=2, global_floor=0.05),
     "p95-rg10f2-floor10-fix3": {**_session9(95, frequency=2, global_floor=0.1), "fixed_rounds": 3},
     "p95-rg10f2-floor10-cos5": _session9(95, lr=(0.01, 0.005), frequency=2, global_floor=0.1),
+    "p95-rg15f2-floor10": _session9(95, frequency=2, regrowth=0.15, global_floor=0.1),
     # dense with the same kind of decay (to a tenth of its rate): is the decay worth as much to dense?
     "dense-cos": {"pruning": {"final_sparsity": 0.0},
                   "transport": {"uplink_precision": "float32", "downlink_precision": "float32"},
