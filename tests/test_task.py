@@ -220,6 +220,22 @@ def test_learning_rate_falls_along_half_a_cosine_when_final_learning_rate_is_set
         TrainingSection(learning_rate=0.01, final_learning_rate=0.02).check()
 
 
+def test_each_rounds_task_carries_that_rounds_learning_rate_and_devices_accept_it():
+    """The schedule lives on the aggregator: a round's task holds one learning_rate, which both
+    trainers (Keras and LiteRT) read from the task, and no final_learning_rate a device would refuse."""
+    from fedprune.aggregator.collect import training_settings
+    from fedprune.converters.protocol import TrainingSettings
+
+    task = parse_task({"federation": {"rounds": 20, "devices_per_round": 2, "min_devices": 2},
+                       "training": {"learning_rate": 0.01, "final_learning_rate": 0.001}})
+    sent = [TrainingSettings.from_mapping(training_settings(task, r)) for r in (1, 10, 20)]
+    assert [s.learning_rate for s in sent] == pytest.approx([0.01, task.training.learning_rate_at(10, 20), 0.001])
+    assert sent[0].learning_rate > sent[1].learning_rate > sent[2].learning_rate
+    constant = parse_task({"federation": {"rounds": 20, "devices_per_round": 2, "min_devices": 2},
+                           "training": {"learning_rate": 0.01}})
+    assert training_settings(constant, 20)["learning_rate"] == 0.01
+
+
 @pytest.mark.parametrize("path", [ROOT / "examples" / "fleet.toml", ROOT / "examples" / "digits.toml"],
                          ids=lambda p: p.name)
 def test_a_task_written_as_toml_reads_back_as_the_same_task(path, tmp_path):
