@@ -49,9 +49,8 @@ def _outputs(content: bytes, x: np.ndarray) -> np.ndarray:
 
 def test_compact_flatbuffer_drops_names_metadata_and_empty_buffers_but_not_outputs_or_signatures(
         pruned_mlp, digits):
+    import tensorflow as tf  # after keras_setup (the fixtures imported it)
     from tensorflow.lite.tools import flatbuffer_utils
-
-    import tensorflow as tf
 
     x, _ = digits
     converter = tf.lite.TFLiteConverter.from_keras_model(pruned_mlp)

@@ -30,9 +30,9 @@ import numpy as np
 
 from fedprune.pruning.masks import (
     Masks,
+    kept_jaccard,
     prune_globally,
     prune_to_sparsity,
-    kept_jaccard,
     prune_with_rules,
     rescale_units_to_norms,
 )
