@@ -127,6 +127,12 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     "p95-rg10f2-floor10-fix3": {**_session9(95, frequency=2, global_floor=0.1), "fixed_rounds": 3},
     "p95-rg10f2-floor10-cos5": _session9(95, lr=(0.01, 0.005), frequency=2, global_floor=0.1),
     "p95-rg15f2-floor10": _session9(95, frequency=2, regrowth=0.15, global_floor=0.1),
+    # 3 local epochs instead of 2 (no byte more: a round sends the same), for pruned-95 and for dense
+    "p95-e3": {**_session9(95, frequency=2, global_floor=0.1),
+               "training": {"learning_rate": 0.01, "final_learning_rate": 0.0, "local_epochs": 3}},
+    "dense-e3": {"pruning": {"final_sparsity": 0.0},
+                 "transport": {"uplink_precision": "float32", "downlink_precision": "float32"},
+                 "training": {"learning_rate": 0.002, "local_epochs": 3}},
     # dense with the same kind of decay (to a tenth of its rate): is the decay worth as much to dense?
     "dense-cos": {"pruning": {"final_sparsity": 0.0},
                   "transport": {"uplink_precision": "float32", "downlink_precision": "float32"},
