@@ -130,21 +130,16 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     # 3 local epochs instead of 2 (no byte more: a round sends the same), for pruned-95 and for dense
     "p95-e3": {**_session9(95, frequency=2, global_floor=0.1),
                "training": {"learning_rate": 0.01, "final_learning_rate": 0.0, "local_epochs": 3}},
-    "dense-e3": {"pruning": {"final_sparsity": 0.0},
-                 "transport": {"uplink_precision": "float32", "downlink_precision": "float32"},
-                 "training": {"learning_rate": 0.002, "local_epochs": 3}},
+    "dense-e3": {**ROWS["dense"], "training": {"learning_rate": 0.002, "local_epochs": 3}},
     # dense with the same kind of decay (to a tenth of its rate): is the decay worth as much to dense?
-    "dense-cos": {"pruning": {"final_sparsity": 0.0},
-                  "transport": {"uplink_precision": "float32", "downlink_precision": "float32"},
-                  "training": {"learning_rate": 0.002, "final_learning_rate": 0.0002}},
+    "dense-cos": {**ROWS["dense"], "training": {"learning_rate": 0.002, "final_learning_rate": 0.0002}},
     # Session 8's pruned-90 (as measured) with the lossless stage (zlib, which every board's Python
     # has; zstd) on its updates and tasks: what entropy coding of the int8 values would save (issue
     # 19, breast cancer's uplink).
     "pruned-90-zlib": {**_session9(90), "transport": {**INT8_BOTH, "compression": "zlib"}},
     "pruned-90-zstd": {**_session9(90), "transport": {**INT8_BOTH, "compression": "zstd"}},
     # The baseline with the same lossless stage: what a fair ratio for the compressed rows divides.
-    "dense-zlib": {"pruning": {"final_sparsity": 0.0},
-                   "transport": {"uplink_precision": "float32", "downlink_precision": "float32", "compression": "zlib"}},
+    "dense-zlib": {**ROWS["dense"], "transport": {**ROWS["dense"]["transport"], "compression": "zlib"}},
     "device-90-f32": {"pruning": ROWS["device-90"]["pruning"],
                       "transport": {"uplink_precision": "float32", "downlink_precision": "float32"}},
     "device-90-int4": {"pruning": ROWS["device-90"]["pruning"],

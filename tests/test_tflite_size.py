@@ -29,14 +29,19 @@ def digits():
     return (x / 16.0).astype(np.float32), y.astype(np.int64)
 
 
-@pytest.fixture(scope="module")
-def pruned_mlp(keras, digits):
-    x, y = digits
-    keras.utils.set_random_seed(0)
+def _trained_mlp(keras, x: np.ndarray, y: np.ndarray, seed: int):
+    """A 64-32-10 MLP trained on digits for 8 epochs."""
+    keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.layers.Input((64,)), keras.layers.Dense(32, activation="relu", name="hidden"),
                               keras.layers.Dense(10, name="logits")])
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=8, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned_mlp(keras, digits):
+    model = _trained_mlp(keras, *digits, seed=0)
     kernel, bias = model.get_layer("hidden").get_weights()
     keep = np.abs(kernel) >= np.quantile(np.abs(kernel), 0.9)
     model.get_layer("hidden").set_weights([kernel * keep, bias])
@@ -86,11 +91,7 @@ def test_auto_keeps_per_channel_when_per_tensor_changes_predictions(keras, digit
     always 0: its activation stays 0 (so activation ranges are unchanged), but one int8 scale for
     the whole kernel rounds every other channel's weights to 0."""
     x, y = digits
-    keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.layers.Input((64,)), keras.layers.Dense(32, activation="relu", name="hidden"),
-                              keras.layers.Dense(10, name="logits")])
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, epochs=8, batch_size=32, verbose=0)
+    model = _trained_mlp(keras, x, y, seed=1)
     dead_input = int(np.flatnonzero(np.all(x == 0, axis=0))[0])  # digits' corner pixels are always blank
     kernel, bias = model.get_layer("hidden").get_weights()
     kernel[dead_input, 0] = 1e4 * np.abs(kernel).max()
