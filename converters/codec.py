@@ -3,8 +3,10 @@
 Two encodings of a tensor list (the model's weights in the layout of ``fedprune.models``):
 
 - **values-only**: sender and receiver share the masks, so only the kept values travel, tensor
-  after tensor, each a value section of ``fedprune.converters.quantize`` (scales, then values). The
-  masks are named elsewhere by their digest; nothing else is sent. This is the default uplink.
+  after tensor, each a value section of ``fedprune.converters.quantize`` (scales, then values; an
+  integer precision's codes packed or entropy-coded, whichever is smaller, so a section's length
+  is known only once it is read). The masks are named elsewhere by their digest; nothing else is
+  sent. This is the default uplink.
 - **self-describing**: a tensor table (name, shape, dtype, precision, whether masked, mask coding,
   kept count, mask bytes) followed, per tensor, by its coded mask (``fedprune.converters.mask_coding``,
   the smallest of bitmap, Rice/Elias gaps or index list) and its value section. Used to broadcast
@@ -13,8 +15,8 @@ Two encodings of a tensor list (the model's weights in the layout of ``fedprune.
 An optional lossless stage (zlib or zstd) is applied to a section only when it makes it smaller.
 
 Decoding trusts nothing: every count, shape and length is checked against the table, the
-expected layout and ``DecodeLimits`` before anything is allocated; every failure is a
-``CodecError``.
+expected layout and ``DecodeLimits`` before anything is allocated (a section's length against the
+most its layout can take: its values packed); every failure is a ``CodecError``.
 """
 
 from __future__ import annotations
@@ -153,12 +155,14 @@ class MaskLayout:
         return cls(dims, positions, counts, digest or mask_digest(masks))
 
     def section_size(self, precision: "Precision | str") -> int:
-        """Exact byte length of a values-only section at ``precision`` for this layout."""
+        """The most bytes a values-only section at ``precision`` takes for this layout (its
+        integer codes packed; exact for float precisions)."""
         return _section_size(self.shapes, self.counts, precision)
 
 
 def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str") -> int:
-    """Exact byte length of ``encode_values_only`` for this layout."""
+    """The most bytes ``encode_values_only`` takes for this layout (integer codes packed; exact
+    for float precisions)."""
     counts = [int(np.prod(s)) if m is None else int(m.sum()) for s, m in zip(shapes, masks, strict=True)]
     return _section_size(shapes, counts, precision)
 
@@ -181,9 +185,10 @@ def decode_values_only(
     except ValueError as e:
         raise CodecError(str(e)) from None
     layout = layout or MaskLayout.of(shapes, masks)
-    expected = layout.section_size(p)
-    if len(body) != expected:
-        raise CodecError(f"values section is {len(body)} bytes, expected {expected} for this mask and {p.name}")
+    largest = layout.section_size(p)
+    if len(body) > largest or (not p.coding_bytes and len(body) != largest):  # a float section's size is exact
+        raise CodecError(f"values section is {len(body)} bytes, expected {'at most ' if p.coding_bytes else ''}"
+                         f"{largest} for this mask and {p.name}")
     if out is not None:
         if len(out) != len(layout.shapes):
             raise ValueError(f"out has {len(out)} arrays for {len(layout.shapes)} tensors")
@@ -196,16 +201,16 @@ def decode_values_only(
     pos = 0
     for i, (shape, positions, count) in enumerate(zip(layout.shapes, layout.positions, layout.counts)):
         channels, c = _channels(shape, positions, p)
-        size = p.section_size(count, c)
-        section = view[pos : pos + size]
-        pos += size
         target = None if out is None else out[i]
         if positions is None and target is not None:  # dense: straight into the caller's array
-            p.decode(section, count, channels=channels, n_channels=c, out=target.reshape(-1))
+            _, used = p.read(view[pos:], count, channels=channels, n_channels=c, out=target.reshape(-1))
             tensors.append(target)
         else:
-            values = p.decode(section, count, channels=channels, n_channels=c)
+            values, used = p.read(view[pos:], count, channels=channels, n_channels=c)
             tensors.append(_scatter(shape, positions, values, out=target))
+        pos += used
+    if pos != len(body):
+        raise CodecError(f"{len(body) - pos} bytes left over after the last tensor's values")
     return tensors
 
 
@@ -280,7 +285,8 @@ def self_describing_bound(names: Sequence[str], shapes: Sequence[Sequence[int]])
         n = int(np.prod(shape))
         total += 2 + len(name.encode()) + 4 * len(shape) + _ENTRY_FIXED.size  # table entry
         total += (n + 7) // 8 + 8  # mask: never larger than the bitmap plus its parameters
-        total += (n * _WIDEST_BITS + 7) // 8 + 4 * n_channels(shape)  # values: the widest precision, per-channel scales
+        # values: the widest precision, per-channel scales, a coding byte
+        total += (n * _WIDEST_BITS + 7) // 8 + 4 * n_channels(shape) + 1
     return total
 
 
@@ -311,7 +317,7 @@ def decode_self_describing(
         raise CodecError(f"table lists {count} tensors, expected {len(expected)}")
     entries = []
     total_elements = 0
-    data_bytes = 0
+    data_bytes = least_bytes = 0
     for i in range(count):
         name_len = r.byte()
         try:
@@ -347,14 +353,19 @@ def decode_self_describing(
         masked = bool(flags & _FLAG_MASKED)
         if not masked and (method != MaskMethod.ALL_KEPT or kept != size or mask_len):
             raise CodecError(f"tensor {name!r}: unmasked tensor with a mask")
-        vsize = p.section_size(kept, section_channels(shape, p))
+        c = section_channels(shape, p)
+        vsize = p.section_size(kept, c)
         entries.append((name, shape, size, p, masked, method, kept, mask_len))
         data_bytes += mask_len + vsize
-    # Every length is checked before any mask or value is decoded (or allocated).
-    if data_bytes > r.remaining:
-        raise CodecError(f"section ends early: the table promises {data_bytes} bytes of tensor data, {r.remaining} left")
+        # at least: the mask, and the values' scales and coding byte (all of a float section)
+        least_bytes += mask_len + (vsize if not p.coding_bytes else 4 * p.n_scales(kept, c) + p.coding_bytes)
+    # Every length is checked before any mask or value is decoded (or allocated); value sections
+    # may be entropy-coded, so the table bounds the data, and the tensors must then use it all.
+    if least_bytes > r.remaining:
+        raise CodecError(f"section ends early: the table needs at least {least_bytes} bytes of tensor data, "
+                         f"{r.remaining} left")
     if data_bytes < r.remaining:
-        raise CodecError(f"{r.remaining - data_bytes} bytes left over after the {data_bytes} the table promises")
+        raise CodecError(f"{r.remaining - data_bytes} bytes left over after the {data_bytes} the table allows")
     names, tensors, masks, precisions = [], [], [], set()
     for name, shape, size, p, masked, method, kept, mask_len in entries:
         mask_bytes = r.take(mask_len)
@@ -364,7 +375,8 @@ def decode_self_describing(
         else:
             flat, positions = None, None
         channels, c = _channels(shape, positions, p)
-        values = p.decode(r.take(p.section_size(kept, c)), kept, channels=channels, n_channels=c)
+        values, used = p.read(view[r.pos :], kept, channels=channels, n_channels=c)
+        r.take(used)
         names.append(name)
         tensors.append(_scatter(shape, positions, values))
         masks.append(None if flat is None else flat.reshape(shape))

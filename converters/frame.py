@@ -24,7 +24,7 @@ from typing import Any
 from fedprune.converters.errors import CodecError
 
 MAGIC = b"FPRN"
-FRAME_VERSION = 3  # 3: compact update header; 2: signed aggregator messages; any other version is refused
+FRAME_VERSION = 4  # 4: entropy-coded integer values; 3: compact update header; 2: signed aggregator messages; any other version is refused
 PREFIX = struct.Struct("<4sBBI")
 CRC = struct.Struct("<I")
 FRAME_OVERHEAD = PREFIX.size + CRC.size

@@ -31,14 +31,10 @@ Methods (bit streams are in ``np.packbits`` order, most significant bit first)
                           ``L = floor(log2(g + 1))`` zeros then a one (all gaps), then for each gap
                           the ``L`` low bits of ``g + 1`` (all gaps), then zero padding to a byte.
 
-Golomb bit layout (``q = g // m``, ``r = g % m``, ``b = ceil(log2 m)``, ``c = 2**b - m``)
-    The remainder is in truncated binary: with ``c == 0`` (``m`` a power of two) every ``r`` takes
-    ``w = b`` bits; otherwise ``w = b - 1`` bits hold ``v = r`` when ``r < c`` and
-    ``v = (r + c) >> 1`` otherwise, plus one *extra* bit ``(r + c) & 1`` for each ``v >= c``.
-    The streams, concatenated: the ``(count + 1) * w`` fixed remainder bits, then the extra bits
-    (their number is known once the fixed bits are read), then the quotients in unary (``q``
-    zeros then a one, for every gap), then zero padding to a whole byte. Each stream decodes with
-    whole-array NumPy operations; no loop runs per element.
+Golomb bit layout
+    ``fedprune.converters.golomb``'s layout of the ``count + 1`` gaps with parameter ``m`` (fixed
+    remainder bits, extra bits of the truncated binary, quotients in unary), then zero padding to
+    a whole byte. Each stream decodes with whole-array NumPy operations; no loop runs per element.
 
 Strictness
     Every byte must be consumed, padding bits must be zero, the mask must have exactly ``kept``
@@ -62,6 +58,7 @@ from enum import IntEnum
 import numpy as np
 
 from fedprune.converters.errors import CodecError
+from fedprune.converters.golomb import golomb_bits, golomb_stream, read_golomb, unary_bits
 
 __all__ = [
     "MAX_POSITIONS",
@@ -108,26 +105,6 @@ def mask_entropy_bits(n: int, kept: int) -> float:
 
 def _index_width(n: int) -> int:
     return 1 if n <= 2**8 else 2 if n <= 2**16 else 4
-
-
-def _golomb_shape(m: int) -> tuple[int, int, int]:
-    """``(w, c, b)``: fixed remainder bits, truncated-binary cutoff (0 = no extra bits), ``b``."""
-    b = (m - 1).bit_length()  # ceil(log2 m); 0 for m == 1
-    c = (1 << b) - m
-    return (b if c == 0 else b - 1), c, b
-
-
-def _golomb_bits(gaps: np.ndarray, m: int) -> int:
-    """Exact number of payload bits of the Golomb layout (without the parameter header)."""
-    count = gaps.size
-    w, c, _ = _golomb_shape(m)
-    if m & (m - 1) == 0:  # power of two: shifts, no extra bits
-        k = m.bit_length() - 1
-        return count * (k + 1) + int(np.sum(gaps >> k, dtype=np.int64))
-    q = gaps // m
-    r = gaps - q * m
-    extra = int(np.count_nonzero(r >= c))
-    return count * (w + 1) + int(np.sum(q, dtype=np.int64)) + extra
 
 
 def _gamma_lengths(gaps: np.ndarray) -> np.ndarray:
@@ -183,10 +160,10 @@ def _candidates(n: int, kept: int, gaps: np.ndarray) -> list[tuple[int, MaskMeth
     k0 = max(0, round(math.log2(gap_sum / count * math.log(2)))) if gap_sum else 0
     ks = {k0 - 1, k0, k0 + 1, (m0 - 1).bit_length(), m0.bit_length() - 1}
     for k in sorted({min(_MAX_K, max(0, k)) for k in ks}):
-        out.append((_RICE_HEADER + _nbytes(_golomb_bits(gaps, 1 << k)), MaskMethod.RICE_GAPS, k))
+        out.append((_RICE_HEADER + _nbytes(golomb_bits(gaps, 1 << k)), MaskMethod.RICE_GAPS, k))
     for m in sorted({min(_MAX_M, max(1, m)) for m in (m0 - 1, m0, m0 + 1)}):
         # a power of two is also offered, though Rice codes it with a shorter header and wins
-        out.append((_GOLOMB_HEADER + _nbytes(_golomb_bits(gaps, m)), MaskMethod.GOLOMB_GAPS, m))
+        out.append((_GOLOMB_HEADER + _nbytes(golomb_bits(gaps, m)), MaskMethod.GOLOMB_GAPS, m))
     out.append((_gamma_size(gaps), MaskMethod.ELIAS_GAMMA_GAPS, 0))
     return out
 
@@ -226,39 +203,6 @@ def encoded_size(method: int, mask: np.ndarray) -> int:
 # --- encoding -------------------------------------------------------------------------------------
 
 
-def _bits_msb_first(values: np.ndarray, width: int) -> np.ndarray:
-    """``(len(values) * width,)`` uint8 bits, each value MSB first."""
-    if width == 0 or values.size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
-    return ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
-
-
-def _unary(q: np.ndarray) -> np.ndarray:
-    """``q_i`` zeros then a one, for each ``q_i``, as uint8 bits."""
-    ends = np.cumsum(q + 1) - 1
-    bits = np.zeros(int(ends[-1]) + 1 if ends.size else 0, dtype=np.uint8)
-    bits[ends] = 1
-    return bits
-
-
-def _encode_golomb(gaps: np.ndarray, m: int) -> bytes:
-    w, c, _ = _golomb_shape(m)
-    if c == 0:
-        k = m.bit_length() - 1
-        q, r = gaps >> k, gaps & (m - 1)
-        parts = [_bits_msb_first(r, w), _unary(q)]
-    else:
-        q = gaps // m
-        r = gaps - q * m
-        high = np.flatnonzero(r >= c)
-        shifted = r[high] + c
-        v = r
-        v[high] = shifted >> 1
-        parts = [_bits_msb_first(v, w), (shifted & 1).astype(np.uint8), _unary(q)]
-    return np.packbits(np.concatenate(parts)).tobytes()
-
-
 def _encode_gamma(gaps: np.ndarray, flag: int) -> bytes:
     vals = gaps + 1
     lengths = _gamma_lengths(gaps)
@@ -270,7 +214,7 @@ def _encode_gamma(gaps: np.ndarray, flag: int) -> bytes:
         shift = ends[owner] - 1 - np.arange(total)  # LSB is the last bit of each value
         payload = ((vals[owner] >> shift) & 1).astype(np.uint8)
     head = np.array([flag], dtype=np.uint8)
-    return np.packbits(np.concatenate([head, _unary(lengths), payload])).tobytes()
+    return np.packbits(np.concatenate([head, unary_bits(lengths), payload])).tobytes()
 
 
 def encode_mask(mask: np.ndarray) -> tuple[MaskMethod, bytes]:
@@ -305,9 +249,9 @@ def _encode_with(
     if method is MaskMethod.INDEX_LIST:
         return bytes([flag]) + pos.astype(f"<u{_index_width(flat.size)}").tobytes()
     if method is MaskMethod.RICE_GAPS:
-        return bytes([param | flag << 7]) + _encode_golomb(gaps, 1 << param)
+        return bytes([param | flag << 7]) + np.packbits(golomb_stream(gaps, 1 << param)).tobytes()
     if method is MaskMethod.GOLOMB_GAPS:
-        return (param | flag << 31).to_bytes(4, "little") + _encode_golomb(gaps, param)
+        return (param | flag << 31).to_bytes(4, "little") + np.packbits(golomb_stream(gaps, param)).tobytes()
     if method is MaskMethod.ELIAS_GAMMA_GAPS:
         return _encode_gamma(gaps, flag)
     raise ValueError(f"{method.name} is not encoded through _encode_with")
@@ -320,25 +264,6 @@ def _check_tail(buf: np.ndarray, used_bits: int, what: str) -> None:
     """The streams end at ``used_bits``: so must the bytes (callers check the padding bits)."""
     if _nbytes(used_bits) != buf.size:
         raise CodecError(f"{what}: {buf.size} bytes, the streams end after {_nbytes(used_bits)}")
-
-
-def _read_fixed(bits: np.ndarray, count: int, width: int) -> np.ndarray:
-    """``count`` unsigned MSB-first ``width``-bit values from the start of ``bits``."""
-    out = np.zeros(count, dtype=np.int64)
-    if width == 0:
-        return out
-    planes = bits[: count * width].reshape(count, width)
-    for j in range(width):  # one pass per bit plane, not per element
-        out <<= 1
-        out |= planes[:, j]
-    return out
-
-
-def _unary_terminators(bits: np.ndarray, count: int, what: str) -> np.ndarray:
-    ones = np.flatnonzero(bits.view(bool))  # bits are 0/1; bool nonzero is several times faster
-    if ones.size != count:
-        raise CodecError(f"{what}: {ones.size} unary terminators where {count} are expected")
-    return ones
 
 
 def _positions_from_gaps(gaps_plus_one: np.ndarray, n: int, what: str) -> np.ndarray:
@@ -359,28 +284,15 @@ def _decode_golomb(payload: np.ndarray, count: int, m: int, n: int, what: str) -
 
     ``count`` here is the number of codewords: the minority positions plus the closing gap.
     """
-    w, c, _ = _golomb_shape(m)
     bits = np.unpackbits(payload)
-    fixed = count * w
-    if fixed > bits.size:
-        raise CodecError(f"{what}: {fixed} remainder bits do not fit {bits.size}")
-    r = _read_fixed(bits, count, w)
-    start = fixed
-    if c:
-        high = np.flatnonzero(r >= c)
-        n_extra = high.size
-        if start + n_extra > bits.size:
-            raise CodecError(f"{what}: {n_extra} extra remainder bits do not fit")
-        r[high] = 2 * r[high] + bits[start : start + n_extra] - c
-        start += n_extra
-    ones = _unary_terminators(bits[start:], count, what)
-    _check_tail(payload, start + int(ones[-1]) + 1, what)
-    sum_q = int(ones[-1]) + 1 - count
+    q, r, used = read_golomb(bits, count, m, what)
+    if bits[used:].any():
+        raise CodecError(f"{what}: nonzero bits after the last of {count} unary terminators")
+    _check_tail(payload, used, what)
+    sum_q = int(q.sum())
     # The gaps add up to n - (count - 1) and each is at least q * m: checked before multiplying.
     if sum_q * m > n + 1 - count:
         raise CodecError(f"{what}: quotients sum to {sum_q}, more than {n} positions allow")
-    q = np.diff(ones.astype(np.int64, copy=False), prepend=-1)  # q + 1
-    q -= 1
     q *= m
     q += r
     q += 1  # now gap + 1, each <= n + m

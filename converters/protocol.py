@@ -1,4 +1,4 @@
-"""The fedprune MQTT protocol, version 3: topics and message envelopes.
+"""The fedprune MQTT protocol, version 4: topics and message envelopes.
 
 See docs/protocol.md for the full description. All messages use QoS 1. Small control messages are
 UTF-8 JSON objects carrying ``"v": PROTOCOL_VERSION``; model-carrying messages are binary frames
@@ -44,7 +44,7 @@ from fedprune.converters.gradient_reports import (
 from fedprune.converters.mask_coding import mask_digest
 from fedprune.converters.quantize import Precision, precision_named, precision_with_wire_id
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # The topic layout did not change with version 2, so the root keeps its name: peers of different
 # versions still meet, and each refuses the other's messages with a message saying so.
 TOPIC_ROOT = "fedprune/v1"
@@ -734,10 +734,12 @@ def decode_update(
             if h.mask_digest != digest:
                 raise CodecError("update was made against another mask (mask digest mismatch)")
             layout = layout or MaskLayout.of(shapes, masks, digest)
-            expected = layout.section_size(h.precision)
-            if h.raw_section_bytes != expected:
-                raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected {expected}")
-            raw = decompress(section, h.compression, h.raw_section_bytes, expected)
+            largest = layout.section_size(h.precision)  # its integer codes packed: the most it takes
+            exact = not h.precision.coding_bytes  # a float section's size is exact
+            if h.raw_section_bytes > largest or (exact and h.raw_section_bytes != largest):
+                raise CodecError(f"values section is {h.raw_section_bytes} bytes, expected "
+                                 f"{'' if exact else 'at most '}{largest}")
+            raw = decompress(section, h.compression, h.raw_section_bytes, largest)
             tensors = decode_values_only(raw, shapes, masks, h.precision, layout=layout, out=out)
         else:
             if names is None:
@@ -761,7 +763,8 @@ def decode_update(
 
 
 def update_size_bound(shapes: Sequence[Sequence[int]], masks: Sequence[np.ndarray | None], precision: str) -> int:
-    """Bytes of a values-only update's tensors: kept values times the value width, plus scales."""
+    """The most bytes a values-only update's tensors take: kept values times the value width,
+    plus scales and coding bytes (integer codes entropy-coded take fewer)."""
     return values_only_size(shapes, masks, precision)
 
 

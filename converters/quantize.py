@@ -4,9 +4,12 @@ A *value section* holds the kept values of one tensor, in C order, at one precis
 
     scales   float32 little-endian: 1 for int8 and int4, n_channels for int8-channel, none for
              float32 and float16
-    values   float32: 4 bytes LE each; float16: 2 bytes LE each; int8 and int8-channel: one
-             signed byte each, in [-127, 127]; int4: two per byte, low nibble first, each a 4-bit
-             two's complement in [-7, 7], the high nibble of the last byte 0 when count is odd
+    coding   integer precisions only: one byte, 0 when the codes are packed as below, else
+             the Golomb coding of ``fedprune.converters.value_coding`` (protocol version 4)
+    values   float32: 4 bytes LE each; float16: 2 bytes LE each; packed int8 and int8-channel:
+             one signed byte each, in [-127, 127]; packed int4: two per byte, low nibble first,
+             each a 4-bit two's complement in [-7, 7], the high nibble of the last byte 0 when
+             count is odd; Golomb-coded codes: strictly fewer bytes than packed ones
 
 Integer precisions are symmetric: ``value = q * scale``, ``scale = max|v| / qmax`` over the values
 of the tensor (or of the output channel, for int8-channel) that are *kept*: the caller passes only
@@ -14,9 +17,11 @@ kept values, so pruned zeros never shrink the resolution. A tensor or channel wi
 only zeros, has scale 0.
 
 The section itself carries neither its count nor its precision nor the channel of each value:
-sender and receiver know them from the header and the shared mask. The decoder trusts nothing
-else: the length is checked against the expected layout before anything is allocated, and every
-failure raises ``CodecError``.
+sender and receiver know them from the header and the shared mask. ``section_size`` is its
+length packed, the most it can take (exact for the float precisions); the encoder entropy-codes
+integer codes only where that is smaller. The decoder trusts nothing else: it reads no more than
+``section_size`` bytes, checks every length before allocating, and every failure raises
+``CodecError``.
 
 Each precision is a small class behind one interface, ``Precision``: its config name (the string
 in task files and headers), its wire id, its bits per value, its scales, the encoding and decoding
@@ -43,6 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedprune.converters.errors import CodecError
+from fedprune.converters.value_coding import decode_codes, encode_codes
 
 __all__ = [
     "FLOAT16_MAX",
@@ -91,6 +97,8 @@ class Precision(ABC):
     per_channel: ClassVar[bool] = False
     #: decoding gives back exactly what was encoded (so error feedback has nothing to carry)
     exact: ClassVar[bool] = False
+    #: bytes between the scales and the values: the coding byte of an integer precision
+    coding_bytes: ClassVar[int] = 0
 
     def __str__(self) -> str:
         return self.name
@@ -105,11 +113,12 @@ class Precision(ABC):
         return 0
 
     def section_size(self, count: int, n_channels: int = 1) -> int:
-        """Exact byte length of the section of ``count`` values (scales included); ``ValueError``
-        on a bad argument. ``n_channels`` matters only for per-channel precisions."""
+        """Byte length of the section of ``count`` values with its codes packed (scales and
+        coding byte included): the most a section takes, exactly what a float one takes;
+        ``ValueError`` on a bad argument. ``n_channels`` matters only for per-channel precisions."""
         count = _nonneg_int(count, "count")
         n_channels = _nonneg_int(n_channels, "n_channels")
-        return 4 * self.n_scales(count, n_channels) + (count * self.bits + 7) // 8
+        return 4 * self.n_scales(count, n_channels) + self.coding_bytes + (count * self.bits + 7) // 8
 
     def encode(
         self,
@@ -140,7 +149,7 @@ class Precision(ABC):
         ch = _channel_index(channels, v.size, n_channels, ValueError) if self.per_channel else None
         return self._encode(v, ch, n_channels, rng if stochastic else None)
 
-    def decode(
+    def read(
         self,
         data: bytes | memoryview,
         count: int,
@@ -148,27 +157,35 @@ class Precision(ABC):
         channels: np.ndarray | None = None,
         n_channels: int = 1,
         out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Inverse of ``encode`` -> a new 1-D float32 array of length ``count``, or ``out`` (1-D
-        float32 of that length, written in place: a receiver that reuses its buffers).
+    ) -> tuple[np.ndarray, int]:
+        """The section at the start of ``data``, which may go on with other bytes (the next
+        tensor's, in a values-only section): ``(values, its length in bytes)``; the values a new
+        1-D float32 array of length ``count``, or ``out`` (1-D float32 of that length, written in
+        place: a receiver that reuses its buffers). Reads at most ``section_size(count,
+        n_channels)`` bytes: an integer section's length is known once it is read.
 
         Every argument but ``out`` may come from the network: a bad ``count``, ``n_channels`` or
-        ``channels``, a length other than exactly ``section_size(count, n_channels)`` (checked
-        before any allocation), or bytes the precision never produces raise ``CodecError``.
+        ``channels``, a section that ends early, or bytes the precision never produces raise
+        ``CodecError``, before anything larger than the section is allocated.
         """
         try:
             count = _nonneg_int(count, "count")
             n_channels = _nonneg_int(n_channels, "n_channels")
-            expected = self.section_size(count, n_channels)
+            largest = self.section_size(count, n_channels)
         except ValueError as e:
             raise CodecError(str(e)) from None
-        view = _byte_view(data)
-        if view.nbytes != expected:
-            raise CodecError(
-                f"value section is {view.nbytes} bytes, expected {expected} for {count} {self.name} values"
-            )
+        view = _byte_view(data)[:largest]
         ch = _channel_index(channels, count, n_channels, CodecError) if self.per_channel else None
         return self._decode(view, count, ch, n_channels, out)
+
+    def decode(self, data: bytes | memoryview, count: int, **where: Any) -> np.ndarray:
+        """Inverse of ``encode``: ``data`` is exactly one section (a byte more or less is a
+        ``CodecError``); ``where``: ``channels``, ``n_channels`` and ``out`` as for ``read``."""
+        view = _byte_view(data)
+        values, used = self.read(view, count, **where)
+        if used != view.nbytes:
+            raise CodecError(f"value section is {view.nbytes} bytes, expected {used} for {count} {self.name} values")
+        return values
 
     def error_bound(
         self, values: Any, channels: np.ndarray | None = None, n_channels: int = 1, *,
@@ -190,9 +207,9 @@ class Precision(ABC):
 
     @abstractmethod
     def _decode(self, view: memoryview, count: int, ch: np.ndarray | None, n_channels: int,
-                out: np.ndarray | None) -> np.ndarray:
-        """The values of ``view``, whose length is already checked; ``CodecError`` for bytes
-        the encoder never writes."""
+                out: np.ndarray | None) -> tuple[np.ndarray, int]:
+        """``(values, bytes used)`` of the section at the start of ``view``, which holds at most
+        ``section_size`` bytes; ``CodecError`` for bytes the encoder never writes."""
 
     @abstractmethod
     def _error_bound(self, v: np.ndarray, ch: np.ndarray | None, n_channels: int) -> float:
@@ -210,12 +227,15 @@ class FloatPrecision(Precision):
     _exponent_bits: ClassVar[int]
 
     def _decode(self, view, count, ch, n_channels, out):
+        size = count * self.dtype.itemsize
+        if view.nbytes < size:
+            raise CodecError(f"value section is {view.nbytes} bytes, expected {size} for {count} {self.name} values")
         raw = np.frombuffer(view, dtype=self.dtype, count=count)
         # NaN/Inf have an all-ones exponent; checking the bits is ~6x faster than isfinite(f16)
         exponents = raw.view(self._bits_dtype) & self._exponent_bits
         if count and int(exponents.max()) == self._exponent_bits:
             raise CodecError("values contain NaN or Inf")
-        return _into(raw, out)
+        return _into(raw, out), size
 
 
 @dataclass(frozen=True)
@@ -275,6 +295,7 @@ class SymmetricInt(Precision):
     (``Int8PerChannel`` overrides the grouping); subclasses say how ``q`` is packed."""
 
     qmax: ClassVar[int]
+    coding_bytes: ClassVar[int] = 1
 
     def n_scales(self, count, n_channels):
         return 1
@@ -292,9 +313,9 @@ class SymmetricInt(Precision):
         """The bytes of ``q`` (int8, each in ``[-qmax, qmax]``)."""
 
     @abstractmethod
-    def _unpack(self, view: memoryview, offset: int, count: int) -> np.ndarray:
-        """``count`` values of ``q`` (int8) from ``view[offset:]``; ``CodecError`` for a code
-        outside ``[-qmax, qmax]`` or bad padding."""
+    def _unpack(self, packed: np.ndarray, count: int) -> np.ndarray:
+        """``count`` values of ``q`` (int8) from ``packed`` (uint8, exactly their packed bytes);
+        ``CodecError`` for a code outside ``[-qmax, qmax]`` or bad padding."""
 
     def _encode(self, v, ch, n_channels, rng):
         qmax, n = self.qmax, v.size
@@ -309,10 +330,14 @@ class SymmetricInt(Precision):
             q = np.divide(v, div, dtype=np.float32)
             np.rint(q, out=q)
         np.clip(q, -qmax, qmax, out=q)
-        return scales.astype(_SCALE_DTYPE).tobytes() + self._pack(q.astype(np.int8))
+        codes = q.astype(np.int8)
+        return scales.astype(_SCALE_DTYPE).tobytes() + encode_codes(codes, qmax, self._pack(codes))
 
     def _decode(self, view, count, ch, n_channels, out):
         n_scales = self.n_scales(count, n_channels)
+        if view.nbytes < 4 * n_scales + 1:
+            raise CodecError(f"value section is {view.nbytes} bytes, expected at least {4 * n_scales + 1} for "
+                             f"{count} {self.name} values")
         scales = np.frombuffer(view, dtype=_SCALE_DTYPE, count=n_scales).astype(np.float32)
         if n_scales and not (
             np.isfinite(scales).all()
@@ -320,9 +345,12 @@ class SymmetricInt(Precision):
             and float(scales.max()) * self.qmax <= _F32_MAX
         ):
             raise CodecError(f"{self.name} scale is negative, NaN, Inf or so large that values overflow")
-        values = _into(self._unpack(view, 4 * n_scales, count), out)
+        codes, used = decode_codes(np.frombuffer(view, dtype=np.uint8, offset=4 * n_scales), count, self.qmax,
+                                   (count * self.bits + 7) // 8, lambda packed: self._unpack(packed, count),
+                                   f"{self.name} section of {count} values")
+        values = _into(codes, out)
         values *= self._spread(scales, ch, count)
-        return values
+        return values, 4 * n_scales + used
 
     def _error_bound(self, v, ch, n_channels):
         # scale / 2, plus a hair for float32 rounding in the division and the decode product
@@ -343,8 +371,8 @@ class Int8(SymmetricInt):
     def _pack(self, q):
         return q.tobytes()
 
-    def _unpack(self, view, offset, count):
-        q = np.frombuffer(view, dtype=np.int8, offset=offset)
+    def _unpack(self, packed, count):
+        q = packed.view(np.int8)
         if q.size and q.min() == -128:  # a reduction, not a temporary array of comparisons
             raise CodecError("int8 byte -128 is outside the symmetric range [-127, 127]")
         return q
@@ -401,8 +429,7 @@ class Int4(SymmetricInt):
             nib = np.concatenate([nib, np.zeros(1, np.uint8)])
         return (nib[0::2] | (nib[1::2] << np.uint8(4))).tobytes()
 
-    def _unpack(self, view, offset, count):
-        packed = np.frombuffer(view, dtype=np.uint8, offset=offset)
+    def _unpack(self, packed, count):
         nib = np.empty((packed.size, 2), dtype=np.uint8)
         np.bitwise_and(packed, 0x0F, out=nib[:, 0])
         np.right_shift(packed, 4, out=nib[:, 1])

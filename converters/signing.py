@@ -177,7 +177,7 @@ def open_signed(topic: str, data: bytes, key: VerifyKey, max_bytes: int) -> byte
     (size over ``max_bytes``, checksum, another frame version).
     """
     if data[:1] == b"{":
-        raise SignatureError("an unsigned JSON message: this side speaks protocol version 3, where every "
+        raise SignatureError("an unsigned JSON message: this side speaks protocol version 4, where every "
                              "aggregator message is signed (since version 2: an aggregator of version 1, "
                              "or a forgery)")
     kind, _, body = unpack_frame(data, max_bytes)

@@ -23,12 +23,14 @@ line, one JSON object.
 A custom mutator runs libFuzzer's mutation and then, with probability ``--crc-fix`` (0.75), rewrites
 the trailing CRC-32 of frame inputs so that mutations get past the checksum to the header, table
 and length checks. The seed corpus holds valid encodings (updates of every precision, both
-encodings, every compression, and with a regrowth gradient report; tasks; chunks; masks of every method; value sections; JSON messages).
+encodings, every compression, and with a regrowth gradient report; tasks; chunks; masks of every method; value sections,
+packed and Golomb-coded both ways; JSON messages).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import mmap
 import os
@@ -227,9 +229,9 @@ class Harness:
         count %= MAX_N + 1
         mode %= 6
         data = b[8:]
-        if count > 2 * len(data) + 2 and mode:
-            # No precision fits that many values in these bytes (int4 needs count / 2): the length
-            # check refuses it whatever channels is, so skip building a big array for nothing.
+        if count > 8 * len(data) + 16 and mode:
+            # No precision fits that many values in these bytes (a Golomb-coded one needs a bit a
+            # value): decoding refuses it whatever channels is, so skip building a big array for nothing.
             return precision, count, n_channels, mode, np.zeros(0, dtype=np.int64), data
         if mode == 0:
             channels = None
@@ -415,8 +417,12 @@ def build_seeds() -> list[bytes]:
 
     # value sections: [precision selector][count u32][n_channels u16][channels mode][section]
     for psel, precision in enumerate(PRECISION_CHOICES[:5]):
-        for count, nc, mode in ((0, 1, 0), (1, 1, 0), (7, 3, 1), (100, 10, 0), (100, 10, 1), (33, 4, 5)):
+        for (count, nc, mode), near_max in itertools.product(
+                ((0, 1, 0), (1, 1, 0), (7, 3, 1), (100, 10, 0), (100, 10, 1), (33, 4, 5)), (False, True)):
+            # Gaussian codes Golomb-code zigzagged; codes near +-qmax (Adam's deltas) reflected
             v = rng.normal(0, 1, size=count).astype(np.float32)
+            if near_max:
+                v = (np.sign(v) * (1 - 0.05 * rng.exponential(size=count))).astype(np.float32)
             channels = None
             if quantize.precision_named(precision).per_channel and mode != 0:
                 channels = np.arange(count) % nc

@@ -123,7 +123,7 @@ def section(entries: list[bytes], data: bytes = b"", count: int | None = None) -
 def test_values_only_round_trip_with_masks(precision):
     masks, ts = example_masks(), example_tensors(scale=3.0)
     body = encode_values_only(ts, masks, precision)
-    assert len(body) == values_only_size(SHAPES, masks, precision)
+    assert len(body) <= values_only_size(SHAPES, masks, precision)  # integer codes: coded when smaller
     out = decode_values_only(body, SHAPES, masks, precision)
     assert len(out) == len(ts)
     for t, o, m in zip(ts, out, masks):
@@ -139,7 +139,7 @@ def test_a_mask_layout_prepared_once_decodes_as_the_masks_do(precision):
     masks, ts = example_masks(), example_tensors(scale=2.0)
     layout = MaskLayout.of(SHAPES, masks)
     body = encode_values_only(ts, masks, precision)
-    assert layout.section_size(precision) == len(body) == values_only_size(SHAPES, masks, precision)
+    assert layout.section_size(precision) == values_only_size(SHAPES, masks, precision) >= len(body)
     assert layout.digest == mask_digest(masks)
     with_layout = decode_values_only(body, SHAPES, masks, precision, layout=layout)
     for a, b in zip(with_layout, decode_values_only(body, SHAPES, masks, precision)):
@@ -155,7 +155,7 @@ def test_values_only_round_trip_without_masks(precision):
     ts = example_tensors(seed=5)
     masks = [None] * len(ts)
     body = encode_values_only(ts, masks, precision)
-    assert len(body) == values_only_size(SHAPES, masks, precision)
+    assert len(body) <= values_only_size(SHAPES, masks, precision)
     for t, o in zip(ts, decode_values_only(body, SHAPES, masks, precision)):
         assert_decoded(t, o, None, precision)
 
@@ -248,14 +248,14 @@ def test_values_only_size_exact():
     expected = {
         "float32": 4 * sum(kept),
         "float16": 2 * sum(kept),
-        "int8": sum(4 + k for k in kept),
-        "int4": sum(4 + (k + 1) // 2 for k in kept),
+        "int8": sum(4 + 1 + k for k in kept),  # scale, coding byte, codes packed
+        "int4": sum(4 + 1 + (k + 1) // 2 for k in kept),
         # one scale per output channel: last axis of a kernel, else 1
-        "int8-channel": (4 * 3 + 8) + (4 + 5) + (4 * 3 + 0) + (4 + 0) + (4 + 1),
+        "int8-channel": (4 * 3 + 1 + 8) + (4 + 1 + 5) + (4 * 3 + 1 + 0) + (4 + 1 + 0) + (4 + 1 + 1),
     }
     for p, size in expected.items():
         assert values_only_size(shapes, masks, p) == size, p
-        ts = [np.ones(s, np.float32) for s in shapes]
+        ts = [np.arange(np.prod(s), dtype=np.float32).reshape(s) % 7 - 3 for s in shapes]  # too few to code
         body = encode_values_only(ts, masks, p)
         assert len(body) == size, p
         out = decode_values_only(body, shapes, masks, p)
@@ -267,7 +267,9 @@ def test_values_only_rejects_wrong_lengths(precision):
     masks, ts = example_masks(), example_tensors()
     body = encode_values_only(ts, masks, precision)
     for bad in (body[:-1], body + b"\0", b"", body[1:]):
-        expect_codec_error(decode_values_only, bad, SHAPES, masks, precision, match="expected")
+        expect_codec_error(decode_values_only, bad, SHAPES, masks, precision)
+    expect_codec_error(decode_values_only, body + bytes(values_only_size(SHAPES, masks, precision)), SHAPES, masks,
+                       precision, match="values section is")
 
 
 def test_values_only_rejects_unknown_precision_and_bad_values():
@@ -276,7 +278,7 @@ def test_values_only_rejects_unknown_precision_and_bad_values():
     expect_codec_error(decode_values_only, body, SHAPES, masks, "float64", match="unknown precision")
     nan = np.array([np.nan], "<f4").tobytes()
     expect_codec_error(decode_values_only, nan, [(1,)], [None], "float32", match="NaN")
-    expect_codec_error(decode_values_only, struct.pack("<f", -1.0) + b"\x01", [(1,)], [None], "int8",
+    expect_codec_error(decode_values_only, struct.pack("<f", -1.0) + b"\0\x01", [(1,)], [None], "int8",
                        match="scale")
 
 
@@ -316,7 +318,7 @@ def test_values_only_stochastic_rounding_uses_the_rng():
     a = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(1))
     b = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(1))
     c = encode_values_only(ts, masks, "int8", stochastic=True, rng=np.random.default_rng(2))
-    assert a == b != c and len(a) == len(c) == values_only_size(SHAPES, masks, "int8")
+    assert a == b != c and max(len(a), len(c)) <= values_only_size(SHAPES, masks, "int8")
     for t, o, m in zip(ts, decode_values_only(a, SHAPES, masks, "int8"), masks):
         sel = np.ones(t.shape, bool) if m is None else m
         bound = 2 * quantization_error_bound(t[sel], "int8")  # stochastic: up to a whole step
@@ -366,7 +368,9 @@ def test_self_describing_masks_of_every_density_round_trip(density):
     assert d.masks[0] is not None and np.array_equal(d.masks[0], m)  # all-kept stays a mask, not None
     assert_decoded(t, d.tensors[0], m, INT4)
     method, mask_bytes = encode_mask(m.ravel())
-    assert len(body) == (2 + 1 + 1 + 1 + 8 + 12) + len(mask_bytes) + value_section_size(int(m.sum()), "int4")
+    values = len(body) - (2 + 1 + 1 + 1 + 8 + 12) - len(mask_bytes)
+    assert 5 <= values <= value_section_size(int(m.sum()), "int4")  # Gaussian int4 codes: Golomb-coded
+    assert values < value_section_size(int(m.sum()), "int4") or m.sum() < 100
 
 
 def test_self_describing_layout_is_the_documented_one():
@@ -740,7 +744,7 @@ def layouts(draw, max_tensors: int = 4):
 def test_random_layouts_round_trip(layout, precision):
     shapes, masks, tensors = layout
     body = encode_values_only(tensors, masks, precision)
-    assert len(body) == values_only_size(shapes, masks, precision)
+    assert len(body) <= values_only_size(shapes, masks, precision)  # never larger than packed
     out = decode_values_only(body, shapes, masks, precision)
     for t, o, m in zip(tensors, out, masks):
         assert_decoded(t, o, m, precision)
@@ -802,7 +806,7 @@ def test_random_bytes_values_only_decode_or_codec_error(layout, precision, data)
     body = data.draw(st.binary(min_size=n, max_size=n))
     out = decode_or_codec_error(decode_values_only, body, shapes, masks, precision)
     if out is not None:
-        assert len(body) == size
+        assert len(body) <= size
         for o, s, m in zip(out, shapes, masks):
             assert o.shape == s and o.dtype == np.float32 and np.isfinite(o).all()
             if m is not None:

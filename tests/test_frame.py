@@ -59,7 +59,7 @@ def unpack_codec_error(data: bytes, max_bytes: int = MAX, match: str | None = No
 
 
 def test_constants_and_overhead():
-    assert MAGIC == b"FPRN" and FRAME_VERSION == 3
+    assert MAGIC == b"FPRN" and FRAME_VERSION == 4
     assert PREFIX.size == 10 and CRC.size == 4 and FRAME_OVERHEAD == 14
     assert issubclass(CodecError, ValueError)
     e = CodecError("why")
@@ -149,10 +149,12 @@ VALID = pack_frame(2, {"k": "v"}, b"payload")
         pytest.param(bytes(FRAME_OVERHEAD), MAX, "bad magic", id="zeros"),
         pytest.param(raw_frame(2, b"{}", version=0), MAX, "version 0", id="version-0"),
         pytest.param(raw_frame(2, b"{}", version=1), MAX, "version 1 not supported: this side speaks protocol "
-                     "version 3; upgrade the side that sent it", id="version-1"),
+                     "version 4; upgrade the side that sent it", id="version-1"),
         pytest.param(raw_frame(2, b"{}", version=2), MAX, "version 2 not supported: this side speaks protocol "
-                     "version 3; upgrade the side that sent it", id="version-2"),
-        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 4", id="version-4"),
+                     "version 4; upgrade the side that sent it", id="version-2"),
+        pytest.param(raw_frame(2, b"{}", version=3), MAX, "version 3 not supported: this side speaks protocol "
+                     "version 4; upgrade the side that sent it", id="version-3"),
+        pytest.param(raw_frame(2, b"{}", version=FRAME_VERSION + 1), MAX, "version 5", id="version-5"),
         pytest.param(raw_frame(2, b"{}", version=255), MAX, "version 255", id="version-255"),
         pytest.param(raw_frame(2, b"{}", hlen=3), MAX, "header length 3", id="hlen-past-end"),
         pytest.param(raw_frame(2, b"", hlen=1), MAX, "header length 1", id="hlen-1-empty"),
@@ -289,7 +291,7 @@ def test_random_bytes_unpack_or_raise_codec_error(data, max_bytes):
 
 
 @PROP
-@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 1, 2, 4]),
+@given(kind=st.integers(0, 255), version=st.sampled_from([FRAME_VERSION, FRAME_VERSION, 0, 1, 2, 3, 5]),
        head=st.binary(max_size=64) | st.text(max_size=30).map(str.encode), body=st.binary(max_size=64),
        hlen_delta=st.integers(-3, 3))
 def test_frames_with_valid_crc_unpack_or_raise_codec_error(kind, version, head, body, hlen_delta):

@@ -72,9 +72,9 @@ def example_tensors(masks, seed: int = 1, scale: float = 1.0, compressible: bool
     ts = []
     for s, m in zip(SHAPES, masks):
         t = rng.standard_normal(s) * scale
-        if compressible:  # few distinct values and many zeros: compresses at every precision
+        if compressible:  # mostly zeros, long runs of one code: compresses at every precision, entropy-coded too
             t = np.round(t / scale * 2) * (scale / 2)
-            t.ravel()[::2] = 0.0
+            t.ravel()[np.arange(t.size) % 16 != 0] = 0.0
         t = t.astype(np.float32)
         ts.append(t if m is None else np.where(m, t, 0.0).astype(np.float32))
     return ts
@@ -234,17 +234,20 @@ def test_json_messages_reject_bad_envelopes(msg):
         json.dumps({k: v for k, v in obj.items() if k != "type"}).encode(),
         json.dumps(dict(obj, v=1)).encode(),  # protocol version 1: refused, saying so
         json.dumps(dict(obj, v=2)).encode(),  # version 2 (its update header was longer): refused too
-        json.dumps(dict(obj, v=4)).encode(),
-        json.dumps(dict(obj, v="3")).encode(),
+        json.dumps(dict(obj, v=3)).encode(),  # version 3 (its integer values were never entropy-coded): refused too
+        json.dumps(dict(obj, v=5)).encode(),
+        json.dumps(dict(obj, v="4")).encode(),
         json.dumps({k: v for k, v in obj.items() if k != "v"}).encode(),
         json.dumps(dict(obj, unknown_field=1)).encode(),
-        json.dumps({"v": 3, "type": obj["type"]}).encode(),  # required fields missing
-        b'{"v": 3, "type": "' + obj["type"].encode() + b'", "x": ' + b"9" * 5000 + b"}",
+        json.dumps({"v": 4, "type": obj["type"]}).encode(),  # required fields missing
+        b'{"v": 4, "type": "' + obj["type"].encode() + b'", "x": ' + b"9" * 5000 + b"}",
     ]
     for data in bad:
         expect_codec_error(cls.decode, data)
-    with pytest.raises(CodecError, match="speaks protocol version 1, this side speaks 3; upgrade the side"):
+    with pytest.raises(CodecError, match="speaks protocol version 1, this side speaks 4; upgrade the side"):
         cls.decode(json.dumps(dict(obj, v=1)).encode())
+    with pytest.raises(CodecError, match="speaks protocol version 3, this side speaks 4; upgrade the side"):
+        cls.decode(json.dumps(dict(obj, v=3)).encode())
     with pytest.raises(CodecError, match="exceeds"):
         cls.decode(b" " * (16 << 20) + msg.encode())
 
@@ -492,7 +495,11 @@ def test_values_only_update_round_trip(precision, compression, content):
     assert got.metrics == u.metrics  # all exactly representable in float32
     assert (got.content, got.precision, got.encoding, got.error) == (content, precision.name,
                                                                      Encoding.VALUES_ONLY, "")
-    assert got.compression == compression  # compressible tensors: the lossless stage is used
+    # compressible tensors: the lossless stage is used, but for int4's 64 entropy-coded bytes,
+    # which a zstd frame cannot shrink
+    assert got.compression == compression or (precision.name, compression) == ("int4", "zstd")
+    raw = encode_values_only(u.tensors, masks, precision)
+    assert got.compression == compress(raw, compression)[0].name.lower()
     assert got.masks is None and got.mask_digest == mask_digest(masks)
     for t, o, m in zip(u.tensors, got.tensors, masks):
         assert_close(t, o, m, precision)
@@ -586,7 +593,7 @@ def test_peek_update():
     assert h.compression is Compression.ZSTD and h.mask_digest == mask_digest(masks)
     assert h.metrics == u.metrics and h.error == ""
     raw = encode_values_only(u.tensors, masks, "int8-channel")
-    assert h.raw_section_bytes == len(raw) == update_size_bound(SHAPES, masks, "int8-channel")
+    assert h.raw_section_bytes == len(raw) < update_size_bound(SHAPES, masks, "int8-channel")  # entropy-coded
     assert bytes(section) == compress(raw, "zstd")[1] and data.endswith(bytes(section) + data[-4:])
     expect_codec_error(peek_update, data, len(data) - 1, match="exceeds")
     expect_codec_error(peek_update, TASK, MAX, match="expected an update frame")
@@ -603,9 +610,10 @@ def test_update_layout_and_size():
     bound = update_size_bound(SHAPES, masks, "int8")
     # round 3, attempt 1, 42 samples: a varint byte each; flags, precision; digest; 3 known metrics
     header = 1 + 1 + 1 + 2 + 16 + 1 + 3 * (1 + 4)
-    assert len(data) == FRAME_OVERHEAD + header + bound
+    assert len(data) == FRAME_OVERHEAD + header + len(encode_values_only(u.tensors, masks, "int8"))
+    assert len(data) <= FRAME_OVERHEAD + header + bound
     assert len(data) <= bound + 128 and UPDATE_OVERHEAD_BYTES == FRAME_OVERHEAD + 5 + 3 + 5 + 2 + 16 + 1
-    assert data[4] == FRAME_VERSION == 3 and struct.unpack_from("<I", data, 6)[0] == 0  # no JSON header
+    assert data[4] == FRAME_VERSION == 4 and struct.unpack_from("<I", data, 6)[0] == 0  # no JSON header
     assert data[BODY:BODY + 3] == bytes([3, 1, 42])
     assert (data[FLAGS_AT], data[PRECISION_AT]) == (0, 2)  # delta, values-only, nothing optional, int8
     assert data[DIGEST_AT:DIGEST_AT + 16].hex() == mask_digest(masks)
@@ -684,7 +692,18 @@ def test_values_only_update_section_length_checks():
     assert dz[raw_at:raw_at + len(raw)] == raw
     for claim in (h.raw_section_bytes + 1, h.raw_section_bytes - 1, 0, 2**32 - 1):
         claimed = recrc(dz[:raw_at] + pack_varint(claim) + dz[raw_at + len(raw):])
-        expect_codec_error(decode_update, claimed, SHAPES, masks, MAX, match="values section is")
+        expect_codec_error(decode_update, claimed, SHAPES, masks, MAX, match="values section is")  # float32: exact
+    # int8: the raw length may be anything up to the layout's packed size; the stream must produce it
+    u8, _ = make_update("int8", compression="zlib", compressible=True)
+    d8 = encode_update(u8, masks)
+    h8, section8 = peek_update(d8, MAX)
+    raw8 = pack_varint(h8.raw_section_bytes)
+    at8 = len(d8) - 4 - len(section8) - len(raw8)
+    assert h8.raw_section_bytes < update_size_bound(SHAPES, masks, "int8")  # entropy-coded
+    for claim, match in ((update_size_bound(SHAPES, masks, "int8") + 1, "values section is"),
+                         (h8.raw_section_bytes + 1, "decompress"), (h8.raw_section_bytes - 1, "decompress")):
+        claimed = recrc(d8[:at8] + pack_varint(claim) + d8[at8 + len(raw8):])
+        expect_codec_error(decode_update, claimed, SHAPES, masks, MAX, match=match)
     # another compression code than the stream's (zstd for zlib)
     assert dz[FLAGS_AT] == 0x10
     expect_codec_error(decode_update, patch(dz, FLAGS_AT, b"\x20"), SHAPES, masks, MAX, match="decompress")

@@ -1,0 +1,146 @@
+"""Golomb coding of arrays of non-negative integers, as whole-array NumPy operations.
+
+Shared by the mask coder (``fedprune.converters.mask_coding``: the gaps between kept positions)
+and the value coder (``fedprune.converters.value_coding``: quantized values); each caller frames
+the stream (parameter, flag, sign bits, padding) and bounds what it decodes.
+
+Bit layout of ``count`` values with parameter ``m >= 1`` (``q = v // m``, ``r = v % m``,
+``b = ceil(log2 m)``, ``c = 2**b - m``), in ``np.packbits`` order (most significant bit first):
+the remainder is in truncated binary: with ``c == 0`` (``m`` a power of two: Rice) every ``r``
+takes ``w = b`` bits; otherwise ``w = b - 1`` bits hold ``u = r`` when ``r < c`` and
+``u = (r + c) >> 1`` otherwise, plus one *extra* bit ``(r + c) & 1`` for each ``u >= c``. The
+streams, concatenated: the ``count * w`` fixed remainder bits, then the extra bits (their number
+is known once the fixed bits are read), then the quotients in unary (``q`` zeros then a one, for
+every value). No loop runs per value, encoding or decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from fedprune.converters.errors import CodecError
+
+__all__ = [
+    "golomb_bits",
+    "golomb_length_table",
+    "golomb_shape",
+    "golomb_stream",
+    "read_golomb",
+    "unary_bits",
+]
+
+
+def golomb_shape(m: int) -> tuple[int, int, int]:
+    """``(w, c, b)``: fixed remainder bits, truncated-binary cutoff (0 = no extra bits), ``b``."""
+    b = (m - 1).bit_length()  # ceil(log2 m); 0 for m == 1
+    c = (1 << b) - m
+    return (b if c == 0 else b - 1), c, b
+
+
+def golomb_bits(values: np.ndarray, m: int) -> int:
+    """Exact number of bits of the layout of ``values`` (int64, >= 0) with parameter ``m``."""
+    count = values.size
+    w, c, _ = golomb_shape(m)
+    if m & (m - 1) == 0:  # power of two: shifts, no extra bits
+        k = m.bit_length() - 1
+        return count * (k + 1) + int(np.sum(values >> k, dtype=np.int64))
+    q = values // m
+    r = values - q * m
+    extra = int(np.count_nonzero(r >= c))
+    return count * (w + 1) + int(np.sum(q, dtype=np.int64)) + extra
+
+
+@functools.lru_cache(maxsize=16)
+def golomb_length_table(largest_value: int, largest_m: int) -> np.ndarray:
+    """``table[m - 1, v]``: bits the layout spends on value ``v`` with parameter ``m``, for
+    ``v`` in 0..largest_value and ``m`` in 1..largest_m (read-only). With a histogram ``h`` of a
+    small alphabet, ``table @ h`` is every parameter's exact size at once."""
+    m = np.arange(1, largest_m + 1, dtype=np.int64)[:, None]
+    v = np.arange(largest_value + 1, dtype=np.int64)[None, :]
+    b = np.array([golomb_shape(int(x))[2] for x in m[:, 0]], dtype=np.int64)[:, None]
+    c = (1 << b) - m
+    w = np.where(c == 0, b, b - 1)
+    q, r = v // m, v % m
+    table = q + 1 + w + ((c > 0) & (r >= c))
+    table.setflags(write=False)
+    return table
+
+
+def _bits_msb_first(values: np.ndarray, width: int) -> np.ndarray:
+    """``(len(values) * width,)`` uint8 bits, each value MSB first."""
+    if width == 0 or values.size == 0:
+        return np.zeros(0, dtype=np.uint8)
+    if width <= 8:  # one byte a value: unpackbits, several times faster than shifting int64s
+        return np.unpackbits(values.astype(np.uint8)[:, None], axis=1)[:, 8 - width :].reshape(-1)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
+
+
+def unary_bits(q: np.ndarray) -> np.ndarray:
+    """``q_i`` zeros then a one, for each ``q_i``, as uint8 bits."""
+    ends = np.cumsum(q + 1) - 1
+    bits = np.zeros(int(ends[-1]) + 1 if ends.size else 0, dtype=np.uint8)
+    bits[ends] = 1
+    return bits
+
+
+def golomb_stream(values: np.ndarray, m: int) -> np.ndarray:
+    """The layout of ``values`` (int64, >= 0; not modified) as uint8 bits, not yet packed."""
+    w, c, _ = golomb_shape(m)
+    if c == 0:
+        k = m.bit_length() - 1
+        q, r = values >> k, values & (m - 1)
+        parts = [_bits_msb_first(r, w), unary_bits(q)]
+    else:
+        q = values // m
+        u = values - q * m
+        high = np.flatnonzero(u >= c)
+        shifted = u[high] + c
+        u[high] = shifted >> 1
+        parts = [_bits_msb_first(u, w), (shifted & 1).astype(np.uint8), unary_bits(q)]
+    return np.concatenate(parts)
+
+
+def _read_fixed(bits: np.ndarray, count: int, width: int) -> np.ndarray:
+    """``count`` unsigned MSB-first ``width``-bit values from the start of ``bits``."""
+    out = np.zeros(count, dtype=np.int64)
+    if width == 0:
+        return out
+    planes = bits[: count * width].reshape(count, width)
+    if width <= 8:  # one byte a value: packbits, several times faster than a pass a bit plane
+        padded = np.zeros((count, 8), dtype=np.uint8)
+        padded[:, 8 - width :] = planes
+        return np.packbits(padded, axis=1).reshape(-1).astype(np.int64)
+    for j in range(width):  # one pass per bit plane, not per element
+        out <<= 1
+        out |= planes[:, j]
+    return out
+
+
+def read_golomb(bits: np.ndarray, count: int, m: int, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(quotients, remainders, bits used)`` of ``count >= 1`` values at the start of ``bits``
+    (uint8 0/1, e.g. ``np.unpackbits``); what follows them is not read. ``CodecError`` naming
+    ``what`` when the streams do not fit. The caller bounds ``quotients * m + remainders``
+    (each quotient is below ``bits.size``) and checks what follows."""
+    w, c, _ = golomb_shape(m)
+    fixed = count * w
+    if fixed > bits.size:
+        raise CodecError(f"{what}: {fixed} remainder bits do not fit {bits.size}")
+    r = _read_fixed(bits, count, w)
+    start = fixed
+    if c:
+        high = np.flatnonzero(r >= c)
+        n_extra = high.size
+        if start + n_extra > bits.size:
+            raise CodecError(f"{what}: {n_extra} extra remainder bits do not fit")
+        r[high] = 2 * r[high] + bits[start : start + n_extra] - c
+        start += n_extra
+    ones = np.flatnonzero(bits[start:].view(bool))  # bits are 0/1; bool nonzero is several times faster
+    if ones.size < count:
+        raise CodecError(f"{what}: {ones.size} unary terminators where {count} are expected")
+    ones = ones[:count].astype(np.int64, copy=False)
+    q = np.diff(ones, prepend=-1)  # q + 1
+    q -= 1
+    return q, r, start + int(ones[-1]) + 1

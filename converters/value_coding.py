@@ -1,0 +1,117 @@
+"""Entropy coding of the integer codes of a value section (protocol version 4).
+
+In a section of an integer precision (int8, int8-channel, int4) one *coding* byte follows the
+scales, then the codes ``q`` (each in ``[-qmax, qmax]``) in one of three forms:
+
+    0          packed: the precision's fixed-width packing (int8 a byte each, int4 two a byte)
+    1..127     zigzag Golomb with ``m`` = the byte: ``z = 2q`` for ``q >= 0``, ``-2q - 1`` for
+               ``q < 0``, every ``z`` in ``fedprune.converters.golomb``'s layout, then zero
+               padding to a whole byte
+    129..255   reflected Golomb with ``m`` = the byte - 128: ``a = qmax - |q|`` in the Golomb
+               layout, then one sign bit for each ``q != 0`` in order (1: negative), then zero
+               padding to a whole byte
+    (128 is never sent; nor is a Golomb form for a section without values)
+
+Why two mappings: codes that crowd around 0 (heavy-tailed values: top-k updates, weights) suit
+zigzag; codes that crowd near ``±qmax`` suit the reflection. Adam's deltas are of the second kind:
+every kept weight moves by about the learning rate each step, so after a round most of a tensor's
+deltas sit near its largest (breast cancer's pruned-90 updates: 64 % of the int8 codes have
+``|q| >= 64``, the mode is 126).
+
+The encoder computes the exact size of every ``m`` in 1..127 under both mappings from the codes'
+histogram (at most 255 symbols: one small matrix product) and sends the smallest, a Golomb form
+only when it is *strictly smaller* than the packed codes. A decoder holds it to that: it reads a
+Golomb form within ``packed_size - 1`` bytes of the coding byte, so decoding never touches more
+bytes or memory than the packed form would, whatever the bytes say; a value beyond the mapping's
+range, a sign or padding bit missing or nonzero padding is a ``CodecError``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from fedprune.converters.errors import CodecError
+from fedprune.converters.golomb import golomb_length_table, golomb_stream, read_golomb
+
+__all__ = ["LARGEST_M", "PACKED", "REFLECTED", "decode_codes", "encode_codes"]
+
+PACKED = 0
+REFLECTED = 0x80  # bit of the coding byte: the reflected mapping; the low 7 bits are m
+LARGEST_M = 0x7F
+
+
+def _zigzag(q: np.ndarray) -> np.ndarray:
+    return np.where(q >= 0, 2 * q, -2 * q - 1)
+
+
+def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
+    """The coding byte and the codes ``q`` (int8, in ``[-qmax, qmax]``): Golomb-coded where that
+    is strictly smaller than ``packed`` (the precision's packing of ``q``), else packed."""
+    if q.size == 0:
+        return bytes([PACKED]) + packed
+    q64 = q.astype(np.int64)
+    zigzag = _zigzag(q64)
+    reflected = qmax - np.abs(q64)
+    n_signs = int(np.count_nonzero(q64))
+    # Every m's exact size for both mappings, from the histograms (alphabets of 2 qmax + 1 and
+    # qmax + 1 symbols).
+    z_bits = golomb_length_table(2 * qmax, LARGEST_M) @ np.bincount(zigzag, minlength=2 * qmax + 1)
+    r_bits = golomb_length_table(qmax, LARGEST_M) @ np.bincount(reflected, minlength=qmax + 1) + n_signs
+    z_m, r_m = int(np.argmin(z_bits)) + 1, int(np.argmin(r_bits)) + 1
+    if z_bits[z_m - 1] <= r_bits[r_m - 1]:
+        bits, coding, values = int(z_bits[z_m - 1]), z_m, zigzag
+    else:
+        bits, coding, values = int(r_bits[r_m - 1]), REFLECTED | r_m, reflected
+    if (bits + 7) // 8 >= len(packed):
+        return bytes([PACKED]) + packed
+    stream = golomb_stream(values, coding & LARGEST_M)
+    if coding & REFLECTED:
+        stream = np.concatenate([stream, (q64[q64 != 0] < 0).astype(np.uint8)])
+    return bytes([coding]) + np.packbits(stream).tobytes()
+
+
+def decode_codes(
+    buf: np.ndarray, count: int, qmax: int, packed_size: int,
+    unpack: Callable[[np.ndarray], np.ndarray], what: str,
+) -> tuple[np.ndarray, int]:
+    """``(codes, bytes used)`` from the coding byte at the start of ``buf`` (uint8; whatever
+    follows the section is not read). ``unpack``: the precision's unpacking of ``packed_size``
+    packed bytes (it checks them). ``CodecError`` naming ``what`` for anything the encoder never
+    writes."""
+    if buf.size < 1:
+        raise CodecError(f"{what}: the section ends before its coding byte")
+    coding = int(buf[0])
+    if coding == PACKED:
+        if buf.size < 1 + packed_size:
+            raise CodecError(f"{what}: {buf.size} bytes, expected {1 + packed_size} after the scales (coding "
+                             f"byte 0: {count} values packed)")
+        return unpack(buf[1 : 1 + packed_size]), 1 + packed_size
+    m = coding & LARGEST_M
+    if m == 0:
+        raise CodecError(f"{what}: coding byte {coding:#x} is not known")
+    if count == 0:
+        raise CodecError(f"{what}: a Golomb coding for a section without values")
+    # A Golomb form is strictly smaller than the packed one: nothing past that is read.
+    bits = np.unpackbits(buf[1:packed_size])
+    quotients, remainders, used = read_golomb(bits, count, m, what)
+    largest = qmax if coding & REFLECTED else 2 * qmax
+    if int(quotients.max()) > largest // m:  # checked before multiplying
+        raise CodecError(f"{what}: a code beyond {largest}")
+    values = quotients * m + remainders
+    if int(values.max()) > largest:
+        raise CodecError(f"{what}: a code beyond {largest}")
+    if coding & REFLECTED:
+        codes = qmax - values
+        signed = np.flatnonzero(codes)
+        if used + signed.size > bits.size:
+            raise CodecError(f"{what}: {signed.size} sign bits do not fit")
+        codes[signed[bits[used : used + signed.size].view(bool)]] *= -1
+        used += signed.size
+    else:
+        codes = (values >> 1) ^ -(values & 1)
+    nbytes = (used + 7) // 8
+    if bits[used : 8 * nbytes].any():
+        raise CodecError(f"{what}: nonzero padding bits")
+    return codes.astype(np.int8), 1 + nbytes
