@@ -73,7 +73,7 @@ def _bits_msb_first(values: np.ndarray, width: int) -> np.ndarray:
     if width == 0 or values.size == 0:
         return np.zeros(0, dtype=np.uint8)
     if width <= 8:  # one byte a value: unpackbits, several times faster than shifting int64s
-        return np.unpackbits(values.astype(np.uint8)[:, None], axis=1)[:, 8 - width :].reshape(-1)
+        return np.unpackbits(values.astype(np.uint8)).reshape(-1, 8)[:, 8 - width :].reshape(-1)
     shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
     return ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
 
@@ -112,7 +112,7 @@ def _read_fixed(bits: np.ndarray, count: int, width: int) -> np.ndarray:
     if width <= 8:  # one byte a value: packbits, several times faster than a pass a bit plane
         padded = np.zeros((count, 8), dtype=np.uint8)
         padded[:, 8 - width :] = planes
-        return np.packbits(padded, axis=1).reshape(-1).astype(np.int64)
+        return np.packbits(padded.reshape(-1)).astype(np.int64)  # flat: packbits along an axis is slow
     for j in range(width):  # one pass per bit plane, not per element
         out <<= 1
         out |= planes[:, j]
