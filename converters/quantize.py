@@ -31,8 +31,9 @@ of its section, and its error bound. ``precision_named``, ``precision_with_wire_
 
 To add a precision: write a subclass of ``Precision`` (of ``SymmetricInt`` for a symmetric integer
 grid, of ``FloatPrecision`` for an IEEE float) that sets ``name``, ``wire_id`` (the next unused
-one: ids are never renumbered or reused) and ``bits``, and implements ``_encode``, ``_decode`` and
-``_error_bound``; append an instance to ``_REGISTERED``; add its own test beside
+one: ids are never renumbered or reused) and ``bits``, and implements ``_encode``, ``_decode`` (the
+values and the bytes the section took) and ``_error_bound`` (a ``SymmetricInt`` sets ``qmax`` and
+implements ``_pack`` and ``_unpack``: its coding byte and Golomb coding come with it); append an instance to ``_REGISTERED``; add its own test beside
 ``tests/test_quantize.py``'s conformance test, which already runs over every registered precision;
 and add its row to the table of docs/protocol.md section 7.
 """
