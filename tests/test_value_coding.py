@@ -27,12 +27,6 @@ def coding_byte(p, data, n_channels=3):
     return data[4 * (n_channels if p.per_channel else 1)]
 
 
-def codes_of(p, values, n_channels=3):
-    """The integer codes the precision sends for ``values`` (decoded / scale, exact on the grid)."""
-    dec = decode_values(encode_values(values, p, **kw(p, n_channels)), values.size, p, **kw(p, n_channels))
-    return dec
-
-
 DISTRIBUTIONS = {
     "gaussian": lambda r, n: r.standard_normal(n),
     "laplace": lambda r, n: r.laplace(size=n),
