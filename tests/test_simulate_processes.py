@@ -204,3 +204,16 @@ def test_equal_task_payloads_received_by_many_devices_are_held_once():
     assert tasks.intern(other) is other
     small = b"presence"
     assert tasks.intern(small) is small
+
+
+def test_child_environment_sizes_tensorflow_pools_to_each_process_share(monkeypatch):
+    from fedprune.simulation.processes import child_environment
+
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = child_environment(4)
+    assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("2", "2")
+    assert child_environment(16)["TF_NUM_INTRAOP_THREADS"] == "1"  # more processes than cores: one each
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")  # the user's setting wins
+    assert child_environment(4)["TF_NUM_INTRAOP_THREADS"] == "3"
