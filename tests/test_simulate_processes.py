@@ -180,11 +180,14 @@ def test_tensorflow_is_seeded_per_task_only_for_models_with_random_layers():
     # tf.random.set_seed clears TensorFlow's kernel cache: 0.1 s per traced call after it.
     from tensorflow.python.eager import context
 
-    from fedprune.edge_agent.trainer import _seed_task
+    from fedprune.edge_agent.trainer import _seed_task, _wrap
     from fedprune.keras_setup import keras
+    from fedprune.models import architecture_of
 
-    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    noisy = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    plain = _wrap(architecture_of(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])))
+    noisy = _wrap(architecture_of(keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5),
+                                                    keras.layers.Dense(2)])))
+    assert (plain.random_layers, noisy.random_layers) == (False, True)
     keras.utils.set_random_seed(1)
     _seed_task(plain, 7)
     assert context.global_seed() == 1 and np.random.get_state()[1][0] == np.random.RandomState(7).get_state()[1][0]
