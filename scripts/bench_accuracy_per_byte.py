@@ -127,6 +127,20 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     "p95-rg10f2-floor10-fix3": {**_session9(95, frequency=2, global_floor=0.1), "fixed_rounds": 3},
     "p95-rg10f2-floor10-cos5": _session9(95, lr=(0.01, 0.005), frequency=2, global_floor=0.1),
     "p95-rg15f2-floor10": _session9(95, frequency=2, regrowth=0.15, global_floor=0.1),
+    # Session 10 (pruned-95 = p95-rg10f2-floor10 with one change): ramp: polynomial from 92 % at
+    # round 0 to 95 % at the last mask change (pruning.initial_sparsity, schedule polynomial);
+    # rg05: regrowth 5 %; floor100: global_floor 1.0 (at MNIST-1D's layer shapes Erdos-Renyi-kernel
+    # allocation is within 6 % of uniform: every layer at 5 %).
+    "p95-ramp92": _session9(95, frequency=2, global_floor=0.1, schedule="polynomial", initial_sparsity=0.92),
+    "p95-rg05f2-floor10": _session9(95, frequency=2, regrowth=0.05, global_floor=0.1),
+    "p95-rg10f2-floor100": _session9(95, frequency=2, global_floor=1.0),
+    # rg20cos: regrowth 20 % at round 0 falling along half a cosine to 0 at the last mask change
+    # (pruning.regrowth_decay, RigL's annealing: as many swaps as 10 % constant, earlier);
+    # late-cos1: Adam 0.01 until the mask's last change (round 15 of 20), then falling to 0.001
+    # (training.decay_begin_round): the decay that closed 90 %'s gap, only where the mask is fixed.
+    "p95-rg20cos-floor10": _session9(95, frequency=2, regrowth=0.2, regrowth_decay="cosine", global_floor=0.1),
+    "p95-late-cos1": {**_session9(95, lr=(0.01, 0.001), frequency=2, global_floor=0.1),
+                      "training": {"learning_rate": 0.01, "final_learning_rate": 0.001, "decay_begin_round": 15}},
     # 3 local epochs instead of 2 (no byte more: a round sends the same), for pruned-95 and for dense
     "p95-e3": {**_session9(95, frequency=2, global_floor=0.1),
                "training": {"learning_rate": 0.01, "final_learning_rate": 0.0, "local_epochs": 3}},
