@@ -139,14 +139,19 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     # late-cos1: Adam 0.01 until the mask's last change (round 15 of 20), then falling to 0.001
     # (training.decay_begin_round): the decay that closed 90 %'s gap, only where the mask is fixed.
     "p95-rg20cos-floor10": _session9(95, frequency=2, regrowth=0.2, regrowth_decay="cosine", global_floor=0.1),
-    "p95-late-cos1": {**_session9(95, lr=(0.01, 0.001), frequency=2, global_floor=0.1),
-                      "training": {"learning_rate": 0.01, "final_learning_rate": 0.001, "decay_begin_round": 15}},
+    "p95-late-cos1": {**_session9(95, lr=(0.01, 0.001), frequency=2, global_floor=0.1), "late_decay": True},
+    "p95-rg20cos-late": {**_session9(95, lr=(0.01, 0.001), frequency=2, regrowth=0.2, regrowth_decay="cosine",
+                                     global_floor=0.1), "late_decay": True},
     # 3 local epochs instead of 2 (no byte more: a round sends the same), for pruned-95 and for dense
     "p95-e3": {**_session9(95, frequency=2, global_floor=0.1),
                "training": {"learning_rate": 0.01, "final_learning_rate": 0.0, "local_epochs": 3}},
     "dense-e3": {**ROWS["dense"], "training": {"learning_rate": 0.002, "local_epochs": 3}},
     # dense with the same kind of decay (to a tenth of its rate): is the decay worth as much to dense?
     "dense-cos": {**ROWS["dense"], "training": {"learning_rate": 0.002, "final_learning_rate": 0.0002}},
+    # dense with the late decay of p95-late-cos1 (to a tenth of its rate over rounds 16-20): does
+    # dense gain from it as much as the pruned row?
+    "dense-late": {**ROWS["dense"], "training": {"learning_rate": 0.002, "final_learning_rate": 0.0002},
+                   "late_decay": True},
     # Session 8's pruned-90 (as measured) with the lossless stage (zlib, which every board's Python
     # has; zstd) on its updates and tasks: what entropy coding of the int8 values would save (issue
     # 19, breast cancer's uplink).
@@ -178,6 +183,8 @@ def task_for(dataset: str, row: str, rounds: int, devices: int, per_round: int, 
     raw["data"].update({"partition": "dirichlet", "alpha": 0.5})
     definition = copy.deepcopy(ALL_ROWS[row])
     fixed_rounds = definition.pop("fixed_rounds", 5)  # last rounds with the mask fixed (masks from round 0)
+    # late_decay: the rate falls (training.final_learning_rate) only over those last rounds
+    late_decay = definition.pop("late_decay", False)
     for section, values in definition.items():
         raw.setdefault(section, {}).update(values)
     p = raw["pruning"]
@@ -187,6 +194,8 @@ def task_for(dataset: str, row: str, rounds: int, devices: int, per_round: int, 
             p["end_round"] = rounds - fixed_rounds
         else:
             p.update(begin_round=ramp[0], end_round=ramp[1])
+    if late_decay:
+        raw["training"]["decay_begin_round"] = rounds - fixed_rounds
     return parse_task(raw)
 
 
