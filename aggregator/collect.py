@@ -126,6 +126,7 @@ def training_settings(task: Task, round_number: int) -> dict[str, Any]:
     training = task.training
     settings = asdict(training)
     settings.pop("final_learning_rate")
+    settings.pop("decay_begin_round")
     settings["learning_rate"] = training.learning_rate_at(round_number, task.federation.rounds)
     if task.privacy.enabled and task.privacy.clip_on_device:
         settings["clip_norm"] = task.privacy.clip_norm

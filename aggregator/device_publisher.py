@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from paho.mqtt.client import MQTTMessageInfo
 
-from fedprune.converters.signing import SigningKey, VerifyKey, payload_digest, sign_message
+from fedprune.converters.signing import SignedPayload, SigningKey, VerifyKey, sign_message
 from fedprune.transport import MqttSession
 
 
@@ -19,7 +19,7 @@ class DevicePublisher:
     def __init__(self, session: MqttSession, key: SigningKey) -> None:
         self.session, self._key = session, key
         self.verify_key: VerifyKey = key.public
-        self._last: tuple[bytes, bytes] | None = None  # (payload, its digest): a round's task goes to many devices
+        self._last: SignedPayload | None = None  # a round's task goes to many devices: signed for each
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False,
                 best_effort: bool = False) -> MQTTMessageInfo | None:
@@ -27,10 +27,9 @@ class DevicePublisher:
         what may be lost (acknowledgements), dropped (None) when the outbox is full; anything else
         waits for room."""
         last = self._last
-        if last is None or last[0] is not payload:
-            last = self._last = (payload, payload_digest(payload))
-        return self.session.publish(topic, sign_message(topic, payload, self._key, digest=last[1]), retain=retain,
-                                    best_effort=best_effort)
+        if last is None or last.payload is not payload:
+            last = self._last = SignedPayload(payload, self._key)
+        return self.session.publish(topic, last.for_topic(topic), retain=retain, best_effort=best_effort)
 
     def publish_retained(self, topic: str, payload: bytes) -> MQTTMessageInfo:
         """Sign ``payload`` for ``topic`` and publish it retained whatever its size (a model file:

@@ -39,6 +39,21 @@ def pack_frame(kind: int, header: dict[str, Any] | None, body: bytes = b"") -> b
     return data + CRC.pack(zlib.crc32(data))
 
 
+class SharedBodyFrames:
+    """Header-less frames of one ``kind`` whose bodies all start with the same long ``shared``
+    bytes and end with a short tail of their own: ``frame(tail) == pack_frame(kind, None, shared +
+    tail)``. The shared part is checksummed once, not once per frame (a task signed for each of the
+    devices a round selects: the same payload, then each device's signature)."""
+
+    def __init__(self, kind: int, shared: bytes) -> None:
+        self._prefix = PREFIX.pack(MAGIC, FRAME_VERSION, kind, 0)
+        self._shared = bytes(shared)
+        self._crc = zlib.crc32(self._shared, zlib.crc32(self._prefix))  # CRC-32 continues across parts
+
+    def frame(self, tail: bytes) -> bytes:
+        return b"".join((self._prefix, self._shared, tail, CRC.pack(zlib.crc32(tail, self._crc))))
+
+
 def unpack_frame(data: bytes, max_bytes: int) -> tuple[int, dict[str, Any], memoryview]:
     """Check and split a frame; returns ``(kind, header, body)`` (header ``{}`` when absent)."""
     if len(data) > max_bytes:

@@ -20,8 +20,8 @@ Why the topic is signed: the same task bytes go to every selected device; withou
 task signed for one device could be replayed onto another device's task topic, or an
 architecture onto a task topic. Why a digest of the payload rather than the payload: Ed25519
 reads its message twice, and a task of 64 MB is signed once per selected device; the signature
-then costs the same for any size, and the digest is computed once per task (``sign_message``'s
-``digest``, which ``DevicePublisher`` passes for the same payload again).
+then costs the same for any size, and the digest is computed once per task (``SignedPayload``,
+which ``DevicePublisher`` keeps for the same payload again).
 
 What a signature does not stop: replaying an earlier message the aggregator signed for the same
 topic (docs/security.md, threat model).
@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.frame import FRAME_OVERHEAD, pack_frame, unpack_frame
+from fedprune.converters.frame import FRAME_OVERHEAD, SharedBodyFrames, unpack_frame
 
 __all__ = ["SIGNED_KIND", "SIGNED_OVERHEAD", "SignatureError", "SigningKey", "VerifyKey", "is_signed",
-           "open_signed", "payload_digest", "sign_message"]
+           "open_signed", "payload_digest", "sign_message", "SignedPayload"]
 
 SIGNED_KIND = 6  # frame kind byte of a signed envelope (fedprune.converters.protocol.Kind.SIGNED)
 SIGNED_CONTEXT = b"fedprune signed message v2\x00"  # so a signature means this and nothing else
@@ -154,13 +154,23 @@ def _signed_bytes(topic: str, digest: bytes) -> bytes:
     return SIGNED_CONTEXT + _TOPIC_LENGTH.pack(len(name)) + name + digest
 
 
-def sign_message(topic: str, payload: bytes, key: SigningKey, *, digest: bytes | None = None) -> bytes:
-    """``payload`` in a signed envelope for ``topic``: what the aggregator publishes on ``topic``.
-    ``digest``: ``payload_digest(payload)`` when the caller already has it (one task signed for
-    many devices); a wrong one makes an envelope that does not open."""
-    public = key.public
-    signature = key.sign(_signed_bytes(topic, payload_digest(payload) if digest is None else digest))
-    return pack_frame(SIGNED_KIND, None, public.key_id + bytes(payload) + signature)
+def sign_message(topic: str, payload: bytes, key: SigningKey) -> bytes:
+    """``payload`` in a signed envelope for ``topic``: what the aggregator publishes on ``topic``."""
+    return SignedPayload(payload, key).for_topic(topic)
+
+
+class SignedPayload:
+    """One payload, signed for each topic it goes to (a task for each selected device): its digest,
+    the envelope's copy of it and its checksum are made once, and each topic costs a signature."""
+
+    def __init__(self, payload: bytes, key: SigningKey) -> None:
+        self.payload, self._key = payload, key
+        self._digest = payload_digest(payload)
+        self._frames = SharedBodyFrames(SIGNED_KIND, key.public.key_id + bytes(payload))
+
+    def for_topic(self, topic: str) -> bytes:
+        """The envelope of the payload for ``topic``."""
+        return self._frames.frame(self._key.sign(_signed_bytes(topic, self._digest)))
 
 
 def is_signed(data: bytes) -> bool:

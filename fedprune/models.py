@@ -180,6 +180,12 @@ def _inner(layer: "keras.layers.Layer") -> "keras.layers.Layer":
     return getattr(layer, "layer", layer) if type(layer).__name__ == "PruneLowMagnitude" else layer
 
 
+def weight_variables(model: "keras.Model") -> list:
+    """The model's weight variables in the order ``get_layer_weights`` lists their values (a pruning
+    wrapper's own variables left out)."""
+    return [v for layer in model.layers for v in _inner(layer).weights]
+
+
 def get_layer_weights(model: "keras.Model") -> list:
     return [w for layer in model.layers for w in _inner(layer).get_weights()]
 

@@ -122,15 +122,20 @@ class TrainingSection:
     batch_size: int = 16
     optimizer: Literal["sgd", "adam"] = "adam"
     learning_rate: float = 0.005
-    # > 0: the devices' learning rate falls from learning_rate in round 1 to this in the last round,
-    # along half a cosine (federation.rounds long); 0: learning_rate in every round.
+    # > 0: the devices' learning rate falls from learning_rate in round decay_begin_round to this in
+    # the last round, along half a cosine; 0: learning_rate in every round.
     final_learning_rate: float = 0.0
+    # The last round at learning_rate before the fall (1: it falls over the whole run). A later one
+    # decays only the last rounds: for a pruned model whose mask stops changing at pruning.end_round,
+    # a fine-tuning phase that does not slow the rounds in which it still learns its mask.
+    decay_begin_round: int = 1
 
     def learning_rate_at(self, round_number: int, rounds: int) -> float:
         """The devices' learning rate in round ``round_number`` (1-based) of ``rounds``."""
-        if self.final_learning_rate <= 0 or rounds <= 1:
+        first = self.decay_begin_round
+        if self.final_learning_rate <= 0 or rounds <= first or round_number <= first:
             return self.learning_rate
-        progress = min(max(round_number - 1, 0), rounds - 1) / (rounds - 1)
+        progress = min(round_number - first, rounds - first) / (rounds - first)
         return self.final_learning_rate + 0.5 * (self.learning_rate - self.final_learning_rate) * (
             1.0 + math.cos(math.pi * progress))
 
@@ -144,6 +149,10 @@ class TrainingSection:
         if not 0 <= self.final_learning_rate <= self.learning_rate:
             raise TaskError(f"training.final_learning_rate must be in [0, learning_rate = {self.learning_rate}] "
                             f"(0: no decay), got {self.final_learning_rate}")
+        if isinstance(self.decay_begin_round, bool) or not isinstance(self.decay_begin_round, int) \
+                or self.decay_begin_round < 1:
+            raise TaskError(f"training.decay_begin_round must be a round number >= 1 (the last round at "
+                            f"learning_rate), got {self.decay_begin_round!r}")
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,9 @@ class PruningSection:
     # Regrowth (fedprune.pruning.regrowth): at each pruning turn, swap this fraction of the kept
     # weights (the smallest) for the pruned ones with the largest gradient the devices report.
     regrowth: float = 0.0
+    # "cosine": the turns' regrowth falls from `regrowth` at begin_round to 0 at end_round along half
+    # a cosine (RigL's annealing; fewer gradient reports too); "constant": `regrowth` at every turn.
+    regrowth_decay: Literal["constant", "cosine"] = "constant"
     # Structured pruning: after round `structured_round`, remove this fraction of the units/filters
     # of every Dense/Conv layer not in leave_dense (lowest L1/L2 norm), shrinking the model itself.
     structured_fraction: float = 0.0
@@ -227,6 +239,8 @@ class PruningSection:
                             "mask_owner = 'device' the devices prune while they train: use begin_round >= 1")
         if not 0.0 <= self.regrowth < 0.5:
             raise TaskError(f"pruning.regrowth must be in [0, 0.5), got {self.regrowth}")
+        if self.regrowth_decay not in ("constant", "cosine"):
+            raise TaskError(f"pruning.regrowth_decay must be 'constant' or 'cosine', got {self.regrowth_decay!r}")
         if self.regrowth > 0 and self.mask_owner == "device":
             raise TaskError("pruning.regrowth works with mask_owner = 'aggregator' (device masks regrow by averaging)")
         if not 0.0 <= self.structured_fraction < 1.0:
@@ -475,6 +489,9 @@ class Task:
         self.data.check()
         self.federation.check()
         self.training.check()
+        if 1 < self.training.decay_begin_round >= self.federation.rounds:
+            raise TaskError(f"training.decay_begin_round ({self.training.decay_begin_round}) must be before the "
+                            f"last round (federation.rounds = {self.federation.rounds}), or the rate never falls")
         self.pruning.check(self.federation.rounds)
         self.transport.check()
         self.aggregation.check(self.federation)

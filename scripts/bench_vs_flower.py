@@ -61,9 +61,11 @@ def actor_trainer():
     return holder.trainer
 
 
-def run_flower(task: Task, num_devices: int, actors: int) -> list[dict]:
+def run_flower(task: Task, num_devices: int, actors: int, tf_threads: int | None = None) -> list[dict]:
     """Rounds of dense FedAvg in Flower's simulation engine (``actors`` Ray actors sharing the
-    host's cores): accuracy, bytes, wall time."""
+    host's cores): accuracy, bytes, wall time. ``tf_threads``: each actor's TensorFlow thread pools
+    (as ``fedprune-simulate --processes`` sizes its device processes' pools to their share of the
+    cores); None leaves TensorFlow's default (the whole machine, in every actor)."""
     import flwr
     from flwr.client import NumPyClient
     from flwr.common import ndarrays_to_parameters
@@ -161,6 +163,8 @@ def run_flower(task: Task, num_devices: int, actors: int) -> list[dict]:
     # No PYTHONPATH: fedprune is imported as installed (fedprune.aggregator, ...), which a checkout's
     # root on the path would shadow with its bare fedprune/ folder.
     env = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if tf_threads:
+        env.update(TF_NUM_INTRAOP_THREADS=str(tf_threads), TF_NUM_INTEROP_THREADS=str(tf_threads))
     cpus = os.cpu_count() or 1
     flwr.simulation.start_simulation(
         client_fn=client_fn, num_clients=num_devices, config=ServerConfig(num_rounds=task.federation.rounds),
@@ -219,11 +223,16 @@ def main() -> int:
     parser.add_argument("--devices-per-round", type=int, help="devices per round instead of the task's")
     parser.add_argument("--flower-actors", type=int, default=os.cpu_count() or 1,
                         help="Ray actors training at once, sharing the cores (default: one per core)")
+    parser.add_argument("--flower-tf-threads", default="share",
+                        help="TensorFlow threads in each Flower actor: 'share' (default: cores / actors, as "
+                             "fedprune's device processes get), 'default' (TensorFlow's own: every core), or a number")
     parser.add_argument("--skip-pruned", action="store_true", help="leave out the run of the task as written")
     parser.add_argument("--processes", type=int, default=1,
                         help="fedprune's device processes (fedprune-simulate --processes; default 1: one process)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    flower_threads = {"share": max(1, (os.cpu_count() or 1) // args.flower_actors), "default": None}.get(
+        args.flower_tf_threads) if args.flower_tf_threads in ("share", "default") else int(args.flower_tf_threads)
     base = load_task(args.task)
     fed = dataclasses.replace(base.federation, rounds=args.rounds or base.federation.rounds,
                               devices_per_round=args.devices_per_round or base.federation.devices_per_round)
@@ -232,7 +241,7 @@ def main() -> int:
 
     out: dict = {"task": str(args.task), "devices": args.devices, "rounds": base.federation.rounds,
                  "devices_per_round": base.federation.devices_per_round, "flower_actors": args.flower_actors,
-                 "broker": args.broker, "fedprune_processes": args.processes,
+                 "broker": args.broker, "fedprune_processes": args.processes, "flower_tf_threads": flower_threads,
                  "cpus": os.cpu_count()}
     runs: dict[str, list[list[dict]]] = {"fedprune dense": [], "flower dense": []}
     for seed in range(args.repeats):
@@ -240,7 +249,7 @@ def main() -> int:
         _print_rounds(f"fedprune, dense FedAvg float32, seed {seed}", rounds)
         runs["fedprune dense"].append(rounds)
         if not args.skip_flower:
-            rounds = run_flower(dense(base, seed), args.devices, args.flower_actors)
+            rounds = run_flower(dense(base, seed), args.devices, args.flower_actors, flower_threads)
             _print_rounds(f"Flower {__import__('flwr').__version__} simulation, FedAvg, seed {seed}", rounds)
             runs["flower dense"].append(rounds)
     pruned = None if args.skip_pruned else run_ours(base, args.devices, args.broker, args.processes)

@@ -197,7 +197,7 @@ def _device_processes(args: argparse.Namespace, task: Task, ranges: list[range],
         print(f"device process {index}: {line.removeprefix(CONNECTED_MARKER).strip()} ({ready} of {len(ranges)} "
               "processes ready)", flush=True)
 
-    return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment(), on_connected=connected)
+    return DeviceProcesses(command, ranges, Path(run_dir), env=child_environment(len(ranges)), on_connected=connected)
 
 
 def _stop_on_sigterm(stack: ExitStack) -> None:

@@ -287,10 +287,17 @@ def device_command(task_file: str, num_devices: int, broker_url: str, aggregator
             "--no-aggregator", "--broker", broker_url, "--aggregator-key", aggregator_key, *(extra or [])]
 
 
-def child_environment() -> dict[str, str]:
+def child_environment(processes: int = 1) -> dict[str, str]:
     """The parent's environment, unbuffered, so a child's log is whole up to a crash, and with
     glibc's malloc held to two arenas unless the environment says otherwise: a device process's
     threads (training, codec pool, event loop, TensorFlow's) otherwise each grow an arena of their
     own, and at 10,000 devices the whole simulation peaked at 7.08 GiB with two arenas against
-    7.44-7.69 GiB without (one run against two, docs/benchmarks.md)."""
-    return {"MALLOC_ARENA_MAX": "2", **os.environ, "PYTHONUNBUFFERED": "1"}
+    7.44-7.69 GiB without (one run against two, docs/benchmarks.md).
+
+    TensorFlow's thread pools are sized to each child's share of the cores (``processes`` children),
+    unless the environment sets them: every child sized its pools to the whole machine, so two
+    children on two cores ran four busy threads, and their training took 29 % more CPU for the same
+    work (issue 17, docs/benchmarks.md)."""
+    share = str(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    return {"MALLOC_ARENA_MAX": "2", "TF_NUM_INTRAOP_THREADS": share, "TF_NUM_INTEROP_THREADS": share,
+            **os.environ, "PYTHONUNBUFFERED": "1"}

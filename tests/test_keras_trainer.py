@@ -30,21 +30,21 @@ def _data(n: int, seed: int = 0):
     return rng.random((n, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, n)
 
 
-def test_prepare_traces_the_step_that_every_task_then_reuses(model):
+def test_prepare_traces_the_epoch_that_every_task_then_reuses(model):
     arch = architecture_of(model)
     trainer = KerasTrainer()
     trainer.prepare(arch)
-    step = trainer._cache[arch.digest].step
-    traced = step.experimental_get_tracing_count()
+    epoch = trainer._cache[arch.digest].epoch
+    traced = epoch.experimental_get_tracing_count()
     assert traced >= 1
     # Dense and masked tasks, shards of different sizes (full and partial batches): no new trace.
     for masks, n in (([None] * len(arch.shapes), 40), (full_masks(model, ("logits",)), 73), ([None] * len(arch.shapes), 5)):
         x, y = _data(n)
         trainer.train(arch, _task(model, masks), x, y)
-    assert trainer._cache[arch.digest].step is step
-    assert step.experimental_get_tracing_count() == traced
+    assert trainer._cache[arch.digest].epoch is epoch
+    assert epoch.experimental_get_tracing_count() == traced
     trainer.prepare(arch)  # a second announcement of the same architecture: nothing to do
-    assert step.experimental_get_tracing_count() == traced
+    assert epoch.experimental_get_tracing_count() == traced
 
 
 def test_device_side_pruning_leaves_unmasked_layers_dense(model):

@@ -3,6 +3,7 @@ NumPy; and, once, through a real aggregator at round 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 
@@ -99,6 +100,28 @@ def test_regrowth_swaps_in_the_pruned_weights_with_the_largest_gradients_on_prun
     step = c.step(1, weights, masks, [(gradients, 10), (None, 30)])
     assert step.masks[0].flat[pruned_position] and step.weights[0].flat[pruned_position] == 0.0
     assert step.masks[0].sum() == plain.masks[0].sum()  # a swap: the sparsity holds
+
+
+def test_cosine_regrowth_decay_swaps_fewer_weights_turn_by_turn_and_none_at_end_round():
+    section = PruningSection(schedule="constant", final_sparsity=0.5, begin_round=0, end_round=8, frequency=2,
+                             regrowth=0.4, regrowth_decay="cosine", scope="global", global_floor=0.0)
+    c = PruningController(section, LAYERS)
+    assert [c.regrowth_at(r) for r in (0, 4, 8)] == pytest.approx([0.4, 0.2, 0.0])
+    weights, masks = _model()
+    assert c.gradient_fraction(2, masks) == pytest.approx(2 * c.regrowth_at(2))  # fewer candidates asked
+    assert c.gradient_fraction(8, masks) is None  # the last turn swaps nothing: no report asked
+    swapped = []
+    for r in (2, 4, 6):
+        pruned = PruningController(dataclasses.replace(section, regrowth=0.0), LAYERS).step(r, weights, masks)
+        # every pruned position has a gradient, so each turn swaps round(fraction * kept) per tensor
+        gradients = [np.where(m, 0.0, 1.0).astype(np.float32) if m is not None else np.zeros(w.shape, np.float32)
+                     for w, m in zip(pruned.weights, pruned.masks)]
+        step = c.step(r, weights, masks, [(gradients, 1)])
+        swapped.append(int((step.masks[0] & ~pruned.masks[0]).sum()))
+    kept = int(pruned.masks[0].sum())
+    assert swapped == [round(c.regrowth_at(r) * kept) for r in (2, 4, 6)] and swapped[0] > swapped[1] > swapped[2] > 0
+    constant = PruningController(dataclasses.replace(section, regrowth_decay="constant"), LAYERS)
+    assert constant.regrowth_at(6) == constant.regrowth_at(0) == 0.4
 
 
 def test_device_side_masks_ask_the_scheduled_sparsity_and_reset_the_global_mask():

@@ -12,16 +12,17 @@ from fedprune.converters.signing import (
     SIGNED_KIND,
     SIGNED_OVERHEAD,
     SignatureError,
+    SignedPayload,
     SigningKey,
     VerifyKey,
     is_signed,
     open_signed,
-    payload_digest,
     sign_message,
 )
 from signing_helpers import AGGREGATOR_KEY, VERIFY_KEY
 
 TOPIC = "fedprune/v1/fed/device/pi-01/task"
+CRC_AND_SIGNATURE = 4 + 64
 PAYLOAD = b'{"v":2,"type":"ack","round":1,"device_id":"pi-01","accepted":true,"reason":""}'
 
 
@@ -31,10 +32,17 @@ def test_a_signed_message_opens_to_its_payload_with_the_overhead_documented():
     assert open_signed(TOPIC, data, VERIFY_KEY, 1 << 20) == PAYLOAD
     assert sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY) == data  # Ed25519 is deterministic
     assert open_signed(TOPIC, sign_message(TOPIC, b"", AGGREGATOR_KEY), VERIFY_KEY, 1 << 20) == b""
-    # One task for many devices: its digest computed once gives the same envelope.
-    assert sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY, digest=payload_digest(PAYLOAD)) == data
+    # One task for many devices: digested and checksummed once, the same envelope for each topic.
+    signed = SignedPayload(PAYLOAD, AGGREGATOR_KEY)
+    assert signed.for_topic(TOPIC) == data
+    other = TOPIC.replace("pi-01", "pi-02")
+    assert signed.for_topic(other) == sign_message(other, PAYLOAD, AGGREGATOR_KEY)
+    assert open_signed(other, signed.for_topic(other), VERIFY_KEY, 1 << 20) == PAYLOAD
     with pytest.raises(SignatureError, match="does not match"):
-        open_signed(TOPIC, sign_message(TOPIC, PAYLOAD, AGGREGATOR_KEY, digest=bytes(32)), VERIFY_KEY, 1 << 20)
+        open_signed(TOPIC, signed.for_topic(other), VERIFY_KEY, 1 << 20)
+    # The envelope is the frame pack_frame makes of the same body, checksum included.
+    body = VERIFY_KEY.key_id + PAYLOAD + data[-CRC_AND_SIGNATURE:-4]
+    assert data == pack_frame(SIGNED_KIND, None, body)
 
 
 @pytest.mark.parametrize("make,match", [

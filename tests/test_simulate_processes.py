@@ -180,11 +180,14 @@ def test_tensorflow_is_seeded_per_task_only_for_models_with_random_layers():
     # tf.random.set_seed clears TensorFlow's kernel cache: 0.1 s per traced call after it.
     from tensorflow.python.eager import context
 
-    from fedprune.edge_agent.trainer import _seed_task
+    from fedprune.edge_agent.trainer import _seed_task, _wrap
     from fedprune.keras_setup import keras
+    from fedprune.models import architecture_of
 
-    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    noisy = keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5), keras.layers.Dense(2)])
+    plain = _wrap(architecture_of(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])))
+    noisy = _wrap(architecture_of(keras.Sequential([keras.Input((4,)), keras.layers.Dropout(0.5),
+                                                    keras.layers.Dense(2)])))
+    assert (plain.random_layers, noisy.random_layers) == (False, True)
     keras.utils.set_random_seed(1)
     _seed_task(plain, 7)
     assert context.global_seed() == 1 and np.random.get_state()[1][0] == np.random.RandomState(7).get_state()[1][0]
@@ -204,3 +207,16 @@ def test_equal_task_payloads_received_by_many_devices_are_held_once():
     assert tasks.intern(other) is other
     small = b"presence"
     assert tasks.intern(small) is small
+
+
+def test_child_environment_sizes_tensorflow_pools_to_each_process_share(monkeypatch):
+    from fedprune.simulation.processes import child_environment
+
+    for name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = child_environment(4)
+    assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("2", "2")
+    assert child_environment(16)["TF_NUM_INTRAOP_THREADS"] == "1"  # more processes than cores: one each
+    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "3")  # the user's setting wins
+    assert child_environment(4)["TF_NUM_INTRAOP_THREADS"] == "3"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,9 @@ BAD = [
     ("frequency = 2", "frequency = 0", "pruning.frequency"),
     ("frequency = 2", "frequency = 2\nscope = \"global\"\nglobal_floor = 2.0", "pruning.global_floor"),
     ("frequency = 2", "frequency = 2\nglobal_floor = 0.2", "pruning.global_floor applies to scope = 'global'"),
+    ("frequency = 2", 'frequency = 2\nregrowth_decay = "linear"', "pruning.regrowth_decay"),
+    ("learning_rate = 0.002", "learning_rate = 0.002\ndecay_begin_round = 0", "training.decay_begin_round"),
+    ("learning_rate = 0.002", "learning_rate = 0.002\ndecay_begin_round = 2.5", "training.decay_begin_round"),
     ("end_round = 10", "end_round = 16", "pruning.end_round"),
     ("min_devices = 5", "min_devices = 11", "federation.min_devices"),
     ("min_devices = 5", "min_devices = 0", "federation.min_devices"),
@@ -220,6 +224,21 @@ def test_learning_rate_falls_along_half_a_cosine_when_final_learning_rate_is_set
         TrainingSection(learning_rate=0.01, final_learning_rate=0.02).check()
 
 
+def test_decay_begin_round_holds_the_rate_until_then_and_falls_to_the_final_one_in_the_last_round():
+    from fedprune.task import TrainingSection
+
+    late = TrainingSection(learning_rate=0.01, final_learning_rate=0.001, decay_begin_round=15)
+    rates = [late.learning_rate_at(r, 20) for r in range(1, 21)]
+    assert rates[:15] == [0.01] * 15 and rates[-1] == pytest.approx(0.001)
+    assert rates[17] == pytest.approx(0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * 3 / 5)))
+    assert all(a > b for a, b in zip(rates[14:], rates[15:]))
+    with pytest.raises(TaskError, match="training.decay_begin_round"):
+        TrainingSection(learning_rate=0.01, decay_begin_round=0).check()
+    with pytest.raises(TaskError, match="training.decay_begin_round"):
+        parse_task({"federation": {"rounds": 20, "devices_per_round": 2, "min_devices": 2},
+                    "training": {"learning_rate": 0.01, "final_learning_rate": 0.001, "decay_begin_round": 20}})
+
+
 def test_each_rounds_task_carries_that_rounds_learning_rate_and_devices_accept_it():
     """The schedule lives on the aggregator: a round's task holds one learning_rate, which both
     trainers (Keras and LiteRT) read from the task, and no final_learning_rate a device would refuse."""
@@ -227,7 +246,7 @@ def test_each_rounds_task_carries_that_rounds_learning_rate_and_devices_accept_i
     from fedprune.converters.protocol import TrainingSettings
 
     task = parse_task({"federation": {"rounds": 20, "devices_per_round": 2, "min_devices": 2},
-                       "training": {"learning_rate": 0.01, "final_learning_rate": 0.001}})
+                       "training": {"learning_rate": 0.01, "final_learning_rate": 0.001, "decay_begin_round": 2}})
     sent = [TrainingSettings.from_mapping(training_settings(task, r)) for r in (1, 10, 20)]
     assert [s.learning_rate for s in sent] == pytest.approx([0.01, task.training.learning_rate_at(10, 20), 0.001])
     assert sent[0].learning_rate > sent[1].learning_rate > sent[2].learning_rate

@@ -54,7 +54,7 @@ class RunningFedAvg(RunningAggregate):
 
     def add(self, result: ClientResult) -> None:
         for total, delta in zip(self.sums, result.delta, strict=True):
-            total.add(np.multiply(delta, result.num_samples, dtype=np.float64))
+            total.add(delta, scale=result.num_samples)
         self.samples += int(result.num_samples)
         self.count += 1
 

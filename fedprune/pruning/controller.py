@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
@@ -106,12 +107,24 @@ class PruningController:
 
     def gradient_fraction(self, round_number: int, masks: Masks) -> float | None:
         """Ask devices for gradients at pruned positions in rounds that end with a pruning turn."""
-        regrowth = self.section.regrowth
+        regrowth = self.regrowth_at(round_number)
         if regrowth <= 0 or self.schedule is None or self.device_masks or not any(m is not None for m in masks):
             return None
         # A schedule decides once per round: asking here, before aggregation, does not advance it.
         turn = self.schedule.decision(round_number).prune
         return min(1.0, 2 * regrowth) if turn else None  # candidates for twice the swaps
+
+    def regrowth_at(self, round_number: int) -> float:
+        """The fraction of kept weights a pruning turn after this round swaps: ``regrowth``, or
+        with ``regrowth_decay = "cosine"`` that falling along half a cosine from ``begin_round`` to
+        0 at ``end_round`` (RigL's annealing, Evci et al., "Rigging the Lottery", ICML 2020: large
+        swaps while the mask is far from good, small ones once training has settled on it)."""
+        s = self.section
+        if s.regrowth_decay == "constant" or s.end_round <= s.begin_round:
+            return s.regrowth
+        span = s.end_round - s.begin_round
+        progress = min(max(round_number - s.begin_round, 0), span) / span
+        return s.regrowth * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def step(self, round_number: int, weights: list[np.ndarray], masks: Masks,
              gradients: GradientReports = ()) -> PruneStep:
@@ -156,7 +169,7 @@ class PruningController:
         scores = gradient_scores(gradients)
         if scores is None:
             return weights, masks
-        weights, masks, swapped = regrow(weights, masks, scores, self.section.regrowth)
+        weights, masks, swapped = regrow(weights, masks, scores, self.regrowth_at(round_number))
         log.info("round %d: regrowth swapped %d weights", round_number, swapped)
         return weights, masks
 
