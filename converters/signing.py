@@ -30,6 +30,7 @@ topic (docs/security.md, threat model).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ class SigningKey:
         return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption())
 
-    @property
+    @functools.cached_property  # derived once: every acknowledgement the aggregator signs names it
     def public(self) -> VerifyKey:
         return VerifyKey(self._key.public_key().public_bytes(serialization.Encoding.Raw,
                                                              serialization.PublicFormat.Raw))
