@@ -146,6 +146,9 @@ DIAGNOSTIC_ROWS: dict[str, dict] = {
     "p95-late-cos1": {**_session9(95, lr=(0.01, 0.001), frequency=2, global_floor=0.1), "late_decay": True},
     "p95-rg20cos-late": {**_session9(95, lr=(0.01, 0.001), frequency=2, regrowth=0.2, regrowth_decay="cosine",
                                      global_floor=0.1), "late_decay": True},
+    # pruned-90 with pruned-95's late fall (Adam 0.01 until the mask's last change, then half a cosine
+    # to 0.001 over the fixed rounds): retraining with the mask fixed, tried at 90 % (issue 19, session 10)
+    "p90-late": {**ROWS["pruned-90"], "late_decay": True},
     # 3 local epochs instead of 2 (no byte more: a round sends the same), for pruned-95 and for dense
     "p95-e3": {**_session9(95, frequency=2, global_floor=0.1),
                "training": {"learning_rate": 0.01, "final_learning_rate": 0.0, "local_epochs": 3}},

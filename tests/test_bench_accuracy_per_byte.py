@@ -30,3 +30,12 @@ def test_pruned_95_decays_its_rate_only_after_the_masks_last_change(study, round
     assert study.task_for("mnist1d", "pruned-90", rounds, 10, 5, 0, (3, 12)).training.decay_begin_round == 1
     dense = study.task_for("mnist1d", "dense", rounds, 10, 5, 0, (3, 12)).training
     assert dense.learning_rate_at(rounds, rounds) == dense.learning_rate
+
+
+def test_p90_late_is_pruned_90_with_the_rate_held_until_the_masks_last_change(study):
+    late = study.task_for("breast_cancer", "p90-late", 20, 10, 5, 0, (3, 12))
+    base = study.task_for("breast_cancer", "pruned-90", 20, 10, 5, 0, (3, 12))
+    assert late.pruning == base.pruning and late.transport == base.transport
+    assert late.training.decay_begin_round == late.pruning.end_round == 15
+    assert late.training.learning_rate_at(15, 20) == 0.01 > base.training.learning_rate_at(15, 20)
+    assert late.training.learning_rate_at(20, 20) == pytest.approx(base.training.learning_rate_at(20, 20))
