@@ -73,6 +73,8 @@ class _Compiled:
     random_layers: bool = False  # whether the training step draws from TensorFlow's generators
     load: Callable[..., None] | None = None  # the traced task loader (``_task_loader``), once needed
     load_slots: int = 0  # the optimizer variables the loader zeroes
+    flat_weights: "_FlatTensorCache" = field(default_factory=lambda: _FlatTensorCache())
+    flat_masks: "_FlatTensorCache" = field(default_factory=lambda: _FlatTensorCache())
 
 
 #: Layers whose training step draws from TensorFlow's random generators (by class-name prefix).
@@ -129,14 +131,34 @@ def _load_task(compiled: _Compiled, task: TrainTask) -> None:
     if compiled.load is None or compiled.load_slots != len(model.optimizer.variables):
         compiled.load, compiled.load_slots = _task_loader(compiled), len(model.optimizer.variables)
     ids = sorted(compiled.kernels)
-    masks = [np.ones(int(np.prod(shapes[i])), np.float32) if task.masks[i] is None
-             else task.masks[i].astype(np.float32).ravel() for i in ids]
     device_pruning = task.device_sparsity is not None
     prune = np.array([device_pruning and task.masks[i] is not None for i in ids], bool)
     target = np.full(len(ids), float(task.device_sparsity or 0.0), np.float32)
-    # Flat vectors: converting each argument of a traced call costs more than copying it
-    weights = np.concatenate([np.asarray(w, np.float32).ravel() for w in task.weights])
-    compiled.load(weights, np.concatenate(masks), prune, target, np.float32(settings.learning_rate), not fresh)
+    weights = compiled.flat_weights.get(task.weights, lambda: np.concatenate(
+        [np.asarray(w, np.float32).ravel() for w in task.weights]))
+    masks = compiled.flat_masks.get([task.masks[i] for i in ids], lambda: np.concatenate(
+        [np.ones(int(np.prod(shapes[i])), np.float32) if task.masks[i] is None
+         else task.masks[i].astype(np.float32).ravel() for i in ids]))
+    compiled.load(weights, masks, prune, target, np.float32(settings.learning_rate), not fresh)
+
+
+class _FlatTensorCache:
+    """The last list of arrays given and its flat tensor: a simulated device process trains the
+    same task (the same decoded arrays, ``SharedTasks``) for each of its devices a round, and
+    concatenating and converting 0.6 MB twice per device cost a tenth of a digits task's CPU.
+    A hit needs the very same array objects (or Nones), all read-only (as ``SharedTasks`` leaves
+    them): an array that can be written to may have changed since, and is flattened again."""
+
+    def __init__(self) -> None:
+        self._arrays: list = []
+        self._tensor = None
+
+    def get(self, arrays: list, flatten: Callable[[], np.ndarray]):
+        if self._tensor is None or len(arrays) != len(self._arrays) or \
+                any(a is not b or (a is not None and a.flags.writeable) for a, b in zip(arrays, self._arrays)):
+            self._tensor = tf.convert_to_tensor(flatten())  # Flat: one argument to convert, not one per tensor
+            self._arrays = list(arrays)
+        return self._tensor
 
 
 def _task_loader(compiled: _Compiled) -> Callable[..., None]:

@@ -3,6 +3,8 @@ which layers device-side pruning may touch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,25 @@ def test_depthwise_and_separable_kernels_are_pruned_under_both_mask_modes():
     result = trainer.train(arch, _task(model, dense, device_sparsity=0.6), x, y)
     for i in positions:
         assert abs(1 - result.masks[i].mean() - 0.6) < 0.05, (names[i], result.masks[i].mean())
+
+
+def test_a_shared_read_only_task_trains_as_its_copy_and_a_changed_array_is_not_served_stale(model):
+    arch = architecture_of(model)
+    trainer = KerasTrainer()
+    x, y = _data(40)
+    shared = _task(model, full_masks(model, ("logits",)))
+    for a in (*shared.weights, *[m for m in shared.masks if m is not None]):
+        a.setflags(write=False)  # as SharedTasks leaves a task that many devices train
+    first = trainer.train(arch, shared, x, y, seed=3)
+    again = trainer.train(arch, shared, x, y, seed=3)  # flat tensors from the cache
+    copy = _task(model, [None if m is None else m.copy() for m in shared.masks])
+    fresh = trainer.train(arch, copy, x, y, seed=3)
+    for a, b, c in zip(first.delta, again.delta, fresh.delta):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    # A writable array changed in place between two tasks: trained with its new values.
+    copy.weights[0][...] = 0.0
+    zeroed = trainer.train(arch, copy, x, y, seed=3)
+    expected = trainer.train(arch, dataclasses.replace(copy, weights=[w.copy() for w in copy.weights]), x, y, seed=3)
+    for a, b in zip(zeroed.delta, expected.delta):
+        np.testing.assert_array_equal(a, b)
