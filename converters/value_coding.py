@@ -57,8 +57,10 @@ def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
     n_signs = int(np.count_nonzero(q64))
     # Every m's exact size for both mappings, from the histograms (alphabets of 2 qmax + 1 and
     # qmax + 1 symbols).
-    z_bits = golomb_length_table(2 * qmax, LARGEST_M) @ np.bincount(zigzag, minlength=2 * qmax + 1)
-    r_bits = golomb_length_table(qmax, LARGEST_M) @ np.bincount(reflected, minlength=qmax + 1) + n_signs
+    # bincount takes the platform's index type: int32 on a 32-bit board (armhf), where an int64
+    # array is refused ("Cannot cast array data from dtype('int64') to dtype('int32')").
+    z_bits = golomb_length_table(2 * qmax, LARGEST_M) @ np.bincount(zigzag.astype(np.intp), minlength=2 * qmax + 1)
+    r_bits = golomb_length_table(qmax, LARGEST_M) @ np.bincount(reflected.astype(np.intp), minlength=qmax + 1) + n_signs
     z_m, r_m = int(np.argmin(z_bits)) + 1, int(np.argmin(r_bits)) + 1
     if z_bits[z_m - 1] <= r_bits[r_m - 1]:
         bits, coding, values = int(z_bits[z_m - 1]), z_m, zigzag

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,12 @@ from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.transport import MqttSession, PayloadTooLarge, parse_broker_url
 
 log = logging.getLogger(__name__)
+
+
+def _log_failure(future: Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        e = future.exception()
+        log.error("the agent's worker thread failed: %s: %s", type(e).__name__, e, exc_info=e)
 
 
 class EdgeAgent:
@@ -140,14 +146,20 @@ class EdgeAgent:
         job = self.device.receive(topic, payload)
         if isinstance(job, Outgoing):  # a task already answered came again: the same update again
             log.info("%s: the task it answered came again; sending the same update again", self.device_id)
-            self._executor.submit(self._publish, job)
+            self._submit(self._publish, job)
         elif isinstance(job, TrainJob):
-            self._executor.submit(self._run, job)
+            self._submit(self._run, job)
         elif isinstance(job, FinalModel):
-            self._executor.submit(self._install_final, job)
+            self._submit(self._install_final, job)
         elif topic == self.device.topics.architecture and self.device.architecture is not None:
             # Trace the training step now, on the training thread, not when the first task is due.
-            self._executor.submit(prepare_trainer, self.trainer, self.device.architecture)
+            self._submit(prepare_trainer, self.trainer, self.device.architecture)
+
+    def _submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the worker thread; whatever it raises is logged with its traceback
+        (an exception left in an unread future vanished: an agent that failed after training said
+        nothing and waited for the next task)."""
+        self._executor.submit(fn, *args).add_done_callback(_log_failure)
 
     def _install_final(self, model: FinalModel) -> None:  # worker thread
         wait_idle = getattr(self.trainer, "wait_idle", None)

@@ -398,3 +398,9 @@ def run_job(session: DeviceSession, job: TrainJob, trainer: Trainer, x: np.ndarr
     except ValueError as e:
         log.error("%s: cannot encode the update for round %d: %s", session.device_id, task.round, e)
         return None
+    except Exception as e:  # a defect in the encoding (seen: NumPy's int32 indices on a 32-bit board)
+        # With its traceback: this is a bug to report, not a property of the data. The aggregator is
+        # told, so its round does not wait for this device until the deadline.
+        log.exception("%s: encoding the update for round %d failed; the aggregator is told", session.device_id,
+                      task.round)
+        return session.failure(job, f"encoding the update failed: {type(e).__name__}: {e}")

@@ -277,3 +277,22 @@ def test_a_failure_text_leaves_the_device_as_one_short_line():
                            job.task.masks, 1 << 20, names=NAMES)
     assert "\n" not in update.error and "\x1b" not in update.error and len(update.error) <= 200
     assert update.error.startswith("Traceback forged: line")
+
+
+def test_an_encoding_defect_is_logged_with_its_traceback_and_the_aggregator_is_told(caplog):
+    """Seen on a 32-bit board: NumPy refused an int64 array where it wanted its int32 index type,
+    the exception left the agent's worker thread unread, and the agent said nothing and waited."""
+    d = device()
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    job = d.receive(TOPICS.task("dev-1"), task_payload())
+
+    def broken_step(outgoing):
+        raise TypeError("Cannot cast array data from dtype('int64') to dtype('int32') according to the rule 'safe'")
+
+    d.update_steps = [broken_step, *d.update_steps]
+    caplog.set_level("INFO")
+    message = run_job(d, job, AddOne(), np.zeros((10, 6)), np.zeros(10))
+    update = decode_update(message.payload, SHAPES, job.task.masks, 1 << 20, names=NAMES)
+    assert update.tensors is None and "TypeError" in update.error and "int32" in update.error
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is not None and "aggregator is told" in errors[0].getMessage()

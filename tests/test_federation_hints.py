@@ -96,3 +96,19 @@ def test_the_agent_names_the_federation_an_aggregator_announces(embedded_broker_
         agent.stop()
         spy.client.publish(other.architecture, b"", qos=1, retain=True).wait_for_publish(5)
         spy.close()
+
+
+def test_whatever_the_agents_worker_thread_raises_is_logged_with_its_traceback(caplog):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedprune.edge_agent.agent import _log_failure
+
+    def fails():
+        raise TypeError("a defect")
+
+    caplog.set_level("INFO")
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(fails).add_done_callback(_log_failure)
+        pool.submit(lambda: None).add_done_callback(_log_failure)  # nothing to say
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "TypeError: a defect" in errors[0].getMessage() and errors[0].exc_info is not None
