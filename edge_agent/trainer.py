@@ -155,10 +155,15 @@ class _FlatTensorCache:
 
     def get(self, arrays: list, flatten: Callable[[], np.ndarray]):
         if self._tensor is None or len(arrays) != len(self._arrays) or \
-                any(a is not b or (a is not None and a.flags.writeable) for a, b in zip(arrays, self._arrays)):
+                any(a is not b or not _read_only(a) for a, b in zip(arrays, self._arrays)):
             self._tensor = tf.convert_to_tensor(flatten())  # Flat: one argument to convert, not one per tensor
             self._arrays = list(arrays)
         return self._tensor
+
+
+def _read_only(a) -> bool:
+    """None, or an array nobody can write to."""
+    return a is None or (isinstance(a, np.ndarray) and not a.flags.writeable)
 
 
 def _task_loader(compiled: _Compiled) -> Callable[..., None]:
