@@ -159,6 +159,16 @@ class MaskLayout:
         integer codes packed; exact for float precisions)."""
         return _section_size(self.shapes, self.counts, precision)
 
+    def check_section_length(self, length: int, precision: "Precision") -> int:
+        """``section_size(precision)``, once ``length`` bytes can be a values-only section at
+        ``precision`` for this layout: at most that (integer codes may be entropy-coded), exactly
+        that for a float precision. CodecError otherwise."""
+        largest = self.section_size(precision)
+        if length > largest or (not precision.coding_bytes and length != largest):
+            raise CodecError(f"values section is {length} bytes, expected {'at most ' if precision.coding_bytes else ''}"
+                             f"{largest} for this mask and {precision.name}")
+        return largest
+
 
 def values_only_size(shapes: Sequence[Sequence[int]], masks: Masks, precision: "Precision | str") -> int:
     """The most bytes ``encode_values_only`` takes for this layout (integer codes packed; exact
@@ -185,10 +195,7 @@ def decode_values_only(
     except ValueError as e:
         raise CodecError(str(e)) from None
     layout = layout or MaskLayout.of(shapes, masks)
-    largest = layout.section_size(p)
-    if len(body) > largest or (not p.coding_bytes and len(body) != largest):  # a float section's size is exact
-        raise CodecError(f"values section is {len(body)} bytes, expected {'at most ' if p.coding_bytes else ''}"
-                         f"{largest} for this mask and {p.name}")
+    layout.check_section_length(len(body), p)
     if out is not None:
         if len(out) != len(layout.shapes):
             raise ValueError(f"out has {len(out)} arrays for {len(layout.shapes)} tensors")
