@@ -1,7 +1,8 @@
 """Golomb coding of arrays of non-negative integers, as whole-array NumPy operations.
 
 Shared by the mask coder (``fedprune.converters.mask_coding``: the gaps between kept positions)
-and the value coder (``fedprune.converters.value_coding``: quantized values); each caller frames
+and the value coder (``fedprune.converters.value_coding``: quantized values), and its fixed-width
+fields by the regrowth reports (``fedprune.converters.gradient_reports``); each caller frames
 the stream (parameter, flag, sign bits, padding) and bounds what it decodes.
 
 Bit layout of ``count`` values with parameter ``m >= 1`` (``q = v // m``, ``r = v % m``,
@@ -23,10 +24,12 @@ import numpy as np
 from fedprune.converters.errors import CodecError
 
 __all__ = [
+    "fixed_width_bits",
     "golomb_bits",
     "golomb_length_table",
     "golomb_shape",
     "golomb_stream",
+    "read_fixed_width",
     "read_golomb",
     "unary_bits",
 ]
@@ -68,7 +71,7 @@ def golomb_length_table(largest_value: int, largest_m: int) -> np.ndarray:
     return table
 
 
-def _bits_msb_first(values: np.ndarray, width: int) -> np.ndarray:
+def fixed_width_bits(values: np.ndarray, width: int) -> np.ndarray:
     """``(len(values) * width,)`` uint8 bits, each value MSB first."""
     if width == 0 or values.size == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -92,18 +95,18 @@ def golomb_stream(values: np.ndarray, m: int) -> np.ndarray:
     if c == 0:
         k = m.bit_length() - 1
         q, r = values >> k, values & (m - 1)
-        parts = [_bits_msb_first(r, w), unary_bits(q)]
+        parts = [fixed_width_bits(r, w), unary_bits(q)]
     else:
         q = values // m
         u = values - q * m
         high = np.flatnonzero(u >= c)
         shifted = u[high] + c
         u[high] = shifted >> 1
-        parts = [_bits_msb_first(u, w), (shifted & 1).astype(np.uint8), unary_bits(q)]
+        parts = [fixed_width_bits(u, w), (shifted & 1).astype(np.uint8), unary_bits(q)]
     return np.concatenate(parts)
 
 
-def _read_fixed(bits: np.ndarray, count: int, width: int) -> np.ndarray:
+def read_fixed_width(bits: np.ndarray, count: int, width: int) -> np.ndarray:
     """``count`` unsigned MSB-first ``width``-bit values from the start of ``bits``."""
     out = np.zeros(count, dtype=np.int64)
     if width == 0:
@@ -128,7 +131,7 @@ def read_golomb(bits: np.ndarray, count: int, m: int, what: str) -> tuple[np.nda
     fixed = count * w
     if fixed > bits.size:
         raise CodecError(f"{what}: {fixed} remainder bits do not fit {bits.size}")
-    r = _read_fixed(bits, count, w)
+    r = read_fixed_width(bits, count, w)
     start = fixed
     if c:
         high = np.flatnonzero(r >= c)

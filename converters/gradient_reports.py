@@ -36,6 +36,7 @@ import numpy as np
 
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import ByteReader, pack_varint
+from fedprune.converters.golomb import fixed_width_bits, read_fixed_width
 from fedprune.converters.mask_coding import decode_mask, encode_mask
 
 __all__ = ["REPORT_BITS", "decode_gradient_report", "encode_gradient_report", "gradient_report_bound"]
@@ -77,21 +78,15 @@ def encode_gradient_report(gradients: Sequence[np.ndarray], reported: Sequence[n
             codes = np.zeros(k, np.uint8)
         method, mask_bytes = encode_mask(flat)
         parts += [bytes([int(method)]), pack_varint(len(mask_bytes)), mask_bytes,
-                  _RANGE.pack(largest, smallest), _pack_codes(codes, bits)]
+                  _RANGE.pack(largest, smallest), np.packbits(fixed_width_bits(codes, bits)).tobytes()]
     return b"".join(parts)
-
-
-def _pack_codes(codes: np.ndarray, bits: int) -> bytes:
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint8)
-    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel()).tobytes()
 
 
 def _unpack_codes(data: memoryview, count: int, bits: int, what: str) -> np.ndarray:
     stream = np.unpackbits(np.frombuffer(data, np.uint8))
     if stream[count * bits:].any():
         raise CodecError(f"{what}: padding bits after the magnitude codes are not zero")
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
-    return stream[: count * bits].reshape(count, bits).astype(np.int64) @ weights
+    return read_fixed_width(stream, count, bits)
 
 
 def decode_gradient_report(body: bytes | memoryview, shapes: Sequence[Sequence[int]],
