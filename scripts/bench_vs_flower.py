@@ -231,8 +231,12 @@ def main() -> int:
                         help="fedprune's device processes (fedprune-simulate --processes; default 1: one process)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    flower_threads = {"share": max(1, (os.cpu_count() or 1) // args.flower_actors), "default": None}.get(
-        args.flower_tf_threads) if args.flower_tf_threads in ("share", "default") else int(args.flower_tf_threads)
+    if args.flower_tf_threads == "share":
+        flower_threads = max(1, (os.cpu_count() or 1) // args.flower_actors)
+    elif args.flower_tf_threads == "default":
+        flower_threads = None
+    else:
+        flower_threads = int(args.flower_tf_threads)
     base = load_task(args.task)
     fed = dataclasses.replace(base.federation, rounds=args.rounds or base.federation.rounds,
                               devices_per_round=args.devices_per_round or base.federation.devices_per_round)
