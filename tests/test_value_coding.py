@@ -102,6 +102,30 @@ def test_any_codes_round_trip_and_never_grow(codes):
     assert used == len(coded) and np.array_equal(out, q)
 
 
+def reference_section(q: np.ndarray, qmax: int, coding: int) -> bytes:
+    """The layout as docs/protocol.md states it, from the generic int64 ``golomb_stream``: what the
+    encoder's uint8 arithmetic must reproduce bit for bit."""
+    q64 = q.astype(np.int64)
+    if coding & REFLECTED:
+        stream = np.concatenate([golomb_stream(qmax - np.abs(q64), coding & 0x7F), (q64[q64 != 0] < 0).astype(np.uint8)])
+    else:
+        stream = golomb_stream(np.where(q64 >= 0, 2 * q64, -2 * q64 - 1), coding)
+    return bytes([coding]) + np.packbits(stream).tobytes()
+
+
+@PROP
+@given(codes=st.lists(st.integers(-127, 127), min_size=1, max_size=300),
+       near_max=st.booleans(), qmax=st.sampled_from([127, 7]))
+def test_coded_sections_are_the_documented_layout(codes, near_max, qmax):
+    q = np.clip(np.array(codes), -qmax, qmax)
+    if near_max:  # the reflected mapping's case: codes crowd near +-qmax
+        q = np.sign(q) * (qmax - np.abs(q) % 3)
+    q = q.astype(np.int8)
+    coded = encode_codes(q, qmax, q.tobytes())
+    if coded[0] != 0:
+        assert coded == reference_section(q, qmax, coded[0])
+
+
 @PROP
 @given(codes=st.lists(st.integers(-7, 7), min_size=1, max_size=300))
 def test_int4_codes_round_trip_through_the_precision(codes):
