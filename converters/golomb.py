@@ -85,7 +85,7 @@ def fixed_width_bits(values: np.ndarray, width: int) -> np.ndarray:
         together = padded[:, 0] << np.uint64(7 * width)
         for j in range(1, 8):
             together |= padded[:, j] << np.uint64((7 - j) * width)
-        big_endian = together.byteswap().view(np.uint8).reshape(groups, 8)[:, 8 - width :]
+        big_endian = together.astype(">u8").view(np.uint8).reshape(groups, 8)[:, 8 - width :]  # any host's order
         return np.unpackbits(big_endian.reshape(-1))[: count * width]
     shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
     return ((values[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
