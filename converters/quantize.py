@@ -142,13 +142,25 @@ class Precision(ABC):
 
         ``ValueError`` for NaN/Inf values, values the precision cannot hold, or bad arguments.
         """
-        v = _prepare(values)
         if stochastic and rng is None:
             raise ValueError("stochastic rounding needs an rng (np.random.Generator)")
+        v, ch, n_channels = self._checked(values, channels, n_channels)
+        return self._encode(v, ch, n_channels, rng if stochastic else None)
+
+    def round_trip(self, values: Any, *, channels: np.ndarray | None = None, n_channels: int = 1) -> np.ndarray:
+        """What decoding ``encode(values, channels=..., n_channels=...)`` gives (round to nearest),
+        bit for bit, without making the section: 1-D float32. Error feedback needs the values a
+        receiver will decode, and an integer section's entropy coding is most of its cost."""
+        v, ch, n_channels = self._checked(values, channels, n_channels)
+        return self._round_trip(v, ch, n_channels)
+
+    def _checked(self, values: Any, channels: np.ndarray | None, n_channels: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """``(values, each value's channel or None, n_channels)`` checked as ``encode`` takes them."""
+        v = _prepare(values)
         n_channels = _nonneg_int(n_channels, "n_channels")
         self.n_scales(v.size, n_channels)  # refuses a layout that cannot exist
         ch = _channel_index(channels, v.size, n_channels, ValueError) if self.per_channel else None
-        return self._encode(v, ch, n_channels, rng if stochastic else None)
+        return v, ch, n_channels
 
     def read(
         self,
@@ -194,10 +206,7 @@ class Precision(ABC):
     ) -> float:
         """Largest ``|decoded - v|`` that encoding ``values`` can give: with round-to-nearest,
         or with stochastic rounding (twice that: up to a whole step instead of half of one)."""
-        v = _prepare(values)
-        n_channels = _nonneg_int(n_channels, "n_channels")
-        self.n_scales(v.size, n_channels)
-        ch = _channel_index(channels, v.size, n_channels, ValueError) if self.per_channel else None
+        v, ch, n_channels = self._checked(values, channels, n_channels)
         bound = self._error_bound(v, ch, n_channels)
         return 2 * bound if stochastic else bound
 
@@ -211,6 +220,11 @@ class Precision(ABC):
                 out: np.ndarray | None) -> tuple[np.ndarray, int]:
         """``(values, bytes used)`` of the section at the start of ``view``, which holds at most
         ``section_size`` bytes; ``CodecError`` for bytes the encoder never writes."""
+
+    def _round_trip(self, v: np.ndarray, ch: np.ndarray | None, n_channels: int) -> np.ndarray:
+        """``round_trip`` of checked values: through the section itself unless a precision knows better."""
+        section = self._encode(v, ch, n_channels, None)
+        return self._decode(memoryview(section), v.size, ch, n_channels, None)[0]
 
     @abstractmethod
     def _error_bound(self, v: np.ndarray, ch: np.ndarray | None, n_channels: int) -> float:
@@ -319,6 +333,18 @@ class SymmetricInt(Precision):
         ``CodecError`` for a code outside ``[-qmax, qmax]`` or bad padding."""
 
     def _encode(self, v, ch, n_channels, rng):
+        codes, scales = self._quantize(v, ch, n_channels, rng)
+        return scales.astype(_SCALE_DTYPE).tobytes() + encode_codes(codes, self.qmax, self._pack(codes))
+
+    def _round_trip(self, v, ch, n_channels):
+        # _decode's arithmetic on the codes and the scales as they travel, without the coding
+        codes, scales = self._quantize(v, ch, n_channels, None)
+        values = codes.astype(np.float32)
+        values *= self._spread(scales.astype(_SCALE_DTYPE).astype(np.float32), ch, v.size)
+        return values
+
+    def _quantize(self, v, ch, n_channels, rng) -> tuple[np.ndarray, np.ndarray]:
+        """``(codes, scales)``: int8 codes in ``[-qmax, qmax]`` and float32 scales."""
         qmax, n = self.qmax, v.size
         scales = _scales_for(self._group_maxabs(np.abs(v), ch, n_channels), qmax)
         safe = np.where(scales == 0, np.float32(1), scales)  # a zero scale means only zeros there
@@ -331,8 +357,7 @@ class SymmetricInt(Precision):
             q = np.divide(v, div, dtype=np.float32)
             np.rint(q, out=q)
         np.clip(q, -qmax, qmax, out=q)
-        codes = q.astype(np.int8)
-        return scales.astype(_SCALE_DTYPE).tobytes() + encode_codes(codes, qmax, self._pack(codes))
+        return q.astype(np.int8), scales
 
     def _decode(self, view, count, ch, n_channels, out):
         n_scales = self.n_scales(count, n_channels)

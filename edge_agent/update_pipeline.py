@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedprune.clipping import clip_to_norm
+from fedprune.converters.codec import round_trip_tensors
 from fedprune.converters.protocol import Architecture, Encoding, TrainTask, Update, decode_update, encode_update
 from fedprune.converters.quantize import precision_named
 from fedprune.error_feedback import ErrorFeedback
@@ -126,9 +127,13 @@ class CompensateErrors:
         outgoing.after_sent.append(lambda payload: self._record(outgoing, compensated, payload))
 
     def _record(self, outgoing: OutgoingUpdate, compensated: list[np.ndarray], payload: bytes) -> None:
-        arch = outgoing.architecture
-        decoded = decode_update(payload, arch.shapes, outgoing.masks, len(payload), names=arch.names)
-        self.error_feedback.record(compensated, decoded.tensors)
+        update = outgoing.update
+        if outgoing.task.stochastic_rounding:  # the draws are spent: read back what was sent
+            arch = outgoing.architecture
+            sent = decode_update(payload, arch.shapes, outgoing.masks, len(payload), names=arch.names).tensors
+        else:  # the same values, bit for bit, without making and decoding the sections again
+            sent = round_trip_tensors(update.tensors, outgoing.masks, update.precision)
+        self.error_feedback.record(compensated, sent)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from fedprune.converters.codec import (
     encode_self_describing,
     encode_values_only,
     n_channels,
+    round_trip_tensors,
     values_only_size,
 )
 from fedprune.converters.errors import CodecError
@@ -132,6 +133,22 @@ def test_values_only_round_trip_with_masks(precision):
     assert encode_values_only(ts, masks, precision.name) == body
     out2 = decode_values_only(memoryview(body), SHAPES, masks, precision.name)
     assert all(np.array_equal(a, b) for a, b in zip(out, out2))
+
+
+@pytest.mark.parametrize("precision", ALL)
+@pytest.mark.parametrize("seed", range(4))
+def test_round_trip_tensors_are_what_decoding_gives_bit_for_bit(precision, seed):
+    masks = example_masks(seed) if seed % 2 else [None] * len(SHAPES)
+    rng = np.random.default_rng(seed)
+    ts = [(rng.standard_t(2, size=s) * 10.0 ** rng.integers(-6, 3)).astype(np.float32) for s in SHAPES]
+    ts[1][:] = 0.0  # an all-zero tensor: a zero scale
+    got = round_trip_tensors(ts, masks, precision)
+    names = [f"t{i}" for i in range(len(ts))]
+    for decoded in (decode_values_only(encode_values_only(ts, masks, precision), SHAPES, masks, precision),
+                    decode_self_describing(encode_self_describing(ts, masks, names, precision)).tensors):
+        for g, d in zip(got, decoded):
+            assert g.dtype == np.float32 and g.shape == d.shape
+            assert np.array_equal(g.view(np.uint32), np.asarray(d, np.float32).view(np.uint32))  # -0.0 too
 
 
 @pytest.mark.parametrize("precision", ALL)

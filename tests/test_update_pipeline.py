@@ -57,18 +57,25 @@ def test_send_weights_where_the_task_asks_for_them_or_the_device_prunes(task_fie
     assert all(np.array_equal(t, e) for t, e in zip(o.update.tensors, expected))
 
 
-def test_compensate_errors_adds_the_residual_and_keeps_what_left_only_after_sending(tmp_path):
+@pytest.mark.parametrize("precision", ["int4", "int8", "int8-channel", "float16"])
+@pytest.mark.parametrize("task_fields", [{}, {"stochastic_rounding": True},
+                                         {"uplink_sparsifier": {"sparsifier": "top_k", "fraction": 0.3, "min_size": 1}}])
+def test_compensate_errors_adds_the_residual_and_keeps_what_left_only_after_sending(tmp_path, precision,
+                                                                                   task_fields):
     feedback = ErrorFeedback(tmp_path / "ef.npz")
     feedback.residual = [np.full((6, 4), 0.01, np.float32), np.full(4, 0.01, np.float32)]
-    o = outgoing()
+    o = outgoing(precision, **task_fields)
     CompensateErrors(feedback)(o)
     assert np.allclose(o.update.tensors[0], DELTA[0] + 0.01 * MASK)  # pruned positions get none
     compensated = o.update.tensors
+    Sparsify()(o)
+    assert (o.update.encoding == Encoding.SELF_DESCRIBING) == ("uplink_sparsifier" in task_fields)
     Encode(np.random.default_rng(0))(o)
     assert not (tmp_path / "ef.npz").exists()  # nothing recorded before it is published
     o.sent()
+    # exactly what the aggregator decodes is taken off (decoded here from the bytes sent)
     decoded = decode_update(o.payload, SHAPES, o.masks, len(o.payload), names=NAMES).tensors
-    assert all(np.allclose(r, c - d) for r, c, d in zip(feedback.residual, compensated, decoded))
+    assert all(np.array_equal(r, c - d) for r, c, d in zip(feedback.residual, compensated, decoded))
     assert (tmp_path / "ef.npz").exists() and np.abs(feedback.residual[0]).max() > 0
 
 
