@@ -22,7 +22,7 @@ from fedprune.aggregator.run_folder import refusal
 from fedprune.aggregator.status_page import StatusPage
 from fedprune.aggregator.strategies import strategy_for_task
 from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_outcome, print_round
-from fedprune.cli_common import setup_logging
+from fedprune.cli_common import setup_logging, take_sigint_as_ctrl_c
 from fedprune.quiet_start import request_quiet_start
 from fedprune.transport import parse_broker_url
 from fedprune.wait_notices import WaitNotices
@@ -38,6 +38,7 @@ log = logging.getLogger("fedprune.aggregator.cli")
 
 def main(argv: list[str] | None = None) -> int:
     request_quiet_start()  # before anything loads TensorFlow
+    take_sigint_as_ctrl_c()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["init-broker"]:
         from fedprune.aggregator.broker_setup import main as init_broker_main

@@ -23,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-from fedprune.cli_common import setup_logging
+from fedprune.cli_common import setup_logging, take_sigint_as_ctrl_c
 from fedprune.quiet_start import request_quiet_start
 from fedprune.wait_notices import WaitNotices
 
@@ -34,6 +34,7 @@ COMMANDS = ("run", "predict", "model")
 
 def main(argv: list[str] | None = None) -> int:
     request_quiet_start()  # before anything loads TensorFlow
+    take_sigint_as_ctrl_c()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "run")  # `fedprune-agent --broker ...` as before subcommands existed

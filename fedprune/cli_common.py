@@ -20,6 +20,21 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+def take_sigint_as_ctrl_c() -> None:
+    """SIGINT raises KeyboardInterrupt even in a tool started with SIGINT ignored. A shell script's
+    background jobs (``cmd &``) start that way.
+
+    Without this, ``kill -INT`` does nothing there where it should stop the run cleanly (status
+    130). The simulator's watch over its device processes interrupts the run with that same
+    signal, so a dead device process would leave the run waiting for its round's deadline.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def load_task_or_exit(path: str, check: Callable[[Any], object] | None = None):
     """The task file, or a one-line error naming the key and exit status 2. ``check(task)`` may
     raise ``TaskError`` too: what only a higher layer can check (a strategy's registered name)."""

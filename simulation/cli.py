@@ -228,12 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     from fedprune.aggregator.run_folder import interrupted, refusal
     from fedprune.aggregator.strategies import strategy_for_task
     from fedprune.cli_common import add_logging_args, default_run_dir, load_task_or_exit, print_outcome, print_round
-    from fedprune.cli_common import setup_logging
+    from fedprune.cli_common import setup_logging, take_sigint_as_ctrl_c
     from fedprune.simulation.progress import log_console
     from fedprune.quiet_start import request_quiet_start
     from fedprune.simulation.fleet import parse_id_range
 
     request_quiet_start()  # before anything loads TensorFlow
+    take_sigint_as_ctrl_c()  # the watch over the device processes stops the run with SIGINT
 
     parser = argparse.ArgumentParser(prog="fedprune-simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True, help="task file (TOML)")

@@ -51,13 +51,17 @@ uplink_precision = "int8"
 """
 
 
-def _simulate(tmp_path: Path, *args: str, per_round: int = 20, round_timeout_s: int = 120) -> subprocess.Popen:
+def _simulate(tmp_path: Path, *args: str, per_round: int = 20, round_timeout_s: int = 120,
+              sigint_ignored: bool = False) -> subprocess.Popen:
+    """``sigint_ignored``: started as a shell script's background job is (``fedprune-simulate ... &``)."""
     task = tmp_path / "task.toml"
     task.write_text(TASK.format(per_round=per_round, round_timeout_s=round_timeout_s))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "fedprune.simulation.cli", "--task", str(task), "--no-progress",
                              "--run-dir", str(tmp_path / "run"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=ignore)
 
 
 # --- fast: the parts ---------------------------------------------------------------------------
@@ -141,11 +145,13 @@ def test_two_device_processes_and_the_aggregator_account_for_every_update(tmp_pa
 
 
 @needs_mosquitto
-def test_a_device_process_that_dies_stops_the_run_and_is_named(tmp_path):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["foreground", "background-job"])
+def test_a_device_process_that_dies_stops_the_run_and_is_named(tmp_path, sigint_ignored):
     # One device per round more than the fleet holds: the first round waits for devices until one
-    # of the device processes is killed.
+    # of the device processes is killed. The run stops through SIGINT, which a background job of
+    # a shell script starts with ignored (it hung there until the round's deadline).
     proc = _simulate(tmp_path, "--devices", "8", "--processes", "2", "--broker", "mosquitto", per_round=8,
-                     round_timeout_s=300)
+                     round_timeout_s=300, sigint_ignored=sigint_ignored)
     log = tmp_path / "run" / "devices-1.log"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "running devices" not in (log.read_text() if log.exists() else ""):
