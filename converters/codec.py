@@ -128,7 +128,7 @@ def round_trip_tensors(tensors: Sequence[np.ndarray], masks: Masks, precision: "
     """What a receiver decodes from ``tensors`` encoded under ``masks`` at ``precision`` (round to
     nearest; values-only or self-describing alike), bit for bit, without encoding them: float32,
     exact zeros at the masked-out positions. A device's error feedback needs these values, and
-    making and decoding the integer sections again cost a tenth of a simulated device's CPU."""
+    making and decoding the integer sections again took a tenth of a simulated device's Python time."""
     p = precision_named(precision)
     return [_scatter(shape, positions, p.round_trip(kept, channels=channels, n_channels=c))
             for shape, positions, kept, channels, c in _kept_by_tensor(tensors, masks, p)]
