@@ -154,7 +154,8 @@ class Precision(ABC):
         v, ch, n_channels = self._checked(values, channels, n_channels)
         return self._round_trip(v, ch, n_channels)
 
-    def _checked(self, values: Any, channels: np.ndarray | None, n_channels: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    def _checked(self, values: Any, channels: np.ndarray | None,
+                 n_channels: int) -> tuple[np.ndarray, np.ndarray | None, int]:
         """``(values, each value's channel or None, n_channels)`` checked as ``encode`` takes them."""
         v = _prepare(values)
         n_channels = _nonneg_int(n_channels, "n_channels")

@@ -60,8 +60,8 @@ def test_send_weights_where_the_task_asks_for_them_or_the_device_prunes(task_fie
 @pytest.mark.parametrize("precision", ["int4", "int8", "int8-channel", "float16"])
 @pytest.mark.parametrize("task_fields", [{}, {"stochastic_rounding": True},
                                          {"uplink_sparsifier": {"sparsifier": "top_k", "fraction": 0.3, "min_size": 1}}])
-def test_compensate_errors_adds_the_residual_and_keeps_what_left_only_after_sending(tmp_path, precision,
-                                                                                   task_fields):
+def test_compensate_errors_adds_the_residual_and_keeps_what_left_only_after_sending(
+        tmp_path, precision, task_fields):
     feedback = ErrorFeedback(tmp_path / "ef.npz")
     feedback.residual = [np.full((6, 4), 0.01, np.float32), np.full(4, 0.01, np.float32)]
     o = outgoing(precision, **task_fields)

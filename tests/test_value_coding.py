@@ -107,7 +107,8 @@ def reference_section(q: np.ndarray, qmax: int, coding: int) -> bytes:
     encoder's uint8 arithmetic must reproduce bit for bit."""
     q64 = q.astype(np.int64)
     if coding & REFLECTED:
-        stream = np.concatenate([golomb_stream(qmax - np.abs(q64), coding & 0x7F), (q64[q64 != 0] < 0).astype(np.uint8)])
+        signs = (q64[q64 != 0] < 0).astype(np.uint8)
+        stream = np.concatenate([golomb_stream(qmax - np.abs(q64), coding & 0x7F), signs])
     else:
         stream = golomb_stream(np.where(q64 >= 0, 2 * q64, -2 * q64 - 1), coding)
     return bytes([coding]) + np.packbits(stream).tobytes()
