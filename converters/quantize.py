@@ -338,10 +338,15 @@ class SymmetricInt(Precision):
         return scales.astype(_SCALE_DTYPE).tobytes() + encode_codes(codes, self.qmax, self._pack(codes))
 
     def _round_trip(self, v, ch, n_channels):
-        # _decode's arithmetic on the codes and the scales as they travel, without the coding
+        # the codes and the scales as they travel, without the coding
         codes, scales = self._quantize(v, ch, n_channels, None)
-        values = codes.astype(np.float32)
-        values *= self._spread(scales.astype(_SCALE_DTYPE).astype(np.float32), ch, v.size)
+        return self._values(codes, scales.astype(_SCALE_DTYPE).astype(np.float32), ch, None)
+
+    def _values(self, codes: np.ndarray, scales: np.ndarray, ch: np.ndarray | None,
+                out: np.ndarray | None) -> np.ndarray:
+        """The float32 values of ``codes`` at ``scales``, new or in ``out``: what a receiver decodes."""
+        values = _into(codes, out)
+        values *= self._spread(scales, ch, codes.size)
         return values
 
     def _quantize(self, v, ch, n_channels, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -375,9 +380,7 @@ class SymmetricInt(Precision):
         codes, used = decode_codes(np.frombuffer(view, dtype=np.uint8, offset=4 * n_scales), count, self.qmax,
                                    (count * self.bits + 7) // 8, lambda packed: self._unpack(packed, count),
                                    f"{self.name} section of {count} values")
-        values = _into(codes, out)
-        values *= self._spread(scales, ch, count)
-        return values, 4 * n_scales + used
+        return self._values(codes, scales, ch, out), 4 * n_scales + used
 
     def _error_bound(self, v, ch, n_channels):
         # scale / 2, plus a hair for float32 rounding in the division and the decode product

@@ -33,31 +33,13 @@ from typing import Callable
 import numpy as np
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.golomb import fixed_width_bits, golomb_length_table, golomb_shape, read_golomb, unary_bits
+from fedprune.converters.golomb import golomb_length_table, golomb_stream, read_golomb
 
 __all__ = ["LARGEST_M", "PACKED", "REFLECTED", "decode_codes", "encode_codes"]
 
 PACKED = 0
 REFLECTED = 0x80  # bit of the coding byte: the reflected mapping; the low 7 bits are m
 LARGEST_M = 0x7F
-
-
-def _golomb_stream_small(values: np.ndarray, m: int) -> np.ndarray:
-    """``golomb_stream(values, m)`` for uint8 values below 255, in uint8 arithmetic: the same bits,
-    several times faster than in int64 (NumPy divides small integers by a constant in SIMD)."""
-    w, c, _ = golomb_shape(m)
-    quotient = values // m
-    u = values - quotient * m
-    if c:
-        high = u >= c
-        shifted = u + c  # below 2 m <= 254
-        # np.where and boolean indexing are ten and four times slower than these on uint8
-        pick = np.uint8(0) - high.view(np.uint8)  # 0xFF where high
-        parts = [fixed_width_bits(u ^ ((u ^ (shifted >> 1)) & pick), w), np.compress(high, shifted & 1)]
-    else:
-        parts = [fixed_width_bits(u, w)]
-    parts.append(unary_bits(quotient.astype(np.intp)))
-    return np.concatenate(parts)
 
 
 def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
@@ -86,10 +68,10 @@ def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
         return bytes([PACKED]) + packed
     q = q.astype(np.int8, copy=False)
     if coding & REFLECTED:
-        stream = _golomb_stream_small((qmax - np.abs(q)).view(np.uint8), r_m)
+        stream = golomb_stream((qmax - np.abs(q)).view(np.uint8), r_m)
         stream = np.concatenate([stream, (q[q != 0] < 0).view(np.uint8)])
     else:  # zigzag in uint8: 2q, or -2q - 1 for q < 0 (q >> 7 is all ones then)
-        stream = _golomb_stream_small((q.view(np.uint8) << 1) ^ (q >> 7).view(np.uint8), z_m)
+        stream = golomb_stream((q.view(np.uint8) << 1) ^ (q >> 7).view(np.uint8), z_m)
     return bytes([coding]) + np.packbits(stream).tobytes()
 
 
