@@ -58,7 +58,7 @@ from enum import IntEnum
 import numpy as np
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.golomb import golomb_bits, golomb_stream, read_golomb, unary_bits
+from fedprune.converters.golomb import golomb_bits, golomb_packed, read_golomb, unary_bits
 
 __all__ = [
     "MAX_POSITIONS",
@@ -249,9 +249,9 @@ def _encode_with(
     if method is MaskMethod.INDEX_LIST:
         return bytes([flag]) + pos.astype(f"<u{_index_width(flat.size)}").tobytes()
     if method is MaskMethod.RICE_GAPS:
-        return bytes([param | flag << 7]) + np.packbits(golomb_stream(gaps, 1 << param)).tobytes()
+        return bytes([param | flag << 7]) + golomb_packed(gaps, 1 << param)
     if method is MaskMethod.GOLOMB_GAPS:
-        return (param | flag << 31).to_bytes(4, "little") + np.packbits(golomb_stream(gaps, param)).tobytes()
+        return (param | flag << 31).to_bytes(4, "little") + golomb_packed(gaps, param)
     if method is MaskMethod.ELIAS_GAMMA_GAPS:
         return _encode_gamma(gaps, flag)
     raise ValueError(f"{method.name} is not encoded through _encode_with")

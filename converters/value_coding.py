@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.golomb import golomb_length_table, golomb_stream, read_golomb
+from fedprune.converters.golomb import golomb_length_table, golomb_packed, read_golomb
 
 __all__ = ["LARGEST_M", "PACKED", "REFLECTED", "decode_codes", "encode_codes"]
 
@@ -48,9 +48,10 @@ def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
     if q.size == 0:
         return bytes([PACKED]) + packed
     # One histogram of the codes gives both mappings' (each relabels the alphabet), and from them
-    # every m's exact size under each. bincount takes the platform's index type: int32 on a 32-bit
-    # board (armhf), where an int64 array is refused.
-    by_code = np.bincount(q.astype(np.intp) + qmax, minlength=2 * qmax + 1)  # by q + qmax
+    # every m's exact size under each.
+    q = np.ascontiguousarray(q, dtype=np.int8)
+    by_byte = np.bincount(q.view(np.uint8), minlength=256)  # by q's two's-complement byte
+    by_code = np.concatenate([by_byte[256 - qmax :], by_byte[: qmax + 1]])  # by q + qmax
     alphabet = np.arange(-qmax, qmax + 1)
     z_hist = np.zeros(2 * qmax + 1, dtype=np.int64)
     z_hist[np.where(alphabet >= 0, 2 * alphabet, -2 * alphabet - 1)] = by_code  # zigzag is one-to-one
@@ -66,13 +67,11 @@ def encode_codes(q: np.ndarray, qmax: int, packed: bytes) -> bytes:
         bits, coding = int(r_bits[r_m - 1]), REFLECTED | r_m
     if (bits + 7) // 8 >= len(packed):
         return bytes([PACKED]) + packed
-    q = q.astype(np.int8, copy=False)
     if coding & REFLECTED:
-        stream = golomb_stream((qmax - np.abs(q)).view(np.uint8), r_m)
-        stream = np.concatenate([stream, (q[q != 0] < 0).view(np.uint8)])
-    else:  # zigzag in uint8: 2q, or -2q - 1 for q < 0 (q >> 7 is all ones then)
-        stream = golomb_stream((q.view(np.uint8) << 1) ^ (q >> 7).view(np.uint8), z_m)
-    return bytes([coding]) + np.packbits(stream).tobytes()
+        return bytes([coding]) + golomb_packed((qmax - np.abs(q)).view(np.uint8), r_m,
+                                               trailer=(q[q != 0] < 0).view(np.uint8))
+    # zigzag in uint8: 2q, or -2q - 1 for q < 0 (q >> 7 is all ones then)
+    return bytes([coding]) + golomb_packed((q.view(np.uint8) << 1) ^ (q >> 7).view(np.uint8), z_m)
 
 
 def decode_codes(
@@ -102,7 +101,9 @@ def decode_codes(
     largest = qmax if coding & REFLECTED else 2 * qmax
     if int(quotients.max()) > largest // m:  # checked before multiplying
         raise CodecError(f"{what}: a code beyond {largest}")
-    values = quotients * m + remainders
+    values = quotients.astype(np.int16)  # below 255 once checked: int16 and uint8 from here, not int64
+    values *= m
+    values += remainders
     if int(values.max()) > largest:
         raise CodecError(f"{what}: a code beyond {largest}")
     if coding & REFLECTED:
@@ -119,8 +120,9 @@ def decode_codes(
         codes ^= flip
         codes -= flip
         used += n_signs
-    else:
-        codes = ((values >> 1) ^ -(values & 1)).astype(np.int8)
+    else:  # zigzag back in uint8: z >> 1, all bits flipped for odd z
+        z = values.astype(np.uint8)
+        codes = ((z >> 1) ^ (np.uint8(0) - (z & 1))).view(np.int8)
     nbytes = (used + 7) // 8
     if bits[used : 8 * nbytes].any():
         raise CodecError(f"{what}: nonzero padding bits")
