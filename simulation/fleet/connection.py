@@ -7,11 +7,13 @@ drives paho from the asyncio event loop (epoll), so one process holds a thousand
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from types import TracebackType
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from fedprune.converters.chunking import Reassembler, chunk_source, is_chunk, split_message
 from fedprune.converters.errors import CodecError
@@ -20,6 +22,18 @@ from fedprune.transport import PayloadTooLarge, parse_broker_url
 log = logging.getLogger(__name__)
 
 MqttError = aiomqtt.MqttError
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client with paho's housekeeping (``loop_misc``: keep-alive pings, their timeout)
+    every ``keepalive / 6`` seconds instead of every second. aiomqtt runs one such timer per
+    connection: 5,000 idle connections took 5.4 % of a core for it, 0.5 % at 10 s. A ping is then
+    at most ``keepalive / 6`` late, well inside the broker's ``1.5 * keepalive``."""
+
+    async def _misc_loop(self) -> None:  # aiomqtt's, with the period changed
+        period = max(1.0, self._client.keepalive / 6)
+        while self._client.loop_misc() == mqtt.MQTT_ERR_SUCCESS:
+            await asyncio.sleep(period)
 
 
 class AsyncConnection:
@@ -52,7 +66,7 @@ class AsyncConnection:
     async def __aenter__(self) -> "AsyncConnection":
         will = aiomqtt.Will(self.will[0], self.will[1], qos=1, retain=self.will[2]) if self.will else None
         tls = aiomqtt.TLSParameters() if self.address.tls else None
-        client = aiomqtt.Client(
+        client = _Client(
             self.address.host, self.address.port, identifier=self.client_id,
             username=self.address.username, password=self.address.password,
             protocol=aiomqtt.ProtocolVersion.V311, clean_session=True, will=will,
