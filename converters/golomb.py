@@ -101,16 +101,12 @@ def _fixed_width_bytes(values: np.ndarray, width: int) -> np.ndarray:
 
 def unary_bits(q: np.ndarray) -> np.ndarray:
     """``q_i`` zeros then a one, for each ``q_i`` (non-negative integers), as uint8 bits."""
-    if q.size == 0:
-        return np.zeros(0, dtype=np.uint8)
-    length = int(np.sum(q, dtype=np.int64)) + q.size
-    # The one of value i is at sum(q[:i + 1]) + i. Positions in int32 where they fit (always, for
-    # the value coder): a quarter of int64's memory traffic, and no int64 copy of a uint8 q.
-    index = np.int32 if length <= np.iinfo(np.int32).max else np.int64
-    ends = np.cumsum(q, dtype=index)
-    ends += np.arange(q.size, dtype=index)
-    bits = np.zeros(length, dtype=bool)  # bool: the scatter is 40 % faster
-    bits[ends] = True
+    ends = q.astype(np.intp)  # the one of value i ends sum(q[:i + 1] + 1) - 1; summed in place
+    ends += 1
+    np.cumsum(ends, out=ends)
+    ends -= 1
+    bits = np.zeros(int(ends[-1]) + 1 if ends.size else 0, dtype=bool)  # bool: the scatter is 40 % faster
+    bits[ends] = True  # intp indices: NumPy would convert any other type first
     return bits.view(np.uint8)
 
 
