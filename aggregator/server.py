@@ -96,7 +96,7 @@ class Aggregator:
         self.model_files = DeviceModelFiles(self.channel.publisher, self.topics, self.selection,
                                             task.training.batch_size)
         self.workers = worker_pool(workers, broker_url, task, self.strategy, self.architecture)
-        self.fleet_size: int | None = None  # a simulation's devices: round 1 waits for all of them (reproducible)
+        self.fleet_size: int | None = None  # a simulation's devices that connect: round 1 waits for them all (reproducible)
 
     @property
     def verify_key(self) -> VerifyKey:

@@ -105,6 +105,7 @@ def run_simulation(
     from fedprune.aggregator.server import Aggregator
     from fedprune.aggregator.status_page import StatusPage
     from fedprune.data import load_dataset
+    from fedprune.simulation.fleet import online_by_profile
 
     if aggregator_workers and broker_url in (None, "embedded"):
         raise ValueError("aggregation workers need a broker with shared subscriptions ($share), such as Mosquitto 2; "
@@ -116,7 +117,9 @@ def run_simulation(
         # connection file.
         aggregator = Aggregator(task, ds, broker_url, run_dir, on_round=on_round, on_update=on_update,
                                 export_tflite=export_tflite, resume=resume, workers=aggregator_workers)
-        aggregator.fleet_size = num_devices
+        # Round 1 waits for every device that connects at all: not for those offline by their
+        # profile (`availability`), which would hold it until federation.wait_for_devices_s.
+        aggregator.fleet_size = online_by_profile(task.simulation, num_devices, task.seed)
         if status_at is not None:
             page = stack.enter_context(StatusPage(aggregator.status.snapshot, *status_at))
             print(f"status page: {page.url}", flush=True)

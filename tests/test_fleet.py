@@ -5,6 +5,7 @@ device-id ranges across processes, and the report."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -154,3 +155,20 @@ def test_two_processes_with_device_id_ranges_form_one_federation(mosquitto_url, 
     assert [(r.reported, r.lost) for r in result.rounds] == [(16, 0), (16, 0)]
     mine = json.loads((tmp_path / "run" / "fleet.json").read_text())
     assert mine["devices"] == 8 and mine["updates_sent"] == 16
+
+
+def test_round_one_does_not_wait_for_devices_offline_by_their_profile(embedded_broker_url, tmp_path, caplog):
+    """A tier with ``availability`` below 1 leaves some devices unconnected for the whole run: the
+    simulation's aggregator must start round 1 once the others are in, not hold it until
+    ``wait_for_devices_s`` (the README's fleet command waited 300 s for 39 such devices)."""
+    from fedprune.simulation.fleet import online_by_profile
+
+    task = fleet_task(federation={"rounds": 1, "devices_per_round": 3, "min_devices": 3, "wait_for_devices_s": 30},
+                      pruning={"final_sparsity": 0.0},
+                      simulation={"profiles": [{"name": "sometimes", "availability": 0.5}]})
+    online = online_by_profile(task.simulation, 8, task.seed)
+    assert 3 <= online < 8  # the seed leaves some of the fleet offline, and enough online
+    with caplog.at_level(logging.WARNING, logger="fedprune.aggregator.registry"):
+        result = run_simulation(task, 8, tmp_path / "run", broker_url=embedded_broker_url, export_tflite=False)
+    assert not [r for r in caplog.records if "devices online after" in r.getMessage()]
+    assert result.rounds[0].reported == 3

@@ -10,7 +10,7 @@
 - ``runner``: many devices on one event loop, started and stopped together.
 """
 
-from fedprune.simulation.fleet.profiles import DeviceBehaviour, draw_behaviours, parse_id_range
+from fedprune.simulation.fleet.profiles import DeviceBehaviour, draw_behaviours, online_by_profile, parse_id_range
 from fedprune.simulation.fleet.runner import Fleet, device_id
 
-__all__ = ["DeviceBehaviour", "Fleet", "device_id", "draw_behaviours", "parse_id_range"]
+__all__ = ["DeviceBehaviour", "Fleet", "device_id", "draw_behaviours", "online_by_profile", "parse_id_range"]

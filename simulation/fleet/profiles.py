@@ -64,6 +64,12 @@ def draw_behaviours(section: SimulationSection, indices: range | list[int], seed
     return out
 
 
+def online_by_profile(section: SimulationSection, num_devices: int, seed: int) -> int:
+    """How many of a ``num_devices`` fleet connect at all (``DeviceBehaviour.online``), whichever
+    process simulates each: what the aggregator of a simulation waits for before round 1."""
+    return sum(b.online for b in draw_behaviours(section, range(num_devices), seed))
+
+
 def parse_id_range(text: str, num_devices: int) -> range:
     """``"0-499"`` (inclusive) or ``"7"`` into a range of device indices below ``num_devices``."""
     try:
