@@ -120,8 +120,7 @@ def golomb_stream(values: np.ndarray, m: int) -> np.ndarray:
 def golomb_packed(values: np.ndarray, m: int, trailer: np.ndarray | None = None) -> bytes:
     """``np.packbits`` of ``golomb_stream(values, m)`` followed by the bits ``trailer`` (uint8
     0/1: the value coder's signs), zero-padded to a whole byte. The remainder fields, most of the
-    stream, go to bytes directly: making them bits only to pack them again took a third of the
-    time of coding a dense int8 update."""
+    stream, go to bytes directly instead of becoming bits only to be packed again."""
     fields, w, rest = _golomb_parts(values, m)
     if trailer is not None:
         rest.append(trailer)
@@ -160,7 +159,7 @@ def read_fixed_width(bits: np.ndarray, count: int, width: int) -> np.ndarray:
 def _read_fields(bits: np.ndarray, count: int, width: int) -> np.ndarray:
     """``read_fixed_width``'s values, as uint8 for ``width <= 8``, else int64. Narrower fields are
     packed back into bytes and cut out of big-endian uint64 words, eight fields (``width`` bytes)
-    a word: the inverse of ``fixed_width_bits``, a third of the time of gathering bit planes."""
+    a word (the inverse of ``fixed_width_bits``), not gathered bit plane by bit plane."""
     if width == 8:
         return np.packbits(bits[: count * 8])
     if width == 0 or count == 0:
