@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedprune.converters.errors import CodecError
-from fedprune.converters.golomb import golomb_bits, golomb_length_table, golomb_stream, read_golomb
+from fedprune.converters.golomb import golomb_bits, golomb_length_table, golomb_packed, golomb_stream, read_golomb
 from fedprune.converters.quantize import Int4, Int8, Int8PerChannel, decode_values, encode_values
 from fedprune.converters.value_coding import REFLECTED, decode_codes, encode_codes
 
@@ -211,6 +211,24 @@ def test_golomb_reader_bounds_and_layout():
         assert used == bits.size and np.array_equal(q * m + r, v)
     with pytest.raises(CodecError, match="remainder bits"):
         read_golomb(np.zeros(3, np.uint8), 4, 16, "t")
+
+
+def test_the_packed_stream_is_the_bit_stream_packed_and_reads_back():
+    """``golomb_packed`` writes the remainder fields straight to bytes; whatever the field width
+    (0 for m = 1, 8 and over, and counts that end mid-byte), its bytes are the bit stream's, with
+    the trailer after it, and ``read_golomb`` gives the values back."""
+    rng = np.random.default_rng(3)
+    for m in (1, 2, 3, 5, 63, 64, 127, 255, 256, 300, 1000):
+        for count in (1, 7, 8, 9, 100, 1001):
+            v = rng.geometric(1 / (m + 1), count) - 1
+            trailer = rng.integers(0, 2, count % 5).astype(np.uint8)
+            for values in (v.astype(np.int64), v.astype(np.uint8)) if v.max() < 2 * m <= 255 else (v.astype(np.int64),):
+                bits = golomb_stream(values.copy(), m)
+                expected = np.packbits(np.concatenate([bits, trailer])).tobytes()
+                assert golomb_packed(values, m, trailer=trailer) == expected, (m, count, values.dtype)
+                assert golomb_packed(values, m) == np.packbits(bits).tobytes()
+                q, r, used = read_golomb(np.unpackbits(np.frombuffer(expected, np.uint8)), count, m, "t")
+                assert used == bits.size and np.array_equal(q * m + r, v)
 
 
 def test_a_section_is_refused_when_longer_than_packed():
