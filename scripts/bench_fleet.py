@@ -277,12 +277,19 @@ class _TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            total, names = 0, {}
             for pid in _process_tree(self.root):
                 try:
                     now, peak = _rss_kb(pid), _rss_kb(pid, peak=True)
-                    name = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-                except (RuntimeError, OSError):
+                    names[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                    ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (RuntimeError, OSError, IndexError, ValueError):
+                    continue
+                name = names[pid]
+                if names.get(ppid) == name:
+                    # A fork that has not yet exec'd (a library running `uname -p` at start): its
+                    # pages are its parent's, counted there. Seen once at a device process's
+                    # 564 MB, which the sum of peaks took in full.
                     continue
                 total += now
                 self.peaks[pid] = (name, max(peak, self.peaks.get(pid, ("", 0))[1]))
