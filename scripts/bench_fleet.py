@@ -242,21 +242,22 @@ def _print_round(r) -> None:
 
 # --- scale through `fedprune-simulate --processes P` (issue 17) -------------------------------------
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process below it (children, Mosquitto, the device processes)."""
-    parents: dict[int, list[int]] = {}
+def _process_tree(root: int) -> dict[int, int]:
+    """``root`` and every process below it (children, Mosquitto, the device processes), each with
+    its parent's pid; a parent comes before its children."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-            parents.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = {}, [(root, 0)]
     while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += parents.get(pid, [])
+        pid, ppid = todo.pop()
+        tree[pid] = ppid
+        todo += [(child, pid) for child in children.get(pid, [])]
     return tree
 
 
@@ -278,12 +279,11 @@ class _TreeMemory:
     def _run(self) -> None:
         while not self._stop.is_set():
             total, names = 0, {}
-            for pid in _process_tree(self.root):
+            for pid, ppid in _process_tree(self.root).items():
                 try:
                     now, peak = _rss_kb(pid), _rss_kb(pid, peak=True)
                     names[pid] = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
-                    ppid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (RuntimeError, OSError, IndexError, ValueError):
+                except (RuntimeError, OSError):
                     continue
                 name = names[pid]
                 if names.get(ppid) == name:
