@@ -11,6 +11,10 @@ float32, as TensorBoard stores scalars); ``SCALARS`` is the table, and tests rea
 with TensorBoard's own event reader. A value that is not a number (the devices' training loss
 under DP) is left out. A round's events are written after its checkpoint: a run resumed after a
 crash between the two lacks that round's point, never holds it twice.
+
+A round's scalars go out as one ``Summary`` of all its values (``write_raw_pb``), one event: a
+``tf.summary.write`` per scalar was 25 eager operations, 2.9 ms of the aggregator's time after
+every round, while the devices wait for the next (issue 17, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -63,23 +67,27 @@ class TensorBoardLog:
     """``with TensorBoardLog(run_dir) as tb: tb.write(record)`` for each completed round."""
 
     def __init__(self, run_dir: Path) -> None:
-        from tensorflow.core.framework import summary_pb2
+        from tensorflow.core.framework import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
         from fedprune.keras_setup import tf
 
-        self._tf = tf
+        self._tf, self._summary_pb2 = tf, summary_pb2
         self._writer = tf.summary.create_file_writer(str(run_dir))
         # What tensorboard.plugins.scalar.metadata.create_summary_metadata makes (ScalarPluginData
         # version 0 serializes to no bytes).
         self._metadata = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars", content=b""),
             data_class=summary_pb2.DATA_CLASS_SCALAR)
+        # A scalar as tf.summary.write stores it: a rank-0 float32 tensor.
+        self._scalar = lambda value: tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[value])
 
     def write(self, record: RoundRecord) -> None:
-        tf = self._tf
+        summary = self._summary_pb2.Summary(value=[
+            self._summary_pb2.Summary.Value(tag=tag, tensor=self._scalar(value), metadata=self._metadata)
+            for tag, value in scalars_of(record).items()])
         with self._writer.as_default():
-            for tag, value in scalars_of(record).items():
-                tf.summary.write(tag, tf.constant(value, tf.float32), step=record.round, metadata=self._metadata)
+            self._tf.summary.experimental.write_raw_pb(summary.SerializeToString(), step=record.round)
         self._writer.flush()  # a run watched live shows each round as it completes
 
     def close(self) -> None:
