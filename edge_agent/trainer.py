@@ -67,8 +67,7 @@ class _Compiled:
     kernels: dict[int, tuple[tf.Variable, tf.Variable]]
     schedules: dict[int, TaskSchedule]  # weight index of each prunable kernel -> its wrapper's schedule
     optimizer_name: str = ""
-    epoch: Callable[..., dict] | None = None  # the traced local epoch (``_epoch_function``), once needed
-    reset_metrics: Callable[[], None] | None = None  # the metrics' reset, traced once they are built
+    epoch: Callable[..., tuple] | None = None  # the traced local epoch (``_epoch_function``), once needed
     probes: dict = field(default_factory=dict)  # BatchNormalization layer -> the sub-model giving its input
     random_layers: bool = False  # whether the training step draws from TensorFlow's generators
     load: Callable[..., None] | None = None  # the traced task loader (``_task_loader``), once needed
@@ -113,7 +112,7 @@ def _use_optimizer(compiled: _Compiled, name: str, learning_rate: float) -> bool
         metrics=["accuracy"],
     )
     compiled.optimizer_name = name
-    compiled.epoch = compiled.load = compiled.reset_metrics = None  # traced against the old optimizer
+    compiled.epoch = compiled.load = None  # traced against the old optimizer
     return True
 
 
@@ -264,16 +263,18 @@ class KerasTrainer:
                 raise TrainingError(f"the mask covers weight tensors {unknown} that are not prunable kernels")
             _load_task(compiled, task)
             settings = task.training
-            logs, last_epoch_s = _fit(compiled, x, y, epochs=settings.local_epochs, batch_size=settings.batch_size)
-            if self.recalibrate_batchnorm:
-                recalibrate_batchnorm(compiled.model, np.asarray(x, np.float32), compiled.probes)
+            logs, last_epoch_s, trained = _fit(compiled, x, y, epochs=settings.local_epochs,
+                                               batch_size=settings.batch_size)
+            if self.recalibrate_batchnorm and recalibrate_batchnorm(
+                    compiled.model, np.asarray(x, np.float32), compiled.probes):
+                trained = None  # the moving statistics changed since the last epoch read the weights
             masks = list(task.masks)
             if task.device_sparsity is not None:
                 for idx, (_, mask_var) in compiled.kernels.items():
                     if masks[idx] is not None:
                         masks[idx] = mask_var.numpy().astype(bool)
-            new = apply_masks(get_layer_weights(compiled.model), masks)
-            delta = [n.astype(np.float32) - w.astype(np.float32) for n, w in zip(new, task.weights)]
+            new = apply_masks(get_layer_weights(compiled.model) if trained is None else trained, masks)
+            delta = [np.subtract(n, w, dtype=np.float32) for n, w in zip(new, task.weights)]
             metrics = {
                 "loss": logs["loss"],
                 "accuracy": logs["accuracy"],
@@ -292,9 +293,12 @@ class KerasTrainer:
         return self._cache[architecture.digest]
 
 
-def _fit(compiled: _Compiled, x: np.ndarray, y: np.ndarray, epochs: int, batch_size: int) -> tuple[dict, float]:
+def _fit(compiled: _Compiled, x: np.ndarray, y: np.ndarray, epochs: int,
+         batch_size: int) -> tuple[dict, float, list[np.ndarray] | None]:
     """``epochs`` shuffled passes over ``(x, y)``, each one traced call that runs the model's
-    training step batch by batch; returns the last epoch's mean loss and accuracy, and its seconds.
+    training step batch by batch; returns the last epoch's mean loss and accuracy, its seconds, and
+    the weights after it (as ``get_layer_weights`` lists them; None for a model whose weights are
+    not all float32, which ``get_layer_weights`` then reads).
 
     What ``model.fit`` does for in-memory data, without its per-call set-up (a tf.data pipeline,
     its traced map functions, callbacks): on a shard of a few dozen samples that set-up cost more
@@ -307,31 +311,44 @@ def _fit(compiled: _Compiled, x: np.ndarray, y: np.ndarray, epochs: int, batch_s
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
     y = tf.convert_to_tensor(np.asarray(y, np.int64))
     logs: dict = {}
+    flat = None
     last_epoch_s = 0.0
-    for _ in range(epochs):
-        start = time.perf_counter()
-        # the logs are this epoch's means, as fit reports them
-        model.reset_metrics() if compiled.reset_metrics is None else compiled.reset_metrics()
-        order = np.random.permutation(int(x.shape[0]))  # seeded by keras.utils.set_random_seed
-        logs = compiled.epoch(x, y, order, np.int64(batch_size))
-        if compiled.reset_metrics is None:  # the first epoch built the compiled metrics
-            compiled.reset_metrics = tf.function(model.reset_metrics, autograph=False)
-        last_epoch_s = time.perf_counter() - start
-    return {k: float(v) for k, v in logs.items()}, last_epoch_s
+    try:
+        for _ in range(epochs):
+            start = time.perf_counter()
+            order = np.random.permutation(int(x.shape[0]))  # seeded by keras.utils.set_random_seed
+            logs, flat = compiled.epoch(x, y, order, np.int64(batch_size))  # the logs: this epoch's means
+            last_epoch_s = time.perf_counter() - start
+    except BaseException:
+        model.reset_metrics()  # an epoch cut short leaves its counts behind; the next task's must not see them
+        raise
+    if flat is None or flat.shape[0] == 0:
+        return {k: float(v) for k, v in logs.items()}, last_epoch_s, None
+    values = flat.numpy()
+    shapes = [tuple(v.shape) for v in weight_variables(model)]
+    ends = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
+    weights = [part.reshape(s) for part, s in zip(np.split(values, ends), shapes)]
+    return {k: float(v) for k, v in logs.items()}, last_epoch_s, weights
 
 
 def _epoch_function(model: keras.Model):
     """One local epoch in one traced call: the model's own ``train_step`` (forward, loss, optimizer
     step, metrics) on the batches ``order`` cuts, in order, for any number of samples and any
-    batch size. Returns the metrics' results after the last batch.
+    batch size. Returns the metrics' results after the last batch, then resets them for the next
+    epoch, and the model's weights, flat, in ``weight_variables`` order (empty where not all of
+    them are float32).
 
     One call per epoch instead of one per batch: each call of a traced function costs Python time
-    of its own (binding and converting its arguments), 16 % of a digits CNN task's CPU when paid
-    per batch (issue 17). The step is the same graph either way, as Keras's
-    ``steps_per_execution`` runs it: the deltas and logs are bit-identical (checked)."""
+    of its own (binding and converting its arguments, about 0.4 ms), 16 % of a digits CNN task's
+    CPU when paid per batch (issue 17). The step is the same graph either way, as Keras's
+    ``steps_per_execution`` runs it: the deltas and logs are bit-identical (checked). For the same
+    reason the metrics' reset and reading the weights back are in this call too, not calls of their
+    own (``Layer.get_weights`` is one eager read per variable): 1.9 ms less CPU per digits task."""
     x_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
     y_spec = tf.TensorSpec((None,), tf.int64)
     index_spec = tf.TensorSpec((None,), tf.int64)
+    weight_vars = weight_variables(model)
+    flat_weights = all(v.dtype == tf.float32 for v in weight_vars)
 
     @tf.function(input_signature=[x_spec, y_spec, index_spec, tf.TensorSpec((), tf.int64)])
     def epoch(x, y, order, batch_size):
@@ -339,7 +356,13 @@ def _epoch_function(model: keras.Model):
         for first in tf.range(tf.constant(0, tf.int64), n, batch_size):
             batch = order[first:first + batch_size]
             model.train_step((tf.gather(x, batch), tf.gather(y, batch)))
-        return model.get_metrics_result()
+        # Read, then reset (in this order: the calls' automatic control dependencies keep it). The
+        # metrics exist by now, built by the first step of the first trace.
+        results = {k: tf.identity(v) for k, v in model.get_metrics_result().items()}
+        model.reset_metrics()
+        weights = tf.concat([tf.reshape(v, [-1]) for v in weight_vars], 0) if flat_weights \
+            else tf.zeros([0], tf.float32)
+        return results, weights
 
     return epoch
 

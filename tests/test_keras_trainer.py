@@ -135,3 +135,22 @@ def test_a_shared_read_only_task_trains_as_its_copy_and_a_changed_array_is_not_s
     expected = trainer.train(arch, dataclasses.replace(copy, weights=[w.copy() for w in copy.weights]), x, y, seed=3)
     for a, b in zip(zeroed.delta, expected.delta):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_task_logs_and_returns_what_it_trained_whatever_the_trainer_trained_before(model):
+    """The epoch call resets the metrics and reads the weights back itself: a task's logs are its
+    last epoch's alone (not counts left over from the task before), and its delta is the trained
+    model's weights less the task's, tensor by tensor in the model's order."""
+    arch = architecture_of(model)
+    task = _task(model, [None] * len(arch.shapes))
+    x, y = _data(40, seed=2)
+    fresh = KerasTrainer().train(arch, task, x, y, seed=5)
+    used = KerasTrainer()
+    other_x, other_y = _data(73, seed=3)
+    used.train(arch, _task(model, full_masks(model, ("logits",))), other_x, other_y, seed=1)
+    after = used.train(arch, task, x, y, seed=5)
+    assert (after.metrics["loss"], after.metrics["accuracy"]) == (fresh.metrics["loss"], fresh.metrics["accuracy"])
+    trained = get_layer_weights(used._cache[arch.digest].model)
+    for d, f, w, t in zip(after.delta, fresh.delta, task.weights, trained, strict=True):
+        np.testing.assert_array_equal(d, f)
+        np.testing.assert_array_equal(d, np.subtract(t, w, dtype=np.float32))
