@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,17 @@ class FederationState:
     # What quantizing the last round's downlink lost (aggregator/downlink.py): the next round's
     # weights carry it, so a resumed run's downlink error feedback goes on where it stopped.
     downlink_residual: list[np.ndarray] | None = None
+    # The ``issued_us`` of the last task sent: a resumed run issues later ones, whatever its clock
+    # says (devices refuse a task issued before the newest they took).
+    issued_us: int = 0
+
+    def issue_task(self) -> int:
+        """The next task's ``issued_us``: the clock's microseconds since the epoch, or one more than
+        the last issued where the clock is not past it, so that each task is newer than the one
+        before, also after a resume whose clock went back. Devices refuse a task issued before the
+        newest they took: an older task replayed on their topic (docs/protocol.md, section 12.3)."""
+        self.issued_us = max(time.time_ns() // 1000, self.issued_us + 1)
+        return self.issued_us
 
 
 def save_checkpoint(directory: Path, state: FederationState) -> Path:
@@ -63,6 +75,7 @@ def save_checkpoint(directory: Path, state: FederationState) -> Path:
         "model_json": state.model_json,
         "schedule_state": state.schedule_state,
         "session": state.session,
+        "issued_us": state.issued_us,
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     buf = io.BytesIO()
@@ -113,5 +126,5 @@ def load_latest_checkpoint(directory: Path) -> FederationState | None:
                                   "model diverged; resume from an earlier checkpoint by moving this one away")
         return FederationState(meta["completed_rounds"], weights, masks, meta["rng_state"], meta["totals"],
                                meta.get("model_json", ""), meta.get("schedule_state", {}), meta.get("session", ""),
-                               residual)
+                               residual, int(meta.get("issued_us", 0)))
     return None

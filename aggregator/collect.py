@@ -135,7 +135,7 @@ def training_settings(task: Task, round_number: int) -> dict[str, Any]:
 
 def train_task(task: Task, round_number: int, attempt: int, architecture_digest: str, weights: list[np.ndarray],
                masks: Masks, session: str, *, device_sparsity: float | None,
-               gradient_fraction: float | None) -> TrainTask:
+               gradient_fraction: float | None, issued_us: int | None = None) -> TrainTask:
     """What the selected devices are sent for an attempt: the global model and how to train it
     and send the update, as the task's ``[training]`` and ``[transport]`` say."""
     transport = task.transport
@@ -147,6 +147,7 @@ def train_task(task: Task, round_number: int, attempt: int, architecture_digest:
         stochastic_rounding=transport.stochastic_rounding, compression=transport.compression,
         device_sparsity=device_sparsity, gradient_fraction=gradient_fraction,
         uplink_sparsifier=transport.sparsifier_config() if device_sparsity is None else None,
+        issued_us=issued_us,
     )
 
 

@@ -256,9 +256,10 @@ class Aggregator:
         """Send the task to the selected devices and gather valid updates until all or the deadline."""
         fed, transport = self.task.federation, self.task.transport
         deadline, t = time.monotonic() + fed.round_timeout_s, time.perf_counter()
-        task = train_task(self.task, r, attempt, self.architecture.digest, self.state.weights, self.state.masks,
-                          self.session_id, device_sparsity=self.controller.device_target(r),
-                          gradient_fraction=self.controller.gradient_fraction(r, self.state.masks))
+        control, state = self.controller, self.state
+        task = train_task(self.task, r, attempt, self.architecture.digest, state.weights, state.masks, self.session_id,
+                          issued_us=state.issue_task(), device_sparsity=control.device_target(r),
+                          gradient_fraction=control.gradient_fraction(r, state.masks))
         payloads = self.downlink.payloads(task, selected, self.registry)  # values-only where a device holds the masks
         ctx = RoundContext(r, attempt, tuple(selected), self.registry.known, self.topics, self.shapes,
                            self.state.masks, self.architecture.names, transport.max_message_bytes,

@@ -360,6 +360,11 @@ class TrainTask:
     # {"sparsifier": "top_k", "fraction": 0.01}: the device sends only the positions it chooses,
     # self-describing, and carries the rest in its error-feedback residual. None: not sparsified.
     uplink_sparsifier: dict[str, Any] | None = None
+    # When the aggregator issued this task, in microseconds since the epoch, and more than any
+    # task it issued before (``FederationState.issue_task``): a device refuses a task issued before the newest
+    # it took, an older task replayed on its topic (docs/protocol.md, section 12). None: not sent
+    # (an aggregator from before it).
+    issued_us: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, TrainingSettings):
@@ -395,6 +400,8 @@ def encode_task(task: TrainTask, names: Sequence[str], compression: str = "none"
     header["training"] = task.training.as_dict()
     if task.uplink_sparsifier is not None:  # absent otherwise: the header every earlier task had
         header["uplink_sparsifier"] = dict(task.uplink_sparsifier)
+    if task.issued_us is not None:
+        header["issued_us"] = int(task.issued_us)
     header.update(mask_digest=digest or mask_digest(task.masks), section_compression=int(used),
                   section_bytes=len(section))
     if values_only:
@@ -467,6 +474,7 @@ def decode_task(
                                        and all(isinstance(v, (int, float, str, bool)) for v in sparsifier.values())):
         raise CodecError("task uplink_sparsifier must be null or an object with a string 'sparsifier' and "
                          "scalar parameters")
+    fields["issued_us"] = task_issued_us(h)
     method = _check_integer(h, "section_compression", 0, len(Compression) - 1)
     raw_bytes = _check_integer(h, "section_bytes", 0, 2**63)
     encoding = h.get("section_encoding")
@@ -482,6 +490,12 @@ def decode_task(
     if mask_digest(decoded.masks) != h["mask_digest"]:
         raise CodecError("mask digest does not match the mask bits")
     return TrainTask(weights=decoded.tensors, masks=decoded.masks, **fields)
+
+
+def task_issued_us(header: Mapping[str, Any]) -> int | None:
+    """A task header's ``issued_us`` (None where absent); ``CodecError`` if it is not an integer in
+    [0, 2**63 - 1]."""
+    return None if header.get("issued_us") is None else _check_integer(header, "issued_us", 0, 2**63 - 1)
 
 
 def _check_integer(h: Mapping[str, Any], key: str, low: int, high: int) -> int:

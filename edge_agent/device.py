@@ -43,11 +43,13 @@ from fedprune.converters.protocol import (
     Update,
     decode_task,
     encode_update,
+    task_issued_us,
     task_mask_digest,
     valid_device_id,
 )
 from fedprune import __version__
 from fedprune.converters.log_rate import worth_logging
+from fedprune.edge_agent.task_freshness import NewestTask
 from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
@@ -166,6 +168,7 @@ class DeviceSession:
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
+        self.newest_task = NewestTask(state_dir)  # older tasks are replays: refused
         # The last update sent, by its task's key: sent again when that task comes again (below).
         self._last_answer: tuple[tuple[str, int, int], Outgoing] | None = None
         self.completed_rounds: list[int] = []
@@ -274,28 +277,43 @@ class DeviceSession:
                       one_line(reason), count)
 
     def _accept_task(self, payload: bytes) -> TrainJob | Outgoing | None:
+        refusal = None
         with self._lock:
             try:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
+                issued = task_issued_us(header)
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, one_line(str(e)))
                 return None
-            if not self._ready_for(header.get("architecture_digest")):
-                # Its architecture (retained, or a new one), and for a device without TensorFlow
-                # its trainable file, will follow.
-                self._pending_task = payload
-                return None
-            if key in self._seen:
-                # A task already taken on, again: a retained task redelivered after a reconnect, or
-                # a resumed aggregator (same session) asking once more. The update may never have
-                # reached it (its earlier process took it, or the broker restarted), so the device
-                # sends the same bytes again rather than training again; an aggregator that has
-                # them already drops the copy as a redelivery. Still training: the update follows.
-                answered = self._last_answer
-                return answered[1] if answered is not None and answered[0] == key else None
-            self._seen.add(key)
-            return TrainJob(self._architecture, payload, key=key)
+            # Before it may wait for its architecture, so that a replay cannot displace a waiting task.
+            if key not in self._seen:
+                refusal = self.newest_task.refusal(issued)
+            if refusal is None:
+                return self._take_task(payload, header, key, issued)
+        self._refuse(self.topics.task(self.device_id), refusal)
+        return None
+
+    def _take_task(self, payload: bytes, header: dict, key: tuple[str, int, int],
+                   issued: int | None) -> TrainJob | Outgoing | None:
+        """``_accept_task`` for a task not refused (called holding the lock)."""
+        if not self._ready_for(header.get("architecture_digest")):
+            # Its architecture (retained, or a new one), and for a device without TensorFlow
+            # its trainable file, will follow. Newest from now: an older task cannot take its place.
+            self._pending_task = payload
+            self.newest_task.take(issued)
+            return None
+        if key in self._seen:
+            # A task already taken on, again: a retained task redelivered after a reconnect, or
+            # a resumed aggregator (same session) asking once more. The update may never have
+            # reached it (its earlier process took it, or the broker restarted), so the device
+            # sends the same bytes again rather than training again; an aggregator that has
+            # them already drops the copy as a redelivery. Still training: the update follows.
+            answered = self._last_answer
+            return answered[1] if answered is not None and answered[0] == key else None
+        self._seen.add(key)
+        self.newest_task.take(issued)
+        return TrainJob(self._architecture, payload, key=key)
 
     def decode(self, job: TrainJob) -> TrainTask | None:
         """Decode the job's task (on the worker); None, logged, if it is undecodable."""

@@ -14,6 +14,10 @@ Parts (docs/benchmarks.md, "Trust boundaries (issue 16)"):
   altered after signing, signed for another topic, and of protocol version 1. Every one must be
   refused and logged by the agent, no marker written and no training started; an architecture
   signed by K is then taken (the agent is not refusing everything).
+- ``replay``: the same agent, with a state folder, takes a task; a task the same key signed for it
+  in an earlier run (issued an hour before) is then replayed on its task topic, and again after
+  the agent restarts: refused and logged both times, not trained (protocol.md, section 12.3); a
+  newer task is then trained.
 - ``probes``: ``scripts/probe_broker.py`` on both brokers (every probe refused).
 - ``flood``: Mosquitto with ``init-broker``'s config, the aggregator and three agents as real
   processes, ``--rounds`` (3) rounds. A fourth login (valid credentials, announced online, so it
@@ -130,12 +134,30 @@ def _forgeries(topics, key, attacker_key, honest_arch, module: str) -> list[tupl
     ]
 
 
-def part_forged(args) -> dict:
+def _start_agent(work: Path, broker_url: str, log_path: Path, pythonpath: list[str] = ()) -> subprocess.Popen:
+    """A real ``fedprune-agent`` (device ``pi-01``, 16 samples of 4 features, state in
+    ``work/state``) on ``broker_url``, trusting ``work/aggregator.key``'s public key; its log
+    appended to ``log_path``."""
     import numpy as np
 
+    from fedprune.aggregator_key import public_key_file
+
+    if not (work / "local.npz").is_file():
+        np.savez(work / "local.npz", x_train=np.zeros((16, 4), np.float32), y_train=np.arange(16) % 2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([*pythonpath, str(ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", broker_url, "--device-id", "pi-01",
+             "--data", str(work / "local.npz"), "--state-dir", str(work / "state"), "--log-level", "INFO",
+             "--aggregator-key", str(public_key_file(work / "aggregator.key"))],
+            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def part_forged(args) -> dict:
     from edge_helpers import MARKER_MODULE, training_child_pid
     from federation_helpers import Spy
-    from fedprune.aggregator_key import public_key_file, write_key_pair
+    from fedprune.aggregator_key import write_key_pair
     from fedprune.converters.protocol import Topics
     from fedprune.converters.signing import SigningKey, sign_message
     from fedprune.models import architecture_of, mlp
@@ -148,18 +170,9 @@ def part_forged(args) -> dict:
         marker = str(work / "marker")
         (work / "payload").mkdir()
         (work / "payload" / f"{module}.py").write_text(MARKER_MODULE.format(marker=marker))
-        np.savez(work / "local.npz", x_train=np.zeros((16, 4), np.float32), y_train=np.arange(16) % 2)
         topics = Topics("default")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(work / "payload"), str(ROOT.parent),
-                                              os.environ.get("PYTHONPATH", "")])}
         log_path = work / "agent.log"
-        with open(log_path, "wb") as log:
-            agent = subprocess.Popen(
-                [sys.executable, "-m", "fedprune.edge_agent.cli", "run", "--broker", broker.url, "--device-id", "pi-01",
-                 "--data", str(work / "local.npz"), "--state-dir", str(work / "state"), "--log-level", "INFO",
-                 "--aggregator-key", str(public_key_file(work / "aggregator.key"))],
-                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
+        agent = _start_agent(work, broker.url, log_path, [str(work / "payload")])
         spy = Spy(broker.url, [f"{topics.root}/#"])
         try:
             _wait(lambda: spy.on("/presence/pi-01"), 60, "the agent's presence", log_path)
@@ -190,6 +203,84 @@ def part_forged(args) -> dict:
           f"training started: {trained}")
     return {"forged": len(forgeries), "refused_and_logged": len(refused), "code_ran": ran, "training_started": trained,
             "signed_architecture_taken": True, "ok": ok}
+
+
+def part_replay(args) -> dict:
+    """A real agent with a state folder on an open Mosquitto takes a task of run B (issued now),
+    then an attacker replays a task the same key signed for it in an earlier run A (issued an
+    hour before, recorded off the open broker): refused and logged, not trained. The agent is
+    restarted and the replay sent again: refused again (the newest task is kept in its state
+    folder). A newer task of run B is then trained: the agent is not refusing everything."""
+    from federation_helpers import Spy
+    from fedprune.aggregator_key import write_key_pair
+    from fedprune.converters.protocol import Topics, TrainTask, encode_task
+    from fedprune.converters.signing import sign_message
+    from fedprune.models import architecture_of, get_layer_weights, mlp
+
+    with tempfile.TemporaryDirectory() as tmp, MosquittoProcess() as broker:
+        work = Path(tmp)
+        key = write_key_pair(work / "aggregator.key")
+        topics = Topics("default")
+        model = mlp((4,), 2)
+        arch = architecture_of(model)
+        now_us = time.time_ns() // 1000
+
+        def task(session: str, round_: int, issued_us: int) -> bytes:
+            weights = get_layer_weights(model)
+            body = encode_task(TrainTask(round_, 1, arch.digest, weights, [None] * len(weights),
+                                         {"local_epochs": 1, "batch_size": 8, "optimizer": "sgd", "learning_rate": 0.1},
+                                         "float32", 60.0, session=session, issued_us=issued_us), arch.names)
+            return sign_message(topics.task("pi-01"), body, key)
+
+        run_a_round_5 = task("a" * 16, 5, now_us - 3_600 * 10**6)
+        log_path = work / "agent.log"
+        refusals: list[int] = []
+        agent = _start_agent(work, broker.url, log_path)
+        spy = Spy(broker.url, [f"{topics.root}/#"])
+
+        def text() -> str:
+            return log_path.read_text(errors="replace")
+
+        def send(payload: bytes) -> None:
+            spy.client.publish(topics.task("pi-01"), payload, qos=1).wait_for_publish(5)
+
+        try:
+            _wait(lambda: spy.on("/presence/pi-01"), 60, "the agent's presence", log_path)
+            spy.client.publish(topics.architecture, sign_message(topics.architecture, arch.encode(), key), qos=1,
+                               retain=True).wait_for_publish(5)
+            _wait(lambda: "took architecture" in text(), 30, "the architecture taken", log_path)
+            send(task("b" * 16, 1, now_us))
+            _wait(lambda: "sent update for round 1" in text(), 120, "run B's round 1 trained", log_path)
+            send(run_a_round_5)  # the replay
+            _wait(lambda: text().count("refused a message on") >= 1, 30, "the replay refused", log_path)
+            refusals.append(text().count("refused a message on"))
+            agent.terminate()
+            agent.wait(30)
+            agent = _start_agent(work, broker.url, log_path)
+            _wait(lambda: text().count("took architecture") >= 2, 60, "the restarted agent's architecture", log_path)
+            send(run_a_round_5)  # again, to the restarted agent
+            _wait(lambda: text().count("refused a message on") >= 2, 30, "the replay refused after a restart",
+                  log_path)
+            refusals.append(text().count("refused a message on") - refusals[0])
+            send(task("b" * 16, 2, time.time_ns() // 1000))
+            _wait(lambda: "sent update for round 2" in text(), 120, "run B's round 2 trained", log_path)
+        finally:
+            spy.close()
+            agent.terminate()
+            agent.wait(30)
+        log_text = text()
+    trained = sorted({int(line.rsplit("sent update for round ", 1)[1].split()[0])
+                      for line in log_text.splitlines() if "sent update for round " in line})
+    refused = [line.split(": refused a message on ", 1)[1] for line in log_text.splitlines()
+               if "refused a message on" in line]
+    print("| message | what the agent did |")
+    print("|---|---|")
+    print(f"| run B round 1 (issued now) | trained: {1 in trained} |")
+    print(f"| run A round 5 replayed (issued an hour before) | {refused[0][:160] if refused else 'NOT REFUSED'} |")
+    print(f"| the same, after the agent restarted | {refused[1][:160] if len(refused) > 1 else 'NOT REFUSED'} |")
+    print(f"| run B round 2 (issued now) | trained: {2 in trained} |")
+    ok = trained == [1, 2] and refusals == [1, 1]
+    return {"replays": 2, "refused_and_logged": sum(refusals), "rounds_trained": trained, "ok": ok}
 
 
 def _wait(condition, timeout_s: float, what: str, log: Path) -> None:
@@ -463,7 +554,8 @@ def _run_attacked(fleet: Fleet, attack: str | None, count: int = 0, total: int =
     return out
 
 
-PARTS = {"cost": part_cost, "forged": part_forged, "probes": part_probes, "clean": part_clean, "flood": part_flood,
+PARTS = {"cost": part_cost, "forged": part_forged, "replay": part_replay, "probes": part_probes, "clean": part_clean,
+         "flood": part_flood,
          "flood_presence": part_flood_presence, "bomb": part_bomb, "bomb_chunked": part_bomb_chunked}
 FEDERATION_PARTS = ("clean", "flood", "flood_presence", "bomb", "bomb_chunked")
 
@@ -494,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
 def _target_met(name: str, r: dict, clean_peak_mb: float | None) -> bool:
     """Issue 16's targets. RSS growth is the attacked run's peak over the clean run's (a run grows
     by itself as it trains, evaluates and checkpoints); without a clean run, over its own start."""
-    if name == "forged":
+    if name in ("forged", "replay"):
         return r["ok"]
     if name == "probes":
         return r["all_refused"]

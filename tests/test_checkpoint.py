@@ -148,3 +148,17 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_naming_the_file(tmp_pat
     assert "\n" not in str(raised.value)
     path.rename(tmp_path / "diverged.npz")  # what the message says to do: the one before resumes
     assert load_latest_checkpoint(tmp_path).completed_rounds == 1
+
+
+def test_a_resumed_run_issues_tasks_after_the_checkpointed_one_whatever_its_clock_says(tmp_path):
+    """Devices refuse a task issued before the newest they took (an older one replayed): a resumed
+    aggregator whose clock runs behind must still issue later tasks than its checkpoint's."""
+    state = make_state(2)
+    now = state.issue_task()
+    assert state.issue_task() > now  # every task later than the one before
+    ahead = now + 3_600 * 10**6  # issued by a process whose clock was an hour ahead
+    state.issued_us = ahead
+    save_checkpoint(tmp_path, state)
+    loaded = load_latest_checkpoint(tmp_path)
+    assert loaded.issued_us == ahead
+    assert loaded.issue_task() == ahead + 1  # the clock alone would have gone back an hour

@@ -9,7 +9,7 @@ import pytest
 
 from fedprune.converters.protocol import Ack, Architecture, Presence, Topics, TrainTask, decode_update, encode_task
 from fedprune.converters.signing import open_signed
-from fedprune.edge_agent.device import DeviceSession, TrainResult, run_job
+from fedprune.edge_agent.device import DeviceSession, TrainJob, TrainResult, run_job
 from signing_helpers import VERIFY_KEY, signed
 
 SHAPES = [[6, 4], [4]]
@@ -266,6 +266,47 @@ def test_only_messages_the_aggregator_signed_for_their_topic_are_taken():
     assert d.architecture is None and d.refused_messages == len(refused)
     d.receive(TOPICS.architecture, ARCH_MESSAGE)
     assert d.architecture == ARCH and d.refused_messages == len(refused)
+
+
+def test_an_older_task_replayed_on_the_task_topic_is_refused_also_after_a_restart(tmp_path):
+    """Each of these messages is signed by the aggregator for the device's task topic: a signature
+    alone lets an older one be taken again. What the device took last decides what it refuses."""
+    d = device(state_dir=tmp_path)
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    round_1, round_2 = task_payload(1, issued_us=1_000), task_payload(2, issued_us=2_000)
+    assert isinstance(d.receive(TOPICS.task("dev-1"), round_1), TrainJob)
+    assert isinstance(d.receive(TOPICS.task("dev-1"), round_2), TrainJob)
+    assert d.receive(TOPICS.task("dev-1"), round_1) is None and d.refused_messages == 0  # seen: not trained again
+    # An earlier aggregator process's task (another session), and one without an issue time: refused.
+    earlier = task_payload(5, session="earlier", issued_us=1_500)
+    assert d.receive(TOPICS.task("dev-1"), earlier) is None and d.refused_messages == 1
+    assert d.receive(TOPICS.task("dev-1"), task_payload(3, session="x")) is None and d.refused_messages == 2
+    # The newest task again (a redelivery, or a resumed aggregator re-sending it newly issued): no refusal.
+    assert d.receive(TOPICS.task("dev-1"), round_2) is None and d.refused_messages == 2
+    assert d.receive(TOPICS.task("dev-1"), task_payload(2, issued_us=2_500)) is None and d.refused_messages == 2
+    # A restarted device (the same state folder) still refuses round 1, and takes a newer task.
+    again = device(state_dir=tmp_path)
+    again.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert again.receive(TOPICS.task("dev-1"), round_1) is None and again.refused_messages == 1
+    assert isinstance(again.receive(TOPICS.task("dev-1"), task_payload(3, issued_us=3_000)), TrainJob)
+    # A device that never took a task with an issue time takes one without (an earlier aggregator).
+    fresh = device()
+    fresh.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert isinstance(fresh.receive(TOPICS.task("dev-1"), task_payload(1)), TrainJob)
+
+
+def test_a_replayed_task_cannot_displace_the_task_that_waits_for_its_architecture():
+    d = device()
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert isinstance(d.receive(TOPICS.task("dev-1"), task_payload(1, issued_us=1_000)), TrainJob)
+    waiting = task_payload(2, digest="d2", issued_us=2_000)  # for an architecture not announced yet
+    assert d.receive(TOPICS.task("dev-1"), waiting) is None and d.refused_messages == 0
+    assert d.receive(TOPICS.task("dev-1"), task_payload(1, issued_us=1_000)) is None and d.refused_messages == 0
+    assert d.receive(TOPICS.task("dev-1"), task_payload(1, attempt=2, issued_us=1_500)) is None
+    assert d.refused_messages == 1  # older than round 1's: refused before it could wait in round 2's place
+    d2 = Architecture(ARCH.model_json, "d2", ARCH.shapes, ARCH.names)
+    job = d.receive(TOPICS.architecture, signed(TOPICS.architecture, d2.encode()))
+    assert isinstance(job, TrainJob) and job.key[1] == 2
 
 
 def test_a_failure_text_leaves_the_device_as_one_short_line():

@@ -7,6 +7,8 @@ Tasks and updates arrive from the network: any byte string either decodes or rai
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import struct
 import tracemalloc
@@ -303,6 +305,9 @@ def test_task_defaults_round_trip():
     assert (got.session, got.update_content, got.error_feedback, got.stochastic_rounding, got.compression,
             got.downlink_precision, got.device_sparsity) == ("", "delta", True, False, "none", "float32", None)
     assert got.deadline_s == 1.0 and isinstance(got.deadline_s, float)
+    assert got.issued_us is None and "issued_us" not in unpack_frame(encode_task(task, NAMES), MAX)[1]
+    issued = dataclasses.replace(task, issued_us=1_796_650_000_123_456)
+    assert decode_task(encode_task(issued, NAMES), NAMES, SHAPES, MAX).issued_us == 1_796_650_000_123_456
 
 
 def test_task_section_is_compressed_only_when_smaller():
@@ -362,6 +367,10 @@ TASK = encode_task(make_task("int8"), NAMES)
     ({"device_sparsity": "x"}, "must be a number"), ({"device_sparsity": [0.5]}, "must be a number"),
     ({"gradient_fraction": 0.25}, None), ({"gradient_fraction": "0.25"}, "must be a number"),
     ({"gradient_fraction": 0}, "gradient_fraction must be in (0, 1]"),
+    ({"issued_us": 1_796_000_000_000_000}, None), ({"issued_us": None}, None), ({"issued_us": 0}, None),
+    ({"issued_us": -1}, "issued_us must be an integer"), ({"issued_us": 2**63}, "issued_us must be an integer"),
+    ({"issued_us": 1.5}, "issued_us must be an integer"), ({"issued_us": "1"}, "issued_us must be an integer"),
+    ({"issued_us": True}, "issued_us must be an integer"),
 ])
 def test_decode_task_header_checks(changes, match):
     data = reframe(TASK, changes)
