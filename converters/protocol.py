@@ -360,10 +360,10 @@ class TrainTask:
     # {"sparsifier": "top_k", "fraction": 0.01}: the device sends only the positions it chooses,
     # self-describing, and carries the rest in its error-feedback residual. None: not sparsified.
     uplink_sparsifier: dict[str, Any] | None = None
-    # When the aggregator issued this task, in microseconds since the epoch, and more than any
-    # task it issued before (``FederationState.issue_task``): a device refuses a task issued before the newest
-    # it took, an older task replayed on its topic (docs/protocol.md, section 12). None: not sent
-    # (an aggregator from before it).
+    # When the aggregator issued this task, in microseconds since the epoch, and later than any
+    # task it issued before (``FederationState.issue_task``): a device refuses a task issued before
+    # the newest it took, an older task replayed on its topic (docs/protocol.md, section 12.3).
+    # None: not sent (an aggregator from before it).
     issued_us: int | None = None
 
     def __post_init__(self) -> None:

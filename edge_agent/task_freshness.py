@@ -4,10 +4,10 @@ replayed on the device's task topic is refused against.
 A signature binds a task to its topic, not to its time: whoever can publish there (anyone, on an
 open broker; a compromised broker) could replay a task the aggregator signed rounds ago, and the
 device trained that round again and took on its older global model. Each task now carries
-``issued_us``, later for every task the aggregator issues (``fedprune.aggregator.checkpoint.
-FederationState.issue_task``); a device refuses one issued before the newest it took, and once it has taken
-one that carries the field, any task without it (docs/protocol.md, section 12). The newest is
-kept in the device's state folder, so a restart does not reopen the window.
+``issued_us``, later for every task the aggregator issues (``FederationState.issue_task``); a
+device refuses one issued before the newest it took, and once it has taken one that carries the
+field, any task without it (docs/protocol.md, section 12.3). The newest is kept in the device's
+state folder, so a restart does not reopen the window.
 """
 
 from __future__ import annotations
