@@ -56,12 +56,13 @@ class DeviceModelFiles:
         return trainable
 
     def publish_final(self, exports: list[dict], completed_round: int, final_sparsity: float,
-                      architecture_digest: str) -> None:
+                      architecture_digest: str, issued_us: int | None = None) -> None:
         """The exported files of the final global model, retained, so that every device (also one
-        that joins later) installs the model the report describes."""
+        that joins later) installs the model the report describes. ``issued_us``: when (a device
+        refuses a final model issued before the newest it took: an earlier run's, replayed)."""
         for export in exports:
             message = FinalModel(completed_round, export["precision"], final_sparsity, export["accuracy"],
-                                 architecture_digest, Path(export["path"]).read_bytes())
+                                 architecture_digest, Path(export["path"]).read_bytes(), issued_us)
             info = self.publisher.publish_retained(self.topics.final_model(export["precision"]),
                                                  encode_final_model(message))
             info.wait_for_publish(30)

@@ -155,7 +155,7 @@ class Aggregator:
             self.channel.budgets.finish().log_summary()
             exports = self._export()
             self.model_files.publish_final(exports, self.state.completed_rounds, float(sparsity(self.state.masks)),
-                                           self.architecture.digest)
+                                           self.architecture.digest, self.state.issue_task())
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode()
             self.channel.publisher.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
         finally:

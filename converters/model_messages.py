@@ -25,7 +25,7 @@ from typing import Any
 from fedprune.converters.codec import compress, decompress
 from fedprune.converters.errors import CodecError
 from fedprune.converters.frame import pack_frame, unpack_frame
-from fedprune.converters.protocol import Kind
+from fedprune.converters.protocol import Kind, issued_us_of
 
 #: The precisions of the final model's files (the aggregator exports both).
 FINAL_PRECISIONS = ("float32", "int8")
@@ -61,6 +61,9 @@ class FinalModel:
     accuracy: float | None
     architecture_digest: str
     content: bytes
+    # When the aggregator issued it (as a task's ``issued_us``, protocol.md section 12.3): a device
+    # refuses a final model issued before the newest it took, an earlier run's replayed. None: not sent.
+    issued_us: int | None = None
 
     @property
     def sha256(self) -> str:
@@ -85,9 +88,11 @@ def decode_trainable_model(data: bytes, max_file_bytes: int = DEFAULT_MAX_FILE_B
 
 
 def encode_final_model(model: FinalModel) -> bytes:
-    return _pack(Kind.FINAL_MODEL, {"round": model.round, "precision": model.precision,
-                                    "sparsity": model.sparsity, "accuracy": model.accuracy,
-                                    "architecture_digest": model.architecture_digest}, model.content)
+    fields = {"round": model.round, "precision": model.precision, "sparsity": model.sparsity,
+              "accuracy": model.accuracy, "architecture_digest": model.architecture_digest}
+    if model.issued_us is not None:
+        fields["issued_us"] = int(model.issued_us)
+    return _pack(Kind.FINAL_MODEL, fields, model.content)
 
 
 def decode_final_model(data: bytes, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> FinalModel:
@@ -107,7 +112,7 @@ def decode_final_model(data: bytes, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
         raise CodecError(f"final model accuracy must be null or a number in [0, 1], got {accuracy!r}")
     _check_digest(digest, "final model")
     return FinalModel(round_, precision, float(sparsity), None if accuracy is None else float(accuracy), digest,
-                      content)
+                      content, issued_us_of(header, "final model"))
 
 
 # --- the shared frame: header fields of every model file, and the checks ------------------------

@@ -474,7 +474,7 @@ def decode_task(
                                        and all(isinstance(v, (int, float, str, bool)) for v in sparsifier.values())):
         raise CodecError("task uplink_sparsifier must be null or an object with a string 'sparsifier' and "
                          "scalar parameters")
-    fields["issued_us"] = task_issued_us(h)
+    fields["issued_us"] = issued_us_of(h)
     method = _check_integer(h, "section_compression", 0, len(Compression) - 1)
     raw_bytes = _check_integer(h, "section_bytes", 0, 2**63)
     encoding = h.get("section_encoding")
@@ -492,10 +492,15 @@ def decode_task(
     return TrainTask(weights=decoded.tensors, masks=decoded.masks, **fields)
 
 
-def task_issued_us(header: Mapping[str, Any]) -> int | None:
-    """A task header's ``issued_us`` (None where absent); ``CodecError`` if it is not an integer in
-    [0, 2**63 - 1]."""
-    return None if header.get("issued_us") is None else _check_integer(header, "issued_us", 0, 2**63 - 1)
+def issued_us_of(header: Mapping[str, Any], what: str = "task") -> int | None:
+    """The ``issued_us`` of a task's or a final model's header (None where absent or null);
+    ``CodecError`` naming ``what`` if it is not an integer in [0, 2**63 - 1]."""
+    value = header.get("issued_us")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63 - 1:
+        raise CodecError(f"{what} issued_us must be an integer in [0, 2**63 - 1]")
+    return value
 
 
 def _check_integer(h: Mapping[str, Any], key: str, low: int, high: int) -> int:

@@ -43,13 +43,13 @@ from fedprune.converters.protocol import (
     Update,
     decode_task,
     encode_update,
-    task_issued_us,
+    issued_us_of,
     task_mask_digest,
     valid_device_id,
 )
 from fedprune import __version__
 from fedprune.converters.log_rate import worth_logging
-from fedprune.edge_agent.task_freshness import NewestTask
+from fedprune.edge_agent.freshness import NewestIssued
 from fedprune.edge_agent.trainable_files import TrainableFiles
 from fedprune.edge_agent.update_pipeline import OutgoingUpdate, UpdateStep, default_steps, run_steps
 
@@ -168,7 +168,7 @@ class DeviceSession:
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
-        self.newest_task = NewestTask(state_dir)  # older tasks are replays: refused
+        self.newest = NewestIssued(state_dir)  # older tasks and final models are replays: refused
         # The last update sent, by its task's key: sent again when that task comes again (below).
         self._last_answer: tuple[tuple[str, int, int], Outgoing] | None = None
         self.completed_rounds: list[int] = []
@@ -219,10 +219,18 @@ class DeviceSession:
             return self._take_trainable_file(message)
         if self.final_model_precision is not None and topic == self.topics.final_model(self.final_model_precision):
             try:
-                return decode_final_model(message, self.max_message_bytes)
+                model = decode_final_model(message, self.max_message_bytes)
             except CodecError as e:
                 self._refuse(topic, e.reason)
                 return None
+            with self._lock:
+                refusal = self.newest.refusal("final model", model.issued_us)
+                if refusal is None:
+                    self.newest.take("final model", model.issued_us)
+            if refusal is not None:
+                self._refuse(topic, refusal)
+                return None
+            return model
         if topic == self.topics.architecture:
             try:
                 arch = Architecture.decode(message)
@@ -282,13 +290,13 @@ class DeviceSession:
             try:
                 _, header, _ = unpack_frame(payload, self.max_message_bytes)
                 key = (str(header.get("session", "")), int(header["round"]), int(header["attempt"]))
-                issued = task_issued_us(header)
+                issued = issued_us_of(header)
             except (CodecError, KeyError, TypeError, ValueError) as e:
                 log.error("%s: ignored undecodable task: %s", self.device_id, one_line(str(e)))
                 return None
             # Before it may wait for its architecture, so that a replay cannot displace a waiting task.
             if key not in self._seen:
-                refusal = self.newest_task.refusal(issued)
+                refusal = self.newest.refusal("task", issued)
             if refusal is None:
                 return self._take_task(payload, header, key, issued)
         self._refuse(self.topics.task(self.device_id), refusal)
@@ -301,7 +309,7 @@ class DeviceSession:
             # Its architecture (retained, or a new one), and for a device without TensorFlow
             # its trainable file, will follow. Newest from now: an older task cannot take its place.
             self._pending_task = payload
-            self.newest_task.take(issued)
+            self.newest.take("task", issued)
             return None
         if key in self._seen:
             # A task already taken on, again: a retained task redelivered after a reconnect, or
@@ -312,7 +320,7 @@ class DeviceSession:
             answered = self._last_answer
             return answered[1] if answered is not None and answered[0] == key else None
         self._seen.add(key)
-        self.newest_task.take(issued)
+        self.newest.take("task", issued)
         return TrainJob(self._architecture, payload, key=key)
 
     def decode(self, job: TrainJob) -> TrainTask | None:

@@ -201,11 +201,11 @@ def test_the_announced_architecture_is_what_a_trainer_prepares_for():
     assert run_job(d, job, trainer, np.zeros((10, 6)), np.zeros(10)) is not None  # and training still runs
 
 
-def _lite_device():
+def _lite_device(**kw):
     from fedprune.edge_agent.trainable_files import TrainableFiles
 
     return device(trainer="litert", runtime="tflite-runtime 2.14.0", trainable_files=TrainableFiles(),
-                  final_model="float32")
+                  final_model="float32", **kw)
 
 
 def test_a_device_without_tensorflow_announces_it_and_takes_a_task_once_it_has_the_trainable_file():
@@ -307,6 +307,32 @@ def test_a_replayed_task_cannot_displace_the_task_that_waits_for_its_architectur
     d2 = Architecture(ARCH.model_json, "d2", ARCH.shapes, ARCH.names)
     job = d.receive(TOPICS.architecture, signed(TOPICS.architecture, d2.encode()))
     assert isinstance(job, TrainJob) and job.key[1] == 2
+
+
+def test_an_earlier_final_model_replayed_is_refused(tmp_path):
+    """The final model is installed on the device: an earlier run's, replayed on its topic, must
+    not take the current one's place, also after the device restarts."""
+    from fedprune.converters.model_messages import FinalModel, encode_final_model
+
+    topic = TOPICS.final_model("float32")
+
+    def final(round_, issued_us=None):
+        return signed(topic, encode_final_model(FinalModel(round_, "float32", 0.8, 0.95, "ab" * 16, b"tflite %d" % round_,
+                                                           issued_us)))
+
+    d = _lite_device(state_dir=tmp_path)
+    assert d.receive(topic, final(20, issued_us=5_000)).round == 20
+    assert d.receive(topic, final(20, issued_us=5_000)).round == 20  # retained, again on a reconnect: the same
+    assert d.receive(topic, final(15, issued_us=1_000)) is None and d.refused_messages == 1  # an earlier run's
+    assert d.receive(topic, final(15)) is None and d.refused_messages == 2  # without an issue time
+    again = _lite_device(state_dir=tmp_path)
+    assert again.receive(topic, final(15, issued_us=1_000)) is None and again.refused_messages == 1
+    assert again.receive(topic, final(30, issued_us=9_000)).round == 30
+    # Tasks are counted apart: a task issued before the final model is not refused (it waits for
+    # the trainable file this device trains with).
+    again.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert again.receive(TOPICS.task("dev-1"), task_payload(1, issued_us=2_000)) is None
+    assert again.refused_messages == 1
 
 
 def test_a_failure_text_leaves_the_device_as_one_short_line():

@@ -37,6 +37,11 @@ def test_model_files_round_trip_compressed_and_checked():
     final = FinalModel(15, "int8", 0.8, 0.9611, DIGEST, FILE)
     assert decode_final_model(encode_final_model(final)) == final
     assert decode_final_model(encode_final_model(FinalModel(3, "float32", 0.0, None, DIGEST, b"x"))).accuracy is None
+    issued = FinalModel(15, "int8", 0.8, 0.9611, DIGEST, FILE, issued_us=1_796_650_000_000_001)
+    assert decode_final_model(encode_final_model(issued)) == issued and final.issued_us is None
+    for bad in (-1, 2**63, 1.5, "1", True):
+        with pytest.raises(CodecError, match="final model issued_us must be an integer"):
+            decode_final_model(_frame(Kind.FINAL_MODEL, issued_us=bad))
     with pytest.raises(CodecError, match="expected a trainable model frame"):
         decode_trainable_model(encode_final_model(final))
 
