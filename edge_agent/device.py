@@ -168,7 +168,7 @@ class DeviceSession:
         self._architecture: Architecture | None = None
         self._pending_task: bytes | None = None
         self._seen: set[tuple[str, int, int]] = set()  # (aggregator session, round, attempt) taken on
-        self.newest = NewestIssued(state_dir)  # older tasks and final models are replays: refused
+        self.newest = NewestIssued(state_dir, aggregator_key.key_id.hex())  # older tasks, final models: replays
         # The last update sent, by its task's key: sent again when that task comes again (below).
         self._last_answer: tuple[tuple[str, int, int], Outgoing] | None = None
         self.completed_rounds: list[int] = []

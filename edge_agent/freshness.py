@@ -29,20 +29,27 @@ KINDS = ("task", "final model")
 
 class NewestIssued:
     """The ``issued_us`` of the newest message of each kind taken (a kind absent: none with the
-    field yet), kept in ``<state_dir>/newest_issued.json`` when there is a state folder."""
+    field yet) from the aggregator whose key id is ``signer`` (hex), kept in
+    ``<state_dir>/newest_issued.json`` when there is a state folder, beside those of any other key
+    the device trusted before: only messages signed by the trusted key open, so each key's times
+    hold only against its own messages, and a device moved back to a key keeps that key's."""
 
-    def __init__(self, state_dir: str | Path | None = None) -> None:
+    def __init__(self, state_dir: str | Path | None = None, signer: str = "") -> None:
         self.path = Path(state_dir) / FILE_NAME if state_dir else None
-        self.issued_us: dict[str, int] = {}
+        self.signer = signer
+        self._by_signer: dict[str, dict[str, int]] = {}
         if self.path is not None and self.path.is_file():
             try:
                 saved = json.loads(self.path.read_text())
                 if not isinstance(saved, dict) or not all(
-                        k in KINDS and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in saved.items()):
-                    raise ValueError(f"expected {{kind: non-negative integer}} for kinds {list(KINDS)}")
-                self.issued_us = saved
+                        isinstance(times, dict) and all(k in KINDS and isinstance(v, int) and not isinstance(v, bool)
+                                                        and v >= 0 for k, v in times.items())
+                        for times in saved.values()):
+                    raise ValueError(f"expected {{key id: {{kind: non-negative integer}}}} for kinds {list(KINDS)}")
+                self._by_signer = saved
             except (OSError, ValueError) as e:
                 log.warning("%s unreadable (%s): messages are taken as if none had been", self.path, e)
+        self.issued_us: dict[str, int] = self._by_signer.setdefault(signer, {})
 
     def refusal(self, kind: str, issued_us: int | None) -> str | None:
         """Why a ``kind`` message issued at ``issued_us`` is refused, or None if it is not older
@@ -67,4 +74,4 @@ class NewestIssued:
             return
         self.issued_us[kind] = issued_us
         if self.path is not None:
-            atomic_write_bytes(self.path, json.dumps(self.issued_us).encode())
+            atomic_write_bytes(self.path, json.dumps(self._by_signer).encode())

@@ -295,6 +295,26 @@ def test_an_older_task_replayed_on_the_task_topic_is_refused_also_after_a_restar
     assert isinstance(fresh.receive(TOPICS.task("dev-1"), task_payload(1)), TrainJob)
 
 
+def test_a_device_given_another_aggregator_key_keeps_each_keys_times_apart(tmp_path):
+    """Only the trusted key's messages open, so the times kept for one aggregator key say nothing
+    about another's: a device moved to a new aggregator takes its tasks whatever the old one sent,
+    and moved back, still refuses the first one's older tasks."""
+    from fedprune.converters.signing import SigningKey, sign_message
+
+    d = device(state_dir=tmp_path)
+    d.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert isinstance(d.receive(TOPICS.task("dev-1"), task_payload(1, issued_us=9_000)), TrainJob)
+    other = SigningKey.from_seed(b"\x09" * 32)
+    moved = DeviceSession("dev-1", 10, federation="fed", aggregator_key=other.public, state_dir=tmp_path)
+    moved.receive(TOPICS.architecture, sign_message(TOPICS.architecture, ARCH.encode(), other))
+    task = opened(TOPICS.task("dev-1"), task_payload(1, session="new", issued_us=1_000))
+    assert isinstance(moved.receive(TOPICS.task("dev-1"), sign_message(TOPICS.task("dev-1"), task, other)), TrainJob)
+    back = device(state_dir=tmp_path)
+    back.receive(TOPICS.architecture, ARCH_MESSAGE)
+    assert back.receive(TOPICS.task("dev-1"), task_payload(2, issued_us=5_000)) is None and back.refused_messages == 1
+    assert isinstance(back.receive(TOPICS.task("dev-1"), task_payload(3, issued_us=9_500)), TrainJob)
+
+
 def test_a_replayed_task_cannot_displace_the_task_that_waits_for_its_architecture():
     d = device()
     d.receive(TOPICS.architecture, ARCH_MESSAGE)
