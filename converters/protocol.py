@@ -495,18 +495,13 @@ def decode_task(
 def issued_us_of(header: Mapping[str, Any], what: str = "task") -> int | None:
     """The ``issued_us`` of a task's or a final model's header (None where absent or null);
     ``CodecError`` naming ``what`` if it is not an integer in [0, 2**63 - 1]."""
-    value = header.get("issued_us")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**63 - 1:
-        raise CodecError(f"{what} issued_us must be an integer in [0, 2**63 - 1]")
-    return value
+    return None if header.get("issued_us") is None else _check_integer(header, "issued_us", 0, 2**63 - 1, what)
 
 
-def _check_integer(h: Mapping[str, Any], key: str, low: int, high: int) -> int:
+def _check_integer(h: Mapping[str, Any], key: str, low: int, high: int, what: str = "task") -> int:
     value = h[key]
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise CodecError(f"task {key} must be an integer in [{low}, {high}]")
+        raise CodecError(f"{what} {key} must be an integer in [{low}, {high}]")
     return value
 
 
