@@ -45,15 +45,16 @@ class FederationState:
     # What quantizing the last round's downlink lost (aggregator/downlink.py): the next round's
     # weights carry it, so a resumed run's downlink error feedback goes on where it stopped.
     downlink_residual: list[np.ndarray] | None = None
-    # The ``issued_us`` of the last task sent: a resumed run issues later ones, whatever its clock
-    # says (devices refuse a task issued before the newest they took).
+    # The ``issued_us`` of the last task or final model sent: a resumed run issues later ones,
+    # whatever its clock says (devices refuse one issued before the newest they took).
     issued_us: int = 0
 
-    def issue_task(self) -> int:
-        """The next task's ``issued_us``: the clock's microseconds since the epoch, or one more than
-        the last issued where the clock is not past it, so that each task is newer than the one
-        before, also after a resume whose clock went back. Devices refuse a task issued before the
-        newest they took: an older task replayed on their topic (docs/protocol.md, section 12.3)."""
+    def issue(self) -> int:
+        """The ``issued_us`` of the next task or final model: the clock's microseconds since the
+        epoch, or one more than the last issued where the clock is not past it, so that each is
+        newer than the one before, also after a resume whose clock went back. Devices refuse one
+        issued before the newest of its kind they took: an older one replayed on their topic
+        (docs/protocol.md, section 12.3)."""
         self.issued_us = max(time.time_ns() // 1000, self.issued_us + 1)
         return self.issued_us
 

@@ -155,7 +155,7 @@ class Aggregator:
             self.channel.budgets.finish().log_summary()
             exports = self._export()
             self.model_files.publish_final(exports, self.state.completed_rounds, float(sparsity(self.state.masks)),
-                                           self.architecture.digest, self.state.issue_task())
+                                           self.architecture.digest, self.state.issue())
             finished = RoundAnnouncement(self.state.completed_rounds, 0, [], time.time(), state="finished").encode()
             self.channel.publisher.publish(self.topics.round, finished, retain=True).wait_for_publish(5)
         finally:
@@ -258,7 +258,7 @@ class Aggregator:
         deadline, t = time.monotonic() + fed.round_timeout_s, time.perf_counter()
         control, state = self.controller, self.state
         task = train_task(self.task, r, attempt, self.architecture.digest, state.weights, state.masks, self.session_id,
-                          issued_us=state.issue_task(), device_sparsity=control.device_target(r),
+                          issued_us=state.issue(), device_sparsity=control.device_target(r),
                           gradient_fraction=control.gradient_fraction(r, state.masks))
         payloads = self.downlink.payloads(task, selected, self.registry)  # values-only where a device holds the masks
         ctx = RoundContext(r, attempt, tuple(selected), self.registry.known, self.topics, self.shapes,

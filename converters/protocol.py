@@ -361,7 +361,7 @@ class TrainTask:
     # self-describing, and carries the rest in its error-feedback residual. None: not sparsified.
     uplink_sparsifier: dict[str, Any] | None = None
     # When the aggregator issued this task, in microseconds since the epoch, and later than any
-    # task it issued before (``FederationState.issue_task``): a device refuses a task issued before
+    # task it issued before (``FederationState.issue``): a device refuses a task issued before
     # the newest it took, an older task replayed on its topic (docs/protocol.md, section 12.3).
     # None: not sent (an aggregator from before it).
     issued_us: int | None = None

@@ -5,7 +5,7 @@ A signature binds a message to its topic, not to its time: whoever can publish t
 an open broker; a compromised broker) could replay a task the aggregator signed rounds ago, and
 the device trained that round again and took on its older global model; or replay an earlier
 run's final model, and the device installed it over the current one. Tasks and final models now
-carry ``issued_us``, later for every one the aggregator issues (``FederationState.issue_task``);
+carry ``issued_us``, later for every one the aggregator issues (``FederationState.issue``);
 a device refuses one issued before the newest of its kind it took, and once it has taken one that
 carries the field, any of that kind without it (docs/protocol.md, sections 12.3 and 19). The
 newest are kept in the device's state folder, so a restart does not reopen the window.

@@ -154,11 +154,11 @@ def test_a_resumed_run_issues_tasks_after_the_checkpointed_one_whatever_its_cloc
     """Devices refuse a task issued before the newest they took (an older one replayed): a resumed
     aggregator whose clock runs behind must still issue later tasks than its checkpoint's."""
     state = make_state(2)
-    now = state.issue_task()
-    assert state.issue_task() > now  # every task later than the one before
+    now = state.issue()
+    assert state.issue() > now  # every task later than the one before
     ahead = now + 3_600 * 10**6  # issued by a process whose clock was an hour ahead
     state.issued_us = ahead
     save_checkpoint(tmp_path, state)
     loaded = load_latest_checkpoint(tmp_path)
     assert loaded.issued_us == ahead
-    assert loaded.issue_task() == ahead + 1  # the clock alone would have gone back an hour
+    assert loaded.issue() == ahead + 1  # the clock alone would have gone back an hour
