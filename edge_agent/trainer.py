@@ -74,6 +74,11 @@ class _Compiled:
     load_slots: int = 0  # the optimizer variables the loader zeroes
     flat_weights: "_FlatTensorCache" = field(default_factory=lambda: _FlatTensorCache())
     flat_masks: "_FlatTensorCache" = field(default_factory=lambda: _FlatTensorCache())
+    # The weight tensors' shapes, in ``weight_variables`` order: fixed for the model's life.
+    shapes: list[tuple[int, ...]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shapes = [tuple(v.shape) for v in weight_variables(self.model)]
 
 
 #: Layers whose training step draws from TensorFlow's random generators (by class-name prefix).
@@ -120,7 +125,7 @@ def _load_task(compiled: _Compiled, task: TrainTask) -> None:
     """Load ``task`` into the wrapped model (``_task_loader``), compiling first if the task names
     another optimizer. ValueError if the task's weights do not fit the model."""
     model = compiled.model
-    shapes = [tuple(v.shape) for v in weight_variables(model)]
+    shapes = compiled.shapes
     given = [tuple(np.shape(w)) for w in task.weights]
     if given != shapes:
         raise ValueError(f"the task's weights have shapes {given}; the model's are {shapes}")
@@ -325,9 +330,8 @@ def _fit(compiled: _Compiled, x: np.ndarray, y: np.ndarray, epochs: int,
     if flat is None or flat.shape[0] == 0:
         return {k: float(v) for k, v in logs.items()}, last_epoch_s, None
     values = flat.numpy()
-    shapes = [tuple(v.shape) for v in weight_variables(model)]
-    ends = np.cumsum([int(np.prod(s)) for s in shapes])[:-1]
-    weights = [part.reshape(s) for part, s in zip(np.split(values, ends), shapes)]
+    ends = np.cumsum([int(np.prod(s)) for s in compiled.shapes])[:-1]
+    weights = [part.reshape(s) for part, s in zip(np.split(values, ends), compiled.shapes)]
     return {k: float(v) for k, v in logs.items()}, last_epoch_s, weights
 
 
